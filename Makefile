@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  `make demo` (a short real training run on 2 CPU ranks), `make test`.
+# Each creates .venv and installs the pinned CPU torch first. GPU users: make TORCH_SPEC=torch test
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint golden clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node 2 examples/train_gpt.py --max-seconds 90
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests examples benchmarks
+
+golden: $(BIN)/.installed
+	$(BIN)/python tests/regen_golden.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

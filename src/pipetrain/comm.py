@@ -1,0 +1,177 @@
+"""Transports that move tensors between ranks: torch.distributed P2P, and in-process for tests."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from datetime import timedelta
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class CommError(RuntimeError):
+    """A transfer that failed or timed out; the message names the rank, the action and the peer."""
+
+
+class Work(Protocol):
+    def wait(self, timeout: float) -> None: ...
+
+    def is_completed(self) -> bool: ...
+
+
+class Transport(Protocol):
+    """Point-to-point messages between the ranks of one pipeline, matched in order per (sender, receiver)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def isend(self, tensor: torch.Tensor, peer: int) -> Work: ...
+
+    def irecv(self, tensor: torch.Tensor, peer: int) -> Work: ...
+
+
+class _DistWork:
+    def __init__(self, work) -> None:
+        self._work = work
+
+    def wait(self, timeout: float) -> None:
+        self._work.wait(timedelta(seconds=timeout))
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+
+class DistTransport:
+    """torch.distributed isend/irecv within `group` (any backend). Peers are ranks in the group.
+
+    NCCL runs both directions of a rank pair on one stream, so a receive posted early could block a send
+    queued behind it; with NCCL each direction gets its own communicator, which keeps the first-in
+    first-out model that `check` proves deadlock-free. gloo needs no such split.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None,
+                 *, pairs: list[tuple[int, int]] = ()) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: launch with torchrun and call "
+                               "torch.distributed.init_process_group() first (or pass an in-process transport)")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.backend = dist.get_backend(self.group)
+        if device is None:
+            device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
+                      else torch.device("cpu"))
+        self.device = torch.device(device)
+        self._global = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
+        self._direction_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
+        if self.backend == "nccl":
+            for src, dst in sorted(set(pairs)):
+                members = sorted({self._global[src], self._global[dst]})
+                self._direction_groups[(src, dst)] = dist.new_group(members, use_local_synchronization=True)
+
+    def _group_for(self, src: int, dst: int) -> dist.ProcessGroup:
+        return self._direction_groups.get((src, dst), self.group)
+
+    def isend(self, tensor: torch.Tensor, peer: int) -> Work:
+        return _DistWork(dist.isend(tensor, self._global[peer], group=self._group_for(self.rank, peer)))
+
+    def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
+        return _DistWork(dist.irecv(tensor, self._global[peer], group=self._group_for(peer, self.rank)))
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.items: dict[int, torch.Tensor] = {}
+        self.sent = 0
+        self.posted = 0
+
+
+class InProcessHub:
+    """Shared mailbox for ranks running as threads of one process (fast tests, no process group).
+
+    Messages between each (sender, receiver) are matched in posting order, as NCCL and gloo do.
+    `abort()` wakes every waiter with an error, as a dead peer's closed connection would.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._channels: dict[tuple[int, int], _Channel] = defaultdict(_Channel)
+        self._lock = threading.Lock()
+        self.aborted: str | None = None
+
+    def channel(self, src: int, dst: int) -> _Channel:
+        with self._lock:
+            return self._channels[(src, dst)]
+
+    def transport(self, rank: int) -> InProcessTransport:
+        return InProcessTransport(self, rank)
+
+    def abort(self, reason: str) -> None:
+        self.aborted = reason
+        with self._lock:
+            channels = list(self._channels.values())
+        for ch in channels:
+            with ch.cond:
+                ch.cond.notify_all()
+
+
+class _DoneWork:
+    def wait(self, timeout: float) -> None:
+        return None
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class _InProcessRecv:
+    def __init__(self, hub: InProcessHub, channel: _Channel, ticket: int, out: torch.Tensor) -> None:
+        self.hub, self.channel, self.ticket, self.out = hub, channel, ticket, out
+        self.done = False
+
+    def wait(self, timeout: float) -> None:
+        if self.done:
+            return
+        ch = self.channel
+        with ch.cond:
+            ok = ch.cond.wait_for(lambda: self.ticket in ch.items or self.hub.aborted is not None, timeout)
+            if self.ticket not in ch.items:
+                if self.hub.aborted is not None:
+                    raise RuntimeError(f"peer failed: {self.hub.aborted}")
+                assert not ok
+                raise TimeoutError(f"timed out after {timeout:g}s waiting for the message")
+            data = ch.items.pop(self.ticket)
+        if data.shape != self.out.shape or data.dtype != self.out.dtype:
+            raise RuntimeError(f"message of shape {tuple(data.shape)} {data.dtype} does not fit the receive "
+                               f"buffer {tuple(self.out.shape)} {self.out.dtype}")
+        self.out.copy_(data)
+        self.done = True
+
+    def is_completed(self) -> bool:
+        return self.done or self.ticket in self.channel.items
+
+
+class InProcessTransport:
+    def __init__(self, hub: InProcessHub, rank: int) -> None:
+        self.hub = hub
+        self.rank = rank
+        self.world_size = hub.world_size
+        self.device = torch.device("cpu")
+
+    def isend(self, tensor: torch.Tensor, peer: int) -> Work:
+        ch = self.hub.channel(self.rank, peer)
+        with ch.cond:
+            ch.items[ch.sent] = tensor.detach().clone()
+            ch.sent += 1
+            ch.cond.notify_all()
+        return _DoneWork()
+
+    def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
+        ch = self.hub.channel(peer, self.rank)
+        with ch.cond:
+            ticket = ch.posted
+            ch.posted += 1
+        return _InProcessRecv(self.hub, ch, ticket, tensor)

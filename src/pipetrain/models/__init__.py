@@ -1,0 +1,1 @@
+"""Reference models written as flat lists of layers."""

@@ -1,0 +1,112 @@
+"""A GPT decoder as a flat list of layers: embedding, blocks, final norm + head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 256  # byte-level by default
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int | None = None  # default 4 * d_model
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def ffn(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def num_params(self) -> int:
+        return sum(p.numel() for layer in build_gpt(self) for p in layer.parameters())
+
+
+class Embedding(nn.Module):
+    """Token + learned position embedding: (b, t) int64 -> (b, t, d)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        pos = torch.arange(t, device=idx.device)
+        return self.drop(self.tok(idx) + self.pos(pos))  # (b, t, d)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention and an MLP, each with a residual."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, cfg.ffn)
+        self.out = nn.Linear(cfg.ffn, cfg.d_model)
+        self.dropout = cfg.dropout
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # each (b, t, d)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (b, h, t, hd)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))  # (b, t, d)
+
+
+class Head(nn.Module):
+    """Final LayerNorm and the vocabulary projection: (b, t, d) -> (b, t, vocab)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.ln(x))
+
+
+def build_gpt(cfg: GPTConfig) -> list[nn.Module]:
+    """[Embedding, Block x n_layers, Head], initialized GPT-2 style (seed torch before calling)."""
+    layers: list[nn.Module] = [Embedding(cfg), *(Block(cfg) for _ in range(cfg.n_layers)), Head(cfg)]
+    for layer in layers:
+        for name, p in layer.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+    return layers
+
+
+def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits (b, t, vocab), targets (b, t)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def flops_per_token(cfg: GPTConfig) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores."""
+    d, t, f = cfg.d_model, cfg.seq_len, cfg.ffn
+    per_block = 2 * (3 * d * d + d * d + 2 * d * f) + 2 * 2 * t * d / 2  # weights + causal attention
+    return 3.0 * (cfg.n_layers * per_block + 2 * d * cfg.vocab_size)

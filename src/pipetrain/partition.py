@@ -1,0 +1,110 @@
+"""Exact balanced partitioning: split a list of layer costs into contiguous, non-empty stages."""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate
+
+
+class BalanceError(ValueError):
+    """A partition request that cannot be met (too few layers, bad costs, bad explicit balance)."""
+
+
+def partition(costs: Sequence[float], num_stages: int) -> list[int]:
+    """Layers per stage: contiguous, every stage non-empty, minimizing the most expensive stage.
+
+    Among the partitions with that optimal bottleneck, returns the one with the smallest sum of squared
+    stage costs, so slack is spread evenly (10 equal layers on 4 stages -> [3, 3, 2, 2], not [3, 3, 3, 1]).
+    """
+    costs = [float(c) for c in costs]
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise BalanceError(f"num_stages must be a positive integer, got {num_stages!r}")
+    if len(costs) < num_stages:
+        raise BalanceError(f"cannot split {len(costs)} layers into {num_stages} non-empty stages: "
+                           f"use at most {len(costs)} stages, or split the model into more layers")
+    bad = [i for i, c in enumerate(costs) if not math.isfinite(c) or c < 0]
+    if bad:
+        raise BalanceError(f"layer costs must be finite and >= 0; layer {bad[0]} costs {costs[bad[0]]}")
+    prefix = [0.0, *accumulate(costs)]
+    limit = min_bottleneck(prefix, num_stages)
+    return _spread_evenly(prefix, num_stages, limit)
+
+
+def stage_costs(costs: Sequence[float], balance: Sequence[int]) -> list[float]:
+    """The summed cost of each stage of a balance."""
+    out, start = [], 0
+    for n in balance:
+        out.append(float(sum(costs[start:start + n])))
+        start += n
+    return out
+
+
+def _fits(prefix: list[float], start: int, stages: int, limit: float) -> bool:
+    """Can layers [start, n) be cut into `stages` non-empty stages each costing <= limit? (greedy)"""
+    n = len(prefix) - 1
+    for remaining in range(stages, 0, -1):
+        if start >= n:
+            return False
+        # take as many layers as fit, leaving one for each remaining stage
+        end = min(bisect_right(prefix, prefix[start] + limit) - 1, n - (remaining - 1))
+        while end > start and prefix[end] - prefix[start] > limit:  # bisect's sum may round up
+            end -= 1
+        if end <= start:
+            return False
+        start = end
+    return start == n
+
+
+def min_bottleneck(prefix: list[float], num_stages: int) -> float:
+    """The optimal largest stage cost (Nicol's probe-based search, exact for any non-negative costs).
+
+    In an optimal partition, either stage p is the bottleneck -- then its cost is the smallest
+    s(i, j) that still lets the remaining layers fit -- or it ends one layer before that point.
+    """
+    n = len(prefix) - 1
+    best, start = math.inf, 0
+    for p in range(num_stages - 1):
+        lo, hi = start + 1, n - (num_stages - p - 1)  # candidate ends of stage p
+        if not _fits(prefix, 0, num_stages, prefix[hi] - prefix[start]):
+            start = hi  # stage p is never the bottleneck: give it as many layers as it can take
+            continue
+        while lo < hi:  # smallest end whose cost is a feasible bottleneck
+            mid = (lo + hi) // 2
+            if _fits(prefix, 0, num_stages, prefix[mid] - prefix[start]):
+                hi = mid
+            else:
+                lo = mid + 1
+        best = min(best, prefix[lo] - prefix[start])
+        if lo - 1 == start:  # stage p cannot be shorter, so it is the bottleneck
+            return best
+        start = lo - 1
+    return min(best, prefix[n] - prefix[start])
+
+
+def _spread_evenly(prefix: list[float], num_stages: int, limit: float) -> list[int]:
+    """Among partitions with every stage <= limit, the one minimizing the sum of squared stage costs."""
+    n = len(prefix) - 1
+    inf = math.inf
+    # cost[k][i]: best score of cutting layers [0, i) into k stages; back[k][i]: start of stage k-1
+    cost = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    back = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    cost[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        prev, cur, bk = cost[k - 1], cost[k], back[k]
+        for i in range(k, n - (num_stages - k) + 1):
+            j = i - 1
+            while j >= k - 1 and prefix[i] - prefix[j] <= limit:
+                if prev[j] < inf:
+                    seg = prefix[i] - prefix[j]
+                    score = prev[j] + seg * seg
+                    if score < cur[i]:
+                        cur[i], bk[i] = score, j
+                j -= 1
+    balance, i = [], n
+    for k in range(num_stages, 0, -1):
+        j = back[k][i]
+        balance.append(i - j)
+        i = j
+    return balance[::-1]

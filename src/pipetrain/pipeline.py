@@ -1,0 +1,169 @@
+"""The user-facing Pipeline: layers + balance + schedule + loss -> step(inputs, targets) -> loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .comm import DistTransport, Transport
+from .partition import BalanceError, partition
+from .profile import param_costs, time_costs, uniform_costs
+from .runtime import Executor, RankStep
+from .schedule import Schedule, check, lower
+from .schedule.lowering import message_order
+from .stage import Stage
+
+Balance = str | Sequence[int]
+
+
+class Pipeline:
+    """Runs `layers` split into the schedule's stages; call `step` with the same batch on every rank.
+
+    Each rank keeps (and moves to `device`) only the layers of its own stages; their gradients
+    accumulate in the modules passed in, as in plain PyTorch, so a torch optimizer over
+    `pipe.parameters()` trains this rank's part of the model.
+
+    Args:
+        layers: modules, each mapping one tensor to one tensor; the last one's output goes to `loss_fn`.
+        schedule: from `pipetrain.schedules.build(...)`.
+        loss_fn: `(output, targets) -> scalar`, the mean over a microbatch (e.g. cross-entropy).
+        balance: layers per stage, or how to compute it: "uniform", "params", or "time" (profiles each
+            layer on rank 0 with `sample`, one microbatch of input, and shares the result).
+        group: the torch.distributed group of the pipeline's ranks (default: the world).
+        device: where this rank's layers run (default: cuda:current for NCCL, else CPU).
+        transport: instead of `group`, a transport (e.g. `InProcessHub(n).transport(rank)`).
+        timeout: seconds any transfer may wait before the step fails naming the action and peer.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], balance: Balance = "uniform",
+                 group=None, device: torch.device | str | None = None, transport: Transport | None = None,
+                 timeout: float = 60.0, sample: torch.Tensor | None = None) -> None:
+        layers = list(layers)
+        bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
+        if bad:
+            raise TypeError(f"layers[{bad[0]}] is a {type(layers[bad[0]]).__name__}, not an nn.Module")
+        if not isinstance(schedule, Schedule):
+            raise TypeError("schedule must be a pipetrain Schedule, e.g. pipetrain.schedules.build('1f1b', ...)")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        schedule = schedule.compute_only()
+        check(schedule)
+        if not schedule.has_backward:
+            raise ValueError(f"schedule {schedule.name!r} has no backward actions; Pipeline needs a training "
+                             "schedule (evaluate() derives the forward-only one)")
+        if len(layers) < schedule.num_stages:
+            raise BalanceError(f"{len(layers)} layers cannot fill {schedule.num_stages} stages: use a schedule "
+                               f"with at most {len(layers)} stages (ranks x stages_per_rank) or more layers")
+        if isinstance(balance, str) and balance == "time" and sample is None:
+            raise ValueError('balance="time" needs `sample=`, one microbatch of model input to profile on')
+        self.schedule = schedule
+        self.timeout = float(timeout)
+        if transport is None:
+            transport = DistTransport(group, torch.device(device) if device is not None else None,
+                                      pairs=list(message_order(schedule)))
+        if transport.world_size != schedule.num_ranks:
+            raise ValueError(f"schedule {schedule.name!r} is for {schedule.num_ranks} ranks but the process group "
+                             f"has {transport.world_size}: build the schedule with num_ranks="
+                             f"{transport.world_size} or launch {schedule.num_ranks} processes")
+        self.transport = transport
+        self.rank = transport.rank
+        self.device = torch.device(device) if device is not None else transport.device
+        self.balance = self._resolve_balance(balance, layers, sample)
+        bounds = [0]
+        for n in self.balance:
+            bounds.append(bounds[-1] + n)
+        self.layer_ranges = {s: range(bounds[s], bounds[s + 1]) for s in range(schedule.num_stages)}
+        self.stages = {
+            s: Stage(s, schedule.num_stages, [layers[i].to(self.device) for i in self.layer_ranges[s]],
+                     loss_fn=loss_fn)
+            for s in schedule.stages_of(self.rank)
+        }
+        self._train_actions = lower(schedule).actions[self.rank]
+        self._eval_actions = lower(schedule.forward_only()).actions[self.rank]
+        self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
+                                  transport=transport, timeout=self.timeout)
+        self.last_step: RankStep | None = None
+
+    # --- public API ----------------------------------------------------------------------------------
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> float:
+        """One training step over the batch; returns the mean microbatch loss (same float on every rank).
+
+        Gradients accumulate into this rank's layers scaled so that they equal the gradient of the
+        full-batch mean loss; zero them between steps as usual.
+        """
+        return self._run(self._train_actions, inputs, targets, grad=True)
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> float:
+        """Forward only (no activations kept, no gradients): the mean microbatch loss on every rank."""
+        return self._run(self._eval_actions, inputs, targets, grad=False)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters of this rank's stages (what this rank's optimizer should own)."""
+        for stage in self.stages.values():
+            yield from stage.module.parameters()
+
+    def local_layers(self) -> list[nn.Module]:
+        return [layer for stage in self.stages.values() for layer in stage.layers]
+
+    def train(self, mode: bool = True) -> Pipeline:
+        for stage in self.stages.values():
+            stage.module.train(mode)
+        return self
+
+    def eval(self) -> Pipeline:
+        return self.train(False)
+
+    # --- internals -----------------------------------------------------------------------------------
+    def _run(self, actions, inputs, targets, *, grad: bool) -> float:
+        m = self.schedule.num_microbatches
+        split_inputs = self._split(inputs, "inputs", m)
+        split_targets = self._split(targets, "targets", m)
+        result = self._executor.run(actions, inputs=split_inputs, targets=split_targets, num_microbatches=m,
+                                    grad=grad)
+        self.last_step = result
+        return result.loss
+
+    def _split(self, batch: torch.Tensor | None, name: str, m: int) -> list[torch.Tensor] | None:
+        if batch is None:
+            return None
+        if not isinstance(batch, torch.Tensor) or batch.dim() == 0:
+            raise TypeError(f"{name} must be a tensor with a batch dimension first")
+        if batch.shape[0] % m:
+            lower_ok = batch.shape[0] - batch.shape[0] % m
+            raise ValueError(f"{name} has batch size {batch.shape[0]}, which does not split into {m} equal "
+                             f"microbatches: use a batch size that is a multiple of {m} (e.g. {lower_ok or m}) "
+                             "or change the number of microbatches")
+        return list(batch.to(self.device).tensor_split(m))
+
+    def _resolve_balance(self, balance: Balance, layers: list[nn.Module], sample) -> list[int]:
+        num_stages = self.schedule.num_stages
+        if isinstance(balance, str):
+            if balance == "uniform":
+                return partition(uniform_costs(layers), num_stages)
+            if balance == "params":
+                return partition(param_costs(layers), num_stages)
+            if balance == "time":
+                return partition(self._shared_time_costs(layers, sample), num_stages)
+            raise ValueError(f'balance must be "uniform", "params", "time" or a list of layer counts, got {balance!r}')
+        counts = list(balance)
+        if (len(counts) != num_stages or any(not isinstance(n, int) or n < 1 for n in counts)
+                or sum(counts) != len(layers)):
+            raise BalanceError(f"balance {counts} must list {num_stages} positive layer counts (one per stage) "
+                               f"summing to the {len(layers)} layers")
+        return counts
+
+    def _shared_time_costs(self, layers: list[nn.Module], sample: torch.Tensor) -> list[float]:
+        """Rank 0 measures; every rank partitions with rank 0's numbers so all agree on the split."""
+        costs = torch.zeros(len(layers), dtype=torch.float64, device=self.transport.device)
+        if self.rank == 0:
+            costs.copy_(torch.tensor(time_costs(layers, sample), dtype=torch.float64))
+            works = [self.transport.isend(costs, r) for r in range(1, self.transport.world_size)]
+        else:
+            works = [self.transport.irecv(costs, 0)]
+        for work in works:
+            work.wait(self.timeout)
+        return costs.tolist()

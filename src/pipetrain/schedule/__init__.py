@@ -1,0 +1,17 @@
+"""Schedules as data (pure Python, no torch): generators, checker, lowering, simulator, text forms."""
+
+from . import gpipe, onefoneb  # noqa: F401  (registers the generators)
+from .actions import Action, Op
+from .base import Schedule, ScheduleError
+from .check import check
+from .io import dumps_csv, format_table, format_timeline, load_csv, loads_csv, save_csv
+from .lowering import lower
+from .registry import build, names, register
+from .simulate import Costs, SimResult, simulate
+from .timeline import Event, RankStats, Timeline
+
+__all__ = [
+    "Action", "Costs", "Event", "Op", "RankStats", "Schedule", "ScheduleError", "SimResult", "Timeline",
+    "build", "check", "dumps_csv", "format_table", "format_timeline", "load_csv", "loads_csv", "lower",
+    "names", "register", "save_csv", "simulate",
+]

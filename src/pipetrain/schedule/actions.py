@@ -1,0 +1,131 @@
+"""Actions (`1F0`, `3I7`, `2SEND_F0`) and the data dependencies between them, defined once."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+
+class Op(enum.Enum):
+    """What an action does. F/B/I/W compute; SEND_*/RECV_* move one tensor between ranks."""
+
+    F = "F"  # forward of one stage on one microbatch
+    B = "B"  # full backward (input and weight gradients)
+    I = "I"  # noqa: E741  backward for the stage input only
+    W = "W"  # backward for the weights only (after I)
+    SEND_F = "SEND_F"  # send this stage's output activation to stage + 1
+    RECV_F = "RECV_F"  # receive this stage's input activation from stage - 1
+    SEND_B = "SEND_B"  # send the gradient of this stage's input to stage - 1
+    RECV_B = "RECV_B"  # receive the gradient of this stage's output from stage + 1
+
+    @property
+    def is_compute(self) -> bool:
+        return self in (Op.F, Op.B, Op.I, Op.W)
+
+    @property
+    def is_comm(self) -> bool:
+        return not self.is_compute
+
+
+_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One step of one rank: `stage`, `op`, microbatch `mb`. Prints as `1F0` and parses back."""
+
+    stage: int
+    op: Op
+    mb: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.op.value}{self.mb}"
+
+    def __repr__(self) -> str:
+        return f"Action({self})"
+
+    @staticmethod
+    def parse(text: str) -> Action:
+        match = _ACTION_RE.match(text.strip())
+        if match is None:
+            raise ValueError(
+                f"cannot parse action {text!r}: expected {{stage}}{{op}}{{microbatch}} such as '1F0', "
+                f"'3I7' or '2SEND_F0' (ops: {', '.join(op.value for op in Op)})"
+            )
+        return Action(int(match.group(1)), Op(match.group(2)), int(match.group(3)))
+
+
+def F(stage: int, mb: int) -> Action:  # noqa: N802 - reads like the printed form
+    return Action(stage, Op.F, mb)
+
+
+def B(stage: int, mb: int) -> Action:  # noqa: N802
+    return Action(stage, Op.B, mb)
+
+
+def I(stage: int, mb: int) -> Action:  # noqa: N802, E741, E743
+    return Action(stage, Op.I, mb)
+
+
+def W(stage: int, mb: int) -> Action:  # noqa: N802
+    return Action(stage, Op.W, mb)
+
+
+# --- data dependencies ------------------------------------------------------------------------------
+# Every compute action produces one value and consumes a few. These two functions are the single
+# definition of the dependencies, used by the checker, the lowering pass, the simulator and the runtime:
+#   F(s, m) produces ("act", s, m), the output of stage s, and consumes ("act", s-1, m) when s > 0.
+#   B(s, m) and I(s, m) produce ("grad", s, m), the gradient of stage s's input, and consume the stage's
+#     own forward ("act", s, m) and, when s is not the last stage, ("grad", s+1, m).
+#   W(s, m) produces ("wgrad", s, m) and consumes ("grad", s, m) from I(s, m) on the same stage.
+
+Value = tuple[str, int, int]  # (kind, stage, microbatch)
+
+
+def produces(action: Action) -> Value:
+    kind = {Op.F: "act", Op.B: "grad", Op.I: "grad", Op.W: "wgrad"}[action.op]
+    return (kind, action.stage, action.mb)
+
+
+def consumes(action: Action, num_stages: int) -> list[Value]:
+    s, m = action.stage, action.mb
+    if action.op is Op.F:
+        return [("act", s - 1, m)] if s > 0 else []
+    if action.op in (Op.B, Op.I):
+        needs = [("act", s, m)]
+        if s < num_stages - 1:
+            needs.append(("grad", s + 1, m))
+        return needs
+    if action.op is Op.W:
+        return [("grad", s, m)]
+    raise ValueError(f"{action} is not a compute action")
+
+
+def message_of(action: Action) -> Value:
+    """The value a SEND/RECV action carries (the value is produced by the sending stage)."""
+    s, m = action.stage, action.mb
+    return {
+        Op.SEND_F: ("act", s, m),
+        Op.RECV_F: ("act", s - 1, m),
+        Op.SEND_B: ("grad", s, m),
+        Op.RECV_B: ("grad", s + 1, m),
+    }[action.op]
+
+
+def recv_action_for(value: Value) -> Action:
+    """The RECV action, on the consuming stage, that brings `value` in."""
+    kind, s, m = value
+    return Action(s + 1, Op.RECV_F, m) if kind == "act" else Action(s - 1, Op.RECV_B, m)
+
+
+def send_action_for(value: Value) -> Action:
+    """The SEND action, on the producing stage, that ships `value` out."""
+    kind, s, m = value
+    return Action(s, Op.SEND_F, m) if kind == "act" else Action(s, Op.SEND_B, m)
+
+
+def consumer_stage(value: Value) -> int:
+    """The stage that consumes a value across a stage boundary (`act` goes down, `grad` goes up)."""
+    kind, s, _ = value
+    return s + 1 if kind == "act" else s - 1

@@ -1,0 +1,80 @@
+"""The Schedule: per-rank action lists plus the stage -> rank placement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .actions import Action, Op
+
+
+class ScheduleError(ValueError):
+    """A schedule that would run wrong or hang; the message names the rank, the action and the fix."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What every rank does in one training step, in order.
+
+    `actions[rank]` is that rank's action list. A compute-only schedule holds F/B/I/W; its lowered
+    form (see `lower`) adds the SEND/RECV actions the runtime executes. `stage_to_rank[stage]` is the
+    rank that owns a stage; stage `s` of `num_stages` holds the s-th group of layers.
+    """
+
+    name: str
+    num_ranks: int
+    num_microbatches: int
+    stages_per_rank: int
+    stage_to_rank: tuple[int, ...]
+    actions: tuple[tuple[Action, ...], ...]
+    lowered: bool = False
+    _stages_of: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "actions", tuple(tuple(a) for a in self.actions))
+        object.__setattr__(self, "stage_to_rank", tuple(self.stage_to_rank))
+        stages_of: list[list[int]] = [[] for _ in range(self.num_ranks)]
+        for stage, rank in enumerate(self.stage_to_rank):
+            if 0 <= rank < self.num_ranks:
+                stages_of[rank].append(stage)
+        object.__setattr__(self, "_stages_of", tuple(tuple(s) for s in stages_of))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_to_rank)
+
+    def stages_of(self, rank: int) -> tuple[int, ...]:
+        """The stages a rank owns, in stage order."""
+        return self._stages_of[rank]
+
+    @property
+    def has_backward(self) -> bool:
+        return any(a.op in (Op.B, Op.I, Op.W) for acts in self.actions for a in acts)
+
+    def compute_only(self) -> Schedule:
+        """The same schedule without SEND/RECV actions."""
+        actions = tuple(tuple(a for a in acts if a.op.is_compute) for acts in self.actions)
+        return _replace(self, actions=actions, lowered=False)
+
+    def forward_only(self) -> Schedule:
+        """The forward actions alone, in the same order: an evaluation schedule (no gradients)."""
+        actions = tuple(tuple(a for a in acts if a.op is Op.F) for acts in self.compute_only().actions)
+        return _replace(self, name=f"{self.name}/forward", actions=actions, lowered=False)
+
+    def __str__(self) -> str:
+        from .io import format_table
+
+        return format_table(self)
+
+
+def _replace(schedule: Schedule, **changes) -> Schedule:
+    fields = dict(
+        name=schedule.name,
+        num_ranks=schedule.num_ranks,
+        num_microbatches=schedule.num_microbatches,
+        stages_per_rank=schedule.stages_per_rank,
+        stage_to_rank=schedule.stage_to_rank,
+        actions=schedule.actions,
+        lowered=schedule.lowered,
+    )
+    fields.update(changes)
+    return Schedule(**fields)

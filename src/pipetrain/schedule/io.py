@@ -1,0 +1,94 @@
+"""Schedules as text: the rank x step table, an ASCII timeline, and CSV dump/load."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from .actions import Action
+from .base import Schedule
+from .placement import looped
+
+
+def format_table(schedule: Schedule, *, mark: Iterable[tuple[int, int]] = ()) -> str:
+    """One row per rank, one column per step of that rank's list; marked cells get `<-- ERROR HERE`."""
+    marks = set(mark)
+    cells = [[str(a) for a in acts] for acts in schedule.actions]
+    for rank, step in marks:
+        if rank < len(cells) and step < len(cells[rank]):
+            cells[rank][step] = f"*{cells[rank][step]}*"
+    width = max((len(c) for row in cells for c in row), default=3)
+    lines = [f"{schedule.name}: {schedule.num_ranks} ranks, {schedule.num_microbatches} microbatches, "
+             f"{schedule.stages_per_rank} stage(s) per rank"]
+    for rank, row in enumerate(cells):
+        note = "  <-- ERROR HERE" if any(r == rank for r, _ in marks) else ""
+        lines.append(f"rank {rank:>2}: " + " ".join(c.rjust(width) for c in row) + note)
+    return "\n".join(lines)
+
+
+def format_timeline(timeline, *, unit: float = 1.0, num_ranks: int | None = None) -> str:
+    """Draw a timeline on a grid of `unit`-long cells: the action in its first cell, `=` after, `.` idle."""
+    n = num_ranks if num_ranks is not None else timeline.num_ranks
+    rows: list[dict[int, str]] = [{} for _ in range(n)]
+    width = 3
+    for e in timeline.events:
+        first, last = round(e.start / unit), round(e.end / unit)
+        label = str(e.action)
+        width = max(width, len(label))
+        for cell in range(first, max(last, first + 1)):
+            rows[e.rank][cell] = label if cell == first else "="
+    length = max((max(r) + 1 for r in rows if r), default=0)
+    return "\n".join(
+        f"rank {rank:>2}: " + " ".join(row.get(c, ".").center(width) for c in range(length)).rstrip()
+        for rank, row in enumerate(rows))
+
+
+def dumps_csv(schedule: Schedule) -> str:
+    """A header comment with the schedule's shape, then one row per rank: `rank,action,action,...`."""
+    header = (f"# name={schedule.name} ranks={schedule.num_ranks} microbatches={schedule.num_microbatches} "
+              f"stages_per_rank={schedule.stages_per_rank} lowered={int(schedule.lowered)} "
+              f"stage_to_rank={'/'.join(map(str, schedule.stage_to_rank))}")
+    rows = [",".join([str(rank)] + [str(a) for a in acts]) for rank, acts in enumerate(schedule.actions)]
+    return "\n".join([header, *rows]) + "\n"
+
+
+def loads_csv(text: str) -> Schedule:
+    """Parse `dumps_csv` output. Without a header, infer looped placement from the actions."""
+    meta: dict[str, str] = {}
+    actions: dict[int, list[Action]] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            meta.update(item.split("=", 1) for item in line[1:].split() if "=" in item)
+            continue
+        rank_text, *cells = line.split(",")
+        try:
+            actions[int(rank_text)] = [Action.parse(c) for c in cells if c.strip()]
+        except ValueError as err:
+            raise ValueError(f"line {lineno}: {err}") from None
+    num_ranks = int(meta.get("ranks", len(actions)))
+    if sorted(actions) != list(range(num_ranks)):
+        raise ValueError(f"expected one row for each rank 0..{num_ranks - 1}, got rows {sorted(actions)}")
+    all_actions = [a for acts in actions.values() for a in acts]
+    per_rank = int(meta.get("stages_per_rank", 1))
+    placement = (tuple(int(x) for x in meta["stage_to_rank"].split("/")) if "stage_to_rank" in meta
+                 else looped(num_ranks, per_rank))
+    return Schedule(
+        name=meta.get("name", "custom"),
+        num_ranks=num_ranks,
+        num_microbatches=int(meta.get("microbatches", 1 + max((a.mb for a in all_actions), default=0))),
+        stages_per_rank=per_rank,
+        stage_to_rank=placement,
+        actions=[actions[r] for r in range(num_ranks)],
+        lowered=meta.get("lowered", "0") == "1" or any(a.op.is_comm for a in all_actions),
+    )
+
+
+def save_csv(schedule: Schedule, path: str | Path) -> None:
+    Path(path).write_text(dumps_csv(schedule))
+
+
+def load_csv(path: str | Path) -> Schedule:
+    return loads_csv(Path(path).read_text())

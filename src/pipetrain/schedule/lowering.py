@@ -1,0 +1,97 @@
+"""Lowering: add the SEND/RECV actions a compute-only schedule needs, in an order that cannot hang."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .actions import Action, Op, Value, consumer_stage, consumes, produces, recv_action_for, send_action_for
+from .base import Schedule, _replace
+
+
+def crossing_value(action: Action, schedule: Schedule) -> tuple[Value, int] | None:
+    """If `action` produces a value that another rank consumes, return (value, consumer rank)."""
+    if not action.op.is_compute or action.op is Op.W:
+        return None
+    value = produces(action)
+    target = consumer_stage(value)
+    if not 0 <= target < schedule.num_stages:
+        return None
+    src, dst = schedule.stage_to_rank[action.stage], schedule.stage_to_rank[target]
+    return (value, dst) if src != dst else None
+
+
+def message_order(schedule: Schedule) -> dict[tuple[int, int], list[Value]]:
+    """For each (sender rank, receiver rank), the values in the order the sender produces them."""
+    order: dict[tuple[int, int], list[Value]] = defaultdict(list)
+    for rank, acts in enumerate(schedule.actions):
+        for action in acts:
+            crossing = crossing_value(action, schedule)
+            if crossing is not None:
+                order[(rank, crossing[1])].append(crossing[0])
+    return order
+
+
+def lower(schedule: Schedule, *, prefetch: int = 1) -> Schedule:
+    """Insert SEND right after each producing compute action and RECV ahead of each consumer.
+
+    Semantics the runtime and the simulator share: SEND and RECV only *post* a transfer (isend/irecv)
+    and never block; a compute action waits for the RECVs of its inputs. Receives are posted
+    `prefetch` compute actions before the one that needs them, so a transfer overlaps the compute in
+    between. Between each pair of ranks, receives are posted in the sender's order (NCCL matches
+    point-to-point messages first-in first-out), so no rank can wait on a message queued behind one
+    its peer has not yet sent. Whether the compute order itself can deadlock is `check`'s job.
+    """
+    if schedule.lowered:
+        return schedule
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+    order = message_order(schedule)
+    incoming: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for src, dst in order:
+        incoming[dst].append((src, dst))
+    lowered = [_lower_rank(rank, acts, schedule, order, incoming[rank], prefetch)
+               for rank, acts in enumerate(schedule.actions)]
+    return _replace(schedule, actions=lowered, lowered=True)
+
+
+def _lower_rank(rank: int, acts: tuple[Action, ...], schedule: Schedule,
+                order: dict[tuple[int, int], list[Value]], incoming: list[tuple[int, int]],
+                prefetch: int) -> list[Action]:
+    needed_by = _remote_needs(rank, acts, schedule)
+    next_pos = {pair: 0 for pair in incoming}
+    source_of = {v: (pair, i) for pair in incoming for i, v in enumerate(order[pair])}
+    out: list[Action] = []
+
+    def post_through(value: Value) -> None:
+        """Post the receive of `value` and of every value queued before it on the same pair."""
+        if value not in source_of:  # nobody sends it: the checker reports the missing producer
+            return
+        pair, position = source_of[value]
+        while next_pos[pair] <= position:
+            out.append(recv_action_for(order[pair][next_pos[pair]]))
+            next_pos[pair] += 1
+
+    for i, action in enumerate(acts):
+        for j in range(i, min(i + prefetch + 1, len(acts))):
+            for value in needed_by[j]:
+                post_through(value)
+        out.append(action)
+        crossing = crossing_value(action, schedule)
+        if crossing is not None:
+            out.append(send_action_for(crossing[0]))
+    return out
+
+
+def _remote_needs(rank: int, acts: tuple[Action, ...], schedule: Schedule) -> list[list[Value]]:
+    """For each action of a rank, the values it consumes that another rank produces."""
+    needs = []
+    for action in acts:
+        remote = []
+        if action.op.is_compute:
+            for value in consumes(action, schedule.num_stages):
+                producer_stage = value[1]
+                if 0 <= producer_stage < schedule.num_stages and \
+                        schedule.stage_to_rank[producer_stage] != rank:
+                    remote.append(value)
+        needs.append(remote)
+    return needs

@@ -1,0 +1,151 @@
+"""Event-driven simulation of a lowered schedule: step time, bubble per rank, deadlock detection."""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .actions import Action, Op, Value, consumes, message_of, produces
+from .base import Schedule, ScheduleError
+from .lowering import lower
+from .timeline import Event, RankStats, Timeline
+
+PerStage = float | Sequence[float]
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Time of F, I (`b`) and W for one stage and one microbatch; B costs `b + w`.
+
+    Each of `f`, `b`, `w` is one number for every stage or a sequence indexed by stage.
+    `comm` is the time of one stage-to-stage transfer (zero between stages on the same rank).
+    """
+
+    f: PerStage = 1.0
+    b: PerStage = 1.0
+    w: PerStage = 1.0
+    comm: float = 0.0
+
+    def of(self, action: Action) -> float:
+        def pick(cost: PerStage) -> float:
+            return float(cost) if isinstance(cost, int | float) else float(cost[action.stage])
+
+        if action.op is Op.F:
+            return pick(self.f)
+        if action.op is Op.I:
+            return pick(self.b)
+        if action.op is Op.W:
+            return pick(self.w)
+        if action.op is Op.B:
+            return pick(self.b) + pick(self.w)
+        return 0.0
+
+
+@dataclass(frozen=True)
+class SimResult:
+    schedule: Schedule  # the lowered schedule that was simulated
+    timeline: Timeline
+    step_time: float
+    bubble_fraction: float  # mean over ranks
+    per_rank: list[RankStats]
+
+
+def simulate(schedule: Schedule, costs: Costs | None = None) -> SimResult:
+    """Run the lowered action lists on a model clock and summarize the resulting timeline."""
+    lowered = lower(schedule)
+    events = run_dataflow(lowered, costs or Costs())
+    timeline = Timeline(lowered.num_ranks, tuple(events))
+    per_rank = timeline.per_rank()
+    bubble = sum(s.bubble_fraction for s in per_rank) / len(per_rank)
+    return SimResult(lowered, timeline, timeline.step_time(), bubble, per_rank)
+
+
+def run_dataflow(lowered: Schedule, costs: Costs) -> list[Event]:
+    """Execute a lowered schedule on a model clock; raise ScheduleError on misorder or deadlock.
+
+    SEND and RECV post a transfer and cost nothing on the rank. A message is in flight from the later
+    of its SEND and RECV postings and arrives `comm` later. A compute action starts when its rank is
+    free and every input has arrived. Each rank runs until it waits on a message not yet sent; a SEND
+    wakes the rank waiting on it. Ranks left waiting when nothing can run are deadlocked.
+    """
+    from .io import format_table
+
+    num_stages, rank_of = lowered.num_stages, lowered.stage_to_rank
+    pos = [0] * lowered.num_ranks
+    clock = [0.0] * lowered.num_ranks
+    done: dict[Value, float] = {}
+    sent: dict[Value, float] = {}
+    posted: dict[tuple[int, Value], float] = {}
+    blocked_on: dict[int, Value] = {}
+    waiting: dict[Value, list[int]] = defaultdict(list)
+    events: list[Event] = []
+    ready = deque(range(lowered.num_ranks))
+
+    def fail(rank: int, why: str) -> ScheduleError:
+        grid = format_table(lowered, mark=[(rank, pos[rank])])
+        return ScheduleError(f"rank {rank}, step {pos[rank]} ({lowered.actions[rank][pos[rank]]}): {why}\n{grid}")
+
+    while ready:
+        r = ready.popleft()
+        acts = lowered.actions[r]
+        while pos[r] < len(acts):
+            a = acts[pos[r]]
+            if a.op in (Op.SEND_F, Op.SEND_B):
+                value = message_of(a)
+                if value not in done:
+                    raise fail(r, f"sends {describe(value)} before computing it")
+                sent[value] = clock[r]
+                ready.extend(waiting.pop(value, ()))
+            elif a.op in (Op.RECV_F, Op.RECV_B):
+                posted[(r, message_of(a))] = clock[r]
+            else:
+                start, missing = clock[r], None
+                for value in consumes(a, num_stages):
+                    if rank_of[value[1]] == r:
+                        if value not in done:
+                            raise fail(r, f"needs {describe(value)}, which this rank has not computed yet")
+                        start = max(start, done[value])
+                    elif (r, value) not in posted:
+                        raise fail(r, f"needs {describe(value)} from rank {rank_of[value[1]]} "
+                                      "but no RECV for it was posted before")
+                    elif value not in sent:
+                        missing = value
+                        break
+                    else:
+                        start = max(start, max(sent[value], posted[(r, value)]) + costs.comm)
+                if missing is not None:
+                    blocked_on[r] = missing
+                    waiting[missing].append(r)
+                    break
+                end = start + costs.of(a)
+                done[produces(a)] = end
+                clock[r] = end
+                events.append(Event(r, a, start, end))
+            pos[r] += 1
+        else:
+            blocked_on.pop(r, None)
+
+    stuck = [r for r in range(lowered.num_ranks) if pos[r] < len(lowered.actions[r])]
+    if stuck:
+        lines = []
+        for r in stuck:
+            value = blocked_on[r]
+            peer = rank_of[value[1]]
+            peer_at = (f"stuck at {lowered.actions[peer][pos[peer]]}" if pos[peer] < len(lowered.actions[peer])
+                       else "finished without sending it")
+            lines.append(f"  rank {r} waits at {lowered.actions[r][pos[r]]} for {describe(value)} "
+                         f"from rank {peer}, which is {peer_at}")
+        marks = [(r, pos[r]) for r in stuck]
+        raise ScheduleError("deadlock: the ranks wait on each other in a cycle\n" + "\n".join(lines)
+                            + "\n" + format_table(lowered, mark=marks))
+    return events
+
+
+def describe(value: Value) -> str:
+    kind, stage, mb = value
+    if kind == "act":
+        return f"the output of stage {stage} for microbatch {mb} ({stage}F{mb})"
+    if kind == "grad":
+        return f"the input gradient of stage {stage} for microbatch {mb} ({stage}B{mb} or {stage}I{mb})"
+    return f"the weight gradient of stage {stage} for microbatch {mb} ({stage}W{mb})"

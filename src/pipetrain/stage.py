@@ -1,0 +1,78 @@
+"""One stage: its layers and the per-microbatch activations it keeps from F until B."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+class Stage:
+    """Stage `index` of `num_stages`: runs its layers forward and backward one microbatch at a time.
+
+    F caches the stage input (as a leaf that collects its gradient) and output for a microbatch; B
+    back-propagates the gradient of the output (or, on the last stage, the scaled loss), frees the
+    cache and returns the gradient of the input for the previous stage.
+    """
+
+    def __init__(self, index: int, num_stages: int, layers: Sequence[nn.Module], *,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.index = index
+        self.num_stages = num_stages
+        self.layers = list(layers)
+        self.module = nn.Sequential(*self.layers)
+        self.loss_fn = loss_fn
+        self._cache: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.losses: dict[int, torch.Tensor] = {}  # last stage: unscaled loss of each microbatch
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    def forward(self, mb: int, x: torch.Tensor, *, target: torch.Tensor | None = None,
+                loss_scale: float = 1.0, grad: bool = True) -> torch.Tensor | None:
+        """Run the layers on microbatch `mb`; return the output to pass on (None on the last stage)."""
+        if not grad:
+            with torch.no_grad():
+                out = self.module(x)
+                if self.is_last:
+                    self.losses[mb] = self.loss_fn(out, target).detach()
+                    return None
+                return out
+        inp = None
+        if not self.is_first:
+            inp = x.detach().requires_grad_(x.is_floating_point())
+            x = inp
+        out = self.module(x)
+        if self.is_last:
+            loss = self.loss_fn(out, target)
+            if loss.dim() != 0:
+                raise ValueError(f"loss_fn must return a scalar (mean over the microbatch); got shape "
+                                 f"{tuple(loss.shape)}")
+            self.losses[mb] = loss.detach()
+            self._cache[mb] = (inp, loss * loss_scale)
+            return None
+        self._cache[mb] = (inp, out)
+        return out.detach()
+
+    def backward(self, mb: int, grad_output: torch.Tensor | None) -> torch.Tensor | None:
+        """Back-propagate microbatch `mb`; free its cache; return the gradient of the stage input."""
+        inp, out = self._cache.pop(mb)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_output)
+        if inp is None or not inp.requires_grad:
+            return None
+        return inp.grad if inp.grad is not None else torch.zeros_like(inp)
+
+    def pending(self) -> list[int]:
+        """Microbatches whose activations are still held (empty after a complete step)."""
+        return sorted(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self.losses.clear()
