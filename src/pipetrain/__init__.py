@@ -1,12 +1,35 @@
 """pipetrain: pipeline-parallel training for PyTorch with schedules as data and exact gradients."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from . import schedule as schedules
-from .comm import CommError, DistTransport, InProcessHub, InProcessTransport
 from .partition import BalanceError, partition
-from .pipeline import Pipeline
 from .schedule import Action, Costs, Op, Schedule, ScheduleError, SimResult, Timeline, simulate
 
 __version__ = "0.1.0"
+
+# torch-dependent names load on first use, so `pipetrain.schedule` and `pipetrain simulate` stay torch-free
+_LAZY = {
+    "Pipeline": "pipetrain.pipeline",
+    "CommError": "pipetrain.comm",
+    "DistTransport": "pipetrain.comm",
+    "InProcessHub": "pipetrain.comm",
+    "InProcessTransport": "pipetrain.comm",
+}
+
+if TYPE_CHECKING:
+    from .comm import CommError, DistTransport, InProcessHub, InProcessTransport
+    from .pipeline import Pipeline
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipetrain' has no attribute {name!r}")
+
 
 __all__ = [
     "Action", "BalanceError", "CommError", "Costs", "DistTransport", "InProcessHub", "InProcessTransport", "Op",

@@ -34,6 +34,8 @@ def time_costs(layers: Sequence[nn.Module], sample: torch.Tensor, *, repeats: in
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for layer in layers:
             saved_grads = [(p, p.grad) for p in layer.parameters()]
+            for p in layer.parameters():
+                p.grad = None  # backward below accumulates in place; keep the caller's tensors untouched
             saved_buffers = [(b, b.detach().clone()) for b in layer.buffers()]
             times, out = [], None
             for i in range(warmup + repeats):

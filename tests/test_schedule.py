@@ -1,0 +1,168 @@
+"""Schedules as data: text forms, golden files, the checker, lowering and the simulator."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from regen_golden import golden_cases
+
+import pipetrain.schedule as S
+from pipetrain.schedule import Action, Op, Schedule, ScheduleError
+from pipetrain.schedule.actions import B, F
+
+SCHEDULE_DIR = Path(S.__file__).parent
+
+
+def test_schedule_package_never_imports_torch():
+    for path in SCHEDULE_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "torch" for n in names), f"{path.name} imports torch"
+    code = "import sys, pipetrain.schedule as s; s.simulate(s.build('1f1b', num_ranks=2, num_microbatches=2)); " \
+           "assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("text", ["1F0", "3I7", "12W105", "0B3", "2SEND_F0", "1RECV_B4"])
+def test_action_text_round_trip(text):
+    assert str(Action.parse(text)) == text
+
+
+def test_action_parse_rejects_garbage_with_the_format():
+    with pytest.raises(ValueError, match=r"\{stage\}\{op\}\{microbatch\}"):
+        Action.parse("F0")
+
+
+def test_names_lists_registered_schedules():
+    assert S.names()[:2] == ["gpipe", "1f1b"]
+    with pytest.raises(ValueError, match="available: gpipe, 1f1b"):
+        S.build("nope", num_ranks=2, num_microbatches=2)
+
+
+@pytest.mark.parametrize("name,ranks,mbs,path", list(golden_cases()), ids=lambda v: getattr(v, "name", str(v)))
+def test_golden_files(name, ranks, mbs, path):
+    sched = S.build(name, num_ranks=ranks, num_microbatches=mbs)
+    assert S.dumps_csv(sched) == path.read_text(), "schedule changed; run `make golden` if intended"
+    assert S.dumps_csv(S.lower(sched)) == path.with_suffix(".lowered.csv").read_text()
+    assert S.load_csv(path) == sched
+    S.check(S.load_csv(path.with_suffix(".lowered.csv")))
+
+
+def test_gpipe_and_1f1b_by_value():
+    assert [str(a) for a in S.build("1f1b", num_ranks=3, num_microbatches=4).actions[0]] == \
+        "0F0 0F1 0F2 0B0 0F3 0B1 0B2 0B3".split()
+    assert [str(a) for a in S.build("gpipe", num_ranks=2, num_microbatches=2).actions[1]] == "1F0 1F1 1B0 1B1".split()
+
+
+def test_1f1b_with_too_few_microbatches_names_the_alternative():
+    with pytest.raises(ValueError, match="use 'gpipe'"):
+        S.build("1f1b", num_ranks=4, num_microbatches=3)
+
+
+def test_stages_per_rank_rejected_for_one_stage_schedules():
+    with pytest.raises(ValueError, match="stages_per_rank"):
+        S.build("gpipe", num_ranks=2, num_microbatches=2, stages_per_rank=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["gpipe", "1f1b"]), st.integers(1, 8), st.integers(1, 16))
+def test_every_size_checks_and_matches_the_textbook_bubble(name, ranks, mbs):
+    if name == "1f1b" and mbs < ranks:
+        return
+    sched = S.build(name, num_ranks=ranks, num_microbatches=mbs)
+    S.check(S.lower(sched))
+    result = S.simulate(sched, S.Costs(f=1.0, b=1.0, w=1.0))
+    assert result.bubble_fraction == pytest.approx((ranks - 1) / (mbs + ranks - 1))
+    assert result.step_time == pytest.approx(3 * (mbs + ranks - 1))
+    peaks = [s.peak_activations for s in result.per_rank]
+    assert peaks == ([mbs] * ranks if name == "gpipe" else [min(ranks - r, mbs) for r in range(ranks)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 10), st.floats(0.0, 1.0))
+def test_comm_cost_lengthens_gpipe_by_two_transfers_per_boundary(ranks, mbs, comm):
+    # Transfers start once both sides posted; receives are posted one compute action (f = 1) early, so
+    # any transfer no slower than one forward is hidden except on the critical path's boundary crossings.
+    base = S.simulate(S.build("gpipe", num_ranks=ranks, num_microbatches=mbs), S.Costs(comm=0.0))
+    slow = S.simulate(S.build("gpipe", num_ranks=ranks, num_microbatches=mbs), S.Costs(comm=comm))
+    assert slow.step_time == pytest.approx(base.step_time + 2 * (ranks - 1) * comm)
+
+
+def test_lowering_pairs_every_send_with_a_recv_in_order():
+    lowered = S.lower(S.build("1f1b", num_ranks=4, num_microbatches=6))
+    sends = [a for acts in lowered.actions for a in acts if a.op in (Op.SEND_F, Op.SEND_B)]
+    recvs = [a for acts in lowered.actions for a in acts if a.op in (Op.RECV_F, Op.RECV_B)]
+    assert len(sends) == len(recvs) == 2 * 3 * 6
+    assert lowered.actions[3][0] == Action(3, Op.RECV_F, 0)  # receives are posted ahead of the compute
+
+
+def _custom(actions, ranks=2, mbs=2, lowered=False):
+    return Schedule("custom", ranks, mbs, 1, tuple(range(ranks)),
+                    [[Action.parse(a) for a in row.split()] for row in actions], lowered=lowered)
+
+
+@pytest.mark.parametrize("rows,message", [
+    (["0F0 0B0", "1F0 1F1 1B0 1B1"], "stage 0 .*microbatch 1: F runs 0 times"),
+    (["0F0 0F0 0F1 0B0 0B1", "1F0 1F1 1B0 1B1"], "F runs 2 times"),
+    (["0F0 0F1 0B0 0B1 0B1", "1F0 1F1 1B0 1B1"], "backward runs 2 times"),
+    (["0B0 0F0 0F1 0B1", "1F0 1F1 1B0 1B1"], "needs the output of stage 0 for microbatch 0"),
+    (["0F0 0F1 1B0 0B0 0B1", "1F0 1F1 1B1"], "belongs to stage 1, which runs on rank 1"),
+    (["0F0 0B0 0F1 0B1", "1F0 1F1 1B0 1B1"], "deadlock"),
+    (["0F0 0F1 0I0 0B1", "1F0 1F1 1B0 1B1"], "I runs 1 times but W 0 times"),
+    (["0F0 0F1 0B0 0B1 0F2", "1F0 1F1 1B0 1B1"], "out of range"),
+])
+def test_checker_rejects_broken_schedules_clearly(rows, message):
+    with pytest.raises(ScheduleError, match=message):
+        S.check(_custom(rows))
+
+
+def test_deadlock_message_names_ranks_actions_and_marks_the_grid():
+    with pytest.raises(ScheduleError) as err:
+        S.check(_custom(["0F0 0B0 0F1 0B1", "1F0 1F1 1B0 1B1"]))
+    text = str(err.value)
+    assert "rank 0 waits at 0B0 for the input gradient of stage 1 for microbatch 0" in text
+    assert "rank 1 waits at 1F1 for the output of stage 0 for microbatch 1" in text
+    assert "<-- ERROR HERE" in text and "*0B0*" in text
+
+
+def test_checker_rejects_receives_posted_out_of_send_order():
+    lowered = S.lower(S.build("gpipe", num_ranks=2, num_microbatches=2))
+    rows = [" ".join(map(str, acts)) for acts in lowered.actions]
+    rows[1] = rows[1].replace("1RECV_F0 1RECV_F1", "1RECV_F1 1RECV_F0")
+    with pytest.raises(ScheduleError, match="first-in first-out"):
+        S.check(_custom(rows, lowered=True))
+
+
+def test_checker_rejects_a_lowered_schedule_missing_a_send():
+    lowered = S.lower(S.build("gpipe", num_ranks=2, num_microbatches=2))
+    rows = [" ".join(str(a) for a in acts if str(a) != "0SEND_F1") for acts in lowered.actions]
+    with pytest.raises(ScheduleError, match="SENDs"):
+        S.check(_custom(rows, lowered=True))
+
+
+def test_csv_round_trip_and_bad_csv():
+    sched = S.build("1f1b", num_ranks=3, num_microbatches=5)
+    assert S.loads_csv(S.dumps_csv(sched)) == sched
+    assert S.loads_csv(S.dumps_csv(S.lower(sched))) == S.lower(sched)
+    with pytest.raises(ValueError, match="line 2"):
+        S.loads_csv("# ranks=1\n0,0F0,oops\n")
+
+
+def test_forward_only_schedule_checks_and_has_no_backward():
+    fwd = S.build("1f1b", num_ranks=2, num_microbatches=3).forward_only()
+    S.check(fwd)
+    assert not fwd.has_backward and all(a.op is Op.F for acts in fwd.actions for a in acts)
+
+
+def test_per_stage_costs_and_timeline_picture():
+    sched = S.build("gpipe", num_ranks=2, num_microbatches=2)
+    res = S.simulate(sched, S.Costs(f=[1.0, 2.0], b=[1.0, 2.0], w=0.0))
+    assert res.step_time == pytest.approx(1 + 2 + 2 + 2 + 2 + 1)
+    text = S.format_timeline(res.timeline)
+    assert text.splitlines()[0].startswith("rank  0: 0F0 0F1")
+    assert F(0, 0) in {e.action for e in res.timeline.events} and B(1, 1) in {e.action for e in res.timeline.events}
