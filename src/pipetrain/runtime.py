@@ -185,14 +185,17 @@ class Executor:
 
     def _wait(self, work: Work, action: Action | str, peer: int, what: str, *,
               waiting_in: Action | None = None) -> None:
+        start = time.perf_counter()
         try:
             work.wait(self.timeout)
         except Exception as err:  # gloo raises RuntimeError, in-process TimeoutError
+            waited = time.perf_counter() - start
+            how = (f"timed out after {self.timeout:g}s" if waited >= 0.99 * self.timeout
+                   else f"failed after {waited:.1f}s")
             inside = f" (needed by {waiting_in})" if waiting_in is not None else ""
             raise CommError(
-                f"rank {self.rank}: {action}{inside} waiting on rank {peer} for {what} did not complete "
-                f"within the {self.timeout:g}s timeout or failed: {err}. Rank {peer} may have crashed or be "
-                "stuck; check its log") from err
+                f"rank {self.rank}: {action}{inside} waiting on rank {peer} for {what} {how}: {err}. "
+                f"Rank {peer} may have crashed or be stuck; check its log") from err
 
     # --- loss ----------------------------------------------------------------------------------------
     def _share_loss(self, num_microbatches: int) -> float:

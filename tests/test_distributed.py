@@ -1,0 +1,37 @@
+"""Over torch.distributed (gloo, spawned processes): exact gradients, early errors, no hangs."""
+
+import pytest
+from test_runtime import assert_matches_reference
+from workers import all_scenarios, dies_mid_step, run_processes, wrong_world_size
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_pipeline_equals_single_process(world):
+    results = run_processes(world, all_scenarios)
+    assert_matches_reference(results, world)
+
+
+def test_wrong_world_size_fails_on_every_rank_before_communicating():
+    results = run_processes(2, wrong_world_size, timeout=60)
+    for message in results.values():
+        assert "is for 3 ranks but the process group has 2" in message
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_that_dies_mid_step_makes_the_others_fail_fast(world):
+    # the last rank exits in its second step; every other rank must raise naming the action and the peer
+    results = run_processes(world, dies_mid_step, "exit", 20.0, expect=world - 1, timeout=90)
+    for rank, result in results.items():
+        assert result["error"] is not None, f"rank {rank} finished a step its peer never ran"
+        assert f"rank {rank}: " in result["error"] and "waiting on rank" in result["error"]
+        assert "RECV" in result["error"] or "loss" in result["error"], result["error"]
+        assert result["seconds"] < 25
+        assert "failed after" in result["error"]  # a closed connection, not the timeout
+
+
+def test_a_stuck_rank_makes_the_others_time_out_with_the_action_and_peer():
+    results = run_processes(2, dies_mid_step, "hang", 3.0, expect=1, timeout=90)
+    error = results[0]["error"]
+    assert error is not None and "rank 0: 0RECV_B" in error and "waiting on rank 1" in error, error
+    assert "timed out after 3s" in error
+    assert 2.5 < results[0]["seconds"] < 10

@@ -1,0 +1,131 @@
+"""The runtime: gradients and losses equal single-process training; bad input fails before communicating."""
+
+import pytest
+import torch
+from torch import nn
+from workers import STEPS, all_scenarios, reference, run_threads, train
+
+import pipetrain as pt
+from pipetrain.schedule import Schedule
+
+
+def assert_matches_reference(results_by_rank, world):
+    for key in results_by_rank[0]:
+        kind, _, m = key
+        ref = reference(kind, m)
+        curves = [results_by_rank[r][key]["curve"] for r in range(world)]
+        assert all(c == curves[0] for c in curves), f"{key}: ranks report different losses"
+        assert curves[0] == pytest.approx(ref["curve"], rel=1e-5), f"{key}: loss curve differs"
+        grads = {}
+        for r in range(world):
+            grads.update(results_by_rank[r][key]["grads"])
+        assert grads.keys() == ref["grads"].keys(), f"{key}: every parameter is owned by exactly one rank"
+        for name, want in ref["grads"].items():
+            err = (grads[name] - want).norm() / want.norm().clamp_min(1e-12)
+            assert err <= 1e-5, f"{key}: grad {name} relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_in_process_pipeline_equals_single_process(world):
+    results = run_threads(world, all_scenarios)
+    assert_matches_reference(results, world)
+
+
+def _threads_expect_error(world, make_and_step):
+    with pytest.raises(Exception) as err:
+        run_threads(world, lambda rank, world, transport: make_and_step(rank, world, transport), timeout=30)
+    return err
+
+
+def _mlp(n=4):
+    return [nn.Linear(4, 4) for _ in range(n)]
+
+
+def test_batch_not_divisible_by_microbatches():
+    def body(rank, world, transport):
+        sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=4)
+        pipe = pt.Pipeline(_mlp(), schedule=sched, loss_fn=nn.functional.mse_loss, transport=transport)
+        pipe.step(torch.randn(6, 4), torch.randn(6, 4))
+    with pytest.raises(ValueError, match="batch size 6, which does not split into 4 equal microbatches"):
+        raise _threads_expect_error(2, body).value
+
+
+def test_fewer_layers_than_stages():
+    sched = pt.schedules.build("gpipe", num_ranks=4, num_microbatches=2)
+    with pytest.raises(pt.BalanceError, match="3 layers cannot fill 4 stages"):
+        pt.Pipeline(_mlp(3), schedule=sched, loss_fn=nn.functional.mse_loss,
+                    transport=pt.InProcessHub(4).transport(0))
+
+
+def test_world_size_must_match_schedule():
+    sched = pt.schedules.build("gpipe", num_ranks=2, num_microbatches=2)
+    with pytest.raises(ValueError, match="is for 2 ranks but the process group has 3"):
+        pt.Pipeline(_mlp(), schedule=sched, loss_fn=nn.functional.mse_loss, transport=pt.InProcessHub(3).transport(0))
+
+
+def test_schedule_failing_the_checker_is_refused():
+    sched = pt.schedules.build("1f1b", num_ranks=2, num_microbatches=2)
+    broken = Schedule("broken", 2, 2, 1, (0, 1), [sched.actions[0][:-1], sched.actions[1]])
+    with pytest.raises(pt.ScheduleError, match="backward runs 0 times"):
+        pt.Pipeline(_mlp(), schedule=broken, loss_fn=nn.functional.mse_loss, transport=pt.InProcessHub(2).transport(0))
+
+
+@pytest.mark.parametrize("balance,message", [([1, 2], "summing to the 4 layers"), ([4, 0], "positive"),
+                                             ("fast", "balance must be")])
+def test_bad_balance(balance, message):
+    sched = pt.schedules.build("gpipe", num_ranks=2, num_microbatches=2)
+    with pytest.raises(ValueError, match=message):
+        pt.Pipeline(_mlp(), schedule=sched, loss_fn=nn.functional.mse_loss, balance=balance,
+                    transport=pt.InProcessHub(2).transport(0))
+
+
+def test_changing_shapes_after_the_first_step_is_an_error():
+    def body(rank, world, transport):
+        sched = pt.schedules.build("gpipe", num_ranks=world, num_microbatches=2)
+        pipe = pt.Pipeline(_mlp(), schedule=sched, loss_fn=nn.functional.mse_loss, transport=transport, timeout=5)
+        pipe.step(torch.randn(4, 4), torch.randn(4, 4))
+        pipe.step(torch.randn(8, 4), torch.randn(8, 4))
+    with pytest.raises(ValueError, match="the first step froze"):
+        raise _threads_expect_error(2, body).value
+
+
+def test_balance_by_params_and_time():
+    def body(rank, world, transport):
+        layers = [nn.Linear(4, 64), nn.Linear(64, 64), nn.Linear(64, 4), nn.Tanh()]
+        sched = pt.schedules.build("gpipe", num_ranks=world, num_microbatches=2)
+        by_params = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, balance="params",
+                                transport=transport)
+        by_time = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, balance="time",
+                              sample=torch.randn(2, 4), transport=transport)
+        return by_params.balance, by_time.balance
+    results = run_threads(2, body)
+    assert results[0][0] == [1, 3]  # params 320 | 4160 + 260 + 0 beats 320 + 4160 | 260 + 0
+    assert results[0][1] == results[1][1], "ranks must agree on the measured partition"
+
+
+def test_evaluate_is_forward_only_and_matches_the_loss():
+    def body(rank, world, transport):
+        layers, loss_fn, x, y = __import__("workers").make_model("gpt", 4)
+        sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=4)
+        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport)
+        loss = pipe.evaluate(x, y)
+        assert all(p.grad is None for p in pipe.parameters())
+        return loss
+    layers, loss_fn, x, y = __import__("workers").make_model("gpt", 4)
+    with torch.no_grad():
+        want = loss_fn(nn.Sequential(*layers)(x), y).item()
+    assert run_threads(2, body) == pytest.approx([want, want], rel=1e-5)
+
+
+def test_measured_timeline_covers_every_compute_action():
+    def body(rank, world, transport):
+        return train(rank, world, "1f1b", "mlp", 4, transport)["curve"]
+    run_threads(2, body)  # smoke: the scenario asserts no activations are left
+    hub = pt.InProcessHub(1)
+    sched = pt.schedules.build("gpipe", num_ranks=1, num_microbatches=3)
+    pipe = pt.Pipeline(_mlp(), schedule=sched, loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
+    pipe.step(torch.randn(6, 4), torch.randn(6, 4))
+    step = pipe.last_step
+    assert [str(e.action) for e in step.events] == "0F0 0F1 0F2 0B0 0B1 0B2".split()
+    assert 0 <= step.bubble_fraction < 1 and step.step_time >= step.busy_time
+    assert STEPS == 10

@@ -1,0 +1,202 @@
+"""Scenarios run on every rank (as threads in-process, or as spawned gloo processes) and their runners."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue as queue_module
+import socket
+import threading
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import pipetrain as pt
+from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
+
+STEPS = 10
+_RNG_LOCK = threading.Lock()  # in-process ranks are threads sharing torch's global RNG
+
+
+def make_model(kind: str, num_microbatches: int):
+    """(layers, loss_fn, inputs, targets), the same on every rank and in the reference."""
+    with _RNG_LOCK:
+        return _make_model(kind, num_microbatches)
+
+
+def _make_model(kind: str, num_microbatches: int):
+    torch.manual_seed(0)
+    batch = 2 * num_microbatches
+    if kind == "gpt":
+        cfg = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=4, n_heads=2)
+        layers = build_gpt(cfg)
+        x = torch.randint(0, 64, (batch, 8))
+        return layers, gpt_loss, x, torch.randint(0, 64, (batch, 8))
+    layers = [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 3)]
+    return layers, nn.functional.mse_loss, torch.randn(batch, 6), torch.randn(batch, 3)
+
+
+def reference(kind: str, num_microbatches: int) -> dict:
+    """Single-process training of the same layers on the same batch: first loss, grads, loss curve."""
+    layers, loss_fn, x, y = make_model(kind, num_microbatches)
+    model = nn.Sequential(*layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    curve, grads = [], None
+    for step in range(STEPS):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if step == 0:
+            grads = {(i, n): p.grad.clone() for i, layer in enumerate(layers) for n, p in layer.named_parameters()}
+        curve.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return {"grads": grads, "curve": curve}
+
+
+def train(rank: int, world: int, schedule: str, kind: str, num_microbatches: int, transport=None) -> dict:
+    """The pipelined version of `reference`, as seen by one rank."""
+    layers, loss_fn, x, y = make_model(kind, num_microbatches)
+    sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=num_microbatches)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport, timeout=30)
+    params = list(pipe.parameters())  # a stage may hold only parameter-free layers (e.g. GELU)
+    opt = torch.optim.AdamW(params, lr=1e-2) if params else None
+    curve, grads = [], None
+    for step in range(STEPS):
+        curve.append(pipe.step(x, y))
+        if step == 0:
+            grads = {(i, n): p.grad.clone() for i, layer in enumerate(layers) if any(
+                i in r for r in (pipe.layer_ranges[s] for s in pipe.stages)) for n, p in layer.named_parameters()}
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+    assert all(not s.pending() for s in pipe.stages.values()), "activations left after the step"
+    return {"grads": grads, "curve": curve, "balance": pipe.balance}
+
+
+def all_scenarios(rank: int, world: int, transport=None) -> dict:
+    out = {}
+    for kind in ("gpt", "mlp"):
+        for schedule in ("gpipe", "1f1b"):
+            m = 2 * world
+            out[(kind, schedule, m)] = train(rank, world, schedule, kind, m, transport)
+    return out
+
+
+class _ExitAt(nn.Module):
+    """A layer that kills its process (or hangs) on its n-th forward call: a rank dying mid-step."""
+
+    def __init__(self, calls: int, mode: str) -> None:
+        super().__init__()
+        self.calls, self.mode, self.seen = calls, mode, 0
+
+    def forward(self, x):
+        self.seen += 1
+        if self.seen == self.calls:
+            if self.mode == "exit":
+                os._exit(3)
+            time.sleep(60)
+        return x
+
+
+def dies_mid_step(rank: int, world: int, mode: str, timeout: float) -> dict:
+    layers = [nn.Linear(4, 4) for _ in range(world)]
+    layers.insert(world - 1, _ExitAt(calls=world + 2, mode=mode))  # last rank: 2nd step, 2nd microbatch
+    sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, timeout=timeout,
+                       balance=[1] * (world - 1) + [2])
+    x, y = torch.randn(2 * world, 4), torch.randn(2 * world, 4)
+    pipe.step(x, y)
+    start = time.perf_counter()
+    try:
+        pipe.step(x, y)
+    except pt.CommError as err:
+        return {"error": str(err), "seconds": time.perf_counter() - start}
+    return {"error": None}
+
+
+def wrong_world_size(rank: int, world: int) -> str:
+    sched = pt.schedules.build("gpipe", num_ranks=world + 1, num_microbatches=2)
+    try:
+        pt.Pipeline([nn.Linear(2, 2) for _ in range(4)], schedule=sched, loss_fn=nn.functional.mse_loss)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+# --- runners ---------------------------------------------------------------------------------------------
+def run_threads(world: int, fn, *args, timeout: float = 120):
+    """Run fn(rank, world, *args, transport=...) on `world` threads sharing an in-process hub."""
+    hub = pt.InProcessHub(world)
+    results, errors = [None] * world, []
+
+    def body(rank):
+        try:
+            results[rank] = fn(rank, world, *args, transport=hub.transport(rank))
+        except BaseException as err:  # noqa: BLE001 - surfaced below
+            errors.append((rank, err))
+            hub.abort(f"rank {rank} raised {err!r}")
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0][1]
+    assert not any(t.is_alive() for t in threads), "in-process ranks hung"
+    return results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process_main(rank, world, port, fn, args, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        # tensors go back as bytes: torch's queue would share memory owned by this (exiting) process
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world, *args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
+    except BaseException:  # noqa: BLE001 - sent to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_processes(world: int, fn, *args, timeout: float = 180, expect: int | None = None):
+    """Spawn `world` gloo ranks running fn(rank, world, *args); return {rank: result} of `expect` ranks."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_process_main, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.time() + timeout
+    try:
+        while len(results) < (world if expect is None else expect) and time.time() < deadline:
+            try:
+                rank, status, value = queue.get(timeout=1)
+            except queue_module.Empty:
+                continue
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(5 if not results else 20)
+            if p.is_alive():
+                p.kill()
+    if len(results) < (world if expect is None else expect):
+        raise AssertionError(f"only ranks {sorted(results)} reported within {timeout}s")
+    return results
