@@ -1,7 +1,7 @@
 """Train a byte-level GPT on the Python standard library's source with pipetrain, on 2+ ranks.
 
-Launch (CPU, 2 ranks):   torchrun --nproc-per-node 2 examples/train_gpt.py
-GPUs (one per rank):     torchrun --nproc-per-node 4 examples/train_gpt.py --backend nccl --schedule 1f1b
+Launch (CPU, 2 ranks):   torchrun --standalone --nproc-per-node 2 examples/train_gpt.py
+GPUs (one per rank):     torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --backend nccl --schedule 1f1b
 Options: --schedule gpipe|1f1b, --microbatches, --batch-size, --steps, --max-seconds, model size flags.
 """
 

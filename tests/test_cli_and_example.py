@@ -1,0 +1,58 @@
+"""The command line and the example (main job) as a user runs them."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipetrain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_simulate_json_has_the_contract_fields(capsys):
+    assert main(["simulate", "--schedule", "1f1b", "--ranks", "4", "--microbatches", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {k: out[k] for k in ("schedule", "ranks", "microbatches", "stages_per_rank")} == \
+        {"schedule": "1f1b", "ranks": 4, "microbatches": 8, "stages_per_rank": 1}
+    assert out["bubble_fraction"] == pytest.approx(3 / 11)
+    assert out["step_time"] == pytest.approx(33.0)
+    assert [r["peak_activations"] for r in out["per_rank"]] == [4, 3, 2, 1]
+    assert set(out["per_rank"][0]) == {"rank", "busy_time", "bubble_fraction", "peak_activations"}
+
+
+def test_simulate_prints_table_and_timeline(capsys):
+    assert main(["simulate", "--schedule", "gpipe", "--ranks", "2", "--microbatches", "2", "--cost-w", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "rank  0: 0F0 0F1" in out and "bubble fraction 0.3333" in out
+
+
+def test_simulate_rejects_bad_sizes_with_the_fix(capsys):
+    assert main(["simulate", "--schedule", "1f1b", "--ranks", "4", "--microbatches", "2"]) == 2
+    assert "use 'gpipe'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--schedule", "1f1b", "--ranks", "0", "--microbatches", "2"])
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([str(Path(sys.executable).parent / "pipetrain"), "simulate", "--schedule", "gpipe",
+                          "--ranks", "2", "--microbatches", "4", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["bubble_fraction"] == pytest.approx(1 / 5)
+
+
+def test_example_trains_on_two_gloo_ranks(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "train_gpt.py"),
+           "--steps", "40", "--log-every", "10", "--d-model", "32", "--layers", "2", "--seq-len", "32",
+           "--batch-size", "16", "--microbatches", "4", "--eval-batches", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "idle per rank" in out and "summary" in out
+    before, after = map(float, re.search(r"held-out loss (\S+) -> (\S+)", out).groups())
+    assert after < before - 0.5, out
