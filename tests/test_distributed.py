@@ -2,13 +2,21 @@
 
 import pytest
 from test_runtime import assert_matches_reference
-from workers import all_scenarios, dies_mid_step, run_processes, wrong_world_size
+from workers import all_scenarios, dies_mid_step, run_processes, split_direction_scenario, wrong_world_size
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_pipeline_equals_single_process(world):
     results = run_processes(world, all_scenarios)
     assert_matches_reference(results, world)
+
+
+def test_one_communicator_per_direction_stays_exact():
+    # the layout used for NCCL; run here over gloo so the group creation and routing are exercised
+    results = run_processes(3, split_direction_scenario)
+    assert_matches_reference(results, 3)
+    directions = {rank: r[("gpt", "1f1b", 6)]["directions"] for rank, r in results.items()}
+    assert directions == {0: [(0, 1), (1, 0)], 1: [(0, 1), (1, 0), (1, 2), (2, 1)], 2: [(1, 2), (2, 1)]}
 
 
 def test_wrong_world_size_fails_on_every_rank_before_communicating():

@@ -57,11 +57,13 @@ def reference(kind: str, num_microbatches: int) -> dict:
     return {"grads": grads, "curve": curve}
 
 
-def train(rank: int, world: int, schedule: str, kind: str, num_microbatches: int, transport=None) -> dict:
+def train(rank: int, world: int, schedule: str, kind: str, num_microbatches: int, transport=None,
+          split_directions: bool | None = None) -> dict:
     """The pipelined version of `reference`, as seen by one rank."""
     layers, loss_fn, x, y = make_model(kind, num_microbatches)
     sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=num_microbatches)
-    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport, timeout=30)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport, timeout=30,
+                       split_directions=split_directions)
     params = list(pipe.parameters())  # a stage may hold only parameter-free layers (e.g. GELU)
     opt = torch.optim.AdamW(params, lr=1e-2) if params else None
     curve, grads = [], None
@@ -74,7 +76,8 @@ def train(rank: int, world: int, schedule: str, kind: str, num_microbatches: int
             opt.step()
             opt.zero_grad()
     assert all(not s.pending() for s in pipe.stages.values()), "activations left after the step"
-    return {"grads": grads, "curve": curve, "balance": pipe.balance}
+    directions = sorted(getattr(pipe.transport, "_direction_groups", {}))
+    return {"grads": grads, "curve": curve, "balance": pipe.balance, "directions": directions}
 
 
 def all_scenarios(rank: int, world: int, transport=None) -> dict:
@@ -84,6 +87,11 @@ def all_scenarios(rank: int, world: int, transport=None) -> dict:
             m = 2 * world
             out[(kind, schedule, m)] = train(rank, world, schedule, kind, m, transport)
     return out
+
+
+def split_direction_scenario(rank: int, world: int) -> dict:
+    """The NCCL communicator layout (one group per direction), exercised over gloo."""
+    return {("gpt", "1f1b", 2 * world): train(rank, world, "1f1b", "gpt", 2 * world, split_directions=True)}
 
 
 class _ExitAt(nn.Module):

@@ -48,12 +48,14 @@ class DistTransport:
     """torch.distributed isend/irecv within `group` (any backend). Peers are ranks in the group.
 
     NCCL runs both directions of a rank pair on one stream, so a receive posted early could block a send
-    queued behind it; with NCCL each direction gets its own communicator, which keeps the first-in
-    first-out model that `check` proves deadlock-free. gloo needs no such split.
+    queued behind it. With `split_directions` (the default for NCCL) each direction of each pair that
+    carries traffic gets its own communicator, which keeps the first-in first-out model that `check`
+    proves deadlock-free. Creating them is collective over the default group: every rank gathers every
+    pipeline's (global ranks, pairs) and all ranks create the groups in one global order.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None,
-                 *, pairs: list[tuple[int, int]] = ()) -> None:
+                 *, pairs: list[tuple[int, int]] = (), split_directions: bool | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: launch with torchrun and call "
                                "torch.distributed.init_process_group() first (or pass an in-process transport)")
@@ -67,10 +69,19 @@ class DistTransport:
         self.device = torch.device(device)
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
         self._direction_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
-        if self.backend == "nccl":
-            for src, dst in sorted(set(pairs)):
-                members = sorted({self._global[src], self._global[dst]})
-                self._direction_groups[(src, dst)] = dist.new_group(members, use_local_synchronization=True)
+        if split_directions if split_directions is not None else self.backend == "nccl":
+            self._create_direction_groups(sorted(set(pairs)))
+
+    def _create_direction_groups(self, pairs: list[tuple[int, int]]) -> None:
+        mine = [(self._global[src], self._global[dst]) for src, dst in pairs]
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        all_pairs = sorted({pair for pipeline_pairs in everyone for pair in pipeline_pairs})
+        to_local = {g: r for r, g in enumerate(self._global)}
+        for src, dst in all_pairs:  # the same order on every rank; non-members get a non-group handle
+            group = dist.new_group(sorted((src, dst)))
+            if (src, dst) in mine:
+                self._direction_groups[(to_local[src], to_local[dst])] = group
 
     def _group_for(self, src: int, dst: int) -> dist.ProcessGroup:
         return self._direction_groups.get((src, dst), self.group)

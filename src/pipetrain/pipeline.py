@@ -35,12 +35,15 @@ class Pipeline:
         device: where this rank's layers run (default: cuda:current for NCCL, else CPU).
         transport: instead of `group`, a transport (e.g. `InProcessHub(n).transport(rank)`).
         timeout: seconds any transfer may wait before the step fails naming the action and peer.
+        split_directions: one communicator per direction of each rank pair (default: only for NCCL,
+            where it is needed; see `DistTransport`). Collective over the default group.
     """
 
     def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], balance: Balance = "uniform",
                  group=None, device: torch.device | str | None = None, transport: Transport | None = None,
-                 timeout: float = 60.0, sample: torch.Tensor | None = None) -> None:
+                 timeout: float = 60.0, sample: torch.Tensor | None = None,
+                 split_directions: bool | None = None) -> None:
         layers = list(layers)
         bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
         if bad:
@@ -63,7 +66,7 @@ class Pipeline:
         self.timeout = float(timeout)
         if transport is None:
             transport = DistTransport(group, torch.device(device) if device is not None else None,
-                                      pairs=list(message_order(schedule)))
+                                      pairs=list(message_order(schedule)), split_directions=split_directions)
         if transport.world_size != schedule.num_ranks:
             raise ValueError(f"schedule {schedule.name!r} is for {schedule.num_ranks} ranks but the process group "
                              f"has {transport.world_size}: build the schedule with num_ranks="
