@@ -78,9 +78,10 @@ class DistTransport:
         dist.all_gather_object(everyone, mine)
         all_pairs = sorted({pair for pipeline_pairs in everyone for pair in pipeline_pairs})
         to_local = {g: r for r, g in enumerate(self._global)}
+        me = self._global[self.rank]
         for src, dst in all_pairs:  # the same order on every rank; non-members get a non-group handle
             group = dist.new_group(sorted((src, dst)))
-            if (src, dst) in mine:
+            if me in (src, dst) and (src, dst) in mine:
                 self._direction_groups[(to_local[src], to_local[dst])] = group
 
     def _group_for(self, src: int, dst: int) -> dist.ProcessGroup:
