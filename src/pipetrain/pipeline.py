@@ -123,6 +123,11 @@ class Pipeline:
     # --- internals -----------------------------------------------------------------------------------
     def _run(self, actions, inputs, targets, *, grad: bool) -> float:
         m = self.schedule.num_microbatches
+        last = self.schedule.num_stages - 1
+        for needed, name, stage in ((inputs, "inputs", 0), (targets, "targets", last)):
+            if needed is None and stage in self.stages:
+                raise ValueError(f"rank {self.rank} runs stage {stage} and needs `{name}`, got None: pass the "
+                                 "same batch to step() on every rank")
         split_inputs = self._split(inputs, "inputs", m)
         split_targets = self._split(targets, "targets", m)
         result = self._executor.run(actions, inputs=split_inputs, targets=split_targets, num_microbatches=m,
