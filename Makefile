@@ -18,11 +18,11 @@ demo: $(BIN)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --max-seconds 90
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff check src tests examples
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff check src tests examples
 
 golden: $(BIN)/.installed
 	$(BIN)/python tests/regen_golden.py
