@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .comm import DistTransport, Transport
+from .comm import CommError, DistTransport, Transport
 from .partition import BalanceError, partition
 from .profile import param_costs, time_costs, uniform_costs
 from .runtime import Executor, RankStep
@@ -169,9 +169,14 @@ class Pipeline:
         costs = torch.zeros(len(layers), dtype=torch.float64, device=self.transport.device)
         if self.rank == 0:
             costs.copy_(torch.tensor(time_costs(layers, sample), dtype=torch.float64))
-            works = [self.transport.isend(costs, r) for r in range(1, self.transport.world_size)]
+            works = [(self.transport.isend(costs, r), r) for r in range(1, self.transport.world_size)]
         else:
-            works = [self.transport.irecv(costs, 0)]
-        for work in works:
-            work.wait(self.timeout)
+            works = [(self.transport.irecv(costs, 0), 0)]
+        for work, peer in works:
+            try:
+                work.wait(self.timeout)
+            except Exception as err:
+                raise CommError(f"rank {self.rank}: sharing the measured layer times with rank {peer} failed or "
+                                f"timed out after {self.timeout:g}s (rank 0 profiles every layer first; raise "
+                                f"`timeout` for a large model): {err}") from err
         return costs.tolist()

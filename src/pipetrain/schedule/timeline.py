@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .actions import Action, Op
 
@@ -31,11 +31,10 @@ class RankStats:
 
 @dataclass(frozen=True)
 class Timeline:
-    """Compute events of one step (and optionally waits, as events of their own list)."""
+    """Compute events of one step on every rank, simulated or measured."""
 
     num_ranks: int
     events: tuple[Event, ...]
-    waits: tuple[Event, ...] = field(default=())
     step_times: tuple[float, ...] | None = None  # per rank, when measured; else the last end
 
     def step_time(self) -> float:
