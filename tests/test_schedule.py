@@ -38,15 +38,19 @@ def test_action_parse_rejects_garbage_with_the_format():
         Action.parse("F0")
 
 
+ALL = ["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zbv"]
+
+
 def test_names_lists_registered_schedules():
-    assert S.names()[:2] == ["gpipe", "1f1b"]
+    assert S.names() == ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs"]
     with pytest.raises(ValueError, match="available: gpipe, 1f1b"):
         S.build("nope", num_ranks=2, num_microbatches=2)
 
 
-@pytest.mark.parametrize("name,ranks,mbs,path", list(golden_cases()), ids=lambda v: getattr(v, "name", str(v)))
-def test_golden_files(name, ranks, mbs, path):
-    sched = S.build(name, num_ranks=ranks, num_microbatches=mbs)
+@pytest.mark.parametrize("name,ranks,mbs,per_rank,path", list(golden_cases()),
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_golden_files(name, ranks, mbs, per_rank, path):
+    sched = S.build(name, num_ranks=ranks, num_microbatches=mbs, stages_per_rank=per_rank)
     assert S.dumps_csv(sched) == path.read_text(), "schedule changed; run `make golden` if intended"
     assert S.dumps_csv(S.lower(sched)) == path.with_suffix(".lowered.csv").read_text()
     assert S.load_csv(path) == sched
@@ -64,9 +68,77 @@ def test_1f1b_with_too_few_microbatches_names_the_alternative():
         S.build("1f1b", num_ranks=4, num_microbatches=3)
 
 
-def test_stages_per_rank_rejected_for_one_stage_schedules():
-    with pytest.raises(ValueError, match="stages_per_rank"):
-        S.build("gpipe", num_ranks=2, num_microbatches=2, stages_per_rank=2)
+@pytest.mark.parametrize("name,per_rank,message", [
+    ("gpipe", 2, "one stage per rank"), ("1f1b", 2, "interleaved-1f1b runs several"), ("zb-h1", 2, "try 'zbv'"),
+    ("zbv", 3, "exactly two stages per rank"), ("interleaved-1f1b", 1, "use '1f1b'")])
+def test_stages_per_rank_a_schedule_cannot_run_is_refused(name, per_rank, message):
+    with pytest.raises(ValueError, match=message):
+        S.build(name, num_ranks=2, num_microbatches=4, stages_per_rank=per_rank)
+
+
+def test_interleaved_with_too_few_microbatches_names_the_alternatives():
+    with pytest.raises(ValueError, match="'looped-bfs' / 'gpipe'"):
+        S.build("interleaved-1f1b", num_ranks=4, num_microbatches=3)
+
+
+def test_default_stages_per_rank_is_the_schedules_own():
+    assert S.build("zbv", num_ranks=2, num_microbatches=4).stages_per_rank == 2
+    assert S.build("interleaved-1f1b", num_ranks=2, num_microbatches=4).stages_per_rank == 2
+    assert S.build("zb-h1", num_ranks=2, num_microbatches=4).stages_per_rank == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(ALL), st.integers(1, 6), st.integers(1, 14), st.integers(2, 3))
+def test_every_schedule_checks_at_every_size_it_accepts(name, ranks, mbs, per_rank):
+    per_rank = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "zbv": 2}.get(name, per_rank)
+    try:
+        sched = S.build(name, num_ranks=ranks, num_microbatches=mbs, stages_per_rank=per_rank)
+    except ValueError as err:
+        assert mbs < ranks and "microbatches" in str(err)  # the only sizes refused: M < P for 1F1B families
+        return
+    S.check(S.lower(sched))
+    assert sched.num_stages == ranks * per_rank
+    result = S.simulate(sched)
+    assert 0 <= result.bubble_fraction < 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 16), st.integers(2, 4))
+def test_interleaved_bubble_is_the_textbook_one_for_any_microbatch_count(ranks, mbs, per_rank):
+    if mbs < ranks:
+        return
+    sched = S.build("interleaved-1f1b", num_ranks=ranks, num_microbatches=mbs, stages_per_rank=per_rank)
+    result = S.simulate(sched, S.Costs(f=1.0, b=1.0, w=1.0))
+    assert result.bubble_fraction == pytest.approx((ranks - 1) / (per_rank * mbs + ranks - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.integers(1, 32))
+def test_zb_h1_idles_a_third_of_1f1b_with_1f1b_peak_memory(ranks, mbs):
+    # idle per rank: 1F1B (P-1)(f+b+w) = 3(P-1); ZB-H1 (P-1)(f+b-w) = P-1, which no one-stage-per-rank
+    # schedule beats (rank P-1 starts after P-1 forwards). As a fraction of the step, the ratio is
+    # (M+P-1)/(3M+P-1): under 45% from M >= 1.6(P-1), e.g. M >= 2P.
+    if mbs < ranks:
+        return
+    zb = S.simulate(S.build("zb-h1", num_ranks=ranks, num_microbatches=mbs))
+    one = S.simulate(S.build("1f1b", num_ranks=ranks, num_microbatches=mbs))
+    for z, o in zip(zb.per_rank, one.per_rank, strict=True):
+        assert zb.step_time - z.busy_time == pytest.approx((one.step_time - o.busy_time) / 3)
+    if mbs >= 2 * ranks:
+        assert zb.bubble_fraction <= 0.45 * one.bubble_fraction
+    assert max(s.peak_activations for s in zb.per_rank) <= max(s.peak_activations for s in one.per_rank)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 32))
+def test_zbv_reaches_the_lower_bound_for_two_stages_per_rank(ranks, mbs):
+    # Rank P-1 cannot start before P-1 forwards upstream; every rank has 6M units of work (2 stages x F+I+W),
+    # so no schedule beats (P-1)/(6M+P-1). zbv meets it from M = 2P-1 on, with 1F1B's peak memory.
+    if mbs < 2 * ranks - 1:
+        return
+    zbv = S.simulate(S.build("zbv", num_ranks=ranks, num_microbatches=mbs))
+    assert zbv.bubble_fraction == pytest.approx((ranks - 1) / (6 * mbs + ranks - 1))
+    assert max(s.peak_activations for s in zbv.per_rank) <= 2 * ranks  # half-size stages: P full microbatches
 
 
 @settings(max_examples=60, deadline=None)

@@ -32,11 +32,12 @@ def _make_model(kind: str, num_microbatches: int):
     torch.manual_seed(0)
     batch = 2 * num_microbatches
     if kind == "gpt":
-        cfg = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=4, n_heads=2)
+        cfg = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=6, n_heads=2)  # 8 layers
         layers = build_gpt(cfg)
         x = torch.randint(0, 64, (batch, 8))
         return layers, gpt_loss, x, torch.randint(0, 64, (batch, 8))
-    layers = [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 3)]
+    layers = [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 16),
+              nn.Sigmoid(), nn.Linear(16, 3)]
     return layers, nn.functional.mse_loss, torch.randn(batch, 6), torch.randn(batch, 3)
 
 
@@ -58,12 +59,19 @@ def reference(kind: str, num_microbatches: int) -> dict:
 
 
 def train(rank: int, world: int, schedule: str, kind: str, num_microbatches: int, transport=None,
-          split_directions: bool | None = None) -> dict:
+          split_directions: bool | None = None, checkpoint: bool = False) -> dict:
     """The pipelined version of `reference`, as seen by one rank."""
+    # in-process ranks are threads: build while no other thread computes (checkpoint recomputation
+    # restores torch's global RNG state, which model building draws from)
+    barrier = getattr(transport, "test_barrier", None)
+    if barrier is not None:
+        barrier.wait()
     layers, loss_fn, x, y = make_model(kind, num_microbatches)
+    if barrier is not None:
+        barrier.wait()
     sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=num_microbatches)
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport, timeout=30,
-                       split_directions=split_directions)
+                       split_directions=split_directions, checkpoint=checkpoint)
     params = list(pipe.parameters())  # a stage may hold only parameter-free layers (e.g. GELU)
     opt = torch.optim.AdamW(params, lr=1e-2) if params else None
     curve, grads = [], None
@@ -76,16 +84,26 @@ def train(rank: int, world: int, schedule: str, kind: str, num_microbatches: int
             opt.step()
             opt.zero_grad()
     assert all(not s.pending() for s in pipe.stages.values()), "activations left after the step"
+    if barrier is not None:
+        barrier.wait()
     directions = sorted(getattr(pipe.transport, "_direction_groups", {}))
     return {"grads": grads, "curve": curve, "balance": pipe.balance, "directions": directions}
 
 
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs")
+
+
 def all_scenarios(rank: int, world: int, transport=None) -> dict:
+    """Every schedule on both models; with activation checkpointing on every stage for the split-backward
+    and interleaved schedules too (the third key element says whether it was on)."""
     out = {}
+    m = 2 * world
     for kind in ("gpt", "mlp"):
-        for schedule in ("gpipe", "1f1b"):
-            m = 2 * world
+        for schedule in SCHEDULES:
             out[(kind, schedule, m)] = train(rank, world, schedule, kind, m, transport)
+    for schedule in ("1f1b", "zb-h1", "zbv", "interleaved-1f1b"):
+        out[("gpt", f"{schedule}+checkpoint", m)] = train(rank, world, schedule, "gpt", m, transport,
+                                                           checkpoint=True)
     return out
 
 
@@ -140,13 +158,17 @@ def run_threads(world: int, fn, *args, timeout: float = 120):
     """Run fn(rank, world, *args, transport=...) on `world` threads sharing an in-process hub."""
     hub = pt.InProcessHub(world)
     results, errors = [None] * world, []
+    barrier = threading.Barrier(world, timeout=timeout)
 
     def body(rank):
         try:
-            results[rank] = fn(rank, world, *args, transport=hub.transport(rank))
+            transport = hub.transport(rank)
+            transport.test_barrier = barrier
+            results[rank] = fn(rank, world, *args, transport=transport)
         except BaseException as err:  # noqa: BLE001 - surfaced below
             errors.append((rank, err))
             hub.abort(f"rank {rank} raised {err!r}")
+            barrier.abort()
 
     threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
     for t in threads:

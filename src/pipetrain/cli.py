@@ -21,7 +21,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "schedule": args.schedule, "ranks": args.ranks, "microbatches": args.microbatches,
-            "stages_per_rank": args.stages_per_rank, "step_time": result.step_time,
+            "stages_per_rank": sched.stages_per_rank, "step_time": result.step_time,
             "bubble_fraction": result.bubble_fraction,
             "per_rank": [{"rank": s.rank, "busy_time": s.busy_time, "bubble_fraction": s.bubble_fraction,
                           "peak_activations": s.peak_activations} for s in result.per_rank],
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--schedule", required=True, choices=schedules.names())
     sim.add_argument("--ranks", type=_positive_int, required=True)
     sim.add_argument("--microbatches", type=_positive_int, required=True)
-    sim.add_argument("--stages-per-rank", type=_positive_int, default=1)
+    sim.add_argument("--stages-per-rank", type=_positive_int, default=None,
+                     help="stages each rank holds (default: the schedule's own, 1 or 2)")
     sim.add_argument("--cost-f", type=_non_negative, default=1.0, help="forward time per stage and microbatch")
     sim.add_argument("--cost-b", type=_non_negative, default=1.0, help="input-gradient (I) time")
     sim.add_argument("--cost-w", type=_non_negative, default=1.0, help="weight-gradient (W) time; B = b + w")

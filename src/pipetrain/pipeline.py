@@ -37,13 +37,15 @@ class Pipeline:
         timeout: seconds any transfer may wait before the step fails naming the action and peer.
         split_directions: one communicator per direction of each rank pair (default: only for NCCL,
             where it is needed; see `DistTransport`). Collective over the default group.
+        checkpoint: activation checkpointing, for every stage (True) or the listed stage indices: F keeps
+            only the stage input and backward recomputes the rest (less memory, about one more forward).
     """
 
     def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], balance: Balance = "uniform",
                  group=None, device: torch.device | str | None = None, transport: Transport | None = None,
                  timeout: float = 60.0, sample: torch.Tensor | None = None,
-                 split_directions: bool | None = None) -> None:
+                 split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False) -> None:
         layers = list(layers)
         bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
         if bad:
@@ -79,9 +81,13 @@ class Pipeline:
         for n in self.balance:
             bounds.append(bounds[-1] + n)
         self.layer_ranges = {s: range(bounds[s], bounds[s + 1]) for s in range(schedule.num_stages)}
+        checkpointed = set(range(schedule.num_stages)) if checkpoint is True else set(checkpoint or ())
+        unknown = sorted(checkpointed - set(range(schedule.num_stages)))
+        if unknown:
+            raise ValueError(f"checkpoint lists stages {unknown}, but the stages are 0..{schedule.num_stages - 1}")
         self.stages = {
             s: Stage(s, schedule.num_stages, [layers[i].to(self.device) for i in self.layer_ranges[s]],
-                     loss_fn=loss_fn)
+                     loss_fn=loss_fn, checkpoint=s in checkpointed)
             for s in schedule.stages_of(self.rank)
         }
         self._train_actions = lower(schedule).actions[self.rank]

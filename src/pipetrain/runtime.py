@@ -105,14 +105,15 @@ class Executor:
             out = stage.forward(mb, x, target=target, loss_scale=1.0 / num_microbatches, grad=grad)
             if out is not None:
                 self._local[("act", s, mb)] = out
-        elif action.op is Op.B:
+        elif action.op in (Op.B, Op.I):
             g = None if stage.is_last else self._input(("grad", s + 1, mb), action)
             start = self._now()
-            grad_in = stage.backward(mb, g)
+            grad_in = stage.backward(mb, g) if action.op is Op.B else stage.backward_input(mb, g)
             if grad_in is not None and s > 0:
                 self._local[("grad", s, mb)] = grad_in
         else:
-            raise NotImplementedError(f"{action}: the runtime does not run {action.op.name} actions yet")
+            start = self._now()
+            stage.backward_weight(mb)
         self._events.append(Event(self.rank, action, start, self._now()))
         self._reap_sends()
 

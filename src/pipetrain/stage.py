@@ -6,6 +6,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .split_backward import PendingWeightGrad, backward_input, backward_weight
 
 
 class Stage:
@@ -13,17 +16,22 @@ class Stage:
 
     F caches the stage input (as a leaf that collects its gradient) and output for a microbatch; B
     back-propagates the gradient of the output (or, on the last stage, the scaled loss), frees the
-    cache and returns the gradient of the input for the previous stage.
+    cache and returns the gradient of the input for the previous stage. I does only the input part of
+    B and keeps what W needs; W then accumulates the weight gradients and frees the rest.
+    With `checkpoint=True` the forward keeps only the stage input and recomputes the rest in backward.
     """
 
     def __init__(self, index: int, num_stages: int, layers: Sequence[nn.Module], *,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 checkpoint: bool = False) -> None:
         self.index = index
         self.num_stages = num_stages
         self.layers = list(layers)
         self.module = nn.Sequential(*self.layers)
         self.loss_fn = loss_fn
+        self.checkpoint = checkpoint
         self._cache: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._weight_work: dict[int, PendingWeightGrad | None] = {}
         self.losses: dict[int, torch.Tensor] = {}  # last stage: unscaled loss of each microbatch
 
     @property
@@ -48,7 +56,7 @@ class Stage:
         if not self.is_first:
             inp = x.detach().requires_grad_(x.is_floating_point())
             x = inp
-        out = self.module(x)
+        out = checkpoint(self.module, x, use_reentrant=False) if self.checkpoint else self.module(x)
         if self.is_last:
             loss = self.loss_fn(out, target)
             if loss.dim() != 0:
@@ -69,10 +77,21 @@ class Stage:
             return None
         return inp.grad if inp.grad is not None else torch.zeros_like(inp)
 
+    def backward_input(self, mb: int, grad_output: torch.Tensor | None) -> torch.Tensor | None:
+        """I: the gradient of the stage input only; what W needs stays until `backward_weight(mb)`."""
+        inp, out = self._cache.pop(mb)
+        grad_in, self._weight_work[mb] = backward_input(out, grad_output, inp, list(self.module.parameters()))
+        return grad_in
+
+    def backward_weight(self, mb: int) -> None:
+        """W: accumulate this microbatch's weight gradients and free what I kept."""
+        backward_weight(self._weight_work.pop(mb))
+
     def pending(self) -> list[int]:
         """Microbatches whose activations are still held (empty after a complete step)."""
-        return sorted(self._cache)
+        return sorted(set(self._cache) | set(self._weight_work))
 
     def clear(self) -> None:
         self._cache.clear()
+        self._weight_work.clear()
         self.losses.clear()

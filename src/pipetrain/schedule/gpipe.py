@@ -8,7 +8,7 @@ from .placement import looped
 from .registry import register
 
 
-@register("gpipe")
+@register("gpipe", listing=0)
 def gpipe(num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Schedule:
     """All F in microbatch order, then all B in microbatch order. P=3, M=4 (one column per time unit):
 

@@ -8,7 +8,7 @@ from .placement import looped
 from .registry import register
 
 
-@register("1f1b")
+@register("1f1b", listing=1)
 def one_f_one_b(num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Schedule:
     """Rank r runs P-1-r warm-up forwards, alternates F and B, then drains its backwards. P=3, M=4:
 

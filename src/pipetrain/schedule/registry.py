@@ -8,35 +8,46 @@ from .base import Schedule
 
 Generator = Callable[[int, int, int], Schedule]
 _GENERATORS: dict[str, Generator] = {}
+_LISTING: dict[str, float] = {}
 
 
-def register(name: str) -> Callable[[Generator], Generator]:
-    """Register a generator `fn(num_ranks, num_microbatches, stages_per_rank) -> Schedule`."""
+def register(name: str, *, listing: float = 100.0) -> Callable[[Generator], Generator]:
+    """Register a generator `fn(num_ranks, num_microbatches, stages_per_rank) -> Schedule`.
+
+    `listing` orders `names()` (lower first; ties in registration order)."""
 
     def deco(fn: Generator) -> Generator:
         if name in _GENERATORS:
             raise ValueError(f"schedule {name!r} is already registered")
         _GENERATORS[name] = fn
+        _LISTING[name] = listing
         return fn
 
     return deco
 
 
 def names() -> list[str]:
-    """Registered schedule names, in registration order."""
-    return list(_GENERATORS)
+    """Registered schedule names: the classic ones first, then the rest in registration order."""
+    return sorted(_GENERATORS, key=lambda n: _LISTING[n])
 
 
-def build(name: str, *, num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Schedule:
-    """Generate a schedule by name and verify it with `check` before returning it."""
+def build(name: str, *, num_ranks: int, num_microbatches: int, stages_per_rank: int | None = None) -> Schedule:
+    """Generate a schedule by name and verify it with `check` before returning it.
+
+    `stages_per_rank=None` takes the schedule's own default (1 for gpipe/1f1b/zb-h1, 2 for the others).
+    """
     from .check import check
 
     if name not in _GENERATORS:
         raise ValueError(f"unknown schedule {name!r}; available: {', '.join(names())}")
-    for label, value in (("num_ranks", num_ranks), ("num_microbatches", num_microbatches),
-                         ("stages_per_rank", stages_per_rank)):
+    sizes = [("num_ranks", num_ranks), ("num_microbatches", num_microbatches)]
+    if stages_per_rank is not None:
+        sizes.append(("stages_per_rank", stages_per_rank))
+    for label, value in sizes:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    schedule = _GENERATORS[name](num_ranks, num_microbatches, stages_per_rank)
+    generator = _GENERATORS[name]
+    schedule = (generator(num_ranks, num_microbatches) if stages_per_rank is None
+                else generator(num_ranks, num_microbatches, stages_per_rank))
     check(schedule)
     return schedule
