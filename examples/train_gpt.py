@@ -38,6 +38,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages-per-rank", type=int, default=None, help="for interleaved-1f1b / looped-bfs / zbv")
+    p.add_argument("--checkpoint", action="store_true", help="activation checkpointing on every stage")
+    p.add_argument("--trace-dir", default=None, help="write the last step's measured timeline (JSON, Chrome "
+                   "trace, PNG) and print the simulated-vs-measured comparison")
     return p.parse_args()
 
 
@@ -59,11 +63,12 @@ def main() -> None:
     held_out = Batches(corpus.val, batch_size=args.batch_size, seq_len=cfg.seq_len, seed=args.seed + 1)
     eval_set = [held_out.next() for _ in range(args.eval_batches)]
 
-    schedule = pt.schedules.build(args.schedule, num_ranks=world, num_microbatches=args.microbatches)
+    schedule = pt.schedules.build(args.schedule, num_ranks=world, num_microbatches=args.microbatches,
+                                  stages_per_rank=args.stages_per_rank)
     balance = [int(n) for n in args.balance.split(",")] if "," in args.balance else args.balance
     sample = eval_set[0][0][: args.batch_size // args.microbatches]
     pipe = pt.Pipeline(layers, schedule=schedule, loss_fn=gpt_loss, balance=balance, device=device,
-                       timeout=args.timeout, sample=sample)
+                       timeout=args.timeout, sample=sample, checkpoint=args.checkpoint)
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=args.lr, weight_decay=0.0)
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"pipetrain {pt.__version__}: {world} ranks ({args.backend}), schedule {args.schedule}, "
@@ -111,6 +116,7 @@ def main() -> None:
             if any(g[1] for g in gathered):
                 break
     total = time.perf_counter() - start
+    timeline = pipe.gather_timeline() if args.trace_dir else None  # collective: every rank calls it
     val_after = held_out_loss()
     first = statistics.fmean(losses[: min(10, len(losses))])
     last = statistics.fmean(losses[-min(10, len(losses)):])
@@ -121,7 +127,31 @@ def main() -> None:
     say(f"  held-out loss {val_before:.4f} -> {val_after:.4f} (perplexity {torch.tensor(val_after).exp():.2f})")
     say(f"  measured idle (bubble) per rank {' '.join(f'{b:.1%}' for b in mean_bubble)}; "
         f"simulated for uniform stages {pt.simulate(schedule).bubble_fraction:.1%}")
+    if timeline is not None:
+        write_trace(args.trace_dir, schedule, timeline)
     dist.destroy_process_group()
+
+
+def write_trace(directory: str, schedule, timeline) -> None:
+    """The last training step: timeline JSON (for `pipetrain compare`), Chrome trace, and pictures."""
+    from pathlib import Path
+
+    from pipetrain.schedule import save_chrome_trace, save_timeline
+    from pipetrain.schedule.compare import compare
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_timeline(timeline, out / "timeline.json", schedule)
+    save_chrome_trace(timeline, out / "trace.json")
+    result = compare(schedule, timeline)
+    print(f"\nlast step, simulated with its measured per-action costs vs measured:\n{result.report()}")
+    try:
+        from pipetrain.viz import save_comparison
+
+        save_comparison(result.predicted.timeline, timeline, out / "timeline.png", title=schedule.name)
+    except ImportError as err:
+        print(f"(no picture: {err})")
+    print(f"wrote {out / 'timeline.json'}, {out / 'trace.json'} and {out / 'timeline.png'}")
 
 
 if __name__ == "__main__":

@@ -44,11 +44,12 @@ def test_console_script_is_installed():
     assert json.loads(out.stdout)["bubble_fraction"] == pytest.approx(1 / 5)
 
 
-def test_example_trains_on_two_gloo_ranks(tmp_path):
+def test_example_trains_on_two_gloo_ranks_and_writes_its_timeline(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "train_gpt.py"),
            "--steps", "40", "--log-every", "10", "--d-model", "32", "--layers", "2", "--seq-len", "32",
-           "--batch-size", "16", "--microbatches", "4", "--eval-batches", "2"]
+           "--batch-size", "16", "--microbatches", "4", "--eval-batches", "2", "--schedule", "zbv",
+           "--trace-dir", str(tmp_path / "trace")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,3 +57,6 @@ def test_example_trains_on_two_gloo_ranks(tmp_path):
     assert "idle per rank" in out and "summary" in out
     before, after = map(float, re.search(r"held-out loss (\S+) -> (\S+)", out).groups())
     assert after < before - 0.5, out
+    assert re.search(r"step time .* error [+-]\d+\.\d%", out), out  # simulated vs measured
+    for name in ("timeline.json", "trace.json", "timeline.png"):
+        assert (tmp_path / "trace" / name).stat().st_size > 0

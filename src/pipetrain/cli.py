@@ -1,4 +1,4 @@
-"""The `pipetrain` command line: `pipetrain simulate ...` (train, plan and bench arrive with their issues)."""
+"""The `pipetrain` command line: `simulate` and `compare` (train, plan and bench arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,15 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"pipetrain simulate: {err}", file=sys.stderr)
         return 2
     result = simulate(sched, Costs(f=args.cost_f, b=args.cost_b, w=args.cost_w, comm=args.cost_comm))
+    title = f"{args.schedule}: {sched.num_ranks} ranks, {sched.num_microbatches} microbatches"
+    if args.png:
+        from .viz import save
+
+        save(result.timeline, args.png, title=title)
+    if args.trace:
+        from .schedule import save_chrome_trace
+
+        save_chrome_trace(result.timeline, args.trace, time_unit=1e-3)  # one cost unit drawn as 1 ms
     if args.json:
         print(json.dumps({
             "schedule": args.schedule, "ranks": args.ranks, "microbatches": args.microbatches,
@@ -35,6 +44,25 @@ def _simulate(args: argparse.Namespace) -> int:
     for s in result.per_rank:
         print(f"  rank {s.rank}: busy {s.busy_time:g}, bubble {s.bubble_fraction:.4f}, "
               f"peak activations {s.peak_activations}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .schedule import load_timeline
+    from .schedule.compare import compare
+
+    timeline, sched = load_timeline(args.timeline)
+    if sched is None:
+        print(f"pipetrain compare: {args.timeline} holds no schedule; write it with save_timeline(..., schedule)",
+              file=sys.stderr)
+        return 2
+    result = compare(sched, timeline)
+    print(f"{sched.name}: {sched.num_ranks} ranks, {sched.num_microbatches} microbatches")
+    print(result.report())
+    if args.png:
+        from .viz import save_comparison
+
+        save_comparison(result.predicted.timeline, timeline, args.png, title=sched.name)
     return 0
 
 
@@ -66,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--cost-w", type=_non_negative, default=1.0, help="weight-gradient (W) time; B = b + w")
     sim.add_argument("--cost-comm", type=_non_negative, default=0.0, help="one stage-to-stage transfer")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
+    sim.add_argument("--png", metavar="FILE", help="draw the timeline (.png or .svg; needs matplotlib)")
+    sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (one cost unit = 1 ms)")
     sim.set_defaults(func=_simulate)
+    cmp = sub.add_parser("compare", help="simulated vs measured step for a measured timeline (JSON)")
+    cmp.add_argument("timeline", help="a timeline JSON written by the example's --trace-dir or save_timeline")
+    cmp.add_argument("--png", metavar="FILE", help="draw simulated above measured (.png or .svg)")
+    cmp.set_defaults(func=_compare)
     return parser
 
 

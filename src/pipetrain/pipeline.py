@@ -11,11 +11,12 @@ from .comm import CommError, DistTransport, Transport
 from .partition import BalanceError, partition
 from .profile import param_costs, time_costs, uniform_costs
 from .runtime import Executor, RankStep
-from .schedule import Schedule, check, lower
+from .schedule import Action, Event, Op, Schedule, Timeline, check, lower
 from .schedule.lowering import message_order
 from .stage import Stage
 
 Balance = str | Sequence[int]
+_OPS = list(Op)
 
 
 class Pipeline:
@@ -109,6 +110,44 @@ class Pipeline:
     def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> float:
         """Forward only (no activations kept, no gradients): the mean microbatch loss on every rank."""
         return self._run(self._eval_actions, inputs, targets, grad=False)
+
+    def gather_timeline(self, dst: int = 0) -> Timeline | None:
+        """The last step's measured timeline of every rank, on rank `dst` (None elsewhere). Collective.
+
+        Times are seconds from the earliest rank's step start. Ranks on one host share the clock; across
+        hosts the rows are aligned only as well as the hosts' clocks are.
+        """
+        step = self.last_step
+        if step is None:
+            raise RuntimeError("gather_timeline() needs a step first: call step() or evaluate()")
+        rows = [[e.action.stage, _OPS.index(e.action.op), e.action.mb, e.start + step.t0, e.end + step.t0, kind]
+                for kind, events in ((0, step.events + step.comms), (1, step.waits)) for e in events]
+        data = torch.tensor(rows, dtype=torch.float64, device=self.transport.device).reshape(-1, 6)
+        header = torch.tensor([len(rows), step.step_time, step.t0], dtype=torch.float64,
+                              device=self.transport.device)
+        if self.rank != dst:
+            works = [self.transport.isend(header, dst), self.transport.isend(data, dst)]
+            for work in works:
+                work.wait(self.timeout)
+            return None
+        per_rank = {self.rank: (data, header)}
+        for r in range(self.transport.world_size):
+            if r == dst:
+                continue
+            head = torch.zeros(3, dtype=torch.float64, device=self.transport.device)
+            self.transport.irecv(head, r).wait(self.timeout)
+            body = torch.zeros(int(head[0].item()), 6, dtype=torch.float64, device=self.transport.device)
+            self.transport.irecv(body, r).wait(self.timeout)
+            per_rank[r] = (body, head)
+        origin = min(float(head[2]) for _, head in per_rank.values())
+        events, waits, step_times = [], [], [0.0] * self.transport.world_size
+        for r, (body, head) in per_rank.items():
+            step_times[r] = float(head[2]) + float(head[1]) - origin
+            for stage, op, mb, start, end, kind in body.tolist():
+                event = Event(r, Action(int(stage), _OPS[int(op)], int(mb)), start - origin, end - origin)
+                (waits if kind else events).append(event)
+        return Timeline(self.transport.world_size, tuple(sorted(events, key=lambda e: (e.rank, e.start, e.end))),
+                        tuple(sorted(waits, key=lambda e: (e.rank, e.start))), tuple(step_times))
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of this rank's stages (what this rank's optimizer should own)."""

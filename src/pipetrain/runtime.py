@@ -30,9 +30,11 @@ class RankStep:
 
     rank: int
     loss: float
-    events: tuple[Event, ...]
+    events: tuple[Event, ...]  # compute actions; times in seconds from `t0`
     waits: tuple[Event, ...]
     step_time: float
+    t0: float  # time.perf_counter() at the start of the step (one clock for all processes of a host)
+    comms: tuple[Event, ...] = ()  # SEND/RECV postings
 
     @property
     def busy_time(self) -> float:
@@ -67,13 +69,17 @@ class Executor:
         self._sends: list[tuple[Work, torch.Tensor, Action, int]] = []
         self._local: dict[Value, torch.Tensor] = {}
         self._events: list[Event] = []
+        self._comms: list[Event] = []
         self._waits: list[Event] = []
         try:
             for action in actions:
-                if action.op in (Op.RECV_F, Op.RECV_B):
-                    self._recv(action)
-                elif action.op in (Op.SEND_F, Op.SEND_B):
-                    self._send(action)
+                if action.op.is_comm:
+                    start = self._now()
+                    if action.op in (Op.RECV_F, Op.RECV_B):
+                        self._recv(action)
+                    else:
+                        self._send(action)
+                    self._comms.append(Event(self.rank, action, start, self._now()))
                 else:
                     self._compute(action, inputs, targets, num_microbatches, grad)
             for work, _, action, peer in self._sends:
@@ -86,7 +92,8 @@ class Executor:
             raise
         for stage in self.stages.values():
             stage.losses.clear()
-        return RankStep(self.rank, loss, tuple(self._events), tuple(self._waits), self._now())
+        return RankStep(self.rank, loss, tuple(self._events), tuple(self._waits), self._now(), self._t0,
+                        tuple(self._comms))
 
     def _now(self) -> float:
         return time.perf_counter() - self._t0

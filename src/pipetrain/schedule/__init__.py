@@ -4,7 +4,18 @@ from . import gpipe, interleaved, onefoneb, zero_bubble  # noqa: F401  (register
 from .actions import Action, Op
 from .base import Schedule, ScheduleError
 from .check import check
-from .io import dumps_csv, format_table, format_timeline, load_csv, loads_csv, save_csv
+from .io import (
+    chrome_trace,
+    dumps_csv,
+    format_table,
+    format_timeline,
+    load_csv,
+    load_timeline,
+    loads_csv,
+    save_chrome_trace,
+    save_csv,
+    save_timeline,
+)
 from .lowering import lower
 from .registry import build, names, register
 from .simulate import Costs, SimResult, simulate
@@ -12,6 +23,6 @@ from .timeline import Event, RankStats, Timeline
 
 __all__ = [
     "Action", "Costs", "Event", "Op", "RankStats", "Schedule", "ScheduleError", "SimResult", "Timeline",
-    "build", "check", "dumps_csv", "format_table", "format_timeline", "load_csv", "loads_csv", "lower",
-    "names", "register", "save_csv", "simulate",
+    "build", "check", "chrome_trace", "dumps_csv", "format_table", "format_timeline", "load_csv", "load_timeline",
+    "loads_csv", "lower", "names", "register", "save_chrome_trace", "save_csv", "save_timeline", "simulate",
 ]

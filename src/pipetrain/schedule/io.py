@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from .actions import Action
 from .base import Schedule
 from .placement import looped
+from .timeline import Event, Timeline
 
 
 def format_table(schedule: Schedule, *, mark: Iterable[tuple[int, int]] = ()) -> str:
@@ -32,6 +34,8 @@ def format_timeline(timeline, *, unit: float = 1.0, num_ranks: int | None = None
     rows: list[dict[int, str]] = [{} for _ in range(n)]
     width = 3
     for e in timeline.events:
+        if e.action.op.is_comm:
+            continue
         first, last = round(e.start / unit), round(e.end / unit)
         label = str(e.action)
         width = max(width, len(label))
@@ -92,3 +96,56 @@ def save_csv(schedule: Schedule, path: str | Path) -> None:
 
 def load_csv(path: str | Path) -> Schedule:
     return loads_csv(Path(path).read_text())
+
+
+def timeline_to_json(timeline: Timeline, schedule: Schedule | None = None) -> dict:
+    """A JSON-ready dict: events and waits as [rank, action, start, end], plus the schedule as CSV."""
+    out = {
+        "num_ranks": timeline.num_ranks,
+        "events": [[e.rank, str(e.action), e.start, e.end] for e in timeline.events],
+        "waits": [[e.rank, str(e.action), e.start, e.end] for e in timeline.waits],
+        "step_times": list(timeline.step_times) if timeline.step_times is not None else None,
+    }
+    if schedule is not None:
+        out["schedule"] = dumps_csv(schedule.compute_only())
+    return out
+
+
+def timeline_from_json(data: dict) -> tuple[Timeline, Schedule | None]:
+    def events(rows):
+        return tuple(Event(int(r), Action.parse(a), float(s), float(e)) for r, a, s, e in rows)
+
+    timeline = Timeline(int(data["num_ranks"]), events(data["events"]), events(data.get("waits", [])),
+                        tuple(data["step_times"]) if data.get("step_times") is not None else None)
+    return timeline, (loads_csv(data["schedule"]) if data.get("schedule") else None)
+
+
+def save_timeline(timeline: Timeline, path: str | Path, schedule: Schedule | None = None) -> None:
+    Path(path).write_text(json.dumps(timeline_to_json(timeline, schedule)))
+
+
+def load_timeline(path: str | Path) -> tuple[Timeline, Schedule | None]:
+    return timeline_from_json(json.loads(Path(path).read_text()))
+
+
+def chrome_trace(timeline: Timeline, *, time_unit: float = 1.0) -> dict:
+    """Chrome / Perfetto trace events (open in chrome://tracing or ui.perfetto.dev): one row per rank.
+
+    `time_unit` is the length of one timeline unit in seconds (1.0 for measured timelines).
+    """
+    scale = time_unit * 1e6  # trace timestamps are microseconds
+    trace = [{"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}}
+             for r in range(timeline.num_ranks)]
+    for e in timeline.events:
+        trace.append({"name": str(e.action), "cat": e.action.op.name, "ph": "X", "pid": e.rank,
+                      "tid": 0 if e.action.op.is_compute else 2,
+                      "ts": e.start * scale, "dur": (e.end - e.start) * scale,
+                      "args": {"stage": e.action.stage, "microbatch": e.action.mb}})
+    for e in timeline.waits:
+        trace.append({"name": f"wait ({e.action})", "cat": "wait", "ph": "X", "pid": e.rank, "tid": 1,
+                      "ts": e.start * scale, "dur": (e.end - e.start) * scale})
+    return {"traceEvents": trace, "displayTimeUnit": "ms"}
+
+
+def save_chrome_trace(timeline: Timeline, path: str | Path, *, time_unit: float = 1.0) -> None:
+    Path(path).write_text(json.dumps(chrome_trace(timeline, time_unit=time_unit)))

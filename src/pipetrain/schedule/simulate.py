@@ -20,12 +20,14 @@ class Costs:
 
     Each of `f`, `b`, `w` is one number for every stage or a sequence indexed by stage.
     `comm` is the time of one stage-to-stage transfer (zero between stages on the same rank).
+    `post` is the time a rank itself spends posting one SEND or RECV (the transport's call overhead).
     """
 
     f: PerStage = 1.0
     b: PerStage = 1.0
     w: PerStage = 1.0
     comm: float = 0.0
+    post: float = 0.0
 
     def of(self, action: Action) -> float:
         def pick(cost: PerStage) -> float:
@@ -39,7 +41,7 @@ class Costs:
             return pick(self.w)
         if action.op is Op.B:
             return pick(self.b) + pick(self.w)
-        return 0.0
+        return self.post
 
 
 @dataclass(frozen=True)
@@ -54,20 +56,21 @@ class SimResult:
 def simulate(schedule: Schedule, costs: Costs | None = None) -> SimResult:
     """Run the lowered action lists on a model clock and summarize the resulting timeline."""
     lowered = lower(schedule)
-    events = run_dataflow(lowered, costs or Costs())
-    timeline = Timeline(lowered.num_ranks, tuple(events))
+    events, waits = run_dataflow(lowered, costs or Costs())
+    timeline = Timeline(lowered.num_ranks, tuple(events), tuple(waits))
     per_rank = timeline.per_rank()
     bubble = sum(s.bubble_fraction for s in per_rank) / len(per_rank)
     return SimResult(lowered, timeline, timeline.step_time(), bubble, per_rank)
 
 
-def run_dataflow(lowered: Schedule, costs: Costs) -> list[Event]:
+def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Event]]:
     """Execute a lowered schedule on a model clock; raise ScheduleError on misorder or deadlock.
 
-    SEND and RECV post a transfer and cost nothing on the rank. A message is in flight from the later
-    of its SEND and RECV postings and arrives `comm` later. A compute action starts when its rank is
-    free and every input has arrived. Each rank runs until it waits on a message not yet sent; a SEND
-    wakes the rank waiting on it. Ranks left waiting when nothing can run are deadlocked.
+    SEND and RECV post a transfer, which takes the rank `post` (often zero). A message is in flight from
+    the later of its SEND and RECV postings and arrives `comm` later. A compute action starts when its rank is
+    free and every input has arrived (the time in between is a wait). Each rank runs until it waits on a
+    message not yet sent; a SEND wakes the rank waiting on it. Ranks left waiting when nothing can run are
+    deadlocked. Returns the events and the waits.
     """
     from .io import format_table
 
@@ -80,6 +83,7 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> list[Event]:
     blocked_on: dict[int, Value] = {}
     waiting: dict[Value, list[int]] = defaultdict(list)
     events: list[Event] = []
+    waits: list[Event] = []
     ready = deque(range(lowered.num_ranks))
 
     def fail(rank: int, why: str) -> ScheduleError:
@@ -91,6 +95,9 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> list[Event]:
         acts = lowered.actions[r]
         while pos[r] < len(acts):
             a = acts[pos[r]]
+            if a.op.is_comm and costs.post > 0:
+                events.append(Event(r, a, clock[r], clock[r] + costs.post))
+                clock[r] += costs.post
             if a.op in (Op.SEND_F, Op.SEND_B):
                 value = message_of(a)
                 if value not in done:
@@ -118,6 +125,8 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> list[Event]:
                     blocked_on[r] = missing
                     waiting[missing].append(r)
                     break
+                if start > clock[r]:
+                    waits.append(Event(r, a, clock[r], start))
                 end = start + costs.of(a)
                 done[produces(a)] = end
                 clock[r] = end
@@ -139,7 +148,7 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> list[Event]:
         marks = [(r, pos[r]) for r in stuck]
         raise ScheduleError("deadlock: the ranks wait on each other in a cycle\n" + "\n".join(lines)
                             + "\n" + format_table(lowered, mark=marks))
-    return events
+    return events, waits
 
 
 def describe(value: Value) -> str:

@@ -31,10 +31,13 @@ class RankStats:
 
 @dataclass(frozen=True)
 class Timeline:
-    """Compute events of one step on every rank, simulated or measured."""
+    """Events of one step on every rank, simulated or measured: compute actions, and SEND/RECV postings
+    where they take time. Measured timelines also have waits: the time a compute action spent waiting
+    for its input to arrive. Busy time counts compute actions only."""
 
     num_ranks: int
     events: tuple[Event, ...]
+    waits: tuple[Event, ...] = ()
     step_times: tuple[float, ...] | None = None  # per rank, when measured; else the last end
 
     def step_time(self) -> float:
@@ -47,8 +50,9 @@ class Timeline:
         busy = [0.0] * self.num_ranks
         by_rank: list[list[Event]] = [[] for _ in range(self.num_ranks)]
         for e in self.events:
-            busy[e.rank] += e.duration
-            by_rank[e.rank].append(e)
+            if e.action.op.is_compute:
+                busy[e.rank] += e.duration
+                by_rank[e.rank].append(e)
         stats = []
         for rank in range(self.num_ranks):
             ordered = sorted(by_rank[rank], key=lambda e: (e.start, e.end))
