@@ -40,8 +40,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages-per-rank", type=int, default=None, help="for interleaved-1f1b / looped-bfs / zbv")
     p.add_argument("--checkpoint", action="store_true", help="activation checkpointing on every stage")
-    p.add_argument("--trace-dir", default=None, help="write the last step's measured timeline (JSON, Chrome "
+    p.add_argument("--trace-dir", default=None, help="write the last steps' measured timelines (JSON, Chrome "
                    "trace, PNG) and print the simulated-vs-measured comparison")
+    p.add_argument("--trace-steps", type=int, default=5, help="how many final steps --trace-dir records")
     return p.parse_args()
 
 
@@ -90,6 +91,7 @@ def main() -> None:
     losses, rates, bubbles = [], [], []
     window_busy = window_time = 0.0
     step = 0
+    traced = []  # measured timelines of the last --trace-steps steps (rank 0)
     while step < args.steps:
         x, y = train.next()
         loss = pipe.step(x, y)
@@ -97,6 +99,8 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
         step += 1
+        if args.trace_dir and step > args.steps - args.trace_steps:
+            traced.append(pipe.gather_timeline())  # collective: every rank calls it
         window_busy += pipe.last_step.busy_time
         window_time += pipe.last_step.step_time
         if step % args.log_every == 0 or step == args.steps:
@@ -116,7 +120,6 @@ def main() -> None:
             if any(g[1] for g in gathered):
                 break
     total = time.perf_counter() - start
-    timeline = pipe.gather_timeline() if args.trace_dir else None  # collective: every rank calls it
     val_after = held_out_loss()
     first = statistics.fmean(losses[: min(10, len(losses))])
     last = statistics.fmean(losses[-min(10, len(losses)):])
@@ -127,13 +130,16 @@ def main() -> None:
     say(f"  held-out loss {val_before:.4f} -> {val_after:.4f} (perplexity {torch.tensor(val_after).exp():.2f})")
     say(f"  measured idle (bubble) per rank {' '.join(f'{b:.1%}' for b in mean_bubble)}; "
         f"simulated for uniform stages {pt.simulate(schedule).bubble_fraction:.1%}")
-    if timeline is not None:
-        write_trace(args.trace_dir, schedule, timeline)
+    if args.trace_dir and rank == 0:
+        if traced:
+            write_trace(args.trace_dir, schedule, traced)
+        else:
+            print("(no timeline: the run stopped before its last --trace-steps steps; raise --max-seconds)")
     dist.destroy_process_group()
 
 
-def write_trace(directory: str, schedule, timeline) -> None:
-    """The last training step: timeline JSON (for `pipetrain compare`), Chrome trace, and pictures."""
+def write_trace(directory: str, schedule, timelines) -> None:
+    """The last steps: timeline JSON (for `pipetrain compare`), Chrome trace and picture of the last one."""
     from pathlib import Path
 
     from pipetrain.schedule import save_chrome_trace, save_timeline
@@ -141,14 +147,15 @@ def write_trace(directory: str, schedule, timeline) -> None:
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_timeline(timeline, out / "timeline.json", schedule)
-    save_chrome_trace(timeline, out / "trace.json")
-    result = compare(schedule, timeline)
-    print(f"\nlast step, simulated with its measured per-action costs vs measured:\n{result.report()}")
+    save_timeline(timelines, out / "timeline.json", schedule)
+    save_chrome_trace(timelines[-1], out / "trace.json")
+    result = compare(schedule, timelines)
+    print(f"\nlast {len(timelines)} steps, simulated with their measured per-action costs vs measured:\n"
+          f"{result.report()}")
     try:
         from pipetrain.viz import save_comparison
 
-        save_comparison(result.predicted.timeline, timeline, out / "timeline.png", title=schedule.name)
+        save_comparison(result.predicted.timeline, timelines[-1], out / "timeline.png", title=schedule.name)
     except ImportError as err:
         print(f"(no picture: {err})")
     print(f"wrote {out / 'timeline.json'}, {out / 'trace.json'} and {out / 'timeline.png'}")

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from regen_golden import golden_cases
 
 import pipetrain.schedule as S
+import pipetrain.schedule.actions  # noqa: F401  (S.actions.message_of)
 from pipetrain.schedule import Action, Op, Schedule, ScheduleError
 from pipetrain.schedule.actions import B, F
 
@@ -238,3 +239,43 @@ def test_per_stage_costs_and_timeline_picture():
     text = S.format_timeline(res.timeline)
     assert text.splitlines()[0].startswith("rank  0: 0F0 0F1")
     assert F(0, 0) in {e.action for e in res.timeline.events} and B(1, 1) in {e.action for e in res.timeline.events}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_checker_rejects_each_schedule_when_broken(name):
+    sched = S.build(name, num_ranks=3, num_microbatches=6)
+    rows = [list(acts) for acts in sched.actions]
+
+    def rebuilt(new_rows, lowered=False):
+        return Schedule(name, 3, 6, sched.stages_per_rank, sched.stage_to_rank, new_rows, lowered=lowered)
+
+    dropped = [row[:] for row in rows]
+    dropped[1].pop()
+    with pytest.raises(ScheduleError, match="microbatch 5: .* 0 times"):
+        S.check(rebuilt(dropped))
+    early = [row[:] for row in rows]  # move rank 0's first backward-type action to the front
+    i = next(i for i, a in enumerate(early[0]) if a.op in (Op.B, Op.I))
+    early[0].insert(0, early[0].pop(i))
+    with pytest.raises(ScheduleError, match="needs .* which this rank has not computed yet"):
+        S.check(rebuilt(early))
+    lowered = [list(acts) for acts in S.lower(sched).actions]
+    recvs = [i for i, a in enumerate(lowered[1]) if a.op in (Op.RECV_F, Op.RECV_B)]
+    same_peer = [(i, j) for i in recvs for j in recvs if i < j and
+                 sched.stage_to_rank[S.actions.message_of(lowered[1][i])[1]] ==
+                 sched.stage_to_rank[S.actions.message_of(lowered[1][j])[1]]]
+    i, j = same_peer[0]
+    lowered[1][i], lowered[1][j] = lowered[1][j], lowered[1][i]
+    with pytest.raises(ScheduleError, match="first-in first-out|no RECV for it was posted"):
+        S.check(rebuilt(lowered, lowered=True))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_stages_on_one_rank_pass_activations_locally(name):
+    lowered = S.lower(S.build(name, num_ranks=3, num_microbatches=6))
+    for rank, acts in enumerate(lowered.actions):
+        for a in acts:
+            if a.op in (Op.SEND_F, Op.SEND_B):
+                peer_stage = a.stage + 1 if a.op is Op.SEND_F else a.stage - 1
+                assert lowered.stage_to_rank[peer_stage] != rank, f"{name}: {a} sends to its own rank"
+    if name == "zbv":  # the V's turn (stages P-1 and P on rank P-1) needs no transfer
+        assert not any(str(a) in ("2SEND_F0", "3SEND_B0") for a in lowered.actions[2])

@@ -34,6 +34,25 @@ def test_compare_recovers_the_costs_of_a_simulated_step_exactly(name, ranks, mbs
     assert result.costs.comm == pytest.approx(0.3) and result.costs.post == pytest.approx(0.05)
 
 
+def test_compare_pools_several_steps():
+    sched = S.build("zb-h1", num_ranks=3, num_microbatches=6)
+    costs = _costs(sched, random.Random(7))
+    steps = [S.simulate(sched, costs).timeline] * 3
+    result = compare(sched, steps)
+    assert result.step_time_error == pytest.approx(0.0, abs=1e-9) and len(result.steps) == 3
+    assert "(3 steps, mean)" in result.report()
+    with pytest.raises(ValueError, match="at least one"):
+        compare(sched, [])
+
+
+def test_several_steps_round_trip_through_json(tmp_path):
+    sched = S.build("1f1b", num_ranks=2, num_microbatches=2)
+    steps = [S.simulate(sched, S.Costs(comm=c)).timeline for c in (0.1, 0.2)]
+    S.save_timeline(steps, tmp_path / "steps.json", sched)
+    loaded, loaded_sched = S.load_timeline(tmp_path / "steps.json")
+    assert loaded == steps and loaded_sched == sched
+
+
 def test_simulated_waits_are_the_time_inputs_held_compute_back():
     # 0F0 [0, 1], transfer 0.5 -> 1F0 [1.5, 2.5], 1B0 [2.5, 3.5], transfer 0.5 -> 0B0 starts at 4
     res = S.simulate(S.build("gpipe", num_ranks=2, num_microbatches=1), S.Costs(f=1.0, b=1.0, w=0.0, comm=0.5))

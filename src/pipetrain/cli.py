@@ -62,7 +62,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.png:
         from .viz import save_comparison
 
-        save_comparison(result.predicted.timeline, timeline, args.png, title=sched.name)
+        save_comparison(result.predicted.timeline, result.measured, args.png, title=sched.name)
     return 0
 
 

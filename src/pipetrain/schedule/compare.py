@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .actions import Op, Value, message_of
@@ -13,13 +14,16 @@ from .timeline import Timeline
 
 @dataclass(frozen=True)
 class Comparison:
-    measured: Timeline
+    measured: Timeline  # the last measured step (for pictures)
     predicted: SimResult
     costs: Costs  # what the simulator was given: see `measured_costs`
+    steps: tuple[Timeline, ...] = ()  # every measured step the costs were fitted on
 
     @property
     def measured_step_time(self) -> float:
-        return self.measured.step_time()
+        """Mean step time over the measured steps."""
+        steps = self.steps or (self.measured,)
+        return statistics.fmean(t.step_time() for t in steps)
 
     @property
     def step_time_error(self) -> float:
@@ -27,11 +31,15 @@ class Comparison:
         return (self.predicted.step_time - self.measured_step_time) / self.measured_step_time
 
     def report(self) -> str:
-        lines = [f"{'':10s} {'measured':>10s} {'simulated':>10s}",
+        n = len(self.steps) or 1
+        lines = [f"{'':10s} {'measured':>10s} {'simulated':>10s}   ({n} step{'s' if n > 1 else ''}, mean)",
                  f"{'step time':10s} {self.measured_step_time * 1e3:9.2f}ms {self.predicted.step_time * 1e3:9.2f}ms"
                  f"   error {self.step_time_error:+.1%}"]
-        for m, p in zip(self.measured.per_rank(), self.predicted.per_rank, strict=True):
-            lines.append(f"{'rank ' + str(m.rank) + ' idle':10s} {m.bubble_fraction:10.1%} {p.bubble_fraction:10.1%}")
+        steps = self.steps or (self.measured,)
+        measured_idle = [statistics.fmean(t.per_rank()[r].bubble_fraction for t in steps)
+                         for r in range(self.measured.num_ranks)]
+        for r, p in enumerate(self.predicted.per_rank):
+            lines.append(f"{'rank ' + str(r) + ' idle':10s} {measured_idle[r]:10.1%} {p.bubble_fraction:10.1%}")
         lines.append(f"costs given to the simulator: transfer {self.costs.comm * 1e3:.3f}ms, posting a send/recv "
                      f"{self.costs.post * 1e3:.3f}ms; per stage (ms) "
                      + ", ".join(f"{s}: F {_ms(self.costs.f, s)} I {_ms(self.costs.b, s)} W {_ms(self.costs.w, s)}"
@@ -43,33 +51,37 @@ def _ms(values, stage: int) -> str:
     return f"{values[stage] * 1e3:.2f}"
 
 
-def measured_costs(schedule: Schedule, measured: Timeline) -> Costs:
-    """Per-action costs from a measured step, all means (the step is a sum of them along a path):
+def measured_costs(schedule: Schedule, measured: Timeline | Sequence[Timeline]) -> Costs:
+    """Per-action costs from measured steps, all means (the step is a sum of them along a path):
 
     - F, I and W of each stage (a full B counts as I, with W = 0), each plus its rank's overhead: the part
       of the rank's span (first to last action) outside actions and waits -- the executor's own Python --
       shared over its compute actions;
     - `post`: posting one SEND or RECV; `comm`: a transfer (see `_transfer_time`).
     """
+    steps = [measured] if isinstance(measured, Timeline) else list(measured)
+    ranks = steps[0].num_ranks
     durations: dict[tuple[int, Op], list[float]] = {}
     posts = []
-    accounted = [0.0] * measured.num_ranks
-    computes = [0] * measured.num_ranks
-    first = [float("inf")] * measured.num_ranks
-    last = [0.0] * measured.num_ranks
-    for e in (*measured.events, *measured.waits):
-        accounted[e.rank] += e.duration
-        first[e.rank] = min(first[e.rank], e.start)
-        last[e.rank] = max(last[e.rank], e.end)
-    for e in measured.events:
-        if e.action.op.is_comm:
-            posts.append(e.duration)
-        else:
-            computes[e.rank] += 1
-            durations.setdefault((e.action.stage, e.action.op), []).append(e.duration)
-    # the executor's own time: a rank's span (first to last action) not covered by actions or waits
-    overhead = [max(0.0, last[r] - first[r] - accounted[r]) / computes[r] if computes[r] else 0.0
-                for r in range(measured.num_ranks)]
+    idle = [0.0] * ranks  # the executor's own time: a rank's span (first to last action) not covered
+    computes = [0] * ranks  # by actions or waits, and the compute actions it is shared over
+    for step in steps:
+        accounted = [0.0] * ranks
+        first = [float("inf")] * ranks
+        last = [0.0] * ranks
+        for e in (*step.events, *step.waits):
+            accounted[e.rank] += e.duration
+            first[e.rank] = min(first[e.rank], e.start)
+            last[e.rank] = max(last[e.rank], e.end)
+        for r in range(ranks):
+            idle[r] += max(0.0, last[r] - first[r] - accounted[r]) if last[r] > 0 else 0.0
+        for e in step.events:
+            if e.action.op.is_comm:
+                posts.append(e.duration)
+            else:
+                computes[e.rank] += 1
+                durations.setdefault((e.action.stage, e.action.op), []).append(e.duration)
+    overhead = [idle[r] / computes[r] if computes[r] else 0.0 for r in range(ranks)]
 
     def mean(stage: int, *ops: Op) -> float:
         for op in ops:
@@ -79,32 +91,37 @@ def measured_costs(schedule: Schedule, measured: Timeline) -> Costs:
 
     stages = range(schedule.num_stages)
     return Costs(f=[mean(s, Op.F) for s in stages], b=[mean(s, Op.I, Op.B) for s in stages],
-                 w=[mean(s, Op.W) for s in stages], comm=_transfer_time(measured),
+                 w=[mean(s, Op.W) for s in stages], comm=_transfer_time(steps),
                  post=statistics.fmean(posts) if posts else 0.0)
 
 
 BLOCKED = 1e-4  # seconds: a shorter wait found its data already there, and says nothing about transfers
 
 
-def _transfer_time(measured: Timeline) -> float:
+def _transfer_time(steps: Sequence[Timeline]) -> float:
     """Median transfer time: from the later of a message's SEND and RECV postings (a transfer starts when
     both sides have posted, as in the simulator) to the end of a wait that blocked on it."""
-    sent: dict[Value, float] = {}
-    posted: dict[tuple[int, Value], float] = {}
-    for e in measured.events:
-        if e.action.op in (Op.SEND_F, Op.SEND_B):
-            sent[message_of(e.action)] = e.end
-        elif e.action.op in (Op.RECV_F, Op.RECV_B):
-            posted[(e.rank, message_of(e.action))] = e.end
     delays = []
-    for wait in measured.waits:
-        a = wait.action
-        value = ("act", a.stage - 1, a.mb) if a.op is Op.F else ("grad", a.stage + 1, a.mb)
-        if wait.duration > BLOCKED and value in sent and (wait.rank, value) in posted:
-            delays.append(wait.end - max(sent[value], posted[(wait.rank, value)]))
+    for step in steps:
+        sent: dict[Value, float] = {}
+        posted: dict[tuple[int, Value], float] = {}
+        for e in step.events:
+            if e.action.op in (Op.SEND_F, Op.SEND_B):
+                sent[message_of(e.action)] = e.end
+            elif e.action.op in (Op.RECV_F, Op.RECV_B):
+                posted[(e.rank, message_of(e.action))] = e.end
+        for wait in step.waits:
+            a = wait.action
+            value = ("act", a.stage - 1, a.mb) if a.op is Op.F else ("grad", a.stage + 1, a.mb)
+            if wait.duration > BLOCKED and value in sent and (wait.rank, value) in posted:
+                delays.append(wait.end - max(sent[value], posted[(wait.rank, value)]))
     return statistics.median(delays) if delays else 0.0
 
 
-def compare(schedule: Schedule, measured: Timeline) -> Comparison:
-    costs = measured_costs(schedule, measured)
-    return Comparison(measured, simulate(schedule, costs), costs)
+def compare(schedule: Schedule, measured: Timeline | Sequence[Timeline]) -> Comparison:
+    """Fit costs on one or several measured steps of `schedule`, simulate, and compare step times."""
+    steps = (measured,) if isinstance(measured, Timeline) else tuple(measured)
+    if not steps:
+        raise ValueError("compare needs at least one measured timeline")
+    costs = measured_costs(schedule, steps)
+    return Comparison(steps[-1], simulate(schedule, costs), costs, steps)

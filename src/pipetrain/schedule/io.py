@@ -120,12 +120,24 @@ def timeline_from_json(data: dict) -> tuple[Timeline, Schedule | None]:
     return timeline, (loads_csv(data["schedule"]) if data.get("schedule") else None)
 
 
-def save_timeline(timeline: Timeline, path: str | Path, schedule: Schedule | None = None) -> None:
-    Path(path).write_text(json.dumps(timeline_to_json(timeline, schedule)))
+def save_timeline(timeline: Timeline | list[Timeline], path: str | Path, schedule: Schedule | None = None) -> None:
+    """Write one timeline, or several steps' (as {"steps": [...], "schedule": ...}), as JSON."""
+    if isinstance(timeline, Timeline):
+        data = timeline_to_json(timeline, schedule)
+    else:
+        data = {"steps": [timeline_to_json(t) for t in timeline]}
+        if schedule is not None:
+            data["schedule"] = dumps_csv(schedule.compute_only())
+    Path(path).write_text(json.dumps(data))
 
 
-def load_timeline(path: str | Path) -> tuple[Timeline, Schedule | None]:
-    return timeline_from_json(json.loads(Path(path).read_text()))
+def load_timeline(path: str | Path) -> tuple[Timeline | list[Timeline], Schedule | None]:
+    """Read `save_timeline` output: (timeline or list of step timelines, schedule or None)."""
+    data = json.loads(Path(path).read_text())
+    schedule = loads_csv(data["schedule"]) if data.get("schedule") else None
+    if "steps" in data:
+        return [timeline_from_json(step)[0] for step in data["steps"]], schedule
+    return timeline_from_json(data)[0], schedule
 
 
 def chrome_trace(timeline: Timeline, *, time_unit: float = 1.0) -> dict:
