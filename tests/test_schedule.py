@@ -159,7 +159,7 @@ def test_every_size_checks_and_matches_the_textbook_bubble(name, ranks, mbs):
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 6), st.integers(1, 10), st.floats(0.0, 1.0))
 def test_comm_cost_lengthens_gpipe_by_two_transfers_per_boundary(ranks, mbs, comm):
-    # Transfers start once both sides posted; receives are posted one compute action (f = 1) early, so
+    # Transfers start once both sides posted; receives are posted at least one compute action (f = 1) early, so
     # any transfer no slower than one forward is hidden except on the critical path's boundary crossings.
     base = S.simulate(S.build("gpipe", num_ranks=ranks, num_microbatches=mbs), S.Costs(comm=0.0))
     slow = S.simulate(S.build("gpipe", num_ranks=ranks, num_microbatches=mbs), S.Costs(comm=comm))

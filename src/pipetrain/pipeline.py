@@ -12,7 +12,7 @@ from .partition import BalanceError, partition
 from .profile import param_costs, time_costs, uniform_costs
 from .runtime import Executor, RankStep
 from .schedule import Action, Event, Op, Schedule, Timeline, check, lower
-from .schedule.lowering import message_order
+from .schedule.lowering import PREFETCH, message_order
 from .stage import Stage
 
 Balance = str | Sequence[int]
@@ -40,13 +40,16 @@ class Pipeline:
             where it is needed; see `DistTransport`). Collective over the default group.
         checkpoint: activation checkpointing, for every stage (True) or the listed stage indices: F keeps
             only the stage input and backward recomputes the rest (less memory, about one more forward).
+        prefetch: post each receive this many compute actions before the one that needs it (each
+            posted receive holds its buffer from then on).
     """
 
     def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], balance: Balance = "uniform",
                  group=None, device: torch.device | str | None = None, transport: Transport | None = None,
                  timeout: float = 60.0, sample: torch.Tensor | None = None,
-                 split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False) -> None:
+                 split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
+                 prefetch: int = PREFETCH) -> None:
         layers = list(layers)
         bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
         if bad:
@@ -91,8 +94,8 @@ class Pipeline:
                      loss_fn=loss_fn, checkpoint=s in checkpointed)
             for s in schedule.stages_of(self.rank)
         }
-        self._train_actions = lower(schedule).actions[self.rank]
-        self._eval_actions = lower(schedule.forward_only()).actions[self.rank]
+        self._train_actions = lower(schedule, prefetch=prefetch).actions[self.rank]
+        self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
                                   transport=transport, timeout=self.timeout)
         self.last_step: RankStep | None = None

@@ -31,7 +31,10 @@ def message_order(schedule: Schedule) -> dict[tuple[int, int], list[Value]]:
     return order
 
 
-def lower(schedule: Schedule, *, prefetch: int = 1) -> Schedule:
+PREFETCH = 4  # measured on 2 gloo CPU ranks: 1F1B 121 -> 112 ms, interleaved 134 -> 121 ms vs prefetch 1
+
+
+def lower(schedule: Schedule, *, prefetch: int = PREFETCH) -> Schedule:
     """Insert SEND right after each producing compute action and RECV ahead of each consumer.
 
     Semantics the runtime and the simulator share: SEND and RECV only *post* a transfer (isend/irecv)
