@@ -89,3 +89,12 @@ def test_time_costs_see_a_slow_layer():
     times = time_costs([nn.Linear(32, 32), Slow(), nn.Linear(32, 32)], torch.randn(8, 32), repeats=3)
     assert times[1] > 3 * max(times[0], times[2])
     assert partition(times, 2) in ([2, 1], [1, 2])
+
+
+def test_equal_sums_that_round_differently_still_partition():
+    # regression: 8 + 56.02 and 56.02 + 8 differ in the last bit as prefix-sum differences; the search
+    # once rejected its own optimum and returned empty stages ([0, 0, 4])
+    costs = [56.02429369944819, 8.0, 56.019999999999996, 8.0]
+    balance = partition(costs, 3)
+    assert min(balance) >= 1 and sum(balance) == 4
+    assert max(stage_costs(costs, balance)) == pytest.approx(brute_force_bottleneck(costs, 3), rel=1e-12)

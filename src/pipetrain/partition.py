@@ -29,7 +29,10 @@ def partition(costs: Sequence[float], num_stages: int) -> list[int]:
         raise BalanceError(f"layer costs must be finite and >= 0; layer {bad[0]} costs {costs[bad[0]]}")
     prefix = [0.0, *accumulate(costs)]
     limit = min_bottleneck(prefix, num_stages)
-    return _spread_evenly(prefix, num_stages, limit)
+    balance = _spread_evenly(prefix, num_stages, limit)
+    if min(balance) < 1 or sum(balance) != len(costs):  # never hand out a wrong split silently
+        raise RuntimeError(f"partition({costs}, {num_stages}) produced {balance}; please report this bug")
+    return balance
 
 
 def stage_costs(costs: Sequence[float], balance: Sequence[int]) -> list[float]:
@@ -41,6 +44,15 @@ def stage_costs(costs: Sequence[float], balance: Sequence[int]) -> list[float]:
     return out
 
 
+# Segment costs are differences of prefix sums, so mathematically equal sums can differ in the last bits
+# (8 + 56.02 vs 56.02 + 8). Every "segment <= limit" test allows this relative slack, so such ties agree.
+_SLACK = 1e-12
+
+
+def _within(segment: float, limit: float) -> bool:
+    return segment <= limit + _SLACK * abs(limit)
+
+
 def _fits(prefix: list[float], start: int, stages: int, limit: float) -> bool:
     """Can layers [start, n) be cut into `stages` non-empty stages each costing <= limit? (greedy)"""
     n = len(prefix) - 1
@@ -48,8 +60,8 @@ def _fits(prefix: list[float], start: int, stages: int, limit: float) -> bool:
         if start >= n:
             return False
         # take as many layers as fit, leaving one for each remaining stage
-        end = min(bisect_right(prefix, prefix[start] + limit) - 1, n - (remaining - 1))
-        while end > start and prefix[end] - prefix[start] > limit:  # bisect's sum may round up
+        end = min(bisect_right(prefix, prefix[start] + limit + 2 * _SLACK * abs(limit)) - 1, n - (remaining - 1))
+        while end > start and not _within(prefix[end] - prefix[start], limit):  # bisect's sum may round up
             end -= 1
         if end <= start:
             return False
@@ -95,7 +107,7 @@ def _spread_evenly(prefix: list[float], num_stages: int, limit: float) -> list[i
         prev, cur, bk = cost[k - 1], cost[k], back[k]
         for i in range(k, n - (num_stages - k) + 1):
             j = i - 1
-            while j >= k - 1 and prefix[i] - prefix[j] <= limit:
+            while j >= k - 1 and _within(prefix[i] - prefix[j], limit):
                 if prev[j] < inf:
                     seg = prefix[i] - prefix[j]
                     score = prev[j] + seg * seg
