@@ -95,9 +95,9 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
         acts = lowered.actions[r]
         while pos[r] < len(acts):
             a = acts[pos[r]]
-            if a.op.is_comm and costs.post > 0:
-                events.append(Event(r, a, clock[r], clock[r] + costs.post))
-                clock[r] += costs.post
+            if a.op.is_comm and (posting := costs.of(a)) > 0:
+                events.append(Event(r, a, clock[r], clock[r] + posting))
+                clock[r] += posting
             if a.op in (Op.SEND_F, Op.SEND_B):
                 value = message_of(a)
                 if value not in done:
