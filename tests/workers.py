@@ -231,3 +231,28 @@ def run_processes(world: int, fn, *args, timeout: float = 180, expect: int | Non
     if len(results) < (world if expect is None else expect):
         raise AssertionError(f"only ranks {sorted(results)} reported within {timeout}s")
     return results
+
+
+# --- the trainer, on spawned gloo ranks ------------------------------------------------------------------
+def trainer_run(rank: int, world: int, settings: dict) -> dict:
+    from pipetrain.data import load_corpus
+    from pipetrain.trainer import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig.from_dict(settings), corpus=load_corpus(max_bytes=300_000))
+    history = trainer.fit()
+    params = {(i, n): p.detach().clone() for i, layer in trainer.local_layers.items()
+              for n, p in layer.named_parameters()}
+    return {"losses": [r["loss"] for r in history], "params": params, "history": history}
+
+
+def trainer_clip(rank: int, world: int, settings: dict) -> dict:
+    """One pipeline step's gradients, then the trainer's global clip: norm and clipped gradients."""
+    from pipetrain.data import load_corpus
+    from pipetrain.trainer import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig.from_dict(settings), corpus=load_corpus(max_bytes=300_000))
+    x, y = trainer.train_data.next()
+    trainer.pipe.step(x, y)
+    norm = trainer.clip_gradients()
+    grads = {(i, n): p.grad.clone() for i, layer in trainer.local_layers.items() for n, p in layer.named_parameters()}
+    return {"norm": norm, "grads": grads, "batch": (x, y)}

@@ -1,4 +1,4 @@
-"""The `pipetrain` command line: `simulate` and `compare` (train, plan and bench arrive with their issues)."""
+"""The `pipetrain` command line: `train` (under torchrun), `simulate` and `compare`."""
 
 from __future__ import annotations
 
@@ -66,6 +66,112 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# `pipetrain train` flags: name -> (type, help). Each sets the TrainConfig field of the same name.
+_TRAIN_FLAGS = {
+    "preset": (str, "model size: tiny, small, gpt-8x256, gpt-16x512"),
+    "layers": (int, "transformer blocks (overrides the preset)"),
+    "d-model": (int, "model width"),
+    "heads": (int, "attention heads"),
+    "seq-len": (int, "sequence length"),
+    "schedule": (str, "pipeline schedule (pipetrain simulate --help lists them)"),
+    "stages-per-rank": (int, "stages each rank holds (interleaved / V schedules)"),
+    "microbatches": (int, "microbatches per pipeline step"),
+    "batch-size": (int, "sequences per pipeline step"),
+    "accumulation": (int, "pipeline steps per optimizer step"),
+    "balance": (str, "uniform, params or time"),
+    "steps": (int, "optimizer steps"),
+    "stop-at-step": (int, "end this run at this step (resume later to go on)"),
+    "lr": (float, "peak learning rate"),
+    "min-lr": (float, "final learning rate of the cosine decay"),
+    "warmup": (int, "linear warm-up steps"),
+    "weight-decay": (float, "AdamW weight decay for matrices"),
+    "grad-clip": (float, "global gradient-norm clip (0: off)"),
+    "precision": (str, "fp32 or bf16"),
+    "eval-every": (int, "evaluate every K steps (0: start and end only)"),
+    "eval-batches": (int, "held-out batches per evaluation"),
+    "log-every": (int, "print a line every K steps"),
+    "checkpoint-dir": (str, "where checkpoints go"),
+    "checkpoint-every": (int, "checkpoint every K steps (0: at the end)"),
+    "metrics-jsonl": (str, "append one JSON object per step to this file"),
+    "plot": (str, "write the loss curve to this PNG at the end"),
+    "seed": (int, "random seed (weights, data order)"),
+    "timeout": (float, "seconds any transfer may wait"),
+    "max-seconds": (float, "stop after this long (all ranks at the same step)"),
+}
+
+
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    from .trainer import ConfigError, TrainConfig
+
+    values: dict = {}
+    if args.config:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        with open(args.config, "rb") as f:
+            values.update(tomllib.load(f))
+    for flag in _TRAIN_FLAGS:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            values[flag.replace("-", "_")] = value
+    for flag in ("resume", "activation_checkpointing"):
+        if getattr(args, flag):
+            values[flag] = True
+    if args.progress is not None:
+        values["progress"] = args.progress
+    config = TrainConfig.from_dict(values)
+    try:
+        config.validate()  # before any process group work
+    except ConfigError as err:
+        print(f"pipetrain train: bad configuration: {err}", file=sys.stderr)
+        return 2
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        print("pipetrain train: launch it under torchrun, e.g. torchrun --standalone --nproc-per-node 2 "
+              "-m pipetrain train --preset tiny", file=sys.stderr)
+        return 2
+    import torch
+    import torch.distributed as dist
+
+    from .trainer import Trainer
+
+    if args.log_file and int(os.environ["RANK"]) == 0:
+        sys.stdout = _Tee(sys.stdout, open(args.log_file, "a"))  # noqa: SIM115 - lives for the process
+    backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    device = None
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group(backend)
+    try:
+        Trainer(config, device=device).fit()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+class _Tee:
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+            s.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+    def isatty(self) -> bool:
+        return self.streams[0].isatty()
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -83,6 +189,20 @@ def _non_negative(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipetrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train the reference GPT (launch under torchrun)",
+                           description="Train the reference GPT on the Python stdlib's source with a pipeline. "
+                           "Settings come from --config FILE.toml (keys named like the flags, with _ or -) "
+                           "and the flags below, which win.")
+    train.add_argument("--config", metavar="FILE.toml", help="a TOML file of settings")
+    for flag, (kind, text) in _TRAIN_FLAGS.items():
+        train.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    train.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar on rank 0 (default: when stdout is a terminal)")
+    train.add_argument("--log-file", help="also write rank 0's output to this file")
+    train.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl with CUDA, else gloo")
+    train.set_defaults(func=_train)
     sim = sub.add_parser("simulate", help="simulate a schedule: step time, bubble, peak activations")
     sim.add_argument("--schedule", required=True, choices=schedules.names())
     sim.add_argument("--ranks", type=_positive_int, required=True)

@@ -186,3 +186,32 @@ class InProcessTransport:
             ticket = ch.posted
             ch.posted += 1
         return _InProcessRecv(self.hub, ch, ticket, tensor)
+
+
+def all_reduce_sum(transport: Transport, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+    """Sum `tensor` over the pipeline's ranks (in place; every rank gets the result), by point-to-point
+    messages through rank 0, so it works on every transport. For a handful of numbers (norms, flags)."""
+    peers = range(1, transport.world_size)
+
+    def wait(work: Work, peer: int, what: str) -> None:
+        try:
+            work.wait(timeout)
+        except Exception as err:
+            raise CommError(f"rank {transport.rank}: {what} with rank {peer} failed or timed out after "
+                            f"{timeout:g}s: {err}. Rank {peer} may have crashed or be stuck") from err
+
+    if transport.rank == 0:
+        parts = []
+        for peer in peers:
+            part = torch.empty_like(tensor)
+            wait(transport.irecv(part, peer), peer, "all-reduce (gather)")
+            parts.append(part)
+        for part in parts:  # a fixed order, so every run sums the same way
+            tensor.add_(part)
+        works = [(transport.isend(tensor, peer), peer) for peer in peers]
+        for work, peer in works:
+            wait(work, peer, "all-reduce (broadcast)")
+    elif transport.world_size > 1:
+        wait(transport.isend(tensor.clone(), 0), 0, "all-reduce (gather)")
+        wait(transport.irecv(tensor, 0), 0, "all-reduce (broadcast)")
+    return tensor

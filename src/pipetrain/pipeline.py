@@ -42,6 +42,8 @@ class Pipeline:
             only the stage input and backward recomputes the rest (less memory, about one more forward).
         prefetch: post each receive this many compute actions before the one that needs it (each
             posted receive holds its buffer from then on).
+        precision: "fp32", or "bf16" to run forwards (and their recomputation) under bf16 autocast; the
+            parameters, their gradients and the optimizer stay fp32.
     """
 
     def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule,
@@ -49,7 +51,7 @@ class Pipeline:
                  group=None, device: torch.device | str | None = None, transport: Transport | None = None,
                  timeout: float = 60.0, sample: torch.Tensor | None = None,
                  split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
-                 prefetch: int = PREFETCH) -> None:
+                 prefetch: int = PREFETCH, precision: str = "fp32") -> None:
         layers = list(layers)
         bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
         if bad:
@@ -58,6 +60,8 @@ class Pipeline:
             raise TypeError("schedule must be a pipetrain Schedule, e.g. pipetrain.schedules.build('1f1b', ...)")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
         schedule = schedule.compute_only()
         check(schedule)
         if not schedule.has_backward:
@@ -91,7 +95,8 @@ class Pipeline:
             raise ValueError(f"checkpoint lists stages {unknown}, but the stages are 0..{schedule.num_stages - 1}")
         self.stages = {
             s: Stage(s, schedule.num_stages, [layers[i].to(self.device) for i in self.layer_ranges[s]],
-                     loss_fn=loss_fn, checkpoint=s in checkpointed)
+                     loss_fn=loss_fn, checkpoint=s in checkpointed,
+                     autocast=torch.bfloat16 if precision == "bf16" else None)
             for s in schedule.stages_of(self.rank)
         }
         self._train_actions = lower(schedule, prefetch=prefetch).actions[self.rank]
@@ -101,13 +106,14 @@ class Pipeline:
         self.last_step: RankStep | None = None
 
     # --- public API ----------------------------------------------------------------------------------
-    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> float:
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, *, scale: float = 1.0) -> float:
         """One training step over the batch; returns the mean microbatch loss (same float on every rank).
 
-        Gradients accumulate into this rank's layers scaled so that they equal the gradient of the
-        full-batch mean loss; zero them between steps as usual.
+        Gradients accumulate into this rank's layers scaled so that they equal the gradient of
+        `scale` x the full-batch mean loss; zero them between optimizer steps as usual. Accumulating k
+        batches with `scale=1/k` gives the gradient of the mean over all k batches.
         """
-        return self._run(self._train_actions, inputs, targets, grad=True)
+        return self._run(self._train_actions, inputs, targets, grad=True, scale=scale)
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> float:
@@ -169,7 +175,7 @@ class Pipeline:
         return self.train(False)
 
     # --- internals -----------------------------------------------------------------------------------
-    def _run(self, actions, inputs, targets, *, grad: bool) -> float:
+    def _run(self, actions, inputs, targets, *, grad: bool, scale: float = 1.0) -> float:
         m = self.schedule.num_microbatches
         last = self.schedule.num_stages - 1
         for needed, name, stage in ((inputs, "inputs", 0), (targets, "targets", last)):
@@ -179,7 +185,7 @@ class Pipeline:
         split_inputs = self._split(inputs, "inputs", m)
         split_targets = self._split(targets, "targets", m)
         result = self._executor.run(actions, inputs=split_inputs, targets=split_targets, num_microbatches=m,
-                                    grad=grad)
+                                    grad=grad, loss_scale=scale / m)
         self.last_step = result
         return result.loss
 

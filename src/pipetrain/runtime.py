@@ -62,7 +62,10 @@ class Executor:
 
     # --- one step ----------------------------------------------------------------------------------
     def run(self, actions: Sequence[Action], *, inputs: Sequence[torch.Tensor] | None,
-            targets: Sequence[torch.Tensor] | None, num_microbatches: int, grad: bool) -> RankStep:
+            targets: Sequence[torch.Tensor] | None, num_microbatches: int, grad: bool,
+            loss_scale: float | None = None) -> RankStep:
+        """Run one step's actions. Each microbatch loss is scaled by `loss_scale` (default 1/M) for backward."""
+        self._loss_scale = 1.0 / num_microbatches if loss_scale is None else loss_scale
         self._t0 = time.perf_counter()
         self._posted: dict[Value, tuple[Work, torch.Tensor, Action, int]] = {}
         self._deferred: dict[int, list[tuple[Value, Action]]] = defaultdict(list)
@@ -109,7 +112,7 @@ class Executor:
                 x = self._input(("act", s - 1, mb), action)
             target = _pick(targets, mb, "targets", s) if stage.is_last else None
             start = self._now()
-            out = stage.forward(mb, x, target=target, loss_scale=1.0 / num_microbatches, grad=grad)
+            out = stage.forward(mb, x, target=target, loss_scale=self._loss_scale, grad=grad)
             if out is not None:
                 self._local[("act", s, mb)] = out
         elif action.op in (Op.B, Op.I):

@@ -23,13 +23,14 @@ class Stage:
 
     def __init__(self, index: int, num_stages: int, layers: Sequence[nn.Module], *,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 checkpoint: bool = False) -> None:
+                 checkpoint: bool = False, autocast: torch.dtype | None = None) -> None:
         self.index = index
         self.num_stages = num_stages
         self.layers = list(layers)
         self.module = nn.Sequential(*self.layers)
         self.loss_fn = loss_fn
         self.checkpoint = checkpoint
+        self.autocast = autocast
         self._cache: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._weight_work: dict[int, PendingWeightGrad | None] = {}
         self.losses: dict[int, torch.Tensor] = {}  # last stage: unscaled loss of each microbatch
@@ -45,6 +46,13 @@ class Stage:
     def forward(self, mb: int, x: torch.Tensor, *, target: torch.Tensor | None = None,
                 loss_scale: float = 1.0, grad: bool = True) -> torch.Tensor | None:
         """Run the layers on microbatch `mb`; return the output to pass on (None on the last stage)."""
+        if self.autocast is None:
+            return self._forward(mb, x, target, loss_scale, grad)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self._forward(mb, x, target, loss_scale, grad)
+
+    def _forward(self, mb: int, x: torch.Tensor, target: torch.Tensor | None, loss_scale: float,
+                 grad: bool) -> torch.Tensor | None:
         if not grad:
             with torch.no_grad():
                 out = self.module(x)
@@ -58,7 +66,7 @@ class Stage:
             x = inp
         out = checkpoint(self.module, x, use_reentrant=False) if self.checkpoint else self.module(x)
         if self.is_last:
-            loss = self.loss_fn(out, target)
+            loss = self.loss_fn(out, target).float()
             if loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar (mean over the microbatch); got shape "
                                  f"{tuple(loss.shape)}")

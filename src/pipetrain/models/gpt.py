@@ -35,6 +35,14 @@ class GPTConfig:
         return sum(p.numel() for layer in build_gpt(self) for p in layer.parameters())
 
 
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(seq_len=64, d_model=64, n_layers=4, n_heads=4),  # ~0.2M params: well under 1 s/step on CPU
+    "small": GPTConfig(seq_len=64, d_model=128, n_layers=4, n_heads=4),  # the example's default (0.9M)
+    "gpt-8x256": GPTConfig(seq_len=128, d_model=256, n_layers=8, n_heads=8),  # benchmark sizes
+    "gpt-16x512": GPTConfig(seq_len=128, d_model=512, n_layers=16, n_heads=8),
+}
+
+
 class Embedding(nn.Module):
     """Token + learned position embedding: (b, t) int64 -> (b, t, d)."""
 

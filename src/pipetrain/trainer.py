@@ -1,0 +1,380 @@
+"""The small trainer: optimizer, LR schedule, global clipping, accumulation, eval, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .comm import all_reduce_sum
+from .data import Batches, Corpus, load_corpus
+from .metrics import JsonlWriter, measure_peak_flops, peak_memory_bytes, plot_losses
+from .models.gpt import PRESETS, GPTConfig, build_gpt, flops_per_token, gpt_loss
+from .pipeline import Pipeline
+from .schedule import build as build_schedule
+from .schedule import names as schedule_names
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; the message names the field and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `pipetrain train` fills it from a TOML file and flags."""
+
+    preset: str = "tiny"  # a GPT size from pipetrain.models.gpt.PRESETS; the fields below override it
+    layers: int | None = None
+    d_model: int | None = None
+    heads: int | None = None
+    seq_len: int | None = None
+    dropout: float = 0.0
+    schedule: str = "1f1b"
+    stages_per_rank: int | None = None
+    microbatches: int = 4
+    batch_size: int = 16  # sequences per pipeline step (split into the microbatches)
+    accumulation: int = 1  # pipeline steps per optimizer step
+    balance: str = "params"
+    steps: int = 100  # optimizer steps (the LR schedule spans them)
+    stop_at_step: int | None = None  # end this run early (a time-sliced job); resume later to continue
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 10  # steps of linear warm-up, then cosine decay to min_lr at `steps`
+    weight_decay: float = 0.1  # applied to matrices only (not biases, norms)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # global gradient-norm clip across all stages; 0 disables
+    precision: str = "fp32"  # or "bf16" autocast with fp32 master weights
+    activation_checkpointing: bool = False
+    eval_every: int = 0  # 0: evaluate at the start and the end only
+    eval_batches: int = 4
+    log_every: int = 10
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # 0: only at the end (when checkpoint_dir is set)
+    resume: bool = False
+    metrics_jsonl: str | None = None
+    plot: str | None = None  # loss curve PNG written at the end
+    seed: int = 0
+    timeout: float = 60.0
+    max_seconds: float | None = None
+    progress: bool | None = None  # progress bar on rank 0: default when stdout is a terminal
+    extra: dict = field(default_factory=dict, repr=False)  # unknown keys, reported by validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that cannot work."""
+        if self.extra:
+            known = ", ".join(f.name for f in dataclasses.fields(self) if f.name != "extra")
+            raise ConfigError(f"unknown setting(s) {sorted(self.extra)}; known: {known}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.schedule not in schedule_names():
+            raise ConfigError(f"schedule={self.schedule!r} is not one of {schedule_names()}")
+        for name in ("microbatches", "batch_size", "accumulation", "steps", "eval_batches", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup", "eval_every", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"batch_size={self.batch_size} does not split into microbatches={self.microbatches}: "
+                              f"use a multiple of {self.microbatches}")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("grad_clip and weight_decay must be >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f'precision must be "fp32" or "bf16", got {self.precision!r}')
+        if self.balance not in ("uniform", "params", "time"):
+            raise ConfigError(f'balance must be "uniform", "params" or "time", got {self.balance!r}')
+        if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
+            raise ConfigError(f"stop_at_step must be a positive integer, got {self.stop_at_step!r}")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("resume needs checkpoint_dir (where to look for the latest checkpoint)")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        try:
+            self.model_config()
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
+
+    def model_config(self) -> GPTConfig:
+        overrides = {"n_layers": self.layers, "d_model": self.d_model, "n_heads": self.heads, "seq_len": self.seq_len}
+        base = PRESETS[self.preset]
+        return dataclasses.replace(base, dropout=self.dropout, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") in names}
+        extra = {k: v for k, v in values.items() if k.replace("-", "_") not in names}
+        if "betas" in known:
+            known["betas"] = tuple(known["betas"])
+        return cls(**known, extra=extra)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
+    """Multiplier of `lr` for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
+
+
+class Trainer:
+    """Trains the reference GPT with a pipeline; create it on every rank (under torchrun) and call `fit`."""
+
+    def __init__(self, config: TrainConfig, *, group=None, transport=None, device=None,
+                 corpus: Corpus | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.model_config = config.model_config()
+        torch.manual_seed(config.seed)  # every rank builds the same weights, then keeps its own stages
+        layers = build_gpt(self.model_config)
+        corpus = corpus or load_corpus()
+        self.train_data = Batches(corpus.train, batch_size=config.batch_size, seq_len=self.model_config.seq_len,
+                                  seed=config.seed)
+        held_out = Batches(corpus.val, batch_size=config.batch_size, seq_len=self.model_config.seq_len,
+                           seed=config.seed + 1)
+        self.eval_set = [held_out.next() for _ in range(config.eval_batches)]
+        schedule = build_schedule(config.schedule, num_ranks=_world_size(group, transport),
+                                  num_microbatches=config.microbatches, stages_per_rank=config.stages_per_rank)
+        sample = self.eval_set[0][0][: config.batch_size // config.microbatches]
+        self.pipe = Pipeline(layers, schedule=schedule, loss_fn=gpt_loss, balance=config.balance, group=group,
+                             device=device, transport=transport, timeout=config.timeout, sample=sample,
+                             checkpoint=config.activation_checkpointing, precision=config.precision)
+        self.rank, self.world = self.pipe.rank, self.pipe.transport.world_size
+        self.local_layers = {i: layers[i] for s in self.pipe.stages for i in self.pipe.layer_ranges[s]}
+        params = list(self.pipe.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]] or [{"params": []}], lr=config.lr,
+                                           betas=config.betas) if params else None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, warmup=config.warmup, total=config.steps, lr=config.lr,
+                                                    min_lr=config.min_lr)) if self.optimizer else None
+        self.step = 0
+        self.history: list[dict] = []
+        peak = torch.tensor([measure_peak_flops(self.pipe.device)], dtype=torch.float64,
+                            device=self.pipe.transport.device)
+        self.peak_flops = float(self._all_reduce(peak)[0])  # every rank's matmul peak, summed
+        if config.resume:
+            self.load()
+
+    # --- one optimizer step --------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg = self.config
+        start = time.perf_counter()
+        loss, busy, pipeline_time = 0.0, 0.0, 0.0
+        for _ in range(cfg.accumulation):
+            x, y = self.train_data.next()
+            loss += self.pipe.step(x, y, scale=1.0 / cfg.accumulation) / cfg.accumulation
+            busy += self.pipe.last_step.busy_time
+            pipeline_time += self.pipe.last_step.step_time
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else cfg.lr
+        grad_norm = self.clip_gradients()
+        if self.optimizer:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        per_rank = torch.zeros(2 * self.world, dtype=torch.float64, device=self.pipe.transport.device)
+        per_rank[self.rank] = 1.0 - busy / pipeline_time if pipeline_time > 0 else 0.0
+        per_rank[self.world + self.rank] = peak_memory_bytes(self.pipe.device)
+        per_rank = self._all_reduce(per_rank).tolist()
+        tokens = cfg.accumulation * cfg.batch_size * self.model_config.seq_len
+        return {
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed, "step_time": elapsed,
+            "bubble_fraction": sum(per_rank[: self.world]) / self.world,
+            "bubble_per_rank": per_rank[: self.world],
+            "peak_memory_per_rank": [int(m) for m in per_rank[self.world:]],
+            "mfu": tokens * flops_per_token(self.model_config) / elapsed / self.peak_flops,
+        }
+
+    def clip_gradients(self) -> float:
+        """Global L2 norm of all stages' gradients (summed over ranks); scale them to `grad_clip` if above.
+
+        The coefficient is the one torch.nn.utils.clip_grad_norm_ computes for the whole model."""
+        grads = [p.grad for p in self.pipe.parameters() if p.grad is not None]
+        sumsq = torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device)
+        for g in grads:
+            sumsq += g.detach().double().pow(2).sum().to(sumsq.device)
+        norm = math.sqrt(float(self._all_reduce(sumsq)[0]))
+        if self.config.grad_clip > 0:
+            coef = self.config.grad_clip / (norm + 1e-6)
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
+        return norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss over the fixed evaluation batches (forward-only schedule)."""
+        self.pipe.eval()
+        try:
+            return sum(self.pipe.evaluate(x, y) for x, y in self.eval_set) / len(self.eval_set)
+        finally:
+            self.pipe.train()
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        """Train to `steps`, logging, evaluating and checkpointing as configured; returns the records."""
+        cfg = self.config
+        lead = self.rank == 0
+        writer = JsonlWriter(cfg.metrics_jsonl) if cfg.metrics_jsonl and lead else None
+        bar = _progress(cfg, self.step) if lead else None
+        start = time.perf_counter()
+        if self.step == 0:
+            first = self.evaluate()
+            self._say(f"held-out loss before training {first:.4f} (perplexity {math.exp(first):.2f})", bar)
+        try:
+            end = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step is not None else cfg.steps
+            while self.step < end:
+                record = self.train_step()
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == end:
+                    record["eval_loss"] = self.evaluate()
+                if cfg.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                self.history.append(record)
+                if writer:
+                    writer.write(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if lead and (self.step % cfg.log_every == 0 or self.step == end):
+                    self._say(_format(record, self.world), bar)
+                if cfg.max_seconds is not None and self._agree(time.perf_counter() - start > cfg.max_seconds):
+                    self._say(f"stopping at step {self.step}: --max-seconds {cfg.max_seconds:g} reached", bar)
+                    break
+            final = self.history[-1]["eval_loss"] if self.history and self.history[-1]["step"] == self.step \
+                else self.evaluate()
+            just_saved = cfg.checkpoint_every and self.history and self.step % cfg.checkpoint_every == 0
+            if cfg.checkpoint_dir and not just_saved:
+                self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer:
+                writer.close()
+        if lead:
+            self._summary(final, time.perf_counter() - start)
+            if cfg.plot and self.history:
+                plot_losses(self.history, cfg.plot, title=f"{cfg.preset} GPT, {cfg.schedule}, {self.world} ranks")
+                print(f"loss curve: {cfg.plot}")
+        return self.history
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (collective). Returns its path on rank 0."""
+        root = Path(self.config.checkpoint_dir)
+        tmp = root / f".tmp-step_{self.step:08d}"
+        ckpt.write_shards(tmp, self.rank, self.local_layers, self.optimizer or torch.optim.SGD([torch.zeros(1)]))
+        self._barrier()  # every shard is on disk before rank 0 publishes
+        path = None
+        if self.rank == 0:
+            manifest = {
+                "format": 1, "step": self.step, "world_size": self.world,
+                "num_layers": sum(self.pipe.balance),
+                "model": dataclasses.asdict(self.model_config),
+                "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "extra"},
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "data": base64.b64encode(self.train_data.generator.get_state().numpy().tobytes()).decode(),
+            }
+            path = ckpt.publish(root, tmp, self.step, manifest)
+        self._barrier()  # nobody reads `latest` before it is published
+        return path
+
+    def load(self) -> bool:
+        """Resume from the latest checkpoint in checkpoint_dir (on any number of ranks). False if none."""
+        path = ckpt.latest(self.config.checkpoint_dir)
+        if path is None:
+            self._say(f"no checkpoint in {self.config.checkpoint_dir}: starting from step 0", None)
+            return False
+        manifest = ckpt.read_manifest(path)
+        if manifest["model"] != dataclasses.asdict(self.model_config):
+            raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds "
+                              f"{dataclasses.asdict(self.model_config)}: resume with the same model settings")
+        ckpt.load_layers(path, self.local_layers, self.optimizer or torch.optim.SGD([torch.zeros(1)]))
+        if self.scheduler and manifest["scheduler"]:
+            self.scheduler.load_state_dict(manifest["scheduler"])
+            for group, lr in zip(self.optimizer.param_groups, manifest["scheduler"]["_last_lr"], strict=False):
+                group["lr"] = lr
+        state = torch.frombuffer(bytearray(base64.b64decode(manifest["data"])), dtype=torch.uint8)
+        self.train_data.generator.set_state(state)
+        if manifest["world_size"] != self.world or not ckpt.load_rng(path, self.rank):
+            torch.manual_seed(self.config.seed * 1_000_003 + manifest["step"] * 101 + self.rank)
+        self.step = manifest["step"]
+        self._say(f"resumed from {path} at step {self.step}", None)
+        return True
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(self.pipe.transport, tensor, self.config.timeout)
+
+    def _barrier(self) -> None:
+        self._all_reduce(torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device))
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (so all ranks stop at the same step)."""
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self.pipe.transport.device)
+        return float(self._all_reduce(t)[0]) > 0
+
+    def _say(self, text: str, bar) -> None:
+        if self.rank != 0:
+            return
+        if bar is not None:
+            bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _summary(self, final: float, seconds: float) -> None:
+        h = self.history
+        if not h:
+            return
+        k = min(10, len(h))
+        first = sum(r["loss"] for r in h[:k]) / k
+        last = sum(r["loss"] for r in h[-k:]) / k
+        tokens = sum(r["tokens_per_s"] * r["step_time"] for r in h)
+        bubbles = [sum(r["bubble_per_rank"][i] for r in h) / len(h) for i in range(self.world)]
+        print(f"\nsummary: {len(h)} steps in {seconds:.1f}s, {tokens / seconds:.0f} tokens/s, "
+              f"MFU {sum(r['mfu'] for r in h) / len(h):.1%} of measured matmul peak")
+        print(f"  train loss (mean of {k} steps) {first:.4f} -> {last:.4f}; held-out loss {final:.4f} "
+              f"(perplexity {math.exp(final):.2f})")
+        print(f"  idle (bubble) per rank {' '.join(f'{b:.1%}' for b in bubbles)}; peak memory per rank "
+              f"{' '.join(f'{m / 2**20:.0f}MiB' for m in h[-1]['peak_memory_per_rank'])}")
+
+
+def _world_size(group, transport) -> int:
+    if transport is not None:
+        return transport.world_size
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: launch with torchrun (or pass transport=)")
+    return dist.get_world_size(group)
+
+
+def _format(r: dict, world: int) -> str:
+    extra = f" | held-out {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
+    return (f"step {r['step']:5d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | "
+            f"{r['tokens_per_s']:7.0f} tokens/s | MFU {r['mfu']:.1%} | idle "
+            f"{' '.join(f'{b:.0%}' for b in r['bubble_per_rank'])}{extra}")
+
+
+def _progress(cfg: TrainConfig, initial: int):
+    """A tqdm bar when asked (or stdout is a terminal) and tqdm is installed; None for plain lines."""
+    wanted = cfg.progress if cfg.progress is not None else sys.stdout.isatty()
+    if not wanted:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True)

@@ -1,0 +1,154 @@
+"""The trainer: exact resume (also on another rank count), global clipping, accumulation, bf16, config."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from workers import make_model, run_processes, run_threads, trainer_clip, trainer_run
+
+import pipetrain as pt
+from pipetrain import checkpoint as ckpt
+from pipetrain.cli import main
+from pipetrain.models.gpt import build_gpt, gpt_loss
+from pipetrain.trainer import ConfigError, TrainConfig, warmup_cosine
+
+BASE = {"preset": "tiny", "steps": 10, "microbatches": 4, "batch_size": 8, "log_every": 100, "eval_batches": 1,
+        "seed": 3, "progress": False, "warmup": 3}
+
+
+def _params(results):
+    merged = {}
+    for r in results.values():
+        merged.update(r["params"])
+    return merged
+
+
+def test_resume_is_exact_and_works_on_another_rank_count(tmp_path):
+    straight = run_processes(2, trainer_run, BASE)
+    ck = str(tmp_path / "ck")
+    first = run_processes(2, trainer_run, {**BASE, "checkpoint_dir": ck, "stop_at_step": 5})
+    shutil.copytree(ck, tmp_path / "ck5")  # the step-5 checkpoint, for the 3-rank resume below
+    resumed = run_processes(2, trainer_run, {**BASE, "checkpoint_dir": ck, "resume": True})
+    assert first[0]["losses"] + resumed[0]["losses"] == straight[0]["losses"]  # bit for bit
+    want = _params(straight)
+    got = _params(resumed)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # resume the 2-rank checkpoint on 3 ranks: the layers are re-partitioned, the run goes on
+    three = run_processes(3, trainer_run, {**BASE, "checkpoint_dir": str(tmp_path / "ck5"), "resume": True})
+    assert three[0]["losses"] == pytest.approx(straight[0]["losses"][5:], rel=1e-5)
+    got3 = _params(three)
+    for k in want:
+        assert torch.allclose(got3[k], want[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_global_clipping_equals_single_process(tmp_path):
+    settings = {**BASE, "grad_clip": 0.05}
+    results = run_processes(2, trainer_clip, settings)
+    torch.manual_seed(settings["seed"])
+    config = TrainConfig.from_dict(settings)
+    model = nn.Sequential(*build_gpt(config.model_config()))
+    x, y = results[0]["batch"]
+    gpt_loss(model(x), y).backward()
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    assert results[0]["norm"] == pytest.approx(total.item(), rel=1e-6) == results[1]["norm"]
+    assert results[0]["norm"] > 0.05, "the test must actually clip"
+    grads = {}
+    for r in results.values():
+        grads.update(r["grads"])
+    for i, layer in enumerate(model):
+        for n, p in layer.named_parameters():
+            err = (grads[(i, n)] - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
+            assert err < 1e-5, (i, n, err.item())
+
+
+def test_accumulation_equals_the_mean_over_the_batches():
+    def body(rank, world, transport):
+        layers, loss_fn, x, y = make_model("gpt", 4)
+        sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=4)
+        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport)
+        pipe.step(x, y, scale=0.5)
+        pipe.step(x.flip(0), y.flip(0).roll(1, dims=1), scale=0.5)
+        return {(i, n): p.grad.clone() for s in pipe.stages for i in pipe.layer_ranges[s]
+                for n, p in layers[i].named_parameters()}
+
+    results = run_threads(2, body)
+    layers, loss_fn, x, y = make_model("gpt", 4)
+    model = nn.Sequential(*layers)
+    (0.5 * (loss_fn(model(x), y) + loss_fn(model(x.flip(0)), y.flip(0).roll(1, dims=1)))).backward()
+    grads = {**results[0], **results[1]}
+    for i, layer in enumerate(layers):
+        for n, p in layer.named_parameters():
+            assert ((grads[(i, n)] - p.grad).norm() / p.grad.norm()) < 1e-5
+
+
+def test_bf16_autocast_keeps_fp32_master_weights():
+    def body(rank, world, transport):
+        layers, loss_fn, x, y = make_model("gpt", 4)
+        sched = pt.schedules.build("zbv", num_ranks=world, num_microbatches=4)
+        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport, precision="bf16")
+        loss = pipe.step(x, y)
+        return loss, {p.dtype for p in pipe.parameters()} | {p.grad.dtype for p in pipe.parameters()}
+
+    results = run_threads(2, body)
+    layers, loss_fn, x, y = make_model("gpt", 4)
+    with torch.no_grad():
+        want = loss_fn(nn.Sequential(*layers)(x), y).item()
+    assert results[0][0] == pytest.approx(want, rel=2e-2) and results[0][0] != want
+    assert results[0][1] == {torch.float32}  # parameters and their gradients stay fp32
+
+
+def test_metrics_log_plot_and_checkpoints_on_disk(tmp_path):
+    settings = {**BASE, "steps": 6, "checkpoint_dir": str(tmp_path / "ck"), "checkpoint_every": 3,
+                "metrics_jsonl": str(tmp_path / "m.jsonl"), "plot": str(tmp_path / "loss.png"), "accumulation": 2}
+    results = run_processes(2, trainer_run, settings)
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    for r in lines:
+        assert {"step", "loss", "tokens_per_s", "bubble_fraction", "step_time", "mfu", "lr", "grad_norm",
+                "bubble_per_rank", "peak_memory_per_rank"} <= r.keys()
+        assert len(r["bubble_per_rank"]) == 2 and all(m > 0 for m in r["peak_memory_per_rank"])
+    assert lines[-1]["eval_loss"] < 6 and results[0]["losses"] == [r["loss"] for r in lines]
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    # checkpoints at 3 and 6; a crash while writing step 9 leaves `latest` on the last good one
+    root = tmp_path / "ck"
+    assert ckpt.latest(root).name == "step_00000006"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000006"]
+    manifest = ckpt.read_manifest(ckpt.latest(root))
+    assert manifest["step"] == 6 and manifest["num_layers"] == 6 and manifest["world_size"] == 2
+    partial = root / ".tmp-step_00000009"
+    partial.mkdir()
+    (partial / "layer_0000.pt").write_bytes(b"half a file")
+    assert ckpt.latest(root).name == "step_00000006"
+    again = run_processes(2, trainer_run, {**settings, "resume": True, "steps": 7, "metrics_jsonl": None,
+                                           "plot": None})
+    assert len(again[0]["losses"]) == 1  # resumed at 6, ran step 7
+
+
+def test_warmup_then_cosine():
+    lr = [warmup_cosine(s, warmup=4, total=12, lr=1.0, min_lr=0.1) for s in range(13)]
+    assert lr[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lr[12] == pytest.approx(0.1) and lr[8] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    assert all(a >= b for a, b in zip(lr[4:], lr[5:], strict=False))
+
+
+@pytest.mark.parametrize("settings,field", [
+    ({"microbatches": 0}, "microbatches"), ({"batch_size": 10, "microbatches": 4}, "batch_size=10"),
+    ({"schedule": "nope"}, "schedule='nope'"), ({"preset": "huge"}, "preset='huge'"),
+    ({"lr": 0.1, "min_lr": 1.0}, "min_lr"), ({"resume": True}, "checkpoint_dir"),
+    ({"heads": 3}, "divisible by n_heads"), ({"precision": "fp8"}, "precision"), ({"bogus": 1}, "bogus"),
+])
+def test_bad_configs_name_the_field(settings, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig.from_dict(settings).validate()
+
+
+def test_cli_rejects_bad_config_before_any_process_group(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('preset = "tiny"\nmicrobatches = 3\nbatch_size = 16\n')
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "batch_size=16 does not split into microbatches=3" in capsys.readouterr().err
+    assert main(["train", "--config", str(bad), "--batch-size", "12"]) == 2  # valid now: asks for torchrun
+    assert "torchrun" in capsys.readouterr().err
