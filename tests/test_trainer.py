@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from torch import nn
-from workers import make_model, run_processes, run_threads, trainer_clip, trainer_run
+from workers import make_model, run_processes, run_threads, trainer_clip, trainer_run, trainer_sgd
 
 import pipetrain as pt
 from pipetrain import checkpoint as ckpt
@@ -44,8 +44,11 @@ def test_resume_is_exact_and_works_on_another_rank_count(tmp_path):
         assert torch.allclose(got3[k], want[k], rtol=1e-4, atol=1e-6), k
 
 
-def test_global_clipping_equals_single_process(tmp_path):
-    settings = {**BASE, "grad_clip": 0.05}
+@pytest.mark.parametrize("tied", [False, True])
+def test_global_clipping_equals_single_process(tied):
+    # with tied embeddings the shared matrix lives on both ranks; its gradient is summed across them
+    # and counted once in the norm, as in the single-process model where it is one parameter
+    settings = {**BASE, "grad_clip": 0.05, "tie_embeddings": tied}
     results = run_processes(2, trainer_clip, settings)
     torch.manual_seed(settings["seed"])
     config = TrainConfig.from_dict(settings)
@@ -62,6 +65,27 @@ def test_global_clipping_equals_single_process(tmp_path):
         for n, p in layer.named_parameters():
             err = (grads[(i, n)] - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
             assert err < 1e-5, (i, n, err.item())
+    if tied:
+        assert torch.equal(grads[(0, "tok.weight")], grads[(len(model) - 1, "proj.weight")])
+
+
+def test_tied_embeddings_train_like_one_rank():
+    settings = {**BASE, "steps": 5, "tie_embeddings": True}
+    one = run_processes(1, trainer_run, settings)
+    two = run_processes(2, trainer_run, settings)
+    assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
+    last = max(i for i, _ in two[1]["params"])
+    assert torch.equal(two[0]["params"][(0, "tok.weight")], two[1]["params"][(last, "proj.weight")]), \
+        "the two copies of the tied matrix must stay identical"
+
+
+def test_tied_weights_across_in_process_ranks_are_refused():
+    from pipetrain.models.gpt import GPTConfig
+
+    layers = build_gpt(GPTConfig(vocab_size=16, seq_len=4, d_model=8, n_layers=2, n_heads=2, tie_embeddings=True))
+    sched = pt.schedules.build("gpipe", num_ranks=2, num_microbatches=2)
+    with pytest.raises(ValueError, match="separate processes"):
+        pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, transport=pt.InProcessHub(2).transport(0))
 
 
 def test_accumulation_equals_the_mean_over_the_batches():
@@ -139,6 +163,7 @@ def test_warmup_then_cosine():
     ({"schedule": "nope"}, "schedule='nope'"), ({"preset": "huge"}, "preset='huge'"),
     ({"lr": 0.1, "min_lr": 1.0}, "min_lr"), ({"resume": True}, "checkpoint_dir"),
     ({"heads": 3}, "divisible by n_heads"), ({"precision": "fp8"}, "precision"), ({"bogus": 1}, "bogus"),
+    ({"stop_at_step": 0}, "stop_at_step"),
 ])
 def test_bad_configs_name_the_field(settings, field):
     with pytest.raises(ConfigError, match=field):
@@ -152,3 +177,22 @@ def test_cli_rejects_bad_config_before_any_process_group(tmp_path, capsys):
     assert "batch_size=16 does not split into microbatches=3" in capsys.readouterr().err
     assert main(["train", "--config", str(bad), "--batch-size", "12"]) == 2  # valid now: asks for torchrun
     assert "torchrun" in capsys.readouterr().err
+
+
+def test_tensorboard_needs_its_package_or_logs(tmp_path):
+    config = TrainConfig.from_dict({"tensorboard": str(tmp_path / "tb")})
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            config.validate()
+        return
+    run_processes(2, trainer_run, {**BASE, "steps": 2, "tensorboard": str(tmp_path / "tb")})
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_any_torch_optimizer_from_a_factory():
+    results = run_processes(2, trainer_sgd, {**BASE, "steps": 8, "weight_decay": 0.01})
+    assert results[0]["kind"] == results[1]["kind"] == "SGD"
+    assert results[0]["decay"] == [0.01, 0.0]  # matrices decay, biases and norms do not
+    assert results[0]["losses"][-1] < results[0]["losses"][0]

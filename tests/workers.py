@@ -256,3 +256,14 @@ def trainer_clip(rank: int, world: int, settings: dict) -> dict:
     norm = trainer.clip_gradients()
     grads = {(i, n): p.grad.clone() for i, layer in trainer.local_layers.items() for n, p in layer.named_parameters()}
     return {"norm": norm, "grads": grads, "batch": (x, y)}
+
+
+def trainer_sgd(rank: int, world: int, settings: dict) -> dict:
+    from pipetrain.data import load_corpus
+    from pipetrain.trainer import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig.from_dict(settings), corpus=load_corpus(max_bytes=300_000),
+                      optimizer=lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9))
+    history = trainer.fit()
+    return {"losses": [r["loss"] for r in history], "kind": type(trainer.optimizer).__name__,
+            "decay": [g["weight_decay"] for g in trainer.optimizer.param_groups]}

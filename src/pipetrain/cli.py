@@ -93,6 +93,7 @@ _TRAIN_FLAGS = {
     "checkpoint-dir": (str, "where checkpoints go"),
     "checkpoint-every": (int, "checkpoint every K steps (0: at the end)"),
     "metrics-jsonl": (str, "append one JSON object per step to this file"),
+    "tensorboard": (str, "also log scalars to this TensorBoard directory (needs tensorboard)"),
     "plot": (str, "write the loss curve to this PNG at the end"),
     "seed": (int, "random seed (weights, data order)"),
     "timeout": (float, "seconds any transfer may wait"),
@@ -117,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             values[flag.replace("-", "_")] = value
-    for flag in ("resume", "activation_checkpointing"):
+    for flag in ("resume", "activation_checkpointing", "tie_embeddings"):
         if getattr(args, flag):
             values[flag] = True
     if args.progress is not None:
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(f"--{flag}", type=kind, default=None, help=text)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     train.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--tie-embeddings", action="store_true", help="the output head reuses the token embedding")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on rank 0 (default: when stdout is a terminal)")
     train.add_argument("--log-file", help="also write rank 0's output to this file")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .comm import CommError, DistTransport, Transport
+from .comm import CommError, DistTransport, InProcessTransport, Transport
 from .partition import BalanceError, partition
 from .profile import param_costs, time_costs, uniform_costs
 from .runtime import Executor, RankStep
@@ -17,6 +18,12 @@ from .stage import Stage
 
 Balance = str | Sequence[int]
 _OPS = list(Op)
+
+
+@dataclass(frozen=True)
+class _Tie:
+    peer: int  # the other rank using the weight
+    owner: bool  # this rank holds its first use
 
 
 class Pipeline:
@@ -99,6 +106,10 @@ class Pipeline:
                      autocast=torch.bfloat16 if precision == "bf16" else None)
             for s in schedule.stages_of(self.rank)
         }
+        self._ties = self._find_ties(layers)
+        if self._ties and isinstance(transport, InProcessTransport):
+            raise ValueError("a parameter is shared by layers on different ranks (tied weights); in-process ranks "
+                             "share one Python object for it, so run such a model in separate processes")
         self._train_actions = lower(schedule, prefetch=prefetch).actions[self.rank]
         self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
@@ -113,7 +124,10 @@ class Pipeline:
         `scale` x the full-batch mean loss; zero them between optimizer steps as usual. Accumulating k
         batches with `scale=1/k` gives the gradient of the mean over all k batches.
         """
-        return self._run(self._train_actions, inputs, targets, grad=True, scale=scale)
+        before = [(tie, p.grad.clone() if p.grad is not None else None) for tie, p in self._ties]
+        loss = self._run(self._train_actions, inputs, targets, grad=True, scale=scale)
+        self._sync_tied_gradients(before)
+        return loss
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> float:
@@ -159,9 +173,19 @@ class Pipeline:
                         tuple(sorted(waits, key=lambda e: (e.rank, e.start))), tuple(step_times))
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """The parameters of this rank's stages (what this rank's optimizer should own)."""
+        """The parameters of this rank's stages, each once (what this rank's optimizer should own)."""
+        seen = set()
         for stage in self.stages.values():
-            yield from stage.module.parameters()
+            for p in stage.module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def owned_parameters(self) -> Iterator[nn.Parameter]:
+        """Like `parameters()`, but a weight tied across ranks only on the rank of its first use: summing
+        over every rank's owned parameters counts each weight once (e.g. for a global gradient norm)."""
+        copies = {id(p) for tie, p in self._ties if not tie.owner}
+        return (p for p in self.parameters() if id(p) not in copies)
 
     def local_layers(self) -> list[nn.Module]:
         return [layer for stage in self.stages.values() for layer in stage.layers]
@@ -175,6 +199,40 @@ class Pipeline:
         return self.train(False)
 
     # --- internals -----------------------------------------------------------------------------------
+    def _find_ties(self, layers: list[nn.Module]) -> list[tuple[_Tie, nn.Parameter]]:
+        """Parameters used by layers on two different ranks (one nn.Parameter object in both layers, as
+        with tied input/output embeddings). Their gradients are summed across the two ranks after every
+        step, so both copies see the single-process gradient and stay equal under the same optimizer."""
+        first_use: dict[int, int] = {}
+        ties = []
+        rank_of_layer = {i: self.schedule.stage_to_rank[s] for s, r in self.layer_ranges.items() for i in r}
+        for i, layer in enumerate(layers):
+            for p in layer.parameters():
+                if id(p) not in first_use:
+                    first_use[id(p)] = i
+                    continue
+                a, b = rank_of_layer[first_use[id(p)]], rank_of_layer[i]
+                if a != b and self.rank in (a, b):
+                    ties.append((_Tie(peer=b if self.rank == a else a, owner=self.rank == a), p))
+        return ties
+
+    def _sync_tied_gradients(self, before) -> None:
+        """Add the peer's gradient contribution of this step to each tied weight (both ranks, same order)."""
+        for (tie, old), (_, p) in zip(before, self._ties, strict=True):
+            mine = p.grad - old if old is not None else (p.grad if p.grad is not None else torch.zeros_like(p))
+            mine = mine.contiguous()
+            theirs = torch.empty_like(mine)
+            works = [(self.transport.isend(mine, tie.peer), "send"), (self.transport.irecv(theirs, tie.peer), "recv")]
+            for work, what in works:
+                try:
+                    work.wait(self.timeout)
+                except Exception as err:
+                    raise CommError(f"rank {self.rank}: tied-weight gradient {what} with rank {tie.peer} failed or "
+                                    f"timed out after {self.timeout:g}s: {err}") from err
+            first, second = (mine, theirs) if tie.owner else (theirs, mine)  # same sum order on both ranks
+            total = first + second
+            p.grad = total if old is None else old + total
+
     def _run(self, actions, inputs, targets, *, grad: bool, scale: float = 1.0) -> float:
         m = self.schedule.num_microbatches
         last = self.schedule.num_stages - 1

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class TrainConfig:
     heads: int | None = None
     seq_len: int | None = None
     dropout: float = 0.0
+    tie_embeddings: bool = False
     schedule: str = "1f1b"
     stages_per_rank: int | None = None
     microbatches: int = 4
@@ -59,6 +61,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end (when checkpoint_dir is set)
     resume: bool = False
     metrics_jsonl: str | None = None
+    tensorboard: str | None = None  # a log directory for TensorBoard (needs the tensorboard package)
     plot: str | None = None  # loss curve PNG written at the end
     seed: int = 0
     timeout: float = 60.0
@@ -98,6 +101,12 @@ class TrainConfig:
             raise ConfigError("resume needs checkpoint_dir (where to look for the latest checkpoint)")
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError(f"tensorboard={self.tensorboard!r} needs the tensorboard package: pip install "
+                                  "tensorboard (or drop the setting; metrics_jsonl needs nothing)") from None
         try:
             self.model_config()
         except ValueError as err:
@@ -106,7 +115,8 @@ class TrainConfig:
     def model_config(self) -> GPTConfig:
         overrides = {"n_layers": self.layers, "d_model": self.d_model, "n_heads": self.heads, "seq_len": self.seq_len}
         base = PRESETS[self.preset]
-        return dataclasses.replace(base, dropout=self.dropout, **{k: v for k, v in overrides.items() if v is not None})
+        return dataclasses.replace(base, dropout=self.dropout, tie_embeddings=self.tie_embeddings,
+                                   **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -130,7 +140,10 @@ class Trainer:
     """Trains the reference GPT with a pipeline; create it on every rank (under torchrun) and call `fit`."""
 
     def __init__(self, config: TrainConfig, *, group=None, transport=None, device=None,
-                 corpus: Corpus | None = None) -> None:
+                 corpus: Corpus | None = None,
+                 optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None) -> None:
+        """`optimizer` builds any torch optimizer from parameter groups (weight decay set per group);
+        default AdamW(lr, betas). The LR schedule multiplies each group's initial learning rate."""
         config.validate()
         self.config = config
         self.model_config = config.model_config()
@@ -153,8 +166,9 @@ class Trainer:
         params = list(self.pipe.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]] or [{"params": []}], lr=config.lr,
-                                           betas=config.betas) if params else None
+        groups = [g for g in groups if g["params"]]
+        make = optimizer or (lambda g: torch.optim.AdamW(g, lr=config.lr, betas=config.betas))
+        self.optimizer = make(groups) if groups else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, warmup=config.warmup, total=config.steps, lr=config.lr,
                                                     min_lr=config.min_lr)) if self.optimizer else None
@@ -204,8 +218,9 @@ class Trainer:
         The coefficient is the one torch.nn.utils.clip_grad_norm_ computes for the whole model."""
         grads = [p.grad for p in self.pipe.parameters() if p.grad is not None]
         sumsq = torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device)
-        for g in grads:
-            sumsq += g.detach().double().pow(2).sum().to(sumsq.device)
+        for p in self.pipe.owned_parameters():  # a weight tied across ranks counts once
+            if p.grad is not None:
+                sumsq += p.grad.detach().double().pow(2).sum().to(sumsq.device)
         norm = math.sqrt(float(self._all_reduce(sumsq)[0]))
         if self.config.grad_clip > 0:
             coef = self.config.grad_clip / (norm + 1e-6)
@@ -229,6 +244,11 @@ class Trainer:
         cfg = self.config
         lead = self.rank == 0
         writer = JsonlWriter(cfg.metrics_jsonl) if cfg.metrics_jsonl and lead else None
+        board = None
+        if cfg.tensorboard and lead:
+            from torch.utils.tensorboard import SummaryWriter
+
+            board = SummaryWriter(cfg.tensorboard)
         bar = _progress(cfg, self.step) if lead else None
         start = time.perf_counter()
         if self.step == 0:
@@ -245,6 +265,11 @@ class Trainer:
                 self.history.append(record)
                 if writer:
                     writer.write(record)
+                if board is not None:
+                    for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "bubble_fraction",
+                                "step_time"):
+                        if record.get(key) is not None:
+                            board.add_scalar(key, record[key], self.step)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -263,6 +288,8 @@ class Trainer:
                 bar.close()
             if writer:
                 writer.close()
+            if board is not None:
+                board.close()
         if lead:
             self._summary(final, time.perf_counter() - start)
             if cfg.plot and self.history:

@@ -19,6 +19,7 @@ class GPTConfig:
     n_heads: int = 4
     d_ff: int | None = None  # default 4 * d_model
     dropout: float = 0.0
+    tie_embeddings: bool = False  # the head reuses the token embedding matrix (one Parameter in two layers)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -32,7 +33,8 @@ class GPTConfig:
         return self.d_ff or 4 * self.d_model
 
     def num_params(self) -> int:
-        return sum(p.numel() for layer in build_gpt(self) for p in layer.parameters())
+        unique = {id(p): p for layer in build_gpt(self) for p in layer.parameters()}
+        return sum(p.numel() for p in unique.values())
 
 
 PRESETS: dict[str, GPTConfig] = {
@@ -105,6 +107,8 @@ def build_gpt(cfg: GPTConfig) -> list[nn.Module]:
                 nn.init.normal_(p, mean=0.0, std=std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
+    if cfg.tie_embeddings:  # (vocab, d) both: the head's logits use the embedding matrix
+        layers[-1].proj.weight = layers[0].tok.weight
     return layers
 
 
