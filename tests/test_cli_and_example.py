@@ -60,3 +60,24 @@ def test_example_trains_on_two_gloo_ranks_and_writes_its_timeline(tmp_path):
     assert re.search(r"step time .* error [+-]\d+\.\d%", out), out  # simulated vs measured
     for name in ("timeline.json", "trace.json", "timeline.png"):
         assert (tmp_path / "trace" / name).stat().st_size > 0
+
+
+def test_pipetrain_train_under_torchrun_with_toml_flags_and_resume(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('preset = "tiny"\nschedule = "zb-h1"\nmicrobatches = 4\nbatch_size = 8\nlog_every = 2\n'
+                      'eval_batches = 1\nsteps = 100\n')
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launch = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", "--config",
+              str(config), "--checkpoint-dir", str(tmp_path / "ck"), "--metrics-jsonl", str(tmp_path / "m.jsonl"),
+              "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*launch, "--steps", "4", "--log-file", str(tmp_path / "log.txt")], capture_output=True,
+                           text=True, timeout=120, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "summary: 4 steps" in first.stdout and "summary: 4 steps" in (tmp_path / "log.txt").read_text()
+    again = subprocess.run([*launch, "--steps", "6", "--resume"], capture_output=True, text=True, timeout=120,
+                           env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step_00000004" in again.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

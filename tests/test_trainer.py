@@ -196,3 +196,14 @@ def test_any_torch_optimizer_from_a_factory():
     assert results[0]["kind"] == results[1]["kind"] == "SGD"
     assert results[0]["decay"] == [0.01, 0.0]  # matrices decay, biases and norms do not
     assert results[0]["losses"][-1] < results[0]["losses"][0]
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(monkeypatch):
+    from pipetrain.trainer import _progress
+
+    bar = _progress(TrainConfig(progress=True, steps=5), initial=2)
+    assert type(bar).__name__ == "tqdm" and bar.n == 2 and bar.total == 5
+    bar.close()
+    assert _progress(TrainConfig(progress=False), initial=0) is None
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    assert _progress(TrainConfig(), initial=0) is None  # plain lines in logs and pipes
