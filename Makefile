@@ -22,11 +22,11 @@ demo: $(BIN)/.installed
 		--metrics-jsonl runs/demo/metrics.jsonl --plot runs/demo/loss.png
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff check src tests examples benchmarks
 
 golden: $(BIN)/.installed
 	$(BIN)/python tests/regen_golden.py

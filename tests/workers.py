@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import os
-import queue as queue_module
-import socket
 import threading
 import time
-import traceback
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import pipetrain as pt
+from pipetrain import spawn
 from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
 
 STEPS = 10
@@ -181,56 +176,12 @@ def run_threads(world: int, fn, *args, timeout: float = 120):
     return results
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _process_main(rank, world, port, fn, args, queue):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        # tensors go back as bytes: torch's queue would share memory owned by this (exiting) process
-        buffer = io.BytesIO()
-        torch.save(fn(rank, world, *args), buffer)
-        queue.put((rank, "ok", buffer.getvalue()))
-    except BaseException:  # noqa: BLE001 - sent to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
 def run_processes(world: int, fn, *args, timeout: float = 180, expect: int | None = None):
-    """Spawn `world` gloo ranks running fn(rank, world, *args); return {rank: result} of `expect` ranks."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_process_main, args=(r, world, port, fn, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.time() + timeout
+    """Spawned gloo ranks (see pipetrain.spawn); a failing rank fails the test with its traceback."""
     try:
-        while len(results) < (world if expect is None else expect) and time.time() < deadline:
-            try:
-                rank, status, value = queue.get(timeout=1)
-            except queue_module.Empty:
-                continue
-            if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
-    finally:
-        some_ranks_die = expect is not None and expect < world  # the rest are dead or deliberately hung
-        for p in procs:
-            p.join(2 if some_ranks_die or not results else 20)
-            if p.is_alive():
-                p.kill()
-    if len(results) < (world if expect is None else expect):
-        raise AssertionError(f"only ranks {sorted(results)} reported within {timeout}s")
-    return results
+        return spawn.run_processes(world, fn, *args, timeout=timeout, expect=expect)
+    except (RuntimeError, TimeoutError) as err:
+        raise AssertionError(str(err)) from None
 
 
 # --- the trainer, on spawned gloo ranks ------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""What each benchmark process runs: pipetrain and torch.distributed.pipelining side by side, A/B/A/B."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import pipetrain as pt
+from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
+
+# pipetrain schedule -> torch.distributed.pipelining class name and placement ("loop" or "v")
+TORCH_SCHEDULES = {
+    "gpipe": ("ScheduleGPipe", "loop"),
+    "1f1b": ("Schedule1F1B", "loop"),
+    "interleaved-1f1b": ("ScheduleInterleaved1F1B", "loop"),
+    "zbv": ("ScheduleZBVZeroBubble", "v"),
+    "looped-bfs": ("ScheduleLoopedBFS", "loop"),
+}
+
+
+class PeakRss:
+    """Samples this process's resident memory every 2 ms while active; `peak - start` is what a block added."""
+
+    def __init__(self) -> None:
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self.start = self.peak = _rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def split_layers(layers: list[nn.Module], num_stages: int) -> list[int]:
+    """The split both libraries use: pipetrain's exact partition by parameter count."""
+    return pt.partition([float(sum(p.numel() for p in layer.parameters())) for layer in layers], num_stages)
+
+
+def pipetrain_runner(cfg: GPTConfig, name: str, world: int, m: int, x, y):
+    torch.manual_seed(0)
+    layers = build_gpt(cfg)
+    sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, balance=split_layers(layers, sched.num_stages))
+
+    def step() -> None:
+        pipe.step(x, y)
+        for p in pipe.parameters():
+            p.grad = None
+
+    return step, pipe
+
+
+def torch_runner(cfg: GPTConfig, name: str, world: int, rank: int, m: int, x, y):
+    from torch.distributed import pipelining
+
+    cls_name, placement = TORCH_SCHEDULES[name]
+    torch.manual_seed(0)
+    layers = build_gpt(cfg)
+    per_rank = 1 if name in ("gpipe", "1f1b") else 2
+    num_stages = world * per_rank
+    balance = split_layers(layers, num_stages)
+    bounds = [0]
+    for n in balance:
+        bounds.append(bounds[-1] + n)
+    mine = [rank, 2 * world - 1 - rank] if placement == "v" else [rank + c * world for c in range(per_rank)]
+    stages = [pipelining.PipelineStage(nn.Sequential(*layers[bounds[s]:bounds[s + 1]]), s, num_stages,
+                                       torch.device("cpu")) for s in mine]
+    schedule = getattr(pipelining, cls_name)(stages[0] if per_rank == 1 else stages, m, loss_fn=gpt_loss)
+    first, last = 0 in mine, num_stages - 1 in mine
+
+    def step() -> None:
+        kwargs = {"target": y, "losses": []} if last else {}
+        if first:
+            schedule.step(x, **kwargs)
+        else:
+            schedule.step(**kwargs)
+        for stage in stages:
+            stage.submod.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_rank(rank: int, world: int, spec: dict) -> dict:
+    """Every schedule of `spec`, pipetrain and torch alternating block by block; times are max over ranks."""
+    torch.set_num_threads(1)
+    cfg = GPTConfig(**spec["model"])
+    m, batch = spec["microbatches"], spec["batch_size"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
+    y = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
+    out = {}
+    for name in spec["schedules"]:
+        pt_step, pipe = pipetrain_runner(cfg, name, world, m, x, y)
+        runners = {"pipetrain": pt_step}
+        if name in TORCH_SCHEDULES and spec.get("torch", True):
+            runners["torch"] = torch_runner(cfg, name, world, rank, m, x, y)
+        for step in runners.values():  # warm-up (shape inference, allocator)
+            for _ in range(spec["warmup"]):
+                step()
+        times = {lib: [] for lib in runners}
+        memory = {lib: 0 for lib in runners}
+        bubbles = []
+        for r in range(spec["rounds"]):
+            order = list(runners) if r % 2 == 0 else list(reversed(runners))  # A B, B A, ...
+            for lib in order:
+                dist.barrier()
+                with PeakRss() as rss:
+                    start = time.perf_counter()
+                    for _ in range(spec["steps"]):
+                        runners[lib]()
+                        if lib == "pipetrain":
+                            bubbles.append(pipe.last_step.bubble_fraction)
+                    dist.barrier()
+                    elapsed = (time.perf_counter() - start) / spec["steps"]
+                times[lib].append(elapsed)
+                memory[lib] = max(memory[lib], rss.peak - rss.start)
+        timeline = None
+        if spec.get("timelines"):
+            pipe.step(x, y)
+            timeline = pipe.gather_timeline()
+            for p in pipe.parameters():
+                p.grad = None
+        out[name] = {"times": times, "step_memory": memory, "bubble": statistics.fmean(bubbles),
+                     "timeline": pt.schedules.io.timeline_to_json(timeline, pipe.schedule) if timeline else None}
+        del pipe, runners
+    return out
+
+
+def single_process(spec: dict) -> list[float]:
+    """The fair baseline: the whole model in one process on 1 thread, the same microbatches accumulated."""
+    torch.set_num_threads(1)
+    cfg = GPTConfig(**spec["model"])
+    torch.manual_seed(0)
+    model = nn.Sequential(*build_gpt(cfg))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.seq_len), generator=gen)
+    y = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.seq_len), generator=gen)
+    m = spec["microbatches"]
+
+    def step() -> None:
+        for xm, ym in zip(x.tensor_split(m), y.tensor_split(m), strict=True):
+            (gpt_loss(model(xm), ym) / m).backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(spec["rounds"] * spec["steps"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
