@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
-import threading
 import time
 
 import torch
@@ -21,33 +21,6 @@ TORCH_SCHEDULES = {
     "zbv": ("ScheduleZBVZeroBubble", "v"),
     "looped-bfs": ("ScheduleLoopedBFS", "loop"),
 }
-
-
-class PeakRss:
-    """Samples this process's resident memory every 2 ms while active; `peak - start` is what a block added."""
-
-    def __init__(self) -> None:
-        self.start = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PeakRss:
-        self.start = self.peak = _rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def split_layers(layers: list[nn.Module], num_stages: int) -> list[int]:
@@ -117,32 +90,44 @@ def bench_rank(rank: int, world: int, spec: dict) -> dict:
             for _ in range(spec["warmup"]):
                 step()
         times = {lib: [] for lib in runners}
-        memory = {lib: 0 for lib in runners}
         bubbles = []
         for r in range(spec["rounds"]):
             order = list(runners) if r % 2 == 0 else list(reversed(runners))  # A B, B A, ...
             for lib in order:
                 dist.barrier()
-                with PeakRss() as rss:
-                    start = time.perf_counter()
-                    for _ in range(spec["steps"]):
-                        runners[lib]()
-                        if lib == "pipetrain":
-                            bubbles.append(pipe.last_step.bubble_fraction)
-                    dist.barrier()
-                    elapsed = (time.perf_counter() - start) / spec["steps"]
-                times[lib].append(elapsed)
-                memory[lib] = max(memory[lib], rss.peak - rss.start)
+                start = time.perf_counter()
+                for _ in range(spec["steps"]):
+                    runners[lib]()
+                    if lib == "pipetrain":
+                        bubbles.append(pipe.last_step.bubble_fraction)
+                dist.barrier()
+                times[lib].append((time.perf_counter() - start) / spec["steps"])
         timeline = None
         if spec.get("timelines"):
             pipe.step(x, y)
             timeline = pipe.gather_timeline()
             for p in pipe.parameters():
                 p.grad = None
-        out[name] = {"times": times, "step_memory": memory, "bubble": statistics.fmean(bubbles),
+        out[name] = {"times": times, "bubble": statistics.fmean(bubbles),
                      "timeline": pt.schedules.io.timeline_to_json(timeline, pipe.schedule) if timeline else None}
         del pipe, runners
     return out
+
+
+def peak_memory_rank(rank: int, world: int, spec: dict, lib: str, name: str) -> int:
+    """Peak resident memory (bytes) of a fresh process that builds one library's pipeline and runs 2 steps."""
+    torch.set_num_threads(1)
+    cfg = GPTConfig(**spec["model"])
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.seq_len), generator=gen)
+    y = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.seq_len), generator=gen)
+    if lib == "pipetrain":
+        step, _ = pipetrain_runner(cfg, name, world, spec["microbatches"], x, y)
+    else:
+        step = torch_runner(cfg, name, world, rank, spec["microbatches"], x, y)
+    for _ in range(2):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def single_process(spec: dict) -> list[float]:

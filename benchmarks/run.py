@@ -4,6 +4,7 @@ For each workload (reference GPT size) and rank count, every schedule runs in pi
 torch.distributed.pipelining on the same layers, weights, batch, microbatches and split, alternating block
 by block (A B, B A, ...) to cancel machine drift. A single-process run of the same model (1 thread, the
 same microbatches accumulated: the fair baseline for P ranks on P cores) is timed before and after.
+Peak memory is measured apart from the timing, in fresh processes per library and schedule (peak RSS).
 Writes results.json, results.md and a timeline picture per schedule to --out.
 """
 
@@ -42,6 +43,12 @@ def measure(workload: str, world: int, args) -> dict:
     before = run_processes(1, _single, spec, timeout=3600)[0]
     per_rank = run_processes(world, ranks.bench_rank, spec, timeout=3600)
     after = run_processes(1, _single, spec, timeout=3600)[0]
+    memory = {}  # (schedule, library) -> peak RSS per rank, each measured in fresh processes
+    for name in args.schedules:
+        for lib in ("pipetrain", "torch"):
+            if lib == "pipetrain" or name in ranks.TORCH_SCHEDULES:
+                peaks = run_processes(world, ranks.peak_memory_rank, spec, lib, name, timeout=3600)
+                memory[(name, lib)] = [peaks[r] for r in range(world)]
     single = statistics.median(before + after)
     tokens = args.batch_size * WORKLOADS[workload]["seq_len"]
     rows = []
@@ -55,7 +62,7 @@ def measure(workload: str, world: int, args) -> dict:
             step = statistics.median(blocks)
             row[lib] = {"step_time": step, "blocks": blocks, "tokens_per_s": tokens / step,
                         "efficiency": single / world / step,
-                        "step_memory_per_rank": [per_rank[r][name]["step_memory"][lib] for r in range(world)]}
+                        "peak_memory_per_rank": memory[(name, lib)]}
         row["pipetrain"]["bubble_per_rank"] = [per_rank[r][name]["bubble"] for r in range(world)]
         if "torch" in row:
             pairs = [t / p for p, t in zip(row["pipetrain"]["blocks"], row["torch"]["blocks"], strict=True)]
@@ -71,13 +78,13 @@ def markdown(results: dict) -> str:
              f"Batch {results['batch_size']} sequences in {results['microbatches']} microbatches, fp32, "
              "1 thread per rank; median of A/B blocks; efficiency = (single-process step / P) / step.", "",
              "| workload | P | schedule | pipetrain step | tokens/s | efficiency | torch step | torch eff. | "
-             "speed-up | step memory pt / torch (MiB, max rank) | pipetrain idle per rank |",
+             "speed-up | peak RSS pt / torch (MiB, max rank) | pipetrain idle per rank |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for block in results["runs"]:
         for r in block["rows"]:
             p, t = r["pipetrain"], r.get("torch")
-            mem = f"{max(p['step_memory_per_rank']) / 2**20:.0f}"
-            mem += f" / {max(t['step_memory_per_rank']) / 2**20:.0f}" if t else " / —"
+            mem = f"{max(p['peak_memory_per_rank']) / 2**20:.0f}"
+            mem += f" / {max(t['peak_memory_per_rank']) / 2**20:.0f}" if t else " / —"
             lines.append(
                 f"| {r['workload']} | {r['ranks']} | {r['schedule']} | {p['step_time'] * 1e3:.0f} ms | "
                 f"{p['tokens_per_s']:.0f} | {p['efficiency']:.3f} | "
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workloads = args.workloads or (["gpt-8x256"] if args.quick else list(WORKLOADS))
     args.ranks = args.ranks or ([2] if args.quick else [2, 4])
     args.rounds = args.rounds or (3 if args.quick else 5)
-    args.steps = args.steps or (2 if args.quick else 3)
+    args.steps = args.steps or (3 if args.quick else 5)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch

@@ -38,11 +38,12 @@ def latest(root: str | Path) -> Path | None:
     return path
 
 
-def write_shards(tmp: Path, rank: int, layers: dict[int, nn.Module], optimizer: torch.optim.Optimizer) -> None:
-    """This rank's part: one file per layer it holds, and its RNG state."""
+def write_shards(tmp: Path, rank: int, layers: dict[int, nn.Module],
+                 optimizer: torch.optim.Optimizer | None) -> None:
+    """This rank's part: one file per layer it holds (None: its layers have no parameters), its RNG state."""
     tmp.mkdir(parents=True, exist_ok=True)
-    state_of = {id(p): optimizer.state[p] for group in optimizer.param_groups for p in group["params"]
-                if p in optimizer.state}
+    groups = optimizer.param_groups if optimizer is not None else []
+    state_of = {id(p): optimizer.state[p] for group in groups for p in group["params"] if p in optimizer.state}
     for index, layer in layers.items():
         opt = {name: state_of[id(p)] for name, p in layer.named_parameters() if id(p) in state_of}
         _atomic_save({"model": layer.state_dict(), "optimizer": opt}, tmp / f"layer_{index:04d}.pt")
@@ -66,7 +67,7 @@ def read_manifest(path: Path) -> dict:
     return json.loads((path / "manifest.json").read_text())
 
 
-def load_layers(path: Path, layers: dict[int, nn.Module], optimizer: torch.optim.Optimizer) -> None:
+def load_layers(path: Path, layers: dict[int, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
     """Load the given layers' weights and optimizer state from a checkpoint directory."""
     for index, layer in layers.items():
         shard_path = path / f"layer_{index:04d}.pt"
@@ -75,6 +76,8 @@ def load_layers(path: Path, layers: dict[int, nn.Module], optimizer: torch.optim
                                     "(resume with the same model configuration)")
         shard = torch.load(shard_path, weights_only=False)
         layer.load_state_dict(shard["model"])
+        if optimizer is None:
+            continue
         for name, p in layer.named_parameters():
             if name in shard["optimizer"]:
                 optimizer.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() else v

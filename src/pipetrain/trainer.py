@@ -302,7 +302,7 @@ class Trainer:
         """Write a checkpoint of the current step (collective). Returns its path on rank 0."""
         root = Path(self.config.checkpoint_dir)
         tmp = root / f".tmp-step_{self.step:08d}"
-        ckpt.write_shards(tmp, self.rank, self.local_layers, self.optimizer or torch.optim.SGD([torch.zeros(1)]))
+        ckpt.write_shards(tmp, self.rank, self.local_layers, self.optimizer)
         self._barrier()  # every shard is on disk before rank 0 publishes
         path = None
         if self.rank == 0:
@@ -328,7 +328,7 @@ class Trainer:
         if manifest["model"] != dataclasses.asdict(self.model_config):
             raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds "
                               f"{dataclasses.asdict(self.model_config)}: resume with the same model settings")
-        ckpt.load_layers(path, self.local_layers, self.optimizer or torch.optim.SGD([torch.zeros(1)]))
+        ckpt.load_layers(path, self.local_layers, self.optimizer)
         if self.scheduler and manifest["scheduler"]:
             self.scheduler.load_state_dict(manifest["scheduler"])
             for group, lr in zip(self.optimizer.param_groups, manifest["scheduler"]["_last_lr"], strict=False):
