@@ -68,9 +68,30 @@ def measure(workload: str, world: int, args) -> dict:
             pairs = [t / p for p, t in zip(row["pipetrain"]["blocks"], row["torch"]["blocks"], strict=True)]
             row["speedup_vs_torch"] = statistics.median(pairs)  # per A/B pair, then the median
         row["timeline"] = per_rank[0][name]["timeline"]
+        if row["timeline"]:
+            row.update(timeline_figures(row["timeline"]))
         rows.append(row)
     return {"single_process_step_time": single, "single_blocks": before + after, "rows": rows,
             "seconds": time.perf_counter() - started}
+
+
+def timeline_figures(data: dict) -> dict:
+    """From one measured pipetrain step: the runtime's own overhead (time in a rank's span that is neither
+    compute nor waiting for data: posting sends/receives and the executor's Python) as a fraction of the
+    step, worst rank; and the simulator's prediction error with costs fitted on that step."""
+    from pipetrain.schedule.compare import compare
+    from pipetrain.schedule.io import timeline_from_json
+
+    timeline, schedule = timeline_from_json(data)
+    step = timeline.step_time()
+    overheads = []
+    for r in range(timeline.num_ranks):
+        events = [e for e in timeline.events if e.rank == r]
+        waits = [w for w in timeline.waits if w.rank == r]
+        span = max(e.end for e in events) - min(e.start for e in events)
+        compute = sum(e.duration for e in events if e.action.op.is_compute)
+        overheads.append((span - compute - sum(w.duration for w in waits)) / step)
+    return {"runtime_overhead": max(overheads), "sim_error": compare(schedule, timeline).step_time_error}
 
 
 def markdown(results: dict) -> str:
@@ -78,8 +99,9 @@ def markdown(results: dict) -> str:
              f"Batch {results['batch_size']} sequences in {results['microbatches']} microbatches, fp32, "
              "1 thread per rank; median of A/B blocks; efficiency = (single-process step / P) / step.", "",
              "| workload | P | schedule | pipetrain step | tokens/s | efficiency | torch step | torch eff. | "
-             "speed-up | peak RSS pt / torch (MiB, max rank) | pipetrain idle per rank |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "speed-up | peak RSS pt / torch (MiB, max rank) | pipetrain idle per rank | runtime overhead | "
+             "sim. error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for block in results["runs"]:
         for r in block["rows"]:
             p, t = r["pipetrain"], r.get("torch")
@@ -90,9 +112,10 @@ def markdown(results: dict) -> str:
                 f"{p['tokens_per_s']:.0f} | {p['efficiency']:.3f} | "
                 + (f"{t['step_time'] * 1e3:.0f} ms | {t['efficiency']:.3f} | {r['speedup_vs_torch']:.2f}× | "
                    if t else "— | — | — | ")
-                + f"{mem} | {' '.join(f'{b:.1%}' for b in p['bubble_per_rank'])} |")
+                + f"{mem} | {' '.join(f'{b:.1%}' for b in p['bubble_per_rank'])} | "
+                + (f"{r['runtime_overhead']:.1%} | {r['sim_error']:+.1%} |" if "sim_error" in r else "— | — |"))
         lines.append(f"| {block['rows'][0]['workload']} | 1 | single process (1 thread) | "
-                     f"{block['single_process_step_time'] * 1e3:.0f} ms | | 1/P | | | | | |")
+                     f"{block['single_process_step_time'] * 1e3:.0f} ms | | 1/P | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
