@@ -5,6 +5,8 @@ torch.distributed.pipelining on the same layers, weights, batch, microbatches an
 by block (A B, B A, ...) to cancel machine drift. A single-process run of the same model (1 thread, the
 same microbatches accumulated: the fair baseline for P ranks on P cores) is timed before and after.
 Peak memory is measured apart from the timing, in fresh processes per library and schedule (peak RSS).
+When `jax` is installed (never a pipetrain dependency), the same GPT also runs in JAX (benchmarks/jax_gpt.py):
+jit on one device and a shard_map/ppermute GPipe over 2 host devices, with pipetrain's ratio reported.
 Writes results.json, results.md and a timeline picture per schedule to --out.
 """
 
@@ -94,6 +96,27 @@ def timeline_figures(data: dict) -> dict:
     return {"runtime_overhead": max(overheads), "sim_error": compare(schedule, timeline).step_time_error}
 
 
+def measure_jax(workload: str, args) -> dict | None:
+    """The optional JAX comparison (benchmarks/jax_gpt.py in its own process); None without jax."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("jax") is None:
+        return None
+    model = WORKLOADS[workload]
+    cmd = [sys.executable, str(Path(__file__).with_name("jax_gpt.py")), "--vocab", str(model["vocab_size"]),
+           "--seq-len", str(model["seq_len"]), "--d-model", str(model["d_model"]), "--layers", str(model["n_layers"]),
+           "--heads", str(model["n_heads"]), "--batch-size", str(args.batch_size), "--microbatches",
+           str(args.microbatches), "--repeats", str(args.rounds * args.steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        print(f"   (JAX comparison failed: {done.stderr.strip().splitlines()[-1:]})", flush=True)
+        return None
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"version": out["jax"], "single_step": statistics.median(out["single"]),
+            "gpipe_step": statistics.median(out["gpipe"])}
+
+
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; torch {results['torch']}; {results['date']}.",
              f"Batch {results['batch_size']} sequences in {results['microbatches']} microbatches, fp32, "
@@ -116,6 +139,17 @@ def markdown(results: dict) -> str:
                 + (f"{r['runtime_overhead']:.1%} | {r['sim_error']:+.1%} |" if "sim_error" in r else "— | — |"))
         lines.append(f"| {block['rows'][0]['workload']} | 1 | single process (1 thread) | "
                      f"{block['single_process_step_time'] * 1e3:.0f} ms | | 1/P | | | | | | | |")
+    for block in results["runs"]:
+        jax = block.get("jax")
+        if jax:
+            gpipe = next(r for r in block["rows"] if r["schedule"] == "gpipe")["pipetrain"]["step_time"]
+            best = min(r["pipetrain"]["step_time"] for r in block["rows"])
+            lines.append(f"\nJAX {jax['version']} on the same GPT ({block['rows'][0]['workload']}, "
+                         f"{block['rows'][0]['ranks']} CPU devices, 1 thread each): jit on one device "
+                         f"{jax['single_step'] * 1e3:.0f} ms per step, shard_map/ppermute GPipe "
+                         f"{jax['gpipe_step'] * 1e3:.0f} ms. pipetrain GPipe {gpipe * 1e3:.0f} ms: "
+                         f"{jax['gpipe_step'] / gpipe:.2f}x JAX's GPipe; pipetrain's best schedule "
+                         f"{best * 1e3:.0f} ms: {jax['single_step'] / best:.2f}x JAX on one device.")
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workloads = args.workloads or (["gpt-8x256"] if args.quick else list(WORKLOADS))
     args.ranks = args.ranks or ([2] if args.quick else [2, 4])
     args.rounds = args.rounds or (3 if args.quick else 5)
-    args.steps = args.steps or (3 if args.quick else 5)
+    args.steps = args.steps or (2 if args.quick else 5)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -166,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         for world in args.ranks:
             print(f"== {workload} on {world} ranks ...", flush=True)
             block = measure(workload, world, args)
+            if world == 2 and "gpipe" in args.schedules:  # the JAX pipeline uses 2 host devices
+                block["jax"] = measure_jax(workload, args)
             results["runs"].append(block)
             for r in block["rows"]:
                 t = f", torch {r['torch']['step_time'] * 1e3:.0f} ms, speed-up {r['speedup_vs_torch']:.2f}x" \
