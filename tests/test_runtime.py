@@ -129,3 +129,12 @@ def test_measured_timeline_covers_every_compute_action():
     assert [str(e.action) for e in step.events] == "0F0 0F1 0F2 0B0 0B1 0B2".split()
     assert 0 <= step.bubble_fraction < 1 and step.step_time >= step.busy_time
     assert STEPS == 10
+
+
+def test_a_transfer_nobody_answers_fails_naming_both_ranks():
+    from pipetrain.comm import wait_or_raise
+
+    hub = pt.InProcessHub(2)
+    work = hub.transport(1).irecv(torch.empty(3), 0)
+    with pytest.raises(pt.CommError, match=r"rank 1: the test transfer with rank 0 .* after 0.2s"):
+        wait_or_raise(work, timeout=0.2, rank=1, peer=0, what="the test transfer")

@@ -188,17 +188,22 @@ class InProcessTransport:
         return _InProcessRecv(self.hub, ch, ticket, tensor)
 
 
+def wait_or_raise(work: Work, *, timeout: float, rank: int, peer: int, what: str) -> None:
+    """Wait for a transfer; if it fails or times out, raise CommError naming this rank, the peer and what."""
+    try:
+        work.wait(timeout)
+    except Exception as err:  # gloo raises RuntimeError, in-process TimeoutError
+        raise CommError(f"rank {rank}: {what} with rank {peer} failed or timed out after {timeout:g}s: {err}. "
+                        f"Rank {peer} may have crashed or be stuck; check its log") from err
+
+
 def all_reduce_sum(transport: Transport, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
     """Sum `tensor` over the pipeline's ranks (in place; every rank gets the result), by point-to-point
     messages through rank 0, so it works on every transport. For a handful of numbers (norms, flags)."""
     peers = range(1, transport.world_size)
 
     def wait(work: Work, peer: int, what: str) -> None:
-        try:
-            work.wait(timeout)
-        except Exception as err:
-            raise CommError(f"rank {transport.rank}: {what} with rank {peer} failed or timed out after "
-                            f"{timeout:g}s: {err}. Rank {peer} may have crashed or be stuck") from err
+        wait_or_raise(work, timeout=timeout, rank=transport.rank, peer=peer, what=what)
 
     if transport.rank == 0:
         parts = []

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .comm import CommError, DistTransport, InProcessTransport, Transport
+from .comm import DistTransport, InProcessTransport, Transport, wait_or_raise
 from .partition import BalanceError, partition
 from .profile import param_costs, time_costs, uniform_costs
 from .runtime import Executor, RankStep
@@ -148,19 +148,19 @@ class Pipeline:
         data = torch.tensor(rows, dtype=torch.float64, device=self.transport.device).reshape(-1, 6)
         header = torch.tensor([len(rows), step.step_time, step.t0], dtype=torch.float64,
                               device=self.transport.device)
+        what = "gathering the timeline"
         if self.rank != dst:
-            works = [self.transport.isend(header, dst), self.transport.isend(data, dst)]
-            for work in works:
-                work.wait(self.timeout)
+            for work in (self.transport.isend(header, dst), self.transport.isend(data, dst)):
+                wait_or_raise(work, timeout=self.timeout, rank=self.rank, peer=dst, what=what)
             return None
         per_rank = {self.rank: (data, header)}
         for r in range(self.transport.world_size):
             if r == dst:
                 continue
             head = torch.zeros(3, dtype=torch.float64, device=self.transport.device)
-            self.transport.irecv(head, r).wait(self.timeout)
+            wait_or_raise(self.transport.irecv(head, r), timeout=self.timeout, rank=self.rank, peer=r, what=what)
             body = torch.zeros(int(head[0].item()), 6, dtype=torch.float64, device=self.transport.device)
-            self.transport.irecv(body, r).wait(self.timeout)
+            wait_or_raise(self.transport.irecv(body, r), timeout=self.timeout, rank=self.rank, peer=r, what=what)
             per_rank[r] = (body, head)
         origin = min(float(head[2]) for _, head in per_rank.values())
         events, waits, step_times = [], [], [0.0] * self.transport.world_size
@@ -224,11 +224,8 @@ class Pipeline:
             theirs = torch.empty_like(mine)
             works = [(self.transport.isend(mine, tie.peer), "send"), (self.transport.irecv(theirs, tie.peer), "recv")]
             for work, what in works:
-                try:
-                    work.wait(self.timeout)
-                except Exception as err:
-                    raise CommError(f"rank {self.rank}: tied-weight gradient {what} with rank {tie.peer} failed or "
-                                    f"timed out after {self.timeout:g}s: {err}") from err
+                wait_or_raise(work, timeout=self.timeout, rank=self.rank, peer=tie.peer,
+                              what=f"tied-weight gradient {what}")
             first, second = (mine, theirs) if tie.owner else (theirs, mine)  # same sum order on both ranks
             total = first + second
             p.grad = total if old is None else old + total
@@ -284,11 +281,7 @@ class Pipeline:
             works = [(self.transport.isend(costs, r), r) for r in range(1, self.transport.world_size)]
         else:
             works = [(self.transport.irecv(costs, 0), 0)]
-        for work, peer in works:
-            try:
-                work.wait(self.timeout)
-            except Exception as err:
-                raise CommError(f"rank {self.rank}: sharing the measured layer times with rank {peer} failed or "
-                                f"timed out after {self.timeout:g}s (rank 0 profiles every layer first; raise "
-                                f"`timeout` for a large model): {err}") from err
+        for work, peer in works:  # rank 0 profiles every layer first: raise `timeout` for a large model
+            wait_or_raise(work, timeout=self.timeout, rank=self.rank, peer=peer,
+                          what="sharing the measured layer times")
         return costs.tolist()
