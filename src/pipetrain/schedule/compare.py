@@ -54,48 +54,69 @@ def _ms(values, stage: int) -> str:
     return f"{values[stage] * 1e3:.2f}"
 
 
+@dataclass(frozen=True)
+class _Samples:
+    """What measured steps say per action: durations of each (stage, op), of each SEND/RECV posting, and
+    each rank's overhead per compute action (its span, first to last action, outside actions and waits:
+    the executor's own Python)."""
+
+    durations: dict[tuple[int, Op], list[float]]
+    posts: list[float]
+    overhead: list[float]
+
+    @staticmethod
+    def collect(steps: Sequence[Timeline]) -> _Samples:
+        ranks = steps[0].num_ranks
+        durations: dict[tuple[int, Op], list[float]] = {}
+        posts: list[float] = []
+        idle = [0.0] * ranks
+        computes = [0] * ranks
+        for step in steps:
+            accounted = [0.0] * ranks
+            first = [float("inf")] * ranks
+            last = [0.0] * ranks
+            for e in (*step.events, *step.waits):
+                accounted[e.rank] += e.duration
+                first[e.rank] = min(first[e.rank], e.start)
+                last[e.rank] = max(last[e.rank], e.end)
+            for r in range(ranks):
+                idle[r] += max(0.0, last[r] - first[r] - accounted[r]) if last[r] > 0 else 0.0
+            for e in step.events:
+                if e.action.op.is_comm:
+                    posts.append(e.duration)
+                else:
+                    computes[e.rank] += 1
+                    durations.setdefault((e.action.stage, e.action.op), []).append(e.duration)
+        return _Samples(durations, posts, [idle[r] / computes[r] if computes[r] else 0.0 for r in range(ranks)])
+
+    def of(self, action: Action) -> list[float]:
+        """The measured durations of an action's stage and op (I falls back to B: a full B counts as I)."""
+        key = (action.stage, action.op)
+        if key not in self.durations and action.op is Op.I:
+            key = (action.stage, Op.B)
+        return self.durations.get(key, [])
+
+
 def measured_costs(schedule: Schedule, measured: Timeline | Sequence[Timeline]) -> Costs:
     """Per-action costs from measured steps, all means (the step is a sum of them along a path):
 
-    - F, I and W of each stage (a full B counts as I, with W = 0), each plus its rank's overhead: the part
-      of the rank's span (first to last action) outside actions and waits -- the executor's own Python --
-      shared over its compute actions;
+    - F, I and W of each stage (a full B counts as I, with W = 0), each plus its rank's overhead per compute
+      action (see `_Samples`);
     - `post`: posting one SEND or RECV; `comm`: a transfer (see `_transfer_time`).
     """
     steps = [measured] if isinstance(measured, Timeline) else list(measured)
-    ranks = steps[0].num_ranks
-    durations: dict[tuple[int, Op], list[float]] = {}
-    posts = []
-    idle = [0.0] * ranks  # the executor's own time: a rank's span (first to last action) not covered
-    computes = [0] * ranks  # by actions or waits, and the compute actions it is shared over
-    for step in steps:
-        accounted = [0.0] * ranks
-        first = [float("inf")] * ranks
-        last = [0.0] * ranks
-        for e in (*step.events, *step.waits):
-            accounted[e.rank] += e.duration
-            first[e.rank] = min(first[e.rank], e.start)
-            last[e.rank] = max(last[e.rank], e.end)
-        for r in range(ranks):
-            idle[r] += max(0.0, last[r] - first[r] - accounted[r]) if last[r] > 0 else 0.0
-        for e in step.events:
-            if e.action.op.is_comm:
-                posts.append(e.duration)
-            else:
-                computes[e.rank] += 1
-                durations.setdefault((e.action.stage, e.action.op), []).append(e.duration)
-    overhead = [idle[r] / computes[r] if computes[r] else 0.0 for r in range(ranks)]
+    return _mean_costs(schedule, _Samples.collect(steps), steps)
 
-    def mean(stage: int, *ops: Op) -> float:
-        for op in ops:
-            if (stage, op) in durations:
-                return statistics.fmean(durations[(stage, op)]) + overhead[schedule.stage_to_rank[stage]]
-        return 0.0
+
+def _mean_costs(schedule: Schedule, samples: _Samples, steps: Sequence[Timeline]) -> Costs:
+    def mean(stage: int, op: Op) -> float:
+        values = samples.of(Action(stage, op, 0))
+        return statistics.fmean(values) + samples.overhead[schedule.stage_to_rank[stage]] if values else 0.0
 
     stages = range(schedule.num_stages)
-    return Costs(f=[mean(s, Op.F) for s in stages], b=[mean(s, Op.I, Op.B) for s in stages],
+    return Costs(f=[mean(s, Op.F) for s in stages], b=[mean(s, Op.I) for s in stages],
                  w=[mean(s, Op.W) for s in stages], comm=_transfer_time(steps),
-                 post=statistics.fmean(posts) if posts else 0.0)
+                 post=statistics.fmean(samples.posts) if samples.posts else 0.0)
 
 
 BLOCKED = 1e-4  # seconds: a shorter wait found its data already there, and says nothing about transfers
@@ -125,25 +146,15 @@ class _ResampledCosts:
     """Each action's cost drawn from the measured durations of that stage's op (plus its rank's overhead),
     each posting from the measured postings; transfers take the fitted median."""
 
-    def __init__(self, schedule: Schedule, steps: Sequence[Timeline], costs: Costs, rng: random.Random) -> None:
-        self.samples: dict[tuple[int, Op], list[float]] = {}
-        self.posts: list[float] = []
-        for step in steps:
-            for e in step.events:
-                if e.action.op.is_comm:
-                    self.posts.append(e.duration)
-                else:
-                    self.samples.setdefault((e.action.stage, e.action.op), []).append(e.duration)
-        self.overhead = {s: costs.of(Action(s, Op.F, 0)) - statistics.fmean(self.samples[(s, Op.F)])
-                         for s in range(schedule.num_stages) if (s, Op.F) in self.samples}
-        self.comm, self.post, self.rng = costs.comm, costs.post, rng
+    def __init__(self, schedule: Schedule, samples: _Samples, comm: float, rng: random.Random) -> None:
+        self.schedule, self.samples, self.comm, self.rng = schedule, samples, comm, rng
 
     def of(self, action: Action) -> float:
         if action.op.is_comm:
-            return self.rng.choice(self.posts) if self.posts else 0.0
-        op = action.op if (action.stage, action.op) in self.samples or action.op is not Op.I else Op.B
-        values = self.samples.get((action.stage, op))
-        return (self.rng.choice(values) + self.overhead.get(action.stage, 0.0)) if values else 0.0
+            return self.rng.choice(self.samples.posts) if self.samples.posts else 0.0
+        values = self.samples.of(action)
+        overhead = self.samples.overhead[self.schedule.stage_to_rank[action.stage]]
+        return self.rng.choice(values) + overhead if values else 0.0
 
 
 def compare(schedule: Schedule, measured: Timeline | Sequence[Timeline], *, samples: int = 30,
@@ -157,9 +168,9 @@ def compare(schedule: Schedule, measured: Timeline | Sequence[Timeline], *, samp
     steps = (measured,) if isinstance(measured, Timeline) else tuple(measured)
     if not steps:
         raise ValueError("compare needs at least one measured timeline")
-    costs = measured_costs(schedule, steps)
+    measured_samples = _Samples.collect(steps)
+    costs = _mean_costs(schedule, measured_samples, steps)
     lowered = lower(schedule)
-    rng = random.Random(seed)
-    resampled = _ResampledCosts(schedule, steps, costs, rng)
+    resampled = _ResampledCosts(schedule, measured_samples, costs.comm, random.Random(seed))
     runs = [max((e.end for e in run_dataflow(lowered, resampled)[0]), default=0.0) for _ in range(samples)]
     return Comparison(steps[-1], simulate(schedule, costs), costs, steps, statistics.fmean(runs))
