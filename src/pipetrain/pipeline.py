@@ -124,7 +124,7 @@ class Pipeline:
         `scale` x the full-batch mean loss; zero them between optimizer steps as usual. Accumulating k
         batches with `scale=1/k` gives the gradient of the mean over all k batches.
         """
-        before = [(tie, p.grad.clone() if p.grad is not None else None) for tie, p in self._ties]
+        before = [p.grad.clone() if p.grad is not None else None for _, p in self._ties]
         loss = self._run(self._train_actions, inputs, targets, grad=True, scale=scale)
         self._sync_tied_gradients(before)
         return loss
@@ -216,9 +216,10 @@ class Pipeline:
                     ties.append((_Tie(peer=b if self.rank == a else a, owner=self.rank == a), p))
         return ties
 
-    def _sync_tied_gradients(self, before) -> None:
-        """Add the peer's gradient contribution of this step to each tied weight (both ranks, same order)."""
-        for (tie, old), (_, p) in zip(before, self._ties, strict=True):
+    def _sync_tied_gradients(self, before: list[torch.Tensor | None]) -> None:
+        """Add the peer's gradient contribution of this step to each tied weight (both ranks, same order);
+        `before` holds each tied weight's gradient from before the step."""
+        for old, (tie, p) in zip(before, self._ties, strict=True):
             mine = p.grad - old if old is not None else (p.grad if p.grad is not None else torch.zeros_like(p))
             mine = mine.contiguous()
             theirs = torch.empty_like(mine)
