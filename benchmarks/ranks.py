@@ -73,45 +73,61 @@ def torch_runner(cfg: GPTConfig, name: str, world: int, rank: int, m: int, x, y)
 
 
 def bench_rank(rank: int, world: int, spec: dict) -> dict:
-    """Every schedule of `spec`, pipetrain and torch alternating block by block; times are max over ranks."""
+    """Every schedule of `spec` at `spec["microbatches"]`: pipetrain, torch and the single-process baseline
+    (on rank 0 while the others wait) rotating block by block (A B C, C B A, ...). Times are max over ranks.
+
+    Then, for each extra microbatch count in `spec["sweep"]`, one block of each (the efficiency curve)."""
     torch.set_num_threads(1)
     cfg = GPTConfig(**spec["model"])
-    m, batch = spec["microbatches"], spec["batch_size"]
+    batch = spec["batch_size"]
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
-    out = {}
+    single = single_process_step(cfg, x, y) if rank == 0 else None
+    out = {"sweep": {}}
     for name in spec["schedules"]:
-        pt_step, pipe = pipetrain_runner(cfg, name, world, m, x, y)
-        runners = {"pipetrain": pt_step}
-        if name in TORCH_SCHEDULES and spec.get("torch", True):
-            runners["torch"] = torch_runner(cfg, name, world, rank, m, x, y)
-        for step in runners.values():  # warm-up (shape inference, allocator)
-            for _ in range(spec["warmup"]):
-                step()
-        times = {lib: [] for lib in runners}
-        bubbles = []
-        for r in range(spec["rounds"]):
-            order = list(runners) if r % 2 == 0 else list(reversed(runners))  # A B, B A, ...
-            for lib in order:
-                dist.barrier()
-                start = time.perf_counter()
-                for _ in range(spec["steps"]):
-                    runners[lib]()
-                    if lib == "pipetrain":
-                        bubbles.append(pipe.last_step.bubble_fraction)
-                dist.barrier()
-                times[lib].append((time.perf_counter() - start) / spec["steps"])
-        timeline = None
-        if spec.get("timelines"):
-            pipe.step(x, y)
-            timeline = pipe.gather_timeline()
-            for p in pipe.parameters():
-                p.grad = None
-        out[name] = {"times": times, "bubble": statistics.fmean(bubbles),
-                     "timeline": pt.schedules.io.timeline_to_json(timeline, pipe.schedule) if timeline else None}
-        del pipe, runners
+        out[name] = _measure_schedule(rank, world, spec, cfg, name, spec["microbatches"], x, y, single,
+                                      spec["rounds"], timeline=spec.get("timelines", False))
+    for m in spec.get("sweep", ()):
+        if single:
+            single(m)  # warm-up at this microbatch size
+        out["sweep"][m] = {name: _measure_schedule(rank, world, {**spec, "warmup": 1}, cfg, name, m, x, y, single, 1)
+                           for name in spec["schedules"]}
     return out
+
+
+def _measure_schedule(rank: int, world: int, spec: dict, cfg: GPTConfig, name: str, m: int, x, y, single,
+                      rounds: int, timeline: bool = False) -> dict:
+    pt_step, pipe = pipetrain_runner(cfg, name, world, m, x, y)
+    runners = {"pipetrain": pt_step}
+    if name in TORCH_SCHEDULES and spec.get("torch", True):
+        runners["torch"] = torch_runner(cfg, name, world, rank, m, x, y)
+    for step in runners.values():  # warm-up (shape inference, allocator)
+        for _ in range(spec["warmup"]):
+            step()
+    runners["single"] = (lambda: single(m)) if single else (lambda: None)
+    steps = {"pipetrain": spec["steps"], "torch": spec["steps"], "single": 1}  # single: the slow one
+    times = {lib: [] for lib in runners}
+    bubbles = []
+    for r in range(rounds):
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))  # A B C, C B A, ...
+        for lib in order:
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(steps[lib]):
+                runners[lib]()
+                if lib == "pipetrain":
+                    bubbles.append(pipe.last_step.bubble_fraction)
+            dist.barrier()
+            times[lib].append((time.perf_counter() - start) / steps[lib])
+    measured = None
+    if timeline:
+        pipe.step(x, y)
+        measured = pipe.gather_timeline()
+        for p in pipe.parameters():
+            p.grad = None
+    return {"times": times, "bubble": statistics.fmean(bubbles),
+            "timeline": pt.schedules.io.timeline_to_json(measured, pipe.schedule) if measured else None}
 
 
 def peak_memory_rank(rank: int, world: int, spec: dict, lib: str, name: str) -> int:
@@ -130,27 +146,16 @@ def peak_memory_rank(rank: int, world: int, spec: dict, lib: str, name: str) -> 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def single_process(spec: dict) -> list[float]:
-    """The fair baseline: the whole model in one process on 1 thread, the same microbatches accumulated."""
-    torch.set_num_threads(1)
-    cfg = GPTConfig(**spec["model"])
+def single_process_step(cfg: GPTConfig, x: torch.Tensor, y: torch.Tensor):
+    """The fair baseline: the whole model in this process (1 thread), `m` microbatches accumulated.
+    Returns step(m), which runs one training step (forward, backward, gradients cleared)."""
     torch.manual_seed(0)
     model = nn.Sequential(*build_gpt(cfg))
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.seq_len), generator=gen)
-    y = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.seq_len), generator=gen)
-    m = spec["microbatches"]
 
-    def step() -> None:
+    def step(m: int) -> None:
         for xm, ym in zip(x.tensor_split(m), y.tensor_split(m), strict=True):
             (gpt_loss(model(xm), ym) / m).backward()
         model.zero_grad(set_to_none=True)
 
-    for _ in range(spec["warmup"]):
-        step()
-    times = []
-    for _ in range(spec["rounds"] * spec["steps"]):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
+    step(1)  # warm-up
+    return step

@@ -33,48 +33,79 @@ WORKLOADS = {
 SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs"]
 
 
-def _single(rank: int, world: int, spec: dict) -> list[float]:
-    return ranks.single_process(spec)
-
-
 def measure(workload: str, world: int, args) -> dict:
+    large = WORKLOADS[workload]["d_model"] >= 512  # ~8x the compute per step: fewer, shorter blocks
     spec = {"model": WORKLOADS[workload], "microbatches": args.microbatches, "batch_size": args.batch_size,
-            "schedules": args.schedules, "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
+            "schedules": args.schedules, "warmup": 1 if large else args.warmup,
+            "rounds": min(args.rounds, 3) if large else args.rounds, "steps": 1 if large else args.steps,
+            "sweep": [] if large else [m for m in args.sweep if m != args.microbatches and m >= world],
             "timelines": True}
     started = time.perf_counter()
-    before = run_processes(1, _single, spec, timeout=3600)[0]
     per_rank = run_processes(world, ranks.bench_rank, spec, timeout=3600)
-    after = run_processes(1, _single, spec, timeout=3600)[0]
     memory = {}  # (schedule, library) -> peak RSS per rank, each measured in fresh processes
     for name in args.schedules:
         for lib in ("pipetrain", "torch"):
             if lib == "pipetrain" or name in ranks.TORCH_SCHEDULES:
                 peaks = run_processes(world, ranks.peak_memory_rank, spec, lib, name, timeout=3600)
                 memory[(name, lib)] = [peaks[r] for r in range(world)]
-    single = statistics.median(before + after)
     tokens = args.batch_size * WORKLOADS[workload]["seq_len"]
     rows = []
     for name in args.schedules:
-        row = {"workload": workload, "ranks": world, "schedule": name, "microbatches": args.microbatches}
+        times = _blocks(per_rank, name, world)
+        row = {"workload": workload, "ranks": world, "schedule": name, "microbatches": args.microbatches,
+               "tokens_per_step": tokens,
+               "single_process_step_time": statistics.median(times["single"]),
+               "bound": schedule_bound(name, world, args.microbatches)}
         for lib in ("pipetrain", "torch"):
-            if lib not in per_rank[0][name]["times"]:
-                continue
-            blocks = [max(per_rank[r][name]["times"][lib][i] for r in range(world))
-                      for i in range(args.rounds)]
-            step = statistics.median(blocks)
-            row[lib] = {"step_time": step, "blocks": blocks, "tokens_per_s": tokens / step,
-                        "efficiency": single / world / step,
-                        "peak_memory_per_rank": memory[(name, lib)]}
+            if lib in times:
+                step = statistics.median(times[lib])
+                row[lib] = {"step_time": step, "blocks": times[lib], "tokens_per_s": tokens / step,
+                            "efficiency": _efficiency(times, lib, world),
+                            "peak_memory_per_rank": memory[(name, lib)]}
         row["pipetrain"]["bubble_per_rank"] = [per_rank[r][name]["bubble"] for r in range(world)]
         if "torch" in row:
-            pairs = [t / p for p, t in zip(row["pipetrain"]["blocks"], row["torch"]["blocks"], strict=True)]
+            pairs = [t / p for p, t in zip(times["pipetrain"], times["torch"], strict=True)]
             row["speedup_vs_torch"] = statistics.median(pairs)  # per A/B pair, then the median
+            row["max_speedup_vs_torch"] = row["bound"] / row["torch"]["efficiency"]
         row["timeline"] = per_rank[0][name]["timeline"]
         if row["timeline"]:
             row.update(timeline_figures(row["timeline"]))
         rows.append(row)
-    return {"single_process_step_time": single, "single_blocks": before + after, "rows": rows,
-            "seconds": time.perf_counter() - started}
+    sweep = {}  # efficiency per microbatch count, schedule and library (one block each), with the bound
+    for m in [*spec["sweep"], args.microbatches]:
+        for name in args.schedules:
+            if m == args.microbatches:
+                row = next(r for r in rows if r["schedule"] == name)
+                effs = {lib: row[lib]["efficiency"] for lib in ("pipetrain", "torch") if lib in row}
+            else:
+                times = _blocks([per_rank[r]["sweep"][m] for r in range(world)], name, world)
+                effs = {lib: _efficiency(times, lib, world) for lib in ("pipetrain", "torch") if lib in times}
+            sweep.setdefault(name, {})[m] = {**effs, "bound": schedule_bound(name, world, m)}
+    return {"rows": rows, "sweep": sweep, "seconds": time.perf_counter() - started,
+            "settings": {k: spec[k] for k in ("warmup", "rounds", "steps", "sweep")}}
+
+
+def _blocks(per_rank: list[dict], name: str, world: int) -> dict[str, list[float]]:
+    """Per library, the block times of one schedule: the slowest rank's, block by block."""
+    libs = per_rank[0][name]["times"]
+    return {lib: [max(per_rank[r][name]["times"][lib][i] for r in range(world)) for i in range(len(libs[lib]))]
+            for lib in libs}
+
+
+def _efficiency(times: dict[str, list[float]], lib: str, world: int) -> float:
+    """(single-process step / P) / pipeline step, per rotation round (both timed side by side), median."""
+    return statistics.median(s / world / t for s, t in zip(times["single"], times[lib], strict=True))
+
+
+def schedule_bound(name: str, world: int, microbatches: int) -> float:
+    """The schedule's efficiency bound: 1 - its bubble, simulated with equal stages, B = 2F (I = W = F) and
+    free communication. With per-rank compute no less than the single-process step / P (measured: equal),
+    no runtime of this schedule can beat it; bound / torch's efficiency caps the speed-up over torch."""
+    from pipetrain.schedule import build
+    from pipetrain.schedule.simulate import Costs, simulate
+
+    return 1.0 - simulate(build(name, num_ranks=world, num_microbatches=microbatches),
+                          Costs(f=1.0, b=1.0, w=1.0)).bubble_fraction
 
 
 def timeline_figures(data: dict) -> dict:
@@ -120,25 +151,28 @@ def measure_jax(workload: str, args) -> dict | None:
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; torch {results['torch']}; {results['date']}.",
              f"Batch {results['batch_size']} sequences in {results['microbatches']} microbatches, fp32, "
-             "1 thread per rank; median of A/B blocks; efficiency = (single-process step / P) / step.", "",
-             "| workload | P | schedule | pipetrain step | tokens/s | efficiency | torch step | torch eff. | "
-             "speed-up | peak RSS pt / torch (MiB, max rank) | pipetrain idle per rank | runtime overhead | "
-             "sim. error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "1 thread per rank; medians of blocks rotating pipetrain, torch and the single-process baseline; "
+             "efficiency = (single-process step / P) / step, per round; bound = 1 - the schedule's simulated "
+             "bubble (equal stages, free communication); max speed-up = bound / torch's efficiency.", "",
+             "| workload | P | schedule | pipetrain step | tokens/s | efficiency | bound | torch step | "
+             "torch eff. | speed-up | max speed-up | peak RSS pt / torch (MiB, max rank) | "
+             "pipetrain idle per rank | runtime overhead | sim. error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for block in results["runs"]:
         for r in block["rows"]:
             p, t = r["pipetrain"], r.get("torch")
             mem = f"{max(p['peak_memory_per_rank']) / 2**20:.0f}"
             mem += f" / {max(t['peak_memory_per_rank']) / 2**20:.0f}" if t else " / —"
+            torch_cols = (f"{t['step_time'] * 1e3:.0f} ms | {t['efficiency']:.3f} | {r['speedup_vs_torch']:.2f}× | "
+                          f"{r['max_speedup_vs_torch']:.2f}× | " if t else "— | — | — | — | ")
             lines.append(
                 f"| {r['workload']} | {r['ranks']} | {r['schedule']} | {p['step_time'] * 1e3:.0f} ms | "
-                f"{p['tokens_per_s']:.0f} | {p['efficiency']:.3f} | "
-                + (f"{t['step_time'] * 1e3:.0f} ms | {t['efficiency']:.3f} | {r['speedup_vs_torch']:.2f}× | "
-                   if t else "— | — | — | ")
+                f"{p['tokens_per_s']:.0f} | {p['efficiency']:.3f} | {r['bound']:.3f} | " + torch_cols
                 + f"{mem} | {' '.join(f'{b:.1%}' for b in p['bubble_per_rank'])} | "
                 + (f"{r['runtime_overhead']:.1%} | {r['sim_error']:+.1%} |" if "sim_error" in r else "— | — |"))
-        lines.append(f"| {block['rows'][0]['workload']} | 1 | single process (1 thread) | "
-                     f"{block['single_process_step_time'] * 1e3:.0f} ms | | 1/P | | | | | | | |")
+        single = statistics.median(r["single_process_step_time"] for r in block["rows"])
+        lines.append(f"| {block['rows'][0]['workload']} | 1 | single process (1 thread) | {single * 1e3:.0f} ms | "
+                     f"{block['rows'][0]['tokens_per_step'] / single:.0f} | 1/P | | | | | | | | | |")
     for block in results["runs"]:
         jax = block.get("jax")
         if jax:
@@ -151,6 +185,53 @@ def markdown(results: dict) -> str:
                          f"{jax['gpipe_step'] / gpipe:.2f}x JAX's GPipe; pipetrain's best schedule "
                          f"{best * 1e3:.0f} ms: {jax['single_step'] / best:.2f}x JAX on one device.")
     return "\n".join(lines) + "\n"
+
+
+def draw_efficiency(results: dict, out: Path) -> list[str]:
+    """Per workload and rank count: efficiency vs microbatches, one panel per schedule (pipetrain, torch,
+    the schedule's bound)."""
+    try:
+        from pipetrain.viz import _pyplot
+        plt = _pyplot()
+    except ImportError:
+        return []
+    written = []
+    for block in results["runs"]:
+        sweep = block["sweep"]
+        if len(next(iter(sweep.values()))) < 2:
+            continue
+        names = list(sweep)
+        cols = min(3, len(names))
+        rows = -(-len(names) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
+        for ax, name in zip(axes.flat, names, strict=False):
+            ms = sorted(sweep[name], key=int)
+            for key, style in (("bound", dict(color="0.6", ls=":", label="bound (simulated)")),
+                               ("torch", dict(color="tab:orange", marker="s", label="torch.distributed.pipelining")),
+                               ("pipetrain", dict(color="tab:blue", marker="o", label="pipetrain"))):
+                points = [(int(m), sweep[name][m][key]) for m in ms if key in sweep[name][m]]
+                if points:
+                    ax.plot(*zip(*points, strict=True), **style)
+            ax.set_title(name)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([int(m) for m in ms], [str(m) for m in ms])
+            ax.set_xlabel("microbatches")
+            ax.grid(alpha=0.3)
+        for ax in axes.flat[len(names):]:
+            ax.set_visible(False)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("efficiency")
+        first = block["rows"][0]
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+        fig.suptitle(f"Pipeline efficiency vs microbatches: {first['workload']}, {first['ranks']} CPU ranks, "
+                     f"batch {results['batch_size']}")
+        fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+        path = out / f"efficiency_{first['workload']}_p{first['ranks']}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    return written
 
 
 def draw_timelines(results: dict, out: Path) -> list[str]:
@@ -178,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", nargs="+", type=int, default=None)
     p.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=SCHEDULES)
     p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--sweep", nargs="*", type=int, default=[4, 16],
+                   help="extra microbatch counts for the efficiency curve (one block each; not for gpt-16x512)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=None, help="A/B rounds (blocks per library)")
     p.add_argument("--steps", type=int, default=None, help="steps per block")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-jax", action="store_true", help="skip the JAX comparison even when jax is installed")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     args.workloads = args.workloads or (["gpt-8x256"] if args.quick else list(WORKLOADS))
@@ -200,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         for world in args.ranks:
             print(f"== {workload} on {world} ranks ...", flush=True)
             block = measure(workload, world, args)
-            if world == 2 and "gpipe" in args.schedules:  # the JAX pipeline uses 2 host devices
+            if world == 2 and "gpipe" in args.schedules and not args.no_jax:  # the JAX pipeline uses 2 host devices
                 block["jax"] = measure_jax(workload, args)
             results["runs"].append(block)
             for r in block["rows"]:
@@ -211,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
     (out / "results.md").write_text(table)
-    pictures = draw_timelines(results, out)
+    pictures = draw_timelines(results, out) + draw_efficiency(results, out)
     print("\n" + table)
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(pictures)} timeline pictures")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(pictures)} pictures")
     return 0
 
 

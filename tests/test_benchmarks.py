@@ -1,0 +1,46 @@
+"""The benchmark suite end to end on a tiny GPT (fast): every output is written and its figures hold together."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import run  # noqa: E402
+
+
+def test_schedule_bound_is_one_minus_the_bubble():
+    assert run.schedule_bound("gpipe", 2, 8) == pytest.approx(8 / 9)
+    assert run.schedule_bound("1f1b", 4, 8) == pytest.approx(8 / 11)
+    assert run.schedule_bound("interleaved-1f1b", 2, 8) == pytest.approx(16 / 17)
+    assert run.schedule_bound("zbv", 2, 8) > run.schedule_bound("1f1b", 2, 8)
+
+
+def test_quick_suite_writes_table_json_and_pictures(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setitem(run.WORKLOADS, "tiny", dict(vocab_size=32, seq_len=16, d_model=32, n_layers=4, n_heads=2))
+    schedules = ["gpipe", "1f1b", "zb-h1"]
+    assert run.main(["--workloads", "tiny", "--ranks", "2", "--schedules", *schedules, "--microbatches", "4",
+                     "--batch-size", "8", "--sweep", "2", "--rounds", "2", "--steps", "1", "--warmup", "1",
+                     "--no-jax", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (block,) = results["runs"]
+    assert [r["schedule"] for r in block["rows"]] == schedules
+    for row in block["rows"]:
+        pt = row["pipetrain"]
+        assert len(pt["blocks"]) == 2 and pt["step_time"] > 0 and 0 < pt["efficiency"] < 5
+        assert len(pt["peak_memory_per_rank"]) == 2 and min(pt["peak_memory_per_rank"]) > 2**20
+        assert 0 < row["bound"] < 1
+        if row["schedule"] == "zb-h1":
+            assert "torch" not in row  # torch.distributed.pipelining has no ZB-H1
+        else:
+            assert row["speedup_vs_torch"] > 0
+            assert row["max_speedup_vs_torch"] == pytest.approx(row["bound"] / row["torch"]["efficiency"])
+    assert set(block["sweep"]["1f1b"]) == {"2", "4"}
+    assert block["sweep"]["1f1b"]["2"]["bound"] == pytest.approx(2 / 3)
+    table = (tmp_path / "results.md").read_text()
+    assert "| tiny | 2 | zb-h1 |" in table and "single process" in table
+    assert (tmp_path / "efficiency_tiny_p2.png").stat().st_size > 10_000
+    assert (tmp_path / "timeline_tiny_p2_1f1b.png").exists()
