@@ -25,10 +25,11 @@ def test_wrong_world_size_fails_on_every_rank_before_communicating():
         assert "is for 3 ranks but the process group has 2" in message
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_a_rank_that_dies_mid_step_makes_the_others_fail_fast(world):
-    # the last rank exits in its second step; every other rank must raise naming the action and the peer
-    results = run_processes(world, dies_mid_step, "exit", 20.0, expect=world - 1, timeout=90)
+@pytest.mark.parametrize("world,how", [(2, "exit"), (3, "exit"), (3, "kill")])
+def test_a_rank_that_dies_mid_step_makes_the_others_fail_fast(world, how):
+    # the last rank exits (or is SIGKILLed) in its second step; every other rank must raise naming the
+    # action and the peer
+    results = run_processes(world, dies_mid_step, how, 20.0, expect=world - 1, timeout=90)
     for rank, result in results.items():
         assert result["error"] is not None, f"rank {rank} finished a step its peer never ran"
         assert f"rank {rank}: " in result["error"] and "waiting on rank" in result["error"]

@@ -137,4 +137,14 @@ def test_a_transfer_nobody_answers_fails_naming_both_ranks():
     hub = pt.InProcessHub(2)
     work = hub.transport(1).irecv(torch.empty(3), 0)
     with pytest.raises(pt.CommError, match=r"rank 1: the test transfer with rank 0 .* after 0.2s"):
-        wait_or_raise(work, timeout=0.2, rank=1, peer=0, what="the test transfer")
+        wait_or_raise(work, timeout=0.2, transport=hub.transport(1), peer=0, what="the test transfer")
+
+
+def test_errors_name_global_ranks_when_the_pipeline_is_a_subgroup():
+    from pipetrain.comm import rank_name
+
+    class Sub:  # the second replica's pipeline of a dp 2 x pp 2 mesh
+        rank, world_size, global_ranks = 0, 2, (2, 3)
+
+    assert rank_name(Sub(), 1) == "global rank 3 (pipeline rank 1)"
+    assert rank_name(pt.InProcessHub(2).transport(0), 1) == "rank 1"

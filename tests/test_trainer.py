@@ -164,6 +164,9 @@ def test_warmup_then_cosine():
     ({"lr": 0.1, "min_lr": 1.0}, "min_lr"), ({"resume": True}, "checkpoint_dir"),
     ({"heads": 3}, "divisible by n_heads"), ({"precision": "fp8"}, "precision"), ({"bogus": 1}, "bogus"),
     ({"stop_at_step": 0}, "stop_at_step"),
+    ({"dp": 0}, "dp must be"),
+    ({"dp": 3, "batch_size": 16, "microbatches": 4}, "dp=3 replicas x microbatches=4: use a multiple of 12"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite"),
 ])
 def test_bad_configs_name_the_field(settings, field):
     with pytest.raises(ConfigError, match=field):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -119,6 +120,8 @@ class _ExitAt(nn.Module):
         if self.seen == self.calls:
             if self.mode == "exit":
                 os._exit(3)
+            if self.mode == "kill":  # as the OOM killer or a node failure would: no cleanup at all
+                os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(60)
         return x
 
@@ -218,3 +221,80 @@ def trainer_sgd(rank: int, world: int, settings: dict) -> dict:
     history = trainer.fit()
     return {"losses": [r["loss"] for r in history], "kind": type(trainer.optimizer).__name__,
             "decay": [g["weight_decay"] for g in trainer.optimizer.param_groups]}
+
+
+def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: bool, accumulation: int) -> dict:
+    """dp x pp ranks on a DeviceMesh: each replica takes its share of the global batch; returns this rank's
+    gradients after `accumulation` steps, and the same from single-process training on the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    pp = world // dp
+    mesh = init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))
+    m = 2 * pp
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=6, n_heads=2, tie_embeddings=tie)
+    layers = build_gpt(cfg)
+    batches = [(torch.randint(0, 64, (2 * m * dp, 8)), torch.randint(0, 64, (2 * m * dp, 8)))
+               for _ in range(accumulation)]
+    model = nn.Sequential(*build_gpt(cfg))
+    model.load_state_dict(nn.Sequential(*layers).state_dict())
+    for x, y in batches:  # the reference: the whole global batch in one process
+        (gpt_loss(model(x), y) / accumulation).backward()
+    expected = {name: p.grad for name, p in model.named_parameters()}
+    sched = pt.schedules.build(schedule, num_ranks=pp, num_microbatches=m)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, mesh=mesh, timeout=30)
+    losses = []
+    for k, (x, y) in enumerate(batches):
+        share = slice(pipe.dp_rank * 2 * m, (pipe.dp_rank + 1) * 2 * m)
+        losses.append(pipe.step(x[share], y[share], scale=1 / accumulation,
+                                sync_gradients=k == accumulation - 1))
+    names = {id(p): name for name, p in nn.Sequential(*layers).named_parameters()}
+    got = {names[id(p)]: p.grad for p in pipe.parameters()}
+    return {"got": got, "expected": {n: expected[n] for n in got}, "losses": losses,
+            "reference_losses": [gpt_loss(model(x), y).item() for x, y in batches], "dp_rank": pipe.dp_rank,
+            "all_names": sorted(expected)}
+
+
+def trainer_nonfinite(rank: int, world: int, settings: dict, poison_rank: int, poison_step: int) -> dict:
+    """Train, and on one rank turn a gradient to NaN in optimizer step `poison_step` (1-based)."""
+    from pipetrain.data import load_corpus
+    from pipetrain.trainer import NonFiniteError, TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig.from_dict(settings), corpus=load_corpus(max_bytes=300_000))
+    original, snapshots = trainer.pipe.step, {}
+
+    def poisoned_step(*args, **kwargs):
+        if trainer.step + 1 in (poison_step, poison_step + 1):  # the weights before and after that step
+            snapshots[trainer.step + 1] = [p.detach().clone() for p in trainer.pipe.parameters()]
+        loss = original(*args, **kwargs)
+        if trainer.global_rank == poison_rank and trainer.step + 1 == poison_step:
+            next(p for p in trainer.pipe.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return loss
+
+    trainer.pipe.step = poisoned_step
+    try:
+        history = trainer.fit()
+    except NonFiniteError as err:
+        return {"error": str(err), "step": trainer.step}
+    return {"skipped": [r["skipped"] for r in history], "snapshots": snapshots, "error": None,
+            "finite": all(torch.isfinite(p).all().item() for p in trainer.pipe.parameters()),
+            "losses": [r["loss"] for r in history]}
+
+
+def dp_rank_dies(rank: int, world: int) -> dict:
+    """dp 2 x pp 2; global rank 3 is SIGKILLed in its second step: the other three must raise, bounded."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    layers = [nn.Linear(4, 4), nn.Linear(4, 4), _ExitAt(calls=4 if rank == 3 else 10**9, mode="kill")]
+    sched = pt.schedules.build("1f1b", num_ranks=2, num_microbatches=2)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, mesh=mesh, timeout=20,
+                       balance=[1, 2])
+    x, y = torch.randn(4, 4), torch.randn(4, 4)
+    pipe.step(x, y)
+    start = time.perf_counter()
+    try:
+        pipe.step(x, y)
+    except pt.CommError as err:
+        return {"error": str(err), "seconds": time.perf_counter() - start}
+    return {"error": None}

@@ -76,7 +76,8 @@ _TRAIN_FLAGS = {
     "schedule": (str, "pipeline schedule (pipetrain simulate --help lists them)"),
     "stages-per-rank": (int, "stages each rank holds (interleaved / V schedules)"),
     "microbatches": (int, "microbatches per pipeline step"),
-    "batch-size": (int, "sequences per pipeline step"),
+    "batch-size": (int, "sequences per step over all replicas (each replica takes batch-size / dp)"),
+    "dp": (int, "data-parallel replicas of the pipeline (pipeline ranks = world size / dp)"),
     "accumulation": (int, "pipeline steps per optimizer step"),
     "balance": (str, "uniform, params or time"),
     "steps": (int, "optimizer steps"),
@@ -86,6 +87,7 @@ _TRAIN_FLAGS = {
     "warmup": (int, "linear warm-up steps"),
     "weight-decay": (float, "AdamW weight decay for matrices"),
     "grad-clip": (float, "global gradient-norm clip (0: off)"),
+    "on-nonfinite": (str, "a NaN/inf loss or gradient: skip the update (default) or stop"),
     "precision": (str, "fp32 or bf16"),
     "eval-every": (int, "evaluate every K steps (0: start and end only)"),
     "eval-batches": (int, "held-out batches per evaluation"),
@@ -136,7 +138,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from .trainer import Trainer
+    from .trainer import NonFiniteError, Trainer
 
     if args.log_file and int(os.environ["RANK"]) == 0:
         sys.stdout = _Tee(sys.stdout, open(args.log_file, "a"))  # noqa: SIM115 - lives for the process
@@ -150,6 +152,9 @@ def _train(args: argparse.Namespace) -> int:
     dist.init_process_group(backend)
     try:
         Trainer(config, device=device).fit()
+    except (ConfigError, NonFiniteError) as err:
+        print(f"pipetrain train (rank {dist.get_rank()}): {err}", file=sys.stderr)
+        return 2
     finally:
         dist.destroy_process_group()
     return 0

@@ -68,6 +68,7 @@ class DistTransport:
                       else torch.device("cpu"))
         self.device = torch.device(device)
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
+        self.global_ranks = tuple(self._global)
         self._direction_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
         if split_directions if split_directions is not None else self.backend == "nccl":
             self._create_direction_groups(sorted(set(pairs)))
@@ -188,13 +189,23 @@ class InProcessTransport:
         return _InProcessRecv(self.hub, ch, ticket, tensor)
 
 
-def wait_or_raise(work: Work, *, timeout: float, rank: int, peer: int, what: str) -> None:
+def rank_name(transport: Transport, rank: int) -> str:
+    """How errors name a pipeline rank: "rank 1", or "global rank 3 (pipeline rank 1)" when the pipeline is
+    a subgroup (data parallelism) whose numbering differs from the job's."""
+    global_ranks = getattr(transport, "global_ranks", None)
+    if global_ranks is None or global_ranks[rank] == rank:
+        return f"rank {rank}"
+    return f"global rank {global_ranks[rank]} (pipeline rank {rank})"
+
+
+def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int, what: str) -> None:
     """Wait for a transfer; if it fails or times out, raise CommError naming this rank, the peer and what."""
     try:
         work.wait(timeout)
     except Exception as err:  # gloo raises RuntimeError, in-process TimeoutError
-        raise CommError(f"rank {rank}: {what} with rank {peer} failed or timed out after {timeout:g}s: {err}. "
-                        f"Rank {peer} may have crashed or be stuck; check its log") from err
+        me, them = rank_name(transport, transport.rank), rank_name(transport, peer)
+        raise CommError(f"{me}: {what} with {them} failed or timed out after {timeout:g}s: {err}. "
+                        f"The peer ({them}) may have crashed or be stuck; check its log") from err
 
 
 def all_reduce_sum(transport: Transport, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
@@ -203,7 +214,7 @@ def all_reduce_sum(transport: Transport, tensor: torch.Tensor, timeout: float) -
     peers = range(1, transport.world_size)
 
     def wait(work: Work, peer: int, what: str) -> None:
-        wait_or_raise(work, timeout=timeout, rank=transport.rank, peer=peer, what=what)
+        wait_or_raise(work, timeout=timeout, transport=transport, peer=peer, what=what)
 
     if transport.rank == 0:
         parts = []

@@ -6,9 +6,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .comm import DistTransport, InProcessTransport, Transport, wait_or_raise
+from .data_parallel import GradientAverager, average_over
 from .partition import BalanceError, partition
 from .profile import param_costs, time_costs, uniform_costs
 from .runtime import Executor, RankStep
@@ -18,6 +20,18 @@ from .stage import Stage
 
 Balance = str | Sequence[int]
 _OPS = list(Op)
+_TIED = -1  # the gradient bucket of weights tied across ranks
+
+
+def _groups_of(mesh, group, dp_group, transport):
+    """The (pp, dp) process groups of a DeviceMesh with dimensions named "pp" and optionally "dp"."""
+    if group is not None or dp_group is not None or transport is not None:
+        raise ValueError("pass either mesh= or group=/dp_group=/transport=, not both")
+    names = tuple(mesh.mesh_dim_names or ())
+    if "pp" not in names or not set(names) <= {"dp", "pp"}:
+        raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', got {names}: e.g. "
+                         "init_device_mesh('cpu', (dp, pp), mesh_dim_names=('dp', 'pp'))")
+    return mesh.get_group("pp"), (mesh.get_group("dp") if "dp" in names else None)
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,11 @@ class Pipeline:
         balance: layers per stage, or how to compute it: "uniform", "params", or "time" (profiles each
             layer on rank 0 with `sample`, one microbatch of input, and shares the result).
         group: the torch.distributed group of the pipeline's ranks (default: the world).
+        dp_group: the group of this rank's data-parallel replicas (the ranks at the same pipeline position
+            in the other pipelines); each stage's gradients are averaged over it as soon as the stage's
+            last backward finishes. `step()` then takes this replica's share of the global batch.
+        mesh: instead of `group`/`dp_group`, a DeviceMesh with dimensions named "pp" (and "dp"), e.g.
+            `init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))`.
         device: where this rank's layers run (default: cuda:current for NCCL, else CPU).
         transport: instead of `group`, a transport (e.g. `InProcessHub(n).transport(rank)`).
         timeout: seconds any transfer may wait before the step fails naming the action and peer.
@@ -58,8 +77,10 @@ class Pipeline:
                  group=None, device: torch.device | str | None = None, transport: Transport | None = None,
                  timeout: float = 60.0, sample: torch.Tensor | None = None,
                  split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
-                 prefetch: int = PREFETCH, precision: str = "fp32") -> None:
+                 prefetch: int = PREFETCH, precision: str = "fp32", dp_group=None, mesh=None) -> None:
         layers = list(layers)
+        if mesh is not None:
+            group, dp_group = _groups_of(mesh, group, dp_group, transport)
         bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
         if bad:
             raise TypeError(f"layers[{bad[0]}] is a {type(layers[bad[0]]).__name__}, not an nn.Module")
@@ -115,24 +136,45 @@ class Pipeline:
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
                                   transport=transport, timeout=self.timeout)
         self.last_step: RankStep | None = None
+        self.dp_group = dp_group
+        self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
+        self._averager = self._make_averager() if self.dp_size > 1 else None
 
     # --- public API ----------------------------------------------------------------------------------
-    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, *, scale: float = 1.0) -> float:
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, *, scale: float = 1.0,
+             sync_gradients: bool = True) -> float:
         """One training step over the batch; returns the mean microbatch loss (same float on every rank).
 
         Gradients accumulate into this rank's layers scaled so that they equal the gradient of
         `scale` x the full-batch mean loss; zero them between optimizer steps as usual. Accumulating k
         batches with `scale=1/k` gives the gradient of the mean over all k batches.
+
+        With data parallelism, each replica passes its own share of the global batch (equal sizes); the
+        gradients and the returned loss are then the means over the replicas. `sync_gradients=False`
+        skips the gradient averaging (e.g. all but the last of several accumulated steps: the last one
+        averages everything accumulated).
         """
         before = [p.grad.clone() if p.grad is not None else None for _, p in self._ties]
-        loss = self._run(self._train_actions, inputs, targets, grad=True, scale=scale)
-        self._sync_tied_gradients(before)
-        return loss
+        sync = self._averager is not None and sync_gradients
+        try:
+            loss = self._run(self._train_actions, inputs, targets, grad=True, scale=scale,
+                             on_stage_done=self._averager.start if sync else None)
+            self._sync_tied_gradients(before)
+            if sync:
+                self._averager.start(_TIED)  # tied weights: after the peer's contribution is added
+                self._averager.finish()
+        except BaseException:
+            if self._averager is not None:
+                self._averager.abandon()
+            raise
+        return self._replica_mean(loss)
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> float:
-        """Forward only (no activations kept, no gradients): the mean microbatch loss on every rank."""
-        return self._run(self._eval_actions, inputs, targets, grad=False)
+        """Forward only (no activations kept, no gradients): the mean microbatch loss on every rank (and
+        over the replicas, with data parallelism)."""
+        return self._replica_mean(self._run(self._eval_actions, inputs, targets, grad=False))
 
     def gather_timeline(self, dst: int = 0) -> Timeline | None:
         """The last step's measured timeline of every rank, on rank `dst` (None elsewhere). Collective.
@@ -151,16 +193,18 @@ class Pipeline:
         what = "gathering the timeline"
         if self.rank != dst:
             for work in (self.transport.isend(header, dst), self.transport.isend(data, dst)):
-                wait_or_raise(work, timeout=self.timeout, rank=self.rank, peer=dst, what=what)
+                wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=dst, what=what)
             return None
         per_rank = {self.rank: (data, header)}
         for r in range(self.transport.world_size):
             if r == dst:
                 continue
             head = torch.zeros(3, dtype=torch.float64, device=self.transport.device)
-            wait_or_raise(self.transport.irecv(head, r), timeout=self.timeout, rank=self.rank, peer=r, what=what)
+            wait_or_raise(self.transport.irecv(head, r), timeout=self.timeout, transport=self.transport, peer=r,
+                          what=what)
             body = torch.zeros(int(head[0].item()), 6, dtype=torch.float64, device=self.transport.device)
-            wait_or_raise(self.transport.irecv(body, r), timeout=self.timeout, rank=self.rank, peer=r, what=what)
+            wait_or_raise(self.transport.irecv(body, r), timeout=self.timeout, transport=self.transport, peer=r,
+                          what=what)
             per_rank[r] = (body, head)
         origin = min(float(head[2]) for _, head in per_rank.values())
         events, waits, step_times = [], [], [0.0] * self.transport.world_size
@@ -225,13 +269,44 @@ class Pipeline:
             theirs = torch.empty_like(mine)
             works = [(self.transport.isend(mine, tie.peer), "send"), (self.transport.irecv(theirs, tie.peer), "recv")]
             for work, what in works:
-                wait_or_raise(work, timeout=self.timeout, rank=self.rank, peer=tie.peer,
+                wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=tie.peer,
                               what=f"tied-weight gradient {what}")
             first, second = (mine, theirs) if tie.owner else (theirs, mine)  # same sum order on both ranks
             total = first + second
             p.grad = total if old is None else old + total
 
-    def _run(self, actions, inputs, targets, *, grad: bool, scale: float = 1.0) -> float:
+    def _make_averager(self) -> GradientAverager:
+        """One bucket per stage, each parameter in the bucket of the last of its stages to finish its
+        weight gradients (a weight shared by two stages of this rank), tied weights in their own."""
+        if isinstance(self.transport, InProcessTransport):
+            raise ValueError("dp_group needs torch.distributed ranks; in-process ranks have no data parallelism")
+        mine = (self.rank, self.schedule.name, self.schedule.num_microbatches, tuple(self.balance))
+        replicas: list = [None] * self.dp_size
+        dist.all_gather_object(replicas, mine, group=self.dp_group)
+        if any(r != mine for r in replicas):
+            raise ValueError(f"the dp_group's replicas disagree on (pipeline rank, schedule, microbatches, balance): "
+                             f"{replicas}; each data-parallel group must hold the ranks at the same pipeline "
+                             "position of identical pipelines (a DeviceMesh with dims ('dp', 'pp') does this)")
+        last_action = {a.stage: i for i, a in enumerate(self._train_actions) if a.op in (Op.B, Op.W)}
+        tied = {id(p) for _, p in self._ties}
+        bucket_of: dict[int, int] = {}
+        params: dict[int, nn.Parameter] = {}
+        for s in sorted(self.stages, key=lambda s: last_action[s]):
+            for p in self.stages[s].module.parameters():
+                bucket_of[id(p)] = _TIED if id(p) in tied else s
+                params[id(p)] = p
+        buckets: dict[int, list[nn.Parameter]] = {}
+        for key, p in params.items():
+            buckets.setdefault(bucket_of[key], []).append(p)
+        return GradientAverager(self.dp_group, buckets, self.timeout)
+
+    def _replica_mean(self, loss: float) -> float:
+        if self.dp_size == 1:
+            return loss
+        value = torch.tensor([loss], dtype=torch.float64, device=self.transport.device)
+        return float(average_over(self.dp_group, value, self.timeout)[0])
+
+    def _run(self, actions, inputs, targets, *, grad: bool, scale: float = 1.0, on_stage_done=None) -> float:
         m = self.schedule.num_microbatches
         last = self.schedule.num_stages - 1
         for needed, name, stage in ((inputs, "inputs", 0), (targets, "targets", last)):
@@ -241,7 +316,7 @@ class Pipeline:
         split_inputs = self._split(inputs, "inputs", m)
         split_targets = self._split(targets, "targets", m)
         result = self._executor.run(actions, inputs=split_inputs, targets=split_targets, num_microbatches=m,
-                                    grad=grad, loss_scale=scale / m)
+                                    grad=grad, loss_scale=scale / m, on_stage_done=on_stage_done)
         self.last_step = result
         return result.loss
 
@@ -283,6 +358,6 @@ class Pipeline:
         else:
             works = [(self.transport.irecv(costs, 0), 0)]
         for work, peer in works:  # rank 0 profiles every layer first: raise `timeout` for a large model
-            wait_or_raise(work, timeout=self.timeout, rank=self.rank, peer=peer,
+            wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=peer,
                           what="sharing the measured layer times")
         return costs.tolist()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .comm import CommError, Transport, Work
+from .comm import CommError, Transport, Work, rank_name
 from .schedule.actions import Action, Op, Value, consumer_stage, message_of
 from .schedule.simulate import describe
 from .schedule.timeline import Event
@@ -63,9 +63,14 @@ class Executor:
     # --- one step ----------------------------------------------------------------------------------
     def run(self, actions: Sequence[Action], *, inputs: Sequence[torch.Tensor] | None,
             targets: Sequence[torch.Tensor] | None, num_microbatches: int, grad: bool,
-            loss_scale: float | None = None) -> RankStep:
-        """Run one step's actions. Each microbatch loss is scaled by `loss_scale` (default 1/M) for backward."""
+            loss_scale: float | None = None, on_stage_done: Callable[[int], None] | None = None) -> RankStep:
+        """Run one step's actions. Each microbatch loss is scaled by `loss_scale` (default 1/M) for backward.
+
+        `on_stage_done(stage)` is called as soon as a stage's weight gradients are complete (after its
+        last B or W), while later actions still run: e.g. to start the data-parallel all-reduce."""
         self._loss_scale = 1.0 / num_microbatches if loss_scale is None else loss_scale
+        self._on_stage_done = on_stage_done
+        self._weight_work_left = {s: num_microbatches for s in self.stages}
         self._t0 = time.perf_counter()
         self._posted: dict[Value, tuple[Work, torch.Tensor, Action, int]] = {}
         self._deferred: dict[int, list[tuple[Value, Action]]] = defaultdict(list)
@@ -125,6 +130,10 @@ class Executor:
             start = self._now()
             stage.backward_weight(mb)
         self._events.append(Event(self.rank, action, start, self._now()))
+        if action.op in (Op.B, Op.W):  # each microbatch's weight gradients are finished by one B or one W
+            self._weight_work_left[s] -= 1
+            if self._weight_work_left[s] == 0 and self._on_stage_done is not None:
+                self._on_stage_done(s)
         self._reap_sends()
 
     def _input(self, value: Value, action: Action) -> torch.Tensor:
@@ -157,7 +166,7 @@ class Executor:
             self._post_recv(v, a, peer)
             if v == value:
                 return
-        raise CommError(f"rank {self.rank}: no receive was posted for {describe(value)}; "
+        raise CommError(f"{rank_name(self.transport, self.rank)}: no receive was posted for {describe(value)}; "
                         "the schedule was not lowered for this placement")
 
     def _post_recv(self, value: Value, action: Action, peer: int) -> None:
@@ -205,8 +214,9 @@ class Executor:
                    else f"failed after {waited:.1f}s")
             inside = f" (needed by {waiting_in})" if waiting_in is not None else ""
             raise CommError(
-                f"rank {self.rank}: {action}{inside} waiting on rank {peer} for {what} {how}: {err}. "
-                f"Rank {peer} may have crashed or be stuck; check its log") from err
+                f"{rank_name(self.transport, self.rank)}: {action}{inside} waiting on "
+                f"{rank_name(self.transport, peer)} for {what} {how}: {err}. The peer "
+                f"({rank_name(self.transport, peer)}) may have crashed or be stuck; check its log") from err
 
     # --- loss ----------------------------------------------------------------------------------------
     def _share_loss(self, num_microbatches: int) -> float:

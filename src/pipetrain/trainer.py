@@ -16,6 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from .comm import all_reduce_sum
 from .data import Batches, Corpus, load_corpus
+from .data_parallel import average_over
 from .metrics import JsonlWriter, measure_peak_flops, peak_memory_bytes, plot_losses
 from .models.gpt import PRESETS, GPTConfig, build_gpt, flops_per_token, gpt_loss
 from .pipeline import Pipeline
@@ -25,6 +26,10 @@ from .schedule import names as schedule_names
 
 class ConfigError(ValueError):
     """A training configuration that cannot run; the message names the field and the fix."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients became NaN/inf and `on_nonfinite="stop"` (raised on every rank)."""
 
 
 @dataclass
@@ -41,7 +46,8 @@ class TrainConfig:
     schedule: str = "1f1b"
     stages_per_rank: int | None = None
     microbatches: int = 4
-    batch_size: int = 16  # sequences per pipeline step (split into the microbatches)
+    batch_size: int = 16  # sequences per step over all replicas (each replica: batch_size / dp, in microbatches)
+    dp: int = 1  # data-parallel replicas of the pipeline; pipeline ranks = world size / dp
     accumulation: int = 1  # pipeline steps per optimizer step
     balance: str = "params"
     steps: int = 100  # optimizer steps (the LR schedule spans them)
@@ -52,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # applied to matrices only (not biases, norms)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # global gradient-norm clip across all stages; 0 disables
+    on_nonfinite: str = "skip"  # a NaN/inf loss or gradient on any rank: "skip" the update, or "stop"
     precision: str = "fp32"  # or "bf16" autocast with fp32 master weights
     activation_checkpointing: bool = False
     eval_every: int = 0  # 0: evaluate at the start and the end only
@@ -84,9 +91,14 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.batch_size % self.microbatches:
-            raise ConfigError(f"batch_size={self.batch_size} does not split into microbatches={self.microbatches}: "
-                              f"use a multiple of {self.microbatches}")
+        if not isinstance(self.dp, int) or self.dp < 1:
+            raise ConfigError(f"dp must be a positive integer, got {self.dp!r}")
+        if self.batch_size % (self.dp * self.microbatches):
+            replicas = f"dp={self.dp} replicas x " if self.dp > 1 else ""
+            raise ConfigError(f"batch_size={self.batch_size} does not split into {replicas}microbatches="
+                              f"{self.microbatches}: use a multiple of {self.dp * self.microbatches}")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ConfigError(f'on_nonfinite must be "skip" or "stop", got {self.on_nonfinite!r}')
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:
@@ -139,12 +151,16 @@ def warmup_cosine(step: int, *, warmup: int, total: int, lr: float, min_lr: floa
 class Trainer:
     """Trains the reference GPT with a pipeline; create it on every rank (under torchrun) and call `fit`."""
 
-    def __init__(self, config: TrainConfig, *, group=None, transport=None, device=None,
+    def __init__(self, config: TrainConfig, *, group=None, transport=None, device=None, mesh=None,
                  corpus: Corpus | None = None,
                  optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None) -> None:
         """`optimizer` builds any torch optimizer from parameter groups (weight decay set per group);
-        default AdamW(lr, betas). The LR schedule multiplies each group's initial learning rate."""
+        default AdamW(lr, betas). The LR schedule multiplies each group's initial learning rate.
+
+        With `config.dp > 1` the trainer lays the world out as a (dp, pp) DeviceMesh itself, or uses
+        `mesh` (dimensions named "dp" and "pp"); `group`/`transport` are for one pipeline (dp = 1)."""
         config.validate()
+        mesh = _mesh_for(config, mesh, group, transport, device)
         self.config = config
         self.model_config = config.model_config()
         torch.manual_seed(config.seed)  # every rank builds the same weights, then keeps its own stages
@@ -155,13 +171,18 @@ class Trainer:
         held_out = Batches(corpus.val, batch_size=config.batch_size, seq_len=self.model_config.seq_len,
                            seed=config.seed + 1)
         self.eval_set = [held_out.next() for _ in range(config.eval_batches)]
-        schedule = build_schedule(config.schedule, num_ranks=_world_size(group, transport),
+        pp = mesh["pp"].size() if mesh is not None else _world_size(group, transport)
+        schedule = build_schedule(config.schedule, num_ranks=pp,
                                   num_microbatches=config.microbatches, stages_per_rank=config.stages_per_rank)
-        sample = self.eval_set[0][0][: config.batch_size // config.microbatches]
+        sample = self.eval_set[0][0][: config.batch_size // config.dp // config.microbatches]
         self.pipe = Pipeline(layers, schedule=schedule, loss_fn=gpt_loss, balance=config.balance, group=group,
                              device=device, transport=transport, timeout=config.timeout, sample=sample,
-                             checkpoint=config.activation_checkpointing, precision=config.precision)
+                             checkpoint=config.activation_checkpointing, precision=config.precision, mesh=mesh)
+        # rank/world: this pipeline's; dp_rank/dp: the replica's; global_rank: in the whole job
         self.rank, self.world = self.pipe.rank, self.pipe.transport.world_size
+        self.dp, self.dp_rank = self.pipe.dp_size, self.pipe.dp_rank
+        self.global_rank = self.rank if transport is not None else torch.distributed.get_rank()
+        self.skipped_steps = 0
         self.local_layers = {i: layers[i] for s in self.pipe.stages for i in self.pipe.layer_ranges[s]}
         params = list(self.pipe.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -176,7 +197,7 @@ class Trainer:
         self.history: list[dict] = []
         peak = torch.tensor([measure_peak_flops(self.pipe.device)], dtype=torch.float64,
                             device=self.pipe.transport.device)
-        self.peak_flops = float(self._all_reduce(peak)[0])  # every rank's matmul peak, summed
+        self.peak_flops = float(self._world_sum(peak)[0])  # every rank's matmul peak, summed
         if config.resume:
             self.load()
 
@@ -185,23 +206,35 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         loss, busy, pipeline_time = 0.0, 0.0, 0.0
-        for _ in range(cfg.accumulation):
-            x, y = self.train_data.next()
-            loss += self.pipe.step(x, y, scale=1.0 / cfg.accumulation) / cfg.accumulation
+        for k in range(cfg.accumulation):  # the replicas average gradients once, after the last
+            x, y = self._my_share(self.train_data.next())
+            loss += self.pipe.step(x, y, scale=1.0 / cfg.accumulation,
+                                   sync_gradients=k == cfg.accumulation - 1) / cfg.accumulation
             busy += self.pipe.last_step.busy_time
             pipeline_time += self.pipe.last_step.step_time
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else cfg.lr
         grad_norm = self.clip_gradients()
+        # a NaN/inf loss or gradient on any rank of any replica: every rank skips (or stops) together
+        finite = not self._agree(not (math.isfinite(loss) and math.isfinite(grad_norm)))
+        if not finite and cfg.on_nonfinite == "stop":
+            raise NonFiniteError(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
+                                 f"stopping (on_nonfinite='stop'). The weights are still those of step {self.step}; "
+                                 "resume from the latest checkpoint, e.g. with a lower lr")
         if self.optimizer:
-            self.optimizer.step()
-            self.scheduler.step()
+            if finite:
+                self.optimizer.step()
+            self.scheduler.step()  # the LR schedule follows the step count, skipped or not
             self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            self.skipped_steps += 1
+            self._say(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite: update "
+                      f"skipped ({self.skipped_steps} so far)", None)
         self.step += 1
         elapsed = time.perf_counter() - start
         per_rank = torch.zeros(2 * self.world, dtype=torch.float64, device=self.pipe.transport.device)
         per_rank[self.rank] = 1.0 - busy / pipeline_time if pipeline_time > 0 else 0.0
         per_rank[self.world + self.rank] = peak_memory_bytes(self.pipe.device)
-        per_rank = self._all_reduce(per_rank).tolist()
+        per_rank = (self._world_sum(per_rank) / self.dp).tolist()  # per pipeline rank, mean over replicas
         tokens = cfg.accumulation * cfg.batch_size * self.model_config.seq_len
         return {
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -210,6 +243,7 @@ class Trainer:
             "bubble_per_rank": per_rank[: self.world],
             "peak_memory_per_rank": [int(m) for m in per_rank[self.world:]],
             "mfu": tokens * flops_per_token(self.model_config) / elapsed / self.peak_flops,
+            "skipped": not finite,
         }
 
     def clip_gradients(self) -> float:
@@ -221,8 +255,9 @@ class Trainer:
         for p in self.pipe.owned_parameters():  # a weight tied across ranks counts once
             if p.grad is not None:
                 sumsq += p.grad.detach().double().pow(2).sum().to(sumsq.device)
+        # replicas hold the same (averaged) gradients: the pipeline's ranks together have the whole model
         norm = math.sqrt(float(self._all_reduce(sumsq)[0]))
-        if self.config.grad_clip > 0:
+        if self.config.grad_clip > 0 and math.isfinite(norm):
             coef = self.config.grad_clip / (norm + 1e-6)
             if coef < 1.0:
                 for g in grads:
@@ -231,10 +266,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean held-out loss over the fixed evaluation batches (forward-only schedule)."""
+        """Mean held-out loss over the fixed evaluation batches (forward-only schedule; each replica
+        takes its share of every batch, as in training)."""
         self.pipe.eval()
         try:
-            return sum(self.pipe.evaluate(x, y) for x, y in self.eval_set) / len(self.eval_set)
+            return sum(self.pipe.evaluate(*self._my_share(b)) for b in self.eval_set) / len(self.eval_set)
         finally:
             self.pipe.train()
 
@@ -242,7 +278,7 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train to `steps`, logging, evaluating and checkpointing as configured; returns the records."""
         cfg = self.config
-        lead = self.rank == 0
+        lead = self.global_rank == 0
         writer = JsonlWriter(cfg.metrics_jsonl) if cfg.metrics_jsonl and lead else None
         board = None
         if cfg.tensorboard and lead:
@@ -293,7 +329,7 @@ class Trainer:
         if lead:
             self._summary(final, time.perf_counter() - start)
             if cfg.plot and self.history:
-                plot_losses(self.history, cfg.plot, title=f"{cfg.preset} GPT, {cfg.schedule}, {self.world} ranks")
+                plot_losses(self.history, cfg.plot, title=f"{cfg.preset} GPT, {cfg.schedule}, {self._layout()}")
                 print(f"loss curve: {cfg.plot}")
         return self.history
 
@@ -302,12 +338,13 @@ class Trainer:
         """Write a checkpoint of the current step (collective). Returns its path on rank 0."""
         root = Path(self.config.checkpoint_dir)
         tmp = root / f".tmp-step_{self.step:08d}"
-        ckpt.write_shards(tmp, self.rank, self.local_layers, self.optimizer)
+        # replicas hold the same weights and optimizer state: the first one writes the layers
+        ckpt.write_shards(tmp, self.global_rank, self.local_layers if self.dp_rank == 0 else {}, self.optimizer)
         self._barrier()  # every shard is on disk before rank 0 publishes
         path = None
-        if self.rank == 0:
+        if self.global_rank == 0:
             manifest = {
-                "format": 1, "step": self.step, "world_size": self.world,
+                "format": 1, "step": self.step, "world_size": self.world * self.dp, "dp": self.dp, "pp": self.world,
                 "num_layers": sum(self.pipe.balance),
                 "model": dataclasses.asdict(self.model_config),
                 "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "extra"},
@@ -335,26 +372,46 @@ class Trainer:
                 group["lr"] = lr
         state = torch.frombuffer(bytearray(base64.b64decode(manifest["data"])), dtype=torch.uint8)
         self.train_data.generator.set_state(state)
-        if manifest["world_size"] != self.world or not ckpt.load_rng(path, self.rank):
-            torch.manual_seed(self.config.seed * 1_000_003 + manifest["step"] * 101 + self.rank)
+        same_layout = manifest["world_size"] == self.world * self.dp and manifest.get("dp", 1) == self.dp
+        if not same_layout or not ckpt.load_rng(path, self.global_rank):
+            torch.manual_seed(self.config.seed * 1_000_003 + manifest["step"] * 101 + self.global_rank)
         self.step = manifest["step"]
         self._say(f"resumed from {path} at step {self.step}", None)
         return True
 
     # --- helpers -------------------------------------------------------------------------------------
+    def _my_share(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's contiguous slice of a global batch (every rank draws the same global batches,
+        so the data order does not depend on dp, and resuming on another dp continues the same stream)."""
+        if self.dp == 1:
+            return batch
+        n = batch[0].shape[0] // self.dp
+        return tuple(t[self.dp_rank * n:(self.dp_rank + 1) * n] for t in batch)
+
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over this pipeline's ranks."""
         return all_reduce_sum(self.pipe.transport, tensor, self.config.timeout)
 
+    def _world_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank of the job: over the pipeline, then over the replicas."""
+        self._all_reduce(tensor)
+        if self.dp > 1:
+            average_over(self.pipe.dp_group, tensor, self.config.timeout).mul_(self.dp)
+        return tensor
+
     def _barrier(self) -> None:
-        self._all_reduce(torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device))
+        self._world_sum(torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device))
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if it is true on any (so all ranks stop at the same step)."""
         t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self.pipe.transport.device)
-        return float(self._all_reduce(t)[0]) > 0
+        return float(self._world_sum(t)[0]) > 0
+
+    def _layout(self) -> str:
+        return f"dp {self.dp} x pp {self.world}" if self.dp > 1 else f"{self.world} ranks"
 
     def _say(self, text: str, bar) -> None:
-        if self.rank != 0:
+        if self.global_rank != 0:
             return
         if bar is not None:
             bar.write(text)
@@ -376,6 +433,31 @@ class Trainer:
               f"(perplexity {math.exp(final):.2f})")
         print(f"  idle (bubble) per rank {' '.join(f'{b:.1%}' for b in bubbles)}; peak memory per rank "
               f"{' '.join(f'{m / 2**20:.0f}MiB' for m in h[-1]['peak_memory_per_rank'])}")
+
+
+def _mesh_for(config: TrainConfig, mesh, group, transport, device):
+    """The (dp, pp) DeviceMesh for config.dp > 1 (built over the whole world unless given), else `mesh`."""
+    if mesh is not None:
+        names = tuple(mesh.mesh_dim_names or ())
+        dp = mesh["dp"].size() if "dp" in names else 1
+        if dp != config.dp:
+            raise ConfigError(f"dp={config.dp}, but the mesh given has {dp} data-parallel replicas")
+        return mesh
+    if config.dp == 1:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if transport is not None or group is not None:
+        raise ConfigError(f"dp={config.dp} lays out the whole torch.distributed world; pass no group/transport")
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: launch with torchrun")
+    world = dist.get_world_size()
+    if world % config.dp:
+        raise ConfigError(f"dp={config.dp} does not divide the {world} ranks: launch a multiple of {config.dp} "
+                          "processes (pipeline ranks = world size / dp)")
+    kind = torch.device(device).type if device is not None else "cpu"
+    return init_device_mesh(kind, (config.dp, world // config.dp), mesh_dim_names=("dp", "pp"))
 
 
 def _world_size(group, transport) -> int:

@@ -1,0 +1,87 @@
+"""dp x pp over gloo (4 spawned ranks): gradients equal single-process training of the global batch."""
+
+import math
+
+import pytest
+import torch
+from workers import data_parallel_scenario, run_processes
+
+
+@pytest.mark.parametrize("schedule,tie,accumulation", [("1f1b", False, 1), ("1f1b", True, 2), ("zbv", True, 1)])
+def test_dp2_pp2_gradients_equal_single_process_on_the_global_batch(schedule, tie, accumulation):
+    results = run_processes(4, data_parallel_scenario, 2, schedule, tie, accumulation, timeout=180)
+    covered = set()
+    for rank, r in results.items():
+        assert r["got"], f"rank {rank} holds no parameters"
+        for name, grad in r["got"].items():
+            expected = r["expected"][name]
+            err = ((grad - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+            assert err <= 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
+            covered.add(name)
+        # the loss is the global batch's (the mean over replicas), on every rank
+        for got, want in zip(r["losses"], r["reference_losses"], strict=True):
+            assert got == pytest.approx(want, rel=1e-5)
+    assert covered == set(results[0]["all_names"])  # every weight of the model is checked somewhere
+    assert {r["dp_rank"] for r in results.values()} == {0, 1}
+    # replicas hold identical gradients
+    by_name = {}
+    for r in results.values():
+        for name, grad in r["got"].items():
+            by_name.setdefault(name, []).append(grad)
+    for name, grads in by_name.items():
+        assert all(torch.equal(grads[0], g) for g in grads[1:]), name
+
+
+BASE = {"preset": "tiny", "steps": 5, "microbatches": 2, "batch_size": 8, "log_every": 100, "eval_batches": 2,
+        "seed": 3, "progress": False, "warmup": 2, "grad_clip": 0.05}
+
+
+def test_trainer_dp2_pp2_equals_one_pipeline_and_resumes_on_another_layout(tmp_path):
+    from workers import trainer_run
+
+    one = run_processes(2, trainer_run, BASE)  # dp 1 x pp 2, the same global batches
+    ck = str(tmp_path / "ck")
+    two = run_processes(4, trainer_run, {**BASE, "dp": 2, "checkpoint_dir": ck, "stop_at_step": 3})
+    history = two[0]["history"]
+    assert [r["loss"] for r in history] == pytest.approx(one[0]["losses"][:3], rel=1e-5)
+    assert [r["grad_norm"] for r in history] == pytest.approx([r["grad_norm"] for r in one[0]["history"][:3]],
+                                                             rel=1e-5)
+    assert all(r["grad_norm"] > BASE["grad_clip"] for r in history), "the test must actually clip"
+    for rank in range(4):  # replicas agree on every reported number
+        assert [r["loss"] for r in two[rank]["history"]] == [r["loss"] for r in history]
+    # the dp 2 x pp 2 checkpoint resumes as dp 1 x pp 3 (layers re-partitioned, same data stream)
+    three = run_processes(3, trainer_run, {**BASE, "checkpoint_dir": ck, "resume": True, "microbatches": 4})
+    assert three[0]["losses"] == pytest.approx(one[0]["losses"][3:], rel=1e-5)
+
+
+def test_a_nan_gradient_on_one_rank_skips_the_update_on_every_rank():
+    from workers import trainer_nonfinite
+
+    results = run_processes(4, trainer_nonfinite, {**BASE, "dp": 2}, 3, 2)  # rank 3 = replica 1, pipeline rank 1
+    for rank, r in results.items():
+        assert r["skipped"] == [False, True, False, False, False], rank
+        before, after = r["snapshots"][2], r["snapshots"][3]
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "a skipped step changed weights"
+        assert r["finite"] and all(map(math.isfinite, r["losses"]))
+
+
+def test_a_nan_gradient_stops_every_rank_when_asked():
+    from workers import trainer_nonfinite
+
+    results = run_processes(2, trainer_nonfinite, {**BASE, "on_nonfinite": "stop"}, 0, 3)
+    for r in results.values():
+        assert r["error"] is not None and "step 3: " in r["error"] and "not finite" in r["error"]
+        assert r["step"] == 2  # the weights are those of the last good step
+
+
+def test_a_killed_rank_makes_every_other_rank_of_every_replica_fail_fast():
+    from workers import dp_rank_dies
+
+    results = run_processes(4, dp_rank_dies, expect=3, timeout=90)
+    assert sorted(results) == [0, 1, 2]
+    for rank, r in results.items():
+        assert r["error"] is not None, f"rank {rank} finished a step a peer never ran"
+        assert r["error"].startswith(f"global rank {rank}") and "crashed or be stuck" in r["error"], r["error"]
+        assert r["seconds"] < 20, r  # a closed connection, well before the 20 s timeout
+    assert "data-parallel gradient all-reduce" in results[1]["error"]  # rank 1 waits on rank 3's gradients
+    assert "waiting on global rank 3 (pipeline rank 1)" in results[2]["error"]  # rank 2 on its activations
