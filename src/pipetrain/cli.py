@@ -149,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group(backend)
+    _init_process_group(backend)
     try:
         Trainer(config, device=device).fit()
     except (ConfigError, NonFiniteError) as err:
@@ -158,6 +158,33 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _init_process_group(backend: str) -> None:
+    """init_process_group, safe across torchrun's elastic restarts.
+
+    torchrun (>= 2.5) shares its rendezvous TCPStore with the workers and keeps it across restarts, so a
+    restarted worker can read a dead worker's address left by the previous attempt (gloo: "connection
+    refused", NCCL: a stale unique id; pytorch/pytorch#135712). On one node every worker restarts
+    together, so each attempt gets its own key prefix. Across nodes the restart counts can differ:
+    there, torchrun must be told not to share the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    import os
+
+    import torch.distributed as dist
+
+    shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    if shared_store and restarts_allowed and os.environ.get("GROUP_WORLD_SIZE") == "1":
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"pipetrain/attempt_{attempt}", store), rank=rank,
+                                world_size=world)
+        return
+    if shared_store and restarts_allowed and os.environ.get("RANK") == "0":
+        print("pipetrain train: warning: with --max-restarts on several nodes, set "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on every node, or a restarted rank may read "
+              "a dead rank's address (pytorch#135712)", file=sys.stderr)
+    dist.init_process_group(backend)
 
 
 class _Tee:

@@ -287,6 +287,9 @@ class Trainer:
             board = SummaryWriter(cfg.tensorboard)
         bar = _progress(cfg, self.step) if lead else None
         start = time.perf_counter()
+        self._say(f"training {cfg.preset} GPT ({sum(p.numel() for p in self.pipe.parameters()):,} parameters on "
+                  f"global rank 0) on {self._layout()}: schedule {cfg.schedule}, {cfg.microbatches} microbatches, "
+                  f"global batch {cfg.batch_size} x {self.model_config.seq_len} tokens", bar)
         if self.step == 0:
             first = self.evaluate()
             self._say(f"held-out loss before training {first:.4f} (perplexity {math.exp(first):.2f})", bar)
@@ -408,7 +411,7 @@ class Trainer:
         return float(self._world_sum(t)[0]) > 0
 
     def _layout(self) -> str:
-        return f"dp {self.dp} x pp {self.world}" if self.dp > 1 else f"{self.world} ranks"
+        return f"dp {self.dp} x pp {self.world} ranks" if self.dp > 1 else f"{self.world} ranks"
 
     def _say(self, text: str, bar) -> None:
         if self.global_rank != 0:
@@ -427,12 +430,14 @@ class Trainer:
         last = sum(r["loss"] for r in h[-k:]) / k
         tokens = sum(r["tokens_per_s"] * r["step_time"] for r in h)
         bubbles = [sum(r["bubble_per_rank"][i] for r in h) / len(h) for i in range(self.world)]
-        print(f"\nsummary: {len(h)} steps in {seconds:.1f}s, {tokens / seconds:.0f} tokens/s, "
+        print(f"\nsummary: {len(h)} steps in {seconds:.1f}s on {self._layout()}, {tokens / seconds:.0f} tokens/s, "
               f"MFU {sum(r['mfu'] for r in h) / len(h):.1%} of measured matmul peak")
         print(f"  train loss (mean of {k} steps) {first:.4f} -> {last:.4f}; held-out loss {final:.4f} "
               f"(perplexity {math.exp(final):.2f})")
         print(f"  idle (bubble) per rank {' '.join(f'{b:.1%}' for b in bubbles)}; peak memory per rank "
               f"{' '.join(f'{m / 2**20:.0f}MiB' for m in h[-1]['peak_memory_per_rank'])}")
+        if self.skipped_steps:
+            print(f"  {self.skipped_steps} step(s) skipped: non-finite loss or gradients (on_nonfinite='skip')")
 
 
 def _mesh_for(config: TrainConfig, mesh, group, transport, device):

@@ -1,0 +1,70 @@
+"""Launching with torchrun: two "nodes" on loopback, and an elastic restart after a killed rank."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+TRAIN = ["--preset", "tiny", "--microbatches", "2", "--batch-size", "8", "--eval-batches", "1", "--log-every", "1",
+         "--no-progress"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_nodes_on_loopback_train_dp2_x_pp2_like_one_node(tmp_path):
+    args = ["-m", "pipetrain", "train", *TRAIN, "--dp", "2", "--steps", "4"]
+    port = _free_port()
+    nodes = [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", *args,
+                               "--metrics-jsonl", str(tmp_path / f"node{n}.jsonl")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+             for n in range(2)]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    for node, (_out, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    logs = "".join(out for out, _ in outputs)
+    assert logs.count("summary: 4 steps") == 1 and "on dp 2 x pp 2 ranks" in logs  # global rank 0 only
+    (multi,) = [_records(p) for p in tmp_path.glob("node*.jsonl")]  # written by global rank 0 only
+    one = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", *TRAIN,
+                          "--steps", "4", "--metrics-jsonl", str(tmp_path / "one.jsonl")],
+                         capture_output=True, text=True, timeout=180, env=ENV, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = _records(tmp_path / "one.jsonl")
+    assert [r["loss"] for r in multi] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+
+
+def test_elastic_restart_resumes_from_the_latest_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path):
+    def run(name: str, *extra: str, env: dict) -> subprocess.CompletedProcess:
+        cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", *extra, str(HERE / "elastic_train.py"), *TRAIN,
+               "--steps", "8", "--checkpoint-dir", str(tmp_path / name), "--checkpoint-every", "2", "--resume",
+               "--metrics-jsonl", str(tmp_path / f"{name}.jsonl")]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+
+    straight = run("straight", env={**ENV, "FAIL_RANK": "-1", "FAIL_AT_STEP": "0"})
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # rank 1 is SIGKILLed as step 5 begins; torchrun restarts both ranks, which resume from step 4
+    failing = {**ENV, "FAIL_RANK": "1", "FAIL_AT_STEP": "5"}
+    without_restarts = run("no-restart", env=failing)
+    assert without_restarts.returncode != 0, "a killed rank must fail the job"
+    restarted = run("elastic", "--max-restarts", "1", env=failing)
+    assert restarted.returncode == 0, restarted.stdout[-2000:] + restarted.stderr[-6000:]
+    assert "resumed from" in restarted.stdout and "step_00000004" in restarted.stdout
+    elastic, reference = _records(tmp_path / "elastic.jsonl"), _records(tmp_path / "straight.jsonl")
+    assert [r["step"] for r in elastic] == list(range(1, 9))
+    assert [r["loss"] for r in elastic] == [r["loss"] for r in reference]  # bit for bit
+    assert elastic[-1]["eval_loss"] == reference[-1]["eval_loss"]
