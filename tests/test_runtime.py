@@ -1,9 +1,11 @@
 """The runtime: gradients and losses equal single-process training; bad input fails before communicating."""
 
+import threading
+
 import pytest
 import torch
 from torch import nn
-from workers import STEPS, all_scenarios, reference, run_threads, train
+from workers import STEPS, all_scenarios, make_model, reference, run_threads, train
 
 import pipetrain as pt
 from pipetrain.schedule import Schedule
@@ -148,3 +150,30 @@ def test_errors_name_global_ranks_when_the_pipeline_is_a_subgroup():
 
     assert rank_name(Sub(), 1) == "global rank 3 (pipeline rank 1)"
     assert rank_name(pt.InProcessHub(2).transport(0), 1) == "rank 1"
+
+
+def test_a_stage_is_reported_done_as_soon_as_its_weight_gradients_are_complete():
+    # interleaved: rank 0 holds stages 0 and 2; stage 2 finishes its backward well before stage 0, and the
+    # data-parallel all-reduce of its gradients can start then, overlapping stage 0's tail
+    world, m = 2, 4
+    layers, loss_fn, x, y = make_model("mlp", m)
+    hub = pt.InProcessHub(world)
+    done: dict[int, list] = {0: [], 1: []}
+
+    def rank_main(rank: int) -> None:
+        sched = pt.schedules.build("interleaved-1f1b", num_ranks=world, num_microbatches=m)
+        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=hub.transport(rank), timeout=30)
+        actions = pipe._train_actions
+        executor = pipe._executor
+        executor.run(actions, inputs=list(x.tensor_split(m)), targets=list(y.tensor_split(m)), num_microbatches=m,
+                     grad=True, on_stage_done=lambda s: done[rank].append((s, len(executor._events))))
+        done[rank].append(("total", len(executor._events)))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    (s2, at2), (s0, at0), (_, total) = done[0]
+    assert (s2, s0) == (2, 0) and at2 < at0 == total  # stage 2 reported with actions still to run
+    assert [s for s, _ in done[1][:-1]] == [3, 1]

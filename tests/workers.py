@@ -223,13 +223,21 @@ def trainer_sgd(rank: int, world: int, settings: dict) -> dict:
             "decay": [g["weight_decay"] for g in trainer.optimizer.param_groups]}
 
 
-def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: bool, accumulation: int) -> dict:
-    """dp x pp ranks on a DeviceMesh: each replica takes its share of the global batch; returns this rank's
-    gradients after `accumulation` steps, and the same from single-process training on the whole batch."""
+def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: bool, accumulation: int,
+                           layout: str = "mesh") -> dict:
+    """dp x pp ranks on a DeviceMesh (or explicit groups): each replica takes its share of the global batch;
+    returns this rank's gradients after `accumulation` steps, and the same from single-process training
+    on the whole batch."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     pp = world // dp
-    mesh = init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))
+    if layout == "mesh":
+        where = {"mesh": init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))}
+    else:  # every rank creates every group, in the same order
+        pipelines = [dist.new_group([d * pp + i for i in range(pp)]) for d in range(dp)]
+        replicas = [dist.new_group([d * pp + i for d in range(dp)]) for i in range(pp)]
+        where = {"group": pipelines[rank // pp], "dp_group": replicas[rank % pp]}
     m = 2 * pp
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=6, n_heads=2, tie_embeddings=tie)
@@ -242,7 +250,7 @@ def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: b
         (gpt_loss(model(x), y) / accumulation).backward()
     expected = {name: p.grad for name, p in model.named_parameters()}
     sched = pt.schedules.build(schedule, num_ranks=pp, num_microbatches=m)
-    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, mesh=mesh, timeout=30)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, timeout=30, **where)
     losses = []
     for k, (x, y) in enumerate(batches):
         share = slice(pipe.dp_rank * 2 * m, (pipe.dp_rank + 1) * 2 * m)
