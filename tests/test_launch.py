@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(args: list[str], *, env: dict, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run torchrun; on a timeout SIGTERM it, which it passes on to its workers (each in a session of its
+    own, out of reach of a kill of torchrun's group), so a hung test leaves no orphaned ranks behind."""
+    proc = subprocess.Popen([TORCHRUN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -29,20 +49,18 @@ def _records(path: Path) -> list[dict]:
 def test_two_nodes_on_loopback_train_dp2_x_pp2_like_one_node(tmp_path):
     args = ["-m", "pipetrain", "train", *TRAIN, "--dp", "2", "--steps", "4"]
     port = _free_port()
-    nodes = [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", *args,
-                               "--metrics-jsonl", str(tmp_path / f"node{n}.jsonl")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
-             for n in range(2)]
-    outputs = [node.communicate(timeout=180) for node in nodes]
-    for node, (_out, err) in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, err[-3000:]
-    logs = "".join(out for out, _ in outputs)
+    with ThreadPoolExecutor(2) as pool:  # two "nodes", each a torchrun of 2 ranks
+        nodes = list(pool.map(lambda n: _torchrun(
+            ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+             "--rdzv-id", "two-nodes", *args, "--metrics-jsonl", str(tmp_path / f"node{n}.jsonl")],
+            env=ENV, cwd=tmp_path, timeout=180), range(2)))
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    logs = "".join(node.stdout for node in nodes)
     assert logs.count("summary: 4 steps") == 1 and "on dp 2 x pp 2 ranks" in logs  # global rank 0 only
     (multi,) = [_records(p) for p in tmp_path.glob("node*.jsonl")]  # written by global rank 0 only
-    one = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", *TRAIN,
-                          "--steps", "4", "--metrics-jsonl", str(tmp_path / "one.jsonl")],
-                         capture_output=True, text=True, timeout=180, env=ENV, cwd=tmp_path)
+    one = _torchrun(["--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", *TRAIN, "--steps", "4",
+                     "--metrics-jsonl", str(tmp_path / "one.jsonl")], env=ENV, cwd=tmp_path, timeout=180)
     assert one.returncode == 0, one.stderr[-3000:]
     single = _records(tmp_path / "one.jsonl")
     assert [r["loss"] for r in multi] == pytest.approx([r["loss"] for r in single], rel=1e-5)
@@ -50,10 +68,9 @@ def test_two_nodes_on_loopback_train_dp2_x_pp2_like_one_node(tmp_path):
 
 def test_elastic_restart_resumes_from_the_latest_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path):
     def run(name: str, *extra: str, env: dict) -> subprocess.CompletedProcess:
-        cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", *extra, str(HERE / "elastic_train.py"), *TRAIN,
-               "--steps", "8", "--checkpoint-dir", str(tmp_path / name), "--checkpoint-every", "2", "--resume",
-               "--metrics-jsonl", str(tmp_path / f"{name}.jsonl")]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+        return _torchrun(["--standalone", "--nproc-per-node", "2", *extra, str(HERE / "elastic_train.py"), *TRAIN,
+                          "--steps", "8", "--checkpoint-dir", str(tmp_path / name), "--checkpoint-every", "2",
+                          "--resume", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl")], env=env, cwd=tmp_path)
 
     straight = run("straight", env={**ENV, "FAIL_RANK": "-1", "FAIL_AT_STEP": "0"})
     assert straight.returncode == 0, straight.stderr[-3000:]

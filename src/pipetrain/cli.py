@@ -1,10 +1,12 @@
-"""The `pipetrain` command line: `train` (under torchrun), `simulate` and `compare`."""
+"""The `pipetrain` command line: `train` (under torchrun), `simulate`, `compare` and `plan`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 
 from . import schedule as schedules
 from .schedule import Costs, format_table, format_timeline, simulate
@@ -64,6 +66,70 @@ def _compare(args: argparse.Namespace) -> int:
 
         save_comparison(result.predicted.timeline, result.measured, args.png, title=sched.name)
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .planner import SpecError, cluster_from, model_from
+    from .planner.plan import plan
+
+    try:
+        model = model_from(args.model)
+        cluster = cluster_from(args.cluster, model, args.microbatch_size)
+        start = time.perf_counter()
+        plans = plan(model, cluster, devices=args.gpus, tp=args.tp, pp=args.pp, dp=args.dp, schedule=args.schedule,
+                     microbatch_size=args.microbatch_size, stages_per_rank=args.stages_per_rank, top=args.top)
+        seconds = time.perf_counter() - start
+    except (SpecError, ValueError) as err:
+        print(f"pipetrain plan: {err}", file=sys.stderr)
+        return 2
+    assumptions = _plan_assumptions(model, cluster)
+    if args.json:
+        print(json.dumps({"model": dataclasses.asdict(model), "cluster": dataclasses.asdict(cluster),
+                          "plans": [p.as_dict() for p in plans], "assumptions": assumptions,
+                          "seconds": seconds}))
+        return 0
+    print(f"{model.name} ({model.params() / 1e9:.1f}B parameters, global batch {model.global_batch} x {model.seq} "
+          f"tokens) on {cluster.name}: {args.gpus or cluster.devices} devices, {cluster.notes}")
+    print(f"{'#':>2} {'devices':>7} {'tp':>3} {'pp':>4} {'dp':>5} {'v':>2} {'mb':>3} {'M':>5} {'schedule':17s} "
+          f"{'recomp':6s} {'step':>9} {'tokens/s':>11} {'MFU':>6} {'bubble':>7} {'memory':>9}")
+    for i, p in enumerate(plans, 1):
+        print(f"{i:>2} {p.devices:>7} {p.tp:>3} {p.pp:>4} {p.dp:>5} {p.stages_per_rank:>2} {p.microbatch_size:>3} "
+              f"{p.microbatches:>5} {p.schedule:17s} {'yes' if p.recompute else 'no':6s} {_seconds(p.step_time):>9} "
+              f"{p.tokens_per_s:>11.4g} {p.mfu:>6.1%} {p.bubble_fraction:>7.1%} {p.memory_per_device / 2**30:>7.1f}Gi"
+              + ("" if p.simulated else "  (estimate)"))
+    print(f"\nplanned in {seconds:.1f}s; the first {min(len(plans), 5)} are simulated in full, the rest estimated")
+    for line in assumptions:
+        print(f"  - {line}")
+    if args.png and plans:
+        from .planner.plan import timeline_of
+        from .viz import save
+
+        best = plans[0]
+        save(timeline_of(model, cluster, best), args.png, unit="s",
+             title=f"{model.name} on {cluster.name}: tp{best.tp} pp{best.pp} dp{best.dp} {best.schedule} "
+                   f"(first microbatches)")
+        print(f"timeline of the best plan: {args.png}")
+    return 0
+
+
+def _seconds(t: float) -> str:
+    return f"{t * 1e3:.1f}ms" if t < 1 else f"{t:.2f}s"
+
+
+def _plan_assumptions(model, cluster) -> list[str]:
+    return [
+        f"compute: {cluster.achievable:.0%} of {cluster.peak / 1e12:g} TFLOP/s ({cluster.dtype}) per device; "
+        "backward = 2 x forward (I = W = F); recomputation adds one forward",
+        "FLOPs per token: 6 x matmul parameters + 12 x layers x hidden x seq (attention, not halved for "
+        "causality); MFU counts these, HFU adds recomputation",
+        "activations per block and token: 34 x hidden / tp bytes (bf16, flash attention, sequence parallel); "
+        "2 x hidden / tp with recomputation",
+        "memory: bf16 weights + fp32 gradients + fp32 master and Adam state sharded over dp; "
+        f"{cluster.memory_reserved:.0%} of memory kept free",
+        "tensor parallel within a fast domain only, its all-reduces not overlapped; pipeline transfers inside "
+        "the domain if a pipeline's devices fit in it, else over the NIC",
+        "data parallel: the first stage's gradient reduce-scatter + all-gather is exposed, the rest overlaps",
+    ]
 
 
 # `pipetrain train` flags: name -> (type, help). Each sets the TrainConfig field of the same name.
@@ -251,6 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--png", metavar="FILE", help="draw the timeline (.png or .svg; needs matplotlib)")
     sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (one cost unit = 1 ms)")
     sim.set_defaults(func=_simulate)
+    pl = sub.add_parser("plan", help="map a model onto a cluster: ranked pipeline plans",
+                        description="Search tensor, pipeline and data parallel degrees, stages per rank, "
+                        "microbatches and schedule for a model on a cluster; predict step time, tokens/s, MFU, "
+                        "bubble and memory per device. Pinned values restrict the search.")
+    pl.add_argument("--model", required=True, help="llama3-8b, llama3-70b, llama3-405b, dense-1t, dense-10t, "
+                    "gpt-8x256, gpt-16x512, or a TOML file")
+    pl.add_argument("--cluster", required=True, help="h100-16k, a100-3k, gb300-220k, local (this machine, "
+                    "measured), or a TOML file")
+    pl.add_argument("--gpus", type=_positive_int, help="devices to use (default: the whole cluster)")
+    pl.add_argument("--tp", type=_positive_int, help="tensor-parallel degree")
+    pl.add_argument("--pp", type=_positive_int, help="pipeline-parallel degree")
+    pl.add_argument("--dp", type=_positive_int, help="data-parallel degree")
+    pl.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv"])
+    pl.add_argument("--microbatch-size", type=_positive_int, help="sequences per microbatch")
+    pl.add_argument("--stages-per-rank", type=_positive_int, help="stages per rank (interleaved: 2, 3 or 4)")
+    pl.add_argument("--top", type=_positive_int, default=10, help="plans to list")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.add_argument("--png", metavar="FILE", help="draw the best plan's simulated timeline (needs matplotlib)")
+    pl.set_defaults(func=_plan)
     cmp = sub.add_parser("compare", help="simulated vs measured step for a measured timeline (JSON)")
     cmp.add_argument("timeline", help="a timeline JSON written by the example's --trace-dir or save_timeline")
     cmp.add_argument("--png", metavar="FILE", help="draw simulated above measured (.png or .svg)")

@@ -1,0 +1,8 @@
+"""The planner: map a model onto a cluster (`pipetrain plan`). No torch needed, except to measure the
+local machine (`--cluster local`)."""
+
+from .plan import SCHEDULES, Plan, plan
+from .specs import CLUSTERS, MODELS, ClusterSpec, ModelSpec, SpecError, cluster_from, model_from
+
+__all__ = ["CLUSTERS", "MODELS", "SCHEDULES", "ClusterSpec", "ModelSpec", "Plan", "SpecError", "cluster_from",
+           "model_from", "plan"]

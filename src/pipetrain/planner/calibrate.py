@@ -1,0 +1,72 @@
+"""The local machine as a cluster: its devices are CPU cores (one pipeline rank per core, 1 thread each).
+
+Measured in a few seconds: the fp32 matmul peak of one core, and how much of it one transformer block of
+the model being planned reaches in forward + backward (its `achievable` fraction), and the copy bandwidth
+for transfers between ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from .specs import ClusterSpec, ModelSpec
+
+
+def local_cluster(model: ModelSpec | None = None, microbatch_size: int = 4) -> ClusterSpec:
+    import torch
+
+    from ..metrics import measure_peak_flops
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        peak = measure_peak_flops(torch.device("cpu"))
+        achievable = _block_efficiency(model, microbatch_size, peak) if model is not None else 0.5
+        bandwidth = _copy_bandwidth()
+    finally:
+        torch.set_num_threads(threads)
+    cores = os.cpu_count() or 1
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / cores
+    what = f"one {model.name} block" if model is not None else "no block measured (0.5 assumed)"
+    return ClusterSpec("local", cores, {"fp32": peak}, memory, cores, bandwidth, bandwidth, nic_latency=2e-4,
+                       domain_latency=2e-4, achievable=achievable, memory_reserved=0.2, dtype="fp32",
+                       notes=f"this machine: {cores} CPU cores as devices (1 thread each); measured matmul peak "
+                             f"{peak / 1e9:.1f} GFLOP/s, {what} at {achievable:.0%} of it, copies at "
+                             f"{bandwidth / 1e9:.1f} GB/s")
+
+
+def _block_efficiency(model: ModelSpec, microbatch_size: int, peak: float) -> float:
+    """Forward + backward of one block of `model` (the reference GPT block: plain GELU MLP, full
+    attention heads), timed; its FLOPs by the planner's count over the time, as a fraction of `peak`."""
+    import torch
+
+    from ..models.gpt import GPTConfig, build_gpt
+
+    cfg = GPTConfig(vocab_size=model.vocab, seq_len=model.seq, d_model=model.hidden, n_layers=1,
+                    n_heads=model.heads, d_ff=model.ffn)
+    torch.manual_seed(0)
+    block = build_gpt(cfg)[1]
+    x = torch.randn(microbatch_size, model.seq, model.hidden, requires_grad=True)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        block(x).sum().backward()
+        times.append(time.perf_counter() - start)
+    flops = 3 * model.layer_forward_flops(microbatch_size * model.seq)
+    return min(1.0, flops / statistics.median(times[1:]) / peak)
+
+
+def _copy_bandwidth(seconds: float = 0.2) -> float:
+    """Bytes/s of copying a 4 MiB tensor (what a loopback transfer costs at the least)."""
+    import torch
+
+    src = torch.empty(1 << 20)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        dst.copy_(src)
+        count += 1
+    return count * src.numel() * 4 / (time.perf_counter() - start)

@@ -1,0 +1,311 @@
+"""Map a model onto a cluster: search (tp, pp, dp, stages per rank, microbatches, microbatch size,
+schedule, recomputation) under device memory, predict step time, tokens/s, MFU and memory.
+
+The cost model (all per device):
+- compute: a block's forward FLOPs / (peak x achievable x tp); backward = 2 x forward, split evenly into
+  I and W; recomputation adds one forward to the backward. The first stage also holds the embedding,
+  the last the head and loss (counted as one block of head FLOPs);
+- tensor parallelism (within a fast domain only): per block two all-reduces of the block's activations
+  in forward and two in backward (Megatron-LM with sequence parallelism: all-gather + reduce-scatter),
+  ring cost 2 (t-1)/t x bytes / domain bandwidth, not overlapped;
+- pipeline transfers: one activation (or its gradient) per stage boundary and microbatch, over the fast
+  domain when the pipeline's ranks fit in one domain, else over the NIC: latency + bytes / bandwidth;
+- pipeline: the schedule itself, simulated with those costs (the step is affine in the microbatch count
+  once the pipeline is full, so long schedules are simulated short and extended exactly);
+- data parallelism: a ring reduce-scatter + all-gather of the first stage's gradients (bf16) over the
+  NIC after its last backward (the other stages' overlap with the tail), plus the optimizer step;
+- memory: bf16 weights + fp32 gradients + (fp32 master + Adam m, v) sharded over dp (a distributed
+  optimizer), + the activations of the most microbatches a rank holds at once (from the simulation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..schedule import Costs, build, simulate
+from .specs import ClusterSpec, ModelSpec
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv")
+_V = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "zbv": 2}  # interleaved: 2 or 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    tp: int
+    pp: int
+    dp: int
+    stages_per_rank: int
+    microbatch_size: int  # sequences
+    microbatches: int
+    schedule: str
+    recompute: bool
+    step_time: float
+    tokens_per_s: float
+    mfu: float  # model FLOPs (3 x forward) per second over the peak of the devices used
+    hfu: float  # hardware FLOPs: with recomputation's extra forward
+    bubble_fraction: float
+    memory_per_device: float  # bytes, the fullest device
+    compute_time: float  # per device, of the step
+    dp_time: float  # exposed data-parallel reduction + optimizer
+    pipeline_time: float
+    simulated: bool  # False: the screening estimate only
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "devices": self.devices}
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    tp: int
+    pp: int
+    dp: int
+    v: int
+    b: int
+    m: int
+    schedule: str
+    recompute: bool
+
+
+def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, tp: int | None = None,
+         pp: int | None = None, dp: int | None = None, schedule: str | None = None,
+         microbatch_size: int | None = None, stages_per_rank: int | None = None, top: int = 10,
+         simulate_top: int = 5) -> list[Plan]:
+    """The best plans, fastest first. Pinned arguments restrict the search. The `simulate_top` best
+    screened plans are simulated in full (exact schedule, per-stage costs) and re-ranked."""
+    devices = devices or cluster.devices
+    if devices > cluster.devices:
+        raise ValueError(f"{devices} devices asked, the cluster {cluster.name!r} has {cluster.devices}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {list(SCHEDULES)}")
+    candidates = [c for c in _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size)
+                  if stages_per_rank is None or c.v == stages_per_rank]
+    if not candidates:
+        raise ValueError(_why_none(model, cluster, devices, tp, pp, dp, microbatch_size))
+    screened = [p for p in (_evaluate(model, cluster, c, exact=False) for c in candidates) if p is not None]
+    if not screened:
+        raise ValueError(f"no plan fits in {cluster.memory / 1e9:.0f} GB per device: even with recomputation, "
+                         f"{model.name} needs more devices, more pipeline or tensor parallelism")
+    screened.sort(key=lambda p: (p.step_time, p.devices))
+    exact = [_evaluate(model, cluster, _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size,
+                                                  p.microbatches, p.schedule, p.recompute), exact=True)
+             for p in screened[:simulate_top]]
+    best = sorted([p for p in exact if p is not None], key=lambda p: (p.step_time, p.devices))
+    return (best + screened[simulate_top:])[:top]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size):
+    tps = [t for t in ([tp] if tp else (1, 2, 4, 8, 16, 32, 64))
+           if t == 1 or (t <= cluster.domain and model.heads % t == 0 and model.kv % t == 0)]
+    # a layout may leave some devices idle: dp must divide the global batch, so e.g. 220,000 devices
+    # cannot all be used; for each (tp, pp) the largest such dp that fits is tried
+    batch_divisors = _divisors(model.global_batch)
+    for t in tps:
+        pps = [pp] if pp else sorted({p for p in range(1, model.layers + 1) if devices // t // p >= 1 and (
+            p & (p - 1) == 0 or (devices // t) % p == 0)})
+        for p in pps:
+            room = devices // (t * p)
+            if room < 1:
+                continue
+            if dp:
+                if dp > room:
+                    continue
+                d = dp
+            else:
+                d = max(x for x in batch_divisors if x <= room)
+            if model.global_batch % d:
+                continue
+            per_replica = model.global_batch // d
+            sizes = [microbatch_size] if microbatch_size else [s for s in (1, 2, 4, 8, 16) if per_replica % s == 0]
+            for b in sizes:
+                if per_replica % b:
+                    continue
+                m = per_replica // b
+                for name in ([schedule] if schedule else SCHEDULES):
+                    for v in ((2, 3, 4) if name == "interleaved-1f1b" else (_V[name],)):
+                        if p == 1 and name != "gpipe":
+                            continue  # one stage: every schedule is the same; keep one
+                        if p * v > model.layers or (name in ("1f1b", "zb-h1") and m < p) or (
+                                name == "interleaved-1f1b" and m < p):
+                            continue
+                        for recompute in (False, True):
+                            yield _Candidate(t, p, d, v, b, m, name, recompute)
+
+
+def _why_none(model, cluster, devices, tp, pp, dp, b) -> str:
+    return (f"no (tp, pp, dp) layout of {devices} devices fits {model.name} with the pinned values "
+            f"tp={tp} pp={pp} dp={dp} microbatch_size={b}: tp must divide the heads ({model.heads}) and be at most "
+            f"the fast domain ({cluster.domain}); tp x pp x dp = devices; dp must divide the global batch "
+            f"({model.global_batch} sequences); pp at most the layers ({model.layers})")
+
+
+def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: bool) -> Plan | None:
+    chunks = c.pp * c.v
+    costs = _stage_costs(model, cluster, c)
+    f, i_cost, w_cost = costs.f, costs.b, costs.w
+    if exact:
+        pipeline_time, bubble, peak_chunks = _simulate(c, costs)
+    else:
+        # the busiest rank sets the pace: its stages' mean costs
+        busiest = max(range(c.pp), key=lambda r: sum(f[s] + i_cost[s] + w_cost[s] for s in _stages_of(c, r)))
+        mine = _stages_of(c, busiest)
+        pipeline_time, bubble, peak_chunks = _screen(c, *(sum(x[s] for s in mine) / len(mine)
+                                                          for x in (f, i_cost, w_cost)), costs.comm)
+    memory = _memory(model, cluster, c, peak_chunks, math.ceil(model.layers / chunks))
+    if memory > cluster.memory * (1 - cluster.memory_reserved):
+        return None
+    dp_time = _dp_time(model, cluster, c)
+    step = pipeline_time + dp_time
+    compute = c.m * c.v * (sum(f) + sum(i_cost) + sum(w_cost)) / chunks
+    tokens_per_s = model.global_batch * model.seq / step
+    mfu = tokens_per_s * model.flops_per_token() / (c.tp * c.pp * c.dp * cluster.peak)
+    hfu = mfu * (4 / 3 if c.recompute else 1.0)
+    return Plan(c.tp, c.pp, c.dp, c.v, c.b, c.m, c.schedule, c.recompute, step, tokens_per_s, mfu, hfu, bubble,
+                memory, compute, dp_time, pipeline_time, exact)
+
+
+def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs:
+    """F, I, W of every stage and the transfer time between stages, for one microbatch."""
+    tokens = c.b * model.seq
+    rate = cluster.peak * cluster.achievable * c.tp
+    chunks = c.pp * c.v
+    blocks = _blocks_per_stage(model.layers, chunks)
+    f_block = model.layer_forward_flops(tokens) / rate + _tp_time(model, cluster, c, tokens)
+    # the last stage also holds the head (and loss), the first the embedding (no FLOPs to speak of)
+    f = [n * f_block for n in blocks]
+    f[-1] += model.head_forward_flops(tokens) / rate
+    i_cost = [x * (2 if c.recompute else 1) for x in f]
+    act_bytes = tokens * model.hidden * 2 / c.tp  # bf16, sequence-parallel
+    latency, bandwidth = _p2p_link(cluster, c)
+    return Costs(f=f, b=i_cost, w=list(f), comm=latency + act_bytes / bandwidth)
+
+
+def _stages_of(c: _Candidate, rank: int) -> list[int]:
+    if c.schedule == "zbv":
+        return [rank, 2 * c.pp - 1 - rank]
+    return [rank + k * c.pp for k in range(c.v)]
+
+
+def _blocks_per_stage(layers: int, stages: int) -> list[int]:
+    """Blocks per stage, as even as can be: the first stages take the remainder, one block each."""
+    base, extra = divmod(layers, stages)
+    return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+def _tp_time(model, cluster, c, tokens) -> float:
+    """Forward TP communication of one block: two ring all-reduces of its activations (bf16)."""
+    if c.tp == 1:
+        return 0.0
+    volume = tokens * model.hidden * 2
+    return 2 * (2 * (c.tp - 1) / c.tp * volume / cluster.domain_bandwidth + 2 * (c.tp - 1) * cluster.domain_latency)
+
+
+def _p2p_link(cluster, c) -> tuple[float, float]:
+    """(latency, bandwidth) between neighbouring pipeline ranks: inside a fast domain if one pipeline's
+    devices (tp x pp, placed first) fit in it, else over the NIC."""
+    if c.tp * c.pp <= cluster.domain:
+        return cluster.domain_latency, cluster.domain_bandwidth
+    return cluster.nic_latency, cluster.nic_bandwidth
+
+
+def _dp_time(model, cluster, c) -> float:
+    if c.dp == 1:
+        return 0.0
+    # the first stage's gradients (bf16), reduce-scatter + all-gather of the updated weights, ring over NICs
+    first_stage = (model.layers / (c.pp * c.v) * model.layer_params() + model.embedding_params()) / c.tp
+    volume = first_stage * 2
+    bandwidth = cluster.nic_bandwidth if c.tp * c.pp * c.dp > cluster.domain else cluster.domain_bandwidth
+    return 2 * (c.dp - 1) / c.dp * volume / bandwidth + 2 * (c.dp - 1) * cluster.nic_latency
+
+
+def _memory(model, cluster, c, peak_chunks: float, blocks_per_chunk: int) -> float:
+    params = (c.v * blocks_per_chunk * model.layer_params() + model.embedding_params()) / c.tp
+    weights = params * (2 + 4) + params * 12 / c.dp  # bf16 weights, fp32 grads; master + Adam sharded over dp
+    act = peak_chunks * blocks_per_chunk * model.layer_activation_bytes(c.b * model.seq, c.tp, c.recompute)
+    if c.recompute:
+        act += model.layer_activation_bytes(c.b * model.seq, c.tp, False)  # one block recomputed at a time
+    logits = c.b * model.seq * model.vocab * 4 / c.tp  # fp32 logits of one microbatch on the last stage
+    return weights + act + logits
+
+
+# --- the schedule: simulated (exact) or estimated from a short simulation (screening) ---------------
+_SCREEN_CACHE: dict = {}
+
+
+def _short_m(schedule: str, p: int, m: int) -> tuple[int, int]:
+    """Two microbatch counts, both with a full pipeline, to extend the step time linearly to `m`."""
+    base = max(2 * p, 8)
+    if schedule == "zbv":
+        base = max(3 * p, 8)  # its steady state starts later (measured: from 3p at p = 4 with transfers)
+    step = max(p, 4)
+    if m <= base + step:
+        return m, m
+    return base, base + step
+
+
+def _simulate(c: _Candidate, costs: Costs) -> tuple[float, float, float]:
+    m0, m1 = _short_m(c.schedule, c.pp, c.m)
+    results = []
+    for m in sorted({m0, m1}):
+        sched = build(c.schedule, num_ranks=c.pp, num_microbatches=m, stages_per_rank=c.v, check_schedule=False)
+        results.append((m, simulate(sched, costs)))
+    (ma, ra), (mb, rb) = results[0], results[-1]
+
+    def slope(value) -> float:
+        return (value(rb) - value(ra)) / (mb - ma) if mb != ma else 0.0
+
+    def extend(value, at_least: float = 0.0) -> float:  # affine in the microbatch count, from the short runs
+        return value(rb) + (c.m - mb) * max(slope(value), at_least)
+
+    # in the steady state each microbatch adds at least the busiest rank's work to the step: with uneven
+    # stages that rank may only become the bottleneck after the short runs
+    busiest = max(slope(lambda r, i=i: r.per_rank[i].busy_time) for i in range(len(rb.per_rank)))
+    step = extend(lambda r: r.step_time, busiest)
+    busy = extend(lambda r: max(s.busy_time for s in r.per_rank))
+    peak = extend(lambda r: max(s.peak_activations for s in r.per_rank))
+    return step, 1.0 - busy / step, peak
+
+
+def _screen(c: _Candidate, f: float, b: float, w: float, comm: float) -> tuple[float, float, float]:
+    """Like _simulate, with uniform stage costs and at most 8 ranks: the part of the step beyond the
+    work grows linearly with the ranks; measured at a short pipeline, scaled to `pp`."""
+    key = (c.schedule, min(c.pp, 8), c.v, round(b / f, 3), round(w / f, 3), round(comm / f, 3),
+           min(c.m, 64) if c.schedule == "gpipe" else None)
+    if key not in _SCREEN_CACHE:
+        p = min(c.pp, 8)
+        m = max(2 * p, 4) * 2
+        if c.schedule == "gpipe":
+            m = min(c.m, 64)
+        sched = build(c.schedule, num_ranks=p, num_microbatches=m, stages_per_rank=c.v, check_schedule=False)
+        r = simulate(sched, Costs(f=1.0, b=b / f, w=w / f, comm=comm / f))
+        work = m * c.v * (1.0 + (b + w) / f)
+        peak = max(s.peak_activations for s in r.per_rank)
+        _SCREEN_CACHE[key] = (p, m, (r.step_time - work), peak)
+    p, m, extra, peak = _SCREEN_CACHE[key]
+    work = c.m * c.v * (f + b + w)
+    scale = (c.pp - 1) / (p - 1) if p > 1 else 0.0
+    step = work + extra * f * scale
+    if c.schedule == "gpipe":
+        peak = peak * c.m / m
+    else:
+        peak = peak * c.pp / p
+    return step, 1.0 - work / step, peak
+
+
+def timeline_of(model: ModelSpec, cluster: ClusterSpec, p: Plan, max_microbatches: int | None = None):
+    """The simulated timeline of a plan (with at most `max_microbatches`, default 2 x pp, to stay legible)."""
+    m = min(p.microbatches, max_microbatches or max(2 * p.pp, 4))
+    if p.schedule in ("1f1b", "zb-h1", "interleaved-1f1b"):
+        m = max(m, p.pp)
+    c = _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size, m, p.schedule, p.recompute)
+    costs = _stage_costs(model, cluster, c)
+    sched = build(c.schedule, num_ranks=c.pp, num_microbatches=m, stages_per_rank=c.v, check_schedule=False)
+    return simulate(sched, costs).timeline

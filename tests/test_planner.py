@@ -1,0 +1,99 @@
+"""The planner: specs, the exactness of its short simulations, the search's constraints, the CLI contract."""
+
+import json
+import time
+
+import pytest
+
+from pipetrain.cli import main
+from pipetrain.planner import CLUSTERS, MODELS, SpecError, cluster_from, model_from, plan
+from pipetrain.planner.plan import _Candidate, _evaluate, _simulate
+from pipetrain.schedule import Costs, build, simulate
+
+
+def test_presets_have_the_published_shapes():
+    llama = MODELS["llama3-405b"]
+    assert 400e9 < llama.params() < 410e9  # "405B"
+    assert 7.5e9 < MODELS["llama3-8b"].params() < 8.5e9
+    assert 68e9 < MODELS["llama3-70b"].params() < 72e9
+    assert 0.95e12 < MODELS["dense-1t"].params() < 1.05e12
+    assert 9.5e12 < MODELS["dense-10t"].params() < 10.5e12
+    # the reference GPT's count equals pipetrain.models.gpt's
+    from pipetrain.models.gpt import GPTConfig
+
+    cfg = GPTConfig(vocab_size=256, seq_len=128, d_model=256, n_layers=8, n_heads=8)
+    assert MODELS["gpt-8x256"].params() == pytest.approx(cfg.num_params(), rel=0.02)
+
+
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zbv", 2)])
+@pytest.mark.parametrize("comm", [0.0, 0.4])
+@pytest.mark.parametrize("p,m", [(2, 16), (4, 40), (8, 64)])
+def test_a_short_simulation_extended_linearly_equals_the_full_one(schedule, v, comm, p, m):
+    # the step is affine in the microbatch count once the pipeline is full: the planner simulates short
+    costs = Costs(f=[1.0, 1.3, 0.9, 1.1, 1.0, 1.2, 0.8, 1.5] * 2, b=1.1, w=0.9, comm=comm)
+    full = simulate(build(schedule, num_ranks=p, num_microbatches=m, stages_per_rank=v), costs)
+    step, bubble, peak = _simulate(_Candidate(1, p, 1, v, 1, m, schedule, False), costs)
+    assert step == pytest.approx(full.step_time, rel=1e-9)
+    busy = max(s.busy_time for s in full.per_rank)
+    assert bubble == pytest.approx(1 - busy / full.step_time, abs=1e-9)
+    assert peak == pytest.approx(max(s.peak_activations for s in full.per_rank))
+
+
+def test_the_screening_estimate_is_close_to_the_simulation():
+    model, cluster = MODELS["llama3-70b"], CLUSTERS["h100-16k"]
+    for c in [_Candidate(8, 8, 16, 1, 1, 32, "1f1b", True), _Candidate(8, 16, 8, 2, 1, 64, "zbv", False),
+              _Candidate(4, 8, 32, 2, 2, 8, "interleaved-1f1b", True)]:
+        estimate, exact = _evaluate(model, cluster, c, exact=False), _evaluate(model, cluster, c, exact=True)
+        assert estimate.step_time == pytest.approx(exact.step_time, rel=0.05), c
+
+
+def test_plans_respect_memory_pins_and_divisibility():
+    model, cluster = MODELS["llama3-70b"], CLUSTERS["h100-16k"]
+    plans = plan(model, cluster, devices=1024, top=20)
+    assert plans == sorted(plans[:5], key=lambda p: p.step_time) + plans[5:]
+    for p in plans:
+        assert p.devices <= 1024 and p.tp <= cluster.domain and model.heads % p.tp == 0
+        assert model.global_batch == p.dp * p.microbatch_size * p.microbatches
+        assert p.memory_per_device <= cluster.memory * 0.9
+        assert 0 < p.mfu < 1 and 0 <= p.bubble_fraction < 1
+    pinned = plan(model, cluster, devices=1024, tp=4, pp=8, schedule="1f1b", top=5)
+    assert {(p.tp, p.pp, p.schedule) for p in pinned} == {(4, 8, "1f1b")}
+    with pytest.raises(ValueError, match="no .* layout"):
+        plan(model, cluster, devices=1024, tp=3)  # 3 does not divide 64 heads
+
+
+def test_a_model_that_cannot_fit_says_so():
+    with pytest.raises(ValueError, match="no plan fits"):
+        plan(MODELS["llama3-405b"], CLUSTERS["h100-16k"], devices=8)
+
+
+def test_large_plans_finish_within_a_minute():
+    for model, cluster in (("llama3-405b", "h100-16k"), ("dense-10t", "gb300-220k")):
+        start = time.perf_counter()
+        plans = plan(model_from(model), cluster_from(cluster), top=5)
+        assert time.perf_counter() - start < 60
+        assert plans and plans[0].simulated
+
+
+def test_toml_specs_and_their_errors(tmp_path):
+    good = tmp_path / "mine.toml"
+    good.write_text('layers = 4\nhidden = 512\nheads = 8\nffn = 2048\nvocab = 1000\nseq = 256\n')
+    assert model_from(str(good)).name == "mine"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('layers = 4\nhiden = 512\n')
+    with pytest.raises(SpecError, match="unknown field.*hiden"):
+        model_from(str(bad))
+    with pytest.raises(SpecError, match="unknown cluster 'nope'"):
+        cluster_from("nope")
+
+
+def test_cli_json_contract(capsys):
+    assert main(["plan", "--model", "llama3-70b", "--cluster", "h100-16k", "--gpus", "512", "--json",
+                 "--top", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["plans"]) == 3 and out["assumptions"]
+    for key in ("tp", "pp", "dp", "stages_per_rank", "microbatches", "schedule", "step_time", "tokens_per_s",
+                "mfu", "bubble_fraction", "memory_per_device"):
+        assert key in out["plans"][0]
+    assert main(["plan", "--model", "nope", "--cluster", "h100-16k"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
