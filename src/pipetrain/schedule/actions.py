@@ -19,13 +19,17 @@ class Op(enum.Enum):
     SEND_B = "SEND_B"  # send the gradient of this stage's input to stage - 1
     RECV_B = "RECV_B"  # receive the gradient of this stage's output from stage + 1
 
+    # (the simulator asks these millions of times: string lookups, not enum hashing)
     @property
     def is_compute(self) -> bool:
-        return self in (Op.F, Op.B, Op.I, Op.W)
+        return self._value_ in _COMPUTE
 
     @property
     def is_comm(self) -> bool:
-        return not self.is_compute
+        return self._value_ not in _COMPUTE
+
+
+_COMPUTE = frozenset({"F", "B", "I", "W"})
 
 
 _ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)$")
@@ -83,9 +87,11 @@ def W(stage: int, mb: int) -> Action:  # noqa: N802
 Value = tuple[str, int, int]  # (kind, stage, microbatch)
 
 
+_PRODUCES = {"F": "act", "B": "grad", "I": "grad", "W": "wgrad"}
+
+
 def produces(action: Action) -> Value:
-    kind = {Op.F: "act", Op.B: "grad", Op.I: "grad", Op.W: "wgrad"}[action.op]
-    return (kind, action.stage, action.mb)
+    return (_PRODUCES[action.op._value_], action.stage, action.mb)
 
 
 def consumes(action: Action, num_stages: int) -> list[Value]:
@@ -102,15 +108,13 @@ def consumes(action: Action, num_stages: int) -> list[Value]:
     raise ValueError(f"{action} is not a compute action")
 
 
+_MESSAGE = {"SEND_F": ("act", 0), "RECV_F": ("act", -1), "SEND_B": ("grad", 0), "RECV_B": ("grad", 1)}
+
+
 def message_of(action: Action) -> Value:
     """The value a SEND/RECV action carries (the value is produced by the sending stage)."""
-    s, m = action.stage, action.mb
-    return {
-        Op.SEND_F: ("act", s, m),
-        Op.RECV_F: ("act", s - 1, m),
-        Op.SEND_B: ("grad", s, m),
-        Op.RECV_B: ("grad", s + 1, m),
-    }[action.op]
+    kind, offset = _MESSAGE[action.op._value_]
+    return (kind, action.stage + offset, action.mb)
 
 
 def recv_action_for(value: Value) -> Action:
