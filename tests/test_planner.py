@@ -85,6 +85,15 @@ def test_toml_specs_and_their_errors(tmp_path):
         model_from(str(bad))
     with pytest.raises(SpecError, match="unknown cluster 'nope'"):
         cluster_from("nope")
+    rack = tmp_path / "rack.toml"
+    rack.write_text('devices = 64\npeak_flops = { bf16 = 1e15 }\nmemory = 96e9\ndomain = 8\n'
+                    'domain_bandwidth = 4e11\nnic_bandwidth = 5e10\nnic_latency = 4e-6\n')
+    cluster = cluster_from(str(rack))
+    assert (cluster.name, cluster.peak, cluster.domain) == ("rack", 1e15, 8)
+    assert plan(model_from(str(good)), cluster, top=1)[0].devices <= 64
+    rack.write_text(rack.read_text() + 'dtype = "fp8"\n')
+    with pytest.raises(SpecError, match="dtype='fp8' has no entry in peak_flops"):
+        cluster_from(str(rack))
 
 
 def test_cli_json_contract(capsys):
@@ -97,3 +106,15 @@ def test_cli_json_contract(capsys):
         assert key in out["plans"][0]
     assert main(["plan", "--model", "nope", "--cluster", "h100-16k"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_cli_table_and_the_best_plans_timeline(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "best.png"
+    assert main(["plan", "--model", "llama3-8b", "--cluster", "h100-16k", "--gpus", "64", "--pp", "4", "--top", "4",
+                 "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "llama3-8b" in out and "schedule" in out and "assumptions" not in out and "- compute:" in out
+    rows = [line for line in out.splitlines() if line[:2].strip().isdigit()]
+    assert len(rows) == 4 and all(row.split()[3] == "4" for row in rows)  # pp pinned
+    assert png.stat().st_size > 10_000
