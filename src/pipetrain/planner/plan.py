@@ -148,23 +148,23 @@ def _why_none(model, cluster, devices, tp, pp, dp, b) -> str:
 
 
 def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: bool) -> Plan | None:
-    chunks = c.pp * c.v
+    stages = c.pp * c.v
     costs = _stage_costs(model, cluster, c)
     f, i_cost, w_cost = costs.f, costs.b, costs.w
     if exact:
-        pipeline_time, bubble, peak_chunks = _simulate(c, costs)
+        pipeline_time, bubble, peak_in_flight = _simulate(c, costs)
     else:
         # the busiest rank sets the pace: its stages' mean costs
         busiest = max(range(c.pp), key=lambda r: sum(f[s] + i_cost[s] + w_cost[s] for s in _stages_of(c, r)))
         mine = _stages_of(c, busiest)
-        pipeline_time, bubble, peak_chunks = _screen(c, *(sum(x[s] for s in mine) / len(mine)
+        pipeline_time, bubble, peak_in_flight = _screen(c, *(sum(x[s] for s in mine) / len(mine)
                                                           for x in (f, i_cost, w_cost)), costs.comm)
-    memory = _memory(model, cluster, c, peak_chunks, math.ceil(model.layers / chunks))
+    memory = _memory(model, cluster, c, peak_in_flight, math.ceil(model.layers / stages))
     if memory > cluster.memory * (1 - cluster.memory_reserved):
         return None
     dp_time = _dp_time(model, cluster, c)
     step = pipeline_time + dp_time
-    compute = c.m * c.v * (sum(f) + sum(i_cost) + sum(w_cost)) / chunks
+    compute = c.m * c.v * (sum(f) + sum(i_cost) + sum(w_cost)) / stages
     tokens_per_s = model.global_batch * model.seq / step
     mfu = tokens_per_s * model.flops_per_token() / (c.tp * c.pp * c.dp * cluster.peak)
     hfu = mfu * (4 / 3 if c.recompute else 1.0)
@@ -176,8 +176,8 @@ def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs
     """F, I, W of every stage and the transfer time between stages, for one microbatch."""
     tokens = c.b * model.seq
     rate = cluster.peak * cluster.achievable * c.tp
-    chunks = c.pp * c.v
-    blocks = _blocks_per_stage(model.layers, chunks)
+    stages = c.pp * c.v
+    blocks = _blocks_per_stage(model.layers, stages)
     f_block = model.layer_forward_flops(tokens) / rate + _tp_time(model, cluster, c, tokens)
     # the last stage also holds the head (and loss), the first the embedding (no FLOPs to speak of)
     f = [n * f_block for n in blocks]
@@ -226,10 +226,10 @@ def _dp_time(model, cluster, c) -> float:
     return 2 * (c.dp - 1) / c.dp * volume / bandwidth + 2 * (c.dp - 1) * cluster.nic_latency
 
 
-def _memory(model, cluster, c, peak_chunks: float, blocks_per_chunk: int) -> float:
-    params = (c.v * blocks_per_chunk * model.layer_params() + model.embedding_params()) / c.tp
+def _memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int) -> float:
+    params = (c.v * blocks_per_stage * model.layer_params() + model.embedding_params()) / c.tp
     weights = params * (2 + 4) + params * 12 / c.dp  # bf16 weights, fp32 grads; master + Adam sharded over dp
-    act = peak_chunks * blocks_per_chunk * model.layer_activation_bytes(c.b * model.seq, c.tp, c.recompute)
+    act = peak_in_flight * blocks_per_stage * model.layer_activation_bytes(c.b * model.seq, c.tp, c.recompute)
     if c.recompute:
         act += model.layer_activation_bytes(c.b * model.seq, c.tp, False)  # one block recomputed at a time
     logits = c.b * model.seq * model.vocab * 4 / c.tp  # fp32 logits of one microbatch on the last stage

@@ -1,0 +1,134 @@
+"""The training configuration (`TrainConfig`), its validation, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .models.gpt import PRESETS, GPTConfig
+from .schedule import names as schedule_names
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; the message names the field and the fix."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients became NaN/inf and `on_nonfinite="stop"` (raised on every rank)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `pipetrain train` fills it from a TOML file and flags."""
+
+    preset: str = "tiny"  # a GPT size from pipetrain.models.gpt.PRESETS; the fields below override it
+    layers: int | None = None
+    d_model: int | None = None
+    heads: int | None = None
+    seq_len: int | None = None
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    schedule: str = "1f1b"
+    stages_per_rank: int | None = None
+    microbatches: int = 4
+    batch_size: int = 16  # sequences per step over all replicas (each replica: batch_size / dp, in microbatches)
+    dp: int = 1  # data-parallel replicas of the pipeline; pipeline ranks = world size / dp
+    accumulation: int = 1  # pipeline steps per optimizer step
+    balance: str = "params"
+    steps: int = 100  # optimizer steps (the LR schedule spans them)
+    stop_at_step: int | None = None  # end this run early (a time-sliced job); resume later to continue
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 10  # steps of linear warm-up, then cosine decay to min_lr at `steps`
+    weight_decay: float = 0.1  # applied to matrices only (not biases, norms)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # global gradient-norm clip across all stages; 0 disables
+    on_nonfinite: str = "skip"  # a NaN/inf loss or gradient on any rank: "skip" the update, or "stop"
+    precision: str = "fp32"  # or "bf16" autocast with fp32 master weights
+    activation_checkpointing: bool = False
+    eval_every: int = 0  # 0: evaluate at the start and the end only
+    eval_batches: int = 4
+    log_every: int = 10
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # 0: only at the end (when checkpoint_dir is set)
+    resume: bool = False
+    metrics_jsonl: str | None = None
+    tensorboard: str | None = None  # a log directory for TensorBoard (needs the tensorboard package)
+    plot: str | None = None  # loss curve PNG written at the end
+    seed: int = 0
+    timeout: float = 60.0
+    max_seconds: float | None = None
+    progress: bool | None = None  # progress bar on rank 0: default when stdout is a terminal
+    extra: dict = field(default_factory=dict, repr=False)  # unknown keys, reported by validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that cannot work."""
+        if self.extra:
+            known = ", ".join(f.name for f in dataclasses.fields(self) if f.name != "extra")
+            raise ConfigError(f"unknown setting(s) {sorted(self.extra)}; known: {known}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.schedule not in schedule_names():
+            raise ConfigError(f"schedule={self.schedule!r} is not one of {schedule_names()}")
+        for name in ("microbatches", "batch_size", "accumulation", "steps", "eval_batches", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup", "eval_every", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.dp, int) or self.dp < 1:
+            raise ConfigError(f"dp must be a positive integer, got {self.dp!r}")
+        if self.batch_size % (self.dp * self.microbatches):
+            replicas = f"dp={self.dp} replicas x " if self.dp > 1 else ""
+            raise ConfigError(f"batch_size={self.batch_size} does not split into {replicas}microbatches="
+                              f"{self.microbatches}: use a multiple of {self.dp * self.microbatches}")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ConfigError(f'on_nonfinite must be "skip" or "stop", got {self.on_nonfinite!r}')
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("grad_clip and weight_decay must be >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f'precision must be "fp32" or "bf16", got {self.precision!r}')
+        if self.balance not in ("uniform", "params", "time"):
+            raise ConfigError(f'balance must be "uniform", "params" or "time", got {self.balance!r}')
+        if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
+            raise ConfigError(f"stop_at_step must be a positive integer, got {self.stop_at_step!r}")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("resume needs checkpoint_dir (where to look for the latest checkpoint)")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError(f"tensorboard={self.tensorboard!r} needs the tensorboard package: pip install "
+                                  "tensorboard (or drop the setting; metrics_jsonl needs nothing)") from None
+        try:
+            self.model_config()
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
+
+    def model_config(self) -> GPTConfig:
+        overrides = {"n_layers": self.layers, "d_model": self.d_model, "n_heads": self.heads, "seq_len": self.seq_len}
+        base = PRESETS[self.preset]
+        return dataclasses.replace(base, dropout=self.dropout, tie_embeddings=self.tie_embeddings,
+                                   **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") in names}
+        extra = {k: v for k, v in values.items() if k.replace("-", "_") not in names}
+        if "betas" in known:
+            known["betas"] = tuple(known["betas"])
+        return cls(**known, extra=extra)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
+    """Multiplier of `lr` for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
