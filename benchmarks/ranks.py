@@ -91,7 +91,8 @@ def bench_rank(rank: int, world: int, spec: dict) -> dict:
     for m in spec.get("sweep", ()):
         if single:
             single(m)  # warm-up at this microbatch size
-        out["sweep"][m] = {name: _measure_schedule(rank, world, {**spec, "warmup": 1}, cfg, name, m, x, y, single, 1)
+        short = {**spec, "warmup": 1, "steps": 1}  # one block of one step per library
+        out["sweep"][m] = {name: _measure_schedule(rank, world, short, cfg, name, m, x, y, single, 1)
                            for name in spec["schedules"]}
     return out
 

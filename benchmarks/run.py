@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `ranks` is imported by the spawned ranks too
@@ -42,12 +43,14 @@ def measure(workload: str, world: int, args) -> dict:
             "timelines": True}
     started = time.perf_counter()
     per_rank = run_processes(world, ranks.bench_rank, spec, timeout=3600)
-    memory = {}  # (schedule, library) -> peak RSS per rank, each measured in fresh processes
-    for name in args.schedules:
-        for lib in ("pipetrain", "torch"):
-            if lib == "pipetrain" or name in ranks.TORCH_SCHEDULES:
-                peaks = run_processes(world, ranks.peak_memory_rank, spec, lib, name, timeout=3600)
-                memory[(name, lib)] = [peaks[r] for r in range(world)]
+    # (schedule, library) -> peak RSS per rank, each measured in fresh processes; two such runs at a time
+    # (a peak does not depend on how the cores are shared; the timing above is done by then)
+    runs = [(name, lib) for name in args.schedules for lib in ("pipetrain", "torch")
+            if lib == "pipetrain" or name in ranks.TORCH_SCHEDULES]
+    with ThreadPoolExecutor(2) as pool:
+        peaks = pool.map(lambda run: run_processes(world, ranks.peak_memory_rank, spec, *run[::-1], timeout=3600),
+                         runs)
+        memory = {run: [peak[r] for r in range(world)] for run, peak in zip(runs, peaks, strict=True)}
     tokens = args.batch_size * WORKLOADS[workload]["seq_len"]
     rows = []
     for name in args.schedules:
@@ -254,7 +257,7 @@ def draw_timelines(results: dict, out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="gpt-8x256 on 2 ranks only, fewer blocks (~5 minutes)")
+    p.add_argument("--quick", action="store_true", help="gpt-8x256 on 2 ranks only, fewer blocks (~6 minutes)")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
     p.add_argument("--ranks", nargs="+", type=int, default=None)
     p.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=SCHEDULES)
