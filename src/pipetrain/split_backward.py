@@ -80,13 +80,8 @@ def backward_weight(pending: PendingWeightGrad | None) -> None:
                     grads.append(g)
         if not edges:
             continue
-        dparams = torch.autograd.grad(edges, group.params, grads, retain_graph=retain, allow_unused=True)
-        for p, g in zip(group.params, dparams, strict=True):
-            if g is not None:
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
+        # the engine accumulates into .grad itself, as AccumulateGrad does in a full backward
+        torch.autograd.backward(edges, grads, retain_graph=retain, inputs=group.params)
 
 
 def _capture(group: _Group, node):
