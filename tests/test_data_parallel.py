@@ -86,3 +86,10 @@ def test_a_killed_rank_makes_every_other_rank_of_every_replica_fail_fast():
         assert r["seconds"] < 20, r  # a closed connection, well before the 20 s timeout
     assert "data-parallel gradient all-reduce" in results[1]["error"]  # rank 1 waits on rank 3's gradients
     assert "waiting on global rank 3 (pipeline rank 1)" in results[2]["error"]  # rank 2 on its activations
+
+
+def test_measured_balance_is_the_same_on_every_replica():
+    from workers import dp_time_balance
+
+    results = run_processes(4, dp_time_balance, timeout=90)
+    assert len({tuple(b) for b in results.values()}) == 1, results  # the mean of both replicas' times

@@ -306,3 +306,22 @@ def dp_rank_dies(rank: int, world: int) -> dict:
     except pt.CommError as err:
         return {"error": str(err), "seconds": time.perf_counter() - start}
     return {"error": None}
+
+
+def dp_time_balance(rank: int, world: int) -> list[int]:
+    """balance="time" under dp 2 x pp 2, where the replicas' measurements disagree (rank 0 finds the first
+    layer slow, rank 2 the last): the replicas must still split the layers alike (the mean)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import pipetrain.pipeline as pipeline_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    n = 6
+    slow = 0 if dist.get_rank() == 0 else n - 1
+    pipeline_module.time_costs = lambda layers, sample: [10.0 if i == slow else 1.0 for i in range(n)]
+    layers = [nn.Linear(4, 4) for _ in range(n)]
+    sched = pt.schedules.build("1f1b", num_ranks=2, num_microbatches=2)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, mesh=mesh, balance="time",
+                       sample=torch.randn(2, 4), timeout=30)
+    return pipe.balance

@@ -111,6 +111,9 @@ class Pipeline:
                              f"{transport.world_size} or launch {schedule.num_ranks} processes")
         self.transport = transport
         self.rank = transport.rank
+        self.dp_group = dp_group
+        self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         self.device = torch.device(device) if device is not None else transport.device
         self.balance = self._resolve_balance(balance, layers, sample)
         bounds = [0]
@@ -136,9 +139,6 @@ class Pipeline:
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
                                   transport=transport, timeout=self.timeout)
         self.last_step: RankStep | None = None
-        self.dp_group = dp_group
-        self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
-        self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         self._averager = self._make_averager() if self.dp_size > 1 else None
 
     # --- public API ----------------------------------------------------------------------------------
@@ -360,4 +360,6 @@ class Pipeline:
         for work, peer in works:  # rank 0 profiles every layer first: raise `timeout` for a large model
             wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=peer,
                           what="sharing the measured layer times")
+        if self.dp_size > 1:  # every replica must split the layers alike: the mean of their measurements
+            average_over(self.dp_group, costs, self.timeout)
         return costs.tolist()
