@@ -74,6 +74,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     try:
         model = model_from(args.model)
+        if args.global_batch:
+            model = dataclasses.replace(model, global_batch=args.global_batch)
         cluster = cluster_from(args.cluster, model, args.microbatch_size)
         start = time.perf_counter()
         plans = plan(model, cluster, devices=args.gpus, tp=args.tp, pp=args.pp, dp=args.dp, schedule=args.schedule,
@@ -88,7 +90,9 @@ def _plan(args: argparse.Namespace) -> int:
                           "plans": [p.as_dict() for p in plans], "assumptions": assumptions,
                           "seconds": seconds}))
         return 0
-    print(f"{model.name} ({model.params() / 1e9:.1f}B parameters, global batch {model.global_batch} x {model.seq} "
+    n = model.params()
+    size = f"{n / 1e12:.2f}T" if n >= 1e12 else f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    print(f"{model.name} ({size} parameters, global batch {model.global_batch} x {model.seq} "
           f"tokens) on {cluster.name}: {args.gpus or cluster.devices} devices, {cluster.notes}")
     print(f"{'#':>2} {'devices':>7} {'tp':>3} {'pp':>4} {'dp':>5} {'v':>2} {'mb':>3} {'M':>5} {'schedule':17s} "
           f"{'recomp':6s} {'step':>9} {'tokens/s':>11} {'MFU':>6} {'bubble':>7} {'memory':>9}")
@@ -331,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dp", type=_positive_int, help="data-parallel degree")
     pl.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv"])
     pl.add_argument("--microbatch-size", type=_positive_int, help="sequences per microbatch")
+    pl.add_argument("--global-batch", type=_positive_int, help="sequences per optimizer step (default: the model's)")
     pl.add_argument("--stages-per-rank", type=_positive_int, help="stages per rank (interleaved: 2, 3 or 4)")
     pl.add_argument("--top", type=_positive_int, default=10, help="plans to list")
     pl.add_argument("--json", action="store_true", help="print one JSON object")

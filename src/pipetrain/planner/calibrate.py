@@ -7,6 +7,7 @@ for transfers between ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -44,17 +45,25 @@ def _block_efficiency(model: ModelSpec, microbatch_size: int, peak: float) -> fl
 
     from ..models.gpt import GPTConfig, build_gpt
 
-    cfg = GPTConfig(vocab_size=model.vocab, seq_len=model.seq, d_model=model.hidden, n_layers=1,
-                    n_heads=model.heads, d_ff=model.ffn)
+    # a block of a large model is measured scaled down (shorter sequence, then narrower), to about 2e10
+    # FLOPs a step: a fraction of a second, and never out of memory; its efficiency is then an estimate
+    block_model = model
+    while 3 * block_model.layer_forward_flops(microbatch_size * block_model.seq) > 2e10 and block_model.seq > 128:
+        block_model = dataclasses.replace(block_model, seq=block_model.seq // 2)
+    while 3 * block_model.layer_forward_flops(microbatch_size * block_model.seq) > 2e10 and block_model.heads > 1:
+        block_model = dataclasses.replace(block_model, hidden=block_model.hidden // 2, ffn=block_model.ffn // 2,
+                                          heads=block_model.heads // 2, kv_heads=None)
+    cfg = GPTConfig(vocab_size=model.vocab, seq_len=block_model.seq, d_model=block_model.hidden, n_layers=1,
+                    n_heads=block_model.heads, d_ff=block_model.ffn)
     torch.manual_seed(0)
     block = build_gpt(cfg)[1]
-    x = torch.randn(microbatch_size, model.seq, model.hidden, requires_grad=True)
+    x = torch.randn(microbatch_size, block_model.seq, block_model.hidden, requires_grad=True)
     times = []
     for _ in range(5):
         start = time.perf_counter()
         block(x).sum().backward()
         times.append(time.perf_counter() - start)
-    flops = 3 * model.layer_forward_flops(microbatch_size * model.seq)
+    flops = 3 * block_model.layer_forward_flops(microbatch_size * block_model.seq)
     return min(1.0, flops / statistics.median(times[1:]) / peak)
 
 
