@@ -85,3 +85,29 @@ def test_elastic_restart_resumes_from_the_latest_checkpoint_and_ends_like_an_uni
     assert [r["step"] for r in elastic] == list(range(1, 9))
     assert [r["loss"] for r in elastic] == [r["loss"] for r in reference]  # bit for bit
     assert elastic[-1]["eval_loss"] == reference[-1]["eval_loss"]
+
+
+def test_elastic_restart_across_two_nodes_with_data_parallelism(tmp_path):
+    # dp 2 x pp 2 over two "nodes"; global rank 3 (second node, second replica) is SIGKILLed as step 5
+    # begins; both nodes' torchruns restart their ranks, which resume from step 4 (the README's recipe:
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node)
+    port = _free_port()
+    env = {**ENV, "FAIL_RANK": "3", "FAIL_AT_STEP": "5", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    args = [str(HERE / "elastic_train.py"), *TRAIN, "--steps", "8", "--dp", "2", "--checkpoint-dir",
+            str(tmp_path / "ck"), "--checkpoint-every", "2", "--resume", "--metrics-jsonl", str(tmp_path / "m.jsonl")]
+    with ThreadPoolExecutor(2) as pool:
+        nodes = list(pool.map(lambda n: _torchrun(
+            ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{port}", "--rdzv-id", "elastic-two-nodes", "--max-restarts", "1", *args],
+            env=env, cwd=tmp_path), range(2)))
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    logs = "".join(node.stdout for node in nodes)
+    assert "resumed from" in logs and "step_00000004" in logs
+    records = _records(tmp_path / "m.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    one = _torchrun(["--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", *TRAIN, "--steps", "8",
+                     "--metrics-jsonl", str(tmp_path / "one.jsonl")], env=ENV, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in _records(tmp_path / "one.jsonl")],
+                                                        rel=1e-5)
