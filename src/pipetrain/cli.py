@@ -99,9 +99,8 @@ def _plan(args: argparse.Namespace) -> int:
     for i, p in enumerate(plans, 1):
         print(f"{i:>2} {p.devices:>7} {p.tp:>3} {p.pp:>4} {p.dp:>5} {p.stages_per_rank:>2} {p.microbatch_size:>3} "
               f"{p.microbatches:>5} {p.schedule:17s} {'yes' if p.recompute else 'no':6s} {_seconds(p.step_time):>9} "
-              f"{p.tokens_per_s:>11.4g} {p.mfu:>6.1%} {p.bubble_fraction:>7.1%} {p.memory_per_device / 2**30:>7.1f}Gi"
-              + ("" if p.simulated else "  (estimate)"))
-    print(f"\nplanned in {seconds:.1f}s; the first {min(len(plans), 5)} are simulated in full, the rest estimated")
+              f"{p.tokens_per_s:>11.4g} {p.mfu:>6.1%} {p.bubble_fraction:>7.1%} {p.memory_per_device / 2**30:>7.1f}Gi")
+    print(f"\nplanned in {seconds:.1f}s; each plan listed was simulated in full")
     for line in assumptions:
         print(f"  - {line}")
     if args.png and plans:

@@ -74,9 +74,10 @@ class _Candidate:
 def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, tp: int | None = None,
          pp: int | None = None, dp: int | None = None, schedule: str | None = None,
          microbatch_size: int | None = None, stages_per_rank: int | None = None, top: int = 10,
-         simulate_top: int = 5) -> list[Plan]:
-    """The best plans, fastest first. Pinned arguments restrict the search. The `simulate_top` best
-    screened plans are simulated in full (exact schedule, per-stage costs) and re-ranked."""
+         margin: int = 5) -> list[Plan]:
+    """The `top` best plans, fastest first, every one simulated in full (exact schedule, per-stage costs).
+    Pinned arguments restrict the search. The `top + margin` best screened estimates are simulated and
+    re-ranked (an estimate is within a few percent of its simulation)."""
     devices = devices or cluster.devices
     if devices > cluster.devices:
         raise ValueError(f"{devices} devices asked, the cluster {cluster.name!r} has {cluster.devices}")
@@ -93,9 +94,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, 
     screened.sort(key=lambda p: (p.step_time, p.devices))
     exact = [_evaluate(model, cluster, _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size,
                                                   p.microbatches, p.schedule, p.recompute), exact=True)
-             for p in screened[:simulate_top]]
-    best = sorted([p for p in exact if p is not None], key=lambda p: (p.step_time, p.devices))
-    return (best + screened[simulate_top:])[:top]
+             for p in screened[:top + margin]]
+    return sorted([p for p in exact if p is not None], key=lambda p: (p.step_time, p.devices))[:top]
 
 
 def _divisors(n: int) -> list[int]:
