@@ -131,8 +131,8 @@ def _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size):
                 m = per_replica // b
                 for name in ([schedule] if schedule else SCHEDULES):
                     for v in ((2, 3, 4) if name == "interleaved-1f1b" else (_V[name],)):
-                        if p == 1 and name != "gpipe":
-                            continue  # one stage: every schedule is the same; keep one
+                        if p == 1 and name != "gpipe" and schedule is None:
+                            continue  # one rank: the schedules differ little; keep one unless one is pinned
                         if p * v > model.layers or (name in ("1f1b", "zb-h1") and m < p) or (
                                 name == "interleaved-1f1b" and m < p):
                             continue
