@@ -132,7 +132,11 @@ def dies_mid_step(rank: int, world: int, mode: str, timeout: float) -> dict:
     sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, timeout=timeout,
                        balance=[1] * (world - 1) + [2])
-    x, y = torch.randn(2 * world, 4), torch.randn(2 * world, 4)
+    return _second_step_error(pipe, torch.randn(2 * world, 4), torch.randn(2 * world, 4))
+
+
+def _second_step_error(pipe, x, y) -> dict:
+    """Run one step, then time a second one that a dying peer must make fail with a CommError."""
     pipe.step(x, y)
     start = time.perf_counter()
     try:
@@ -298,14 +302,7 @@ def dp_rank_dies(rank: int, world: int) -> dict:
     sched = pt.schedules.build("1f1b", num_ranks=2, num_microbatches=2)
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, mesh=mesh, timeout=20,
                        balance=[1, 2])
-    x, y = torch.randn(4, 4), torch.randn(4, 4)
-    pipe.step(x, y)
-    start = time.perf_counter()
-    try:
-        pipe.step(x, y)
-    except pt.CommError as err:
-        return {"error": str(err), "seconds": time.perf_counter() - start}
-    return {"error": None}
+    return _second_step_error(pipe, torch.randn(4, 4), torch.randn(4, 4))
 
 
 def dp_time_balance(rank: int, world: int) -> list[int]:
