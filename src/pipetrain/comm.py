@@ -67,19 +67,18 @@ class DistTransport:
             device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
                       else torch.device("cpu"))
         self.device = torch.device(device)
-        self._global = [dist.get_global_rank(self.group, r) for r in range(self.world_size)]
-        self.global_ranks = tuple(self._global)
+        self.global_ranks = tuple(dist.get_global_rank(self.group, r) for r in range(self.world_size))
         self._direction_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
         if split_directions if split_directions is not None else self.backend == "nccl":
             self._create_direction_groups(sorted(set(pairs)))
 
     def _create_direction_groups(self, pairs: list[tuple[int, int]]) -> None:
-        mine = [(self._global[src], self._global[dst]) for src, dst in pairs]
+        mine = [(self.global_ranks[src], self.global_ranks[dst]) for src, dst in pairs]
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         all_pairs = sorted({pair for pipeline_pairs in everyone for pair in pipeline_pairs})
-        to_local = {g: r for r, g in enumerate(self._global)}
-        me = self._global[self.rank]
+        to_local = {g: r for r, g in enumerate(self.global_ranks)}
+        me = self.global_ranks[self.rank]
         for src, dst in all_pairs:  # the same order on every rank; non-members get a non-group handle
             group = dist.new_group(sorted((src, dst)))
             if me in (src, dst) and (src, dst) in mine:
@@ -89,10 +88,10 @@ class DistTransport:
         return self._direction_groups.get((src, dst), self.group)
 
     def isend(self, tensor: torch.Tensor, peer: int) -> Work:
-        return _DistWork(dist.isend(tensor, self._global[peer], group=self._group_for(self.rank, peer)))
+        return _DistWork(dist.isend(tensor, self.global_ranks[peer], group=self._group_for(self.rank, peer)))
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
-        return _DistWork(dist.irecv(tensor, self._global[peer], group=self._group_for(peer, self.rank)))
+        return _DistWork(dist.irecv(tensor, self.global_ranks[peer], group=self._group_for(peer, self.rank)))
 
 
 class _Channel:

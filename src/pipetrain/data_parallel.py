@@ -22,7 +22,6 @@ class GradientAverager:
     def __init__(self, group: dist.ProcessGroup, buckets: dict[int, list[nn.Parameter]], timeout: float) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank()
         self.buckets = {key: [p for p in params if p.requires_grad] for key, params in buckets.items()}
         self.timeout = timeout
         self._pending: list[tuple[int, object, torch.Tensor]] = []
@@ -43,35 +42,34 @@ class GradientAverager:
         """Wait for every started bucket and write the averages into `.grad`."""
         pending, self._pending = self._pending, []
         for key, work, flat in pending:
-            try:
-                work.wait(timedelta(seconds=self.timeout))
-            except Exception as err:
-                raise CommError(f"global rank {self.rank}: the data-parallel gradient all-reduce of stage {key} "
-                                f"failed or timed out after {self.timeout:g}s: {err}. A replica may have crashed or be "
-                                "stuck; check the other ranks' logs") from err
+            _wait(work, self.timeout, f"the data-parallel gradient all-reduce of stage {key}")
             offset = 0
             for p in self.buckets[key]:
                 n = p.numel()
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
 
-    def average_now(self, key: int) -> None:
-        self.start(key)
-        self.finish()
-
     def abandon(self) -> None:
         """After a failed step: forget started reductions (the step's gradients are not used)."""
         self._pending.clear()
 
 
+def sum_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+    """Sum of a small tensor over `group` (in place, bounded wait); the identity without a group."""
+    if group is not None and dist.get_world_size(group) > 1:
+        _wait(dist.all_reduce(tensor, group=group, async_op=True), timeout, "a data-parallel all-reduce")
+    return tensor
+
+
 def average_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
     """Mean of a small tensor over `group` (in place); the identity without a group."""
-    if group is None or dist.get_world_size(group) == 1:
-        return tensor
-    work = dist.all_reduce(tensor, group=group, async_op=True)
+    return sum_over(group, tensor, timeout).div_(dist.get_world_size(group) if group is not None else 1)
+
+
+def _wait(work, timeout: float, what: str) -> None:
+    """Wait for a collective, bounded; a failure or timeout raises CommError naming this rank and what."""
     try:
         work.wait(timedelta(seconds=timeout))
     except Exception as err:
-        raise CommError(f"global rank {dist.get_rank()}: a data-parallel all-reduce failed or timed out after "
-                        f"{timeout:g}s: {err}. A replica may have crashed or be stuck") from err
-    return tensor.div_(dist.get_world_size(group))
+        raise CommError(f"global rank {dist.get_rank()}: {what} failed or timed out after {timeout:g}s: {err}. "
+                        "A replica may have crashed or be stuck; check the other ranks' logs") from err

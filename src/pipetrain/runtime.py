@@ -213,10 +213,10 @@ class Executor:
             how = (f"timed out after {self.timeout:g}s" if waited >= 0.99 * self.timeout
                    else f"failed after {waited:.1f}s")
             inside = f" (needed by {waiting_in})" if waiting_in is not None else ""
+            them = rank_name(self.transport, peer)
             raise CommError(
-                f"{rank_name(self.transport, self.rank)}: {action}{inside} waiting on "
-                f"{rank_name(self.transport, peer)} for {what} {how}: {err}. The peer "
-                f"({rank_name(self.transport, peer)}) may have crashed or be stuck; check its log") from err
+                f"{rank_name(self.transport, self.rank)}: {action}{inside} waiting on {them} for {what} {how}: "
+                f"{err}. The peer ({them}) may have crashed or be stuck; check its log") from err
 
     # --- loss ----------------------------------------------------------------------------------------
     def _share_loss(self, num_microbatches: int) -> float:

@@ -16,7 +16,7 @@ from . import checkpoint as ckpt
 from .comm import all_reduce_sum
 from .config import ConfigError, NonFiniteError, TrainConfig, warmup_cosine
 from .data import Batches, Corpus, load_corpus
-from .data_parallel import average_over
+from .data_parallel import sum_over
 from .metrics import JsonlWriter, measure_peak_flops, peak_memory_bytes, plot_losses
 from .models.gpt import build_gpt, flops_per_token, gpt_loss
 from .pipeline import Pipeline
@@ -272,10 +272,7 @@ class Trainer:
 
     def _world_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over every rank of the job: over the pipeline, then over the replicas."""
-        self._all_reduce(tensor)
-        if self.dp > 1:
-            average_over(self.pipe.dp_group, tensor, self.config.timeout).mul_(self.dp)
-        return tensor
+        return sum_over(self.pipe.dp_group, self._all_reduce(tensor), self.config.timeout)
 
     def _barrier(self) -> None:
         self._world_sum(torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device))
