@@ -70,7 +70,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .planner import SpecError, cluster_from, model_from
-    from .planner.plan import plan
+    from .planner.plan import plan, plan_assumptions
 
     try:
         model = model_from(args.model)
@@ -84,7 +84,7 @@ def _plan(args: argparse.Namespace) -> int:
     except (SpecError, ValueError) as err:
         print(f"pipetrain plan: {err}", file=sys.stderr)
         return 2
-    assumptions = _plan_assumptions(model, cluster)
+    assumptions = plan_assumptions(cluster)
     if args.json:
         print(json.dumps({"model": dataclasses.asdict(model), "cluster": dataclasses.asdict(cluster),
                           "plans": [p.as_dict() for p in plans], "assumptions": assumptions,
@@ -117,22 +117,6 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _seconds(t: float) -> str:
     return f"{t * 1e3:.1f}ms" if t < 1 else f"{t:.2f}s"
-
-
-def _plan_assumptions(model, cluster) -> list[str]:
-    return [
-        f"compute: {cluster.achievable:.0%} of {cluster.peak / 1e12:g} TFLOP/s ({cluster.dtype}) per device; "
-        "backward = 2 x forward (I = W = F); recomputation adds one forward",
-        "FLOPs per token: 6 x matmul parameters + 12 x layers x hidden x seq (attention, not halved for "
-        "causality); MFU counts these, HFU adds recomputation",
-        "activations per block and token: 34 x hidden / tp bytes (bf16, flash attention, sequence parallel); "
-        "2 x hidden / tp with recomputation",
-        "memory: bf16 weights + fp32 gradients + fp32 master and Adam state sharded over dp; "
-        f"{cluster.memory_reserved:.0%} of memory kept free",
-        "tensor parallel within a fast domain only, its all-reduces not overlapped; pipeline transfers inside "
-        "the domain if a pipeline's devices fit in it, else over the NIC",
-        "data parallel: the first stage's gradient reduce-scatter + all-gather is exposed, the rest overlaps",
-    ]
 
 
 # `pipetrain train` flags: name -> (type, help). Each sets the TrainConfig field of the same name.

@@ -309,3 +309,20 @@ def timeline_of(model: ModelSpec, cluster: ClusterSpec, p: Plan, max_microbatche
     costs = _stage_costs(model, cluster, c)
     sched = build(c.schedule, num_ranks=c.pp, num_microbatches=m, stages_per_rank=c.v, check_schedule=False)
     return simulate(sched, costs).timeline
+
+
+def plan_assumptions(cluster: ClusterSpec) -> list[str]:
+    """The cost model's assumptions, in words, for `cluster` (printed with every plan)."""
+    return [
+        f"compute: {cluster.achievable:.0%} of {cluster.peak / 1e12:g} TFLOP/s ({cluster.dtype}) per device; "
+        "backward = 2 x forward (I = W = F); recomputation adds one forward",
+        "FLOPs per token: 6 x matmul parameters + 12 x layers x hidden x seq (attention, not halved for "
+        "causality); MFU counts these, HFU adds recomputation",
+        "activations per block and token: 34 x hidden / tp bytes (bf16, flash attention, sequence parallel); "
+        "2 x hidden / tp with recomputation",
+        "memory: bf16 weights + fp32 gradients + fp32 master and Adam state sharded over dp; "
+        f"{cluster.memory_reserved:.0%} of memory kept free",
+        "tensor parallel within a fast domain only, its all-reduces not overlapped; pipeline transfers inside "
+        "the domain if a pipeline's devices fit in it, else over the NIC",
+        "data parallel: the first stage's gradient reduce-scatter + all-gather is exposed, the rest overlaps",
+    ]
