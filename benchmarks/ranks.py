@@ -23,6 +23,13 @@ TORCH_SCHEDULES = {
 }
 
 
+def fixed_batch(cfg: GPTConfig, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random token batch (inputs, targets) on every rank and in every process."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len), generator=gen)
+    return x, torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len), generator=gen)
+
+
 def split_layers(layers: list[nn.Module], num_stages: int) -> list[int]:
     """The split both libraries use: pipetrain's exact partition by parameter count."""
     return pt.partition([float(sum(p.numel() for p in layer.parameters())) for layer in layers], num_stages)
@@ -79,10 +86,7 @@ def bench_rank(rank: int, world: int, spec: dict) -> dict:
     Then, for each extra microbatch count in `spec["sweep"]`, one block of each (the efficiency curve)."""
     torch.set_num_threads(1)
     cfg = GPTConfig(**spec["model"])
-    batch = spec["batch_size"]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
-    y = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
+    x, y = fixed_batch(cfg, spec["batch_size"])
     single = single_process_step(cfg, x, y) if rank == 0 else None
     out = {"sweep": {}}
     for name in spec["schedules"]:
@@ -135,9 +139,7 @@ def peak_memory_rank(rank: int, world: int, spec: dict, lib: str, name: str) -> 
     """Peak resident memory (bytes) of a fresh process that builds one library's pipeline and runs 2 steps."""
     torch.set_num_threads(1)
     cfg = GPTConfig(**spec["model"])
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.seq_len), generator=gen)
-    y = torch.randint(0, cfg.vocab_size, (spec["batch_size"], cfg.seq_len), generator=gen)
+    x, y = fixed_batch(cfg, spec["batch_size"])
     if lib == "pipetrain":
         step, _ = pipetrain_runner(cfg, name, world, spec["microbatches"], x, y)
     else:

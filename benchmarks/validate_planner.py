@@ -46,9 +46,7 @@ def measure_rank(rank: int, world: int, spec: dict) -> dict:
 
     torch.set_num_threads(1)
     cfg = GPTConfig(**spec["model"])
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, cfg.vocab_size, (spec["batch"], cfg.seq_len), generator=gen)
-    y = torch.randint(0, cfg.vocab_size, (spec["batch"], cfg.seq_len), generator=gen)
+    x, y = ranks.fixed_batch(cfg, spec["batch"])
     out = {}
     for name, _ in LOCAL:
         step, _pipe = ranks.pipetrain_runner(cfg, name, world, spec["microbatches"], x, y)
