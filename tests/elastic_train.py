@@ -12,10 +12,10 @@ if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ["RANK
     fail_at = int(os.environ["FAIL_AT_STEP"])
     original = trainer.Trainer.train_step
 
-    def train_step(self):
+    def train_step(self, **kwargs):
         if self.step + 1 == fail_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(self)
+        return original(self, **kwargs)
 
     trainer.Trainer.train_step = train_step
 

@@ -84,7 +84,7 @@ def test_a_killed_rank_makes_every_other_rank_of_every_replica_fail_fast():
         assert r["error"] is not None, f"rank {rank} finished a step a peer never ran"
         assert r["error"].startswith(f"global rank {rank}") and "crashed or be stuck" in r["error"], r["error"]
         assert r["seconds"] < 20, r  # a closed connection, well before the 20 s timeout
-    assert "data-parallel gradient all-reduce" in results[1]["error"]  # rank 1 waits on rank 3's gradients
+    assert "data-parallel all-reduce" in results[1]["error"]  # rank 1 waits on rank 3 (the step's loss)
     assert "waiting on global rank 3 (pipeline rank 1)" in results[2]["error"]  # rank 2 on its activations
 
 
@@ -92,4 +92,17 @@ def test_measured_balance_is_the_same_on_every_replica():
     from workers import dp_time_balance
 
     results = run_processes(4, dp_time_balance, timeout=90)
-    assert len({tuple(b) for b in results.values()}) == 1, results  # the mean of both replicas' times
+    # the mean of both replicas' times ([2, 4]), not one replica's ([4, 2] or [1, 5]) nor uniform ([3, 3])
+    assert all(b == [2, 4] for b in results.values()), results
+
+
+@pytest.mark.parametrize("kind", ["token", "mean+aux"])
+def test_dp2_pp2_token_mean_and_aux_losses_equal_single_process_on_the_global_batch(kind):
+    # each replica holds different numbers of counted tokens; the token mean is over the whole global batch,
+    # and each replica's auxiliary losses weigh 1/(M x dp), as accumulating its 2M microbatches would
+    from any_model import assert_matches, batch, reference, run_dp
+
+    m, dp = 4, 2
+    steps = [{"batch": batch(2 * m * dp, 6, 5)}]
+    results = run_processes(4, run_dp, dp, "1f1b", kind, steps, timeout=120)
+    assert_matches(results, reference(kind, steps, m * dp))

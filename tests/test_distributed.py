@@ -1,6 +1,9 @@
 """Over torch.distributed (gloo, spawned processes): exact gradients, early errors, no hangs."""
 
+import any_model
 import pytest
+from any_model import assert_matches, batch, reference
+from test_any_model import _bad_output_rank
 from test_runtime import assert_matches_reference
 from workers import all_scenarios, dies_mid_step, run_processes, split_direction_scenario, wrong_world_size
 
@@ -44,3 +47,26 @@ def test_a_stuck_rank_makes_the_others_time_out_with_the_action_and_peer():
     assert error is not None and "rank 0: 0RECV_B" in error and "waiting on rank 1" in error, error
     assert "timed out after 3s" in error
     assert 2.5 < results[0]["seconds"] < 10
+
+
+@pytest.mark.parametrize("world,schedule", [(2, "1f1b"), (2, "zbv"), (4, "interleaved-1f1b")])
+def test_gloo_trees_token_mean_aux_losses_and_a_new_sequence_length(world, schedule):
+    # tuple/dict boundaries with an int mask and position ids, an MoE layer's load-balancing loss on a middle
+    # stage, a token mean over two accumulated batches of different sequence lengths
+    m = 2 * world
+    steps = [{"batch": batch(2 * m, 6, 1), "sync_gradients": False}, {"batch": batch(2 * m, 9, 2)}]
+    count = sum(int((s["batch"][1] != -100).sum()) for s in steps)
+    for s in steps:
+        s["num_tokens"] = count
+    results = run_processes(world, any_model.run, schedule, "token+aux", steps)
+    assert_matches(results, reference("token+aux", steps, m))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gloo_a_bad_layer_output_fails_its_rank_clearly_and_the_others_fast(world):
+    results = run_processes(world, _bad_output_rank, None, 60.0, timeout=90)
+    assert results[0]["type"] == "BadValueError", results[0]
+    assert "the output of layer 1 (_Bad)[1] is a str ('not a tensor')" in results[0]["error"]
+    for r in range(1, world):
+        assert results[r]["type"] == "CommError" and results[r]["seconds"] < 10, results[r]
+        assert "rank 0" in results[r]["error"] or r > 1, results[r]["error"]

@@ -156,8 +156,8 @@ def wrong_world_size(rank: int, world: int) -> str:
 
 
 # --- runners ---------------------------------------------------------------------------------------------
-def run_threads(world: int, fn, *args, timeout: float = 120):
-    """Run fn(rank, world, *args, transport=...) on `world` threads sharing an in-process hub."""
+def run_threads(world: int, fn, *args, timeout: float = 120, **kwargs):
+    """Run fn(rank, world, *args, transport=..., **kwargs) on `world` threads sharing an in-process hub."""
     hub = pt.InProcessHub(world)
     results, errors = [None] * world, []
     barrier = threading.Barrier(world, timeout=timeout)
@@ -166,7 +166,7 @@ def run_threads(world: int, fn, *args, timeout: float = 120):
         try:
             transport = hub.transport(rank)
             transport.test_barrier = barrier
-            results[rank] = fn(rank, world, *args, transport=transport)
+            results[rank] = fn(rank, world, *args, transport=transport, **kwargs)
         except BaseException as err:  # noqa: BLE001 - surfaced below
             errors.append((rank, err))
             hub.abort(f"rank {rank} raised {err!r}")
@@ -192,36 +192,33 @@ def run_processes(world: int, fn, *args, timeout: float = 180, expect: int | Non
 
 
 # --- the trainer, on spawned gloo ranks ------------------------------------------------------------------
-def trainer_run(rank: int, world: int, settings: dict) -> dict:
+def _small_corpus():
     from pipetrain.data import load_corpus
-    from pipetrain.trainer import TrainConfig, Trainer
 
-    trainer = Trainer(TrainConfig.from_dict(settings), corpus=load_corpus(max_bytes=300_000))
+    return load_corpus(max_bytes=300_000)
+
+
+def trainer_run(rank: int, world: int, settings: dict) -> dict:
+    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     history = trainer.fit()
-    params = {(i, n): p.detach().clone() for i, layer in trainer.local_layers.items()
+    params = {(i, n): p.detach().clone() for i, layer in trainer.pipe.layers.items()
               for n, p in layer.named_parameters()}
-    return {"losses": [r["loss"] for r in history], "params": params, "history": history}
+    return {"losses": [r["loss"] for r in history], "params": params, "history": history, "final": trainer.final_loss}
 
 
 def trainer_clip(rank: int, world: int, settings: dict) -> dict:
     """One pipeline step's gradients, then the trainer's global clip: norm and clipped gradients."""
-    from pipetrain.data import load_corpus
-    from pipetrain.trainer import TrainConfig, Trainer
-
-    trainer = Trainer(TrainConfig.from_dict(settings), corpus=load_corpus(max_bytes=300_000))
+    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     x, y = trainer.train_data.next()
     trainer.pipe.step(x, y)
     norm = trainer.clip_gradients()
-    grads = {(i, n): p.grad.clone() for i, layer in trainer.local_layers.items() for n, p in layer.named_parameters()}
+    grads = {(i, n): p.grad.clone() for i, layer in trainer.pipe.layers.items() for n, p in layer.named_parameters()}
     return {"norm": norm, "grads": grads, "batch": (x, y)}
 
 
 def trainer_sgd(rank: int, world: int, settings: dict) -> dict:
-    from pipetrain.data import load_corpus
-    from pipetrain.trainer import TrainConfig, Trainer
-
-    trainer = Trainer(TrainConfig.from_dict(settings), corpus=load_corpus(max_bytes=300_000),
-                      optimizer=lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9))
+    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus(),
+                             optimizer=lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9))
     history = trainer.fit()
     return {"losses": [r["loss"] for r in history], "kind": type(trainer.optimizer).__name__,
             "decay": [g["weight_decay"] for g in trainer.optimizer.param_groups]}
@@ -269,10 +266,9 @@ def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: b
 
 def trainer_nonfinite(rank: int, world: int, settings: dict, poison_rank: int, poison_step: int) -> dict:
     """Train, and on one rank turn a gradient to NaN in optimizer step `poison_step` (1-based)."""
-    from pipetrain.data import load_corpus
-    from pipetrain.trainer import NonFiniteError, TrainConfig, Trainer
+    from pipetrain.config import NonFiniteError
 
-    trainer = Trainer(TrainConfig.from_dict(settings), corpus=load_corpus(max_bytes=300_000))
+    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     original, snapshots = trainer.pipe.step, {}
 
     def poisoned_step(*args, **kwargs):
@@ -306,19 +302,42 @@ def dp_rank_dies(rank: int, world: int) -> dict:
 
 
 def dp_time_balance(rank: int, world: int) -> list[int]:
-    """balance="time" under dp 2 x pp 2, where the replicas' measurements disagree (rank 0 finds the first
-    layer slow, rank 2 the last): the replicas must still split the layers alike (the mean)."""
+    """balance="time" under dp 2 x pp 2, where the replicas' measurements disagree. Each replica alone, their
+    mean and uniform costs give four different splits, so the result shows which one was used: the mean
+    of both replicas (rank 0's numbers for replica 0, rank 2's for replica 1)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     import pipetrain.pipeline as pipeline_module
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
-    n = 6
-    slow = 0 if dist.get_rank() == 0 else n - 1
-    pipeline_module.time_costs = lambda layers, sample: [10.0 if i == slow else 1.0 for i in range(n)]
-    layers = [nn.Linear(4, 4) for _ in range(n)]
+    measured = [1.0, 1, 1, 1, 1, 3] if dist.get_rank() < 2 else [6.0, 1, 1, 1, 1, 1]  # alone: [4, 2] / [1, 5]
+    pipeline_module.time_costs = lambda layers, sample: measured
+    layers = [nn.Linear(4, 4) for _ in range(len(measured))]
     sched = pt.schedules.build("1f1b", num_ranks=2, num_microbatches=2)
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, mesh=mesh, balance="time",
                        sample=torch.randn(2, 4), timeout=30)
     return pipe.balance
+
+
+def trainer_crash_in_save(rank: int, world: int, settings: dict, crash_step: int) -> dict:
+    """Rank 1 is SIGKILLed in the middle of writing its shard of the step-`crash_step` checkpoint, leaving a
+    torn file behind, as a node failure during a save would; rank 0 must fail fast, not hang."""
+    from pipetrain import checkpoint as ckpt
+
+    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
+    if rank == 1:
+        original = ckpt._atomic_save
+
+        def dying_save(obj, path):
+            if trainer.step == crash_step:
+                path.with_suffix(path.suffix + ".tmp").write_bytes(b"half a shard")
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(obj, path)
+
+        ckpt._atomic_save = dying_save
+    try:
+        trainer.fit()
+    except pt.CommError as err:
+        return {"error": str(err), "step": trainer.step}
+    return {"error": None}

@@ -14,6 +14,13 @@ __version__ = "0.1.0"
 # torch-dependent names load on first use, so `pipetrain.schedule` and `pipetrain simulate` stay torch-free
 _LAZY = {
     "Pipeline": "pipetrain.pipeline",
+    "Trainer": "pipetrain.trainer",
+    "TrainConfig": "pipetrain.config",
+    "ConfigError": "pipetrain.config",
+    "gpt_trainer": "pipetrain.train_gpt",
+    "add_aux_loss": "pipetrain.aux_loss",
+    "collect_aux_losses": "pipetrain.aux_loss",
+    "BadValueError": "pipetrain.values",
     "CommError": "pipetrain.comm",
     "DistTransport": "pipetrain.comm",
     "InProcessHub": "pipetrain.comm",
@@ -21,8 +28,13 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .aux_loss import add_aux_loss, collect_aux_losses
     from .comm import CommError, DistTransport, InProcessHub, InProcessTransport
+    from .config import ConfigError, TrainConfig
     from .pipeline import Pipeline
+    from .train_gpt import gpt_trainer
+    from .trainer import Trainer
+    from .values import BadValueError
 
 
 def __getattr__(name: str):
@@ -32,6 +44,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Action", "BalanceError", "CommError", "Costs", "DistTransport", "InProcessHub", "InProcessTransport", "Op",
-    "Pipeline", "Schedule", "ScheduleError", "SimResult", "Timeline", "partition", "schedules", "simulate",
+    "Action", "BadValueError", "BalanceError", "CommError", "ConfigError", "Costs", "DistTransport", "InProcessHub",
+    "InProcessTransport", "Op", "Pipeline", "Schedule", "ScheduleError", "SimResult", "Timeline", "TrainConfig",
+    "Trainer", "add_aux_loss", "collect_aux_losses", "gpt_trainer", "partition", "schedules", "simulate",
 ]

@@ -1,8 +1,9 @@
 """Checkpoints: one shard per layer (weights + optimizer state) and a manifest, written atomically.
 
-    DIR/step_00000010/manifest.json   step, config, layer count, LR scheduler, data position
+    DIR/step_00000010/manifest.json   step, config, layer count, model description, LR scheduler
     DIR/step_00000010/layer_0003.pt   {"model": layer state_dict, "optimizer": {param name: AdamW state}}
     DIR/step_00000010/rng_rank0.pt    each rank's torch RNG state
+    DIR/step_00000010/data.pt         where the batch source is (batches drawn, its own state)
     DIR/latest                        the name of the newest complete checkpoint
 
 Shards are keyed by layer index, so a run resumes on any number of pipeline ranks: each rank loads the
@@ -50,6 +51,11 @@ def write_shards(tmp: Path, rank: int, layers: dict[int, nn.Module],
     _atomic_save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
 
 
+def discard(tmp: Path) -> None:
+    """Remove a temporary checkpoint directory (a save interrupted before it was published)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def publish(root: Path, tmp: Path, step: int, manifest: dict) -> Path:
     """Rank 0, after every rank wrote its shards: manifest, rename into place, point `latest` at it."""
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -82,6 +88,14 @@ def load_layers(path: Path, layers: dict[int, nn.Module], optimizer: torch.optim
             if name in shard["optimizer"]:
                 optimizer.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() else v
                                       for k, v in shard["optimizer"][name].items()}
+
+
+def write_data_state(tmp: Path, state: dict) -> None:
+    _atomic_save(state, tmp / "data.pt")
+
+
+def read_data_state(path: Path) -> dict:
+    return torch.load(path / "data.pt", weights_only=False)
 
 
 def load_rng(path: Path, rank: int) -> bool:

@@ -159,7 +159,7 @@ _TRAIN_FLAGS = {
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    from .trainer import ConfigError, TrainConfig
+    from .config import ConfigError, TrainConfig
 
     values: dict = {}
     if args.config:
@@ -191,7 +191,8 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from .trainer import NonFiniteError, Trainer
+    from .config import NonFiniteError
+    from .train_gpt import gpt_trainer
 
     if args.log_file and int(os.environ["RANK"]) == 0:
         sys.stdout = _Tee(sys.stdout, open(args.log_file, "a"))  # noqa: SIM115 - lives for the process
@@ -204,7 +205,7 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _init_process_group(backend)
     try:
-        Trainer(config, device=device).fit()
+        gpt_trainer(config, device=device).fit()
     except (ConfigError, NonFiniteError) as err:
         print(f"pipetrain train (rank {dist.get_rank()}): {err}", file=sys.stderr)
         return 2

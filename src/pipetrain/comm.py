@@ -22,7 +22,8 @@ class Work(Protocol):
 
 
 class Transport(Protocol):
-    """Point-to-point messages between the ranks of one pipeline, matched in order per (sender, receiver)."""
+    """Point-to-point messages between the ranks of one pipeline, matched in order per (sender, receiver),
+    and a sum over all of them (for the step's loss and a trainer's metrics)."""
 
     rank: int
     world_size: int
@@ -31,6 +32,10 @@ class Transport(Protocol):
     def isend(self, tensor: torch.Tensor, peer: int) -> Work: ...
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> Work: ...
+
+    def all_reduce(self, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+        """Sum `tensor` over the pipeline's ranks, in place (bounded by `timeout`); returns it."""
+        ...
 
 
 class _DistWork:
@@ -88,10 +93,22 @@ class DistTransport:
         return self._direction_groups.get((src, dst), self.group)
 
     def isend(self, tensor: torch.Tensor, peer: int) -> Work:
-        return _DistWork(dist.isend(tensor, self.global_ranks[peer], group=self._group_for(self.rank, peer)))
+        try:
+            return _DistWork(dist.isend(tensor, self.global_ranks[peer], group=self._group_for(self.rank, peer)))
+        except RuntimeError as err:  # gloo refuses to post on a connection the peer closed
+            raise _posting_failed(self, peer, "send to", err) from err
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
-        return _DistWork(dist.irecv(tensor, self.global_ranks[peer], group=self._group_for(peer, self.rank)))
+        try:
+            return _DistWork(dist.irecv(tensor, self.global_ranks[peer], group=self._group_for(peer, self.rank)))
+        except RuntimeError as err:
+            raise _posting_failed(self, peer, "receive from", err) from err
+
+    def all_reduce(self, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+        if self.world_size > 1:
+            work = _DistWork(dist.all_reduce(tensor, group=self.group, async_op=True))
+            wait_or_raise(work, timeout=timeout, transport=self, peer=None, what="the pipeline's all-reduce")
+        return tensor
 
 
 class _Channel:
@@ -114,6 +131,9 @@ class InProcessHub:
         self._channels: dict[tuple[int, int], _Channel] = defaultdict(_Channel)
         self._lock = threading.Lock()
         self.aborted: str | None = None
+        self._reduce = threading.Condition()
+        self._rounds: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)  # round -> rank -> contribution
+        self._round_of = [0] * world_size
 
     def channel(self, src: int, dst: int) -> _Channel:
         with self._lock:
@@ -123,12 +143,38 @@ class InProcessHub:
         return InProcessTransport(self, rank)
 
     def abort(self, reason: str) -> None:
-        self.aborted = reason
+        """Fail every wait (the first reason given is kept: it names the rank that failed first)."""
+        if self.aborted is None:
+            self.aborted = reason
         with self._lock:
             channels = list(self._channels.values())
         for ch in channels:
             with ch.cond:
                 ch.cond.notify_all()
+        with self._reduce:
+            self._reduce.notify_all()
+
+    def all_reduce(self, rank: int, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+        """Sum over the ranks, added in rank order (the same bits on every rank)."""
+        with self._reduce:
+            number = self._round_of[rank]
+            self._round_of[rank] += 1
+            contributions = self._rounds[number]
+            contributions[rank] = tensor.detach().clone()
+            self._reduce.notify_all()
+            self._reduce.wait_for(lambda: len(contributions) == self.world_size or self.aborted is not None, timeout)
+            if len(contributions) < self.world_size:
+                if self.aborted is not None:
+                    raise RuntimeError(f"peer failed: {self.aborted}")
+                missing = sorted(set(range(self.world_size)) - set(contributions))
+                raise TimeoutError(f"timed out after {timeout:g}s in an all-reduce waiting for rank(s) {missing}")
+            total = contributions[0].clone()
+            for r in range(1, self.world_size):
+                total += contributions[r]
+            if all(self._round_of[r] > number for r in range(self.world_size)):
+                self._rounds.pop(number, None)
+        tensor.copy_(total)
+        return tensor
 
 
 class _DoneWork:
@@ -187,6 +233,16 @@ class InProcessTransport:
             ch.posted += 1
         return _InProcessRecv(self.hub, ch, ticket, tensor)
 
+    def all_reduce(self, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+        try:
+            return self.hub.all_reduce(self.rank, tensor, timeout)
+        except (RuntimeError, TimeoutError) as err:
+            raise CommError(f"rank {self.rank}: the pipeline's all-reduce failed: {err}") from err
+
+    def abort(self, reason: str) -> None:
+        """This rank failed: wake every other rank's waits with `reason`."""
+        self.hub.abort(reason)
+
 
 def rank_name(transport: Transport, rank: int) -> str:
     """How errors name a pipeline rank: "rank 1", or "global rank 3 (pipeline rank 1)" when the pipeline is
@@ -197,14 +253,22 @@ def rank_name(transport: Transport, rank: int) -> str:
     return f"global rank {global_ranks[rank]} (pipeline rank {rank})"
 
 
-def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int, what: str) -> None:
-    """Wait for a transfer; if it fails or times out, raise CommError naming this rank, the peer and what."""
+def _posting_failed(transport: Transport, peer: int, what: str, err: Exception) -> CommError:
+    them = rank_name(transport, peer)
+    return CommError(f"{rank_name(transport, transport.rank)}: could not {what} {them}: {err}. The peer ({them}) may "
+                     "have crashed; check its log")
+
+
+def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int | None, what: str) -> None:
+    """Wait for a transfer; if it fails or times out, raise CommError naming this rank, the peer (None: a
+    collective over all of them) and what."""
     try:
         work.wait(timeout)
     except Exception as err:  # gloo raises RuntimeError, in-process TimeoutError
-        me, them = rank_name(transport, transport.rank), rank_name(transport, peer)
+        me = rank_name(transport, transport.rank)
+        them = rank_name(transport, peer) if peer is not None else "the other ranks"
         raise CommError(f"{me}: {what} with {them} failed or timed out after {timeout:g}s: {err}. "
-                        f"The peer ({them}) may have crashed or be stuck; check its log") from err
+                        f"A peer may have crashed or be stuck; check the other ranks' logs") from err
 
 
 def all_reduce_sum(transport: Transport, tensor: torch.Tensor, timeout: float) -> torch.Tensor:

@@ -45,7 +45,8 @@ def _as_tensor(data: bytearray) -> torch.Tensor:
 
 
 class Batches:
-    """Random windows of `seq_len + 1` bytes: inputs (b, t) and next-byte targets (b, t), int64."""
+    """Random windows of `seq_len + 1` bytes: inputs (b, t) and next-byte targets (b, t), int64. An endless,
+    resumable iterable of batches (`state_dict()` is the random generator's state)."""
 
     def __init__(self, tokens: torch.Tensor, *, batch_size: int, seq_len: int, seed: int) -> None:
         if tokens.numel() <= seq_len + 1:
@@ -58,3 +59,15 @@ class Batches:
                                generator=self.generator)
         rows = torch.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()]).long()
         return rows[:, :-1], rows[:, 1:]  # (b, t), (b, t)
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.next()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

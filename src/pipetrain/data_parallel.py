@@ -1,12 +1,14 @@
 """Data parallelism across pipeline replicas: average each stage's gradients over the dp group.
 
-Each stage's gradients go into one flat buffer, pre-divided by the replica count and summed with one
-asynchronous all-reduce, started by the executor as soon as the stage's last B or W finishes, so the
-reduction overlaps the rest of the pipeline's tail. `finish()` waits (bounded) and copies the averages back.
+Each stage's gradients go into one flat buffer summed with one asynchronous all-reduce, started by the
+executor as soon as the stage's last B or W finishes, so the reduction overlaps the rest of the pipeline's
+tail. `finish(scale)` waits (bounded) and copies the sums back times `scale`: 1/dp for a mean loss, 1/(the
+global token count) for a token-mean loss, whose normalization is known only once every replica has counted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -14,6 +16,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .comm import CommError
+from .schedule import Action, Op
+from .stage import Stage
+
+TIED = -1  # the gradient bucket of weights tied across ranks
 
 
 class GradientAverager:
@@ -27,22 +33,23 @@ class GradientAverager:
         self._pending: list[tuple[int, object, torch.Tensor]] = []
 
     def start(self, key: int) -> None:
-        """Begin averaging bucket `key` (asynchronous). A missing gradient counts as zeros."""
+        """Begin summing bucket `key` over the replicas (asynchronous). A missing gradient counts as zeros."""
         params = self.buckets.get(key)
         if not params:
             return
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params]).div_(self.size)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._pending.append((key, work, flat))
 
-    def finish(self) -> None:
-        """Wait for every started bucket and write the averages into `.grad`."""
+    def finish(self, scale: float) -> None:
+        """Wait for every started bucket and write its sum times `scale` into `.grad`."""
         pending, self._pending = self._pending, []
         for key, work, flat in pending:
             _wait(work, self.timeout, f"the data-parallel gradient all-reduce of stage {key}")
+            flat.mul_(scale)
             offset = 0
             for p in self.buckets[key]:
                 n = p.numel()
@@ -52,6 +59,33 @@ class GradientAverager:
     def abandon(self) -> None:
         """After a failed step: forget started reductions (the step's gradients are not used)."""
         self._pending.clear()
+
+
+def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequence[nn.Parameter],
+                 dp_group: dist.ProcessGroup, timeout: float, identity: tuple) -> GradientAverager:
+    """One bucket per stage, each parameter in the bucket of the last of its stages to finish its weight
+    gradients (a weight shared by two stages of this rank), tied weights in their own (`TIED`).
+
+    `identity` (pipeline rank, schedule, microbatches, balance) must be the same on every replica."""
+    size = dist.get_world_size(dp_group)
+    replicas: list = [None] * size
+    dist.all_gather_object(replicas, identity, group=dp_group)
+    if any(r != identity for r in replicas):
+        raise ValueError(f"the dp_group's replicas disagree on (pipeline rank, schedule, microbatches, balance): "
+                         f"{replicas}; each data-parallel group must hold the ranks at the same pipeline "
+                         "position of identical pipelines (a DeviceMesh with dims ('dp', 'pp') does this)")
+    last_action = {a.stage: i for i, a in enumerate(actions) if a.op in (Op.B, Op.W)}
+    tied_ids = {id(p) for p in tied}
+    bucket_of: dict[int, int] = {}
+    params: dict[int, nn.Parameter] = {}
+    for s in sorted(stages, key=lambda s: last_action[s]):
+        for p in stages[s].module.parameters():
+            bucket_of[id(p)] = TIED if id(p) in tied_ids else s
+            params[id(p)] = p
+    buckets: dict[int, list[nn.Parameter]] = {}
+    for key, p in params.items():
+        buckets.setdefault(bucket_of[key], []).append(p)
+    return GradientAverager(dp_group, buckets, timeout)
 
 
 def sum_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: float) -> torch.Tensor:

@@ -2,42 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm import DistTransport, InProcessTransport, Transport, wait_or_raise
-from .data_parallel import GradientAverager, average_over
-from .partition import BalanceError, partition
-from .profile import param_costs, time_costs, uniform_costs
-from .runtime import Executor, RankStep
-from .schedule import Action, Event, Op, Schedule, Timeline, check, lower
+from .balance import Balance, resolve_balance
+from .comm import DistTransport, InProcessTransport, Transport
+from .data_parallel import TIED, averager_for, sum_over
+from .partition import BalanceError
+from .profile import time_costs
+from .runtime import AUX_LOSSES, AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
+from .schedule import Op, Schedule, Timeline, check, lower
 from .schedule.lowering import PREFETCH, message_order
-from .stage import Stage
-
-Balance = str | Sequence[int]
-_OPS = list(Op)
-_TIED = -1  # the gradient bucket of weights tied across ranks
-
-
-def _groups_of(mesh, group, dp_group, transport):
-    """The (pp, dp) process groups of a DeviceMesh with dimensions named "pp" and optionally "dp"."""
-    if group is not None or dp_group is not None or transport is not None:
-        raise ValueError("pass either mesh= or group=/dp_group=/transport=, not both")
-    names = tuple(mesh.mesh_dim_names or ())
-    if "pp" not in names or not set(names) <= {"dp", "pp"}:
-        raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', got {names}: e.g. "
-                         "init_device_mesh('cpu', (dp, pp), mesh_dim_names=('dp', 'pp'))")
-    return mesh.get_group("pp"), (mesh.get_group("dp") if "dp" in names else None)
-
-
-@dataclass(frozen=True)
-class _Tie:
-    peer: int  # the other rank using the weight
-    owner: bool  # this rank holds its first use
+from .stage import LossWeights, Stage
+from .ties import TiedWeights
+from .values import flatten, shape_key, split_batch, to_device
 
 
 class Pipeline:
@@ -48,14 +31,18 @@ class Pipeline:
     `pipe.parameters()` trains this rank's part of the model.
 
     Args:
-        layers: modules, each mapping one tensor to one tensor; the last one's output goes to `loss_fn`.
+        layers: modules; each receives the previous one's output as its single argument: a tensor, or a
+            tuple/list/dict (nested) of tensors. Floating-point tensors that require grad get their
+            gradient back; all other tensors (masks, position ids) travel forward only. The last layer's
+            output goes to `loss_fn`.
         schedule: from `pipetrain.schedules.build(...)`.
-        loss_fn: `(output, targets) -> scalar`, the mean over a microbatch (e.g. cross-entropy).
+        loss_fn: `(output, targets) -> loss`: a scalar mean over the microbatch, or a pair
+            `(loss_sum, count)` for an exact token mean over the whole batch (see `step`).
         balance: layers per stage, or how to compute it: "uniform", "params", or "time" (profiles each
             layer on rank 0 with `sample`, one microbatch of input, and shares the result).
         group: the torch.distributed group of the pipeline's ranks (default: the world).
         dp_group: the group of this rank's data-parallel replicas (the ranks at the same pipeline position
-            in the other pipelines); each stage's gradients are averaged over it as soon as the stage's
+            in the other pipelines); each stage's gradients are summed over it as soon as the stage's
             last backward finishes. `step()` then takes this replica's share of the global batch.
         mesh: instead of `group`/`dp_group`, a DeviceMesh with dimensions named "pp" (and "dp"), e.g.
             `init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))`.
@@ -72,109 +59,127 @@ class Pipeline:
             parameters, their gradients and the optimizer stay fp32.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], balance: Balance = "uniform",
-                 group=None, device: torch.device | str | None = None, transport: Transport | None = None,
-                 timeout: float = 60.0, sample: torch.Tensor | None = None,
+    def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule, loss_fn: Callable[[Any, Any], Any],
+                 balance: Balance = "uniform", group=None, device: torch.device | str | None = None,
+                 transport: Transport | None = None, timeout: float = 60.0, sample: Any = None,
                  split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
                  prefetch: int = PREFETCH, precision: str = "fp32", dp_group=None, mesh=None) -> None:
         layers = list(layers)
         if mesh is not None:
             group, dp_group = _groups_of(mesh, group, dp_group, transport)
-        bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
-        if bad:
-            raise TypeError(f"layers[{bad[0]}] is a {type(layers[bad[0]]).__name__}, not an nn.Module")
-        if not isinstance(schedule, Schedule):
-            raise TypeError("schedule must be a pipetrain Schedule, e.g. pipetrain.schedules.build('1f1b', ...)")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
-        schedule = schedule.compute_only()
-        check(schedule)
-        if not schedule.has_backward:
-            raise ValueError(f"schedule {schedule.name!r} has no backward actions; Pipeline needs a training "
-                             "schedule (evaluate() derives the forward-only one)")
-        if len(layers) < schedule.num_stages:
-            raise BalanceError(f"{len(layers)} layers cannot fill {schedule.num_stages} stages: use a schedule "
-                               f"with at most {len(layers)} stages (ranks x stages_per_rank) or more layers")
-        if isinstance(balance, str) and balance == "time" and sample is None:
-            raise ValueError('balance="time" needs `sample=`, one microbatch of model input to profile on')
-        self.schedule = schedule
+        self.schedule = schedule = _checked_schedule(schedule, layers, timeout, precision, balance, sample)
         self.timeout = float(timeout)
-        if transport is None:
-            transport = DistTransport(group, torch.device(device) if device is not None else None,
-                                      pairs=list(message_order(schedule)), split_directions=split_directions)
-        if transport.world_size != schedule.num_ranks:
+        self.transport = transport or DistTransport(group, torch.device(device) if device is not None else None,
+                                                    pairs=list(message_order(schedule)),
+                                                    split_directions=split_directions)
+        if self.transport.world_size != schedule.num_ranks:
             raise ValueError(f"schedule {schedule.name!r} is for {schedule.num_ranks} ranks but the process group "
-                             f"has {transport.world_size}: build the schedule with num_ranks="
-                             f"{transport.world_size} or launch {schedule.num_ranks} processes")
-        self.transport = transport
-        self.rank = transport.rank
+                             f"has {self.transport.world_size}: build the schedule with num_ranks="
+                             f"{self.transport.world_size} or launch {schedule.num_ranks} processes")
+        self.rank = self.transport.rank
         self.dp_group = dp_group
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
-        self.device = torch.device(device) if device is not None else transport.device
-        self.balance = self._resolve_balance(balance, layers, sample)
-        bounds = [0]
-        for n in self.balance:
-            bounds.append(bounds[-1] + n)
-        self.layer_ranges = {s: range(bounds[s], bounds[s + 1]) for s in range(schedule.num_stages)}
-        checkpointed = set(range(schedule.num_stages)) if checkpoint is True else set(checkpoint or ())
-        unknown = sorted(checkpointed - set(range(schedule.num_stages)))
-        if unknown:
-            raise ValueError(f"checkpoint lists stages {unknown}, but the stages are 0..{schedule.num_stages - 1}")
-        self.stages = {
-            s: Stage(s, schedule.num_stages, [layers[i].to(self.device) for i in self.layer_ranges[s]],
-                     loss_fn=loss_fn, checkpoint=s in checkpointed,
-                     autocast=torch.bfloat16 if precision == "bf16" else None)
-            for s in schedule.stages_of(self.rank)
-        }
-        self._ties = self._find_ties(layers)
-        if self._ties and isinstance(transport, InProcessTransport):
+        self.device = torch.device(device) if device is not None else self.transport.device
+        # split
+        self.balance = resolve_balance(balance, layers, schedule.num_stages,
+                                       measured_costs=lambda: self._shared_time_costs(layers, sample))
+        starts = [sum(self.balance[:s]) for s in range(schedule.num_stages + 1)]
+        self.layer_ranges = {s: range(starts[s], starts[s + 1]) for s in range(schedule.num_stages)}
+        # place
+        self.stages = self._place(layers, loss_fn, checkpoint, precision)
+        rank_of_layer = {i: schedule.stage_to_rank[s] for s, r in self.layer_ranges.items() for i in r}
+        self._ties = TiedWeights(layers, rank_of_layer, self.rank)
+        if self._ties and isinstance(self.transport, InProcessTransport):
             raise ValueError("a parameter is shared by layers on different ranks (tied weights); in-process ranks "
                              "share one Python object for it, so run such a model in separate processes")
+        # hand over to one executor
         self._train_actions = lower(schedule, prefetch=prefetch).actions[self.rank]
         self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
-                                  transport=transport, timeout=self.timeout)
+                                  transport=self.transport, timeout=self.timeout)
+        self._averager = None
+        if self.dp_size > 1:
+            if isinstance(self.transport, InProcessTransport):
+                raise ValueError("dp_group needs torch.distributed ranks; in-process ranks have no data parallelism")
+            identity = (self.rank, schedule.name, schedule.num_microbatches, tuple(self.balance))
+            self._averager = averager_for(self.stages, self._train_actions, self._ties.params, dp_group,
+                                          self.timeout, identity)
+        self._training = True
+        self._window: _Window | None = None
         self.last_step: RankStep | None = None
-        self._averager = self._make_averager() if self.dp_size > 1 else None
 
-    # --- public API ----------------------------------------------------------------------------------
-    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, *, scale: float = 1.0,
-             sync_gradients: bool = True) -> float:
-        """One training step over the batch; returns the mean microbatch loss (same float on every rank).
+    # --- training and evaluation --------------------------------------------------------------------
+    def step(self, inputs: Any = None, targets: Any = None, *, microbatches: Sequence[tuple[Any, Any]] | None = None,
+             scale: float = 1.0, sync_gradients: bool = True, num_tokens: float | None = None) -> float:
+        """One training step; returns its loss (the same float on every rank).
 
-        Gradients accumulate into this rank's layers scaled so that they equal the gradient of
-        `scale` x the full-batch mean loss; zero them between optimizer steps as usual. Accumulating k
-        batches with `scale=1/k` gives the gradient of the mean over all k batches.
+        `inputs` and `targets` are a tensor or a tuple/list/dict of tensors, split along dim 0 into the
+        schedule's M microbatches; or pass `microbatches=[(inputs_0, targets_0), ...]` (M pairs, which may
+        differ in shape). Every rank passes the same batch (the ranks use its shapes to agree on the shapes
+        between stages); `targets` may be None on ranks without the last stage.
 
-        With data parallelism, each replica passes its own share of the global batch (equal sizes); the
-        gradients and the returned loss are then the means over the replicas. `sync_gradients=False`
-        skips the gradient averaging (e.g. all but the last of several accumulated steps: the last one
-        averages everything accumulated).
+        The loss and gradients are those of the whole batch: with a mean loss, the mean of the microbatch
+        losses (each weighted `scale / M`); with a `(loss_sum, count)` loss, the token mean
+        `sum(loss_sum) / sum(count)` over every microbatch (and replica). Auxiliary losses
+        (`pt.add_aux_loss`) are weighted `scale / M` per microbatch (and averaged over replicas), whatever
+        the main loss's normalization. Gradients accumulate into this rank's layers; zero them between
+        optimizer steps as usual.
+
+        Accumulation: k steps with `scale=1/k` give the mean of k batches' mean losses (and weigh each
+        auxiliary loss as accumulating all k x M microbatches would). A `(loss_sum, count)` loss is
+        normalized by counts instead of `scale`: pass `sync_gradients=False` to every step but the last of
+        the window; the last one divides the window's gradients by its total count, which is then the
+        exact token mean over all k batches. `num_tokens`, the window's total count over all replicas when
+        known up front, normalizes each microbatch during its backward instead (needed together with
+        auxiliary losses, whose weight relative to the token mean depends on it).
+        With data parallelism, each replica passes its own share of the global batch; gradients are
+        reduced over the replicas at the steps with `sync_gradients=True`.
         """
-        before = [p.grad.clone() if p.grad is not None else None for _, p in self._ties]
+        xs, ys, keys = self._microbatches(inputs, targets, microbatches, grad=True)
+        m = self.schedule.num_microbatches
+        if num_tokens is not None and not num_tokens > 0:
+            raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
+        weights = LossWeights(mean=scale / m, total=1.0 if num_tokens is None else 1.0 / num_tokens,
+                              aux=scale / m if num_tokens is None else scale / (m * self.dp_size))
+        window = self._window = self._window or _Window(list(self.parameters()), num_tokens)
+        before = self._ties.snapshot()
         sync = self._averager is not None and sync_gradients
         try:
-            loss = self._run(self._train_actions, inputs, targets, grad=True, scale=scale,
-                             on_stage_done=self._averager.start if sync else None)
-            self._sync_tied_gradients(before)
+            result = self._executor.run(self._train_actions, inputs=xs, targets=ys, keys=keys, grad=True,
+                                        weights=weights, on_stage_done=self._averager.start if sync else None)
+            self._ties.sync(before, self.transport, self.timeout)
             if sync:
-                self._averager.start(_TIED)  # tied weights: after the peer's contribution is added
-                self._averager.finish()
+                self._averager.start(TIED)  # tied weights: after the peer's contribution is added
+            totals = self._finish(result)
+            window.add(totals, num_tokens)
+            if sync_gradients:
+                self._window = None
+                factor = window.close(self.dp_size)
+                if sync:
+                    self._averager.finish(factor)
+                elif factor != 1.0:
+                    for p in window.params:
+                        if p.grad is not None:
+                            p.grad.mul_(factor)
+                window.restore()
         except BaseException:
             if self._averager is not None:
                 self._averager.abandon()
+            self._window = None
+            window.restore(drop_new=True)
             raise
-        return self._replica_mean(loss)
+        return self.last_step.loss
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> float:
-        """Forward only (no activations kept, no gradients): the mean microbatch loss on every rank (and
-        over the replicas, with data parallelism)."""
-        return self._replica_mean(self._run(self._eval_actions, inputs, targets, grad=False))
+    def evaluate(self, inputs: Any = None, targets: Any = None, *,
+                 microbatches: Sequence[tuple[Any, Any]] | None = None) -> float:
+        """Forward only (no activations kept, no gradients): the batch's loss on every rank (over the
+        replicas too, with data parallelism), computed as `step` computes it."""
+        xs, ys, keys = self._microbatches(inputs, targets, microbatches, grad=False)
+        result = self._executor.run(self._eval_actions, inputs=xs, targets=ys, keys=keys, grad=False)
+        self._finish(result)
+        return self.last_step.loss
 
     def gather_timeline(self, dst: int = 0) -> Timeline | None:
         """The last step's measured timeline of every rank, on rank `dst` (None elsewhere). Collective.
@@ -182,59 +187,63 @@ class Pipeline:
         Times are seconds from the earliest rank's step start. Ranks on one host share the clock; across
         hosts the rows are aligned only as well as the hosts' clocks are.
         """
-        step = self.last_step
-        if step is None:
+        if self.last_step is None:
             raise RuntimeError("gather_timeline() needs a step first: call step() or evaluate()")
-        rows = [[e.action.stage, _OPS.index(e.action.op), e.action.mb, e.start + step.t0, e.end + step.t0, kind]
-                for kind, events in ((0, step.events + step.comms), (1, step.waits)) for e in events]
-        data = torch.tensor(rows, dtype=torch.float64, device=self.transport.device).reshape(-1, 6)
-        header = torch.tensor([len(rows), step.step_time, step.t0], dtype=torch.float64,
-                              device=self.transport.device)
-        what = "gathering the timeline"
-        if self.rank != dst:
-            for work in (self.transport.isend(header, dst), self.transport.isend(data, dst)):
-                wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=dst, what=what)
-            return None
-        per_rank = {self.rank: (data, header)}
-        for r in range(self.transport.world_size):
-            if r == dst:
-                continue
-            head = torch.zeros(3, dtype=torch.float64, device=self.transport.device)
-            wait_or_raise(self.transport.irecv(head, r), timeout=self.timeout, transport=self.transport, peer=r,
-                          what=what)
-            body = torch.zeros(int(head[0].item()), 6, dtype=torch.float64, device=self.transport.device)
-            wait_or_raise(self.transport.irecv(body, r), timeout=self.timeout, transport=self.transport, peer=r,
-                          what=what)
-            per_rank[r] = (body, head)
-        origin = min(float(head[2]) for _, head in per_rank.values())
-        events, waits, step_times = [], [], [0.0] * self.transport.world_size
-        for r, (body, head) in per_rank.items():
-            step_times[r] = float(head[2]) + float(head[1]) - origin
-            for stage, op, mb, start, end, kind in body.tolist():
-                event = Event(r, Action(int(stage), _OPS[int(op)], int(mb)), start - origin, end - origin)
-                (waits if kind else events).append(event)
-        return Timeline(self.transport.world_size, tuple(sorted(events, key=lambda e: (e.rank, e.start, e.end))),
-                        tuple(sorted(waits, key=lambda e: (e.rank, e.start))), tuple(step_times))
+        return gather_timeline(self.last_step, self.transport, self.timeout, dst)
+
+    # --- this rank's part of the model ---------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        """Ranks in this pipeline (one replica)."""
+        return self.transport.world_size
+
+    @property
+    def layers(self) -> dict[int, nn.Module]:
+        """This rank's layers, by their index in the full list of layers."""
+        return {i: layer for s, stage in self.stages.items()
+                for i, layer in zip(self.layer_ranges[s], stage.layers, strict=True)}
+
+    def local_layers(self) -> list[nn.Module]:
+        return list(self.layers.values())
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of this rank's stages, each once (what this rank's optimizer should own)."""
+        return (p for _, p in self.named_parameters())
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """`("{layer index}.{name}", parameter)` for this rank's layers, each parameter once; the names are
+        those of `nn.Sequential(*layers)` in one process, so they match across rank counts."""
         seen = set()
-        for stage in self.stages.values():
-            for p in stage.module.parameters():
+        for i, layer in self.layers.items():
+            for name, p in layer.named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    yield p
+                    yield f"{i}.{name}", p
 
     def owned_parameters(self) -> Iterator[nn.Parameter]:
         """Like `parameters()`, but a weight tied across ranks only on the rank of its first use: summing
         over every rank's owned parameters counts each weight once (e.g. for a global gradient norm)."""
-        copies = {id(p) for tie, p in self._ties if not tie.owner}
+        copies = self._ties.copies()
         return (p for p in self.parameters() if id(p) not in copies)
 
-    def local_layers(self) -> list[nn.Module]:
-        return [layer for stage in self.stages.values() for layer in stage.layers]
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's layers' state, keyed `"{layer index}.{name}"` (as `nn.Sequential(*layers)`)."""
+        return {f"{i}.{k}": v for i, layer in self.layers.items() for k, v in layer.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load this rank's layers from a state dict keyed `"{layer index}.{name}"` (more keys may be given:
+        the whole model's state dict loads on every rank)."""
+        for i, layer in self.layers.items():
+            prefix = f"{i}."
+            layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor over every rank of the job (this pipeline's ranks, then the replicas), in place."""
+        self.transport.all_reduce(tensor, self.timeout)
+        return sum_over(self.dp_group, tensor, self.timeout)
 
     def train(self, mode: bool = True) -> Pipeline:
+        self._training = mode
         for stage in self.stages.values():
             stage.module.train(mode)
         return self
@@ -243,123 +252,169 @@ class Pipeline:
         return self.train(False)
 
     # --- internals -----------------------------------------------------------------------------------
-    def _find_ties(self, layers: list[nn.Module]) -> list[tuple[_Tie, nn.Parameter]]:
-        """Parameters used by layers on two different ranks (one nn.Parameter object in both layers, as
-        with tied input/output embeddings). Their gradients are summed across the two ranks after every
-        step, so both copies see the single-process gradient and stay equal under the same optimizer."""
-        first_use: dict[int, int] = {}
-        ties = []
-        rank_of_layer = {i: self.schedule.stage_to_rank[s] for s, r in self.layer_ranges.items() for i in r}
-        for i, layer in enumerate(layers):
-            for p in layer.parameters():
-                if id(p) not in first_use:
-                    first_use[id(p)] = i
-                    continue
-                a, b = rank_of_layer[first_use[id(p)]], rank_of_layer[i]
-                if a != b and self.rank in (a, b):
-                    ties.append((_Tie(peer=b if self.rank == a else a, owner=self.rank == a), p))
-        return ties
-
-    def _sync_tied_gradients(self, before: list[torch.Tensor | None]) -> None:
-        """Add the peer's gradient contribution of this step to each tied weight (both ranks, same order);
-        `before` holds each tied weight's gradient from before the step."""
-        for old, (tie, p) in zip(before, self._ties, strict=True):
-            mine = p.grad - old if old is not None else (p.grad if p.grad is not None else torch.zeros_like(p))
-            mine = mine.contiguous()
-            theirs = torch.empty_like(mine)
-            works = [(self.transport.isend(mine, tie.peer), "send"), (self.transport.irecv(theirs, tie.peer), "recv")]
-            for work, what in works:
-                wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=tie.peer,
-                              what=f"tied-weight gradient {what}")
-            first, second = (mine, theirs) if tie.owner else (theirs, mine)  # same sum order on both ranks
-            total = first + second
-            p.grad = total if old is None else old + total
-
-    def _make_averager(self) -> GradientAverager:
-        """One bucket per stage, each parameter in the bucket of the last of its stages to finish its
-        weight gradients (a weight shared by two stages of this rank), tied weights in their own."""
-        if isinstance(self.transport, InProcessTransport):
-            raise ValueError("dp_group needs torch.distributed ranks; in-process ranks have no data parallelism")
-        mine = (self.rank, self.schedule.name, self.schedule.num_microbatches, tuple(self.balance))
-        replicas: list = [None] * self.dp_size
-        dist.all_gather_object(replicas, mine, group=self.dp_group)
-        if any(r != mine for r in replicas):
-            raise ValueError(f"the dp_group's replicas disagree on (pipeline rank, schedule, microbatches, balance): "
-                             f"{replicas}; each data-parallel group must hold the ranks at the same pipeline "
-                             "position of identical pipelines (a DeviceMesh with dims ('dp', 'pp') does this)")
-        last_action = {a.stage: i for i, a in enumerate(self._train_actions) if a.op in (Op.B, Op.W)}
-        tied = {id(p) for _, p in self._ties}
-        bucket_of: dict[int, int] = {}
-        params: dict[int, nn.Parameter] = {}
-        for s in sorted(self.stages, key=lambda s: last_action[s]):
-            for p in self.stages[s].module.parameters():
-                bucket_of[id(p)] = _TIED if id(p) in tied else s
-                params[id(p)] = p
-        buckets: dict[int, list[nn.Parameter]] = {}
-        for key, p in params.items():
-            buckets.setdefault(bucket_of[key], []).append(p)
-        return GradientAverager(self.dp_group, buckets, self.timeout)
-
-    def _replica_mean(self, loss: float) -> float:
-        if self.dp_size == 1:
-            return loss
-        value = torch.tensor([loss], dtype=torch.float64, device=self.transport.device)
-        return float(average_over(self.dp_group, value, self.timeout)[0])
-
-    def _run(self, actions, inputs, targets, *, grad: bool, scale: float = 1.0, on_stage_done=None) -> float:
-        m = self.schedule.num_microbatches
-        last = self.schedule.num_stages - 1
-        for needed, name, stage in ((inputs, "inputs", 0), (targets, "targets", last)):
-            if needed is None and stage in self.stages:
-                raise ValueError(f"rank {self.rank} runs stage {stage} and needs `{name}`, got None: pass the "
-                                 "same batch to step() on every rank")
-        split_inputs = self._split(inputs, "inputs", m)
-        split_targets = self._split(targets, "targets", m)
-        result = self._executor.run(actions, inputs=split_inputs, targets=split_targets, num_microbatches=m,
-                                    grad=grad, loss_scale=scale / m, on_stage_done=on_stage_done)
-        self.last_step = result
-        return result.loss
-
-    def _split(self, batch: torch.Tensor | None, name: str, m: int) -> list[torch.Tensor] | None:
-        if batch is None:
-            return None
-        if not isinstance(batch, torch.Tensor) or batch.dim() == 0:
-            raise TypeError(f"{name} must be a tensor with a batch dimension first")
-        if batch.shape[0] % m:
-            lower_ok = batch.shape[0] - batch.shape[0] % m
-            raise ValueError(f"{name} has batch size {batch.shape[0]}, which does not split into {m} equal "
-                             f"microbatches: use a batch size that is a multiple of {m} (e.g. {lower_ok or m}) "
-                             "or change the number of microbatches")
-        return list(batch.to(self.device).tensor_split(m))
-
-    def _resolve_balance(self, balance: Balance, layers: list[nn.Module], sample) -> list[int]:
+    def _place(self, layers: list[nn.Module], loss_fn, checkpoint, precision: str) -> dict[int, Stage]:
         num_stages = self.schedule.num_stages
-        if isinstance(balance, str):
-            if balance == "uniform":
-                return partition(uniform_costs(layers), num_stages)
-            if balance == "params":
-                return partition(param_costs(layers), num_stages)
-            if balance == "time":
-                return partition(self._shared_time_costs(layers, sample), num_stages)
-            raise ValueError(f'balance must be "uniform", "params", "time" or a list of layer counts, got {balance!r}')
-        counts = list(balance)
-        if (len(counts) != num_stages or any(not isinstance(n, int) or n < 1 for n in counts)
-                or sum(counts) != len(layers)):
-            raise BalanceError(f"balance {counts} must list {num_stages} positive layer counts (one per stage) "
-                               f"summing to the {len(layers)} layers")
-        return counts
+        checkpointed = set(range(num_stages)) if checkpoint is True else set(checkpoint or ())
+        unknown = sorted(checkpointed - set(range(num_stages)))
+        if unknown:
+            raise ValueError(f"checkpoint lists stages {unknown}, but the stages are 0..{num_stages - 1}")
+        return {s: Stage(s, num_stages, [layers[i].to(self.device) for i in self.layer_ranges[s]],
+                         first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
+                         autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device)
+                for s in self.schedule.stages_of(self.rank)}
 
-    def _shared_time_costs(self, layers: list[nn.Module], sample: torch.Tensor) -> list[float]:
-        """Rank 0 measures; every rank partitions with rank 0's numbers so all agree on the split."""
-        costs = torch.zeros(len(layers), dtype=torch.float64, device=self.transport.device)
-        if self.rank == 0:
-            costs.copy_(torch.tensor(time_costs(layers, sample), dtype=torch.float64))
-            works = [(self.transport.isend(costs, r), r) for r in range(1, self.transport.world_size)]
+    def _microbatches(self, inputs, targets, microbatches, *, grad: bool):
+        """This step's microbatches (inputs on the first stage's device, targets on the last's) and the
+        shape key of each, the same on every rank."""
+        m = self.schedule.num_microbatches
+        me = f"rank {self.rank}"
+        if microbatches is not None:
+            if inputs is not None or targets is not None:
+                raise ValueError("pass either inputs/targets or microbatches=, not both")
+            pairs = list(microbatches)
+            if len(pairs) != m or not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
+                raise ValueError(f"microbatches must be {m} (inputs, targets) pairs, one per microbatch of the "
+                                 f"schedule, got {len(pairs)} items")
+            xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+            if any(x is None for x in xs):
+                raise ValueError(f"{me}: a microbatch has inputs None; pass the same microbatches on every rank")
+            ys = None if all(y is None for y in ys) else ys
         else:
-            works = [(self.transport.irecv(costs, 0), 0)]
-        for work, peer in works:  # rank 0 profiles every layer first: raise `timeout` for a large model
-            wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=peer,
-                          what="sharing the measured layer times")
-        if self.dp_size > 1:  # every replica must split the layers alike: the mean of their measurements
-            average_over(self.dp_group, costs, self.timeout)
-        return costs.tolist()
+            if inputs is None:
+                raise ValueError(f"{me}: step() got inputs=None; pass the same batch on every rank (each rank "
+                                 "uses the microbatches' shapes to know the shapes between stages)")
+            xs = split_batch(inputs, m, "inputs")
+            ys = split_batch(targets, m, "targets") if targets is not None else None
+            if ys is not None and _rows(inputs) != _rows(targets):
+                raise ValueError(f"inputs have {_rows(inputs)} rows but targets {_rows(targets)} (dim 0): they must "
+                                 "hold the same samples")
+        last = self.schedule.num_stages - 1
+        if last in self.stages and (ys is None or any(y is None for y in ys)):
+            raise ValueError(f"{me} runs stage {last} and needs `targets`, got None: pass the same batch to step() "
+                             "on every rank")
+        keys = [(shape_key(x), grad, self._training) for x in xs]
+        if 0 in self.stages:
+            xs = [to_device(x, self.device) for x in xs]
+        if last in self.stages:
+            ys = [to_device(y, self.device) for y in ys]
+        return xs, ys, keys
+
+    def _finish(self, result: RankStep) -> torch.Tensor:
+        """Sum the ranks' partial losses over the pipeline and the replicas; record the step's loss."""
+        totals = self.all_reduce(result.partials)
+        m = self.schedule.num_microbatches
+        loss = float(totals[LOSS_SUM] / totals[LOSS_COUNT].clamp_min(1))  # a token mean of no tokens: 0
+        aux = float(totals[AUX_SUM]) / (m * self.dp_size)
+        self.last_step = dataclasses.replace(result, loss=loss, aux_loss=aux, token_mean=bool(totals[PAIR_LOSSES] > 0),
+                                             tokens=float(totals[LOSS_COUNT]))
+        return totals
+
+    def _shared_time_costs(self, layers: list[nn.Module], sample) -> list[float]:
+        """Rank 0 measures; every rank partitions with rank 0's numbers so all agree on the split (the
+        mean over replicas with data parallelism)."""
+        costs = torch.zeros(len(layers), dtype=torch.float64, device=self.transport.device)
+        if self.rank == 0:  # rank 0 profiles every layer first: raise `timeout` for a large model
+            costs.copy_(torch.tensor(time_costs(layers, sample), dtype=torch.float64))
+        self.all_reduce(costs)  # the others add zeros
+        return (costs / self.dp_size).tolist()
+
+
+class _Window:
+    """An accumulation window: the steps from one with `sync_gradients=True` to the next. The gradients
+    from before it are set aside, so that a token-mean window can be normalized by its own total count."""
+
+    def __init__(self, params: list[nn.Parameter], num_tokens: float | None) -> None:
+        self.params = params
+        self.earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        self.num_tokens = num_tokens
+        self.count = 0.0
+        self.pair: bool | None = None
+        self.aux = False
+
+    def add(self, totals: torch.Tensor, num_tokens: float | None) -> None:
+        pair = bool(totals[PAIR_LOSSES] > 0)
+        if self.pair is not None and pair != self.pair:
+            raise ValueError("loss_fn returned a mean in one step of an accumulation window and a (loss_sum, count) "
+                             "pair in another; return the same kind in every step")
+        if num_tokens != self.num_tokens:
+            raise ValueError(f"num_tokens={num_tokens} differs from {self.num_tokens} given earlier in this "
+                             "accumulation window; pass the window's total count to each of its steps")
+        if num_tokens is not None and not pair:
+            raise ValueError("num_tokens= is for a loss_fn returning (loss_sum, count); this one returns a mean")
+        self.pair = pair
+        self.count += float(totals[LOSS_COUNT])
+        self.aux = self.aux or bool(totals[AUX_LOSSES] > 0)
+
+    def close(self, dp_size: int) -> float:
+        """What the window's gradients (summed over the replicas) are multiplied by."""
+        if not self.pair:
+            return 1.0 / dp_size
+        if self.num_tokens is not None:
+            if abs(self.count - self.num_tokens) > 1e-6 * max(1.0, self.num_tokens):
+                raise ValueError(f"num_tokens={self.num_tokens:g}, but loss_fn counted {self.count:g} over this "
+                                 "window's steps (and replicas); the gradients would be off by their ratio")
+            return 1.0
+        if self.aux:
+            raise ValueError("pt.add_aux_loss with a loss_fn returning (loss_sum, count): the auxiliary losses' "
+                             "weight relative to the token mean needs the window's token count before the "
+                             "backward; pass step(..., num_tokens=N), N the total count over the window's "
+                             "batches and replicas (e.g. the number of labels that are not -100)")
+        return 1.0 / max(self.count, 1.0)
+
+    def restore(self, *, drop_new: bool = False) -> None:
+        """Put the gradients from before the window back (added to the window's, unless dropped)."""
+        for p, old in zip(self.params, self.earlier, strict=True):
+            if old is None:
+                if drop_new:
+                    p.grad = None
+            elif p.grad is None or drop_new:
+                p.grad = old
+            else:
+                p.grad = old.add_(p.grad)
+
+
+def _rows(tree) -> int:
+    return flatten(tree)[0][0].shape[0]
+
+
+def _checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: float, precision: str,
+                      balance: Balance, sample) -> Schedule:
+    """The compute-only schedule, after checking it and the other arguments (before any communication)."""
+    bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
+    if bad:
+        raise TypeError(f"layers[{bad[0]}] is a {type(layers[bad[0]]).__name__}, not an nn.Module")
+    if not isinstance(schedule, Schedule):
+        raise TypeError("schedule must be a pipetrain Schedule, e.g. pipetrain.schedules.build('1f1b', ...)")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
+    schedule = schedule.compute_only()
+    check(schedule)
+    split = any(a.op is Op.W for acts in schedule.actions for a in acts)
+    if split and not torch.__version__ >= (2, 7):
+        raise RuntimeError(f"schedule {schedule.name!r} splits the backward (I and W), which needs torch >= 2.7 "
+                           f"(torch.autograd.backward from GradientEdges); this is torch {torch.__version__}. "
+                           "Upgrade torch, or use a schedule without W such as '1f1b' or 'interleaved-1f1b'")
+    if not schedule.has_backward:
+        raise ValueError(f"schedule {schedule.name!r} has no backward actions; Pipeline needs a training "
+                         "schedule (evaluate() derives the forward-only one)")
+    if len(layers) < schedule.num_stages:
+        raise BalanceError(f"{len(layers)} layers cannot fill {schedule.num_stages} stages: use a schedule "
+                           f"with at most {len(layers)} stages (ranks x stages_per_rank) or more layers")
+    if isinstance(balance, str) and balance == "time" and sample is None:
+        raise ValueError('balance="time" needs `sample=`, one microbatch of model input to profile on')
+    return schedule
+
+
+def _groups_of(mesh, group, dp_group, transport):
+    """The (pp, dp) process groups of a DeviceMesh with dimensions named "pp" and optionally "dp"."""
+    if group is not None or dp_group is not None or transport is not None:
+        raise ValueError("pass either mesh= or group=/dp_group=/transport=, not both")
+    names = tuple(mesh.mesh_dim_names or ())
+    if "pp" not in names or not set(names) <= {"dp", "pp"}:
+        raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', got {names}: e.g. "
+                         "init_device_mesh('cpu', (dp, pp), mesh_dim_names=('dp', 'pp'))")
+    return mesh.get_group("pp"), (mesh.get_group("dp") if "dp" in names else None)

@@ -24,41 +24,45 @@ class _Group:
 
 @dataclass
 class PendingWeightGrad:
-    """What W needs after I: the retained graph's output and the captured intermediate gradients."""
+    """What W needs after I: the retained graph's outputs and the captured intermediate gradients."""
 
     groups: list[_Group]
-    keep_alive: tuple  # the stage output (keeps the graph) and its input
+    keep_alive: tuple  # the stage outputs (they keep the graph) and their gradients or the inputs
 
 
-def backward_input(output: torch.Tensor, grad_output: torch.Tensor | None, inp: torch.Tensor | None,
-                   params: list[torch.nn.Parameter]) -> tuple[torch.Tensor | None, PendingWeightGrad | None]:
-    """I: the gradient of `inp`; returns it and what `backward_weight` needs (None if W has nothing to do)."""
-    if output.grad_fn is None:
-        return (torch.zeros_like(inp) if inp is not None and inp.requires_grad else None), None
-    input_node = get_gradient_edge(inp).node if inp is not None and inp.requires_grad else None
-    groups = _param_groups(output.grad_fn, input_node, params) if input_node is not None else None
+def backward_input(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor | None],
+                   inputs: list[torch.Tensor], params: list[torch.nn.Parameter]
+                   ) -> tuple[list[torch.Tensor], PendingWeightGrad | None]:
+    """I: the gradients of `inputs` (leaves that require grad) from the gradients of `outputs` (tensors
+    that require grad; None for a scalar seeded with 1); returns them and what `backward_weight` needs
+    (None if W has nothing left to do)."""
     trainable = [p for p in params if p.requires_grad]
+    if not outputs:
+        return [torch.zeros_like(i) for i in inputs], None
+    if not inputs:  # no input path (first stage): all of the backward is weight work, and W runs it later
+        return [], PendingWeightGrad([_Group([], trainable)], (outputs, grad_outputs))
+    roots = [get_gradient_edge(o).node for o in outputs]
+    groups = _param_groups(roots, {get_gradient_edge(i).node for i in inputs}, params)
     if groups is None:
-        # no input path (first stage): all of the backward is weight work, and W runs it later.
-        if input_node is None:
-            return None, PendingWeightGrad([_Group([], trainable)], (output, grad_output))
         # a graph we cannot split safely: input and weight gradients both now, W has nothing left
-        (grad_in,) = torch.autograd.grad(output, [inp], grad_output, retain_graph=bool(trainable))
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=bool(trainable), allow_unused=True)
         if trainable:
-            torch.autograd.backward(output, grad_output, inputs=trainable)
-        return grad_in, None
+            torch.autograd.backward(outputs, grad_outputs, inputs=trainable)
+        return _zeros_for_unused(grads, inputs), None
     handles = []
     for group in groups:
         for node in group.intermediates:
             handles.append(node.register_prehook(_capture(group, node)))
     try:
-        (grad_in,) = torch.autograd.grad(output, [inp], grad_output, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    if grad_in is None:
-        grad_in = torch.zeros_like(inp)
-    return grad_in, PendingWeightGrad(groups, (output, inp))
+    return _zeros_for_unused(grads, inputs), PendingWeightGrad(groups, (outputs, inputs))
+
+
+def _zeros_for_unused(grads, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [g if g is not None else torch.zeros_like(i) for g, i in zip(grads, inputs, strict=True)]
 
 
 def backward_weight(pending: PendingWeightGrad | None) -> None:
@@ -69,8 +73,8 @@ def backward_weight(pending: PendingWeightGrad | None) -> None:
     for i, group in enumerate(groups):
         retain = i < len(groups) - 1
         if not group.intermediates:  # first stage: the whole backward is weight work
-            output, grad_output = pending.keep_alive
-            torch.autograd.backward(output, grad_output, retain_graph=retain, inputs=group.params)
+            outputs, grad_outputs = pending.keep_alive
+            torch.autograd.backward(outputs, grad_outputs, retain_graph=retain, inputs=group.params)
             continue
         edges, grads = [], []
         for node in group.intermediates:
@@ -91,14 +95,15 @@ def _capture(group: _Group, node):
     return hook
 
 
-def _param_groups(root, input_node, params: list[torch.nn.Parameter]) -> list[_Group] | None:
-    """Group parameters by the input-path nodes their branches leave from; None if unsafe to split."""
+def _param_groups(roots: list, input_nodes: set, params: list[torch.nn.Parameter]) -> list[_Group] | None:
+    """Group parameters by the input-path nodes their branches leave from; None if unsafe to split (or if
+    an output does not depend on any input: its whole backward is weight work)."""
     param_of = {}
     for p in params:
         if p.requires_grad:
             param_of[get_gradient_edge(p).node] = p
     # every node of the graph, children listed
-    children, order, stack, seen = {}, [], [root], {root}
+    children, order, stack, seen = {}, [], list(dict.fromkeys(roots)), set(roots)
     while stack:
         node = stack.pop()
         order.append(node)
@@ -112,13 +117,13 @@ def _param_groups(root, input_node, params: list[torch.nn.Parameter]) -> list[_G
                 stack.append(c)
     reaches_input: dict = {}
     reaches_params: dict = {}
-    for node in _post_order(root, children):
-        reaches_input[node] = node is input_node or any(reaches_input[c] for c in children[node])
+    for node in _post_order(roots, children):
+        reaches_input[node] = node in input_nodes or any(reaches_input[c] for c in children[node])
         found = {param_of[node]} if node in param_of else set()
         for c in children[node]:
             found |= reaches_params[c]
         reaches_params[node] = frozenset(found) if found else frozenset()
-    if not reaches_input[root]:
+    if not all(reaches_input[r] for r in roots):
         return None
     by_node = {}  # intermediate -> params hanging off its weight-only children
     for node in order:
@@ -149,8 +154,8 @@ def _param_groups(root, input_node, params: list[torch.nn.Parameter]) -> list[_G
     return [_Group(nodes, sorted(ps, key=lambda p: ordered[id(p)])) for nodes, ps in groups]
 
 
-def _post_order(root, children) -> list:
-    out, stack, done = [], [(root, False)], set()
+def _post_order(roots: list, children) -> list:
+    out, stack, done = [], [(r, False) for r in roots], set()
     while stack:
         node, expanded = stack.pop()
         if node in done:

@@ -3,37 +3,63 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .aux_loss import collect_aux_losses
 from .split_backward import PendingWeightGrad, backward_input, backward_weight
+from .values import Packet, Signature, flatten, unflatten
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """What each microbatch's losses are multiplied by before backward."""
+
+    mean: float = 1.0  # a loss_fn returning a mean: scale / M
+    total: float = 1.0  # a loss_fn returning (loss_sum, count): scale (normalized by the count afterwards)
+    aux: float = 1.0  # each add_aux_loss: scale / M
+
+
+UNWEIGHTED = LossWeights()
+
+@dataclass
+class _Saved:
+    inputs: list[torch.Tensor]  # the stage's input leaves that collect a gradient
+    outputs: list[torch.Tensor]  # what backward starts from: output leaves that carry a gradient (then aux)
+    seeded: int  # how many of `outputs` take a gradient from the next stage (the rest are scalars, seeded 1)
 
 
 class Stage:
     """Stage `index` of `num_stages`: runs its layers forward and backward one microbatch at a time.
 
-    F caches the stage input (as a leaf that collects its gradient) and output for a microbatch; B
-    back-propagates the gradient of the output (or, on the last stage, the scaled loss), frees the
-    cache and returns the gradient of the input for the previous stage. I does only the input part of
-    B and keeps what W needs; W then accumulates the weight gradients and frees the rest.
+    F takes the previous stage's output (a `Packet`; the first stage takes the microbatch itself),
+    rebuilds it with fresh leaves for the tensors that carry a gradient, runs the layers, and caches what
+    B needs. B back-propagates the gradients of those output leaves (on the last stage: the weighted loss;
+    on any stage: the weighted auxiliary losses), frees the cache and returns the input leaves' gradients.
+    I does only the input part of B and keeps what W needs; W then accumulates the weight gradients.
     With `checkpoint=True` the forward keeps only the stage input and recomputes the rest in backward.
     """
 
-    def __init__(self, index: int, num_stages: int, layers: Sequence[nn.Module], *,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 checkpoint: bool = False, autocast: torch.dtype | None = None) -> None:
+    def __init__(self, index: int, num_stages: int, layers: Sequence[nn.Module], *, first_layer: int = 0,
+                 loss_fn: Callable[[Any, Any], Any] | None = None, checkpoint: bool = False,
+                 autocast: torch.dtype | None = None, device: torch.device | None = None) -> None:
         self.index = index
         self.num_stages = num_stages
         self.layers = list(layers)
+        self.first_layer = first_layer
         self.module = nn.Sequential(*self.layers)
         self.loss_fn = loss_fn
         self.checkpoint = checkpoint
         self.autocast = autocast
-        self._cache: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.device_type = (device or torch.device("cpu")).type
+        self._cache: dict[int, _Saved] = {}
         self._weight_work: dict[int, PendingWeightGrad | None] = {}
-        self.losses: dict[int, torch.Tensor] = {}  # last stage: unscaled loss of each microbatch
+        self.losses: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # last stage: (loss, count)
+        self.aux: dict[int, torch.Tensor] = {}  # unweighted sum of each microbatch's auxiliary losses
 
     @property
     def is_first(self) -> bool:
@@ -43,53 +69,95 @@ class Stage:
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
 
-    def forward(self, mb: int, x: torch.Tensor, *, target: torch.Tensor | None = None,
-                loss_scale: float = 1.0, grad: bool = True) -> torch.Tensor | None:
+    # --- forward -------------------------------------------------------------------------------------
+    def forward(self, mb: int, x: Packet | Any, *, target: Any = None, weights: LossWeights = UNWEIGHTED,
+                grad: bool = True) -> Packet | None:
         """Run the layers on microbatch `mb`; return the output to pass on (None on the last stage)."""
         if self.autocast is None:
-            return self._forward(mb, x, target, loss_scale, grad)
-        with torch.autocast(x.device.type, dtype=self.autocast):
-            return self._forward(mb, x, target, loss_scale, grad)
+            return self._forward(mb, x, target, weights, grad)
+        with torch.autocast(self.device_type, dtype=self.autocast):
+            return self._forward(mb, x, target, weights, grad)
 
-    def _forward(self, mb: int, x: torch.Tensor, target: torch.Tensor | None, loss_scale: float,
-                 grad: bool) -> torch.Tensor | None:
-        if not grad:
-            with torch.no_grad():
-                out = self.module(x)
-                if self.is_last:
-                    self.losses[mb] = self.loss_fn(out, target).detach()
-                    return None
-                return out
-        inp = None
-        if not self.is_first:
-            inp = x.detach().requires_grad_(x.is_floating_point())
-            x = inp
-        out = checkpoint(self.module, x, use_reentrant=False) if self.checkpoint else self.module(x)
+    def _forward(self, mb: int, x, target, weights: LossWeights, grad: bool) -> Packet | None:
+        inputs: list[torch.Tensor] = []
+        if isinstance(x, Packet):  # fresh leaves: the ones that carry a gradient collect it here
+            leaves = [t.detach().requires_grad_(grad and g) for t, (_, _, g) in zip(x.leaves, x.signature.leaves,
+                                                                                  strict=True)]
+            inputs = [t for t in leaves if t.requires_grad]
+            x = unflatten(leaves, x.signature.spec)
+        with torch.set_grad_enabled(grad), collect_aux_losses() as aux:
+            out = checkpoint(self._run, x, use_reentrant=False) if self.checkpoint and grad else self._run(x)
+            if self.is_last:
+                loss, count = self._loss(out, target)
+        if aux:
+            self.aux[mb] = torch.stack([a.detach().float() for a in aux]).sum()
+        aux_objective = sum(a.float() for a in aux) * weights.aux if aux and grad else None
         if self.is_last:
-            loss = self.loss_fn(out, target).float()
-            if loss.dim() != 0:
-                raise ValueError(f"loss_fn must return a scalar (mean over the microbatch); got shape "
-                                 f"{tuple(loss.shape)}")
-            self.losses[mb] = loss.detach()
-            self._cache[mb] = (inp, loss * loss_scale)
+            self.losses[mb] = (loss.detach(), count)
+            if grad:
+                objective = loss * (weights.mean if count is None else weights.total)
+                if aux_objective is not None:
+                    objective = objective + aux_objective
+                self._cache[mb] = _Saved(inputs, [objective] if objective.requires_grad else [], 0)
             return None
-        self._cache[mb] = (inp, out)
-        return out.detach()
+        leaves, spec = flatten(out, what=f"the output of stage {self.index}")
+        signature = Signature.of(leaves, spec)
+        if grad:
+            outputs = [t for t in leaves if t.requires_grad]
+            seeded = len(outputs)
+            if aux_objective is not None and aux_objective.requires_grad:
+                outputs.append(aux_objective)
+            self._cache[mb] = _Saved(inputs, outputs, seeded)
+        return Packet([t.detach() for t in leaves], signature)
 
-    def backward(self, mb: int, grad_output: torch.Tensor | None) -> torch.Tensor | None:
-        """Back-propagate microbatch `mb`; free its cache; return the gradient of the stage input."""
-        inp, out = self._cache.pop(mb)
-        if out.requires_grad:
-            torch.autograd.backward(out, grad_output)
-        if inp is None or not inp.requires_grad:
-            return None
-        return inp.grad if inp.grad is not None else torch.zeros_like(inp)
+    def _run(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if not isinstance(x, torch.Tensor):  # raises BadValueError naming the layer and what it returned
+                flatten(x, what=f"the output of layer {self.first_layer + i} ({type(layer).__name__})")
+        return x
 
-    def backward_input(self, mb: int, grad_output: torch.Tensor | None) -> torch.Tensor | None:
-        """I: the gradient of the stage input only; what W needs stays until `backward_weight(mb)`."""
-        inp, out = self._cache.pop(mb)
-        grad_in, self._weight_work[mb] = backward_input(out, grad_output, inp, list(self.module.parameters()))
-        return grad_in
+    def _loss(self, out, target) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """loss_fn's result as (loss, None) for a mean or (loss_sum, count) for a pair."""
+        result = self.loss_fn(out, target)
+        count = None
+        if isinstance(result, tuple | list):
+            if len(result) != 2:
+                raise ValueError(f"loss_fn returned {len(result)} values; return a scalar mean or a pair "
+                                 "(loss_sum, count)")
+            result, count = result
+            count = torch.as_tensor(count, dtype=torch.float64).detach()
+            if count.dim() != 0:
+                raise ValueError(f"loss_fn's count must be a number or a scalar tensor, got shape "
+                                 f"{tuple(count.shape)}")
+        if not isinstance(result, torch.Tensor) or result.dim() != 0:
+            shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor (a mean over the microbatch) or a pair "
+                             f"(loss_sum, count); got {shape}")
+        return result.float(), count
+
+    # --- backward ------------------------------------------------------------------------------------
+    def _roots(self, mb: int, grads: list[torch.Tensor] | None) -> tuple[_Saved, list, list]:
+        saved = self._cache.pop(mb)
+        given = list(grads or [])
+        if len(given) != saved.seeded:
+            raise RuntimeError(f"stage {self.index} microbatch {mb}: {len(given)} output gradients for "
+                               f"{saved.seeded} outputs that carry one")
+        return saved, saved.outputs, given + [None] * (len(saved.outputs) - saved.seeded)
+
+    def backward(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Back-propagate microbatch `mb`; free its cache; return the gradients of the input leaves that
+        carry one (in leaf order)."""
+        saved, outputs, seeds = self._roots(mb, grads)
+        if outputs:
+            torch.autograd.backward(outputs, seeds)
+        return [t.grad if t.grad is not None else torch.zeros_like(t) for t in saved.inputs]
+
+    def backward_input(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """I: the input leaves' gradients only; what W needs stays until `backward_weight(mb)`."""
+        saved, outputs, seeds = self._roots(mb, grads)
+        grads_in, self._weight_work[mb] = backward_input(outputs, seeds, saved.inputs, list(self.module.parameters()))
+        return grads_in
 
     def backward_weight(self, mb: int) -> None:
         """W: accumulate this microbatch's weight gradients and free what I kept."""
@@ -103,3 +171,5 @@ class Stage:
         self._cache.clear()
         self._weight_work.clear()
         self.losses.clear()
+        self.aux.clear()
+

@@ -1,64 +1,78 @@
-"""The small trainer: optimizer, LR schedule, global clipping, accumulation, eval, checkpoints, metrics."""
+"""The trainer: any layers (or a Pipeline), a loss and a batch source -> optimizer steps with an LR schedule,
+global clipping, accumulation, evaluation, checkpoints and metrics."""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
+import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from . import checkpoint as ckpt
-from .comm import all_reduce_sum
 from .config import ConfigError, NonFiniteError, TrainConfig, warmup_cosine
-from .data import Batches, Corpus, load_corpus
-from .data_parallel import sum_over
+from .loader import BatchSource, share
 from .metrics import JsonlWriter, measure_peak_flops, peak_memory_bytes, plot_losses
-from .models.gpt import build_gpt, flops_per_token, gpt_loss
 from .pipeline import Pipeline
 from .schedule import build as build_schedule
+from .values import flatten
+
+logger = logging.getLogger("pipetrain")
 
 
 class Trainer:
-    """Trains the reference GPT with a pipeline; create it on every rank (under torchrun) and call `fit`."""
+    """Trains a pipeline; create it on every rank (under torchrun) and call `fit()`.
 
-    def __init__(self, config: TrainConfig, *, group=None, transport=None, device=None, mesh=None,
-                 corpus: Corpus | None = None,
-                 optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None) -> None:
-        """`optimizer` builds any torch optimizer from parameter groups (weight decay set per group);
-        default AdamW(lr, betas). The LR schedule multiplies each group's initial learning rate.
+    Args:
+        model: the layers (a list of nn.Module, as `Pipeline` takes them; every rank builds the same ones)
+            or a ready `Pipeline` (its schedule, balance and groups are then used as they are).
+        loss_fn: as `Pipeline`'s: a mean, or `(loss_sum, count)` for an exact token mean (with layers only).
+        data: a map-style dataset of `(inputs, targets)` samples, batched by `config.batch_size` in a seeded
+            shuffle per epoch, or an iterable of global `(inputs, targets)` batches. Every rank draws the same
+            global batches and each data-parallel replica takes its contiguous share; resumable (see loader).
+        config: `TrainConfig` (schedule, microbatches, dp, ... build the Pipeline when `model` is layers).
+        eval_data: held-out data of the same kinds: its first `config.eval_batches` batches are evaluated.
+        optimizer: builds any torch optimizer from parameter groups (weight decay on matrices only); default
+            AdamW(lr, betas). The LR schedule multiplies each group's initial learning rate.
+        flops_per_token: training FLOPs per target element, to report MFU (None: no MFU).
+        model_info: a JSON-able description of the model, stored in checkpoints and checked on resume.
+        sample: one microbatch of inputs for balance="time" (default: from the first held-out batch).
+        group, transport, device, mesh: as `Pipeline`'s; with `config.dp > 1` and neither a mesh nor a
+            Pipeline, the trainer lays the world out as a (dp, pp) DeviceMesh itself.
+    """
 
-        With `config.dp > 1` the trainer lays the world out as a (dp, pp) DeviceMesh itself, or uses
-        `mesh` (dimensions named "dp" and "pp"); `group`/`transport` are for one pipeline (dp = 1)."""
+    def __init__(self, model: Sequence[nn.Module] | Pipeline, *, data: Any, config: TrainConfig | None = None,
+                 loss_fn: Callable[[Any, Any], Any] | None = None, eval_data: Any = None,
+                 optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
+                 flops_per_token: float | None = None, model_info: dict | None = None, sample: Any = None,
+                 group=None, transport=None, device=None, mesh=None) -> None:
+        config = config or TrainConfig()
         config.validate()
-        mesh = _mesh_for(config, mesh, group, transport, device)
+        _ensure_log_handler()
         self.config = config
-        self.model_config = config.model_config()
-        torch.manual_seed(config.seed)  # every rank builds the same weights, then keeps its own stages
-        layers = build_gpt(self.model_config)
-        corpus = corpus or load_corpus()
-        self.train_data = Batches(corpus.train, batch_size=config.batch_size, seq_len=self.model_config.seq_len,
-                                  seed=config.seed)
-        held_out = Batches(corpus.val, batch_size=config.batch_size, seq_len=self.model_config.seq_len,
-                           seed=config.seed + 1)
-        self.eval_set = [held_out.next() for _ in range(config.eval_batches)]
-        pp = mesh["pp"].size() if mesh is not None else _world_size(group, transport)
-        schedule = build_schedule(config.schedule, num_ranks=pp,
-                                  num_microbatches=config.microbatches, stages_per_rank=config.stages_per_rank)
-        sample = self.eval_set[0][0][: config.batch_size // config.dp // config.microbatches]
-        self.pipe = Pipeline(layers, schedule=schedule, loss_fn=gpt_loss, balance=config.balance, group=group,
-                             device=device, transport=transport, timeout=config.timeout, sample=sample,
-                             checkpoint=config.activation_checkpointing, precision=config.precision, mesh=mesh)
-        # rank/world: this pipeline's; dp_rank/dp: the replica's; global_rank: in the whole job
-        self.rank, self.world = self.pipe.rank, self.pipe.transport.world_size
-        self.dp, self.dp_rank = self.pipe.dp_size, self.pipe.dp_rank
-        self.global_rank = self.rank if transport is not None else torch.distributed.get_rank()
+        self.train_data = BatchSource(data, batch_size=config.batch_size, seed=config.seed)
+        self.eval_set = []
+        if eval_data is not None:
+            held_out = BatchSource(eval_data, batch_size=config.batch_size, seed=config.seed + 1, shuffle=False)
+            self.eval_set = [held_out.next() for _ in range(config.eval_batches)]
+        self.pipe = model if isinstance(model, Pipeline) else self._pipeline(list(model), loss_fn, sample, group,
+                                                                               transport, device, mesh)
+        if isinstance(model, Pipeline) and loss_fn is not None:
+            raise ConfigError("the Pipeline given has its own loss_fn; pass loss_fn only with a list of layers")
+        if self.pipe.dp_size != config.dp:
+            raise ConfigError(f"dp={config.dp}, but the pipeline has {self.pipe.dp_size} data-parallel replicas")
+        self.global_rank = self.pipe.rank if transport is not None or not torch.distributed.is_initialized() \
+            else torch.distributed.get_rank()
+        self.model_info = model_info if model_info is not None else {"num_layers": self.num_layers}
+        self.flops_per_token = flops_per_token
         self.skipped_steps = 0
-        self.local_layers = {i: layers[i] for s in self.pipe.stages for i in self.pipe.layer_ranges[s]}
         params = list(self.pipe.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -70,31 +84,75 @@ class Trainer:
                                                     min_lr=config.min_lr)) if self.optimizer else None
         self.step = 0
         self.history: list[dict] = []
-        peak = torch.tensor([measure_peak_flops(self.pipe.device)], dtype=torch.float64,
-                            device=self.pipe.transport.device)
-        self.peak_flops = float(self._world_sum(peak)[0])  # every rank's matmul peak, summed
+        self.final_loss = math.nan  # the held-out loss at the end of `fit`
+        self.peak_flops = None
+        if flops_per_token is not None:  # every rank's measured matmul peak, summed over the job
+            peak = torch.tensor([measure_peak_flops(self.pipe.device)], dtype=torch.float64,
+                                device=self.pipe.transport.device)
+            self.peak_flops = float(self.pipe.all_reduce(peak)[0])
         if config.resume:
             self.load()
 
+    @property
+    def num_layers(self) -> int:
+        return sum(self.pipe.balance)
+
+    def _pipeline(self, layers, loss_fn, sample, group, transport, device, mesh) -> Pipeline:
+        cfg = self.config
+        if loss_fn is None:
+            raise ConfigError("Trainer(layers, ...) needs loss_fn=")
+        mesh = _mesh_for(cfg, mesh, group, transport, device)
+        pp = mesh["pp"].size() if mesh is not None else _world_size(group, transport)
+        schedule = build_schedule(cfg.schedule, num_ranks=pp, num_microbatches=cfg.microbatches,
+                                  stages_per_rank=cfg.stages_per_rank)
+        if cfg.balance == "time" and sample is None:
+            if not self.eval_set:
+                raise ConfigError('balance="time" needs sample= (one microbatch of inputs) or eval_data to take '
+                                  "it from")
+            sample = share(self.eval_set[0][0], cfg.dp * cfg.microbatches, 0)
+        return Pipeline(layers, schedule=schedule, loss_fn=loss_fn, balance=cfg.balance, group=group, device=device,
+                        transport=transport, timeout=cfg.timeout, sample=sample,
+                        checkpoint=cfg.activation_checkpointing, precision=cfg.precision, mesh=mesh)
+
     # --- one optimizer step --------------------------------------------------------------------------
-    def train_step(self) -> dict:
+    def train_step(self, *, stop_after: float | None = None) -> dict:
+        """One optimizer step over `accumulation` batches. With `stop_after` (seconds since `fit` began, on
+        every rank's clock), the record's "stop" says whether any rank ran out of time."""
         cfg = self.config
         start = time.perf_counter()
-        loss, busy, pipeline_time = 0.0, 0.0, 0.0
-        for k in range(cfg.accumulation):  # the replicas average gradients once, after the last
-            x, y = self._my_share(self.train_data.next())
-            loss += self.pipe.step(x, y, scale=1.0 / cfg.accumulation,
-                                   sync_gradients=k == cfg.accumulation - 1) / cfg.accumulation
-            busy += self.pipe.last_step.busy_time
-            pipeline_time += self.pipe.last_step.step_time
+        losses, tokens, aux, busy, pipeline_time, targets = [], [], 0.0, 0.0, 0.0, 0
+        for k in range(cfg.accumulation):  # the replicas reduce gradients once, after the last
+            batch = self.train_data.next()
+            x, y = share(batch, self.pipe.dp_size, self.pipe.dp_rank)
+            losses.append(self.pipe.step(x, y, scale=1.0 / cfg.accumulation,
+                                         sync_gradients=k == cfg.accumulation - 1))
+            step = self.pipe.last_step
+            tokens.append(step.tokens)
+            aux += step.aux_loss
+            busy += step.busy_time
+            pipeline_time += step.step_time
+            targets += _targets(batch)
+        token_mean = self.pipe.last_step.token_mean
+        loss = (sum(v * n for v, n in zip(losses, tokens, strict=True)) / max(sum(tokens), 1) if token_mean
+                else sum(losses) / cfg.accumulation)
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else cfg.lr
-        grad_norm = self.clip_gradients()
-        # a NaN/inf loss or gradient on any rank of any replica: every rank skips (or stops) together
-        finite = not self._agree(not (math.isfinite(loss) and math.isfinite(grad_norm)))
+        world, dp = self.pipe.world_size, self.pipe.dp_size
+        # one sum over every rank: gradient norm, non-finite flag, time's up, idle and memory per rank
+        shared = torch.zeros(3 + 2 * world, dtype=torch.float64, device=self.pipe.transport.device)
+        shared[0] = self._sum_of_squares()
+        shared[1] = 0.0 if math.isfinite(loss) else 1.0
+        shared[2] = 1.0 if stop_after is not None and time.perf_counter() - self._fit_start > stop_after else 0.0
+        shared[3 + self.pipe.rank] = 1.0 - busy / pipeline_time if pipeline_time > 0 else 0.0
+        shared[3 + world + self.pipe.rank] = peak_memory_bytes(self.pipe.device)
+        shared = self.pipe.all_reduce(shared).tolist()
+        grad_norm = math.sqrt(shared[0] / dp)  # the replicas hold the same reduced gradients
+        finite = shared[1] == 0 and math.isfinite(grad_norm)
         if not finite and cfg.on_nonfinite == "stop":
             raise NonFiniteError(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
                                  f"stopping (on_nonfinite='stop'). The weights are still those of step {self.step}; "
                                  "resume from the latest checkpoint, e.g. with a lower lr")
+        if finite:
+            self._clip(grad_norm)
         if self.optimizer:
             if finite:
                 self.optimizer.step()
@@ -103,51 +161,67 @@ class Trainer:
         if not finite:
             self.skipped_steps += 1
             self._say(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite: update "
-                      f"skipped ({self.skipped_steps} so far)", None)
+                      f"skipped ({self.skipped_steps} so far)")
         self.step += 1
         elapsed = time.perf_counter() - start
-        per_rank = torch.zeros(2 * self.world, dtype=torch.float64, device=self.pipe.transport.device)
-        per_rank[self.rank] = 1.0 - busy / pipeline_time if pipeline_time > 0 else 0.0
-        per_rank[self.world + self.rank] = peak_memory_bytes(self.pipe.device)
-        per_rank = (self._world_sum(per_rank) / self.dp).tolist()  # per pipeline rank, mean over replicas
-        tokens = cfg.accumulation * cfg.batch_size * self.model_config.seq_len
-        return {
+        record = {
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": tokens / elapsed, "step_time": elapsed,
-            "bubble_fraction": sum(per_rank[: self.world]) / self.world,
-            "bubble_per_rank": per_rank[: self.world],
-            "peak_memory_per_rank": [int(m) for m in per_rank[self.world:]],
-            "mfu": tokens * flops_per_token(self.model_config) / elapsed / self.peak_flops,
-            "skipped": not finite,
+            "tokens_per_s": targets / elapsed, "step_time": elapsed,
+            "bubble_fraction": sum(shared[3:3 + world]) / dp / world,
+            "bubble_per_rank": [b / dp for b in shared[3:3 + world]],
+            "peak_memory_per_rank": [int(m / dp) for m in shared[3 + world:]],
+            "skipped": not finite, "stop": shared[2] > 0,
         }
+        if self.peak_flops:
+            record["mfu"] = targets * self.flops_per_token / elapsed / self.peak_flops
+        if aux:
+            record["aux_loss"] = aux
+        return record
 
     def clip_gradients(self) -> float:
-        """Global L2 norm of all stages' gradients (summed over ranks); scale them to `grad_clip` if above.
+        """The global L2 norm of all stages' gradients; scales them to `grad_clip` if above (collective). The
+        coefficient is the one torch.nn.utils.clip_grad_norm_ computes for the whole model. (`train_step`
+        does this itself; this is for loops of your own.)"""
+        sumsq = torch.tensor([self._sum_of_squares()], dtype=torch.float64, device=self.pipe.transport.device)
+        norm = math.sqrt(float(self.pipe.all_reduce(sumsq)[0]) / self.pipe.dp_size)
+        if math.isfinite(norm):
+            self._clip(norm)
+        return norm
 
-        The coefficient is the one torch.nn.utils.clip_grad_norm_ computes for the whole model."""
-        grads = [p.grad for p in self.pipe.parameters() if p.grad is not None]
-        sumsq = torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device)
-        for p in self.pipe.owned_parameters():  # a weight tied across ranks counts once
+    def _sum_of_squares(self) -> float:
+        """This rank's share of the squared gradient norm (a weight tied across ranks counts once)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for p in self.pipe.owned_parameters():
             if p.grad is not None:
-                sumsq += p.grad.detach().double().pow(2).sum().to(sumsq.device)
-        # replicas hold the same (averaged) gradients: the pipeline's ranks together have the whole model
-        norm = math.sqrt(float(self._all_reduce(sumsq)[0]))
-        if self.config.grad_clip > 0 and math.isfinite(norm):
+                total += p.grad.detach().double().pow(2).sum().cpu()
+        return float(total)
+
+    def _clip(self, norm: float) -> None:
+        """Scale the gradients to `grad_clip` if the global norm is above it (torch's clip_grad_norm_ rule)."""
+        if self.config.grad_clip > 0:
             coef = self.config.grad_clip / (norm + 1e-6)
             if coef < 1.0:
-                for g in grads:
-                    g.mul_(coef)
-        return norm
+                for p in self.pipe.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean held-out loss over the fixed evaluation batches (forward-only schedule; each replica
-        takes its share of every batch, as in training)."""
+        """Loss over the held-out batches (forward-only schedule; each replica takes its share of every batch,
+        as in training); a token mean weighs each batch by its count."""
+        if not self.eval_set:
+            return math.nan
         self.pipe.eval()
         try:
-            return sum(self.pipe.evaluate(*self._my_share(b)) for b in self.eval_set) / len(self.eval_set)
+            results = []
+            for batch in self.eval_set:
+                loss = self.pipe.evaluate(*share(batch, self.pipe.dp_size, self.pipe.dp_rank))
+                results.append((loss, self.pipe.last_step.tokens))
         finally:
             self.pipe.train()
+        if self.pipe.last_step.token_mean:
+            return sum(v * n for v, n in results) / max(sum(n for _, n in results), 1)
+        return sum(v for v, _ in results) / len(results)
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -161,73 +235,82 @@ class Trainer:
 
             board = SummaryWriter(cfg.tensorboard)
         bar = _progress(cfg, self.step) if lead else None
-        start = time.perf_counter()
-        self._say(f"training {cfg.preset} GPT ({sum(p.numel() for p in self.pipe.parameters()):,} parameters on "
-                  f"global rank 0) on {self._layout()}: schedule {cfg.schedule}, {cfg.microbatches} microbatches, "
-                  f"global batch {cfg.batch_size} x {self.model_config.seq_len} tokens", bar)
-        if self.step == 0:
+        self._fit_start = time.perf_counter()
+        size = sum(p.numel() for p in self.pipe.parameters())
+        self._say(f"training {self.model_info.get('name', 'a model')} ({size:,} parameters on global rank 0) on "
+                  f"{self._layout()}: schedule {self.pipe.schedule.name}, "
+                  f"{self.pipe.schedule.num_microbatches} microbatches")
+        if self.step == 0 and self.eval_set:
             first = self.evaluate()
-            self._say(f"held-out loss before training {first:.4f} (perplexity {math.exp(first):.2f})", bar)
+            self._say(f"held-out loss before training {first:.4f} (perplexity {_perplexity(first)})")
+        redirect = _tqdm_logging() if bar is not None else nullcontext()
         try:
-            end = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step is not None else cfg.steps
-            while self.step < end:
-                record = self.train_step()
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == end:
-                    record["eval_loss"] = self.evaluate()
-                if cfg.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            with redirect:
+                end = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step is not None else cfg.steps
+                while self.step < end:
+                    record = self.train_step(stop_after=cfg.max_seconds)
+                    stop = record.pop("stop")
+                    if self.eval_set and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == end):
+                        record["eval_loss"] = self.evaluate()
+                    if cfg.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+                    self.history.append(record)
+                    self._report(record, writer, board, bar, last=self.step == end)
+                    if stop:
+                        self._say(f"stopping at step {self.step}: --max-seconds {cfg.max_seconds:g} reached")
+                        break
+                last = self.history[-1] if self.history else {}
+                final = last["eval_loss"] if "eval_loss" in last and last["step"] == self.step else self.evaluate()
+                self.final_loss = final
+                just_saved = cfg.checkpoint_every and self.history and self.step % cfg.checkpoint_every == 0
+                if cfg.checkpoint_dir and not just_saved:
                     self.save()
-                self.history.append(record)
-                if writer:
-                    writer.write(record)
-                if board is not None:
-                    for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "bubble_fraction",
-                                "step_time"):
-                        if record.get(key) is not None:
-                            board.add_scalar(key, record[key], self.step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if lead and (self.step % cfg.log_every == 0 or self.step == end):
-                    self._say(_format(record, self.world), bar)
-                if cfg.max_seconds is not None and self._agree(time.perf_counter() - start > cfg.max_seconds):
-                    self._say(f"stopping at step {self.step}: --max-seconds {cfg.max_seconds:g} reached", bar)
-                    break
-            final = self.history[-1]["eval_loss"] if self.history and self.history[-1]["step"] == self.step \
-                else self.evaluate()
-            just_saved = cfg.checkpoint_every and self.history and self.step % cfg.checkpoint_every == 0
-            if cfg.checkpoint_dir and not just_saved:
-                self.save()
         finally:
-            if bar is not None:
-                bar.close()
-            if writer:
-                writer.close()
-            if board is not None:
-                board.close()
+            for closable in (bar, writer, board):
+                if closable is not None:
+                    closable.close()
         if lead:
-            self._summary(final, time.perf_counter() - start)
+            self._summary(final, time.perf_counter() - self._fit_start)
             if cfg.plot and self.history:
-                plot_losses(self.history, cfg.plot, title=f"{cfg.preset} GPT, {cfg.schedule}, {self._layout()}")
-                print(f"loss curve: {cfg.plot}")
+                plot_losses(self.history, cfg.plot, title=f"{self.pipe.schedule.name}, {self._layout()}")
+                self._say(f"loss curve: {cfg.plot}")
         return self.history
+
+    def _report(self, record: dict, writer, board, bar, *, last: bool) -> None:
+        if writer:
+            writer.write(record)
+        if board is not None:
+            for key in ("loss", "eval_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "bubble_fraction",
+                        "step_time"):
+                if record.get(key) is not None:
+                    board.add_scalar(key, record[key], self.step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if self.step % self.config.log_every == 0 or last:
+            self._say(_format(record))
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (collective). Returns its path on rank 0."""
+        """Write a checkpoint of the current step (collective). Returns its path on global rank 0."""
         root = Path(self.config.checkpoint_dir)
         tmp = root / f".tmp-step_{self.step:08d}"
+        if self.global_rank == 0:
+            ckpt.discard(tmp)  # what an interrupted save of this step left behind
+        self._barrier()
         # replicas hold the same weights and optimizer state: the first one writes the layers
-        ckpt.write_shards(tmp, self.global_rank, self.local_layers if self.dp_rank == 0 else {}, self.optimizer)
+        ckpt.write_shards(tmp, self.global_rank, self.pipe.layers if self.pipe.dp_rank == 0 else {}, self.optimizer)
+        if self.global_rank == 0:
+            ckpt.write_data_state(tmp, self.train_data.state_dict())
         self._barrier()  # every shard is on disk before rank 0 publishes
         path = None
         if self.global_rank == 0:
             manifest = {
-                "format": 1, "step": self.step, "world_size": self.world * self.dp, "dp": self.dp, "pp": self.world,
-                "num_layers": sum(self.pipe.balance),
-                "model": dataclasses.asdict(self.model_config),
+                "format": 2, "step": self.step, "world_size": self.pipe.world_size * self.pipe.dp_size,
+                "dp": self.pipe.dp_size, "pp": self.pipe.world_size, "num_layers": self.num_layers,
+                "model": self.model_info,
                 "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "extra"},
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "data": base64.b64encode(self.train_data.generator.get_state().numpy().tobytes()).decode(),
             }
             path = ckpt.publish(root, tmp, self.step, manifest)
         self._barrier()  # nobody reads `latest` before it is published
@@ -237,61 +320,37 @@ class Trainer:
         """Resume from the latest checkpoint in checkpoint_dir (on any number of ranks). False if none."""
         path = ckpt.latest(self.config.checkpoint_dir)
         if path is None:
-            self._say(f"no checkpoint in {self.config.checkpoint_dir}: starting from step 0", None)
+            self._say(f"no checkpoint in {self.config.checkpoint_dir}: starting from step 0")
             return False
         manifest = ckpt.read_manifest(path)
-        if manifest["model"] != dataclasses.asdict(self.model_config):
-            raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds "
-                              f"{dataclasses.asdict(self.model_config)}: resume with the same model settings")
-        ckpt.load_layers(path, self.local_layers, self.optimizer)
+        if manifest["model"] != self.model_info:
+            raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds {self.model_info}: "
+                              "resume with the same model settings")
+        ckpt.load_layers(path, self.pipe.layers, self.optimizer)
         if self.scheduler and manifest["scheduler"]:
             self.scheduler.load_state_dict(manifest["scheduler"])
             for group, lr in zip(self.optimizer.param_groups, manifest["scheduler"]["_last_lr"], strict=False):
                 group["lr"] = lr
-        state = torch.frombuffer(bytearray(base64.b64decode(manifest["data"])), dtype=torch.uint8)
-        self.train_data.generator.set_state(state)
-        same_layout = manifest["world_size"] == self.world * self.dp and manifest.get("dp", 1) == self.dp
+        self.train_data.load_state_dict(ckpt.read_data_state(path))
+        same_layout = manifest["world_size"] == self.pipe.world_size * self.pipe.dp_size and \
+            manifest.get("dp", 1) == self.pipe.dp_size
         if not same_layout or not ckpt.load_rng(path, self.global_rank):
             torch.manual_seed(self.config.seed * 1_000_003 + manifest["step"] * 101 + self.global_rank)
         self.step = manifest["step"]
-        self._say(f"resumed from {path} at step {self.step}", None)
+        self._say(f"resumed from {path} at step {self.step}")
         return True
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _my_share(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """This replica's contiguous slice of a global batch (every rank draws the same global batches,
-        so the data order does not depend on dp, and resuming on another dp continues the same stream)."""
-        if self.dp == 1:
-            return batch
-        n = batch[0].shape[0] // self.dp
-        return tuple(t[self.dp_rank * n:(self.dp_rank + 1) * n] for t in batch)
-
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over this pipeline's ranks."""
-        return all_reduce_sum(self.pipe.transport, tensor, self.config.timeout)
-
-    def _world_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over every rank of the job: over the pipeline, then over the replicas."""
-        return sum_over(self.pipe.dp_group, self._all_reduce(tensor), self.config.timeout)
-
     def _barrier(self) -> None:
-        self._world_sum(torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device))
-
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (so all ranks stop at the same step)."""
-        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self.pipe.transport.device)
-        return float(self._world_sum(t)[0]) > 0
+        self.pipe.all_reduce(torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device))
 
     def _layout(self) -> str:
-        return f"dp {self.dp} x pp {self.world} ranks" if self.dp > 1 else f"{self.world} ranks"
+        world, dp = self.pipe.world_size, self.pipe.dp_size
+        return f"dp {dp} x pp {world} ranks" if dp > 1 else f"{world} ranks"
 
-    def _say(self, text: str, bar) -> None:
-        if self.global_rank != 0:
-            return
-        if bar is not None:
-            bar.write(text)
-        else:
-            print(text, flush=True)
+    def _say(self, text: str) -> None:
+        if self.global_rank == 0:
+            logger.info(text)
 
     def _summary(self, final: float, seconds: float) -> None:
         h = self.history
@@ -301,15 +360,27 @@ class Trainer:
         first = sum(r["loss"] for r in h[:k]) / k
         last = sum(r["loss"] for r in h[-k:]) / k
         tokens = sum(r["tokens_per_s"] * r["step_time"] for r in h)
-        bubbles = [sum(r["bubble_per_rank"][i] for r in h) / len(h) for i in range(self.world)]
-        print(f"\nsummary: {len(h)} steps in {seconds:.1f}s on {self._layout()}, {tokens / seconds:.0f} tokens/s, "
-              f"MFU {sum(r['mfu'] for r in h) / len(h):.1%} of measured matmul peak")
-        print(f"  train loss (mean of {k} steps) {first:.4f} -> {last:.4f}; held-out loss {final:.4f} "
-              f"(perplexity {math.exp(final):.2f})")
-        print(f"  idle (bubble) per rank {' '.join(f'{b:.1%}' for b in bubbles)}; peak memory per rank "
-              f"{' '.join(f'{m / 2**20:.0f}MiB' for m in h[-1]['peak_memory_per_rank'])}")
+        world = self.pipe.world_size
+        bubbles = [sum(r["bubble_per_rank"][i] for r in h) / len(h) for i in range(world)]
+        mfu = f", MFU {sum(r['mfu'] for r in h) / len(h):.1%} of measured matmul peak" if "mfu" in h[0] else ""
+        held_out = f"; held-out loss {final:.4f} (perplexity {_perplexity(final)})" if self.eval_set else ""
+        self._say(f"\nsummary: {len(h)} steps in {seconds:.1f}s on {self._layout()}, {tokens / seconds:.0f} tokens/s"
+                  f"{mfu}")
+        self._say(f"  train loss (mean of {k} steps) {first:.4f} -> {last:.4f}{held_out}")
+        self._say(f"  idle (bubble) per rank {' '.join(f'{b:.1%}' for b in bubbles)}; peak memory per rank "
+                  f"{' '.join(f'{m / 2**20:.0f}MiB' for m in h[-1]['peak_memory_per_rank'])}")
         if self.skipped_steps:
-            print(f"  {self.skipped_steps} step(s) skipped: non-finite loss or gradients (on_nonfinite='skip')")
+            self._say(f"  {self.skipped_steps} step(s) skipped: non-finite loss or gradients (on_nonfinite='skip')")
+
+
+def _targets(batch) -> int:
+    """Elements of the targets (the first tensor of the batch's second half): tokens, for a language model."""
+    leaves, _ = flatten(batch[1], what="targets")
+    return leaves[0].numel() if leaves else 0
+
+
+def _perplexity(loss: float) -> str:
+    return f"{math.exp(loss):.2f}" if loss < 50 else "inf"
 
 
 def _mesh_for(config: TrainConfig, mesh, group, transport, device):
@@ -347,11 +418,13 @@ def _world_size(group, transport) -> int:
     return dist.get_world_size(group)
 
 
-def _format(r: dict, world: int) -> str:
+def _format(r: dict) -> str:
     extra = f" | held-out {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
-    return (f"step {r['step']:5d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | "
-            f"{r['tokens_per_s']:7.0f} tokens/s | MFU {r['mfu']:.1%} | idle "
-            f"{' '.join(f'{b:.0%}' for b in r['bubble_per_rank'])}{extra}")
+    mfu = f" | MFU {r['mfu']:.1%}" if "mfu" in r else ""
+    aux = f" | aux {r['aux_loss']:.4f}" if "aux_loss" in r else ""
+    return (f"step {r['step']:5d} | loss {r['loss']:.4f}{aux} | lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | "
+            f"{r['tokens_per_s']:7.0f} tokens/s{mfu} | idle {' '.join(f'{b:.0%}' for b in r['bubble_per_rank'])}"
+            f"{extra}")
 
 
 def _progress(cfg: TrainConfig, initial: int):
@@ -364,3 +437,33 @@ def _progress(cfg: TrainConfig, initial: int):
     except ImportError:
         return None
     return tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _tqdm_logging():
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logger])
+
+
+def _ensure_log_handler() -> None:
+    """Where the program has not configured logging, pipetrain's messages go to stdout (as lines)."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class _Stdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a message comes (a log-file tee, a test's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass

@@ -2,12 +2,11 @@
 
 from . import gpipe, interleaved, onefoneb, zero_bubble  # noqa: F401  (registers the generators)
 from .actions import Action, Op
-from .base import Schedule, ScheduleError
+from .base import Schedule, ScheduleError, format_table
 from .check import check
 from .io import (
     chrome_trace,
     dumps_csv,
-    format_table,
     format_timeline,
     load_csv,
     load_timeline,

@@ -77,8 +77,9 @@ def W(stage: int, mb: int) -> Action:  # noqa: N802
 
 
 # --- data dependencies ------------------------------------------------------------------------------
-# Every compute action produces one value and consumes a few. These two functions are the single
-# definition of the dependencies, used by the checker, the lowering pass, the simulator and the runtime:
+# Every compute action produces one value and consumes a few. `produces` and `consumes` are the single
+# definition of the dependencies, used by the checker, the lowering pass, the simulator, the runtime and
+# `compare` (the last two through `received_input`):
 #   F(s, m) produces ("act", s, m), the output of stage s, and consumes ("act", s-1, m) when s > 0.
 #   B(s, m) and I(s, m) produce ("grad", s, m), the gradient of stage s's input, and consume the stage's
 #     own forward ("act", s, m) and, when s is not the last stage, ("grad", s+1, m).
@@ -106,6 +107,25 @@ def consumes(action: Action, num_stages: int) -> list[Value]:
     if action.op is Op.W:
         return [("grad", s, m)]
     raise ValueError(f"{action} is not a compute action")
+
+
+def received_input(action: Action, num_stages: int) -> Value | None:
+    """The value a compute action takes from another stage (F: the previous stage's output; B and I: the
+    next stage's input gradient), or None (the first stage's F, the last stage's B, every W)."""
+    for value in consumes(action, num_stages):
+        if value[1] != action.stage:
+            return value
+    return None
+
+
+def describe(value: Value) -> str:
+    """A value in words, for error messages: `the output of stage 1 for microbatch 3 (1F3)`."""
+    kind, stage, mb = value
+    if kind == "act":
+        return f"the output of stage {stage} for microbatch {mb} ({stage}F{mb})"
+    if kind == "grad":
+        return f"the input gradient of stage {stage} for microbatch {mb} ({stage}B{mb} or {stage}I{mb})"
+    return f"the weight gradient of stage {stage} for microbatch {mb} ({stage}W{mb})"
 
 
 _MESSAGE = {"SEND_F": ("act", 0), "RECV_F": ("act", -1), "SEND_B": ("grad", 0), "RECV_B": ("grad", 1)}

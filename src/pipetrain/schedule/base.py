@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .actions import Action, Op
@@ -61,8 +62,6 @@ class Schedule:
         return _replace(self, name=f"{self.name}/forward", actions=actions, lowered=False)
 
     def __str__(self) -> str:
-        from .io import format_table
-
         return format_table(self)
 
 
@@ -78,3 +77,19 @@ def _replace(schedule: Schedule, **changes) -> Schedule:
     )
     fields.update(changes)
     return Schedule(**fields)
+
+
+def format_table(schedule: Schedule, *, mark: Iterable[tuple[int, int]] = ()) -> str:
+    """One row per rank, one column per step of that rank's list; marked cells get `<-- ERROR HERE`."""
+    marks = set(mark)
+    cells = [[str(a) for a in acts] for acts in schedule.actions]
+    for rank, step in marks:
+        if rank < len(cells) and step < len(cells[rank]):
+            cells[rank][step] = f"*{cells[rank][step]}*"
+    width = max((len(c) for row in cells for c in row), default=3)
+    lines = [f"{schedule.name}: {schedule.num_ranks} ranks, {schedule.num_microbatches} microbatches, "
+             f"{schedule.stages_per_rank} stage(s) per rank"]
+    for rank, row in enumerate(cells):
+        note = "  <-- ERROR HERE" if any(r == rank for r, _ in marks) else ""
+        lines.append(f"rank {rank:>2}: " + " ".join(c.rjust(width) for c in row) + note)
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .actions import Action, Op, Value, message_of
+from .actions import Action, Op, Value, message_of, received_input
 from .base import Schedule
 from .lowering import lower
 from .simulate import Costs, SimResult, run_dataflow, simulate
@@ -115,14 +115,14 @@ def _mean_costs(schedule: Schedule, samples: _Samples, steps: Sequence[Timeline]
 
     stages = range(schedule.num_stages)
     return Costs(f=[mean(s, Op.F) for s in stages], b=[mean(s, Op.I) for s in stages],
-                 w=[mean(s, Op.W) for s in stages], comm=_transfer_time(steps),
+                 w=[mean(s, Op.W) for s in stages], comm=_transfer_time(steps, schedule.num_stages),
                  post=statistics.fmean(samples.posts) if samples.posts else 0.0)
 
 
 BLOCKED = 1e-4  # seconds: a shorter wait found its data already there, and says nothing about transfers
 
 
-def _transfer_time(steps: Sequence[Timeline]) -> float:
+def _transfer_time(steps: Sequence[Timeline], num_stages: int) -> float:
     """Median transfer time: from the later of a message's SEND and RECV postings (a transfer starts when
     both sides have posted, as in the simulator) to the end of a wait that blocked on it."""
     delays = []
@@ -136,7 +136,7 @@ def _transfer_time(steps: Sequence[Timeline]) -> float:
                 posted[(e.rank, message_of(e.action))] = e.end
         for wait in step.waits:
             a = wait.action
-            value = ("act", a.stage - 1, a.mb) if a.op is Op.F else ("grad", a.stage + 1, a.mb)
+            value = received_input(a, num_stages)
             if wait.duration > BLOCKED and value in sent and (wait.rank, value) in posted:
                 delays.append(wait.end - max(sent[value], posted[(wait.rank, value)]))
     return statistics.median(delays) if delays else 0.0

@@ -1,31 +1,15 @@
-"""Schedules as text: the rank x step table, an ASCII timeline, and CSV dump/load."""
+"""Schedules and timelines as text: an ASCII timeline, CSV dump/load, Chrome traces, timeline JSON (the rank x
+step table, `format_table`, lives beside Schedule in base.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 from .actions import Action
 from .base import Schedule
 from .placement import looped
 from .timeline import Event, Timeline
-
-
-def format_table(schedule: Schedule, *, mark: Iterable[tuple[int, int]] = ()) -> str:
-    """One row per rank, one column per step of that rank's list; marked cells get `<-- ERROR HERE`."""
-    marks = set(mark)
-    cells = [[str(a) for a in acts] for acts in schedule.actions]
-    for rank, step in marks:
-        if rank < len(cells) and step < len(cells[rank]):
-            cells[rank][step] = f"*{cells[rank][step]}*"
-    width = max((len(c) for row in cells for c in row), default=3)
-    lines = [f"{schedule.name}: {schedule.num_ranks} ranks, {schedule.num_microbatches} microbatches, "
-             f"{schedule.stages_per_rank} stage(s) per rank"]
-    for rank, row in enumerate(cells):
-        note = "  <-- ERROR HERE" if any(r == rank for r, _ in marks) else ""
-        lines.append(f"rank {rank:>2}: " + " ".join(c.rjust(width) for c in row) + note)
-    return "\n".join(lines)
 
 
 def format_timeline(timeline, *, unit: float = 1.0, num_ranks: int | None = None) -> str:

@@ -6,8 +6,8 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .actions import Action, Op, Value, consumes, message_of, produces
-from .base import Schedule, ScheduleError
+from .actions import Action, Op, Value, consumes, describe, message_of, produces
+from .base import Schedule, ScheduleError, format_table
 from .lowering import lower
 from .timeline import Event, RankStats, Timeline
 
@@ -72,8 +72,6 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
     message not yet sent; a SEND wakes the rank waiting on it. Ranks left waiting when nothing can run are
     deadlocked. Returns the events and the waits.
     """
-    from .io import format_table
-
     num_stages, rank_of = lowered.num_stages, lowered.stage_to_rank
     pos = [0] * lowered.num_ranks
     clock = [0.0] * lowered.num_ranks
@@ -149,12 +147,3 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
         raise ScheduleError("deadlock: the ranks wait on each other in a cycle\n" + "\n".join(lines)
                             + "\n" + format_table(lowered, mark=marks))
     return events, waits
-
-
-def describe(value: Value) -> str:
-    kind, stage, mb = value
-    if kind == "act":
-        return f"the output of stage {stage} for microbatch {mb} ({stage}F{mb})"
-    if kind == "grad":
-        return f"the input gradient of stage {stage} for microbatch {mb} ({stage}B{mb} or {stage}I{mb})"
-    return f"the weight gradient of stage {stage} for microbatch {mb} ({stage}W{mb})"

@@ -1,0 +1,66 @@
+"""Weights tied across ranks (one nn.Parameter in layers on two ranks): their gradients are summed after a step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .comm import Transport, wait_or_raise
+
+
+@dataclass(frozen=True)
+class Tie:
+    peer: int  # the other rank using the weight
+    owner: bool  # this rank holds its first use
+    param: nn.Parameter
+
+
+class TiedWeights:
+    """The parameters this rank shares with another rank (as with tied input/output embeddings). After
+    every step each tied gradient gets the peer's contribution added, so both copies see the
+    single-process gradient and stay equal under the same optimizer."""
+
+    def __init__(self, layers: Sequence[nn.Module], rank_of_layer: Mapping[int, int], rank: int) -> None:
+        first_use: dict[int, int] = {}
+        self.ties: list[Tie] = []
+        for i, layer in enumerate(layers):
+            for p in layer.parameters():
+                if id(p) not in first_use:
+                    first_use[id(p)] = i
+                    continue
+                a, b = rank_of_layer[first_use[id(p)]], rank_of_layer[i]
+                if a != b and rank in (a, b):
+                    self.ties.append(Tie(peer=b if rank == a else a, owner=rank == a, param=p))
+
+    def __bool__(self) -> bool:
+        return bool(self.ties)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [t.param for t in self.ties]
+
+    def copies(self) -> set[int]:
+        """ids of the parameters whose first use is on another rank (count each weight once)."""
+        return {id(t.param) for t in self.ties if not t.owner}
+
+    def snapshot(self) -> list[torch.Tensor | None]:
+        """Each tied weight's gradient before a step (only the step's own contribution is exchanged)."""
+        return [t.param.grad.clone() if t.param.grad is not None else None for t in self.ties]
+
+    def sync(self, before: list[torch.Tensor | None], transport: Transport, timeout: float) -> None:
+        """Add the peer's contribution of this step to each tied weight (both ranks, same order)."""
+        for old, tie in zip(before, self.ties, strict=True):
+            p = tie.param
+            mine = p.grad - old if old is not None else (p.grad if p.grad is not None else torch.zeros_like(p))
+            mine = mine.contiguous()
+            theirs = torch.empty_like(mine)
+            works = [(transport.isend(mine, tie.peer), "send"), (transport.irecv(theirs, tie.peer), "recv")]
+            for work, what in works:
+                wait_or_raise(work, timeout=timeout, transport=transport, peer=tie.peer,
+                              what=f"tied-weight gradient {what}")
+            first, second = (mine, theirs) if tie.owner else (theirs, mine)  # same sum order on both ranks
+            total = first + second
+            p.grad = total if old is None else old + total

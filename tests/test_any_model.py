@@ -1,0 +1,125 @@
+"""Any model: tuples and dicts between stages, token-mean and auxiliary losses, shapes that change; each
+against single-process training of the same layers (relative error <= 1e-5), under every schedule."""
+
+import threading
+import time
+
+import pytest
+import torch
+from any_model import assert_matches, batch, count_messages, reference, run
+from workers import SCHEDULES, run_threads
+
+import pipetrain as pt
+
+
+def _one_step(world, seed=0, **kwargs):
+    m = 2 * world
+    return [{"batch": batch(2 * m, 6, seed), **kwargs}], m
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", ["mean", "token", "mean+aux"])
+def test_every_schedule_equals_single_process(world, kind):
+    steps, m = _one_step(world)
+    ref = reference(kind, steps, m)
+    for schedule in SCHEDULES:
+        results = run_threads(world, run, schedule, kind, steps)
+        assert_matches(results, ref)
+
+
+@pytest.mark.parametrize("schedule", ["zbv", "zb-h1", "interleaved-1f1b"])
+def test_activation_checkpointing_with_trees_and_aux_losses(schedule):
+    steps, m = _one_step(2)
+    results = run_threads(2, run, schedule, "mean+aux", steps, checkpoint=True)
+    assert_matches(results, reference("mean+aux", steps, m))
+
+
+def test_token_mean_with_aux_losses_needs_the_count_up_front():
+    steps, m = _one_step(2)
+    count = sum(int((y != -100).sum()) for _, y in [steps[0]["batch"]])
+    steps[0]["num_tokens"] = count
+    ref = reference("token+aux", steps, m)
+    for schedule in ("1f1b", "zbv", "interleaved-1f1b"):
+        assert_matches(run_threads(2, run, schedule, "token+aux", steps), ref)
+    del steps[0]["num_tokens"]
+    with pytest.raises(ValueError, match="num_tokens"):
+        run_threads(2, run, "1f1b", "token+aux", steps)
+
+
+def test_token_mean_over_an_accumulation_window_with_another_sequence_length():
+    # two steps with different sequence lengths, the first with sync_gradients=False: one token mean over
+    # both batches (the count of each is only known at its end)
+    world, m = 2, 4
+    steps = [{"batch": batch(8, 6, 1), "sync_gradients": False}, {"batch": batch(8, 9, 2)}]
+    ref = reference("token", steps, m)
+    for schedule in ("1f1b", "zb-h1", "zbv"):
+        assert_matches(run_threads(world, run, schedule, "token", steps), ref)
+
+
+def test_mean_loss_accumulation_across_shape_changes_keeps_every_gradient():
+    world, m = 2, 4
+    steps = [{"batch": batch(8, 6, 1), "scale": 0.5}, {"batch": batch(8, 9, 2), "scale": 0.5},
+             {"batch": batch(8, 6, 3), "scale": 0.5}]
+    ref = reference("mean+aux", steps, m)
+    for schedule in SCHEDULES:
+        assert_matches(run_threads(world, run, schedule, "mean+aux", steps), ref)
+
+
+def test_explicit_microbatches_of_different_lengths():
+    world, m = 2, 4
+    mbs = [batch(2, length, seed) for seed, length in enumerate((3, 7, 5, 7))]
+    for kind in ("token", "mean+aux"):
+        steps = [{"microbatches": mbs}, {"microbatches": mbs[::-1]}]
+        ref = reference(kind, steps if kind != "token" else steps[:1], m)
+        for schedule in SCHEDULES:
+            got = run_threads(world, run, schedule, kind, steps if kind != "token" else steps[:1])
+            assert_matches(got, ref)
+
+
+@pytest.mark.parametrize("model", ["tensor", "tree"])
+def test_once_every_shape_is_known_a_step_sends_only_the_data(model):
+    # steps with sequence lengths 6, 9, 6, 9, 6: the first 6 and the first 9 teach their shapes (two small
+    # messages more per boundary); every later step sends one message per tensor, as a frozen-shape
+    # pipeline would (the step's loss travels in one all-reduce, not in messages)
+    counts = run_threads(2, count_messages, model, [6, 9, 6, 9, 6])
+    # (tensors forward + gradients back) x 4 microbatches; the tree model's boundary (after the MoE layer)
+    # carries {h, mask, pos, skip, scale} forward and the gradients of h and skip back
+    data = {"tensor": (1 + 1) * 4, "tree": (5 + 2) * 4}
+    total = [a + b for a, b in zip(*counts, strict=True)]
+    assert total[2:] == [data[model]] * 3
+    assert total[0] == total[1] == data[model] + 2  # plus the signature's length and bytes, once
+
+
+class _Bad(torch.nn.Module):
+    def forward(self, x):
+        return x, "not a tensor"
+
+
+def _bad_output_rank(rank, world, transport=None, timeout=60.0):
+    layers = [torch.nn.Linear(4, 4), _Bad(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]
+    sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=torch.nn.functional.mse_loss, transport=transport,
+                       timeout=timeout, balance=[2] + [1] * (world - 2) + [4 - world])
+    start = time.perf_counter()
+    try:
+        pipe.step(torch.randn(2 * world, 4), torch.randn(2 * world, 4))
+    except Exception as err:  # noqa: BLE001 - returned to the test
+        return {"type": type(err).__name__, "error": str(err), "seconds": time.perf_counter() - start}
+    return {"error": None}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_bad_layer_output_fails_its_rank_clearly_and_the_others_fast_in_process(world):
+    hub = pt.InProcessHub(world)
+    results = [None] * world
+    threads = [threading.Thread(target=lambda r: results.__setitem__(r, _bad_output_rank(r, world, hub.transport(r))),
+                                args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results[0]["type"] == "BadValueError"
+    assert "the output of layer 1 (_Bad)[1] is a str ('not a tensor')" in results[0]["error"]
+    for r in range(1, world):
+        assert results[r]["type"] == "CommError" and results[r]["seconds"] < 5, results[r]
+        assert "rank 0 failed: BadValueError" in results[r]["error"], results[r]["error"]
