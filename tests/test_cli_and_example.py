@@ -81,3 +81,18 @@ def test_pipetrain_train_under_torchrun_with_toml_flags_and_resume(tmp_path):
     assert "resumed from" in again.stdout and "step_00000004" in again.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_any_model_example_trains_with_trees_shape_changes_and_a_token_mean(tmp_path):
+    # (hidden, mask, positions) between stages, a sequence length that changes every step, a token mean
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "train_any_model.py"),
+           "--steps", "60", "--layers", "2", "--d-model", "32", "--batch-size", "16", "--files", "120",
+           "--schedule", "zbv", "--checkpoint-dir", str(tmp_path / "ck")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = float(re.search(r"held-out loss before training (\S+)", proc.stdout).group(1))
+    after = float(re.search(r"held-out loss (\S+) \(perplexity", proc.stdout.split("summary")[1]).group(1))
+    assert after < before - 1.0, proc.stdout
+    assert (tmp_path / "ck" / "latest").exists()

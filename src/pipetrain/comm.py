@@ -64,7 +64,9 @@ class DistTransport:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: launch with torchrun and call "
                                "torch.distributed.init_process_group() first (or pass an in-process transport)")
-        self.group = group if group is not None else dist.group.WORLD
+        # None: the default group, looked up at each call. Holding the default group's object would keep it
+        # alive past destroy_process_group(), and gloo then sometimes aborts the process at exit.
+        self.group = group
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.backend = dist.get_backend(self.group)
@@ -72,7 +74,8 @@ class DistTransport:
             device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
                       else torch.device("cpu"))
         self.device = torch.device(device)
-        self.global_ranks = tuple(dist.get_global_rank(self.group, r) for r in range(self.world_size))
+        self.global_ranks = (tuple(dist.get_global_rank(group, r) for r in range(self.world_size)) if group is not None
+                             else tuple(range(self.world_size)))
         self._direction_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
         if split_directions if split_directions is not None else self.backend == "nccl":
             self._create_direction_groups(sorted(set(pairs)))
