@@ -167,3 +167,15 @@ def test_a_stage_is_reported_done_as_soon_as_its_weight_gradients_are_complete()
     (s2, at2), (s0, at0), (_, total) = done[0]
     assert (s2, s0) == (2, 0) and at2 < at0 == total  # stage 2 reported with actions still to run
     assert [s for s, _ in done[1][:-1]] == [3, 1]
+
+
+def test_split_backward_names_the_torch_it_needs(monkeypatch):
+    # torch.autograd.backward from GradientEdges (pytorch#144744) arrived in 2.7; pyproject says torch>=2.7
+    from torch.torch_version import TorchVersion
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.6.0"))
+    sched = pt.schedules.build("zbv", num_ranks=1, num_microbatches=2)
+    with pytest.raises(RuntimeError, match=r"needs torch >= 2.7 .* this is torch 2.6.0"):
+        pt.Pipeline(_mlp(), schedule=sched, loss_fn=nn.functional.mse_loss, transport=pt.InProcessHub(1).transport(0))
+    pt.Pipeline(_mlp(), schedule=pt.schedules.build("1f1b", num_ranks=1, num_microbatches=2),
+                loss_fn=nn.functional.mse_loss, transport=pt.InProcessHub(1).transport(0))  # no W: fine

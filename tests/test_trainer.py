@@ -212,7 +212,7 @@ def test_any_torch_optimizer_from_a_factory():
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(monkeypatch):
-    from pipetrain.trainer import _progress
+    from pipetrain.report import progress_bar as _progress
 
     bar = _progress(TrainConfig(progress=True, steps=5), initial=2)
     assert type(bar).__name__ == "tqdm" and bar.n == 2 and bar.total == 5

@@ -272,28 +272,3 @@ def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int
         them = rank_name(transport, peer) if peer is not None else "the other ranks"
         raise CommError(f"{me}: {what} with {them} failed or timed out after {timeout:g}s: {err}. "
                         f"A peer may have crashed or be stuck; check the other ranks' logs") from err
-
-
-def all_reduce_sum(transport: Transport, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
-    """Sum `tensor` over the pipeline's ranks (in place; every rank gets the result), by point-to-point
-    messages through rank 0, so it works on every transport. For a handful of numbers (norms, flags)."""
-    peers = range(1, transport.world_size)
-
-    def wait(work: Work, peer: int, what: str) -> None:
-        wait_or_raise(work, timeout=timeout, transport=transport, peer=peer, what=what)
-
-    if transport.rank == 0:
-        parts = []
-        for peer in peers:
-            part = torch.empty_like(tensor)
-            wait(transport.irecv(part, peer), peer, "all-reduce (gather)")
-            parts.append(part)
-        for part in parts:  # a fixed order, so every run sums the same way
-            tensor.add_(part)
-        works = [(transport.isend(tensor, peer), peer) for peer in peers]
-        for work, peer in works:
-            wait(work, peer, "all-reduce (broadcast)")
-    elif transport.world_size > 1:
-        wait(transport.isend(tensor.clone(), 0), 0, "all-reduce (gather)")
-        wait(transport.irecv(tensor, 0), 0, "all-reduce (broadcast)")
-    return tensor

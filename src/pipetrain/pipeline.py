@@ -15,12 +15,13 @@ from .comm import DistTransport, InProcessTransport, Transport
 from .data_parallel import TIED, averager_for, sum_over
 from .partition import BalanceError
 from .profile import time_costs
-from .runtime import AUX_LOSSES, AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
+from .runtime import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
 from .schedule import Op, Schedule, Timeline, check, lower
 from .schedule.lowering import PREFETCH, message_order
 from .stage import LossWeights, Stage
 from .ties import TiedWeights
 from .values import flatten, shape_key, split_batch, to_device
+from .window import Window
 
 
 class Pipeline:
@@ -106,7 +107,7 @@ class Pipeline:
             self._averager = averager_for(self.stages, self._train_actions, self._ties.params, dp_group,
                                           self.timeout, identity)
         self._training = True
-        self._window: _Window | None = None
+        self._window: Window | None = None
         self.last_step: RankStep | None = None
 
     # --- training and evaluation --------------------------------------------------------------------
@@ -142,7 +143,7 @@ class Pipeline:
             raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
         weights = LossWeights(mean=scale / m, total=1.0 if num_tokens is None else 1.0 / num_tokens,
                               aux=scale / m if num_tokens is None else scale / (m * self.dp_size))
-        window = self._window = self._window or _Window(list(self.parameters()), num_tokens)
+        window = self._window = self._window or Window(list(self.parameters()), num_tokens)
         before = self._ties.snapshot()
         sync = self._averager is not None and sync_gradients
         try:
@@ -238,9 +239,14 @@ class Pipeline:
             layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a small tensor over every rank of the job (this pipeline's ranks, then the replicas), in place."""
-        self.transport.all_reduce(tensor, self.timeout)
-        return sum_over(self.dp_group, tensor, self.timeout)
+        """Sum a small tensor (on any device) over every rank of the job: this pipeline's ranks, then the
+        replicas. In place; returns it."""
+        moved = tensor.to(self.transport.device)
+        self.transport.all_reduce(moved, self.timeout)
+        sum_over(self.dp_group, moved, self.timeout)
+        if moved is not tensor:
+            tensor.copy_(moved)
+        return tensor
 
     def train(self, mode: bool = True) -> Pipeline:
         self._training = mode
@@ -312,67 +318,11 @@ class Pipeline:
     def _shared_time_costs(self, layers: list[nn.Module], sample) -> list[float]:
         """Rank 0 measures; every rank partitions with rank 0's numbers so all agree on the split (the
         mean over replicas with data parallelism)."""
-        costs = torch.zeros(len(layers), dtype=torch.float64, device=self.transport.device)
+        costs = torch.zeros(len(layers), dtype=torch.float64)
         if self.rank == 0:  # rank 0 profiles every layer first: raise `timeout` for a large model
             costs.copy_(torch.tensor(time_costs(layers, sample), dtype=torch.float64))
         self.all_reduce(costs)  # the others add zeros
         return (costs / self.dp_size).tolist()
-
-
-class _Window:
-    """An accumulation window: the steps from one with `sync_gradients=True` to the next. The gradients
-    from before it are set aside, so that a token-mean window can be normalized by its own total count."""
-
-    def __init__(self, params: list[nn.Parameter], num_tokens: float | None) -> None:
-        self.params = params
-        self.earlier = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        self.num_tokens = num_tokens
-        self.count = 0.0
-        self.pair: bool | None = None
-        self.aux = False
-
-    def add(self, totals: torch.Tensor, num_tokens: float | None) -> None:
-        pair = bool(totals[PAIR_LOSSES] > 0)
-        if self.pair is not None and pair != self.pair:
-            raise ValueError("loss_fn returned a mean in one step of an accumulation window and a (loss_sum, count) "
-                             "pair in another; return the same kind in every step")
-        if num_tokens != self.num_tokens:
-            raise ValueError(f"num_tokens={num_tokens} differs from {self.num_tokens} given earlier in this "
-                             "accumulation window; pass the window's total count to each of its steps")
-        if num_tokens is not None and not pair:
-            raise ValueError("num_tokens= is for a loss_fn returning (loss_sum, count); this one returns a mean")
-        self.pair = pair
-        self.count += float(totals[LOSS_COUNT])
-        self.aux = self.aux or bool(totals[AUX_LOSSES] > 0)
-
-    def close(self, dp_size: int) -> float:
-        """What the window's gradients (summed over the replicas) are multiplied by."""
-        if not self.pair:
-            return 1.0 / dp_size
-        if self.num_tokens is not None:
-            if abs(self.count - self.num_tokens) > 1e-6 * max(1.0, self.num_tokens):
-                raise ValueError(f"num_tokens={self.num_tokens:g}, but loss_fn counted {self.count:g} over this "
-                                 "window's steps (and replicas); the gradients would be off by their ratio")
-            return 1.0
-        if self.aux:
-            raise ValueError("pt.add_aux_loss with a loss_fn returning (loss_sum, count): the auxiliary losses' "
-                             "weight relative to the token mean needs the window's token count before the "
-                             "backward; pass step(..., num_tokens=N), N the total count over the window's "
-                             "batches and replicas (e.g. the number of labels that are not -100)")
-        return 1.0 / max(self.count, 1.0)
-
-    def restore(self, *, drop_new: bool = False) -> None:
-        """Put the gradients from before the window back (added to the window's, unless dropped)."""
-        for p, old in zip(self.params, self.earlier, strict=True):
-            if old is None:
-                if drop_new:
-                    p.grad = None
-            elif p.grad is None or drop_new:
-                p.grad = old
-            else:
-                p.grad = old.add_(p.grad)
 
 
 def _rows(tree) -> int:

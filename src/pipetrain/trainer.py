@@ -4,9 +4,7 @@ global clipping, accumulation, evaluation, checkpoints and metrics."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -21,10 +19,9 @@ from .config import ConfigError, NonFiniteError, TrainConfig, warmup_cosine
 from .loader import BatchSource, share
 from .metrics import JsonlWriter, measure_peak_flops, peak_memory_bytes, plot_losses
 from .pipeline import Pipeline
+from .report import ensure_log_handler, format_record, logger, perplexity, progress_bar, summary_lines, tqdm_logging
 from .schedule import build as build_schedule
 from .values import flatten
-
-logger = logging.getLogger("pipetrain")
 
 
 class Trainer:
@@ -55,7 +52,7 @@ class Trainer:
                  group=None, transport=None, device=None, mesh=None) -> None:
         config = config or TrainConfig()
         config.validate()
-        _ensure_log_handler()
+        ensure_log_handler()
         self.config = config
         self.train_data = BatchSource(data, batch_size=config.batch_size, seed=config.seed)
         self.eval_set = []
@@ -87,8 +84,7 @@ class Trainer:
         self.final_loss = math.nan  # the held-out loss at the end of `fit`
         self.peak_flops = None
         if flops_per_token is not None:  # every rank's measured matmul peak, summed over the job
-            peak = torch.tensor([measure_peak_flops(self.pipe.device)], dtype=torch.float64,
-                                device=self.pipe.transport.device)
+            peak = torch.tensor([measure_peak_flops(self.pipe.device)], dtype=torch.float64)
             self.peak_flops = float(self.pipe.all_reduce(peak)[0])
         if config.resume:
             self.load()
@@ -138,7 +134,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else cfg.lr
         world, dp = self.pipe.world_size, self.pipe.dp_size
         # one sum over every rank: gradient norm, non-finite flag, time's up, idle and memory per rank
-        shared = torch.zeros(3 + 2 * world, dtype=torch.float64, device=self.pipe.transport.device)
+        shared = torch.zeros(3 + 2 * world, dtype=torch.float64)
         shared[0] = self._sum_of_squares()
         shared[1] = 0.0 if math.isfinite(loss) else 1.0
         shared[2] = 1.0 if stop_after is not None and time.perf_counter() - self._fit_start > stop_after else 0.0
@@ -182,7 +178,7 @@ class Trainer:
         """The global L2 norm of all stages' gradients; scales them to `grad_clip` if above (collective). The
         coefficient is the one torch.nn.utils.clip_grad_norm_ computes for the whole model. (`train_step`
         does this itself; this is for loops of your own.)"""
-        sumsq = torch.tensor([self._sum_of_squares()], dtype=torch.float64, device=self.pipe.transport.device)
+        sumsq = torch.tensor([self._sum_of_squares()], dtype=torch.float64)
         norm = math.sqrt(float(self.pipe.all_reduce(sumsq)[0]) / self.pipe.dp_size)
         if math.isfinite(norm):
             self._clip(norm)
@@ -234,7 +230,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             board = SummaryWriter(cfg.tensorboard)
-        bar = _progress(cfg, self.step) if lead else None
+        bar = progress_bar(cfg, self.step) if lead else None
         self._fit_start = time.perf_counter()
         size = sum(p.numel() for p in self.pipe.parameters())
         self._say(f"training {self.model_info.get('name', 'a model')} ({size:,} parameters on global rank 0) on "
@@ -242,8 +238,8 @@ class Trainer:
                   f"{self.pipe.schedule.num_microbatches} microbatches")
         if self.step == 0 and self.eval_set:
             first = self.evaluate()
-            self._say(f"held-out loss before training {first:.4f} (perplexity {_perplexity(first)})")
-        redirect = _tqdm_logging() if bar is not None else nullcontext()
+            self._say(f"held-out loss before training {first:.4f} (perplexity {perplexity(first)})")
+        redirect = tqdm_logging() if bar is not None else nullcontext()
         try:
             with redirect:
                 end = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step is not None else cfg.steps
@@ -270,7 +266,9 @@ class Trainer:
                 if closable is not None:
                     closable.close()
         if lead:
-            self._summary(final, time.perf_counter() - self._fit_start)
+            for line in summary_lines(self.history, final if self.eval_set else None,
+                                      time.perf_counter() - self._fit_start, self._layout(), self.skipped_steps):
+                self._say(line)
             if cfg.plot and self.history:
                 plot_losses(self.history, cfg.plot, title=f"{self.pipe.schedule.name}, {self._layout()}")
                 self._say(f"loss curve: {cfg.plot}")
@@ -288,7 +286,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if self.step % self.config.log_every == 0 or last:
-            self._say(_format(record))
+            self._say(format_record(record))
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -342,7 +340,7 @@ class Trainer:
 
     # --- helpers -------------------------------------------------------------------------------------
     def _barrier(self) -> None:
-        self.pipe.all_reduce(torch.zeros(1, dtype=torch.float64, device=self.pipe.transport.device))
+        self.pipe.all_reduce(torch.zeros(1, dtype=torch.float64))
 
     def _layout(self) -> str:
         world, dp = self.pipe.world_size, self.pipe.dp_size
@@ -352,35 +350,10 @@ class Trainer:
         if self.global_rank == 0:
             logger.info(text)
 
-    def _summary(self, final: float, seconds: float) -> None:
-        h = self.history
-        if not h:
-            return
-        k = min(10, len(h))
-        first = sum(r["loss"] for r in h[:k]) / k
-        last = sum(r["loss"] for r in h[-k:]) / k
-        tokens = sum(r["tokens_per_s"] * r["step_time"] for r in h)
-        world = self.pipe.world_size
-        bubbles = [sum(r["bubble_per_rank"][i] for r in h) / len(h) for i in range(world)]
-        mfu = f", MFU {sum(r['mfu'] for r in h) / len(h):.1%} of measured matmul peak" if "mfu" in h[0] else ""
-        held_out = f"; held-out loss {final:.4f} (perplexity {_perplexity(final)})" if self.eval_set else ""
-        self._say(f"\nsummary: {len(h)} steps in {seconds:.1f}s on {self._layout()}, {tokens / seconds:.0f} tokens/s"
-                  f"{mfu}")
-        self._say(f"  train loss (mean of {k} steps) {first:.4f} -> {last:.4f}{held_out}")
-        self._say(f"  idle (bubble) per rank {' '.join(f'{b:.1%}' for b in bubbles)}; peak memory per rank "
-                  f"{' '.join(f'{m / 2**20:.0f}MiB' for m in h[-1]['peak_memory_per_rank'])}")
-        if self.skipped_steps:
-            self._say(f"  {self.skipped_steps} step(s) skipped: non-finite loss or gradients (on_nonfinite='skip')")
-
-
 def _targets(batch) -> int:
     """Elements of the targets (the first tensor of the batch's second half): tokens, for a language model."""
     leaves, _ = flatten(batch[1], what="targets")
     return leaves[0].numel() if leaves else 0
-
-
-def _perplexity(loss: float) -> str:
-    return f"{math.exp(loss):.2f}" if loss < 50 else "inf"
 
 
 def _mesh_for(config: TrainConfig, mesh, group, transport, device):
@@ -418,52 +391,3 @@ def _world_size(group, transport) -> int:
     return dist.get_world_size(group)
 
 
-def _format(r: dict) -> str:
-    extra = f" | held-out {r['eval_loss']:.4f}" if r.get("eval_loss") is not None else ""
-    mfu = f" | MFU {r['mfu']:.1%}" if "mfu" in r else ""
-    aux = f" | aux {r['aux_loss']:.4f}" if "aux_loss" in r else ""
-    return (f"step {r['step']:5d} | loss {r['loss']:.4f}{aux} | lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | "
-            f"{r['tokens_per_s']:7.0f} tokens/s{mfu} | idle {' '.join(f'{b:.0%}' for b in r['bubble_per_rank'])}"
-            f"{extra}")
-
-
-def _progress(cfg: TrainConfig, initial: int):
-    """A tqdm bar when asked (or stdout is a terminal) and tqdm is installed; None for plain lines."""
-    wanted = cfg.progress if cfg.progress is not None else sys.stdout.isatty()
-    if not wanted:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True)
-
-
-def _tqdm_logging():
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    return logging_redirect_tqdm(loggers=[logger])
-
-
-def _ensure_log_handler() -> None:
-    """Where the program has not configured logging, pipetrain's messages go to stdout (as lines)."""
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = _Stdout()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
-class _Stdout(logging.StreamHandler):
-    """Writes to whatever sys.stdout is when a message comes (a log-file tee, a test's capture)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
