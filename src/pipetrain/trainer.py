@@ -82,6 +82,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.final_loss = math.nan  # the held-out loss at the end of `fit`
+        self._fit_start = time.perf_counter()  # `fit` restarts it; train_step(stop_after=) measures from it
         self.peak_flops = None
         if flops_per_token is not None:  # every rank's measured matmul peak, summed over the job
             peak = torch.tensor([measure_peak_flops(self.pipe.device)], dtype=torch.float64)
