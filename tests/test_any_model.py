@@ -3,6 +3,7 @@ against single-process training of the same layers (relative error <= 1e-5), und
 
 import threading
 import time
+from collections import namedtuple
 
 import pytest
 import torch
@@ -123,3 +124,20 @@ def test_a_bad_layer_output_fails_its_rank_clearly_and_the_others_fast_in_proces
     for r in range(1, world):
         assert results[r]["type"] == "CommError" and results[r]["seconds"] < 5, results[r]
         assert "rank 0 failed: BadValueError" in results[r]["error"], results[r]["error"]
+
+
+Pair = namedtuple("Pair", "hidden mask")  # a user's namedtuple (module level: its type crosses the wire)
+
+
+def test_trees_flatten_and_come_back_with_their_types():
+    from pipetrain.values import BadValueError, Signature, flatten, unflatten
+
+    tree = (torch.ones(2), {"b": [torch.zeros(1), Pair(torch.ones(3), torch.ones(3, dtype=torch.bool))]})
+    leaves, spec = flatten(tree)
+    back = unflatten([t.clone() for t in leaves], spec)
+    assert len(leaves) == 4 and isinstance(back[1]["b"][1], Pair) and back[1]["b"][1].mask.dtype == torch.bool
+    assert isinstance(back[1]["b"], list) and torch.equal(back[0], tree[0])
+    signature = Signature.of(leaves, spec)
+    assert Signature.from_bytes(signature.to_bytes()) == signature  # what crosses the wire
+    with pytest.raises(BadValueError, match=r"x\[1\]\['b'\]\[0\] is a NoneType \(None\)"):
+        flatten((torch.ones(1), {"b": [None]}), what="x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -210,6 +211,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"pipetrain train (rank {dist.get_rank()}): {err}", file=sys.stderr)
         return 2
     finally:
+        # the trainer's objects (kept alive by reference cycles) go before the process group: gloo can
+        # abort the process at exit when its objects outlive destroy_process_group()
+        gc.collect()
         dist.destroy_process_group()
     return 0
 

@@ -3,6 +3,7 @@ benchmarks and quick experiments without torchrun."""
 
 from __future__ import annotations
 
+import gc
 import io
 import queue as queue_module
 import socket
@@ -32,6 +33,7 @@ def _process_main(rank, world, port, threads, fn, args, queue):
     except BaseException:  # noqa: BLE001 - sent to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
+        gc.collect()  # what fn built (pipelines in reference cycles) goes before the process group
         dist.destroy_process_group()
 
 

@@ -1,6 +1,8 @@
 """Values between stages: a tensor or a nested tuple/list/dict of tensors, as leaves plus a signature.
 
     tree = (hidden, {"mask": mask, "pos": pos})       # what a layer returns, what the next one receives
+                                                       # (tuples, lists, namedtuples, dicts; dict subclasses
+                                                       #  arrive as plain dicts)
     leaves, spec = flatten(tree)                       # [hidden, mask, pos], the structure
     unflatten(leaves, spec) == tree
 
@@ -40,7 +42,8 @@ def _flatten(node: Any, leaves: list, what: str, path: str) -> Spec:
         leaves.append(node)
         return LEAF
     if isinstance(node, tuple | list):
-        kind = "tuple" if isinstance(node, tuple) else "list"
+        # a namedtuple keeps its type (the next layer may read its fields by name)
+        kind = ("list" if isinstance(node, list) else type(node) if hasattr(node, "_fields") else "tuple")
         return kind, tuple(_flatten(child, leaves, what, f"{path}[{i}]") for i, child in enumerate(node))
     if isinstance(node, dict):
         keys = tuple(node)
@@ -61,7 +64,9 @@ def _unflatten(it, spec: Spec) -> Any:
         return {k: _unflatten(it, c) for k, c in zip(keys, children, strict=True)}
     kind, children = spec
     items = [_unflatten(it, c) for c in children]
-    return tuple(items) if kind == "tuple" else items
+    if kind == "list":
+        return items
+    return tuple(items) if kind == "tuple" else kind(*items)
 
 
 def describe_value(node: Any) -> str:
@@ -94,7 +99,12 @@ class Signature:
         return parts[0] if self.spec == LEAF else "[" + ", ".join(parts) + "]"
 
     def to_bytes(self) -> torch.Tensor:
-        return torch.frombuffer(bytearray(pickle.dumps((self.spec, self.leaves))), dtype=torch.uint8)
+        try:
+            data = pickle.dumps((self.spec, self.leaves))
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            raise BadValueError(f"the structure of a value between stages cannot be sent to another rank ({err}): "
+                                "a namedtuple type must be defined at module level") from None
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     @staticmethod
     def from_bytes(data: torch.Tensor) -> Signature:
