@@ -258,3 +258,33 @@ def test_max_seconds_on_a_step_without_eval_still_ends_with_an_eval():
     history = results[0]["history"]
     assert len(history) == 1 and "eval_loss" not in history[0]
     assert math.isfinite(results[0]["final"])
+
+
+def test_trainer_token_mean_with_aux_losses_counts_each_window_up_front():
+    # one optimizer step of 2 accumulated batches (sequence lengths 6 and 9), a token mean and an MoE
+    # load-balancing loss: with count_tokens the trainer passes the window's count as num_tokens. SGD with
+    # lr 1 makes the parameter change equal the gradient, compared with single-process training.
+    from any_model import batch, build, reference, token_loss
+
+    data = [batch(8, 6, 11), batch(8, 9, 12)]
+
+    def body(rank, world, transport):
+        config = pt.TrainConfig(microbatches=4, batch_size=8, accumulation=2, steps=1, warmup=0, grad_clip=0.0,
+                                weight_decay=0.0,
+                                eval_batches=1, progress=False, log_every=100)
+        trainer = pt.Trainer(build(aux_weight=0.1), loss_fn=token_loss, data=iter(data), config=config,
+                             optimizer=lambda groups: torch.optim.SGD(groups, lr=1.0), transport=transport,
+                             count_tokens=lambda y: (y != -100).sum())
+        before = {n: p.detach().clone() for n, p in trainer.pipe.named_parameters()}
+        record = trainer.train_step()
+        return record, {n: before[n] - p.detach() for n, p in trainer.pipe.named_parameters()}
+
+    results = run_threads(2, body)
+    ref = reference("token+aux", [{"batch": b, "scale": 0.5} for b in data], 4)
+    window = ref["window_count"]
+    loss = sum(v * int((b[1] != -100).sum()) for v, b in zip(ref["losses"], data, strict=True)) / window
+    assert results[0][0]["loss"] == pytest.approx(loss, rel=1e-6) and results[0][0]["aux_loss"] > 0
+    changes = {**results[0][1], **results[1][1]}
+    for (i, name), want in ref["grads"].items():
+        got = changes[f"{i}.{name}"]
+        assert (got - want).norm() / want.norm().clamp_min(1e-12) < 1e-5, (i, name)

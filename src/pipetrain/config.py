@@ -1,4 +1,5 @@
-"""The training configuration (`TrainConfig`), its validation, and the learning-rate schedule."""
+"""The training configuration (`TrainConfig`), its validation, the process layout it asks for, and the
+learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -132,3 +133,46 @@ def warmup_cosine(step: int, *, warmup: int, total: int, lr: float, min_lr: floa
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
+
+
+def process_layout(config: TrainConfig, mesh, group, transport, device) -> tuple:
+    """(mesh, pipeline ranks): the (dp, pp) DeviceMesh for config.dp > 1 (built over the whole world unless
+    given), else `mesh` (None for one pipeline), and how many ranks a pipeline has."""
+    mesh = _mesh_for(config, mesh, group, transport, device)
+    return mesh, (mesh["pp"].size() if mesh is not None else _world_size(group, transport))
+
+
+def _mesh_for(config: TrainConfig, mesh, group, transport, device):
+    if mesh is not None:
+        names = tuple(mesh.mesh_dim_names or ())
+        dp = mesh["dp"].size() if "dp" in names else 1
+        if dp != config.dp:
+            raise ConfigError(f"dp={config.dp}, but the mesh given has {dp} data-parallel replicas")
+        return mesh
+    if config.dp == 1:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if transport is not None or group is not None:
+        raise ConfigError(f"dp={config.dp} lays out the whole torch.distributed world; pass no group/transport")
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: launch with torchrun")
+    world = dist.get_world_size()
+    if world % config.dp:
+        raise ConfigError(f"dp={config.dp} does not divide the {world} ranks: launch a multiple of {config.dp} "
+                          "processes (pipeline ranks = world size / dp)")
+    import torch
+
+    kind = torch.device(device).type if device is not None else "cpu"
+    return init_device_mesh(kind, (config.dp, world // config.dp), mesh_dim_names=("dp", "pp"))
+
+
+def _world_size(group, transport) -> int:
+    if transport is not None:
+        return transport.world_size
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: launch with torchrun (or pass transport=)")
+    return dist.get_world_size(group)

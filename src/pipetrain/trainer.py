@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import ConfigError, NonFiniteError, TrainConfig, warmup_cosine
+from .config import ConfigError, NonFiniteError, TrainConfig, process_layout, warmup_cosine
 from .loader import BatchSource, share
 from .metrics import JsonlWriter, measure_peak_flops, peak_memory_bytes, plot_losses
 from .pipeline import Pipeline
@@ -39,6 +39,9 @@ class Trainer:
         optimizer: builds any torch optimizer from parameter groups (weight decay on matrices only); default
             AdamW(lr, betas). The LR schedule multiplies each group's initial learning rate.
         flops_per_token: training FLOPs per target element, to report MFU (None: no MFU).
+        count_tokens: `targets -> count` for a `(loss_sum, count)` loss (e.g. `lambda y: (y != -100).sum()`):
+            the trainer then counts each optimizer step's global batches up front and passes the total as
+            `num_tokens`, which auxiliary losses next to a token mean need.
         model_info: a JSON-able description of the model, stored in checkpoints and checked on resume.
         sample: one microbatch of inputs for balance="time" (default: from the first held-out batch).
         group, transport, device, mesh: as `Pipeline`'s; with `config.dp > 1` and neither a mesh nor a
@@ -49,6 +52,7 @@ class Trainer:
                  loss_fn: Callable[[Any, Any], Any] | None = None, eval_data: Any = None,
                  optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
                  flops_per_token: float | None = None, model_info: dict | None = None, sample: Any = None,
+                 count_tokens: Callable[[Any], Any] | None = None,
                  group=None, transport=None, device=None, mesh=None) -> None:
         config = config or TrainConfig()
         config.validate()
@@ -69,6 +73,7 @@ class Trainer:
             else torch.distributed.get_rank()
         self.model_info = model_info if model_info is not None else {"num_layers": self.num_layers}
         self.flops_per_token = flops_per_token
+        self.count_tokens = count_tokens
         self.skipped_steps = 0
         params = list(self.pipe.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -98,8 +103,7 @@ class Trainer:
         cfg = self.config
         if loss_fn is None:
             raise ConfigError("Trainer(layers, ...) needs loss_fn=")
-        mesh = _mesh_for(cfg, mesh, group, transport, device)
-        pp = mesh["pp"].size() if mesh is not None else _world_size(group, transport)
+        mesh, pp = process_layout(cfg, mesh, group, transport, device)
         schedule = build_schedule(cfg.schedule, num_ranks=pp, num_microbatches=cfg.microbatches,
                                   stages_per_rank=cfg.stages_per_rank)
         if cfg.balance == "time" and sample is None:
@@ -118,10 +122,12 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         losses, tokens, aux, busy, pipeline_time, targets = [], [], 0.0, 0.0, 0.0, 0
-        for k in range(cfg.accumulation):  # the replicas reduce gradients once, after the last
-            batch = self.train_data.next()
+        batches = [self.train_data.next() for _ in range(cfg.accumulation)]
+        # every rank holds the same global batches, so this is the count over every replica
+        num_tokens = sum(float(self.count_tokens(b[1])) for b in batches) if self.count_tokens else None
+        for k, batch in enumerate(batches):  # the replicas reduce gradients once, after the last
             x, y = share(batch, self.pipe.dp_size, self.pipe.dp_rank)
-            losses.append(self.pipe.step(x, y, scale=1.0 / cfg.accumulation,
+            losses.append(self.pipe.step(x, y, scale=1.0 / cfg.accumulation, num_tokens=num_tokens,
                                          sync_gradients=k == cfg.accumulation - 1))
             step = self.pipe.last_step
             tokens.append(step.tokens)
@@ -129,9 +135,7 @@ class Trainer:
             busy += step.busy_time
             pipeline_time += step.step_time
             targets += _targets(batch)
-        token_mean = self.pipe.last_step.token_mean
-        loss = (sum(v * n for v, n in zip(losses, tokens, strict=True)) / max(sum(tokens), 1) if token_mean
-                else sum(losses) / cfg.accumulation)
+        loss = self._combine(losses, tokens)
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else cfg.lr
         world, dp = self.pipe.world_size, self.pipe.dp_size
         # one sum over every rank: gradient norm, non-finite flag, time's up, idle and memory per rank
@@ -210,15 +214,19 @@ class Trainer:
             return math.nan
         self.pipe.eval()
         try:
-            results = []
+            losses, tokens = [], []
             for batch in self.eval_set:
-                loss = self.pipe.evaluate(*share(batch, self.pipe.dp_size, self.pipe.dp_rank))
-                results.append((loss, self.pipe.last_step.tokens))
+                losses.append(self.pipe.evaluate(*share(batch, self.pipe.dp_size, self.pipe.dp_rank)))
+                tokens.append(self.pipe.last_step.tokens)
         finally:
             self.pipe.train()
+        return self._combine(losses, tokens)
+
+    def _combine(self, losses: list[float], tokens: list[float]) -> float:
+        """The loss of several pipeline steps: token means weighted by their counts, means averaged."""
         if self.pipe.last_step.token_mean:
-            return sum(v * n for v, n in results) / max(sum(n for _, n in results), 1)
-        return sum(v for v, _ in results) / len(results)
+            return sum(v * n for v, n in zip(losses, tokens, strict=True)) / max(sum(tokens), 1)
+        return sum(losses) / len(losses)
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -355,40 +363,3 @@ def _targets(batch) -> int:
     """Elements of the targets (the first tensor of the batch's second half): tokens, for a language model."""
     leaves, _ = flatten(batch[1], what="targets")
     return leaves[0].numel() if leaves else 0
-
-
-def _mesh_for(config: TrainConfig, mesh, group, transport, device):
-    """The (dp, pp) DeviceMesh for config.dp > 1 (built over the whole world unless given), else `mesh`."""
-    if mesh is not None:
-        names = tuple(mesh.mesh_dim_names or ())
-        dp = mesh["dp"].size() if "dp" in names else 1
-        if dp != config.dp:
-            raise ConfigError(f"dp={config.dp}, but the mesh given has {dp} data-parallel replicas")
-        return mesh
-    if config.dp == 1:
-        return None
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if transport is not None or group is not None:
-        raise ConfigError(f"dp={config.dp} lays out the whole torch.distributed world; pass no group/transport")
-    if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialized: launch with torchrun")
-    world = dist.get_world_size()
-    if world % config.dp:
-        raise ConfigError(f"dp={config.dp} does not divide the {world} ranks: launch a multiple of {config.dp} "
-                          "processes (pipeline ranks = world size / dp)")
-    kind = torch.device(device).type if device is not None else "cpu"
-    return init_device_mesh(kind, (config.dp, world // config.dp), mesh_dim_names=("dp", "pp"))
-
-
-def _world_size(group, transport) -> int:
-    if transport is not None:
-        return transport.world_size
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialized: launch with torchrun (or pass transport=)")
-    return dist.get_world_size(group)
-
-
