@@ -95,11 +95,6 @@ def sum_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: flo
     return tensor
 
 
-def average_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
-    """Mean of a small tensor over `group` (in place); the identity without a group."""
-    return sum_over(group, tensor, timeout).div_(dist.get_world_size(group) if group is not None else 1)
-
-
 def _wait(work, timeout: float, what: str) -> None:
     """Wait for a collective, bounded; a failure or timeout raises CommError naming this rank and what."""
     try:

@@ -204,9 +204,6 @@ class Pipeline:
         return {i: layer for s, stage in self.stages.items()
                 for i, layer in zip(self.layer_ranges[s], stage.layers, strict=True)}
 
-    def local_layers(self) -> list[nn.Module]:
-        return list(self.layers.values())
-
     def parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of this rank's stages, each once (what this rank's optimizer should own)."""
         return (p for _, p in self.named_parameters())
