@@ -13,6 +13,7 @@ from torch import nn
 from .balance import Balance, resolve_balance
 from .comm import DistTransport, InProcessTransport, Transport
 from .data_parallel import TIED, averager_for, sum_over
+from .materialize import materialize, on_meta
 from .partition import BalanceError
 from .profile import time_costs
 from .runtime import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
@@ -58,13 +59,18 @@ class Pipeline:
             posted receive holds its buffer from then on).
         precision: "fp32", or "bf16" to run forwards (and their recomputation) under bf16 autocast; the
             parameters, their gradients and the optimizer stay fp32.
+        seed: layers built on the meta device (`with torch.device("meta"): ...`) get storage on this rank
+            only for its own stages, initialized by their `init_weights()` (or each submodule's
+            `reset_parameters()`) under a seed made of `seed` and the layer's index: the same weights
+            however many ranks split the model (on one kind of device). A weight tied across ranks starts
+            from its first use's value on both.
     """
 
     def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule, loss_fn: Callable[[Any, Any], Any],
                  balance: Balance = "uniform", group=None, device: torch.device | str | None = None,
                  transport: Transport | None = None, timeout: float = 60.0, sample: Any = None,
                  split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
-                 prefetch: int = PREFETCH, precision: str = "fp32", dp_group=None, mesh=None) -> None:
+                 prefetch: int = PREFETCH, precision: str = "fp32", dp_group=None, mesh=None, seed: int = 0) -> None:
         layers = list(layers)
         if mesh is not None:
             group, dp_group = _groups_of(mesh, group, dp_group, transport)
@@ -88,12 +94,13 @@ class Pipeline:
         starts = [sum(self.balance[:s]) for s in range(schedule.num_stages + 1)]
         self.layer_ranges = {s: range(starts[s], starts[s + 1]) for s in range(schedule.num_stages)}
         # place
-        self.stages = self._place(layers, loss_fn, checkpoint, precision)
         rank_of_layer = {i: schedule.stage_to_rank[s] for s, r in self.layer_ranges.items() for i in r}
         self._ties = TiedWeights(layers, rank_of_layer, self.rank)
         if self._ties and isinstance(self.transport, InProcessTransport):
             raise ValueError("a parameter is shared by layers on different ranks (tied weights); in-process ranks "
                              "share one Python object for it, so run such a model in separate processes")
+        self.stages = self._place(layers, loss_fn, checkpoint, precision, seed)
+        self._ties.share_values(self.transport, self.timeout)
         # hand over to one executor
         self._train_actions = lower(schedule, prefetch=prefetch).actions[self.rank]
         self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
@@ -255,12 +262,14 @@ class Pipeline:
         return self.train(False)
 
     # --- internals -----------------------------------------------------------------------------------
-    def _place(self, layers: list[nn.Module], loss_fn, checkpoint, precision: str) -> dict[int, Stage]:
+    def _place(self, layers: list[nn.Module], loss_fn, checkpoint, precision: str, seed: int) -> dict[int, Stage]:
         num_stages = self.schedule.num_stages
         checkpointed = set(range(num_stages)) if checkpoint is True else set(checkpoint or ())
         unknown = sorted(checkpointed - set(range(num_stages)))
         if unknown:
             raise ValueError(f"checkpoint lists stages {unknown}, but the stages are 0..{num_stages - 1}")
+        mine = {i: layers[i] for s in self.schedule.stages_of(self.rank) for i in self.layer_ranges[s]}
+        self._ties.materialized(materialize(mine, self.device, seed))
         return {s: Stage(s, num_stages, [layers[i].to(self.device) for i in self.layer_ranges[s]],
                          first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
                          autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device)
@@ -353,6 +362,9 @@ def _checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: floa
                            f"with at most {len(layers)} stages (ranks x stages_per_rank) or more layers")
     if isinstance(balance, str) and balance == "time" and sample is None:
         raise ValueError('balance="time" needs `sample=`, one microbatch of model input to profile on')
+    if isinstance(balance, str) and balance == "time" and any(on_meta(layer, i) for i, layer in enumerate(layers)):
+        raise ValueError('balance="time" runs every layer to time it, and layers on the meta device cannot run: '
+                         'use balance="params" or a list of layers per stage')
     return schedule
 
 

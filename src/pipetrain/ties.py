@@ -42,6 +42,21 @@ class TiedWeights:
     def params(self) -> list[nn.Parameter]:
         return [t.param for t in self.ties]
 
+    def materialized(self, replaced: Mapping[int, torch.Tensor]) -> None:
+        """Point at this rank's real tensors after layers built on the meta device got storage."""
+        self.ties = [Tie(t.peer, t.owner, replaced.get(id(t.param), t.param)) for t in self.ties]
+
+    def share_values(self, transport: Transport, timeout: float) -> None:
+        """Copy each tied weight from the rank of its first use to the other, so both start from one value
+        however each rank built or initialized its layers (both ranks, same order)."""
+        for tie in self.ties:
+            value = tie.param.detach().contiguous() if tie.owner else torch.empty_like(tie.param)
+            work = transport.isend(value, tie.peer) if tie.owner else transport.irecv(value, tie.peer)
+            wait_or_raise(work, timeout=timeout, transport=transport, peer=tie.peer, what="tied-weight value")
+            if not tie.owner:
+                with torch.no_grad():
+                    tie.param.copy_(value)
+
     def copies(self) -> set[int]:
         """ids of the parameters whose first use is on another rank (count each weight once)."""
         return {id(t.param) for t in self.ties if not t.owner}

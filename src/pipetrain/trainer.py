@@ -113,7 +113,8 @@ class Trainer:
             sample = share(self.eval_set[0][0], cfg.dp * cfg.microbatches, 0)
         return Pipeline(layers, schedule=schedule, loss_fn=loss_fn, balance=cfg.balance, group=group, device=device,
                         transport=transport, timeout=cfg.timeout, sample=sample,
-                        checkpoint=cfg.activation_checkpointing, precision=cfg.precision, mesh=mesh)
+                        checkpoint=cfg.activation_checkpointing, precision=cfg.precision, mesh=mesh,
+                        seed=cfg.seed)
 
     # --- one optimizer step --------------------------------------------------------------------------
     def train_step(self, *, stop_after: float | None = None) -> dict:

@@ -53,6 +53,10 @@ class Embedding(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
+        self.n_layers = cfg.n_layers
+
+    def init_weights(self) -> None:
+        _init_gpt2(self, self.n_layers)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
@@ -74,6 +78,10 @@ class Block(nn.Module):
         self.out = nn.Linear(cfg.ffn, cfg.d_model)
         self.dropout = cfg.dropout
         self.drop = nn.Dropout(cfg.dropout)
+        self.n_layers = cfg.n_layers
+
+    def init_weights(self) -> None:
+        _init_gpt2(self, self.n_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -92,21 +100,31 @@ class Head(nn.Module):
         super().__init__()
         self.ln = nn.LayerNorm(cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.n_layers = cfg.n_layers
+
+    def init_weights(self) -> None:
+        _init_gpt2(self, self.n_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.ln(x))
 
 
+def _init_gpt2(layer: nn.Module, n_layers: int) -> None:
+    """GPT-2's initialization: matrices N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
+    for name, p in layer.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+        else:
+            nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+
+
 def build_gpt(cfg: GPTConfig) -> list[nn.Module]:
-    """[Embedding, Block x n_layers, Head], initialized GPT-2 style (seed torch before calling)."""
+    """[Embedding, Block x n_layers, Head], initialized GPT-2 style (seed torch before calling). Built under
+    `torch.device("meta")`, a Pipeline initializes each layer on its own rank with `init_weights()`."""
     layers: list[nn.Module] = [Embedding(cfg), *(Block(cfg) for _ in range(cfg.n_layers)), Head(cfg)]
     for layer in layers:
-        for name, p in layer.named_parameters():
-            if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        layer.init_weights()
     if cfg.tie_embeddings:  # (vocab, d) both: the head's logits use the embedding matrix
         layers[-1].proj.weight = layers[0].tok.weight
     return layers

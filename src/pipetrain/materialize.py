@@ -1,0 +1,83 @@
+"""Layers built on the meta device made real on one rank: storage for this rank's layers only, shared
+parameters kept shared, and an initialization that depends only on a seed and the layer's index."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def on_meta(layer: nn.Module, index: int) -> bool:
+    """Whether `layer` was built on the meta device (all of it; a mix is an error)."""
+    tensors = [*layer.parameters(), *layer.buffers()]
+    meta = [t.is_meta for t in tensors]
+    if any(meta) and not all(meta):
+        raise ValueError(f"layer {index} ({type(layer).__name__}) has some tensors on the meta device and some "
+                         "not: build each layer either wholly on the meta device or wholly on a real one")
+    return any(meta)
+
+
+def materialize(layers: Mapping[int, nn.Module], device: torch.device, seed: int) -> dict[int, torch.Tensor]:
+    """Give the meta tensors of `layers` (index -> layer, this rank's) storage on `device`, then initialize
+    each such layer under a random seed made of `seed` and its index, so any split of the model over ranks
+    starts from the same weights. A tensor shared by two layers (tied weights) stays one tensor, initialized
+    by the first layer that uses it. Returns {id(meta tensor): its replacement}.
+
+    A layer initializes itself with `init_weights()` if it has one, else every submodule's
+    `reset_parameters()`; a layer with parameters or buffers that neither covers is refused."""
+    replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the meta tensor stays referenced: ids stay unique
+    made = sorted(i for i, layer in layers.items() if on_meta(layer, i))
+    for i in made:
+        for module in layers[i].modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in table.items():
+                    if t is not None and t.is_meta:
+                        if id(t) not in replaced:
+                            real = torch.empty_like(t, device=device)
+                            if isinstance(t, nn.Parameter):
+                                real = nn.Parameter(real, requires_grad=t.requires_grad)
+                            replaced[id(t)] = (t, real)
+                        table[name] = replaced[id(t)][1]
+    done: set[int] = set()  # tensors an earlier layer initialized
+    for i in made:
+        layer = layers[i]
+        tensors = [*layer.parameters(), *layer.buffers()]
+        kept = [(t, t.detach().clone()) for t in tensors if id(t) in done]
+        with torch.no_grad(), _seeded(seed, i, device):
+            initialize(layer, i)
+            for t, value in kept:
+                t.copy_(value)
+        done.update(id(t) for t in tensors)
+    return {key: real for key, (_, real) in replaced.items()}
+
+
+def initialize(layer: nn.Module, index: int) -> None:
+    """`layer.init_weights()`, or `reset_parameters()` of every submodule that has tensors of its own."""
+    init = getattr(layer, "init_weights", None)
+    if callable(init):
+        init()
+        return
+    for name, module in layer.named_modules():
+        own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        if not own:
+            continue
+        reset = getattr(module, "reset_parameters", None)
+        if not callable(reset):
+            where = f"its submodule {name!r} ({type(module).__name__})" if name else "it"
+            raise ValueError(f"layer {index} ({type(layer).__name__}) was built on the meta device, but {where} has "
+                             "parameters or buffers and no reset_parameters(): give the layer an init_weights() "
+                             "method that sets all of its parameters and buffers")
+        reset()
+
+
+@contextmanager
+def _seeded(seed: int, index: int, device: torch.device) -> Iterator[None]:
+    """Run with torch's generators (CPU, and `device`'s) seeded from (seed, index); restore them after."""
+    device = torch.device(device)
+    devices = [device] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed((int(seed) * 1_000_003 + int(index)) % 2**63)
+        yield
