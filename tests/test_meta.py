@@ -78,7 +78,7 @@ def test_a_layer_half_on_meta_and_time_balance_on_meta_are_refused():
     layer = nn.Sequential(nn.Linear(4, 4))
     with torch.device("meta"):
         layer.append(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="some tensors on the meta device and some not"):
+    with pytest.raises(ValueError, match="some parameters on the meta device and some not"):
         _pipe([layer])
     with torch.device("meta"):
         layers = [nn.Linear(4, 4)]

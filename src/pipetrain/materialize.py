@@ -11,13 +11,13 @@ from torch import nn
 
 
 def on_meta(layer: nn.Module, index: int) -> bool:
-    """Whether `layer` was built on the meta device (all of it; a mix is an error)."""
-    tensors = [*layer.parameters(), *layer.buffers()]
-    meta = [t.is_meta for t in tensors]
-    if any(meta) and not all(meta):
-        raise ValueError(f"layer {index} ({type(layer).__name__}) has some tensors on the meta device and some "
+    """Whether `layer` was built on the meta device (its parameters all or none; buffers may be shared with
+    a layer materialized already)."""
+    params = [p.is_meta for p in layer.parameters()]
+    if any(params) and not all(params):
+        raise ValueError(f"layer {index} ({type(layer).__name__}) has some parameters on the meta device and some "
                          "not: build each layer either wholly on the meta device or wholly on a real one")
-    return any(meta)
+    return any(params) or any(b.is_meta for b in layer.buffers())
 
 
 def materialize(layers: Mapping[int, nn.Module], device: torch.device, seed: int) -> dict[int, torch.Tensor]:

@@ -1,0 +1,122 @@
+"""Hugging Face safetensors checkpoints of a Pipeline of `from_hf` layers: each rank reads and writes only
+its own stages' tensors.
+
+    DIR/config.json                        the model's config (written by rank 0)
+    DIR/model.safetensors.index.json       {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
+    DIR/model-00001-of-00002.safetensors   pipeline rank 0's tensors, under the model's own names
+    DIR/model-00002-of-00002.safetensors   pipeline rank 1's ...
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def load_weights(pipe, directory: str | Path) -> None:
+    """Fill this rank's layers from the HF checkpoint in `directory` (`model.safetensors`, or shards listed
+    by `model.safetensors.index.json`), reading only this rank's tensors, one at a time. Call it on every
+    rank, after building the Pipeline (e.g. from a model built on the meta device)."""
+    from safetensors import safe_open
+
+    files = _files_by_name(Path(directory))
+    done: set[int] = set()
+    missing = []
+    for names, tensor in _tensors(pipe):
+        if id(tensor) in done:
+            continue
+        name = next((n for n in names if n in files), None)
+        if name is None:
+            missing.append(names[0])
+            continue
+        with safe_open(files[name], framework="pt", device="cpu") as f:  # closed after each: mapped pages go too
+            value = f.get_tensor(name)
+        if value.shape != tensor.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)} in {files[name]} but {tuple(tensor.shape)} in "
+                             "the model: the checkpoint is of another configuration")
+        with torch.no_grad():
+            tensor.copy_(value)
+        done.add(id(tensor))
+    if missing:
+        raise KeyError(f"{len(missing)} tensors of rank {pipe.rank}'s layers are not in the checkpoint in {directory}, "
+                       f"e.g. {missing[:3]}: is it a checkpoint of this model?")
+
+
+def save_pretrained(pipe, directory: str | Path) -> None:
+    """Write the pipeline's weights as a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained`
+    loads: each pipeline rank (of the first replica) writes its own shard, rank 0 the index and config.json.
+    Call it on every rank; it returns once the directory is complete. `directory` must be on a filesystem
+    every rank sees."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    world = pipe.world_size
+    if pipe.dp_rank == 0:
+        copies = {id(p) for p in pipe.parameters()} - {id(p) for p in pipe.owned_parameters()}
+        tensors, seen = {}, set()
+        for names, tensor in _tensors(pipe):
+            if id(tensor) not in seen and id(tensor) not in copies:  # a tied weight: saved once, by its first use
+                seen.add(id(tensor))
+                tensors[names[0]] = tensor.detach().to("cpu").contiguous()
+        directory.mkdir(parents=True, exist_ok=True)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(directory / _shard(pipe.rank, world)), metadata={"format": "pt", "size": str(size)})
+    _barrier(pipe)
+    if pipe.dp_rank == 0 and pipe.rank == 0:
+        _write_index(directory, [_shard(r, world) for r in range(world)])
+        config = copy.deepcopy(next(iter(pipe.layers.values())).config)
+        config.dtype = next(p.dtype for p in pipe.parameters() if p.is_floating_point())
+        config.save_pretrained(directory)
+    _barrier(pipe)
+
+
+def _tensors(pipe) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(the model's names, tensor) of every tensor in this rank's layers' state dicts, in layer order."""
+    for index, layer in sorted(pipe.layers.items()):
+        keys = getattr(layer, "hf_keys", None)
+        if keys is None:
+            raise TypeError(f"layer {index} ({type(layer).__name__}) did not come from pipetrain.models.hf.from_hf; "
+                            "Hugging Face checkpoints are read and written for from_hf layers only")
+        state = layer.state_dict(keep_vars=True)
+        for key, names in keys.items():
+            yield names, state[key]
+
+
+def _files_by_name(directory: Path) -> dict[str, Path]:
+    if (directory / INDEX).exists():
+        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    if (directory / SINGLE).exists():
+        from safetensors import safe_open
+
+        with safe_open(directory / SINGLE, framework="pt", device="cpu") as f:  # reads the header only
+            return {name: directory / SINGLE for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {directory}: load_weights reads safetensors "
+                            "checkpoints (save a .bin one again with save_pretrained(safe_serialization=True))")
+
+
+def _write_index(directory: Path, shards: list[str]) -> None:
+    from safetensors import safe_open
+
+    weight_map, total = {}, 0
+    for shard in shards:
+        with safe_open(directory / shard, framework="pt", device="cpu") as f:  # the header only
+            weight_map.update({name: shard for name in f.keys()})  # noqa: SIM118 - safe_open has no __iter__
+            total += int(f.metadata()["size"])
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _shard(rank: int, world: int) -> str:
+    return f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+
+
+def _barrier(pipe) -> None:
+    pipe.all_reduce(torch.zeros(1))
