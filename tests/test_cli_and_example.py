@@ -96,3 +96,55 @@ def test_any_model_example_trains_with_trees_shape_changes_and_a_token_mean(tmp_
     after = float(re.search(r"held-out loss (\S+) \(perplexity", proc.stdout.split("summary")[1]).group(1))
     assert after < before - 1.0, proc.stdout
     assert (tmp_path / "ck" / "latest").exists()
+
+
+def test_pipetrain_train_hf_loads_the_weights_resumes_and_saves_a_model_transformers_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from pipetrain.data import CausalLMBatches, load_corpus
+
+    config = transformers.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "source")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launch = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", "--hf",
+              str(tmp_path / "source"), "--steps", "4", "--batch-size", "8", "--microbatches", "4", "--seq-len",
+              "32", "--eval-batches", "2", "--log-every", "1", "--lr", "3e-3", "--schedule", "zbv",
+              "--checkpoint-dir", str(tmp_path / "ck"), "--metrics-jsonl", str(tmp_path / "m.jsonl"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*launch, "--stop-at-step", "2"], capture_output=True, text=True, timeout=180, env=env,
+                           cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run([*launch, "--resume"], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step_00000002" in again.stdout
+    assert [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+    def held_out(model) -> float:  # the trainer's held-out batches: the corpus's held-out files, seed + 1
+        batches = CausalLMBatches(load_corpus().val, batch_size=8, seq_len=32, seed=1)
+        with torch.no_grad():
+            return sum(model(**x, labels=y).loss.item() for x, y in (batches.next() for _ in range(2))) / 2
+
+    source = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "source")
+    before = float(re.search(r"held-out loss before training (\S+)", first.stdout).group(1))
+    assert before == pytest.approx(held_out(source), abs=2e-4)  # the run started from the checkpoint's weights
+    trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "hf")
+    after = float(re.search(r"held-out loss (\S+) \(perplexity", again.stdout.split("summary")[1]).group(1))
+    assert after == pytest.approx(held_out(trained), abs=2e-4) and after < before
+
+
+def test_hf_example_trains_a_llama_saves_it_and_transformers_loads_it_back(tmp_path):
+    pytest.importorskip("transformers")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "train_hf_llama.py"),
+           "--steps", "60", "--out", str(tmp_path / "llama")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = map(float, re.search(r"held-out loss (\S+) -> (\S+);", proc.stdout).groups())
+    assert after < before - 1.0, proc.stdout
+    again, pipeline = map(float, re.search(r"held-out loss (\S+) \(the pipeline's: (\S+)\)", proc.stdout).groups())
+    assert again == pytest.approx(pipeline, abs=1e-4)
+    assert (tmp_path / "llama" / "model.safetensors.index.json").exists()

@@ -69,8 +69,9 @@ def test_global_clipping_equals_single_process(tied):
         assert torch.equal(grads[(0, "tok.weight")], grads[(len(model) - 1, "proj.weight")])
 
 
-def test_tied_embeddings_train_like_one_rank():
-    settings = {**BASE, "steps": 5, "tie_embeddings": True}
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_tied_embeddings_train_like_one_rank(preset):
+    settings = {**BASE, "steps": 5, "tie_embeddings": True, "preset": preset}
     one = run_processes(1, trainer_run, settings)
     two = run_processes(2, trainer_run, settings)
     assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)

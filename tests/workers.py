@@ -199,7 +199,7 @@ def _small_corpus():
 
 
 def trainer_run(rank: int, world: int, settings: dict) -> dict:
-    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
+    trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     history = trainer.fit()
     params = {(i, n): p.detach().clone() for i, layer in trainer.pipe.layers.items()
               for n, p in layer.named_parameters()}
@@ -208,7 +208,7 @@ def trainer_run(rank: int, world: int, settings: dict) -> dict:
 
 def trainer_clip(rank: int, world: int, settings: dict) -> dict:
     """One pipeline step's gradients, then the trainer's global clip: norm and clipped gradients."""
-    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
+    trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     x, y = trainer.train_data.next()
     trainer.pipe.step(x, y)
     norm = trainer.clip_gradients()
@@ -217,7 +217,7 @@ def trainer_clip(rank: int, world: int, settings: dict) -> dict:
 
 
 def trainer_sgd(rank: int, world: int, settings: dict) -> dict:
-    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus(),
+    trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus(),
                              optimizer=lambda groups: torch.optim.SGD(groups, lr=0.5, momentum=0.9))
     history = trainer.fit()
     return {"losses": [r["loss"] for r in history], "kind": type(trainer.optimizer).__name__,
@@ -268,7 +268,7 @@ def trainer_nonfinite(rank: int, world: int, settings: dict, poison_rank: int, p
     """Train, and on one rank turn a gradient to NaN in optimizer step `poison_step` (1-based)."""
     from pipetrain.config import NonFiniteError
 
-    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
+    trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     original, snapshots = trainer.pipe.step, {}
 
     def poisoned_step(*args, **kwargs):
@@ -325,7 +325,7 @@ def trainer_crash_in_save(rank: int, world: int, settings: dict, crash_step: int
     torn file behind, as a node failure during a save would; rank 0 must fail fast, not hang."""
     from pipetrain import checkpoint as ckpt
 
-    trainer = pt.gpt_trainer(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
+    trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     if rank == 1:
         original = ckpt._atomic_save
 

@@ -17,7 +17,7 @@ _LAZY = {
     "Trainer": "pipetrain.trainer",
     "TrainConfig": "pipetrain.config",
     "ConfigError": "pipetrain.config",
-    "gpt_trainer": "pipetrain.train_gpt",
+    "trainer_from_config": "pipetrain.runs",
     "add_aux_loss": "pipetrain.aux_loss",
     "collect_aux_losses": "pipetrain.aux_loss",
     "BadValueError": "pipetrain.values",
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .comm import CommError, DistTransport, InProcessHub, InProcessTransport
     from .config import ConfigError, TrainConfig
     from .pipeline import Pipeline
-    from .train_gpt import gpt_trainer
+    from .runs import trainer_from_config
     from .trainer import Trainer
     from .values import BadValueError
 
@@ -46,5 +46,5 @@ def __getattr__(name: str):
 __all__ = [
     "Action", "BadValueError", "BalanceError", "CommError", "ConfigError", "Costs", "DistTransport", "InProcessHub",
     "InProcessTransport", "Op", "Pipeline", "Schedule", "ScheduleError", "SimResult", "Timeline", "TrainConfig",
-    "Trainer", "add_aux_loss", "collect_aux_losses", "gpt_trainer", "partition", "schedules", "simulate",
+    "Trainer", "add_aux_loss", "collect_aux_losses", "partition", "schedules", "simulate", "trainer_from_config",
 ]

@@ -122,7 +122,9 @@ def _seconds(t: float) -> str:
 
 # `pipetrain train` flags: name -> (type, help). Each sets the TrainConfig field of the same name.
 _TRAIN_FLAGS = {
-    "preset": (str, "model size: tiny, small, gpt-8x256, gpt-16x512"),
+    "preset": (str, "model: tiny, small, gpt-8x256, gpt-16x512 (GPT); llama-tiny, llama-small, llama-8x256"),
+    "hf": (str, "instead of a preset: a local Hugging Face model directory (config.json, weights if present)"),
+    "save-pretrained": (str, "with --hf: write the trained model here at the end (HF safetensors)"),
     "layers": (int, "transformer blocks (overrides the preset)"),
     "d-model": (int, "model width"),
     "heads": (int, "attention heads"),
@@ -180,6 +182,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.progress is not None:
         values["progress"] = args.progress
     config = TrainConfig.from_dict(values)
+    if config.hf and not config.save_pretrained and config.checkpoint_dir:
+        config.save_pretrained = os.path.join(config.checkpoint_dir, "hf")  # the trained model, as HF loads it
     try:
         config.validate()  # before any process group work
     except ConfigError as err:
@@ -193,7 +197,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .config import NonFiniteError
-    from .train_gpt import gpt_trainer
+    from .runs import trainer_from_config
 
     if args.log_file and int(os.environ["RANK"]) == 0:
         sys.stdout = _Tee(sys.stdout, open(args.log_file, "a"))  # noqa: SIM115 - lives for the process
@@ -206,7 +210,15 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _init_process_group(backend)
     try:
-        gpt_trainer(config, device=device).fit()
+        trainer = trainer_from_config(config, device=device)
+        trainer.fit()
+        if config.save_pretrained:
+            from .models.hf import save_pretrained
+
+            save_pretrained(trainer.pipe, config.save_pretrained)
+            if dist.get_rank() == 0:
+                print(f"saved the trained model to {config.save_pretrained} (AutoModelForCausalLM.from_pretrained "
+                      "loads it)")
     except (ConfigError, NonFiniteError) as err:
         print(f"pipetrain train (rank {dist.get_rank()}): {err}", file=sys.stderr)
         return 2
@@ -280,8 +292,9 @@ def _non_negative(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipetrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train the reference GPT (launch under torchrun)",
-                           description="Train the reference GPT on the Python stdlib's source with a pipeline. "
+    train = sub.add_parser("train", help="train a preset GPT/Llama or a Hugging Face model (launch under torchrun)",
+                           description="Train a preset GPT or Llama, or a local Hugging Face model (--hf DIR), "
+                           "on the Python stdlib's source (bytes) with a pipeline. "
                            "Settings come from --config FILE.toml (keys named like the flags, with _ or -) "
                            "and the flags below, which win.")
     train.add_argument("--config", metavar="FILE.toml", help="a TOML file of settings")

@@ -7,7 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .models.gpt import PRESETS, GPTConfig
+from .models import PRESETS, ModelConfig
+from .models.gpt import GPTConfig
 from .schedule import names as schedule_names
 
 
@@ -23,7 +24,9 @@ class NonFiniteError(FloatingPointError):
 class TrainConfig:
     """Everything a training run needs; `pipetrain train` fills it from a TOML file and flags."""
 
-    preset: str = "tiny"  # a GPT size from pipetrain.models.gpt.PRESETS; the fields below override it
+    preset: str = "tiny"  # a GPT or Llama size from pipetrain.models.PRESETS; the fields below override it
+    hf: str | None = None  # instead of a preset: a local Hugging Face model directory (config.json, weights if any)
+    save_pretrained: str | None = None  # with hf: write the trained model here at the end (HF safetensors)
     layers: int | None = None
     d_model: int | None = None
     heads: int | None = None
@@ -68,8 +71,10 @@ class TrainConfig:
         if self.extra:
             known = ", ".join(f.name for f in dataclasses.fields(self) if f.name != "extra")
             raise ConfigError(f"unknown setting(s) {sorted(self.extra)}; known: {known}")
-        if self.preset not in PRESETS:
+        if self.hf is None and self.preset not in PRESETS:
             raise ConfigError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.save_pretrained and not self.hf:
+            raise ConfigError("save_pretrained writes a Hugging Face model: it needs hf (the model's directory)")
         if self.schedule not in schedule_names():
             raise ConfigError(f"schedule={self.schedule!r} is not one of {schedule_names()}")
         for name in ("microbatches", "batch_size", "accumulation", "steps", "eval_batches", "log_every"):
@@ -106,16 +111,26 @@ class TrainConfig:
             except ImportError:
                 raise ConfigError(f"tensorboard={self.tensorboard!r} needs the tensorboard package: pip install "
                                   "tensorboard (or drop the setting; metrics_jsonl needs nothing)") from None
+        if self.hf is not None:
+            from .runs import check_hf_model
+
+            check_hf_model(self)
+            return
         try:
             self.model_config()
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
 
-    def model_config(self) -> GPTConfig:
-        overrides = {"n_layers": self.layers, "d_model": self.d_model, "n_heads": self.heads, "seq_len": self.seq_len}
+    def model_config(self) -> ModelConfig:
+        """The preset's model config with this config's overrides."""
+        overrides = {"n_layers": self.layers, "d_model": self.d_model, "n_heads": self.heads, "seq_len": self.seq_len,
+                     "tie_embeddings": self.tie_embeddings}
         base = PRESETS[self.preset]
-        return dataclasses.replace(base, dropout=self.dropout, tie_embeddings=self.tie_embeddings,
-                                   **{k: v for k, v in overrides.items() if v is not None})
+        if isinstance(base, GPTConfig):
+            overrides["dropout"] = self.dropout
+        elif self.dropout:
+            raise ValueError(f"preset {self.preset!r} (Llama) has no dropout; drop the dropout setting")
+        return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

@@ -71,3 +71,13 @@ class Batches:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+class CausalLMBatches(Batches):
+    """Batches as Hugging Face causal LMs take them: ({"input_ids": (b, t + 1)}, labels = the same ids), the
+    loss shifting the labels by one (so t next-byte predictions per row)."""
+
+    def next(self) -> tuple[dict, torch.Tensor]:
+        x, y = super().next()
+        ids = torch.cat([x, y[:, -1:]], dim=1)  # (b, t + 1)
+        return {"input_ids": ids}, ids

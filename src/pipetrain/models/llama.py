@@ -1,0 +1,162 @@
+"""A Llama decoder as a flat list of layers: token embedding, blocks (RMSNorm, RoPE, grouped-query attention,
+SwiGLU), final norm + head. Weights are laid out as Hugging Face's LlamaForCausalLM lays them out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 256  # byte-level by default
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention: heads sharing one key/value head (default: n_heads)
+    d_ff: int | None = None  # default: 8/3 d_model rounded up to a multiple of 32 (SwiGLU)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LlamaConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of an even size "
+                             "(RoPE rotates pairs)")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn(self) -> int:
+        return self.d_ff or 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "llama-tiny": LlamaConfig(seq_len=64, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2),
+    "llama-small": LlamaConfig(seq_len=64, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),
+    "llama-8x256": LlamaConfig(seq_len=128, d_model=256, n_layers=8, n_heads=8, n_kv_heads=4),
+}
+
+
+class Embedding(nn.Module):
+    """Token embedding (no positions: RoPE adds them in attention): (b, t) int64 -> (b, t, d)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.n_layers = cfg.n_layers
+
+    def init_weights(self) -> None:
+        _init(self, self.n_layers)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok(idx)
+
+
+class Block(nn.Module):
+    """x + attention(norm(x)), then + SwiGLU(norm(x)); causal, RoPE on queries and keys."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_heads, self.kv_heads, self.head_dim, self.n_layers = cfg.n_heads, cfg.kv_heads, hd, cfg.n_layers
+        self.theta = cfg.rope_theta
+        self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.ffn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.w_gate = nn.Linear(d, cfg.ffn, bias=False)
+        self.w_up = nn.Linear(d, cfg.ffn, bias=False)
+        self.w_down = nn.Linear(cfg.ffn, d, bias=False)
+        self.register_buffer("inv_freq", _inv_freq(hd, self.theta), persistent=False)
+
+    def init_weights(self) -> None:
+        _init(self, self.n_layers)
+        self.inv_freq.copy_(_inv_freq(self.head_dim, self.theta))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.wq(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
+        k = self.wk(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, hd)
+        v = self.wv(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        angles = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq.float()  # (t, hd/2)
+        cos, sin = (f(torch.cat([angles, angles], dim=-1)).to(q.dtype) for f in (torch.cos, torch.sin))  # (t, hd)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        repeat = self.n_heads // self.kv_heads  # each key/value head serves `repeat` query heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, heads, t, hd)
+        x = x + self.wo(y.transpose(1, 2).reshape(b, t, -1))
+        h = self.ffn_norm(x)
+        return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))  # (b, t, d)
+
+
+class Head(nn.Module):
+    """Final RMSNorm and the vocabulary projection: (b, t, d) -> (b, t, vocab)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.n_layers = cfg.n_layers
+
+    def init_weights(self) -> None:
+        _init(self, self.n_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+def build_llama(cfg: LlamaConfig) -> list[nn.Module]:
+    """[Embedding, Block x n_layers, Head] (seed torch before calling; or build under torch.device("meta")
+    and let a Pipeline initialize each rank's layers with `init_weights()`)."""
+    layers: list[nn.Module] = [Embedding(cfg), *(Block(cfg) for _ in range(cfg.n_layers)), Head(cfg)]
+    for layer in layers:
+        layer.init_weights()
+    if cfg.tie_embeddings:
+        layers[-1].proj.weight = layers[0].tok.weight
+    return layers
+
+
+def flops_per_token(cfg: LlamaConfig) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): matmuls and causal attention scores."""
+    d, t, f, kv = cfg.d_model, cfg.seq_len, cfg.ffn, cfg.kv_heads * cfg.head_dim
+    per_block = 2 * (2 * d * d + 2 * d * kv + 3 * d * f) + 2 * 2 * t * d / 2
+    return 3.0 * (cfg.n_layers * per_block + 2 * d * cfg.vocab_size)
+
+
+def _init(layer: nn.Module, n_layers: int) -> None:
+    """Matrices N(0, 0.02), the residual outputs (wo, w_down) scaled by 1/sqrt(2 n_layers); norms 1."""
+    for name, p in layer.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "w_down.weight")) else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+        else:
+            nn.init.ones_(p)
+
+
+def _inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)

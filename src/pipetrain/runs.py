@@ -1,0 +1,98 @@
+"""The Trainer `pipetrain train` runs for a TrainConfig: a preset GPT or Llama, or a local Hugging Face model,
+on byte-level batches of the Python stdlib's source (every 10th file held out)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from . import models
+from .config import ConfigError, TrainConfig
+from .data import Batches, CausalLMBatches, Corpus, load_corpus
+from .models.gpt import gpt_loss
+from .trainer import Trainer
+
+logger = logging.getLogger("pipetrain")
+
+
+def trainer_from_config(config: TrainConfig, *, corpus: Corpus | None = None, **kwargs) -> Trainer:
+    """A Trainer for `config.hf` (a Hugging Face model directory) or else `config.preset` (with its overrides).
+    `kwargs` go to Trainer (optimizer=, mesh=, device=, ...). An HF model is built on the meta device: each
+    rank materializes only its own stages and reads only their weights (if the directory has any)."""
+    config.validate()
+    corpus = corpus or load_corpus()
+    return _hf_trainer(config, corpus, **kwargs) if config.hf else _preset_trainer(config, corpus, **kwargs)
+
+
+def _preset_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
+    model = config.model_config()
+    torch.manual_seed(config.seed)  # every rank builds the same weights, then keeps its own stages
+    layers = models.build(model)
+    train = Batches(corpus.train, batch_size=config.batch_size, seq_len=model.seq_len, seed=config.seed)
+    held_out = Batches(corpus.val, batch_size=config.batch_size, seq_len=model.seq_len, seed=config.seed + 1)
+    return Trainer(layers, loss_fn=gpt_loss, data=train, eval_data=held_out, config=config,
+                   flops_per_token=models.flops_per_token(model),
+                   model_info={"name": f"{config.preset} {models.family(model)}", **dataclasses.asdict(model)},
+                   **kwargs)
+
+
+def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
+    """Built on the meta device: each rank materializes only its own stages, then reads only their weights."""
+    from transformers import AutoModelForCausalLM
+
+    from .models.hf import from_hf, load_weights
+
+    hf_config = check_hf_model(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    layers, loss_fn = from_hf(model)
+    seq = _hf_seq_len(config, hf_config)
+    train = CausalLMBatches(corpus.train, batch_size=config.batch_size, seq_len=seq, seed=config.seed)
+    held_out = CausalLMBatches(corpus.val, batch_size=config.batch_size, seq_len=seq, seed=config.seed + 1)
+    params = sum(p.numel() for p in model.parameters())
+    trainer = Trainer(layers, loss_fn=loss_fn, data=train, eval_data=held_out, config=config,
+                      count_tokens=lambda labels: (labels[:, 1:] != -100).sum(), flops_per_token=6.0 * params,
+                      model_info={"name": f"{type(model).__name__} from {config.hf}", "params": params,
+                                  "config": hf_config.to_diff_dict()}, **kwargs)
+    weights = _has_weights(Path(config.hf))
+    if trainer.step == 0 and weights:  # a resumed run has its trained weights already
+        load_weights(trainer.pipe, config.hf)
+    elif trainer.step == 0:
+        logger.info("%s has no weights: starting from the model's initialization (seed %d)", config.hf, config.seed)
+    return trainer
+
+
+def check_hf_model(config: TrainConfig):
+    """The HF config of `config.hf`, after checking that pipetrain can train it here (ConfigError if not)."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ConfigError("hf needs transformers: pip install 'pipetrain[hf]'") from None
+    path = Path(config.hf)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"hf={config.hf!r} is not a directory with a config.json (a local Hugging Face model; "
+                          "nothing is downloaded)")
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hf_config.vocab_size < 256:
+        raise ConfigError(f"the model in {config.hf} has a vocabulary of {hf_config.vocab_size} tokens; the "
+                          "built-in corpus is bytes, which needs >= 256")
+    ignored = [name for name in ("layers", "d_model", "heads", "tie_embeddings") if getattr(config, name)]
+    if ignored or config.dropout:
+        raise ConfigError(f"{ignored or ['dropout']} set the size of a preset; with hf the model's config.json does")
+    _hf_seq_len(config, hf_config)
+    return hf_config
+
+
+def _hf_seq_len(config: TrainConfig, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2**31
+    seq = config.seq_len or min(128, limit - 1)
+    if seq + 1 > limit:
+        raise ConfigError(f"seq_len={seq} needs {seq + 1} positions, but the model has {limit}")
+    return seq
+
+
+def _has_weights(path: Path) -> bool:
+    return (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
