@@ -3,6 +3,7 @@ padded batches they train on, and what each gloo rank runs to compare a Pipeline
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -103,6 +104,20 @@ def meta_load_and_save(rank: int, world: int, family: str, source: str, out: str
     save_pretrained(pipe, out)
     held_out = batch("right", seed=1)
     return {"loss": loss, "ref_loss": ref_loss, "errors": grad_errors, "held_out": pipe.evaluate(*held_out)}
+
+
+def load_fails_on_one_rank(rank: int, world: int, source: str) -> dict:
+    """load_weights from a checkpoint that lacks one of the last rank's tensors: what each rank raised."""
+    model = build("llama", meta=True)
+    layers, loss_fn = from_hf(model)
+    sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, timeout=60)
+    start = time.monotonic()
+    try:
+        load_weights(pipe, source)
+    except Exception as err:  # noqa: BLE001 - the test reads it
+        return {"error": f"{type(err).__name__}: {err}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
 
 
 def peak_memory_of_loading(rank: int, world: int, config, source: str) -> dict:

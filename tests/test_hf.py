@@ -12,6 +12,7 @@ from hf_models import (  # noqa: E402
     batch,
     build,
     exactness,
+    load_fails_on_one_rank,
     meta_load_and_save,
     peak_memory_of_loading,
 )
@@ -60,6 +61,10 @@ def test_another_model_class_is_refused_naming_the_supported_ones():
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)
     with pytest.raises(TypeError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM.*got GPT2LMHeadModel"):
         from_hf(transformers.GPT2LMHeadModel(config))
+    gemma = transformers.GemmaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, head_dim=8, vocab_size=32)
+    with pytest.raises(TypeError, match="got GemmaForCausalLM"):  # the same parts, but another forward
+        from_hf(transformers.GemmaForCausalLM(gemma))
     layers, _ = from_hf(build("llama"))
     with pytest.raises(ValueError, match=r"'input_ids'.*got keys \['input_ids', 'labels'\]"):
         layers[0]({"input_ids": torch.zeros(1, 3, dtype=torch.long), "labels": torch.zeros(1, 3)})
@@ -87,6 +92,19 @@ def test_built_on_meta_loaded_per_stage_trained_and_loaded_back_by_from_pretrain
     assert abs(held_out - before) > 1e-3  # the trained weights, not the source's
     if family == "qwen2-tied":
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_a_tensor_missing_for_one_rank_fails_every_rank_at_once(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build("llama").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.norm.weight"]  # on the last rank only
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    results = run_processes(2, load_fails_on_one_rank, str(tmp_path), timeout=120)
+    assert results[1]["error"].startswith("KeyError") and "model.norm.weight" in results[1]["error"]
+    assert results[0]["error"].startswith("RuntimeError") and "failed on pipeline rank(s) [1]" in results[0]["error"]
+    assert max(r["seconds"] for r in results.values()) < 10  # not the 60 s transfer timeout
 
 
 def test_each_rank_reads_only_its_own_tensors(tmp_path):

@@ -27,7 +27,7 @@ INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 def from_hf(model: nn.Module) -> tuple[list[nn.Module], Callable[[torch.Tensor, torch.Tensor], Any]]:
     """`(layers, loss_fn)` for a decoder-only causal LM from `transformers` built as `model.embed_tokens`,
-    `model.layers`, `model.norm`, `model.rotary_emb` and `lm_head` (Llama, Mistral, Qwen2, Qwen3, ...).
+    `model.layers`, `model.norm`, `model.rotary_emb` and `lm_head`: one of SUPPORTED (or a subclass).
 
     The layers hold the model's own parameters (tied embeddings stay tied); the model may be on the meta
     device, and a Pipeline then materializes each rank's own layers (see `load_weights`). Inputs are HF's:
@@ -162,10 +162,11 @@ class _Masks:
 
 
 def _check_supported(model: nn.Module) -> None:
+    """Only the classes whose model forward is exactly embed -> layers -> norm -> head (Gemma, for one, has the
+    same parts but scales the embedding and caps the logits: adapting it by its parts would be wrong)."""
+    classes = {cls.__name__ for cls in type(model).__mro__}
     base = getattr(model, "model", None)
     parts = ("embed_tokens", "layers", "norm", "rotary_emb")
-    if (base is None or not all(hasattr(base, p) for p in parts) or not hasattr(model, "lm_head")
-            or getattr(model.config, "is_encoder_decoder", False)):
-        raise TypeError(f"from_hf takes a decoder-only causal LM built as model.embed_tokens, model.layers, "
-                        f"model.norm, model.rotary_emb and lm_head, such as {', '.join(SUPPORTED)}; "
+    if not classes & set(SUPPORTED) or base is None or not all(hasattr(base, p) for p in parts):
+        raise TypeError(f"from_hf supports the decoder-only causal LMs {', '.join(SUPPORTED)} (and subclasses); "
                         f"got {type(model).__name__}")

@@ -23,10 +23,20 @@ SINGLE = "model.safetensors"
 def load_weights(pipe, directory: str | Path) -> None:
     """Fill this rank's layers from the HF checkpoint in `directory` (`model.safetensors`, or shards listed
     by `model.safetensors.index.json`), reading only this rank's tensors, one at a time. Call it on every
-    rank, after building the Pipeline (e.g. from a model built on the meta device)."""
+    rank, after building the Pipeline (e.g. from a model built on the meta device). If it fails on any
+    rank, it raises on every rank."""
+    error = None
+    try:
+        _load(pipe, Path(directory))
+    except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        error = err
+    _raise_everywhere(pipe, error, "load_weights")
+
+
+def _load(pipe, directory: Path) -> None:
     from safetensors import safe_open
 
-    files = _files_by_name(Path(directory))
+    files = _files_by_name(directory)
     done: set[int] = set()
     missing = []
     for names, tensor in _tensors(pipe):
@@ -53,28 +63,40 @@ def save_pretrained(pipe, directory: str | Path) -> None:
     """Write the pipeline's weights as a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained`
     loads: each pipeline rank (of the first replica) writes its own shard, rank 0 the index and config.json.
     Call it on every rank; it returns once the directory is complete. `directory` must be on a filesystem
-    every rank sees."""
+    every rank sees. If it fails on any rank, it raises on every rank."""
+    directory = Path(directory)
+    error = None
+    try:
+        if pipe.dp_rank == 0:
+            _write_shard(pipe, directory)
+    except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        error = err
+    _raise_everywhere(pipe, error, "save_pretrained (writing the shards)")
+    try:
+        if pipe.dp_rank == 0 and pipe.rank == 0:
+            _write_index(directory, [_shard(r, pipe.world_size) for r in range(pipe.world_size)])
+            config = copy.deepcopy(next(iter(pipe.layers.values())).config)
+            config.dtype = next(p.dtype for p in pipe.parameters() if p.is_floating_point())
+            config.save_pretrained(directory)
+    except Exception as err:  # noqa: BLE001
+        error = err
+    _raise_everywhere(pipe, error, "save_pretrained (writing the index and config.json)")
+
+
+def _write_shard(pipe, directory: Path) -> None:
+    """This pipeline rank's tensors, under the model's names (a weight tied across ranks by its first use)."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    world = pipe.world_size
-    if pipe.dp_rank == 0:
-        copies = {id(p) for p in pipe.parameters()} - {id(p) for p in pipe.owned_parameters()}
-        tensors, seen = {}, set()
-        for names, tensor in _tensors(pipe):
-            if id(tensor) not in seen and id(tensor) not in copies:  # a tied weight: saved once, by its first use
-                seen.add(id(tensor))
-                tensors[names[0]] = tensor.detach().to("cpu").contiguous()
-        directory.mkdir(parents=True, exist_ok=True)
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(directory / _shard(pipe.rank, world)), metadata={"format": "pt", "size": str(size)})
-    _barrier(pipe)
-    if pipe.dp_rank == 0 and pipe.rank == 0:
-        _write_index(directory, [_shard(r, world) for r in range(world)])
-        config = copy.deepcopy(next(iter(pipe.layers.values())).config)
-        config.dtype = next(p.dtype for p in pipe.parameters() if p.is_floating_point())
-        config.save_pretrained(directory)
-    _barrier(pipe)
+    copies = {id(p) for p in pipe.parameters()} - {id(p) for p in pipe.owned_parameters()}
+    tensors, seen = {}, set()
+    for names, tensor in _tensors(pipe):
+        if id(tensor) not in seen and id(tensor) not in copies:  # a tied weight: saved once, by its first use
+            seen.add(id(tensor))
+            tensors[names[0]] = tensor.detach().to("cpu").contiguous()
+    directory.mkdir(parents=True, exist_ok=True)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    save_file(tensors, str(directory / _shard(pipe.rank, pipe.world_size)),
+              metadata={"format": "pt", "size": str(size)})
 
 
 def _tensors(pipe) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -118,5 +140,15 @@ def _shard(rank: int, world: int) -> str:
     return f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
 
 
-def _barrier(pipe) -> None:
-    pipe.all_reduce(torch.zeros(1))
+def _raise_everywhere(pipe, error: BaseException | None, what: str) -> None:
+    """One all-reduce (also a barrier): every rank learns which pipeline ranks failed. A failed rank raises its
+    own error; the others raise one naming it, so no rank goes on to wait for a peer that stopped."""
+    failed = torch.zeros(pipe.world_size)
+    failed[pipe.rank] = float(error is not None)
+    pipe.all_reduce(failed)  # over the pipeline's ranks and the replicas
+    if error is not None:
+        raise error
+    ranks = [r for r, v in enumerate(failed.tolist()) if v]
+    if ranks:
+        raise RuntimeError(f"{what} failed on pipeline rank(s) {ranks} (their error says why); rank {pipe.rank} "
+                           "stops too")
