@@ -20,6 +20,7 @@ TORCH_SCHEDULES = {
     "interleaved-1f1b": ("ScheduleInterleaved1F1B", "loop"),
     "zbv": ("ScheduleZBVZeroBubble", "v"),
     "looped-bfs": ("ScheduleLoopedBFS", "loop"),
+    "dualpipev": ("ScheduleDualPipeV", "v"),
 }
 
 

@@ -31,7 +31,7 @@ WORKLOADS = {
     "gpt-8x256": dict(vocab_size=256, seq_len=128, d_model=256, n_layers=8, n_heads=8),
     "gpt-16x512": dict(vocab_size=256, seq_len=128, d_model=512, n_layers=16, n_heads=8),
 }
-SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs"]
+SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs", "dualpipev"]
 
 
 def measure(workload: str, world: int, args) -> dict:

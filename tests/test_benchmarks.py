@@ -44,3 +44,13 @@ def test_quick_suite_writes_table_json_and_pictures(tmp_path, monkeypatch):
     assert "| tiny | 2 | zb-h1 |" in table and "single process" in table
     assert (tmp_path / "efficiency_tiny_p2.png").stat().st_size > 10_000
     assert (tmp_path / "timeline_tiny_p2_1f1b.png").exists()
+
+
+def test_split_cost_reports_each_part_of_the_backward(capsys):
+    import split_cost
+
+    assert split_cost.main(["--model", "llama", "--d-model", "32", "--blocks", "1", "--rows", "1", "--seq", "8",
+                            "--reps", "2", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert set(result["ms"]) == {"F", "B", "I", "W"} and all(v > 0 for v in result["ms"].values())
+    assert result["ratio"] == pytest.approx((result["ms"]["I"] + result["ms"]["W"]) / result["ms"]["B"])

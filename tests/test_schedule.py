@@ -39,11 +39,11 @@ def test_action_parse_rejects_garbage_with_the_format():
         Action.parse("F0")
 
 
-ALL = ["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zbv"]
+ALL = ["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zbv", "dualpipev"]
 
 
 def test_names_lists_registered_schedules():
-    assert S.names() == ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs"]
+    assert S.names() == ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs", "dualpipev"]
     with pytest.raises(ValueError, match="available: gpipe, 1f1b"):
         S.build("nope", num_ranks=2, num_microbatches=2)
 
@@ -71,7 +71,8 @@ def test_1f1b_with_too_few_microbatches_names_the_alternative():
 
 @pytest.mark.parametrize("name,per_rank,message", [
     ("gpipe", 2, "one stage per rank"), ("1f1b", 2, "interleaved-1f1b runs several"), ("zb-h1", 2, "try 'zbv'"),
-    ("zbv", 3, "exactly two stages per rank"), ("interleaved-1f1b", 1, "use '1f1b'")])
+    ("zbv", 3, "exactly two stages per rank"), ("interleaved-1f1b", 1, "use '1f1b'"),
+    ("dualpipev", 1, "exactly two stages per rank")])
 def test_stages_per_rank_a_schedule_cannot_run_is_refused(name, per_rank, message):
     with pytest.raises(ValueError, match=message):
         S.build(name, num_ranks=2, num_microbatches=4, stages_per_rank=per_rank)
@@ -91,11 +92,11 @@ def test_default_stages_per_rank_is_the_schedules_own():
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from(ALL), st.integers(1, 6), st.integers(1, 14), st.integers(2, 3))
 def test_every_schedule_checks_at_every_size_it_accepts(name, ranks, mbs, per_rank):
-    per_rank = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "zbv": 2}.get(name, per_rank)
+    per_rank = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "zbv": 2, "dualpipev": 2}.get(name, per_rank)
     try:
         sched = S.build(name, num_ranks=ranks, num_microbatches=mbs, stages_per_rank=per_rank)
-    except ValueError as err:
-        assert mbs < ranks and "microbatches" in str(err)  # the only sizes refused: M < P for 1F1B families
+    except ValueError as err:  # the only sizes refused: M < P for 1F1B families, M < 2P for dualpipev
+        assert mbs < (2 * ranks if name == "dualpipev" else ranks) and "microbatches" in str(err)
         return
     S.check(S.lower(sched))
     assert sched.num_stages == ranks * per_rank
@@ -111,6 +112,24 @@ def test_interleaved_bubble_is_the_textbook_one_for_any_microbatch_count(ranks, 
     sched = S.build("interleaved-1f1b", num_ranks=ranks, num_microbatches=mbs, stages_per_rank=per_rank)
     result = S.simulate(sched, S.Costs(f=1.0, b=1.0, w=1.0))
     assert result.bubble_fraction == pytest.approx((ranks - 1) / (per_rank * mbs + ranks - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 8), st.integers(2, 32))
+def test_dualpipev_idles_like_zbv_holding_one_microbatch_more(ranks, mbs):
+    if mbs < 2 * ranks:
+        with pytest.raises(ValueError, match=f"at least 2 x ranks = {2 * ranks} microbatches"):
+            S.build("dualpipev", num_ranks=ranks, num_microbatches=mbs)
+        return
+    dual = S.simulate(S.build("dualpipev", num_ranks=ranks, num_microbatches=mbs))
+    zbv = S.simulate(S.build("zbv", num_ranks=ranks, num_microbatches=mbs))
+    assert dual.bubble_fraction == pytest.approx(zbv.bubble_fraction)
+    assert max(s.peak_activations for s in dual.per_rank) == 2 * ranks + 1
+
+
+def test_dualpipev_by_value():  # the phases of deepseek-ai/DualPipe's dualpipev.py, P=2, M=4
+    assert [str(a) for a in S.build("dualpipev", num_ranks=2, num_microbatches=4).actions[0]] == (
+        "0F0 0F1 0F2 3F0 3I0 3W0 3F1 0F3 3B1 3F2 0B0 3B2 3F3 0B1 3B3 0I2 0W2 0I3 0W3").split()
 
 
 @settings(max_examples=60, deadline=None)

@@ -86,7 +86,7 @@ def train(rank: int, world: int, schedule: str, kind: str, num_microbatches: int
     return {"grads": grads, "curve": curve, "balance": pipe.balance, "directions": directions}
 
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs", "dualpipev")
 
 
 def all_scenarios(rank: int, world: int, transport=None) -> dict:

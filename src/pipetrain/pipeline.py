@@ -272,7 +272,8 @@ class Pipeline:
         self._ties.materialized(materialize(mine, self.device, seed))
         return {s: Stage(s, num_stages, [layers[i].to(self.device) for i in self.layer_ranges[s]],
                          first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
-                         autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device)
+                         autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device,
+                         split_backward=splits_backward(self.schedule))
                 for s in self.schedule.stages_of(self.rank)}
 
     def _microbatches(self, inputs, targets, microbatches, *, grad: bool):
@@ -349,8 +350,7 @@ def _checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: floa
         raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
     schedule = schedule.compute_only()
     check(schedule)
-    split = any(a.op is Op.W for acts in schedule.actions for a in acts)
-    if split and not torch.__version__ >= (2, 7):
+    if splits_backward(schedule) and not torch.__version__ >= (2, 7):
         raise RuntimeError(f"schedule {schedule.name!r} splits the backward (I and W), which needs torch >= 2.7 "
                            f"(torch.autograd.backward from GradientEdges); this is torch {torch.__version__}. "
                            "Upgrade torch, or use a schedule without W such as '1f1b' or 'interleaved-1f1b'")
@@ -366,6 +366,11 @@ def _checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: floa
         raise ValueError('balance="time" runs every layer to time it, and layers on the meta device cannot run: '
                          'use balance="params" or a list of layers per stage')
     return schedule
+
+
+def splits_backward(schedule: Schedule) -> bool:
+    """Whether the schedule runs I and W (split backward) rather than B."""
+    return any(a.op is Op.W for acts in schedule.actions for a in acts)
 
 
 def _groups_of(mesh, group, dp_group, transport):

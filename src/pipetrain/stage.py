@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .aux_loss import collect_aux_losses
-from .split_backward import PendingWeightGrad, backward_input, backward_weight
+from .deferred_linear import apply_weight_grads, defer_linears
+from .split_backward import backward_input, backward_weight
 from .values import Packet, Signature, flatten, unflatten
 
 
@@ -42,11 +44,16 @@ class Stage:
     on any stage: the weighted auxiliary losses), frees the cache and returns the input leaves' gradients.
     I does only the input part of B and keeps what W needs; W then accumulates the weight gradients.
     With `checkpoint=True` the forward keeps only the stage input and recomputes the rest in backward.
+    With `split_backward=True` (schedules with I and W), each `nn.Linear` of the stage gets a forward of its
+    own (see deferred_linear): I is the backward without the linears' weight products, W runs those. A
+    stage without such linears, or without input gradients (the first), splits its graph instead
+    (split_backward.py).
     """
 
     def __init__(self, index: int, num_stages: int, layers: Sequence[nn.Module], *, first_layer: int = 0,
                  loss_fn: Callable[[Any, Any], Any] | None = None, checkpoint: bool = False,
-                 autocast: torch.dtype | None = None, device: torch.device | None = None) -> None:
+                 autocast: torch.dtype | None = None, device: torch.device | None = None,
+                 split_backward: bool = False) -> None:
         self.index = index
         self.num_stages = num_stages
         self.layers = list(layers)
@@ -57,7 +64,8 @@ class Stage:
         self.autocast = autocast
         self.device_type = (device or torch.device("cpu")).type
         self._cache: dict[int, _Saved] = {}
-        self._weight_work: dict[int, PendingWeightGrad | None] = {}
+        self._weight_work: dict[int, Callable[[], None]] = {}
+        self._deferral = defer_linears(self.module.modules()) if split_backward else None
         self.losses: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # last stage: (loss, count)
         self.aux: dict[int, torch.Tensor] = {}  # unweighted sum of each microbatch's auxiliary losses
 
@@ -154,14 +162,23 @@ class Stage:
         return [t.grad if t.grad is not None else torch.zeros_like(t) for t in saved.inputs]
 
     def backward_input(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """I: the input leaves' gradients only; what W needs stays until `backward_weight(mb)`."""
+        """I: the input leaves' gradients; what W needs stays until `backward_weight(mb)`."""
         saved, outputs, seeds = self._roots(mb, grads)
-        grads_in, self._weight_work[mb] = backward_input(outputs, seeds, saved.inputs, list(self.module.parameters()))
-        return grads_in
+        if self._deferral is None or not saved.inputs or not outputs:
+            grads_in, work = backward_input(outputs, seeds, saved.inputs, list(self.module.parameters()))
+            self._weight_work[mb] = partial(backward_weight, work)
+            return grads_in
+        pending = self._deferral.pending = []  # the linears keep their weight products here, for W
+        try:  # everything else (input gradients, norms, embeddings: cheap) now
+            torch.autograd.backward(outputs, seeds)
+        finally:
+            self._deferral.pending = None
+        self._weight_work[mb] = partial(apply_weight_grads, pending)
+        return [t.grad if t.grad is not None else torch.zeros_like(t) for t in saved.inputs]
 
     def backward_weight(self, mb: int) -> None:
         """W: accumulate this microbatch's weight gradients and free what I kept."""
-        backward_weight(self._weight_work.pop(mb))
+        self._weight_work.pop(mb)()
 
     def pending(self) -> list[int]:
         """Microbatches whose activations are still held (empty after a complete step)."""
