@@ -1,0 +1,70 @@
+"""Choosing a schedule from measured costs: every registered schedule, at every stages-per-rank it accepts,
+on the best split of the measured layers, simulated; the fastest first.
+
+    ranked = rank_schedules(num_ranks=2, num_microbatches=8, layer_costs=[(f, i, w), ...], comm=0.001)
+    ranked[0].name, ranked[0].stages_per_rank, ranked[0].balance      # what to build and how to split
+
+Each layer's cost is (F, I, W) seconds for one microbatch (a schedule without W runs B = I + W). The
+layers are split to minimize the most expensive stage (`partition` on F + I + W), so an uneven model (a
+heavy output head) is simulated as it will run. Memory: `peak_microbatches` is the most activations a rank
+holds at once, in microbatches of all its layers (a V schedule's stage holds half a rank's layers);
+`memory_limit` drops the candidates above it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..partition import partition
+from .registry import build, names
+from .simulate import Costs, simulate
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    stages_per_rank: int
+    balance: tuple[int, ...]  # layers per stage
+    step_time: float  # simulated, seconds
+    bubble_fraction: float
+    peak_microbatches: float  # the most a rank holds at once, in microbatches of all its layers
+
+    def describe(self) -> str:
+        return (f"{self.name} (stages per rank {self.stages_per_rank}, balance {list(self.balance)}): step "
+                f"{self.step_time * 1e3:.1f} ms, bubble {self.bubble_fraction:.1%}, peak {self.peak_microbatches:g} "
+                "microbatches")
+
+
+def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequence[tuple[float, float, float]],
+                   comm: float = 0.0, memory_limit: float | None = None, schedules: Sequence[str] | None = None,
+                   max_stages_per_rank: int = 4) -> list[Candidate]:
+    """Every schedule that can run these sizes, simulated with the measured costs, fastest first (ties: the
+    one holding less, then the registry's order). Raises ValueError if none fits."""
+    if not layer_costs:
+        raise ValueError("layer_costs is empty: measure at least one layer")
+    found = []
+    for order, name in enumerate(schedules or names()):
+        for per_rank in range(1, max_stages_per_rank + 1):
+            num_stages = num_ranks * per_rank
+            if num_stages > len(layer_costs):
+                break
+            try:
+                sched = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
+                              stages_per_rank=per_rank)
+            except ValueError:  # sizes this schedule does not take
+                continue
+            balance = partition([f + i + w for f, i, w in layer_costs], num_stages)
+            starts = [sum(balance[:s]) for s in range(num_stages + 1)]
+            f, i, w = ([sum(c[k] for c in layer_costs[starts[s]:starts[s + 1]]) for s in range(num_stages)]
+                       for k in range(3))
+            result = simulate(sched, Costs(f=f, b=i, w=w, comm=comm))  # (a B costs I + W)
+            peak = max(r.peak_activations for r in result.per_rank) / per_rank
+            if memory_limit is None or peak <= memory_limit:
+                found.append((result.step_time, peak, order, Candidate(name, per_rank, tuple(balance),
+                                                                      result.step_time, result.bubble_fraction,
+                                                                      peak)))
+    if not found:
+        raise ValueError(f"no registered schedule runs {num_ranks} ranks x {num_microbatches} microbatches on "
+                         f"{len(layer_costs)} layers within memory_limit={memory_limit} microbatches")
+    return [c for *_, c in sorted(found, key=lambda t: t[:3])]
