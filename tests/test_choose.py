@@ -45,3 +45,72 @@ def test_each_candidate_is_its_schedule_simulated_on_the_best_split(ranks, mbs, 
         truth = S.simulate(sched, S.Costs(f=per_stage[0], b=per_stage[1], w=per_stage[2], comm=comm))
         assert c.step_time == pytest.approx(truth.step_time)
     assert {c.name for c in ranked} >= {"gpipe", "zb-h1"}  # these run any microbatch count
+
+
+def _heavy_head_mlp():
+    """The MLP of the exactness tests with a heavy head, the same in every rank and in the reference."""
+    import torch
+    from torch import nn
+    from workers import _RNG_LOCK, make_model
+
+    layers, loss_fn, x, y = make_model("mlp", 4)
+    with _RNG_LOCK:  # in-process ranks are threads sharing torch's global RNG
+        torch.manual_seed(1)
+        layers[-1] = nn.Sequential(nn.Linear(16, 2048), nn.Tanh(), nn.Linear(2048, 3))
+    return layers, loss_fn, x, y
+
+
+def auto_rank(rank, world, transport=None, memory_limit=None):
+    """Pipeline(schedule="auto") on the MLP with a heavy head: its choice and first gradients."""
+    import pipetrain as pt
+
+    layers, loss_fn, x, y = _heavy_head_mlp()
+    pipe = pt.Pipeline(layers, schedule="auto", num_microbatches=4, loss_fn=loss_fn, sample=x[:2],
+                       transport=transport, timeout=60, memory_limit=memory_limit)
+    pipe.step(x, y)
+    grads = {(i, n): p.grad.clone() for i, layer in pipe.layers.items() for n, p in layer.named_parameters()}
+    return {"name": pipe.schedule.name, "balance": pipe.balance, "grads": grads,
+            "stages": pipe.schedule.num_stages}
+
+
+def _reference_grads():
+    from torch import nn
+
+    layers, loss_fn, x, y = _heavy_head_mlp()
+    loss_fn(nn.Sequential(*layers)(x), y).backward()
+    return {(i, n): p.grad for i, layer in enumerate(layers) for n, p in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_pipeline_auto_runs_the_fastest_schedule_on_its_split_exactly(processes, caplog):
+    from workers import run_processes, run_threads
+
+    caplog.set_level("INFO", logger="pipetrain")
+    results = list(run_processes(2, auto_rank).values()) if processes else run_threads(2, auto_rank)
+    assert results[0]["name"] == results[1]["name"] and results[0]["balance"] == results[1]["balance"]
+    balance = results[0]["balance"]
+    assert len(balance) == results[0]["stages"] and sum(balance) == 8 and min(balance) >= 1
+    ref = _reference_grads()
+    grads = {k: v for r in results for k, v in r["grads"].items()}
+    assert grads.keys() == ref.keys()
+    for k in ref:
+        assert (grads[k] - ref[k]).norm() / ref[k].norm() <= 1e-5, k
+    if not processes:
+        assert 'schedule="auto" on 2 ranks, 4 microbatches: ' + results[0]["name"] in caplog.text
+        assert "also simulated: gpipe" in caplog.text
+
+
+def test_pipeline_auto_says_what_it_needs():
+    from torch import nn
+
+    import pipetrain as pt
+
+    hub = pt.InProcessHub(1)
+    layers = [nn.Linear(2, 2)]
+    with pytest.raises(ValueError, match="needs num_microbatches="):
+        pt.Pipeline(layers, schedule="auto", loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
+    with pytest.raises(ValueError, match='or "auto", got \'zbv\''):
+        pt.Pipeline(layers, schedule="zbv", loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
+    with pytest.raises(ValueError, match="go with schedule=\"auto\" only"):
+        pt.Pipeline(layers, schedule=S.build("gpipe", num_ranks=1, num_microbatches=1), num_microbatches=2,
+                    loss_fn=nn.functional.mse_loss, transport=hub.transport(0))

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .auto_schedule import choose_schedule
 from .balance import Balance, resolve_balance
 from .comm import DistTransport, InProcessTransport, Transport
 from .data_parallel import TIED, averager_for, sum_over
@@ -37,7 +38,9 @@ class Pipeline:
             tuple/list/dict (nested) of tensors. Floating-point tensors that require grad get their
             gradient back; all other tensors (masks, position ids) travel forward only. The last layer's
             output goes to `loss_fn`.
-        schedule: from `pipetrain.schedules.build(...)`.
+        schedule: from `pipetrain.schedules.build(...)`, or "auto": the fastest registered schedule and split
+            for the layers' F, I, W times on `sample` (see auto_schedule.py; needs `num_microbatches=`;
+            `memory_limit=`, in microbatches of a rank's layers, drops the schedules holding more).
         loss_fn: `(output, targets) -> loss`: a scalar mean over the microbatch, or a pair
             `(loss_sum, count)` for an exact token mean over the whole batch (see `step`).
         balance: layers per stage, or how to compute it: "uniform", "params", or "time" (profiles each
@@ -66,14 +69,26 @@ class Pipeline:
             from its first use's value on both.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule, loss_fn: Callable[[Any, Any], Any],
+    def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule | str, loss_fn: Callable[[Any, Any], Any],
                  balance: Balance = "uniform", group=None, device: torch.device | str | None = None,
                  transport: Transport | None = None, timeout: float = 60.0, sample: Any = None,
                  split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
-                 prefetch: int = PREFETCH, precision: str = "fp32", dp_group=None, mesh=None, seed: int = 0) -> None:
+                 prefetch: int = PREFETCH, precision: str = "fp32", dp_group=None, mesh=None, seed: int = 0,
+                 num_microbatches: int | None = None, memory_limit: float | None = None) -> None:
         layers = list(layers)
         if mesh is not None:
             group, dp_group = _groups_of(mesh, group, dp_group, transport)
+        if isinstance(schedule, str):
+            if schedule != "auto":
+                raise ValueError(f'schedule must be a Schedule (pipetrain.schedules.build(...)) or "auto", got '
+                                 f"{schedule!r}")
+            if balance != "uniform":
+                raise ValueError('schedule="auto" chooses the split too; leave balance= out')
+            schedule, balance = choose_schedule(layers, num_microbatches=num_microbatches, sample=sample,
+                                                memory_limit=memory_limit, group=group, dp_group=dp_group,
+                                                transport=transport, timeout=timeout)
+        elif num_microbatches is not None or memory_limit is not None:
+            raise ValueError('num_microbatches= and memory_limit= go with schedule="auto" only')
         self.schedule = schedule = _checked_schedule(schedule, layers, timeout, precision, balance, sample)
         self.timeout = float(timeout)
         self.transport = transport or DistTransport(group, torch.device(device) if device is not None else None,

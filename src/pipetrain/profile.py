@@ -1,4 +1,5 @@
-"""Per-layer cost sources for the partitioner: uniform, parameter count, measured time."""
+"""Per-layer cost sources for the partitioner and the schedule chooser: uniform, parameter count, measured
+time (F + B), and measured F, I, W."""
 
 from __future__ import annotations
 
@@ -61,6 +62,56 @@ def time_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 5,
                     b.copy_(value)
             costs.append(statistics.median(times))
             x = [t.detach() for t in out]
+    return costs
+
+
+def phase_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 3, warmup: int = 1,
+                device: torch.device | str | None = None) -> list[tuple[float, float, float]]:
+    """Median (F, I, W) seconds of each layer on `sample`, one microbatch of model input, run as a
+    split-backward schedule runs it (one layer per stage, output gradients of ones). The sample flows through
+    the layers in order; their gradients, buffers, the global RNG and their `forward`s are left as found."""
+    from .deferred_linear import undefer_linears
+    from .stage import Stage
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    leaves, _ = flatten(sample, what="sample")
+    device = torch.device(device) if device is not None else leaves[0].device
+    costs, x = [], sample
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for index, layer in enumerate(layers):
+            saved_grads = [(p, p.grad) for p in layer.parameters()]
+            saved_buffers = [(b, b.detach().clone()) for b in layer.buffers()]
+            stage = Stage(0 if index == 0 else 1, 3, [layer], split_backward=True, device=device)
+            times: list[tuple[float, float, float]] = []
+            try:
+                for i in range(warmup + repeats):
+                    for p in layer.parameters():
+                        p.grad = None
+                    _sync(device)
+                    start = time.perf_counter()
+                    out = stage.forward(0, x)
+                    _sync(device)
+                    mid = time.perf_counter()
+                    seeds = [torch.ones_like(t) for t, (_, _, g) in zip(out.leaves, out.signature.leaves, strict=True)
+                             if g]
+                    stage.backward_input(0, seeds)
+                    _sync(device)
+                    after_i = time.perf_counter()
+                    stage.backward_weight(0)
+                    _sync(device)
+                    if i >= warmup:
+                        times.append((mid - start, after_i - mid, time.perf_counter() - after_i))
+            finally:
+                stage.clear()
+                undefer_linears(layer.modules())
+                for p, g in saved_grads:
+                    p.grad = g
+                with torch.no_grad():
+                    for b, value in saved_buffers:
+                        b.copy_(value)
+            costs.append(tuple(statistics.median(t[k] for t in times) for k in range(3)))
+            x = out
     return costs
 
 
