@@ -11,7 +11,9 @@ import torch.distributed as dist
 from torch import nn
 
 import pipetrain as pt
-from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
+from pipetrain import models
+from pipetrain.models.gpt import GPTConfig, gpt_loss
+from pipetrain.models.llama import LlamaConfig
 
 # pipetrain schedule -> torch.distributed.pipelining class name and placement ("loop" or "v")
 TORCH_SCHEDULES = {
@@ -24,7 +26,13 @@ TORCH_SCHEDULES = {
 }
 
 
-def fixed_batch(cfg: GPTConfig, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def model_config(fields: dict) -> models.ModelConfig:
+    """A workload's model: the reference GPT, or the reference Llama when `family` is "llama"."""
+    fields = dict(fields)
+    return LlamaConfig(**fields) if fields.pop("family", "gpt") == "llama" else GPTConfig(**fields)
+
+
+def fixed_batch(cfg: models.ModelConfig, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same random token batch (inputs, targets) on every rank and in every process."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len), generator=gen)
@@ -36,9 +44,9 @@ def split_layers(layers: list[nn.Module], num_stages: int) -> list[int]:
     return pt.partition([float(sum(p.numel() for p in layer.parameters())) for layer in layers], num_stages)
 
 
-def pipetrain_runner(cfg: GPTConfig, name: str, world: int, m: int, x, y):
+def pipetrain_runner(cfg: models.ModelConfig, name: str, world: int, m: int, x, y):
     torch.manual_seed(0)
-    layers = build_gpt(cfg)
+    layers = models.build(cfg)
     sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m)
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, balance=split_layers(layers, sched.num_stages))
 
@@ -50,12 +58,12 @@ def pipetrain_runner(cfg: GPTConfig, name: str, world: int, m: int, x, y):
     return step, pipe
 
 
-def torch_runner(cfg: GPTConfig, name: str, world: int, rank: int, m: int, x, y):
+def torch_runner(cfg: models.ModelConfig, name: str, world: int, rank: int, m: int, x, y):
     from torch.distributed import pipelining
 
     cls_name, placement = TORCH_SCHEDULES[name]
     torch.manual_seed(0)
-    layers = build_gpt(cfg)
+    layers = models.build(cfg)
     per_rank = 1 if name in ("gpipe", "1f1b") else 2
     num_stages = world * per_rank
     balance = split_layers(layers, num_stages)
@@ -86,7 +94,7 @@ def bench_rank(rank: int, world: int, spec: dict) -> dict:
 
     Then, for each extra microbatch count in `spec["sweep"]`, one block of each (the efficiency curve)."""
     torch.set_num_threads(1)
-    cfg = GPTConfig(**spec["model"])
+    cfg = model_config(spec["model"])
     x, y = fixed_batch(cfg, spec["batch_size"])
     single = single_process_step(cfg, x, y) if rank == 0 else None
     out = {"sweep": {}}
@@ -102,7 +110,7 @@ def bench_rank(rank: int, world: int, spec: dict) -> dict:
     return out
 
 
-def _measure_schedule(rank: int, world: int, spec: dict, cfg: GPTConfig, name: str, m: int, x, y, single,
+def _measure_schedule(rank: int, world: int, spec: dict, cfg: models.ModelConfig, name: str, m: int, x, y, single,
                       rounds: int, timeline: bool = False) -> dict:
     pt_step, pipe = pipetrain_runner(cfg, name, world, m, x, y)
     runners = {"pipetrain": pt_step}
@@ -139,7 +147,7 @@ def _measure_schedule(rank: int, world: int, spec: dict, cfg: GPTConfig, name: s
 def peak_memory_rank(rank: int, world: int, spec: dict, lib: str, name: str) -> int:
     """Peak resident memory (bytes) of a fresh process that builds one library's pipeline and runs 2 steps."""
     torch.set_num_threads(1)
-    cfg = GPTConfig(**spec["model"])
+    cfg = model_config(spec["model"])
     x, y = fixed_batch(cfg, spec["batch_size"])
     if lib == "pipetrain":
         step, _ = pipetrain_runner(cfg, name, world, spec["microbatches"], x, y)
@@ -150,11 +158,11 @@ def peak_memory_rank(rank: int, world: int, spec: dict, lib: str, name: str) -> 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def single_process_step(cfg: GPTConfig, x: torch.Tensor, y: torch.Tensor):
+def single_process_step(cfg: models.ModelConfig, x: torch.Tensor, y: torch.Tensor):
     """The fair baseline: the whole model in this process (1 thread), `m` microbatches accumulated.
     Returns step(m), which runs one training step (forward, backward, gradients cleared)."""
     torch.manual_seed(0)
-    model = nn.Sequential(*build_gpt(cfg))
+    model = nn.Sequential(*models.build(cfg))
 
     def step(m: int) -> None:
         for xm, ym in zip(x.tensor_split(m), y.tensor_split(m), strict=True):

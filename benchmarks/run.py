@@ -29,6 +29,9 @@ from pipetrain.spawn import run_processes  # noqa: E402
 
 WORKLOADS = {
     "gpt-8x256": dict(vocab_size=256, seq_len=128, d_model=256, n_layers=8, n_heads=8),
+    "gpt-8x256-v32k": dict(vocab_size=32768, seq_len=128, d_model=256, n_layers=8, n_heads=8),  # a heavy head
+    "llama-8x256": dict(family="llama", vocab_size=256, seq_len=128, d_model=256, n_layers=8, n_heads=8,
+                        n_kv_heads=4),
     "gpt-16x512": dict(vocab_size=256, seq_len=128, d_model=512, n_layers=16, n_heads=8),
 }
 SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs", "dualpipev"]
@@ -135,9 +138,9 @@ def measure_jax(workload: str, args) -> dict | None:
     import importlib.util
     import subprocess
 
-    if importlib.util.find_spec("jax") is None:
-        return None
     model = WORKLOADS[workload]
+    if importlib.util.find_spec("jax") is None or model.get("family", "gpt") != "gpt":
+        return None
     cmd = [sys.executable, str(Path(__file__).with_name("jax_gpt.py")), "--vocab", str(model["vocab_size"]),
            "--seq-len", str(model["seq_len"]), "--d-model", str(model["d_model"]), "--layers", str(model["n_layers"]),
            "--heads", str(model["n_heads"]), "--batch-size", str(args.batch_size), "--microbatches",
@@ -176,6 +179,19 @@ def markdown(results: dict) -> str:
         single = statistics.median(r["single_process_step_time"] for r in block["rows"])
         lines.append(f"| {block['rows'][0]['workload']} | 1 | single process (1 thread) | {single * 1e3:.0f} ms | "
                      f"{block['rows'][0]['tokens_per_step'] / single:.0f} | 1/P | | | | | | | | | |")
+    lines.append("")
+    for block in results["runs"]:  # best against best: what each library's user would pick
+        rows = block["rows"]
+        ours = max(rows, key=lambda r: r["pipetrain"]["efficiency"])
+        theirs = [r for r in rows if "torch" in r]
+        line = (f"Best schedules, {rows[0]['workload']} on {rows[0]['ranks']} ranks: pipetrain {ours['schedule']} "
+                f"(efficiency {ours['pipetrain']['efficiency']:.3f}, "
+                f"{ours['pipetrain']['efficiency'] * rows[0]['ranks']:.2f}x one process)")
+        if theirs:
+            best = max(theirs, key=lambda r: r["torch"]["efficiency"])
+            line += (f", torch {best['schedule']} ({best['torch']['efficiency']:.3f}): "
+                     f"{best['torch']['step_time'] / ours['pipetrain']['step_time']:.2f}x torch's best")
+        lines.append(line + ".")
     for block in results["runs"]:
         jax = block.get("jax")
         if jax:

@@ -1,6 +1,7 @@
 """The benchmark suite end to end on a tiny GPT (fast): every output is written and its figures hold together."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def test_schedule_bound_is_one_minus_the_bubble():
 
 def test_quick_suite_writes_table_json_and_pictures(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    monkeypatch.setitem(run.WORKLOADS, "tiny", dict(vocab_size=32, seq_len=16, d_model=32, n_layers=4, n_heads=2))
+    monkeypatch.setitem(run.WORKLOADS, "tiny", dict(family="llama", vocab_size=32, seq_len=16, d_model=32, n_layers=4,
+                                                    n_heads=2, n_kv_heads=1))  # the reference Llama
     schedules = ["gpipe", "1f1b", "zb-h1"]
     assert run.main(["--workloads", "tiny", "--ranks", "2", "--schedules", *schedules, "--microbatches", "4",
                      "--batch-size", "8", "--sweep", "2", "--rounds", "2", "--steps", "1", "--warmup", "1",
@@ -42,6 +44,8 @@ def test_quick_suite_writes_table_json_and_pictures(tmp_path, monkeypatch):
     assert block["sweep"]["1f1b"]["2"]["bound"] == pytest.approx(2 / 3)
     table = (tmp_path / "results.md").read_text()
     assert "| tiny | 2 | zb-h1 |" in table and "single process" in table
+    assert re.search(r"Best schedules, tiny on 2 ranks: pipetrain \S+ \(efficiency [\d.]+, [\d.]+x one process\), "
+                     r"torch \S+ \([\d.]+\): [\d.]+x torch's best", table), table
     assert (tmp_path / "efficiency_tiny_p2.png").stat().st_size > 10_000
     assert (tmp_path / "timeline_tiny_p2_1f1b.png").exists()
 
