@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .common import assemble, init_normal
+
+RESIDUAL = ("proj.weight", "out.weight")  # scaled at initialization (the head's proj too, as before)
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class Embedding(nn.Module):
         self.n_layers = cfg.n_layers
 
     def init_weights(self) -> None:
-        _init_gpt2(self, self.n_layers)
+        init_normal(self, self.n_layers, RESIDUAL)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
@@ -81,7 +84,7 @@ class Block(nn.Module):
         self.n_layers = cfg.n_layers
 
     def init_weights(self) -> None:
-        _init_gpt2(self, self.n_layers)
+        init_normal(self, self.n_layers, RESIDUAL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -103,31 +106,16 @@ class Head(nn.Module):
         self.n_layers = cfg.n_layers
 
     def init_weights(self) -> None:
-        _init_gpt2(self, self.n_layers)
+        init_normal(self, self.n_layers, RESIDUAL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.ln(x))
 
 
-def _init_gpt2(layer: nn.Module, n_layers: int) -> None:
-    """GPT-2's initialization: matrices N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
-    for name, p in layer.named_parameters():
-        if p.dim() >= 2:
-            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
-            nn.init.normal_(p, mean=0.0, std=std)
-        else:
-            nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
-
-
 def build_gpt(cfg: GPTConfig) -> list[nn.Module]:
     """[Embedding, Block x n_layers, Head], initialized GPT-2 style (seed torch before calling). Built under
     `torch.device("meta")`, a Pipeline initializes each layer on its own rank with `init_weights()`."""
-    layers: list[nn.Module] = [Embedding(cfg), *(Block(cfg) for _ in range(cfg.n_layers)), Head(cfg)]
-    for layer in layers:
-        layer.init_weights()
-    if cfg.tie_embeddings:  # (vocab, d) both: the head's logits use the embedding matrix
-        layers[-1].proj.weight = layers[0].tok.weight
-    return layers
+    return assemble(Embedding(cfg), [Block(cfg) for _ in range(cfg.n_layers)], Head(cfg), tie=cfg.tie_embeddings)
 
 
 def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import assemble, init_normal
+
+RESIDUAL = ("wo.weight", "w_down.weight")  # the projections into the residual stream
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -63,7 +67,7 @@ class Embedding(nn.Module):
         self.n_layers = cfg.n_layers
 
     def init_weights(self) -> None:
-        _init(self, self.n_layers)
+        init_normal(self, self.n_layers, RESIDUAL)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.tok(idx)
@@ -89,7 +93,7 @@ class Block(nn.Module):
         self.register_buffer("inv_freq", _inv_freq(hd, self.theta), persistent=False)
 
     def init_weights(self) -> None:
-        _init(self, self.n_layers)
+        init_normal(self, self.n_layers, RESIDUAL)
         self.inv_freq.copy_(_inv_freq(self.head_dim, self.theta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +123,7 @@ class Head(nn.Module):
         self.n_layers = cfg.n_layers
 
     def init_weights(self) -> None:
-        _init(self, self.n_layers)
+        init_normal(self, self.n_layers, RESIDUAL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(x))
@@ -128,12 +132,7 @@ class Head(nn.Module):
 def build_llama(cfg: LlamaConfig) -> list[nn.Module]:
     """[Embedding, Block x n_layers, Head] (seed torch before calling; or build under torch.device("meta")
     and let a Pipeline initialize each rank's layers with `init_weights()`)."""
-    layers: list[nn.Module] = [Embedding(cfg), *(Block(cfg) for _ in range(cfg.n_layers)), Head(cfg)]
-    for layer in layers:
-        layer.init_weights()
-    if cfg.tie_embeddings:
-        layers[-1].proj.weight = layers[0].tok.weight
-    return layers
+    return assemble(Embedding(cfg), [Block(cfg) for _ in range(cfg.n_layers)], Head(cfg), tie=cfg.tie_embeddings)
 
 
 def flops_per_token(cfg: LlamaConfig) -> float:
@@ -141,16 +140,6 @@ def flops_per_token(cfg: LlamaConfig) -> float:
     d, t, f, kv = cfg.d_model, cfg.seq_len, cfg.ffn, cfg.kv_heads * cfg.head_dim
     per_block = 2 * (2 * d * d + 2 * d * kv + 3 * d * f) + 2 * 2 * t * d / 2
     return 3.0 * (cfg.n_layers * per_block + 2 * d * cfg.vocab_size)
-
-
-def _init(layer: nn.Module, n_layers: int) -> None:
-    """Matrices N(0, 0.02), the residual outputs (wo, w_down) scaled by 1/sqrt(2 n_layers); norms 1."""
-    for name, p in layer.named_parameters():
-        if p.dim() >= 2:
-            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "w_down.weight")) else 0.02
-            nn.init.normal_(p, mean=0.0, std=std)
-        else:
-            nn.init.ones_(p)
 
 
 def _inv_freq(head_dim: int, theta: float) -> torch.Tensor:
