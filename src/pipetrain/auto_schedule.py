@@ -37,8 +37,8 @@ def choose_schedule(layers: list[nn.Module], *, num_microbatches: int | None, sa
         costs.copy_(torch.tensor(phase_costs(layers, sample), dtype=torch.float64))
     if transport is not None:
         transport.all_reduce(costs, timeout)
-    else:
-        dist.all_reduce(costs, group=group)
+    else:  # (no transport yet: it is built for the schedule chosen here)
+        sum_over(group if group is not None else dist.group.WORLD, costs, timeout, "the all-reduce of measured costs")
     replicas = dist.get_world_size(dp_group) if dp_group is not None else 1
     if replicas > 1:
         sum_over(dp_group, costs, timeout)

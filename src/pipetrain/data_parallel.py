@@ -88,10 +88,11 @@ def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequ
     return GradientAverager(dp_group, buckets, timeout)
 
 
-def sum_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+def sum_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: float,
+             what: str = "a data-parallel all-reduce") -> torch.Tensor:
     """Sum of a small tensor over `group` (in place, bounded wait); the identity without a group."""
     if group is not None and dist.get_world_size(group) > 1:
-        _wait(dist.all_reduce(tensor, group=group, async_op=True), timeout, "a data-parallel all-reduce")
+        _wait(dist.all_reduce(tensor, group=group, async_op=True), timeout, what)
     return tensor
 
 
