@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,27 +40,19 @@ def time_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 5,
     x = [t.to(device) for t in leaves]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for layer in layers:
-            saved_grads = [(p, p.grad) for p in layer.parameters()]
-            for p in layer.parameters():
-                p.grad = None  # backward below accumulates in place; keep the caller's tensors untouched
-            saved_buffers = [(b, b.detach().clone()) for b in layer.buffers()]
             times, out = [], None
-            for i in range(warmup + repeats):
-                inp = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
-                _sync(device)
-                start = time.perf_counter()
-                out, spec = flatten(layer(unflatten(inp, spec)), what=f"the output of {type(layer).__name__}")
-                grads = [t for t in out if t.requires_grad]
-                if grads:
-                    torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
-                _sync(device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-            for p, g in saved_grads:
-                p.grad = g
-            with torch.no_grad():
-                for b, value in saved_buffers:
-                    b.copy_(value)
+            with _left_as_found(layer):
+                for i in range(warmup + repeats):
+                    inp = [t.detach().requires_grad_(t.is_floating_point()) for t in x]
+                    _sync(device)
+                    start = time.perf_counter()
+                    out, spec = flatten(layer(unflatten(inp, spec)), what=f"the output of {type(layer).__name__}")
+                    grads = [t for t in out if t.requires_grad]
+                    if grads:
+                        torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
+                    _sync(device)
+                    if i >= warmup:
+                        times.append(time.perf_counter() - start)
             costs.append(statistics.median(times))
             x = [t.detach() for t in out]
     return costs
@@ -80,39 +73,50 @@ def phase_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 3, w
     costs, x = [], sample
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for index, layer in enumerate(layers):
-            saved_grads = [(p, p.grad) for p in layer.parameters()]
-            saved_buffers = [(b, b.detach().clone()) for b in layer.buffers()]
             stage = Stage(0 if index == 0 else 1, 3, [layer], split_backward=True, device=device)
             times: list[tuple[float, float, float]] = []
             try:
-                for i in range(warmup + repeats):
-                    for p in layer.parameters():
-                        p.grad = None
-                    _sync(device)
-                    start = time.perf_counter()
-                    out = stage.forward(0, x)
-                    _sync(device)
-                    mid = time.perf_counter()
-                    seeds = [torch.ones_like(t) for t, (_, _, g) in zip(out.leaves, out.signature.leaves, strict=True)
-                             if g]
-                    stage.backward_input(0, seeds)
-                    _sync(device)
-                    after_i = time.perf_counter()
-                    stage.backward_weight(0)
-                    _sync(device)
-                    if i >= warmup:
-                        times.append((mid - start, after_i - mid, time.perf_counter() - after_i))
+                with _left_as_found(layer):
+                    for i in range(warmup + repeats):
+                        _sync(device)
+                        start = time.perf_counter()
+                        out = stage.forward(0, x)
+                        _sync(device)
+                        mid = time.perf_counter()
+                        carried = zip(out.leaves, out.signature.leaves, strict=True)
+                        seeds = [torch.ones_like(t) for t, (_, _, g) in carried if g]
+                        stage.backward_input(0, seeds)
+                        _sync(device)
+                        after_i = time.perf_counter()
+                        stage.backward_weight(0)
+                        _sync(device)
+                        if i >= warmup:
+                            times.append((mid - start, after_i - mid, time.perf_counter() - after_i))
             finally:
                 stage.clear()
                 undefer_linears(layer.modules())
-                for p, g in saved_grads:
-                    p.grad = g
-                with torch.no_grad():
-                    for b, value in saved_buffers:
-                        b.copy_(value)
             costs.append(tuple(statistics.median(t[k] for t in times) for k in range(3)))
             x = out
     return costs
+
+
+@contextmanager
+def _left_as_found(layer: nn.Module) -> Iterator[None]:
+    """Measure `layer` without a trace: its gradients start empty (backward accumulates in place, and the
+    caller's tensors stay untouched) and come back as they were, and so do its buffers (e.g. BatchNorm
+    statistics)."""
+    saved_grads = [(p, p.grad) for p in layer.parameters()]
+    saved_buffers = [(b, b.detach().clone()) for b in layer.buffers()]
+    for p in layer.parameters():
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in saved_grads:
+            p.grad = g
+        with torch.no_grad():
+            for b, value in saved_buffers:
+                b.copy_(value)
 
 
 def _sync(device: torch.device) -> None:

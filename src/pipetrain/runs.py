@@ -44,6 +44,7 @@ def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
     from transformers import AutoModelForCausalLM
 
     from .models.hf import from_hf, load_weights
+    from .models.hf_checkpoint import has_weights
 
     hf_config = check_hf_model(config)
     with torch.device("meta"):
@@ -57,7 +58,7 @@ def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
                       count_tokens=lambda labels: (labels[:, 1:] != -100).sum(), flops_per_token=6.0 * params,
                       model_info={"name": f"{type(model).__name__} from {config.hf}", "params": params,
                                   "config": hf_config.to_diff_dict()}, **kwargs)
-    weights = _has_weights(Path(config.hf))
+    weights = has_weights(config.hf)
     if trainer.step == 0 and weights:  # a resumed run has its trained weights already
         load_weights(trainer.pipe, config.hf)
     elif trainer.step == 0:
@@ -92,7 +93,3 @@ def _hf_seq_len(config: TrainConfig, hf_config) -> int:
     if seq + 1 > limit:
         raise ConfigError(f"seq_len={seq} needs {seq + 1} positions, but the model has {limit}")
     return seq
-
-
-def _has_weights(path: Path) -> bool:
-    return (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()

@@ -111,6 +111,11 @@ def _tensors(pipe) -> Iterator[tuple[list[str], torch.Tensor]]:
             yield names, state[key]
 
 
+def has_weights(directory: str | Path) -> bool:
+    """Whether `directory` holds a safetensors checkpoint `load_weights` reads."""
+    return (Path(directory) / INDEX).exists() or (Path(directory) / SINGLE).exists()
+
+
 def _files_by_name(directory: Path) -> dict[str, Path]:
     if (directory / INDEX).exists():
         weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
