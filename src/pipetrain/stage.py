@@ -156,10 +156,7 @@ class Stage:
     def backward(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Back-propagate microbatch `mb`; free its cache; return the gradients of the input leaves that
         carry one (in leaf order)."""
-        saved, outputs, seeds = self._roots(mb, grads)
-        if outputs:
-            torch.autograd.backward(outputs, seeds)
-        return [t.grad if t.grad is not None else torch.zeros_like(t) for t in saved.inputs]
+        return _backward(*self._roots(mb, grads))
 
     def backward_input(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """I: the input leaves' gradients; what W needs stays until `backward_weight(mb)`."""
@@ -170,11 +167,11 @@ class Stage:
             return grads_in
         pending = self._deferral.pending = []  # the linears keep their weight products here, for W
         try:  # everything else (input gradients, norms, embeddings: cheap) now
-            torch.autograd.backward(outputs, seeds)
+            grads_in = _backward(saved, outputs, seeds)
         finally:
             self._deferral.pending = None
         self._weight_work[mb] = partial(apply_weight_grads, pending)
-        return [t.grad if t.grad is not None else torch.zeros_like(t) for t in saved.inputs]
+        return grads_in
 
     def backward_weight(self, mb: int) -> None:
         """W: accumulate this microbatch's weight gradients and free what I kept."""
@@ -190,3 +187,9 @@ class Stage:
         self.losses.clear()
         self.aux.clear()
 
+
+def _backward(saved: _Saved, outputs: list[torch.Tensor], seeds: list) -> list[torch.Tensor]:
+    """A full backward from `outputs`; the gradients of the stage's input leaves (zeros where none came)."""
+    if outputs:
+        torch.autograd.backward(outputs, seeds)
+    return [t.grad if t.grad is not None else torch.zeros_like(t) for t in saved.inputs]
