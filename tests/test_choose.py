@@ -101,6 +101,7 @@ def test_pipeline_auto_runs_the_fastest_schedule_on_its_split_exactly(processes,
 
 
 def test_pipeline_auto_says_what_it_needs():
+    import torch
     from torch import nn
 
     import pipetrain as pt
@@ -109,6 +110,11 @@ def test_pipeline_auto_says_what_it_needs():
     layers = [nn.Linear(2, 2)]
     with pytest.raises(ValueError, match="needs num_microbatches="):
         pt.Pipeline(layers, schedule="auto", loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
+    with torch.device("meta"):
+        meta = [nn.Linear(2, 2)]
+    with pytest.raises(ValueError, match="meta device cannot run: build a schedule with pipetrain.schedules.build"):
+        pt.Pipeline(meta, schedule="auto", num_microbatches=1, sample=torch.ones(1, 2), loss_fn=nn.functional.mse_loss,
+                    transport=hub.transport(0))
     with pytest.raises(ValueError, match='or "auto", got \'zbv\''):
         pt.Pipeline(layers, schedule="zbv", loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
     with pytest.raises(ValueError, match="go with schedule=\"auto\" only"):

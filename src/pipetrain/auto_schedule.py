@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data_parallel import sum_over
-from .materialize import on_meta
+from .materialize import refuse_meta
 from .profile import phase_costs
 from .schedule import Schedule
 from .schedule import build as build_schedule
@@ -27,9 +27,7 @@ def choose_schedule(layers: list[nn.Module], *, num_microbatches: int | None, sa
         raise ValueError('schedule="auto" needs num_microbatches= (the schedule is built for them)')
     if sample is None:
         raise ValueError('schedule="auto" times every layer on `sample=`, one microbatch of model input')
-    if any(on_meta(layer, i) for i, layer in enumerate(layers)):
-        raise ValueError('schedule="auto" runs every layer to time it, and layers on the meta device cannot run: '
-                         "build a schedule with pipetrain.schedules.build(...) instead")
+    refuse_meta(layers, 'schedule="auto"', "build a schedule with pipetrain.schedules.build(...) instead")
     world = transport.world_size if transport is not None else dist.get_world_size(group)
     rank = transport.rank if transport is not None else dist.get_rank(group)
     costs = torch.zeros(len(layers), 3, dtype=torch.float64)

@@ -20,6 +20,12 @@ def on_meta(layer: nn.Module, index: int) -> bool:
     return any(params) or any(b.is_meta for b in layer.buffers())
 
 
+def refuse_meta(layers: list[nn.Module], what: str, fix: str) -> None:
+    """Raise naming `what` (which runs every layer to time it) and `fix` if any layer is on the meta device."""
+    if any(on_meta(layer, i) for i, layer in enumerate(layers)):
+        raise ValueError(f"{what} runs every layer to time it, and layers on the meta device cannot run: {fix}")
+
+
 def materialize(layers: Mapping[int, nn.Module], device: torch.device, seed: int) -> dict[int, torch.Tensor]:
     """Give the meta tensors of `layers` (index -> layer, this rank's) storage on `device`, then initialize
     each such layer under a random seed made of `seed` and its index, so any split of the model over ranks

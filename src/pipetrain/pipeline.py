@@ -14,7 +14,7 @@ from .auto_schedule import choose_schedule
 from .balance import Balance, resolve_balance
 from .comm import DistTransport, InProcessTransport, Transport
 from .data_parallel import TIED, averager_for, sum_over
-from .materialize import materialize, on_meta
+from .materialize import materialize, refuse_meta
 from .partition import BalanceError
 from .profile import time_costs
 from .runtime import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
@@ -377,9 +377,8 @@ def _checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: floa
                            f"with at most {len(layers)} stages (ranks x stages_per_rank) or more layers")
     if isinstance(balance, str) and balance == "time" and sample is None:
         raise ValueError('balance="time" needs `sample=`, one microbatch of model input to profile on')
-    if isinstance(balance, str) and balance == "time" and any(on_meta(layer, i) for i, layer in enumerate(layers)):
-        raise ValueError('balance="time" runs every layer to time it, and layers on the meta device cannot run: '
-                         'use balance="params" or a list of layers per stage')
+    if isinstance(balance, str) and balance == "time":
+        refuse_meta(layers, 'balance="time"', 'use balance="params" or a list of layers per stage')
     return schedule
 
 
