@@ -90,10 +90,7 @@ def exactness(rank: int, world: int, families: list[str], pads: list[str]) -> di
 def meta_load_and_save(rank: int, world: int, family: str, source: str, out: str) -> dict:
     """Build on meta, load this rank's tensors from `source`, train one step (SGD), save_pretrained to `out`;
     the gradients against HF's full model loaded in this process, and the held-out loss after the step."""
-    model = build(family, meta=True)
-    layers, loss_fn = from_hf(model)
-    sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
-    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, timeout=60)
+    pipe = _pipeline(build(family, meta=True), world)
     load_weights(pipe, source)
     inputs, labels = batch("left")
     loss = pipe.step(inputs, labels)
@@ -108,10 +105,7 @@ def meta_load_and_save(rank: int, world: int, family: str, source: str, out: str
 
 def load_fails_on_one_rank(rank: int, world: int, source: str) -> dict:
     """load_weights from a checkpoint that lacks one of the last rank's tensors: what each rank raised."""
-    model = build("llama", meta=True)
-    layers, loss_fn = from_hf(model)
-    sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
-    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, timeout=60)
+    pipe = _pipeline(build("llama", meta=True), world)
     start = time.monotonic()
     try:
         load_weights(pipe, source)
@@ -125,15 +119,20 @@ def peak_memory_of_loading(rank: int, world: int, config, source: str) -> dict:
     loading them."""
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
-    layers, loss_fn = from_hf(model)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     before = _status_bytes("VmRSS")
-    sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
-    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, timeout=120, balance="params")
+    pipe = _pipeline(model, world, timeout=120, balance="params")
     load_weights(pipe, source)
     peak = _status_bytes("VmHWM")  # not getrusage: its maximum carries the parent's over fork and exec
     mine = sum(p.numel() * p.element_size() for p in pipe.parameters())
     return {"growth": peak - before, "params_bytes": mine}
+
+
+def _pipeline(model, world: int, timeout: float = 60, **kwargs):
+    """A 1F1B Pipeline of `from_hf(model)` over this process group."""
+    layers, loss_fn = from_hf(model)
+    sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
+    return pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, timeout=timeout, **kwargs)
 
 
 def _status_bytes(field: str) -> int:
