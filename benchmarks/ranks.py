@@ -14,6 +14,7 @@ import pipetrain as pt
 from pipetrain import models
 from pipetrain.models.gpt import GPTConfig, gpt_loss
 from pipetrain.models.llama import LlamaConfig
+from pipetrain.profile import phase_costs
 
 # pipetrain schedule -> torch.distributed.pipelining class name and placement ("loop" or "v")
 TORCH_SCHEDULES = {
@@ -39,16 +40,31 @@ def fixed_batch(cfg: models.ModelConfig, batch_size: int) -> tuple[torch.Tensor,
     return x, torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len), generator=gen)
 
 
-def split_layers(layers: list[nn.Module], num_stages: int) -> list[int]:
-    """The split both libraries use: pipetrain's exact partition by parameter count."""
-    return pt.partition([float(sum(p.numel() for p in layer.parameters())) for layer in layers], num_stages)
+def layer_costs(cfg: models.ModelConfig, x: torch.Tensor, m: int) -> list[tuple[float, float, float]]:
+    """Each layer's measured (F, I, W) seconds on one microbatch, 1 thread (measured once, in the parent)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return phase_costs(models.build(cfg), x[: x.shape[0] // m])
 
 
-def pipetrain_runner(cfg: models.ModelConfig, name: str, world: int, m: int, x, y):
+def split_layers(costs: list[tuple[float, float, float]], num_stages: int) -> list[int]:
+    """The split both libraries use: pipetrain's exact partition of the measured F + I + W times."""
+    return pt.partition([sum(c) for c in costs], num_stages)
+
+
+def pipetrain_runner(cfg: models.ModelConfig, name: str, world: int, m: int, x, y, costs):
     torch.manual_seed(0)
     layers = models.build(cfg)
-    sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m)
-    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, balance=split_layers(layers, sched.num_stages))
+    per_rank = 2 if name == "zb-auto" and world * 2 <= len(layers) else None
+    stages = world * (per_rank or 1)
+    balance = split_layers(costs, stages) if name == "zb-auto" else None
+    options = {}
+    if name == "zb-auto":  # built for the measured costs of its split, at 1F1B's memory
+        starts = [sum(balance[:s]) for s in range(stages + 1)]
+        f, i, w = ([sum(c[k] for c in costs[starts[s]:starts[s + 1]]) for s in range(stages)] for k in range(3))
+        options = {"costs": pt.schedules.Costs(f=f, b=i, w=w), "stages_per_rank": per_rank}
+    sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m, **options)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, balance=split_layers(costs, sched.num_stages))
 
     def step() -> None:
         pipe.step(x, y)
@@ -58,7 +74,7 @@ def pipetrain_runner(cfg: models.ModelConfig, name: str, world: int, m: int, x, 
     return step, pipe
 
 
-def torch_runner(cfg: models.ModelConfig, name: str, world: int, rank: int, m: int, x, y):
+def torch_runner(cfg: models.ModelConfig, name: str, world: int, rank: int, m: int, x, y, costs):
     from torch.distributed import pipelining
 
     cls_name, placement = TORCH_SCHEDULES[name]
@@ -66,7 +82,7 @@ def torch_runner(cfg: models.ModelConfig, name: str, world: int, rank: int, m: i
     layers = models.build(cfg)
     per_rank = 1 if name in ("gpipe", "1f1b") else 2
     num_stages = world * per_rank
-    balance = split_layers(layers, num_stages)
+    balance = split_layers(costs, num_stages)
     bounds = [0]
     for n in balance:
         bounds.append(bounds[-1] + n)
@@ -89,8 +105,9 @@ def torch_runner(cfg: models.ModelConfig, name: str, world: int, rank: int, m: i
 
 
 def bench_rank(rank: int, world: int, spec: dict) -> dict:
-    """Every schedule of `spec` at `spec["microbatches"]`: pipetrain, torch and the single-process baseline
-    (on rank 0 while the others wait) rotating block by block (A B C, C B A, ...). Times are max over ranks.
+    """Every schedule of `spec` at `spec["microbatches"]`: pipetrain, torch and the single-process baselines
+    (on rank 0 while the others wait: 1 thread, and P threads, what a user of the P cores would run instead)
+    rotating block by block (A B C D, D C B A, ...). Times are max over ranks.
 
     Then, for each extra microbatch count in `spec["sweep"]`, one block of each (the efficiency curve)."""
     torch.set_num_threads(1)
@@ -112,15 +129,16 @@ def bench_rank(rank: int, world: int, spec: dict) -> dict:
 
 def _measure_schedule(rank: int, world: int, spec: dict, cfg: models.ModelConfig, name: str, m: int, x, y, single,
                       rounds: int, timeline: bool = False) -> dict:
-    pt_step, pipe = pipetrain_runner(cfg, name, world, m, x, y)
+    pt_step, pipe = pipetrain_runner(cfg, name, world, m, x, y, spec["layer_costs"])
     runners = {"pipetrain": pt_step}
     if name in TORCH_SCHEDULES and spec.get("torch", True):
-        runners["torch"] = torch_runner(cfg, name, world, rank, m, x, y)
+        runners["torch"] = torch_runner(cfg, name, world, rank, m, x, y, spec["layer_costs"])
     for step in runners.values():  # warm-up (shape inference, allocator)
         for _ in range(spec["warmup"]):
             step()
     runners["single"] = (lambda: single(m)) if single else (lambda: None)
-    steps = {"pipetrain": spec["steps"], "torch": spec["steps"], "single": 1}  # single: the slow one
+    runners["single_p_threads"] = (lambda: _with_threads(world, single, m)) if single else (lambda: None)
+    steps = {"pipetrain": spec["steps"], "torch": spec["steps"], "single": 1, "single_p_threads": 1}
     times = {lib: [] for lib in runners}
     bubbles = []
     for r in range(rounds):
@@ -144,15 +162,24 @@ def _measure_schedule(rank: int, world: int, spec: dict, cfg: models.ModelConfig
             "timeline": pt.schedules.io.timeline_to_json(measured, pipe.schedule) if measured else None}
 
 
+def _with_threads(threads: int, single, m: int) -> None:
+    """One single-process step using `threads` threads (the cores the pipeline's ranks use together)."""
+    torch.set_num_threads(threads)
+    try:
+        single(m)
+    finally:
+        torch.set_num_threads(1)
+
+
 def peak_memory_rank(rank: int, world: int, spec: dict, lib: str, name: str) -> int:
     """Peak resident memory (bytes) of a fresh process that builds one library's pipeline and runs 2 steps."""
     torch.set_num_threads(1)
     cfg = model_config(spec["model"])
     x, y = fixed_batch(cfg, spec["batch_size"])
     if lib == "pipetrain":
-        step, _ = pipetrain_runner(cfg, name, world, spec["microbatches"], x, y)
+        step, _ = pipetrain_runner(cfg, name, world, spec["microbatches"], x, y, spec["layer_costs"])
     else:
-        step = torch_runner(cfg, name, world, rank, spec["microbatches"], x, y)
+        step = torch_runner(cfg, name, world, rank, spec["microbatches"], x, y, spec["layer_costs"])
     for _ in range(2):
         step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

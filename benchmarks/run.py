@@ -34,7 +34,7 @@ WORKLOADS = {
                         n_kv_heads=4),
     "gpt-16x512": dict(vocab_size=256, seq_len=128, d_model=512, n_layers=16, n_heads=8),
 }
-SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs", "dualpipev"]
+SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs", "dualpipev", "zb-auto"]
 
 
 def measure(workload: str, world: int, args) -> dict:
@@ -45,6 +45,8 @@ def measure(workload: str, world: int, args) -> dict:
             "sweep": [] if large else [m for m in args.sweep if m != args.microbatches and m >= world],
             "timelines": True}
     started = time.perf_counter()
+    cfg = ranks.model_config(WORKLOADS[workload])  # both libraries get the split of these measured times
+    spec["layer_costs"] = ranks.layer_costs(cfg, ranks.fixed_batch(cfg, args.batch_size)[0], args.microbatches)
     per_rank = run_processes(world, ranks.bench_rank, spec, timeout=3600)
     # (schedule, library) -> peak RSS per rank, each measured in fresh processes; two such runs at a time
     # (a peak does not depend on how the cores are shared; the timing above is done by then)
@@ -61,6 +63,7 @@ def measure(workload: str, world: int, args) -> dict:
         row = {"workload": workload, "ranks": world, "schedule": name, "microbatches": args.microbatches,
                "tokens_per_step": tokens,
                "single_process_step_time": statistics.median(times["single"]),
+               "single_process_p_threads_step_time": statistics.median(times["single_p_threads"]),
                "bound": schedule_bound(name, world, args.microbatches)}
         for lib in ("pipetrain", "torch"):
             if lib in times:
@@ -69,6 +72,8 @@ def measure(workload: str, world: int, args) -> dict:
                             "efficiency": _efficiency(times, lib, world),
                             "peak_memory_per_rank": memory[(name, lib)]}
         row["pipetrain"]["bubble_per_rank"] = [per_rank[r][name]["bubble"] for r in range(world)]
+        row["speedup_vs_single_p_threads"] = statistics.median(
+            s / p for p, s in zip(times["pipetrain"], times["single_p_threads"], strict=True))
         if "torch" in row:
             pairs = [t / p for p, t in zip(times["pipetrain"], times["torch"], strict=True)]
             row["speedup_vs_torch"] = statistics.median(pairs)  # per A/B pair, then the median
@@ -179,6 +184,10 @@ def markdown(results: dict) -> str:
         single = statistics.median(r["single_process_step_time"] for r in block["rows"])
         lines.append(f"| {block['rows'][0]['workload']} | 1 | single process (1 thread) | {single * 1e3:.0f} ms | "
                      f"{block['rows'][0]['tokens_per_step'] / single:.0f} | 1/P | | | | | | | | | |")
+        first = block["rows"][0]
+        threads = statistics.median(r["single_process_p_threads_step_time"] for r in block["rows"])
+        lines.append(f"| {first['workload']} | 1 | single process ({first['ranks']} threads) | "
+                     f"{threads * 1e3:.0f} ms | {first['tokens_per_step'] / threads:.0f} |" + " |" * 10)
     lines.append("")
     for block in results["runs"]:  # best against best: what each library's user would pick
         rows = block["rows"]
@@ -186,7 +195,8 @@ def markdown(results: dict) -> str:
         theirs = [r for r in rows if "torch" in r]
         line = (f"Best schedules, {rows[0]['workload']} on {rows[0]['ranks']} ranks: pipetrain {ours['schedule']} "
                 f"(efficiency {ours['pipetrain']['efficiency']:.3f}, "
-                f"{ours['pipetrain']['efficiency'] * rows[0]['ranks']:.2f}x one process)")
+                f"{ours['pipetrain']['efficiency'] * rows[0]['ranks']:.2f}x one process on 1 thread, "
+                f"{ours['speedup_vs_single_p_threads']:.2f}x one process on {rows[0]['ranks']} threads)")
         if theirs:
             best = max(theirs, key=lambda r: r["torch"]["efficiency"])
             line += (f", torch {best['schedule']} ({best['torch']['efficiency']:.3f}): "

@@ -23,7 +23,7 @@ def test_quick_suite_writes_table_json_and_pictures(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.setitem(run.WORKLOADS, "tiny", dict(family="llama", vocab_size=32, seq_len=16, d_model=32, n_layers=4,
                                                     n_heads=2, n_kv_heads=1))  # the reference Llama
-    schedules = ["gpipe", "1f1b", "zb-h1"]
+    schedules = ["gpipe", "1f1b", "zb-auto"]
     assert run.main(["--workloads", "tiny", "--ranks", "2", "--schedules", *schedules, "--microbatches", "4",
                      "--batch-size", "8", "--sweep", "2", "--rounds", "2", "--steps", "1", "--warmup", "1",
                      "--no-jax", "--out", str(tmp_path)]) == 0
@@ -35,17 +35,19 @@ def test_quick_suite_writes_table_json_and_pictures(tmp_path, monkeypatch):
         assert len(pt["blocks"]) == 2 and pt["step_time"] > 0 and 0 < pt["efficiency"] < 5
         assert len(pt["peak_memory_per_rank"]) == 2 and min(pt["peak_memory_per_rank"]) > 2**20
         assert 0 < row["bound"] < 1
-        if row["schedule"] == "zb-h1":
-            assert "torch" not in row  # torch.distributed.pipelining has no ZB-H1
+        assert row["single_process_p_threads_step_time"] > 0 and row["speedup_vs_single_p_threads"] > 0
+        if row["schedule"] == "zb-auto":
+            assert "torch" not in row  # torch.distributed.pipelining builds no schedule from costs
         else:
             assert row["speedup_vs_torch"] > 0
             assert row["max_speedup_vs_torch"] == pytest.approx(row["bound"] / row["torch"]["efficiency"])
     assert set(block["sweep"]["1f1b"]) == {"2", "4"}
     assert block["sweep"]["1f1b"]["2"]["bound"] == pytest.approx(2 / 3)
     table = (tmp_path / "results.md").read_text()
-    assert "| tiny | 2 | zb-h1 |" in table and "single process" in table
-    assert re.search(r"Best schedules, tiny on 2 ranks: pipetrain \S+ \(efficiency [\d.]+, [\d.]+x one process\), "
-                     r"torch \S+ \([\d.]+\): [\d.]+x torch's best", table), table
+    assert "| tiny | 2 | zb-auto |" in table and "| tiny | 1 | single process (2 threads) |" in table
+    assert re.search(r"Best schedules, tiny on 2 ranks: pipetrain \S+ \(efficiency [\d.]+, [\d.]+x one process on 1 "
+                     r"thread, [\d.]+x one process on 2 threads\), torch \S+ \([\d.]+\): [\d.]+x torch's best",
+                     table), table
     assert (tmp_path / "efficiency_tiny_p2.png").stat().st_size > 10_000
     assert (tmp_path / "timeline_tiny_p2_1f1b.png").exists()
 

@@ -43,7 +43,7 @@ ALL = ["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zbv", "dualp
 
 
 def test_names_lists_registered_schedules():
-    assert S.names() == ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs", "dualpipev"]
+    assert S.names() == ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "looped-bfs", "dualpipev", "zb-auto"]
     with pytest.raises(ValueError, match="available: gpipe, 1f1b"):
         S.build("nope", num_ranks=2, num_microbatches=2)
 

@@ -54,9 +54,9 @@ def reference(kind: str, num_microbatches: int) -> dict:
     return {"grads": grads, "curve": curve}
 
 
-def train(rank: int, world: int, schedule: str, kind: str, num_microbatches: int, transport=None,
-          split_directions: bool | None = None, checkpoint: bool = False) -> dict:
-    """The pipelined version of `reference`, as seen by one rank."""
+def train(rank: int, world: int, schedule: str | pt.schedules.Schedule, kind: str, num_microbatches: int,
+          transport=None, split_directions: bool | None = None, checkpoint: bool = False) -> dict:
+    """The pipelined version of `reference`, as seen by one rank (`schedule`: a name, or a built one)."""
     # in-process ranks are threads: build while no other thread computes (checkpoint recomputation
     # restores torch's global RNG state, which model building draws from)
     barrier = getattr(transport, "test_barrier", None)
@@ -65,7 +65,8 @@ def train(rank: int, world: int, schedule: str, kind: str, num_microbatches: int
     layers, loss_fn, x, y = make_model(kind, num_microbatches)
     if barrier is not None:
         barrier.wait()
-    sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=num_microbatches)
+    sched = (schedule if isinstance(schedule, pt.schedules.Schedule) else
+             pt.schedules.build(schedule, num_ranks=world, num_microbatches=num_microbatches))
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport, timeout=30,
                        split_directions=split_directions, checkpoint=checkpoint)
     params = list(pipe.parameters())  # a stage may hold only parameter-free layers (e.g. GELU)
@@ -100,7 +101,19 @@ def all_scenarios(rank: int, world: int, transport=None) -> dict:
     for schedule in ("1f1b", "zb-h1", "zbv", "interleaved-1f1b"):
         out[("gpt", f"{schedule}+checkpoint", m)] = train(rank, world, schedule, "gpt", m, transport,
                                                            checkpoint=True)
+    for per_rank in (1, 2):
+        out[("gpt", f"zb-auto/{per_rank}", m)] = train(rank, world, uneven_zb_auto(world, m, per_rank), "gpt", m,
+                                                        transport)
     return out
+
+
+def uneven_zb_auto(world: int, num_microbatches: int, stages_per_rank: int) -> pt.schedules.Schedule:
+    """zb-auto built for a heavy last stage, cheap weight gradients and twice 1F1B's memory: an order no
+    hand-written schedule has (tests/test_zb_auto.py checks that it differs from zb-h1's and zbv's)."""
+    n = world * stages_per_rank
+    costs = pt.schedules.Costs(f=[1.0] * (n - 1) + [3.0], b=[1.5] * (n - 1) + [4.0], w=[0.5] * n, comm=0.2)
+    return pt.schedules.build("zb-auto", num_ranks=world, num_microbatches=num_microbatches,
+                              stages_per_rank=stages_per_rank, costs=costs, memory_limit=2 * world)
 
 
 def split_direction_scenario(rank: int, world: int) -> dict:

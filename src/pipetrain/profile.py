@@ -1,5 +1,5 @@
 """Per-layer cost sources for the partitioner and the schedule chooser: uniform, parameter count, measured
-time (F + B), and measured F, I, W."""
+time (F + B), measured F, I, W; and the transfer time of what crosses a stage boundary."""
 
 from __future__ import annotations
 
@@ -98,6 +98,41 @@ def phase_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 3, w
             costs.append(tuple(statistics.median(t[k] for t in times) for k in range(3)))
             x = out
     return costs
+
+
+def boundary_bytes(layers: Sequence[nn.Module], sample: Any) -> int:
+    """The most bytes any layer but the last outputs on `sample`: what the largest stage boundary sends.
+    One forward without gradients; the layers' buffers and the global RNG are left as found."""
+    largest, x = 0, sample
+    leaves, _ = flatten(sample, what="sample")
+    device = leaves[0].device
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for layer in layers[:-1]:
+            with _left_as_found(layer):
+                x = layer(x)
+            outs, _ = flatten(x, what=f"the output of {type(layer).__name__}")
+            largest = max(largest, sum(t.numel() * t.element_size() for t in outs))
+    return largest
+
+
+def transfer_time(transport, nbytes: int, *, timeout: float, repeats: int = 5) -> float:
+    """Median seconds to send `nbytes` from rank 0 to rank 1 of `transport` (a round trip, halved), on rank 0;
+    rank 1 echoes; every other rank returns 0 at once. Ranks 0 and 1 must both call it."""
+    from .comm import wait_or_raise
+
+    if transport.world_size < 2 or transport.rank > 1:
+        return 0.0
+    peer = 1 - transport.rank
+    buffer = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=getattr(transport, "device", "cpu"))
+    times = []
+    for i in range(repeats + 1):  # the first trip sets up the connection
+        start = time.perf_counter()
+        for send in ((True, False) if transport.rank == 0 else (False, True)):
+            work = transport.isend(buffer, peer) if send else transport.irecv(buffer, peer)
+            wait_or_raise(work, timeout=timeout, transport=transport, peer=peer, what="timing a transfer")
+        if i:
+            times.append((time.perf_counter() - start) / 2)
+    return statistics.median(times) if transport.rank == 0 else 0.0
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Schedules as data (pure Python, no torch): generators, checker, lowering, simulator, text forms."""
 
-from . import dualpipe, gpipe, interleaved, onefoneb, zero_bubble  # noqa: F401  (registers the generators)
+from . import dualpipe, gpipe, interleaved, onefoneb, zb_auto, zero_bubble  # noqa: F401  (registers the generators)
 from .actions import Action, Op
 from .base import Schedule, ScheduleError, format_table
 from .check import check

@@ -2,22 +2,24 @@
 on the best split of the measured layers, simulated; the fastest first.
 
     ranked = rank_schedules(num_ranks=2, num_microbatches=8, layer_costs=[(f, i, w), ...], comm=0.001)
-    ranked[0].name, ranked[0].stages_per_rank, ranked[0].balance      # what to build and how to split
+    ranked[0].schedule, ranked[0].balance      # what to run and how to split the layers
 
 Each layer's cost is (F, I, W) seconds for one microbatch (a schedule without W runs B = I + W). The
 layers are split to minimize the most expensive stage (`partition` on F + I + W), so an uneven model (a
-heavy output head) is simulated as it will run. Memory: `peak_microbatches` is the most activations a rank
-holds at once, in microbatches of all its layers (a V schedule's stage holds half a rank's layers);
-`memory_limit` drops the candidates above it.
+heavy output head) is simulated as it will run; `comm` is one stage-to-stage transfer. `zb-auto` is built
+for those very costs, within `memory_limit` (or, without one, at 1F1B's memory P and at 2P). Memory:
+`peak_microbatches` is the most activations a rank holds at once, in microbatches of all its layers (a V
+schedule's stage holds half a rank's layers); `memory_limit` drops the candidates above it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..partition import partition
-from .registry import build, names
+from .base import Schedule
+from .registry import build, names, options
 from .simulate import Costs, simulate
 
 
@@ -29,6 +31,7 @@ class Candidate:
     step_time: float  # simulated, seconds
     bubble_fraction: float
     peak_microbatches: float  # the most a rank holds at once, in microbatches of all its layers
+    schedule: Schedule = field(repr=False, compare=False)  # the schedule itself, ready to run
 
     def describe(self) -> str:
         return (f"{self.name} (stages per rank {self.stages_per_rank}, balance {list(self.balance)}): step "
@@ -49,21 +52,26 @@ def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequen
             num_stages = num_ranks * per_rank
             if num_stages > len(layer_costs):
                 break
-            try:
-                sched = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
-                              stages_per_rank=per_rank)
-            except ValueError:  # sizes this schedule does not take
-                continue
             balance = partition([f + i + w for f, i, w in layer_costs], num_stages)
             starts = [sum(balance[:s]) for s in range(num_stages + 1)]
             f, i, w = ([sum(c[k] for c in layer_costs[starts[s]:starts[s + 1]]) for s in range(num_stages)]
                        for k in range(3))
-            result = simulate(sched, Costs(f=f, b=i, w=w, comm=comm))  # (a B costs I + W)
-            peak = max(r.peak_activations for r in result.per_rank) / per_rank
-            if memory_limit is None or peak <= memory_limit:
-                found.append((result.step_time, peak, order, Candidate(name, per_rank, tuple(balance),
-                                                                      result.step_time, result.bubble_fraction,
-                                                                      peak)))
+            costs = Costs(f=f, b=i, w=w, comm=comm)  # (a B costs I + W)
+            variants = ([{}] if "costs" not in options(name) else
+                        [{"costs": costs, "memory_limit": limit}
+                         for limit in ([memory_limit] if memory_limit is not None else [num_ranks, 2 * num_ranks])])
+            for extra in variants:
+                try:
+                    sched = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
+                                  stages_per_rank=per_rank, **extra)
+                except ValueError:  # sizes this schedule does not take
+                    continue
+                result = simulate(sched, costs)
+                peak = max(r.peak_activations for r in result.per_rank) / per_rank
+                if memory_limit is None or peak <= memory_limit:
+                    found.append((result.step_time, peak, order,
+                                  Candidate(name, per_rank, tuple(balance), result.step_time,
+                                            result.bubble_fraction, peak, sched)))
     if not found:
         raise ValueError(f"no registered schedule runs {num_ranks} ranks x {num_microbatches} microbatches on "
                          f"{len(layer_costs)} layers within memory_limit={memory_limit} microbatches")
