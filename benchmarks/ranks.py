@@ -14,7 +14,9 @@ import pipetrain as pt
 from pipetrain import models
 from pipetrain.models.gpt import GPTConfig, gpt_loss
 from pipetrain.models.llama import LlamaConfig
+from pipetrain.partition import rank_partition
 from pipetrain.profile import phase_costs
+from pipetrain.schedule.placement import looped, vshape
 
 # pipetrain schedule -> torch.distributed.pipelining class name and placement ("loop" or "v")
 TORCH_SCHEDULES = {
@@ -47,24 +49,25 @@ def layer_costs(cfg: models.ModelConfig, x: torch.Tensor, m: int) -> list[tuple[
     return phase_costs(models.build(cfg), x[: x.shape[0] // m])
 
 
-def split_layers(costs: list[tuple[float, float, float]], num_stages: int) -> list[int]:
-    """The split both libraries use: pipetrain's exact partition of the measured F + I + W times."""
-    return pt.partition([sum(c) for c in costs], num_stages)
+def split_layers(costs: list[tuple[float, float, float]], stage_to_rank) -> list[int]:
+    """The split both libraries use: pipetrain's, of the measured F + I + W times, evening out the ranks'
+    totals for the schedule's placement (`rank_partition`)."""
+    return rank_partition([sum(c) for c in costs], stage_to_rank)
 
 
 def pipetrain_runner(cfg: models.ModelConfig, name: str, world: int, m: int, x, y, costs):
     torch.manual_seed(0)
     layers = models.build(cfg)
     per_rank = 2 if name == "zb-auto" and world * 2 <= len(layers) else None
-    stages = world * (per_rank or 1)
-    balance = split_layers(costs, stages) if name == "zb-auto" else None
-    options = {}
-    if name == "zb-auto":  # built for the measured costs of its split, at 1F1B's memory
-        starts = [sum(balance[:s]) for s in range(stages + 1)]
-        f, i, w = ([sum(c[k] for c in costs[starts[s]:starts[s + 1]]) for s in range(stages)] for k in range(3))
-        options = {"costs": pt.schedules.Costs(f=f, b=i, w=w), "stages_per_rank": per_rank}
-    sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m, **options)
-    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, balance=split_layers(costs, sched.num_stages))
+    sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m, stages_per_rank=per_rank)
+    balance = split_layers(costs, sched.stage_to_rank)
+    if name == "zb-auto":  # rebuilt for the measured costs of its split, at 1F1B's memory
+        starts = [sum(balance[:s]) for s in range(sched.num_stages + 1)]
+        f, i, w = ([sum(c[k] for c in costs[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+                   for k in range(3))
+        sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m, stages_per_rank=per_rank,
+                                   costs=pt.schedules.Costs(f=f, b=i, w=w))
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, balance=balance)
 
     def step() -> None:
         pipe.step(x, y)
@@ -82,11 +85,12 @@ def torch_runner(cfg: models.ModelConfig, name: str, world: int, rank: int, m: i
     layers = models.build(cfg)
     per_rank = 1 if name in ("gpipe", "1f1b") else 2
     num_stages = world * per_rank
-    balance = split_layers(costs, num_stages)
+    placement = vshape(world) if placement == "v" else looped(world, per_rank)
+    balance = split_layers(costs, placement)
     bounds = [0]
     for n in balance:
         bounds.append(bounds[-1] + n)
-    mine = [rank, 2 * world - 1 - rank] if placement == "v" else [rank + c * world for c in range(per_rank)]
+    mine = [s for s, r in enumerate(placement) if r == rank]
     stages = [pipelining.PipelineStage(nn.Sequential(*layers[bounds[s]:bounds[s + 1]]), s, num_stages,
                                        torch.device("cpu")) for s in mine]
     schedule = getattr(pipelining, cls_name)(stages[0] if per_rank == 1 else stages, m, loss_fn=gpt_loss)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipetrain.schedule as S
-from pipetrain.partition import partition
+from pipetrain.partition import rank_partition
 from pipetrain.schedule.choose import rank_schedules
 
 
@@ -38,7 +38,7 @@ def test_each_candidate_is_its_schedule_simulated_on_the_best_split(ranks, mbs, 
     ranked = rank_schedules(num_ranks=ranks, num_microbatches=mbs, layer_costs=layers, comm=comm)
     assert [c.step_time for c in ranked] == sorted(c.step_time for c in ranked)
     for c in ranked:
-        balance = partition([sum(x) for x in layers], len(c.balance))
+        balance = rank_partition([sum(x) for x in layers], c.schedule.stage_to_rank)
         assert list(c.balance) == balance
         starts = [sum(balance[:s]) for s in range(len(balance) + 1)]
         per_stage = [[sum(x[k] for x in layers[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pipetrain.partition import BalanceError, partition, stage_costs
+from pipetrain.partition import BalanceError, partition, rank_partition, stage_costs
 from pipetrain.profile import param_costs, time_costs, uniform_costs
 
 
@@ -33,6 +33,36 @@ def test_partition_is_optimal_contiguous_and_non_empty(costs, data):
     balance = partition(costs, k)
     assert len(balance) == k and sum(balance) == len(costs) and min(balance) >= 1
     assert max(stage_costs(costs, balance)) == pytest.approx(brute_force_bottleneck(costs, k), rel=1e-12, abs=1e-12)
+
+
+def _busiest_rank(costs, balance, stage_to_rank):
+    loads = [0.0] * (max(stage_to_rank) + 1)
+    for stage, cost in enumerate(stage_costs(costs, balance)):
+        loads[stage_to_rank[stage]] += cost
+    return max(loads)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 3), st.sampled_from(["v", "looped"]), st.data())
+def test_rank_partition_minimizes_the_busiest_rank(ranks, placement, data):
+    from pipetrain.schedule.placement import looped, vshape
+
+    stage_to_rank = vshape(ranks) if placement == "v" else looped(ranks, 2)
+    costs = data.draw(st.lists(st.one_of(st.floats(0, 1), st.floats(0, 10)), min_size=2 * ranks, max_size=10))
+    balance = rank_partition(costs, stage_to_rank)
+    assert len(balance) == 2 * ranks and min(balance) >= 1 and sum(balance) == len(costs)
+    best = min(_busiest_rank(costs, [b - a for a, b in zip((0, *cuts), (*cuts, len(costs)), strict=True)],
+                             stage_to_rank) for cuts in itertools.combinations(range(1, len(costs)), 2 * ranks - 1))
+    assert _busiest_rank(costs, balance, stage_to_rank) <= best * (1 + 1e-9) + 1e-12
+
+
+def test_rank_partition_gives_a_heavy_head_a_rank_of_its_own_on_a_v():
+    from pipetrain.schedule.placement import looped, vshape
+
+    costs = [0.1] + [1.0] * 8 + [8.0]  # embedding, 8 blocks, a head as heavy as the blocks together
+    assert partition(costs, 4) == [3, 3, 3, 1]  # even stages: rank 0 (stages 0 and 3) does 10.1 of 16.1
+    assert rank_partition(costs, vshape(2)) == [1, 4, 4, 1]  # rank 0: embedding + head, rank 1: the blocks
+    assert rank_partition(costs, looped(2)) == partition(costs, 2)  # one stage per rank: the same
 
 
 def test_equal_layers_spread_evenly():

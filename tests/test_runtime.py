@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 from torch import nn
-from workers import STEPS, all_scenarios, make_model, reference, run_threads, train
+from workers import all_scenarios, make_model, reference, run_threads, train
 
 import pipetrain as pt
 from pipetrain.schedule import Schedule
@@ -120,7 +120,6 @@ def test_measured_timeline_covers_every_compute_action():
     step = pipe.last_step
     assert [str(e.action) for e in step.events] == "0F0 0F1 0F2 0B0 0B1 0B2".split()
     assert 0 <= step.bubble_fraction < 1 and step.step_time >= step.busy_time
-    assert STEPS == 10
 
 
 def test_a_transfer_nobody_answers_fails_naming_both_ranks():

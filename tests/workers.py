@@ -14,7 +14,7 @@ import pipetrain as pt
 from pipetrain import spawn
 from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
 
-STEPS = 10
+STEPS = 5  # optimizer steps per exactness scenario: the loss curve checks updates, step 0 the gradients
 _RNG_LOCK = threading.Lock()  # in-process ranks are threads sharing torch's global RNG
 
 

@@ -6,7 +6,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from . import schedule as schedules
-from .partition import BalanceError, partition
+from .partition import BalanceError, partition, rank_partition
 from .schedule import Action, Costs, Op, Schedule, ScheduleError, SimResult, Timeline, simulate
 
 __version__ = "0.1.0"
@@ -46,5 +46,6 @@ def __getattr__(name: str):
 __all__ = [
     "Action", "BadValueError", "BalanceError", "CommError", "ConfigError", "Costs", "DistTransport", "InProcessHub",
     "InProcessTransport", "Op", "Pipeline", "Schedule", "ScheduleError", "SimResult", "Timeline", "TrainConfig",
-    "Trainer", "add_aux_loss", "collect_aux_losses", "partition", "schedules", "simulate", "trainer_from_config",
+    "Trainer", "add_aux_loss", "collect_aux_losses", "partition", "rank_partition", "schedules", "simulate",
+    "trainer_from_config",
 ]

@@ -35,6 +35,67 @@ def partition(costs: Sequence[float], num_stages: int) -> list[int]:
     return balance
 
 
+def rank_partition(costs: Sequence[float], stage_to_rank: Sequence[int], *, budget: int = 200_000) -> list[int]:
+    """Layers per stage when a rank holds several stages (interleaved, V): contiguous non-empty stages that
+    minimize the busiest *rank's* total, then the most expensive stage, then the spread of rank totals, then
+    that of stage costs.
+
+    `partition` balances stages, which is not the same: with a heavy output head on a V placement (rank 0
+    holds the first and the last stage) the best stage split can leave rank 0 twice as busy as rank 1.
+    A depth-first search over the cuts, pruned by the best split found so far (starting from `partition`'s)
+    and by what the ranks can still take; exact unless it visits more than `budget` cuts (then the best
+    found, never worse than `partition`). One stage per rank: exactly `partition`.
+    """
+    num_stages = len(stage_to_rank)
+    balance = partition(costs, num_stages)
+    if len(set(stage_to_rank)) == num_stages:
+        return balance
+    n, prefix = len(costs), [0.0, *accumulate(float(c) for c in costs)]
+    num_ranks = max(stage_to_rank) + 1
+    last_stage_of = {r: max(s for s in range(num_stages) if stage_to_rank[s] == r) for r in range(num_ranks)}
+
+    def score(cuts: Sequence[int]) -> tuple[float, float, float, float]:
+        loads, stages = [0.0] * num_ranks, [prefix[b] - prefix[a] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        for stage, cost in enumerate(stages):
+            loads[stage_to_rank[stage]] += cost
+        return max(loads), max(stages), sum(x * x for x in loads), sum(x * x for x in stages)
+
+    best_cuts = [0, *accumulate(balance)]
+    best = score(best_cuts)
+    visits = 0
+
+    def search(stage: int, cuts: list[int], loads: list[float]) -> None:
+        nonlocal best, best_cuts, visits
+        start, rank = cuts[-1], stage_to_rank[stage]
+        limit = best[0] * (1 + 1e-9) + 1e-12
+        ends = [n] if stage == num_stages - 1 else range(start + 1, n - (num_stages - 1 - stage) + 1)
+        for end in ends:
+            visits += 1
+            load = loads[rank] + prefix[end] - prefix[start]
+            if load > limit or visits > budget:
+                return  # (later ends only add to this rank)
+            loads[rank] = load
+            room = sum(limit - loads[r] for r in range(num_ranks) if last_stage_of[r] > stage)
+            if end == n:
+                trial = [*cuts, end]
+                if _better(score(trial), best):
+                    best, best_cuts = score(trial), trial
+            elif prefix[n] - prefix[end] <= room:
+                search(stage + 1, [*cuts, end], loads)
+            loads[rank] = load - (prefix[end] - prefix[start])
+
+    search(0, [0], [0.0] * num_ranks)
+    return [b - a for a, b in zip(best_cuts[:-1], best_cuts[1:], strict=True)]
+
+
+def _better(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Lexicographically smaller, ignoring differences at the rounding level of the sums."""
+    for x, y in zip(a, b, strict=True):
+        if not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12):
+            return x < y
+    return False
+
+
 def stage_costs(costs: Sequence[float], balance: Sequence[int]) -> list[float]:
     """The summed cost of each stage of a balance."""
     out, start = [], 0

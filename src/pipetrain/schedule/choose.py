@@ -5,9 +5,10 @@ on the best split of the measured layers, simulated; the fastest first.
     ranked[0].schedule, ranked[0].balance      # what to run and how to split the layers
 
 Each layer's cost is (F, I, W) seconds for one microbatch (a schedule without W runs B = I + W). The
-layers are split to minimize the most expensive stage (`partition` on F + I + W), so an uneven model (a
-heavy output head) is simulated as it will run; `comm` is one stage-to-stage transfer. `zb-auto` is built
-for those very costs, within `memory_limit` (or, without one, at 1F1B's memory P and at 2P). Memory:
+layers are split to minimize the busiest rank (`rank_partition` on F + I + W, for the schedule's
+placement), so an uneven model (a heavy output head) is simulated as it will run; `comm` is one
+stage-to-stage transfer. `zb-auto` is built for those very costs, within `memory_limit` (or, without one,
+at 1F1B's memory P and at 2P). Memory:
 `peak_microbatches` is the most activations a rank holds at once, in microbatches of all its layers (a V
 schedule's stage holds half a rank's layers); `memory_limit` drops the candidates above it.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..partition import partition
+from ..partition import rank_partition
 from .base import Schedule
 from .registry import build, names, options
 from .simulate import Costs, simulate
@@ -47,31 +48,42 @@ def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequen
     if not layer_costs:
         raise ValueError("layer_costs is empty: measure at least one layer")
     found = []
+    totals = [f + i + w for f, i, w in layer_costs]
+    splits: dict[tuple[int, ...], list[int]] = {}  # placement -> balance (many schedules share one)
     for order, name in enumerate(schedules or names()):
         for per_rank in range(1, max_stages_per_rank + 1):
             num_stages = num_ranks * per_rank
             if num_stages > len(layer_costs):
                 break
-            balance = partition([f + i + w for f, i, w in layer_costs], num_stages)
+            try:  # (built as registered first, for its placement)
+                sched = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, stages_per_rank=per_rank)
+            except ValueError:  # sizes this schedule does not take
+                continue
+            placement = sched.stage_to_rank
+            if placement not in splits:
+                splits[placement] = rank_partition(totals, placement)
+            balance = splits[placement]
             starts = [sum(balance[:s]) for s in range(num_stages + 1)]
             f, i, w = ([sum(c[k] for c in layer_costs[starts[s]:starts[s + 1]]) for s in range(num_stages)]
                        for k in range(3))
             costs = Costs(f=f, b=i, w=w, comm=comm)  # (a B costs I + W)
-            variants = ([{}] if "costs" not in options(name) else
-                        [{"costs": costs, "memory_limit": limit}
-                         for limit in ([memory_limit] if memory_limit is not None else [num_ranks, 2 * num_ranks])])
-            for extra in variants:
-                try:
-                    sched = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
-                                  stages_per_rank=per_rank, **extra)
-                except ValueError:  # sizes this schedule does not take
-                    continue
-                result = simulate(sched, costs)
+            built = [sched]
+            if "costs" in options(name):  # zb-auto: built for these costs
+                limits = [memory_limit] if memory_limit is not None else [num_ranks, 2 * num_ranks]
+                built = []
+                for limit in limits:
+                    try:
+                        built.append(build(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
+                                           stages_per_rank=per_rank, costs=costs, memory_limit=limit))
+                    except ValueError:  # a limit below what it can run in
+                        continue
+            for candidate in built:
+                result = simulate(candidate, costs)
                 peak = max(r.peak_activations for r in result.per_rank) / per_rank
                 if memory_limit is None or peak <= memory_limit:
                     found.append((result.step_time, peak, order,
                                   Candidate(name, per_rank, tuple(balance), result.step_time,
-                                            result.bubble_fraction, peak, sched)))
+                                            result.bubble_fraction, peak, candidate)))
     if not found:
         raise ValueError(f"no registered schedule runs {num_ranks} ranks x {num_microbatches} microbatches on "
                          f"{len(layer_costs)} layers within memory_limit={memory_limit} microbatches")
