@@ -42,11 +42,13 @@ def fixed_batch(cfg: models.ModelConfig, batch_size: int) -> tuple[torch.Tensor,
     return x, torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len), generator=gen)
 
 
-def layer_costs(cfg: models.ModelConfig, x: torch.Tensor, m: int) -> list[tuple[float, float, float]]:
-    """Each layer's measured (F, I, W) seconds on one microbatch, 1 thread (measured once, in the parent)."""
+def layer_costs(cfg: models.ModelConfig, x: torch.Tensor, y: torch.Tensor, m: int) -> list[tuple[float, float, float]]:
+    """Each layer's measured (F, I, W) seconds on one microbatch, the head's with the loss, 1 thread
+    (measured once, in the parent)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    return phase_costs(models.build(cfg), x[: x.shape[0] // m])
+    rows = x.shape[0] // m
+    return phase_costs(models.build(cfg), x[:rows], loss_fn=gpt_loss, target=y[:rows])
 
 
 def split_layers(costs: list[tuple[float, float, float]], stage_to_rank) -> list[int]:

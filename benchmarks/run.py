@@ -46,7 +46,7 @@ def measure(workload: str, world: int, args) -> dict:
             "timelines": True}
     started = time.perf_counter()
     cfg = ranks.model_config(WORKLOADS[workload])  # both libraries get the split of these measured times
-    spec["layer_costs"] = ranks.layer_costs(cfg, ranks.fixed_batch(cfg, args.batch_size)[0], args.microbatches)
+    spec["layer_costs"] = ranks.layer_costs(cfg, *ranks.fixed_batch(cfg, args.batch_size), args.microbatches)
     per_rank = run_processes(world, ranks.bench_rank, spec, timeout=3600)
     # (schedule, library) -> peak RSS per rank, each measured in fresh processes; two such runs at a time
     # (a peak does not depend on how the cores are shared; the timing above is done by then)

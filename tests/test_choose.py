@@ -71,7 +71,7 @@ def auto_rank(rank, world, transport=None, memory_limit=None):
 
     layers, loss_fn, x, y = _heavy_head_mlp()
     pipe = pt.Pipeline(layers, schedule="auto", num_microbatches=4, loss_fn=loss_fn, sample=x[:2],
-                       transport=transport, timeout=60, memory_limit=memory_limit)
+                       sample_target=y[:2], transport=transport, timeout=60, memory_limit=memory_limit)
     pipe.step(x, y)
     grads = {(i, n): p.grad.clone() for i, layer in pipe.layers.items() for n, p in layer.named_parameters()}
     return {"name": pipe.schedule.name, "balance": pipe.balance, "grads": grads,
@@ -139,3 +139,21 @@ def test_the_transfer_timed_is_the_largest_boundary_between_two_ranks():
     assert boundary_bytes(layers, torch.ones(3, 4)) == 3 * 16 * 4  # the last layer's output is never sent
     times = run_threads(3, lambda rank, world, transport: transfer_time(transport, 1 << 16, timeout=10))
     assert times[0] > 0 and times[1] == times[2] == 0
+
+
+def test_with_targets_the_last_layer_is_timed_with_its_loss():
+    import torch
+    from torch import nn
+
+    from pipetrain.profile import phase_costs
+
+    calls = []
+
+    def loss_fn(out, y):
+        calls.append(tuple(y.shape))
+        return (out - y).square().mean()
+
+    costs = phase_costs([nn.Linear(4, 8), nn.Linear(8, 3)], torch.ones(2, 4), loss_fn=loss_fn,
+                        target=torch.zeros(2, 3), repeats=2, warmup=1)
+    assert len(costs) == 2 and all(t > 0 for row in costs for t in row)
+    assert calls == [(2, 3)] * 3  # every timed run of the last layer, warm-up included

@@ -21,8 +21,10 @@ logger = logging.getLogger("pipetrain")
 
 
 def choose_schedule(layers: list[nn.Module], *, num_microbatches: int | None, sample: Any, memory_limit: float | None,
-                    group, dp_group, transport: Transport | None, timeout: float) -> tuple[Schedule, list[int]]:
-    """The fastest schedule for these layers and its balance (the same on every rank). Collective."""
+                    group, dp_group, transport: Transport | None, timeout: float,
+                    loss: tuple[Any, Any] = (None, None)) -> tuple[Schedule, list[int]]:
+    """The fastest schedule for these layers and its balance (the same on every rank). Collective.
+    `loss`: (loss_fn, the sample's targets); with targets, the last layer is timed with the loss."""
     if num_microbatches is None:
         raise ValueError('schedule="auto" needs num_microbatches= (the schedule is built for them)')
     if sample is None:
@@ -39,7 +41,9 @@ def choose_schedule(layers: list[nn.Module], *, num_microbatches: int | None, sa
             wait_or_raise(work, timeout=timeout, transport=probe, peer=1 - probe.rank, what="sharing a size")
         measured[-1] = transfer_time(probe, int(size.item()), timeout=timeout)
     if probe.rank == 0:  # one rank measures, so that every rank ranks the same numbers
-        measured[:-1] = torch.tensor(phase_costs(layers, sample), dtype=torch.float64).flatten()
+        loss_fn, target = loss
+        measured[:-1] = torch.tensor(phase_costs(layers, sample, loss_fn=loss_fn, target=target),
+                                     dtype=torch.float64).flatten()
     probe.all_reduce(measured, timeout)
     replicas = torch.distributed.get_world_size(dp_group) if dp_group is not None else 1
     if replicas > 1:

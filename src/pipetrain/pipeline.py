@@ -39,8 +39,8 @@ class Pipeline:
             gradient back; all other tensors (masks, position ids) travel forward only. The last layer's
             output goes to `loss_fn`.
         schedule: from `pipetrain.schedules.build(...)`, or "auto": the fastest registered schedule and split
-            for the layers' F, I, W times on `sample` (see auto_schedule.py; needs `num_microbatches=`;
-            `memory_limit=`, in microbatches of a rank's layers, drops the schedules holding more).
+            for the layers' F, I, W times on `sample` (see auto_schedule.py; needs `num_microbatches=`; with
+            `sample_target=` the loss is timed too; `memory_limit=`, in microbatches of a rank's layers).
         loss_fn: `(output, targets) -> loss`: a scalar mean over the microbatch, or a pair
             `(loss_sum, count)` for an exact token mean over the whole batch (see `step`).
         balance: layers per stage, or how to compute it: "uniform", "params", or "time" (profiles each
@@ -74,7 +74,7 @@ class Pipeline:
                  transport: Transport | None = None, timeout: float = 60.0, sample: Any = None,
                  split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
                  prefetch: int = PREFETCH, precision: str = "fp32", dp_group=None, mesh=None, seed: int = 0,
-                 num_microbatches: int | None = None, memory_limit: float | None = None) -> None:
+                 num_microbatches: int | None = None, memory_limit: float | None = None, sample_target=None) -> None:
         layers = list(layers)
         if mesh is not None:
             group, dp_group = _groups_of(mesh, group, dp_group, transport)
@@ -85,10 +85,11 @@ class Pipeline:
             if balance != "uniform":
                 raise ValueError('schedule="auto" chooses the split too; leave balance= out')
             schedule, balance = choose_schedule(layers, num_microbatches=num_microbatches, sample=sample,
+                                                loss=(loss_fn, sample_target),
                                                 memory_limit=memory_limit, group=group, dp_group=dp_group,
                                                 transport=transport, timeout=timeout)
-        elif num_microbatches is not None or memory_limit is not None:
-            raise ValueError('num_microbatches= and memory_limit= go with schedule="auto" only')
+        elif num_microbatches is not None or memory_limit is not None or sample_target is not None:
+            raise ValueError('num_microbatches=, memory_limit= and sample_target= go with schedule="auto" only')
         self.schedule = schedule = _checked_schedule(schedule, layers, timeout, precision, balance, sample)
         self.timeout = float(timeout)
         self.transport = transport or DistTransport(group, torch.device(device) if device is not None else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -59,10 +59,13 @@ def time_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 5,
 
 
 def phase_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 3, warmup: int = 1,
-                device: torch.device | str | None = None) -> list[tuple[float, float, float]]:
+                device: torch.device | str | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
+                target: Any = None) -> list[tuple[float, float, float]]:
     """Median (F, I, W) seconds of each layer on `sample`, one microbatch of model input, run as a
-    split-backward schedule runs it (one layer per stage, output gradients of ones). The sample flows through
-    the layers in order; their gradients, buffers, the global RNG and their `forward`s are left as found."""
+    split-backward schedule runs it (one layer per stage, output gradients of ones). With `loss_fn` and
+    `target` (the sample's targets) the last layer is timed as the last stage runs it, loss included (a
+    large vocabulary's cross-entropy can cost as much as the head). The sample flows through the layers in
+    order; their gradients, buffers, the global RNG and their `forward`s are left as found."""
     from .deferred_linear import undefer_linears
     from .stage import Stage
 
@@ -73,17 +76,19 @@ def phase_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 3, w
     costs, x = [], sample
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for index, layer in enumerate(layers):
-            stage = Stage(0 if index == 0 else 1, 3, [layer], split_backward=True, device=device)
+            with_loss = loss_fn is not None and target is not None and index == len(layers) - 1
+            stage = Stage(2 if with_loss else 0 if index == 0 else 1, 3, [layer], split_backward=True,
+                          device=device, loss_fn=loss_fn)
             times: list[tuple[float, float, float]] = []
             try:
                 with _left_as_found(layer):
                     for i in range(warmup + repeats):
                         _sync(device)
                         start = time.perf_counter()
-                        out = stage.forward(0, x)
+                        out = stage.forward(0, x, target=target if with_loss else None)
                         _sync(device)
                         mid = time.perf_counter()
-                        carried = zip(out.leaves, out.signature.leaves, strict=True)
+                        carried = zip(out.leaves, out.signature.leaves, strict=True) if out is not None else ()
                         seeds = [torch.ones_like(t) for t, (_, _, g) in carried if g]
                         stage.backward_input(0, seeds)
                         _sync(device)
