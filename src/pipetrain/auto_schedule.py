@@ -44,11 +44,12 @@ def choose_schedule(layers: list[nn.Module], *, num_microbatches: int | None, sa
         loss_fn, target = loss
         measured[:-1] = torch.tensor(phase_costs(layers, sample, loss_fn=loss_fn, target=target),
                                      dtype=torch.float64).flatten()
-    probe.all_reduce(measured, timeout)
+    measured = probe.all_reduce(measured.to(getattr(probe, "device", "cpu")), timeout)  # (NCCL: on the GPU)
     replicas = torch.distributed.get_world_size(dp_group) if dp_group is not None else 1
     if replicas > 1:
         sum_over(dp_group, measured, timeout)
         measured /= replicas
+    measured = measured.cpu()
     comm = float(measured[-1])
     ranked = rank_schedules(num_ranks=probe.world_size, num_microbatches=num_microbatches,
                             layer_costs=[tuple(row) for row in measured[:-1].view(-1, 3).tolist()],
