@@ -14,7 +14,7 @@ import pipetrain as pt
 from pipetrain import models
 from pipetrain.models.gpt import GPTConfig, gpt_loss
 from pipetrain.models.llama import LlamaConfig
-from pipetrain.partition import rank_partition
+from pipetrain.partition import rank_partition, stage_costs
 from pipetrain.profile import phase_costs
 from pipetrain.schedule.placement import looped, vshape
 
@@ -64,9 +64,7 @@ def pipetrain_runner(cfg: models.ModelConfig, name: str, world: int, m: int, x, 
     sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m, stages_per_rank=per_rank)
     balance = split_layers(costs, sched.stage_to_rank)
     if name == "zb-auto":  # rebuilt for the measured costs of its split, at 1F1B's memory
-        starts = [sum(balance[:s]) for s in range(sched.num_stages + 1)]
-        f, i, w = ([sum(c[k] for c in costs[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
-                   for k in range(3))
+        f, i, w = (stage_costs([c[k] for c in costs], balance) for k in range(3))
         sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m, stages_per_rank=per_rank,
                                    costs=pt.schedules.Costs(f=f, b=i, w=w))
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, balance=balance)

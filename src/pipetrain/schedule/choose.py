@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..partition import rank_partition
+from ..partition import rank_partition, stage_costs
 from .base import Schedule
 from .registry import build, names, options
 from .simulate import Costs, simulate
@@ -63,9 +63,7 @@ def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequen
             if placement not in splits:
                 splits[placement] = rank_partition(totals, placement)
             balance = splits[placement]
-            starts = [sum(balance[:s]) for s in range(num_stages + 1)]
-            f, i, w = ([sum(c[k] for c in layer_costs[starts[s]:starts[s + 1]]) for s in range(num_stages)]
-                       for k in range(3))
+            f, i, w = (stage_costs([c[k] for c in layer_costs], balance) for k in range(3))
             costs = Costs(f=f, b=i, w=w, comm=comm)  # (a B costs I + W)
             built = [sched]
             if "costs" in options(name):  # zb-auto: built for these costs
