@@ -157,3 +157,28 @@ def test_with_targets_the_last_layer_is_timed_with_its_loss():
                         target=torch.zeros(2, 3), repeats=2, warmup=1)
     assert len(costs) == 2 and all(t > 0 for row in costs for t in row)
     assert calls == [(2, 3)] * 3  # every timed run of the last layer, warm-up included
+
+
+def test_a_bad_sample_target_fails_on_rank_0_and_the_others_at_once():
+    import time
+
+    import torch
+    from torch import nn
+    from workers import run_threads
+
+    import pipetrain as pt
+
+    def body(rank, world, transport):
+        layers = [nn.Linear(4, 4), nn.Linear(4, 3)]
+        try:
+            pt.Pipeline(layers, schedule="auto", num_microbatches=2, loss_fn=nn.functional.mse_loss,
+                        sample=torch.ones(2, 4), sample_target=torch.ones(5, 7), transport=transport, timeout=60)
+        except Exception as err:
+            return type(err).__name__, str(err)
+
+    start = time.perf_counter()
+    errors = run_threads(2, body)
+    assert time.perf_counter() - start < 20
+    assert "size" in errors[0][1]  # rank 0: mse_loss's own shape error
+    assert errors[1] == ("RuntimeError", 'schedule="auto": rank 0 failed while timing the layers on `sample`; '
+                                         "see its error")

@@ -40,11 +40,19 @@ def choose_schedule(layers: list[nn.Module], *, num_microbatches: int | None, sa
             work = probe.isend(size, 1) if probe.rank == 0 else probe.irecv(size, 0)
             wait_or_raise(work, timeout=timeout, transport=probe, peer=1 - probe.rank, what="sharing a size")
         measured[-1] = transfer_time(probe, int(size.item()), timeout=timeout)
+    failure = None
     if probe.rank == 0:  # one rank measures, so that every rank ranks the same numbers
         loss_fn, target = loss
-        measured[:-1] = torch.tensor(phase_costs(layers, sample, loss_fn=loss_fn, target=target),
-                                     dtype=torch.float64).flatten()
+        try:
+            measured[:-1] = torch.tensor(phase_costs(layers, sample, loss_fn=loss_fn, target=target),
+                                         dtype=torch.float64).flatten()
+        except Exception as err:  # (a bad sample or target: every rank fails now, not at its timeout)
+            failure, measured[:] = err, float("nan")
     measured = probe.all_reduce(measured.to(getattr(probe, "device", "cpu")), timeout)  # (NCCL: on the GPU)
+    if failure is not None:
+        raise failure
+    if measured.isnan().any():
+        raise RuntimeError('schedule="auto": rank 0 failed while timing the layers on `sample`; see its error')
     replicas = torch.distributed.get_world_size(dp_group) if dp_group is not None else 1
     if replicas > 1:
         sum_over(dp_group, measured, timeout)
