@@ -12,6 +12,7 @@ from torch import nn
 
 import pipetrain as pt
 from pipetrain import models
+from pipetrain.host_memory import keep_freed_memory
 from pipetrain.models.gpt import GPTConfig, gpt_loss
 from pipetrain.models.llama import LlamaConfig
 from pipetrain.partition import rank_partition, stage_costs
@@ -46,6 +47,7 @@ def layer_costs(cfg: models.ModelConfig, x: torch.Tensor, y: torch.Tensor, m: in
     """Each layer's measured (F, I, W) seconds on one microbatch, the head's with the loss, 1 thread
     (measured once, in the parent)."""
     torch.set_num_threads(1)
+    keep_freed_memory()
     torch.manual_seed(0)
     rows = x.shape[0] // m
     return phase_costs(models.build(cfg), x[:rows], loss_fn=gpt_loss, target=y[:rows])
@@ -113,8 +115,10 @@ def bench_rank(rank: int, world: int, spec: dict) -> dict:
     (on rank 0 while the others wait: 1 thread, and P threads, what a user of the P cores would run instead)
     rotating block by block (A B C D, D C B A, ...). Times are max over ranks.
 
-    Then, for each extra microbatch count in `spec["sweep"]`, one block of each (the efficiency curve)."""
+    Then, for each extra microbatch count in `spec["sweep"]`, one block of each (the efficiency curve).
+    Every contender runs with malloc keeping freed memory, as a pipetrain stage on the CPU sets it."""
     torch.set_num_threads(1)
+    keep_freed_memory()
     cfg = model_config(spec["model"])
     x, y = fixed_batch(cfg, spec["batch_size"])
     single = single_process_step(cfg, x, y) if rank == 0 else None
@@ -176,8 +180,10 @@ def _with_threads(threads: int, single, m: int) -> None:
 
 
 def peak_memory_rank(rank: int, world: int, spec: dict, lib: str, name: str) -> int:
-    """Peak resident memory (bytes) of a fresh process that builds one library's pipeline and runs 2 steps."""
+    """Peak resident memory (bytes) of a fresh process that builds one library's pipeline and runs 2 steps
+    (malloc keeping freed memory, for either library)."""
     torch.set_num_threads(1)
+    keep_freed_memory()
     cfg = model_config(spec["model"])
     x, y = fixed_batch(cfg, spec["batch_size"])
     if lib == "pipetrain":

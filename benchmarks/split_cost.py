@@ -6,7 +6,9 @@
 Two copies of the same stage run alternately, in a random order each repetition (the CPU's caches favour
 whatever ran last): one with a full backward (B), one split into I then W, as zero-bubble schedules run it.
 Reports the median of each and (I + W) / B; with deferred linear weight products (deferred_linear.py) W is
-only the linears' weight matmuls, so the ratio is what splitting costs beyond them.
+only the linears' weight matmuls, so the ratio is what splitting costs beyond them. Each model runs twice,
+in fresh processes: with malloc keeping freed memory (what a CPU Stage sets, host_memory.py) and with glibc's
+default (PIPETRAIN_KEEP_FREED_MEMORY=0), under which I pays page faults for the pairs it keeps.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -22,6 +25,7 @@ import time
 
 import torch
 
+from pipetrain.host_memory import keep_freed_memory
 from pipetrain.models.gpt import GPTConfig, build_gpt
 from pipetrain.models.llama import LlamaConfig, build_llama
 from pipetrain.stage import Stage
@@ -64,7 +68,7 @@ def measure(model: str, *, d_model: int = 256, blocks: int = 4, rows: int = 4, s
             fn()
     ms = {op: statistics.median(v[3:]) * 1e3 for op, v in times.items()}
     return {"model": model, "d_model": d_model, "blocks": blocks, "rows": rows, "seq": seq, "ms": ms,
-            "ratio": (ms["I"] + ms["W"]) / ms["B"]}
+            "ratio": (ms["I"] + ms["W"]) / ms["B"], "malloc": "kept" if keep_freed_memory() else "default"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,15 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a fresh process per model: what one leaves in the allocator and caches slows the next
         flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
         results = [json.loads(subprocess.run([sys.executable, __file__, *flags, "--model", m, "--json"],
-                                             capture_output=True, text=True, check=True).stdout)[0]
-                   for m in ("gpt", "llama")]
+                                             capture_output=True, text=True, check=True,
+                                             env={**os.environ, "PIPETRAIN_KEEP_FREED_MEMORY": keep}).stdout)[0]
+                   for m in ("gpt", "llama") for keep in ("1", "0")]
     if args.json:
         print(json.dumps(results))
         return 0
     for r in results:
         ms = r["ms"]
         print(f"{r['model']:5s} {r['blocks']} blocks d{r['d_model']}, {r['rows']}x{r['seq']}: F {ms['F']:.1f} ms, "
-              f"B {ms['B']:.1f}, I {ms['I']:.1f} + W {ms['W']:.1f} -> (I + W) / B = {r['ratio']:.3f}")
+              f"B {ms['B']:.1f}, I {ms['I']:.1f} + W {ms['W']:.1f} -> (I + W) / B = {r['ratio']:.3f} "
+              f"(malloc {r['malloc']})")
     return 0
 
 

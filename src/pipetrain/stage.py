@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .aux_loss import collect_aux_losses
 from .deferred_linear import apply_weight_grads, defer_linears
+from .host_memory import keep_freed_memory
 from .split_backward import backward_input, backward_weight
 from .values import Packet, Signature, flatten, unflatten
 
@@ -47,7 +48,7 @@ class Stage:
     With `split_backward=True` (schedules with I and W), each `nn.Linear` of the stage gets a forward of its
     own (see deferred_linear): I is the backward without the linears' weight products, W runs those. A
     stage without such linears, or without input gradients (the first), splits its graph instead
-    (split_backward.py).
+    (split_backward.py). A stage on the CPU makes malloc keep freed memory (host_memory.py).
     """
 
     def __init__(self, index: int, num_stages: int, layers: Sequence[nn.Module], *, first_layer: int = 0,
@@ -63,6 +64,8 @@ class Stage:
         self.checkpoint = checkpoint
         self.autocast = autocast
         self.device_type = (device or torch.device("cpu")).type
+        if self.device_type == "cpu":  # activations held across microbatches: no page faults for what they free
+            keep_freed_memory()
         self._cache: dict[int, _Saved] = {}
         self._weight_work: dict[int, Callable[[], None]] = {}
         self._deferral = defer_linears(self.module.modules()) if split_backward else None
