@@ -15,8 +15,8 @@ from pipetrain import models
 from pipetrain.host_memory import keep_freed_memory
 from pipetrain.models.gpt import GPTConfig, gpt_loss
 from pipetrain.models.llama import LlamaConfig
-from pipetrain.partition import rank_partition, stage_costs
 from pipetrain.profile import phase_costs
+from pipetrain.schedule.choose import rank_schedules
 from pipetrain.schedule.placement import looped, vshape
 
 # pipetrain schedule -> torch.distributed.pipelining class name and placement ("loop" or "v")
@@ -53,23 +53,23 @@ def layer_costs(cfg: models.ModelConfig, x: torch.Tensor, y: torch.Tensor, m: in
     return phase_costs(models.build(cfg), x[:rows], loss_fn=gpt_loss, target=y[:rows])
 
 
-def split_layers(costs: list[tuple[float, float, float]], stage_to_rank) -> list[int]:
-    """The split both libraries use: pipetrain's, of the measured F + I + W times, evening out the ranks'
-    totals for the schedule's placement (`rank_partition`)."""
-    return rank_partition([sum(c) for c in costs], stage_to_rank)
+def planned(costs: list[tuple[float, float, float]], name: str, world: int, m: int, per_rank: int | None = None):
+    """pipetrain's plan for one schedule, which both libraries run: of the split of the measured F + I + W
+    that evens out the ranks and the one that evens out the stages, the one whose simulated step is shorter
+    (`rank_schedules`); zb-auto is built for it at 1F1B's memory. Returns the `Candidate`."""
+    if per_rank is None:
+        per_rank = 2 if name == "zb-auto" and world * 2 <= len(costs) else pt.schedules.build(
+            name, num_ranks=world, num_microbatches=m).stages_per_rank
+    ranked = rank_schedules(num_ranks=world, num_microbatches=m, layer_costs=costs, schedules=[name],
+                            memory_limit=world if name == "zb-auto" else None, max_stages_per_rank=per_rank)
+    return next(c for c in ranked if c.stages_per_rank == per_rank)
 
 
 def pipetrain_runner(cfg: models.ModelConfig, name: str, world: int, m: int, x, y, costs):
     torch.manual_seed(0)
     layers = models.build(cfg)
-    per_rank = 2 if name == "zb-auto" and world * 2 <= len(layers) else None
-    sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m, stages_per_rank=per_rank)
-    balance = split_layers(costs, sched.stage_to_rank)
-    if name == "zb-auto":  # rebuilt for the measured costs of its split, at 1F1B's memory
-        f, i, w = (stage_costs([c[k] for c in costs], balance) for k in range(3))
-        sched = pt.schedules.build(name, num_ranks=world, num_microbatches=m, stages_per_rank=per_rank,
-                                   costs=pt.schedules.Costs(f=f, b=i, w=w))
-    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, balance=balance)
+    plan = planned(costs, name, world, m)
+    pipe = pt.Pipeline(layers, schedule=plan.schedule, loss_fn=gpt_loss, balance=list(plan.balance))
 
     def step() -> None:
         pipe.step(x, y)
@@ -88,7 +88,9 @@ def torch_runner(cfg: models.ModelConfig, name: str, world: int, rank: int, m: i
     per_rank = 1 if name in ("gpipe", "1f1b") else 2
     num_stages = world * per_rank
     placement = vshape(world) if placement == "v" else looped(world, per_rank)
-    balance = split_layers(costs, placement)
+    plan = planned(costs, name, world, m, per_rank)
+    assert plan.schedule.stage_to_rank == placement, (name, plan.schedule.stage_to_rank, placement)
+    balance = plan.balance
     bounds = [0]
     for n in balance:
         bounds.append(bounds[-1] + n)

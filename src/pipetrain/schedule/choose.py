@@ -4,9 +4,11 @@ on the best split of the measured layers, simulated; the fastest first.
     ranked = rank_schedules(num_ranks=2, num_microbatches=8, layer_costs=[(f, i, w), ...], comm=0.001)
     ranked[0].schedule, ranked[0].balance      # what to run and how to split the layers
 
-Each layer's cost is (F, I, W) seconds for one microbatch (a schedule without W runs B = I + W). The
-layers are split to minimize the busiest rank (`rank_partition` on F + I + W, for the schedule's
-placement), so an uneven model (a heavy output head) is simulated as it will run; `comm` is one
+Each layer's cost is (F, I, W) seconds for one microbatch (a schedule without W runs B = I + W). Each
+schedule is simulated on two splits of F + I + W for its placement, and keeps the faster: the one that
+evens out the ranks (`rank_partition`: an uneven model such as a heavy output head) and the one that evens
+out the stages (`partition`: where a rank holds several stages, a lopsided stage lengthens the chain
+through them even when the ranks' totals are even, e.g. a V of 4 + 2 | 2 + 1 blocks); `comm` is one
 stage-to-stage transfer. `zb-auto` is built for those very costs, within `memory_limit` (or, without one,
 at 1F1B's memory P and at 2P). Memory:
 `peak_microbatches` is the most activations a rank holds at once, in microbatches of all its layers (a V
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..partition import rank_partition, stage_costs
+from ..partition import partition, rank_partition, stage_costs
 from .base import Schedule
 from .registry import build, names, options
 from .simulate import Costs, simulate
@@ -49,7 +51,7 @@ def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequen
         raise ValueError("layer_costs is empty: measure at least one layer")
     found = []
     totals = [f + i + w for f, i, w in layer_costs]
-    splits: dict[tuple[int, ...], list[int]] = {}  # placement -> balance (many schedules share one)
+    splits: dict[tuple[int, ...], list[list[int]]] = {}  # placement -> balances (many schedules share them)
     for order, name in enumerate(schedules or names()):
         for per_rank in range(1, max_stages_per_rank + 1):
             num_stages = num_ranks * per_rank
@@ -61,28 +63,39 @@ def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequen
                 continue
             placement = sched.stage_to_rank
             if placement not in splits:
-                splits[placement] = rank_partition(totals, placement)
-            balance = splits[placement]
-            f, i, w = (stage_costs([c[k] for c in layer_costs], balance) for k in range(3))
-            costs = Costs(f=f, b=i, w=w, comm=comm)  # (a B costs I + W)
-            built = [sched]
-            if "costs" in options(name):  # zb-auto: built for these costs
-                limits = [memory_limit] if memory_limit is not None else [num_ranks, 2 * num_ranks]
-                built = []
-                for limit in limits:
-                    try:
-                        built.append(build(name, num_ranks=num_ranks, num_microbatches=num_microbatches,
-                                           stages_per_rank=per_rank, costs=costs, memory_limit=limit))
-                    except ValueError:  # a limit below what it can run in
-                        continue
-            for candidate in built:
-                result = simulate(candidate, costs)
-                peak = max(r.peak_activations for r in result.per_rank) / per_rank
-                if memory_limit is None or peak <= memory_limit:
-                    found.append((result.step_time, peak, order,
-                                  Candidate(name, per_rank, tuple(balance), result.step_time,
-                                            result.bubble_fraction, peak, candidate)))
+                by_ranks, by_stages = rank_partition(totals, placement), partition(totals, num_stages)
+                splits[placement] = [by_ranks] if by_stages == by_ranks else [by_ranks, by_stages]
+            best = None
+            for balance in splits[placement]:
+                f, i, w = (stage_costs([c[k] for c in layer_costs], balance) for k in range(3))
+                costs = Costs(f=f, b=i, w=w, comm=comm)  # (a B costs I + W)
+                for candidate in _built_for(sched, costs, num_microbatches, per_rank, memory_limit):
+                    result = simulate(candidate, costs)
+                    peak = max(r.peak_activations for r in result.per_rank) / per_rank
+                    key = (result.step_time, peak, order)
+                    if (memory_limit is None or peak <= memory_limit) and (best is None or key < best[:3]):
+                        best = (*key, Candidate(name, per_rank, tuple(balance), result.step_time,
+                                                result.bubble_fraction, peak, candidate))
+            if best is not None:
+                found.append(best)
     if not found:
         raise ValueError(f"no registered schedule runs {num_ranks} ranks x {num_microbatches} microbatches on "
                          f"{len(layer_costs)} layers within memory_limit={memory_limit} microbatches")
     return [c for *_, c in sorted(found, key=lambda t: t[:3])]
+
+
+def _built_for(sched: Schedule, costs: Costs, num_microbatches: int, per_rank: int,
+               memory_limit: float | None) -> list[Schedule]:
+    """The schedule itself, or, for one built from costs (zb-auto), built for these: within `memory_limit`,
+    or without one at 1F1B's memory P and at 2P."""
+    if "costs" not in options(sched.name):
+        return [sched]
+    P = sched.num_ranks
+    built = []
+    for limit in [memory_limit] if memory_limit is not None else [P, 2 * P]:
+        try:
+            built.append(build(sched.name, num_ranks=P, num_microbatches=num_microbatches, stages_per_rank=per_rank,
+                               costs=costs, memory_limit=limit))
+        except ValueError:  # a limit below what it can run in
+            continue
+    return built
