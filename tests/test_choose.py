@@ -179,7 +179,10 @@ def test_with_targets_the_last_layer_is_timed_with_its_loss():
     assert calls == [(2, 3)] * 3  # every timed run of the last layer, warm-up included
 
 
-def test_a_bad_sample_target_fails_on_rank_0_and_the_others_at_once():
+@pytest.mark.parametrize("how", ["auto", "time"])
+def test_a_bad_sample_fails_on_rank_0_and_the_others_at_once(how):
+    # schedule="auto" (a target of the wrong shape) and balance="time" (a sample of the wrong width): rank 0
+    # raises its own error and rank 1 names rank 0, both well before the 60 s timeout
     import time
 
     import torch
@@ -191,14 +194,20 @@ def test_a_bad_sample_target_fails_on_rank_0_and_the_others_at_once():
     def body(rank, world, transport):
         layers = [nn.Linear(4, 4), nn.Linear(4, 3)]
         try:
-            pt.Pipeline(layers, schedule="auto", num_microbatches=2, loss_fn=nn.functional.mse_loss,
-                        sample=torch.ones(2, 4), sample_target=torch.ones(5, 7), transport=transport, timeout=60)
+            if how == "auto":
+                pt.Pipeline(layers, schedule="auto", num_microbatches=2, loss_fn=nn.functional.mse_loss,
+                            sample=torch.ones(2, 4), sample_target=torch.ones(5, 7), transport=transport, timeout=60)
+            else:
+                pt.Pipeline(layers, schedule=pt.schedules.build("1f1b", num_ranks=2, num_microbatches=2),
+                            balance="time", sample=torch.ones(2, 9), loss_fn=nn.functional.mse_loss,
+                            transport=transport, timeout=60)
         except Exception as err:
             return type(err).__name__, str(err)
 
     start = time.perf_counter()
     errors = run_threads(2, body)
     assert time.perf_counter() - start < 20
-    assert "size" in errors[0][1]  # rank 0: mse_loss's own shape error
-    assert errors[1] == ("RuntimeError", 'schedule="auto": rank 0 failed while timing the layers on `sample`; '
+    assert ("size" if how == "auto" else "shapes") in errors[0][1]  # rank 0: torch's own shape error
+    what = 'schedule="auto"' if how == "auto" else 'balance="time"'
+    assert errors[1] == ("RuntimeError", f"rank 0 failed while timing the layers on `sample` for {what}; "
                                          "see its error")

@@ -14,6 +14,7 @@ from .comm import DistTransport, Transport, wait_or_raise
 from .data_parallel import sum_over
 from .materialize import refuse_meta
 from .profile import boundary_bytes, phase_costs, transfer_time
+from .rank0_measure import measured_on_rank_0
 from .schedule import Schedule
 from .schedule.choose import rank_schedules
 
@@ -32,35 +33,28 @@ def choose_schedule(layers: list[nn.Module], *, num_microbatches: int | None, sa
     refuse_meta(layers, 'schedule="auto"', "build a schedule with pipetrain.schedules.build(...) instead")
     # (the pipeline's own transport is built for the schedule chosen here: measure over a plain one)
     probe = transport if transport is not None else DistTransport(group, split_directions=False)
-    measured = torch.zeros(3 * len(layers) + 1, dtype=torch.float64)  # F, I, W per layer, then one transfer
+    comm = 0.0
     if probe.rank < 2:  # ranks 0 and 1 time one transfer of the largest boundary; rank 0 tells 1 its size
         size = torch.tensor([boundary_bytes(layers, sample) if probe.rank == 0 else 0], dtype=torch.int64)
         size = size.to(getattr(probe, "device", "cpu"))
         if probe.world_size > 1:
             work = probe.isend(size, 1) if probe.rank == 0 else probe.irecv(size, 0)
             wait_or_raise(work, timeout=timeout, transport=probe, peer=1 - probe.rank, what="sharing a size")
-        measured[-1] = transfer_time(probe, int(size.item()), timeout=timeout)
-    failure = None
-    if probe.rank == 0:  # one rank measures, so that every rank ranks the same numbers
-        loss_fn, target = loss
-        try:
-            measured[:-1] = torch.tensor(phase_costs(layers, sample, loss_fn=loss_fn, target=target),
-                                         dtype=torch.float64).flatten()
-        except Exception as err:  # (a bad sample or target: every rank fails now, not at its timeout)
-            failure, measured[:] = err, float("nan")
-    measured = probe.all_reduce(measured.to(getattr(probe, "device", "cpu")), timeout)  # (NCCL: on the GPU)
-    if failure is not None:
-        raise failure
-    if measured.isnan().any():
-        raise RuntimeError('schedule="auto": rank 0 failed while timing the layers on `sample`; see its error')
+        comm = transfer_time(probe, int(size.item()), timeout=timeout)
+    loss_fn, target = loss
+
+    def measure() -> list[float]:  # F, I, W per layer, then the transfer (rank 0's)
+        return [*(t for row in phase_costs(layers, sample, loss_fn=loss_fn, target=target) for t in row), comm]
+
+    def sum_all(values: torch.Tensor) -> torch.Tensor:  # (NCCL: on the GPU)
+        return sum_over(dp_group, probe.all_reduce(values.to(getattr(probe, "device", "cpu")), timeout), timeout)
+
     replicas = torch.distributed.get_world_size(dp_group) if dp_group is not None else 1
-    if replicas > 1:
-        sum_over(dp_group, measured, timeout)
-        measured /= replicas
-    measured = measured.cpu()
-    comm = float(measured[-1])
+    measured = measured_on_rank_0(measure, 3 * len(layers) + 1, rank=probe.rank, sum_all=sum_all, replicas=replicas,
+                                  what='timing the layers on `sample` for schedule="auto"')
+    comm = measured[-1]
     ranked = rank_schedules(num_ranks=probe.world_size, num_microbatches=num_microbatches,
-                            layer_costs=[tuple(row) for row in measured[:-1].view(-1, 3).tolist()],
+                            layer_costs=[tuple(measured[k:k + 3]) for k in range(0, len(measured) - 1, 3)],
                             comm=comm, memory_limit=memory_limit)
     best = ranked[0]
     if probe.rank == 0:

@@ -17,6 +17,7 @@ from .data_parallel import TIED, averager_for, sum_over
 from .materialize import materialize, refuse_meta
 from .partition import BalanceError
 from .profile import time_costs
+from .rank0_measure import measured_on_rank_0
 from .runtime import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
 from .schedule import Op, Schedule, Timeline, check, lower
 from .schedule.lowering import PREFETCH, message_order
@@ -339,13 +340,11 @@ class Pipeline:
         return totals
 
     def _shared_time_costs(self, layers: list[nn.Module], sample) -> list[float]:
-        """Rank 0 measures; every rank partitions with rank 0's numbers so all agree on the split (the
-        mean over replicas with data parallelism)."""
-        costs = torch.zeros(len(layers), dtype=torch.float64)
-        if self.rank == 0:  # rank 0 profiles every layer first: raise `timeout` for a large model
-            costs.copy_(torch.tensor(time_costs(layers, sample), dtype=torch.float64))
-        self.all_reduce(costs)  # the others add zeros
-        return (costs / self.dp_size).tolist()
+        """Rank 0 measures (raise `timeout` for a large model); every rank partitions with its numbers so all
+        agree on the split (the mean over replicas with data parallelism)."""
+        return measured_on_rank_0(lambda: time_costs(layers, sample), len(layers), rank=self.rank,
+                                  sum_all=self.all_reduce, replicas=self.dp_size,
+                                  what='timing the layers on `sample` for balance="time"')
 
 
 def _rows(tree) -> int:
