@@ -6,7 +6,7 @@ fresh pages, and every first touch of a page is a page fault plus zeroing. Singl
 each buffer before it needs the next and rarely pays this. A pipeline holds several microbatches'
 activations, and a split backward holds each linear's (input, output gradient) from I until W, so the
 buffers freed in between are handed back to the system and faulted in again: on a 4-block d256 GPT stage,
-2,080 page faults (8 MiB) per I, which made I + W 5-7% slower than a fused B (1.00-1.01 once kept).
+2,080 page faults (8 MiB) per I, which made I + W 3-9% slower than a fused B (0-2% once kept).
 
 `keep_freed_memory()` sets malloc's mmap threshold to its largest value (32 MiB: blocks below it come from
 the heap, which is reused) and its trim threshold out of reach (the heap is never given back), so a
