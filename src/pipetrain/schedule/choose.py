@@ -8,7 +8,7 @@ Each layer's cost is (F, I, W) seconds for one microbatch (a schedule without W 
 schedule is simulated on two splits of F + I + W for its placement, and keeps the faster: the one that
 evens out the ranks (`rank_partition`: an uneven model such as a heavy output head) and the one that evens
 out the stages (`partition`: where a rank holds several stages, a lopsided stage lengthens the chain
-through them even when the ranks' totals are even, e.g. a V of 4 + 2 | 2 + 1 blocks); `comm` is one
+through them even when the ranks' totals are even, e.g. a V split 5 | 2 | 2 | 1 layers); `comm` is one
 stage-to-stage transfer. `zb-auto` is built for those very costs, within `memory_limit` (or, without one,
 at 1F1B's memory P and at 2P). Memory:
 `peak_microbatches` is the most activations a rank holds at once, in microbatches of all its layers (a V
