@@ -60,3 +60,14 @@ def test_split_cost_reports_each_part_of_the_backward(capsys):
     (result,) = json.loads(capsys.readouterr().out)
     assert set(result["ms"]) == {"F", "B", "I", "W"} and all(v > 0 for v in result["ms"].values())
     assert result["ratio"] == pytest.approx((result["ms"]["I"] + result["ms"]["W"]) / result["ms"]["B"])
+
+
+def test_corun_bound_times_each_share_alone_and_together(monkeypatch):
+    import corun_bound
+
+    monkeypatch.setitem(run.WORKLOADS, "tiny", dict(vocab_size=32, seq_len=16, d_model=32, n_layers=2, n_heads=2))
+    r = corun_bound.measure("tiny", world=2, microbatches=2, batch_size=4, rounds=3)
+    assert sum(r["balance"]) == 4 and len(r["alone_ms"]) == len(r["together_ms"]) == 2  # embedding, 2 blocks, head
+    lo, hi = r["ideal_efficiency_range"]
+    assert 0 < lo <= r["ideal_efficiency"] <= hi and r["single_ms"] > 0 and r["split"] > 0
+    assert all(s > 0 for s in r["corun_slowdown"])
