@@ -14,12 +14,12 @@ from .auto_schedule import choose_schedule
 from .balance import Balance, resolve_balance
 from .comm import DistTransport, InProcessTransport, Transport
 from .data_parallel import TIED, averager_for, sum_over
-from .materialize import materialize, refuse_meta
-from .partition import BalanceError
+from .materialize import materialize
+from .pipeline_args import checked_schedule, groups_of, splits_backward
 from .profile import time_costs
 from .rank0_measure import measured_on_rank_0
 from .runtime import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
-from .schedule import Op, Schedule, Timeline, check, lower
+from .schedule import Schedule, Timeline, lower
 from .schedule.lowering import PREFETCH, message_order
 from .stage import LossWeights, Stage
 from .ties import TiedWeights
@@ -78,7 +78,7 @@ class Pipeline:
                  num_microbatches: int | None = None, memory_limit: float | None = None, sample_target=None) -> None:
         layers = list(layers)
         if mesh is not None:
-            group, dp_group = _groups_of(mesh, group, dp_group, transport)
+            group, dp_group = groups_of(mesh, group, dp_group, transport)
         if isinstance(schedule, str):
             if schedule != "auto":
                 raise ValueError(f'schedule must be a Schedule (pipetrain.schedules.build(...)) or "auto", got '
@@ -91,7 +91,7 @@ class Pipeline:
                                                 transport=transport, timeout=timeout)
         elif num_microbatches is not None or memory_limit is not None or sample_target is not None:
             raise ValueError('num_microbatches=, memory_limit= and sample_target= go with schedule="auto" only')
-        self.schedule = schedule = _checked_schedule(schedule, layers, timeout, precision, balance, sample)
+        self.schedule = schedule = checked_schedule(schedule, layers, timeout, precision, balance, sample)
         self.timeout = float(timeout)
         self.transport = transport or DistTransport(group, torch.device(device) if device is not None else None,
                                                     pairs=list(message_order(schedule)),
@@ -133,6 +133,7 @@ class Pipeline:
         self._training = True
         self._window: Window | None = None
         self.last_step: RankStep | None = None
+        self.last_generation: RankStep | None = None  # the last generate call's measured events
 
     # --- training and evaluation --------------------------------------------------------------------
     def step(self, inputs: Any = None, targets: Any = None, *, microbatches: Sequence[tuple[Any, Any]] | None = None,
@@ -206,15 +207,38 @@ class Pipeline:
         self._finish(result)
         return self.last_step.loss
 
-    def gather_timeline(self, dst: int = 0) -> Timeline | None:
-        """The last step's measured timeline of every rank, on rank `dst` (None elsewhere). Collective.
+    def generate(self, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 seed: int | None = None, num_groups: int | None = None) -> list[torch.Tensor]:
+        """Continue each prompt (a 1-D token tensor; lengths may differ) on this pipeline's own stages, with a
+        KV cache per stage and group of sequences (generate.py); call on every rank with the same arguments.
 
-        Times are seconds from the earliest rank's step start. Ranks on one host share the clock; across
+        Returns, on every rank, one 1-D int64 tensor per prompt with only the new tokens: up to and including
+        the first `eos_token_id`, or `max_new_tokens` of them. temperature 0 is greedy; otherwise tokens are
+        drawn after top-k and top-p, from one generator per sequence seeded by `seed` and its index (the same
+        tokens at any rank count). `num_groups` (default 2 per rank, at least one per stage; 1 on one rank)
+        groups circulate through the stages. Layers must implement `forward_cached` (kv_cache.py). The
+        caches are freed on return; parameters, gradients and train/eval modes are left as they were.
+        `gather_timeline(of="generate")` then gives the call's measured timeline."""
+        from .generate import generate
+
+        return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, seed=seed, num_groups=num_groups)
+
+    def gather_timeline(self, dst: int = 0, *, of: str = "step") -> Timeline | None:
+        """The measured timeline of every rank, on rank `dst` (None elsewhere), of the last step (or
+        evaluate), or with `of="generate"` of the last generate call. Collective.
+
+        Times are seconds from the earliest rank's start. Ranks on one host share the clock; across
         hosts the rows are aligned only as well as the hosts' clocks are.
         """
-        if self.last_step is None:
-            raise RuntimeError("gather_timeline() needs a step first: call step() or evaluate()")
-        return gather_timeline(self.last_step, self.transport, self.timeout, dst)
+        if of not in ("step", "generate"):
+            raise ValueError(f'of must be "step" or "generate", got {of!r}')
+        last = self.last_step if of == "step" else self.last_generation
+        if last is None:
+            needs = "step() or evaluate()" if of == "step" else "generate()"
+            raise RuntimeError(f"gather_timeline(of={of!r}) needs a {needs} call first")
+        return gather_timeline(last, self.transport, self.timeout, dst)
 
     # --- this rank's part of the model ---------------------------------------------------------------
     @property
@@ -349,50 +373,3 @@ class Pipeline:
 
 def _rows(tree) -> int:
     return flatten(tree)[0][0].shape[0]
-
-
-def _checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: float, precision: str,
-                      balance: Balance, sample) -> Schedule:
-    """The compute-only schedule, after checking it and the other arguments (before any communication)."""
-    bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
-    if bad:
-        raise TypeError(f"layers[{bad[0]}] is a {type(layers[bad[0]]).__name__}, not an nn.Module")
-    if not isinstance(schedule, Schedule):
-        raise TypeError("schedule must be a pipetrain Schedule, e.g. pipetrain.schedules.build('1f1b', ...)")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
-    schedule = schedule.compute_only()
-    check(schedule)
-    if splits_backward(schedule) and not torch.__version__ >= (2, 7):
-        raise RuntimeError(f"schedule {schedule.name!r} splits the backward (I and W), which needs torch >= 2.7 "
-                           f"(torch.autograd.backward from GradientEdges); this is torch {torch.__version__}. "
-                           "Upgrade torch, or use a schedule without W such as '1f1b' or 'interleaved-1f1b'")
-    if not schedule.has_backward:
-        raise ValueError(f"schedule {schedule.name!r} has no backward actions; Pipeline needs a training "
-                         "schedule (evaluate() derives the forward-only one)")
-    if len(layers) < schedule.num_stages:
-        raise BalanceError(f"{len(layers)} layers cannot fill {schedule.num_stages} stages: use a schedule "
-                           f"with at most {len(layers)} stages (ranks x stages_per_rank) or more layers")
-    if isinstance(balance, str) and balance == "time" and sample is None:
-        raise ValueError('balance="time" needs `sample=`, one microbatch of model input to profile on')
-    if isinstance(balance, str) and balance == "time":
-        refuse_meta(layers, 'balance="time"', 'use balance="params" or a list of layers per stage')
-    return schedule
-
-
-def splits_backward(schedule: Schedule) -> bool:
-    """Whether the schedule runs I and W (split backward) rather than B."""
-    return any(a.op is Op.W for acts in schedule.actions for a in acts)
-
-
-def _groups_of(mesh, group, dp_group, transport):
-    """The (pp, dp) process groups of a DeviceMesh with dimensions named "pp" and optionally "dp"."""
-    if group is not None or dp_group is not None or transport is not None:
-        raise ValueError("pass either mesh= or group=/dp_group=/transport=, not both")
-    names = tuple(mesh.mesh_dim_names or ())
-    if "pp" not in names or not set(names) <= {"dp", "pp"}:
-        raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', got {names}: e.g. "
-                         "init_device_mesh('cpu', (dp, pp), mesh_dim_names=('dp', 'pp'))")
-    return mesh.get_group("pp"), (mesh.get_group("dp") if "dp" in names else None)

@@ -66,6 +66,13 @@ class Embedding(nn.Module):
         pos = torch.arange(t, device=idx.device)
         return self.drop(self.tok(idx) + self.pos(pos))  # (b, t, d)
 
+    def forward_cached(self, idx: torch.Tensor, cache) -> torch.Tensor:
+        """Generation (kv_cache.py): the new tokens (b, t) at their own positions."""
+        if int(cache.positions.max()) >= self.pos.num_embeddings:
+            raise ValueError(f"generation reached position {int(cache.positions.max())}, but this GPT has "
+                             f"{self.pos.num_embeddings} positions (seq_len): shorten the prompts or max_new_tokens")
+        return self.drop(self.tok(idx) + self.pos(cache.positions))  # (b, t, d)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: causal self-attention and an MLP, each with a residual."""
@@ -87,11 +94,22 @@ class Block(nn.Module):
         init_normal(self, self.n_layers, RESIDUAL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._block(x, lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0))
+
+    def forward_cached(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """Generation (kv_cache.py): the new tokens attend the cached keys and values and their own."""
+        def attend(q, k, v):
+            k, v = cache.update(k, v)  # (b, h, T, hd)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.attn_mask)
+
+        return self._block(x, attend)
+
+    def _block(self, x: torch.Tensor, attend) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # each (b, t, d)
         q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (b, h, t, hd)
+        y = attend(q, k, v)  # (b, h, t, hd)
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
         return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))  # (b, t, d)
 
@@ -110,6 +128,10 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.ln(x))
+
+    def forward_cached(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """Generation: the logits of the last position only, (b, 1, vocab)."""
+        return self.forward(x[:, -1:])
 
 
 def build_gpt(cfg: GPTConfig) -> list[nn.Module]:

@@ -72,6 +72,10 @@ class Embedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.tok(idx)
 
+    def forward_cached(self, idx: torch.Tensor, cache) -> torch.Tensor:
+        """Generation (kv_cache.py): positions enter in attention."""
+        return self.tok(idx)
+
 
 class Block(nn.Module):
     """x + attention(norm(x)), then + SwiGLU(norm(x)); causal, RoPE on queries and keys."""
@@ -97,17 +101,32 @@ class Block(nn.Module):
         self.inv_freq.copy_(_inv_freq(self.head_dim, self.theta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)  # (t,)
+        return self._block(x, positions, lambda q, k, v: self._attention(q, k, v, is_causal=True))
+
+    def forward_cached(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """Generation (kv_cache.py): RoPE at each token's own position; the cache keeps the kv_heads."""
+        def attend(q, k, v):
+            k, v = cache.update(k, v)  # (b, kv_heads, T, hd)
+            return self._attention(q, k, v, attn_mask=cache.attn_mask)
+
+        return self._block(x, cache.positions[:, None], attend)  # positions (b, 1, t): per sequence
+
+    def _attention(self, q, k, v, **sdpa) -> torch.Tensor:
+        repeat = self.n_heads // self.kv_heads  # each key/value head serves `repeat` query heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, **sdpa)  # (b, heads, t, hd)
+
+    def _block(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         b, t, _ = x.shape
         h = self.attn_norm(x)
         q = self.wq(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
         k = self.wk(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, hd)
         v = self.wv(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        angles = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq.float()  # (t, hd/2)
-        cos, sin = (f(torch.cat([angles, angles], dim=-1)).to(q.dtype) for f in (torch.cos, torch.sin))  # (t, hd)
+        angles = positions.float()[..., None] * self.inv_freq.float()  # (..., t, hd/2)
+        cos, sin = (f(torch.cat([angles, angles], dim=-1)).to(q.dtype) for f in (torch.cos, torch.sin))  # (..., t, hd)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        repeat = self.n_heads // self.kv_heads  # each key/value head serves `repeat` query heads
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, heads, t, hd)
+        y = attend(q, k, v)  # (b, heads, t, hd)
         x = x + self.wo(y.transpose(1, 2).reshape(b, t, -1))
         h = self.ffn_norm(x)
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))  # (b, t, d)
@@ -127,6 +146,10 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(x))
+
+    def forward_cached(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """Generation: the logits of the last position only, (b, 1, vocab)."""
+        return self.forward(x[:, -1:])
 
 
 def build_llama(cfg: LlamaConfig) -> list[nn.Module]:

@@ -1,0 +1,318 @@
+"""Generation on the training pipeline: groups of sequences circulate through the stages, each stage keeping
+its groups' KV caches, and the last stage sends each picked token back to the first.
+
+    step t of group g at stage s runs at virtual time  tau = t * L + g + s      (L = max(groups, stages))
+
+Every rank runs its stages' items in the order of (tau, stage): each item's inputs come from items with a
+smaller tau (the stage before, or for stage 0 the last stage one step earlier), so the order cannot
+deadlock, and with at least as many groups as stages every stage has an item at every tau (steady state:
+every rank busy). Pass 0 is the prefill of the group's left-padded prompts; pass t > 0 decodes one token.
+A sequence that picks `eos_token_id` leaves its group (every stage drops its cache rows); a group whose
+sequences have all finished leaves the circulation.
+
+A message between ranks is a fixed header (kind, pass, group, stage, kept rows, signature id and size)
+followed by the signature the first time a shape is sent on that link, the kept rows, and the tensors.
+Messages carry their item, so a rank that receives one meant for a later item keeps it until then.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .comm import rank_name, wait_or_raise
+from .kv_cache import GroupCache
+from .runtime import RankStep
+from .sampling import Sampling, sequence_generators
+from .schedule import Action, Op
+from .schedule.timeline import Event
+from .values import Signature, flatten, unflatten
+
+ACT, TOKENS, RETIRE = range(3)
+HEADER = 8  # kind, pass, group, stage, number of kept rows (-1: unchanged), signature id (-1: none), its bytes
+
+
+@dataclass
+class _Message:
+    kind: int
+    keep: torch.Tensor | None  # the rows (of the previous pass) that go on, when some sequences finished
+    value: Any  # an activation tree, or the picked tokens (b,); None for RETIRE
+
+
+def circulation_order(stages: Sequence[int], num_stages: int, num_groups: int, passes: int) -> Iterator[tuple]:
+    """The (pass, group, stage) items of one rank's `stages`, in the order it runs them (module docstring)."""
+    period = max(num_groups, num_stages)
+    last = (passes - 1) * period + (num_groups - 1) + (num_stages - 1)
+    for tau in range(last + 1):
+        for s in sorted(stages):
+            t, g = divmod(tau - s, period)
+            if tau >= s and g < num_groups and t < passes:
+                yield t, g, s
+
+
+def group_rows(lengths: Sequence[int], num_groups: int) -> list[list[int]]:
+    """Prompt indices per group: sorted by length (less padding), then cut into `num_groups` near-equal runs."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    size, extra = divmod(len(order), num_groups)
+    cuts = [g * size + min(g, extra) for g in range(num_groups + 1)]
+    return [order[cuts[g]:cuts[g + 1]] for g in range(num_groups)]
+
+
+class RankGenerator:
+    """One rank's part of one `generate` call over `pipe`'s stages (see `Pipeline.generate`)."""
+
+    def __init__(self, pipe, prompts: list[torch.Tensor], max_new_tokens: int, sampling: Sampling,
+                 eos_token_id: int | None, seed: int, num_groups: int) -> None:
+        self.pipe, self.transport, self.timeout = pipe, pipe.transport, pipe.timeout
+        self.rank, self.device = pipe.rank, pipe.device
+        self.stage_to_rank = pipe.schedule.stage_to_rank
+        self.num_stages = len(self.stage_to_rank)
+        self.prompts, self.passes, self.sampling, self.eos = prompts, max_new_tokens, sampling, eos_token_id
+        self.groups = group_rows([len(p) for p in prompts], num_groups)
+        self.live = [list(rows) for rows in self.groups]  # last stage: the prompt indices still decoding
+        self.out: list[list[int]] = [[] for _ in prompts]
+        self.generators = sequence_generators(seed, len(prompts)) if not sampling.greedy else []
+        self.caches: dict[tuple[int, int], GroupCache] = {}
+        self.retired: dict[int, set[int]] = defaultdict(set)  # group -> stages of this rank it has left
+        self.local: dict[tuple[int, int, int], _Message] = {}
+        self.stash: dict[int, dict[tuple[int, int, int], _Message]] = defaultdict(dict)
+        self.sent_sigs: dict[int, dict[Signature, int]] = defaultdict(dict)
+        self.recv_sigs: dict[int, dict[int, Signature]] = defaultdict(dict)
+        self.sends: list = []
+        self.events: list[Event] = []
+        self.waits: list[Event] = []
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def run(self) -> RankStep:
+        self.t0 = time.perf_counter()
+        mine = self.pipe.schedule.stages_of(self.rank)
+        for t, g, s in circulation_order(mine, self.num_stages, len(self.groups), self.passes):
+            if s not in self.retired[g]:
+                self._item(t, g, s)
+        for work, _, peer in self.sends:
+            wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=peer, what="a generation send")
+        self.sends.clear()
+        return RankStep(self.rank, float("nan"), tuple(self.events), tuple(self.waits), self._now(), self.t0)
+
+    def results(self) -> list[torch.Tensor]:
+        """Every prompt's new tokens, on every rank (collective: the last stage's rank holds them)."""
+        n, width = len(self.prompts), self.passes
+        table = torch.zeros(n, width + 1, dtype=torch.int64, device=self.transport.device)
+        if self.num_stages - 1 in self.pipe.stages:
+            for i, tokens in enumerate(self.out):
+                table[i, 0] = len(tokens)
+                table[i, 1:1 + len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        self.transport.all_reduce(table, self.timeout)
+        table = table.cpu()
+        return [table[i, 1:1 + int(table[i, 0])].clone() for i in range(n)]
+
+    def _now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _item(self, t: int, g: int, s: int) -> None:
+        message = self._input(t, g, s)
+        if message.kind == RETIRE:
+            self.caches.pop((s, g), None)
+            self.retired[g].add(s)
+            if s < self.num_stages - 1:
+                self._emit((t, g, s + 1), _Message(RETIRE, None, None))
+            return
+        stage = self.pipe.stages[s]
+        if t == 0:
+            width = max(len(self.prompts[i]) for i in self.groups[g])
+            pad = torch.tensor([width - len(self.prompts[i]) for i in self.groups[g]], device=self.device)
+            self.caches[(s, g)] = GroupCache(pad, width, width + self.passes - 1, len(stage.layers))
+        cache = self.caches[(s, g)]
+        if message.keep is not None:
+            cache.keep(message.keep)
+        x = message.value[:, None] if s == 0 and t > 0 else message.value  # picked tokens (b,) -> (b, 1)
+        start = self._now()
+        autocast = (torch.autocast(stage.device_type, dtype=stage.autocast) if stage.autocast is not None
+                    else nullcontext())
+        with torch.no_grad(), autocast:
+            cache.begin_pass()
+            for layer, layer_cache in zip(stage.layers, cache.layers, strict=True):
+                x = layer.forward_cached(x, layer_cache)
+        if s < self.num_stages - 1:
+            self._emit((t, g, s + 1), _Message(ACT, message.keep, x))
+        else:
+            self._pick(t, g, x)
+        self.events.append(Event(self.rank, Action(s, Op.F, t * len(self.groups) + g), start, self._now()))
+
+    def _pick(self, t: int, g: int, logits: torch.Tensor) -> None:
+        """Last stage: each live sequence's next token; the survivors' go back to stage 0."""
+        if logits.dim() == 3:
+            logits = logits[:, -1]  # (b, vocab): the last position
+        live = self.live[g]
+        tokens = self.sampling.pick(logits, [self.generators[i] for i in live] if self.generators else [])
+        finished = []
+        for row, (i, token) in enumerate(zip(live, tokens.tolist(), strict=True)):
+            self.out[i].append(token)
+            if token == self.eos or len(self.out[i]) == self.passes:
+                finished.append(row)
+        if t == self.passes - 1:
+            return  # every rank knows the group ends here
+        if len(finished) == len(live):
+            self.live[g] = []
+            self._emit((t + 1, g, 0), _Message(RETIRE, None, None))
+            return
+        keep = None
+        if finished:
+            gone = set(finished)
+            kept = [row for row in range(len(live)) if row not in gone]
+            self.live[g] = [live[row] for row in kept]
+            keep = torch.tensor(kept, dtype=torch.int64, device=self.device)
+            tokens = tokens[keep]
+        self._emit((t + 1, g, 0), _Message(TOKENS, keep, tokens))
+
+    # --- messages ------------------------------------------------------------------------------------
+    def _input(self, t: int, g: int, s: int) -> _Message:
+        if s == 0 and t == 0:
+            return _Message(ACT, None, self._padded_prompts(g))
+        producer = s - 1 if s > 0 else self.num_stages - 1
+        peer = self.stage_to_rank[producer]
+        key = (t, g, s)
+        if peer == self.rank:
+            return self.local.pop(key)
+        start = self._now()
+        while key not in self.stash[peer]:
+            got_key, message = self._receive(peer, key)
+            self.stash[peer][got_key] = message
+        self.waits.append(Event(self.rank, Action(s, Op.F, t * len(self.groups) + g), start, self._now()))
+        return self.stash[peer].pop(key)
+
+    def _padded_prompts(self, g: int) -> torch.Tensor:
+        rows = [self.prompts[i] for i in self.groups[g]]
+        width = max(len(p) for p in rows)
+        out = torch.zeros(len(rows), width, dtype=torch.int64)
+        for r, p in enumerate(rows):
+            out[r, width - len(p):] = p
+        return out.to(self.device)  # (b, width), left-padded
+
+    def _emit(self, key: tuple[int, int, int], message: _Message) -> None:
+        peer = self.stage_to_rank[key[2]]
+        if peer == self.rank:
+            self.local[key] = message
+            return
+        leaves, signature, data = [], None, None
+        if message.value is not None:
+            leaves, spec = flatten(message.value, what="a generation value")
+            leaves = [leaf.detach().contiguous() for leaf in leaves]
+            signature = Signature.of(leaves, spec)
+        ids = self.sent_sigs[peer]
+        if signature is not None and signature not in ids:
+            ids[signature] = len(ids)
+            data = signature.to_bytes()
+        keep = message.keep
+        header = [message.kind, *key, -1 if keep is None else len(keep), -1 if signature is None else ids[signature],
+                  0 if data is None else data.numel(), 0]
+        tensors = [torch.tensor(header, dtype=torch.int64)]
+        tensors += [data] if data is not None else []
+        tensors += [keep] if keep is not None else []
+        for tensor in tensors + leaves:
+            tensor = tensor.to(self.transport.device)
+            self.sends.append((self.transport.isend(tensor, peer), tensor, peer))
+        self.sends = [s for s in self.sends if not s[0].is_completed()]
+
+    def _receive(self, peer: int, wanted: tuple[int, int, int]) -> tuple[tuple[int, int, int], _Message]:
+        what = f"the generation value of pass {wanted[0]}, group {wanted[1]} for stage {wanted[2]}"
+        header = self._recv(torch.empty(HEADER, dtype=torch.int64), peer, what).tolist()
+        kind, t, g, s, kept, sig_id, sig_bytes, _ = header
+        if sig_bytes:
+            data = self._recv(torch.empty(sig_bytes, dtype=torch.uint8), peer, what)
+            self.recv_sigs[peer][sig_id] = Signature.from_bytes(data)
+        keep = self._recv(torch.empty(kept, dtype=torch.int64), peer, what).to(self.device) if kept >= 0 else None
+        value = None
+        if sig_id >= 0:
+            signature = self.recv_sigs[peer][sig_id]
+            leaves = [self._recv(torch.empty(shape, dtype=dtype), peer, what) for shape, dtype, _ in signature.leaves]
+            value = unflatten([leaf.to(self.device) for leaf in leaves], signature.spec)
+        return (t, g, s), _Message(kind, keep, value)
+
+    def _recv(self, buffer: torch.Tensor, peer: int, what: str) -> torch.Tensor:
+        buffer = buffer.to(self.transport.device)
+        wait_or_raise(self.transport.irecv(buffer, peer), timeout=self.timeout, transport=self.transport, peer=peer,
+                      what=what)
+        return buffer
+
+
+def checked_prompts(prompts: Sequence[torch.Tensor], max_new_tokens: int) -> list[torch.Tensor]:
+    """The prompts as 1-D int64 CPU tensors, after checking them and `max_new_tokens`."""
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or not prompts:
+        raise TypeError("prompts must be a non-empty list of 1-D token tensors (of any lengths), e.g. "
+                        "[torch.tensor([1, 2, 3]), torch.tensor([4, 5])]")
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 or p.is_floating_point():
+            what = f"a tensor of shape {tuple(p.shape)} {p.dtype}" if isinstance(p, torch.Tensor) else type(p).__name__
+            raise ValueError(f"prompts[{i}] is {what}; each prompt must be a non-empty 1-D tensor of token ids")
+        out.append(p.detach().to("cpu", torch.int64))
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    return out
+
+
+def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tuple) -> None:
+    """Fail on every rank, before any generation traffic, if a rank's layers cannot generate or the ranks
+    were given different prompts or settings (one all-reduce)."""
+    missing = [i for i, layer in pipe.layers.items() if not callable(getattr(layer, "forward_cached", None))]
+    fingerprint = [len(prompts), sum(len(p) for p in prompts), sum(int(p.sum()) % 1_000_003 for p in prompts),
+                   max_new_tokens, zlib.crc32(repr(settings).encode())]
+    world = pipe.transport.world_size
+    table = torch.zeros(world, len(fingerprint) + 2, dtype=torch.int64, device=pipe.transport.device)
+    table[pipe.rank] = torch.tensor([len(missing), missing[0] if missing else -1, *fingerprint])
+    table = pipe.transport.all_reduce(table, pipe.timeout).cpu()
+    if missing:
+        names = ", ".join(f"{i} ({type(pipe.layers[i]).__name__})" for i in missing)
+        raise TypeError(f"{rank_name(pipe.transport, pipe.rank)}: layers {names} have no forward_cached(x, cache): "
+                        "every layer must implement the cache protocol to generate (pipetrain.kv_cache; the "
+                        "reference GPT and Llama and from_hf layers do)")
+    lacking = [r for r in range(world) if table[r, 0] > 0]
+    if lacking:
+        raise TypeError(f"{rank_name(pipe.transport, lacking[0])} holds layer {int(table[lacking[0], 1])}, which has "
+                        "no forward_cached(x, cache): every layer must implement the cache protocol to generate")
+    differ = [r for r in range(world) if not torch.equal(table[r, 2:], table[pipe.rank, 2:])]
+    if differ:
+        raise ValueError(f"generate() got different prompts or settings on {rank_name(pipe.transport, differ[0])} "
+                         f"than on {rank_name(pipe.transport, pipe.rank)}: call it on every rank with the same "
+                         "arguments")
+
+
+def generate(pipe, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             seed: int | None = None, num_groups: int | None = None) -> list[torch.Tensor]:
+    """`Pipeline.generate` (documented there)."""
+    prompts = checked_prompts(prompts, max_new_tokens)
+    sampling = Sampling(temperature, top_k, top_p)
+    world, num_stages = pipe.transport.world_size, pipe.schedule.num_stages
+    if num_groups is None:
+        num_groups = 1 if world == 1 else max(2 * world, num_stages)
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
+    num_groups = min(num_groups, len(prompts))
+    agree(pipe, prompts, max_new_tokens, (temperature, top_k, top_p, eos_token_id, seed, num_groups))
+    if seed is None:
+        seed = int(torch.randint(2**31 - 1, ()))  # only the last stage's rank draws tokens
+    modes = [(m, m.training) for stage in pipe.stages.values() for m in stage.module.modules()]
+    for stage in pipe.stages.values():
+        stage.module.eval()
+    try:
+        runner = RankGenerator(pipe, prompts, max_new_tokens, sampling, eos_token_id, seed, num_groups)
+        try:
+            pipe.last_generation = runner.run()
+        except BaseException as err:
+            abort = getattr(pipe.transport, "abort", None)
+            if abort is not None:  # in-process ranks: wake the others' waits
+                abort(f"{rank_name(pipe.transport, pipe.rank)} failed: {type(err).__name__}: {err}")
+            raise
+        return runner.results()
+    finally:
+        for module, mode in modes:
+            module.training = mode

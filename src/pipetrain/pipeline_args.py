@@ -1,0 +1,58 @@
+"""Pipeline's arguments checked before any communication: the schedule, the layers, the mesh."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .balance import Balance
+from .materialize import refuse_meta
+from .partition import BalanceError
+from .schedule import Op, Schedule, check
+
+
+def checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: float, precision: str,
+                      balance: Balance, sample) -> Schedule:
+    """The compute-only schedule, after checking it and the other arguments (before any communication)."""
+    bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
+    if bad:
+        raise TypeError(f"layers[{bad[0]}] is a {type(layers[bad[0]]).__name__}, not an nn.Module")
+    if not isinstance(schedule, Schedule):
+        raise TypeError("schedule must be a pipetrain Schedule, e.g. pipetrain.schedules.build('1f1b', ...)")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f'precision must be "fp32" or "bf16", got {precision!r}')
+    schedule = schedule.compute_only()
+    check(schedule)
+    if splits_backward(schedule) and not torch.__version__ >= (2, 7):
+        raise RuntimeError(f"schedule {schedule.name!r} splits the backward (I and W), which needs torch >= 2.7 "
+                           f"(torch.autograd.backward from GradientEdges); this is torch {torch.__version__}. "
+                           "Upgrade torch, or use a schedule without W such as '1f1b' or 'interleaved-1f1b'")
+    if not schedule.has_backward:
+        raise ValueError(f"schedule {schedule.name!r} has no backward actions; Pipeline needs a training "
+                         "schedule (evaluate() derives the forward-only one)")
+    if len(layers) < schedule.num_stages:
+        raise BalanceError(f"{len(layers)} layers cannot fill {schedule.num_stages} stages: use a schedule "
+                           f"with at most {len(layers)} stages (ranks x stages_per_rank) or more layers")
+    if isinstance(balance, str) and balance == "time" and sample is None:
+        raise ValueError('balance="time" needs `sample=`, one microbatch of model input to profile on')
+    if isinstance(balance, str) and balance == "time":
+        refuse_meta(layers, 'balance="time"', 'use balance="params" or a list of layers per stage')
+    return schedule
+
+
+def splits_backward(schedule: Schedule) -> bool:
+    """Whether the schedule runs I and W (split backward) rather than B."""
+    return any(a.op is Op.W for acts in schedule.actions for a in acts)
+
+
+def groups_of(mesh, group, dp_group, transport):
+    """The (pp, dp) process groups of a DeviceMesh with dimensions named "pp" and optionally "dp"."""
+    if group is not None or dp_group is not None or transport is not None:
+        raise ValueError("pass either mesh= or group=/dp_group=/transport=, not both")
+    names = tuple(mesh.mesh_dim_names or ())
+    if "pp" not in names or not set(names) <= {"dp", "pp"}:
+        raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', got {names}: e.g. "
+                         "init_device_mesh('cpu', (dp, pp), mesh_dim_names=('dp', 'pp'))")
+    return mesh.get_group("pp"), (mesh.get_group("dp") if "dp" in names else None)
