@@ -46,13 +46,13 @@ def reference_greedy(layers: list[nn.Module], prompt_list: list[torch.Tensor], m
     return out
 
 
-def generate(rank: int, world: int, kind: str, schedule: str, settings: dict, transport=None) -> dict:
-    """Build the pipeline, generate with `settings`, then check training still works (one step)."""
+def generate(rank: int, world: int, kind: str, schedule: str, settings: list[dict], transport=None) -> dict:
+    """Build the pipeline, generate with each of `settings` in turn, then check training still works."""
     layers = model(kind)
     sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=2 * world)
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, transport=transport, timeout=60)
     before = {n: p.detach().clone() for n, p in pipe.named_parameters()}
-    out = pipe.generate(prompts(), **settings)
+    out = [pipe.generate(prompts(), **s) for s in settings]
     unchanged = all(torch.equal(before[n], p) for n, p in pipe.named_parameters())
     no_grads = all(p.grad is None for p in pipe.parameters())
     x = torch.randint(0, VOCAB, (2 * world, 8), generator=torch.Generator().manual_seed(1))
@@ -61,3 +61,50 @@ def generate(rank: int, world: int, kind: str, schedule: str, settings: dict, tr
     return {"out": out, "unchanged": unchanged, "no_grads": no_grads, "loss": loss,
             "idle": [s.bubble_fraction for s in timeline.per_rank()] if timeline is not None else None,
             "training": all(m.training for layer in pipe.layers.values() for m in layer.modules())}
+
+
+def hf_generate(rank: int, world: int, family: str, schedule: str, settings: dict, transport=None) -> list:
+    import hf_models
+
+    from pipetrain.models.hf import from_hf
+
+    with _RNG_LOCK:
+        layers, loss_fn = from_hf(hf_models.build(family))
+    sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=2 * world)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport, timeout=60)
+    return pipe.generate(hf_prompts(), **settings)
+
+
+def hf_prompts() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(4)
+    return [torch.randint(0, 96, (n,), generator=gen) for n in (5, 1, 9, 3, 12)]
+
+
+def hf_reference(family: str, max_new_tokens: int, eos: int | None) -> list[torch.Tensor]:
+    """HF's own `generate`, greedy, one prompt at a time."""
+    import hf_models
+
+    with _RNG_LOCK:
+        model = hf_models.build(family).eval()
+    out = []
+    for p in hf_prompts():
+        full = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0)
+        out.append(full[0, len(p):])
+    return out
+
+
+def generate_bad(rank: int, world: int, case: str, transport=None):
+    """Each of these fails on every rank with a clear error, never a hang."""
+    layers = model("gpt")
+    if case == "no protocol":
+        layers[3] = nn.Sequential(layers[3])  # a layer without forward_cached, on rank 0
+    sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=2)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, transport=transport, timeout=60)
+    if case == "different prompts":
+        return pipe.generate(prompts(4 + rank), max_new_tokens=3)
+    if case == "too long":  # the GPT has 40 positions
+        return pipe.generate(prompts(), max_new_tokens=35)
+    if case == "2-d prompt":
+        return pipe.generate([torch.zeros(2, 3, dtype=torch.long)], max_new_tokens=3)
+    return pipe.generate(prompts(), max_new_tokens=3)

@@ -1,17 +1,72 @@
 """Generation on the pipeline: token-for-token equal to single-process decoding, seeded sampling equal at
 any rank count, groups that shrink and retire, clear errors; training unchanged afterwards."""
 
+import re
+import time
+
 import gen_workers as gw
 import pytest
-from workers import run_threads
+from workers import run_processes, run_threads
+
+GREEDY = dict(max_new_tokens=9, eos_token_id=gw.EOS)
+SAMPLED = [dict(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=5),
+           dict(max_new_tokens=6, temperature=1.3, seed=11, eos_token_id=gw.EOS)]
+
+
+def _tokens(out):
+    return [t.tolist() for t in out]
 
 
 @pytest.mark.parametrize("kind,schedule", [("gpt", "1f1b"), ("llama", "zbv")])
 def test_greedy_equals_a_plain_loop_in_process(kind, schedule):
-    settings = dict(max_new_tokens=9, eos_token_id=gw.EOS)
-    results = run_threads(2, gw.generate, kind, schedule, settings)
+    results = run_threads(2, gw.generate, kind, schedule, [GREEDY])
     want = gw.reference_greedy(gw.model(kind), gw.prompts(), 9, gw.EOS)
+    assert any(len(t) < 9 and t[-1] == gw.EOS for t in want) and any(gw.EOS not in t for t in want)
     for r in results:
-        assert [t.tolist() for t in r["out"]] == [t.tolist() for t in want]
+        assert _tokens(r["out"][0]) == _tokens(want)
         assert r["unchanged"] and r["no_grads"] and r["training"] and r["loss"] > 0
-    assert any(len(t) < 9 and t[-1] == gw.EOS for t in want), "no prompt stopped at EOS: pick another EOS"
+
+
+def test_greedy_and_seeded_sampling_at_1_2_and_4_ranks():
+    """4 gloo processes (interleaved, 8 stages) give the reference's greedy tokens and the same samples as 1
+    and 2 in-process ranks."""
+    four = run_processes(4, gw.generate, "gpt", "interleaved-1f1b", [GREEDY, *SAMPLED])
+    one = run_threads(1, gw.generate, "gpt", "1f1b", SAMPLED)[0]
+    two = run_threads(2, gw.generate, "gpt", "zbv", SAMPLED)
+    want = gw.reference_greedy(gw.model("gpt"), gw.prompts(), 9, gw.EOS)
+    for r in [*four.values(), *two]:
+        assert [_tokens(o) for o in r["out"][-2:]] == [_tokens(o) for o in one["out"]]
+    for r in four.values():
+        assert _tokens(r["out"][0]) == _tokens(want)
+        assert r["unchanged"] and r["no_grads"] and r["training"]
+    assert len(four[0]["idle"]) == 4 and all(0 <= i < 1 for i in four[0]["idle"])  # gathered on rank 0
+    lengths = [len(t) for t in one["out"][1]]
+    assert min(lengths) < 6 == max(lengths)  # some samples hit EOS, others ran to max_new_tokens
+    assert _tokens(one["out"][0]) != _tokens(want)[:8]  # sampling is not greedy
+
+
+@pytest.mark.parametrize("family,schedule,world,eos", [("llama", "1f1b", 2, 73), ("mistral", "zbv", 2, 73),
+                                                        ("qwen2-tied", "1f1b", 4, 66),
+                                                        ("qwen3", "interleaved-1f1b", 2, 56)])
+def test_hf_models_generate_what_hf_generate_does(family, schedule, world, eos):
+    """HF's generate, greedy, one prompt at a time, stopping at `eos` (which some prompts reach); the tied
+    model in 4 gloo processes (a weight tied across ranks needs them), the others on in-process ranks."""
+    want = gw.hf_reference(family, 10, eos)
+    assert any(t[-1] == eos for t in want) and any(eos not in t for t in want)
+    run = run_processes if family.endswith("tied") else run_threads
+    results = run(world, gw.hf_generate, family, schedule, dict(max_new_tokens=10, eos_token_id=eos))
+    for r in results.values() if isinstance(results, dict) else results:
+        assert _tokens(r) == _tokens(want)
+
+
+@pytest.mark.parametrize("case,error,text", [
+    ("no protocol", TypeError, "3 (Sequential) have no forward_cached(x, cache)|holds layer 3, which has no"),
+    ("different prompts", ValueError, "different prompts or settings on rank"),
+    ("too long", ValueError, "generation reached position 40, but this GPT has 40 positions"),
+    ("2-d prompt", ValueError, "prompts[0] is a tensor of shape (2, 3)"),
+])
+def test_bad_input_fails_every_rank_with_a_clear_error(case, error, text):
+    start = time.perf_counter()
+    with pytest.raises(error, match="|".join(re.escape(part) for part in text.split("|"))):
+        run_threads(2, gw.generate_bad, case, timeout=30)  # every rank's thread ends: no hang
+    assert time.perf_counter() - start < 20  # far less than the pipeline's 60 s timeout

@@ -94,6 +94,10 @@ class Embedding(_HFLayer):
         out["position_ids"] = positions.expand(ids.shape[0], -1).contiguous()  # (b, t): split with the batch
         return out
 
+    def forward_cached(self, ids: torch.Tensor, cache) -> dict:
+        """Generation (pipetrain.kv_cache): the new tokens (b, t); positions come from the cache."""
+        return {"hidden_states": self.embed_tokens(ids)}
+
 
 class DecoderLayer(_HFLayer):
     """HF decoder layer `index`: {"hidden_states", ...} -> the same dict with new hidden states."""
@@ -106,6 +110,8 @@ class DecoderLayer(_HFLayer):
         types = getattr(masks.config, "layer_types", None)
         sliding = getattr(masks.config, "sliding_window", None) is not None
         self.attention_type = types[index] if types else "sliding_attention" if sliding else "full_attention"
+        accepted = inspect.signature(layer.forward).parameters  # the cache's keyword, renamed across versions
+        self.cache_keyword = next((k for k in ("cache", "past_key_values", "past_key_value") if k in accepted), None)
 
     def forward(self, x: dict) -> dict:
         hidden = x["hidden_states"]
@@ -113,6 +119,19 @@ class DecoderLayer(_HFLayer):
                                       self.rotary_emb)
         out = self.layer(hidden, attention_mask=mask, position_ids=x["position_ids"], position_embeddings=rotary)
         return {**x, "hidden_states": out[0] if isinstance(out, tuple) else out}
+
+    def forward_cached(self, x: dict, cache) -> dict:
+        """Generation (pipetrain.kv_cache): HF's layer with our cache in place of its Cache (attention calls
+        `cache.update(k, v, layer_idx, ...)`), our 0/-inf mask and rotary embedding at each token's position."""
+        if self.cache_keyword is None:
+            raise TypeError(f"{type(self.layer).__name__}.forward takes no cache argument; this transformers "
+                            "version cannot generate through pipetrain")
+        hidden = x["hidden_states"]
+        window = self.masks.config.sliding_window if self.attention_type == "sliding_attention" else None
+        out = self.layer(hidden, attention_mask=cache.additive_mask(hidden.dtype, window),
+                         position_ids=cache.positions, position_embeddings=self.rotary_emb(hidden, cache.positions),
+                         use_cache=True, **{self.cache_keyword: cache})
+        return {"hidden_states": out[0] if isinstance(out, tuple) else out}
 
 
 class NormHead(_HFLayer):
@@ -125,6 +144,10 @@ class NormHead(_HFLayer):
 
     def forward(self, x: dict) -> torch.Tensor:
         return self.lm_head(self.norm(x["hidden_states"]))
+
+    def forward_cached(self, x: dict, cache) -> torch.Tensor:
+        """Generation: the logits of the last position only, (b, 1, vocab)."""
+        return self.lm_head(self.norm(x["hidden_states"][:, -1:]))
 
 
 class _Masks:
