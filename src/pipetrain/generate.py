@@ -10,9 +10,8 @@ every rank busy). Pass 0 is the prefill of the group's left-padded prompts; pass
 A sequence that picks `eos_token_id` leaves its group (every stage drops its cache rows); a group whose
 sequences have all finished leaves the circulation.
 
-A message between ranks is a fixed header (kind, pass, group, stage, kept rows, signature id and size)
-followed by the signature the first time a shape is sent on that link, the kept rows, and the tensors.
-Messages carry their item, so a rank that receives one meant for a later item keeps it until then.
+Messages between ranks (gen_wire.py) carry their item, so a rank that receives one meant for a later item
+keeps it until then.
 """
 
 from __future__ import annotations
@@ -22,28 +21,18 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .comm import rank_name, wait_or_raise
+from .comm import rank_name
+from .gen_wire import Message, Wire
 from .kv_cache import GroupCache
 from .runtime import RankStep
 from .sampling import Sampling, sequence_generators
 from .schedule import Action, Op
 from .schedule.timeline import Event
-from .values import Signature, flatten, unflatten
 
 ACT, TOKENS, RETIRE = range(3)
-HEADER = 8  # kind, pass, group, stage, number of kept rows (-1: unchanged), signature id (-1: none), its bytes
-
-
-@dataclass
-class _Message:
-    kind: int
-    keep: torch.Tensor | None  # the rows (of the previous pass) that go on, when some sequences finished
-    value: Any  # an activation tree, or the picked tokens (b,); None for RETIRE
 
 
 def circulation_order(stages: Sequence[int], num_stages: int, num_groups: int, passes: int) -> Iterator[tuple]:
@@ -81,11 +70,8 @@ class RankGenerator:
         self.generators = sequence_generators(seed, len(prompts)) if not sampling.greedy else []
         self.caches: dict[tuple[int, int], GroupCache] = {}
         self.retired: dict[int, set[int]] = defaultdict(set)  # group -> stages of this rank it has left
-        self.local: dict[tuple[int, int, int], _Message] = {}
-        self.stash: dict[int, dict[tuple[int, int, int], _Message]] = defaultdict(dict)
-        self.sent_sigs: dict[int, dict[Signature, int]] = defaultdict(dict)
-        self.recv_sigs: dict[int, dict[int, Signature]] = defaultdict(dict)
-        self.sends: list = []
+        self.local: dict[tuple[int, int, int], Message] = {}
+        self.stash: dict[int, dict[tuple[int, int, int], Message]] = defaultdict(dict)
         self.events: list[Event] = []
         self.waits: list[Event] = []
 
@@ -93,12 +79,14 @@ class RankGenerator:
     def run(self) -> RankStep:
         self.t0 = time.perf_counter()
         mine = self.pipe.schedule.stages_of(self.rank)
+        last = self.num_stages - 1
+        sources = {self.stage_to_rank[s - 1 if s else last] for s in mine} - {self.rank}
+        targets = {self.stage_to_rank[s + 1 if s < last else 0] for s in mine} - {self.rank}
+        self.wire = Wire(self.transport, self.timeout, sources, targets, len(self.groups), self.device)
         for t, g, s in circulation_order(mine, self.num_stages, len(self.groups), self.passes):
             if s not in self.retired[g]:
                 self._item(t, g, s)
-        for work, _, peer in self.sends:
-            wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=peer, what="a generation send")
-        self.sends.clear()
+        self.wire.close()
         return RankStep(self.rank, float("nan"), tuple(self.events), tuple(self.waits), self._now(), self.t0)
 
     def results(self) -> list[torch.Tensor]:
@@ -122,7 +110,7 @@ class RankGenerator:
             self.caches.pop((s, g), None)
             self.retired[g].add(s)
             if s < self.num_stages - 1:
-                self._emit((t, g, s + 1), _Message(RETIRE, None, None))
+                self._emit((t, g, s + 1), Message(RETIRE, None, None))
             return
         stage = self.pipe.stages[s]
         if t == 0:
@@ -141,7 +129,7 @@ class RankGenerator:
             for layer, layer_cache in zip(stage.layers, cache.layers, strict=True):
                 x = layer.forward_cached(x, layer_cache)
         if s < self.num_stages - 1:
-            self._emit((t, g, s + 1), _Message(ACT, message.keep, x))
+            self._emit((t, g, s + 1), Message(ACT, message.keep, x))
         else:
             self._pick(t, g, x)
         self.events.append(Event(self.rank, Action(s, Op.F, t * len(self.groups) + g), start, self._now()))
@@ -161,7 +149,7 @@ class RankGenerator:
             return  # every rank knows the group ends here
         if len(finished) == len(live):
             self.live[g] = []
-            self._emit((t + 1, g, 0), _Message(RETIRE, None, None))
+            self._emit((t + 1, g, 0), Message(RETIRE, None, None))
             return
         keep = None
         if finished:
@@ -170,12 +158,12 @@ class RankGenerator:
             self.live[g] = [live[row] for row in kept]
             keep = torch.tensor(kept, dtype=torch.int64, device=self.device)
             tokens = tokens[keep]
-        self._emit((t + 1, g, 0), _Message(TOKENS, keep, tokens))
+        self._emit((t + 1, g, 0), Message(TOKENS, keep, tokens))
 
     # --- messages ------------------------------------------------------------------------------------
-    def _input(self, t: int, g: int, s: int) -> _Message:
+    def _input(self, t: int, g: int, s: int) -> Message:
         if s == 0 and t == 0:
-            return _Message(ACT, None, self._padded_prompts(g))
+            return Message(ACT, None, self._padded_prompts(g))
         producer = s - 1 if s > 0 else self.num_stages - 1
         peer = self.stage_to_rank[producer]
         key = (t, g, s)
@@ -183,7 +171,7 @@ class RankGenerator:
             return self.local.pop(key)
         start = self._now()
         while key not in self.stash[peer]:
-            got_key, message = self._receive(peer, key)
+            got_key, message = self.wire.receive(peer, f"the generation value of pass {t}, group {g} for stage {s}")
             self.stash[peer][got_key] = message
         self.waits.append(Event(self.rank, Action(s, Op.F, t * len(self.groups) + g), start, self._now()))
         return self.stash[peer].pop(key)
@@ -196,51 +184,12 @@ class RankGenerator:
             out[r, width - len(p):] = p
         return out.to(self.device)  # (b, width), left-padded
 
-    def _emit(self, key: tuple[int, int, int], message: _Message) -> None:
+    def _emit(self, key: tuple[int, int, int], message: Message) -> None:
         peer = self.stage_to_rank[key[2]]
         if peer == self.rank:
             self.local[key] = message
-            return
-        leaves, signature, data = [], None, None
-        if message.value is not None:
-            leaves, spec = flatten(message.value, what="a generation value")
-            leaves = [leaf.detach().contiguous() for leaf in leaves]
-            signature = Signature.of(leaves, spec)
-        ids = self.sent_sigs[peer]
-        if signature is not None and signature not in ids:
-            ids[signature] = len(ids)
-            data = signature.to_bytes()
-        keep = message.keep
-        header = [message.kind, *key, -1 if keep is None else len(keep), -1 if signature is None else ids[signature],
-                  0 if data is None else data.numel(), 0]
-        tensors = [torch.tensor(header, dtype=torch.int64)]
-        tensors += [data] if data is not None else []
-        tensors += [keep] if keep is not None else []
-        for tensor in tensors + leaves:
-            tensor = tensor.to(self.transport.device)
-            self.sends.append((self.transport.isend(tensor, peer), tensor, peer))
-        self.sends = [s for s in self.sends if not s[0].is_completed()]
-
-    def _receive(self, peer: int, wanted: tuple[int, int, int]) -> tuple[tuple[int, int, int], _Message]:
-        what = f"the generation value of pass {wanted[0]}, group {wanted[1]} for stage {wanted[2]}"
-        header = self._recv(torch.empty(HEADER, dtype=torch.int64), peer, what).tolist()
-        kind, t, g, s, kept, sig_id, sig_bytes, _ = header
-        if sig_bytes:
-            data = self._recv(torch.empty(sig_bytes, dtype=torch.uint8), peer, what)
-            self.recv_sigs[peer][sig_id] = Signature.from_bytes(data)
-        keep = self._recv(torch.empty(kept, dtype=torch.int64), peer, what).to(self.device) if kept >= 0 else None
-        value = None
-        if sig_id >= 0:
-            signature = self.recv_sigs[peer][sig_id]
-            leaves = [self._recv(torch.empty(shape, dtype=dtype), peer, what) for shape, dtype, _ in signature.leaves]
-            value = unflatten([leaf.to(self.device) for leaf in leaves], signature.spec)
-        return (t, g, s), _Message(kind, keep, value)
-
-    def _recv(self, buffer: torch.Tensor, peer: int, what: str) -> torch.Tensor:
-        buffer = buffer.to(self.transport.device)
-        wait_or_raise(self.transport.irecv(buffer, peer), timeout=self.timeout, transport=self.transport, peer=peer,
-                      what=what)
-        return buffer
+        else:
+            self.wire.send(peer, key, message)
 
 
 def checked_prompts(prompts: Sequence[torch.Tensor], max_new_tokens: int) -> list[torch.Tensor]:
