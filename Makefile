@@ -19,7 +19,7 @@ demo: $(BIN)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 -m pipetrain train --preset small \
 		--schedule 1f1b --batch-size 32 --microbatches 8 --steps 600 --max-seconds 150 --lr 2e-3 --warmup 30 \
 		--eval-every 100 --log-every 50 --checkpoint-dir runs/demo/checkpoints --checkpoint-every 200 \
-		--metrics-jsonl runs/demo/metrics.jsonl --plot runs/demo/loss.png
+		--metrics-jsonl runs/demo/metrics.jsonl --plot runs/demo/loss.png --sample-tokens 40
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests examples benchmarks

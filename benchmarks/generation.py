@@ -6,9 +6,10 @@
 On 2 gloo ranks (1 thread each) `pipe.generate` runs greedy decoding (no EOS: every sequence makes
 `--new-tokens` tokens) with its default groups (2 per rank). The baselines are `generate` on a one-rank
 pipeline of the same weights (one group: every sequence in one batch), in one process on rank 0 while the
-other rank waits, on 1 thread and on 2 threads. The three take turns round by round (A B C, C B A, ...);
-tokens/s are new tokens over the median round, and the pipelined run's idle per rank is read from its
-measured timeline (`gather_timeline(of="generate")`). All three must give the same tokens.
+other rank waits, on 1 thread and on 2 threads; and, to show what the groups cost without pipelining, on
+1 thread with the pipeline's groups. They take turns round by round (A B C D, D C B A, ...); tokens/s are
+new tokens over the median round, and the pipelined run's idle per rank is read from its measured
+timeline (`gather_timeline(of="generate")`). All must give the same tokens.
 """
 
 from __future__ import annotations
@@ -60,14 +61,15 @@ def generation_rank(rank: int, world: int, spec: dict) -> dict:
     def run_pipe():
         outputs["pipeline"] = pipe.generate(prompts, new, num_groups=spec["groups"])
 
-    def run_single(threads: int):
+    def run_single(threads: int, groups: int | None = None):
         if single is not None:
             torch.set_num_threads(threads)
-            outputs[f"single_{threads}"] = single.generate(prompts, new)
+            outputs[f"single_{threads}_{groups}"] = single.generate(prompts, new, num_groups=groups)
             torch.set_num_threads(1)
 
     runners = {"pipeline": run_pipe, "single_1_thread": lambda: run_single(1),
-               "single_2_threads": lambda: run_single(world)}
+               "single_2_threads": lambda: run_single(world),
+               "single_1_thread_groups": lambda: run_single(1, len(pipe.last_generation_groups))}
     for fn in runners.values():  # warm-up
         fn()
     times = {name: [] for name in runners}
@@ -79,17 +81,23 @@ def generation_rank(rank: int, world: int, spec: dict) -> dict:
             dist.barrier()
             times[name].append(time.perf_counter() - start)
     timeline = pipe.gather_timeline(of="generate")
+    if timeline is not None and spec.get("timeline"):
+        from pipetrain.viz import save_generation
+
+        save_generation(timeline, spec["timeline"], num_groups=len(pipe.last_generation_groups),
+                        title=f"generate on {world} ranks: {len(prompts)} prompts, {new} new tokens")
     same = rank != 0 or all([t.tolist() for t in outputs[k]] == [t.tolist() for t in outputs["pipeline"]]
-                            for k in ("single_1", "single_2"))
+                            for k in outputs if k != "pipeline")
     return {"times": times, "same_tokens": same, "tokens": sum(len(t) for t in outputs["pipeline"]),
             "idle": [s.bubble_fraction for s in timeline.per_rank()] if timeline is not None else None,
-            "groups": spec["groups"] or max(2 * world, pipe.schedule.num_stages)}
+            "groups": len(pipe.last_generation_groups)}
 
 
 def measure(model: str = "gpt-8x256", *, world: int = 2, prompts: int = 64, new_tokens: int = 64,
-            prompt_lengths: tuple[int, int] = (8, 32), rounds: int = 5, groups: int | None = None) -> dict:
+            prompt_lengths: tuple[int, int] = (8, 32), rounds: int = 5, groups: int | None = None,
+            timeline: str | None = None) -> dict:
     spec = {"model": WORKLOADS[model], "prompts": prompts, "new_tokens": new_tokens, "prompt_lengths": prompt_lengths,
-            "rounds": rounds, "groups": groups}
+            "rounds": rounds, "groups": groups, "timeline": str(Path(timeline).resolve()) if timeline else None}
     out = run_processes(world, generation_rank, spec, timeout=3600)
     first = out[0]
     med = {name: statistics.median(v) for name, v in first["times"].items()}
@@ -100,6 +108,8 @@ def measure(model: str = "gpt-8x256", *, world: int = 2, prompts: int = 64, new_
             "prompt_lengths": list(prompt_lengths), "groups": first["groups"], "rounds": rounds, "tokens": tokens,
             "tokens_per_s": {name: tokens / t for name, t in med.items()},
             "speedup_vs_1_thread": statistics.median(ratio), "speedup_vs_2_threads": statistics.median(ratio2),
+            "grouping_cost": statistics.median(g / s for g, s in zip(first["times"]["single_1_thread_groups"],
+                                                                      first["times"]["single_1_thread"], strict=True)),
             "idle_per_rank": first["idle"], "same_tokens": all(o["same_tokens"] for o in out.values())}
 
 
@@ -112,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-lengths", type=int, nargs=2, default=(8, 32), metavar=("SHORTEST", "LONGEST"))
     p.add_argument("--groups", type=int, default=None, help="groups in circulation (default: 2 per rank)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--timeline", default=None, metavar="PNG", help="draw the last pipelined call's timeline")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     r = measure(args.model, world=args.ranks, prompts=args.prompts, new_tokens=args.new_tokens,
-                prompt_lengths=tuple(args.prompt_lengths), rounds=args.rounds, groups=args.groups)
+                prompt_lengths=tuple(args.prompt_lengths), rounds=args.rounds, groups=args.groups,
+                timeline=args.timeline)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -128,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['speedup_vs_1_thread']:.2f}x")
     print(f"  one process, 2 threads: {tps['single_2_threads']:8.0f} tokens/s -> pipeline "
           f"{r['speedup_vs_2_threads']:.2f}x")
-    print(f"  same tokens in all three: {r['same_tokens']}")
+    print(f"  one process, 1 thread, {r['groups']} groups: {tps['single_1_thread_groups']:8.0f} tokens/s "
+          f"({r['grouping_cost']:.2f}x the time of one group)")
+    print(f"  same tokens in all: {r['same_tokens']}")
     return 0
 
 

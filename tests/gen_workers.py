@@ -28,6 +28,17 @@ def prompts(n: int = 7) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (int(torch.randint(1, 12, (), generator=gen)),), generator=gen) for _ in range(n)]
 
 
+def train_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, VOCAB, (2 * world, 8), generator=torch.Generator().manual_seed(1))
+    return x, x.roll(-1, dims=1)
+
+
+def reference_loss(kind: str, world: int) -> float:
+    """The first training step's loss in one process (what a step after generate must still give)."""
+    x, y = train_batch(world)
+    return gpt_loss(nn.Sequential(*model(kind))(x), y).item()
+
+
 @torch.no_grad()
 def reference_greedy(layers: list[nn.Module], prompt_list: list[torch.Tensor], max_new_tokens: int,
                      eos: int | None) -> list[torch.Tensor]:
@@ -55,8 +66,7 @@ def generate(rank: int, world: int, kind: str, schedule: str, settings: list[dic
     out = [pipe.generate(prompts(), **s) for s in settings]
     unchanged = all(torch.equal(before[n], p) for n, p in pipe.named_parameters())
     no_grads = all(p.grad is None for p in pipe.parameters())
-    x = torch.randint(0, VOCAB, (2 * world, 8), generator=torch.Generator().manual_seed(1))
-    loss = pipe.step(x, x)
+    loss = pipe.step(*train_batch(world))
     timeline = pipe.gather_timeline(of="generate")
     return {"out": out, "unchanged": unchanged, "no_grads": no_grads, "loss": loss,
             "idle": [s.bubble_fraction for s in timeline.per_rank()] if timeline is not None else None,

@@ -71,3 +71,16 @@ def test_corun_bound_times_each_share_alone_and_together(monkeypatch):
     lo, hi = r["ideal_efficiency_range"]
     assert 0 < lo <= r["ideal_efficiency"] <= hi and r["single_ms"] > 0 and r["split"] > 0
     assert all(s > 0 for s in r["corun_slowdown"])
+
+
+def test_generation_benchmark_compares_with_one_process_and_draws_the_timeline(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    import generation
+
+    monkeypatch.setitem(run.WORKLOADS, "tiny", dict(vocab_size=32, seq_len=24, d_model=32, n_layers=2, n_heads=2))
+    r = generation.measure("tiny", prompts=6, new_tokens=4, prompt_lengths=(2, 9), rounds=2,
+                           timeline=str(tmp_path / "gen.png"))
+    assert r["same_tokens"] and r["tokens"] == 6 * 4 and r["groups"] == 4
+    assert set(r["tokens_per_s"]) == {"pipeline", "single_1_thread", "single_2_threads", "single_1_thread_groups"}
+    assert len(r["idle_per_rank"]) == 2 and r["speedup_vs_1_thread"] > 0 and r["grouping_cost"] > 0
+    assert (tmp_path / "gen.png").stat().st_size > 10_000

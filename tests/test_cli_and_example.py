@@ -75,9 +75,10 @@ def test_pipetrain_train_under_torchrun_with_toml_flags_and_resume(tmp_path):
                            text=True, timeout=120, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "summary: 4 steps" in first.stdout and "summary: 4 steps" in (tmp_path / "log.txt").read_text()
-    again = subprocess.run([*launch, "--steps", "6", "--resume"], capture_output=True, text=True, timeout=120,
-                           env=env, cwd=tmp_path)
+    again = subprocess.run([*launch, "--steps", "6", "--resume", "--sample-tokens", "20"], capture_output=True,
+                           text=True, timeout=120, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"prompt: +['\"]def .*\n  generated: ", again.stdout), again.stdout  # a held-out def, continued
     assert "resumed from" in again.stdout and "step_00000004" in again.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -117,8 +118,10 @@ def test_pipetrain_train_hf_loads_the_weights_resumes_and_saves_a_model_transfor
     first = subprocess.run([*launch, "--stop-at-step", "2"], capture_output=True, text=True, timeout=180, env=env,
                            cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    again = subprocess.run([*launch, "--resume"], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    again = subprocess.run([*launch, "--resume", "--sample-tokens", "12"], capture_output=True, text=True, timeout=180,
+                           env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"prompt: +['\"]def .*\n  generated: ", again.stdout), again.stdout  # generated on its stages
     assert "resumed from" in again.stdout and "step_00000002" in again.stdout
     assert [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
@@ -148,3 +151,50 @@ def test_hf_example_trains_a_llama_saves_it_and_transformers_loads_it_back(tmp_p
     again, pipeline = map(float, re.search(r"held-out loss (\S+) \(the pipeline's: (\S+)\)", proc.stdout).groups())
     assert again == pytest.approx(pipeline, abs=1e-4)
     assert (tmp_path / "llama" / "model.safetensors.index.json").exists()
+
+
+def test_rl_example_alternates_generate_and_training_on_two_gloo_ranks(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "rl_addition.py"),
+           "--warmup-steps", "20", "--rl-steps", "6", "--log-every", "3", "--prompts", "4", "--group-size", "4",
+           "--jsonl", str(tmp_path / "rl.jsonl"), "--plot", str(tmp_path / "reward.png")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"RL: 6 steps .* held-out accuracy \(greedy\) [\d.]+% -> [\d.]+%", proc.stdout), proc.stdout
+    rewards = [json.loads(line)["reward"] for line in (tmp_path / "rl.jsonl").read_text().splitlines()]
+    assert len(rewards) == 6 and all(0 <= r <= 1 for r in rewards)
+    assert (tmp_path / "reward.png").stat().st_size > 10_000
+
+
+def test_rl_loss_raises_the_probability_of_completions_with_a_positive_advantage():
+    """The policy gradient's sign and alignment: one SGD step on `policy_loss` makes a completion with a
+    positive advantage more likely and one with a negative advantage less likely."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("rl_addition", ROOT / "examples" / "rl_addition.py")
+    rl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*rl.build_gpt(rl.GPTConfig(vocab_size=len(rl.VOCAB), seq_len=10, d_model=16,
+                                                           n_layers=1, n_heads=2)))
+    good, bad = rl.encode("3+4="), rl.encode("12+9=")
+    rows = [(good, rl.encode("7\n"), 1.0), (bad, rl.encode("5\n"), -1.0)]
+
+    def logprob(prompt, completion):  # log p(completion | prompt) under the model
+        seq = torch.cat([prompt, completion])[None]
+        logp = torch.log_softmax(model(seq)[0, :-1], dim=-1)
+        return sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(completion.tolist())).item()
+
+    before = [logprob(p, c) for p, c, _ in rows]
+    x, targets = rl.batch(rows)
+    loss_sum, count = rl.policy_loss(model(x), targets)
+    assert count.item() == 4  # two completion tokens each
+    (loss_sum / count).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    after = [logprob(p, c) for p, c, _ in rows]
+    assert after[0] > before[0] and after[1] < before[1]

@@ -153,6 +153,7 @@ _TRAIN_FLAGS = {
     "metrics-jsonl": (str, "append one JSON object per step to this file"),
     "tensorboard": (str, "also log scalars to this TensorBoard directory (needs tensorboard)"),
     "plot": (str, "write the loss curve to this PNG at the end"),
+    "sample-tokens": (int, "at the end, print a held-out prompt continued by this many generated tokens"),
     "seed": (int, "random seed (weights, data order)"),
     "timeout": (float, "seconds any transfer may wait"),
     "max-seconds": (float, "stop after this long (all ranks at the same step)"),
@@ -212,6 +213,13 @@ def _train(args: argparse.Namespace) -> int:
     try:
         trainer = trainer_from_config(config, device=device)
         trainer.fit()
+        if config.sample_tokens:
+            from .runs import held_out_sample
+
+            prompt, continuation = held_out_sample(trainer.pipe, config)
+            if dist.get_rank() == 0:
+                print(f"\nsample: a held-out prompt, continued by the pipeline ({config.sample_tokens} tokens, "
+                      f"temperature 0.8, top-k 40):\n  prompt:    {prompt!r}\n  generated: {continuation!r}")
         if config.save_pretrained:
             from .models.hf import save_pretrained
 

@@ -60,6 +60,7 @@ class TrainConfig:
     metrics_jsonl: str | None = None
     tensorboard: str | None = None  # a log directory for TensorBoard (needs the tensorboard package)
     plot: str | None = None  # loss curve PNG written at the end
+    sample_tokens: int = 0  # at the end, continue a held-out prompt by this many tokens (pipe.generate) and print it
     seed: int = 0
     timeout: float = 60.0
     max_seconds: float | None = None
@@ -80,7 +81,7 @@ class TrainConfig:
         for name in ("microbatches", "batch_size", "accumulation", "steps", "eval_batches", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup", "eval_every", "checkpoint_every"):
+        for name in ("warmup", "eval_every", "checkpoint_every", "sample_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not isinstance(self.dp, int) or self.dp < 1:
@@ -101,6 +102,9 @@ class TrainConfig:
             raise ConfigError(f'balance must be "uniform", "params" or "time", got {self.balance!r}')
         if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
             raise ConfigError(f"stop_at_step must be a positive integer, got {self.stop_at_step!r}")
+        if self.sample_tokens and self.hf is None and self.sample_tokens >= self.model_config().seq_len:
+            raise ConfigError(f"sample_tokens={self.sample_tokens} leaves no room for a prompt within the model's "
+                              f"seq_len={self.model_config().seq_len} positions: use fewer")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume needs checkpoint_dir (where to look for the latest checkpoint)")
         if self.timeout <= 0:

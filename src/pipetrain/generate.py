@@ -255,7 +255,7 @@ def generate(pipe, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temp
     try:
         runner = RankGenerator(pipe, prompts, max_new_tokens, sampling, eos_token_id, seed, num_groups)
         try:
-            pipe.last_generation = runner.run()
+            pipe.last_generation, pipe.last_generation_groups = runner.run(), runner.groups
         except BaseException as err:
             abort = getattr(pipe.transport, "abort", None)
             if abort is not None:  # in-process ranks: wake the others' waits

@@ -134,6 +134,7 @@ class Pipeline:
         self._window: Window | None = None
         self.last_step: RankStep | None = None
         self.last_generation: RankStep | None = None  # the last generate call's measured events
+        self.last_generation_groups: list[list[int]] = []  # and its groups (prompt indices), in circulation order
 
     # --- training and evaluation --------------------------------------------------------------------
     def step(self, inputs: Any = None, targets: Any = None, *, microbatches: Sequence[tuple[Any, Any]] | None = None,

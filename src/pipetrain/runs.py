@@ -93,3 +93,21 @@ def _hf_seq_len(config: TrainConfig, hf_config) -> int:
     if seq + 1 > limit:
         raise ConfigError(f"seq_len={seq} needs {seq + 1} positions, but the model has {limit}")
     return seq
+
+
+def held_out_sample(pipe, config: TrainConfig, *, corpus: Corpus | None = None) -> tuple[str, str]:
+    """(prompt, continuation): the start of a function definition in the held-out text, continued by
+    `config.sample_tokens` bytes generated on `pipe` (collective; the same on every rank). The prompt is
+    shortened so that prompt and continuation fit the model's positions (a preset's seq_len)."""
+    corpus = corpus or load_corpus()
+    text = bytes(corpus.val[:200_000].tolist())
+    start = text.find(b"\ndef ", 1000) + 1  # 0 when there is none: the held-out text's start
+    seq = config.model_config().seq_len if not config.hf else 10**9
+    length = max(1, min(48, seq - config.sample_tokens))
+    prompt = torch.tensor(list(text[start:start + length]), dtype=torch.int64)
+    out = pipe.generate([prompt], config.sample_tokens, temperature=0.8, top_k=40, seed=config.seed)[0]
+    return _text(prompt), _text(out)
+
+
+def _text(ids: torch.Tensor) -> str:
+    return bytes(ids.tolist()).decode("utf-8", errors="replace")

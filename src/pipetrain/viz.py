@@ -101,3 +101,37 @@ def _legend(fig, timeline: Timeline) -> None:
         handles.append(mpatches.Patch(facecolor="none", edgecolor="#999999", hatch="////", label="waiting"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
+
+
+def save_generation(timeline: Timeline, path: str | Path, *, num_groups: int, title: str = "") -> None:
+    """A generate call's measured timeline (`gather_timeline(of="generate")`), in milliseconds: one colour
+    per group of sequences, each block labelled with its pass (0 is the group's prefill), waits hatched."""
+    plt = _pyplot()
+    import matplotlib.patches as mpatches
+
+    timeline = _scaled(timeline, 1e3)
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(12, 0.55 * timeline.num_ranks + 1.6))
+    end = timeline.step_time() or 1.0
+    for e in timeline.events:
+        step, group = divmod(e.action.mb, num_groups)  # generate numbers each item pass * groups + group
+        y = timeline.num_ranks - 1 - e.rank
+        ax.barh(y, e.duration, left=e.start, height=0.8, color=colors(group % 10), edgecolor="white", linewidth=0.5)
+        if e.duration > end / 80:
+            ax.text(e.start + e.duration / 2, y, str(step), ha="center", va="center", fontsize=6, color="white")
+    for w in timeline.waits:
+        ax.barh(timeline.num_ranks - 1 - w.rank, w.duration, left=w.start, height=0.3, color="none",
+                edgecolor="#999999", hatch="////", linewidth=0)
+    ax.set_yticks(range(timeline.num_ranks), [f"rank {r}" for r in reversed(range(timeline.num_ranks))])
+    ax.set_xlim(0, end)
+    ax.set_xlabel("time (ms)")
+    idle = " ".join(f"{s.bubble_fraction:.1%}" for s in timeline.per_rank())
+    ax.set_title(f"{title}  ({end:.0f} ms, idle per rank {idle})".strip(), fontsize=10)
+    for spine in ("top", "right"):
+        ax.spines[spine].set_visible(False)
+    handles = [mpatches.Patch(color=colors(g % 10), label=f"group {g}") for g in range(min(num_groups, 10))]
+    handles.append(mpatches.Patch(facecolor="none", edgecolor="#999999", hatch="////", label="waiting"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
