@@ -58,13 +58,17 @@ def generation_rank(rank: int, world: int, spec: dict) -> dict:
     single = pipeline(pt.InProcessHub(1).transport(0), 1) if rank == 0 else None
     outputs = {}
 
+    chunk = spec.get("prefill_chunk") or 16
+    whole = max(len(p) for p in prompts)  # one process: every prompt in one prefill pass, its fastest
+
     def run_pipe():
-        outputs["pipeline"] = pipe.generate(prompts, new, num_groups=spec["groups"])
+        outputs["pipeline"] = pipe.generate(prompts, new, num_groups=spec["groups"], prefill_chunk=chunk)
 
     def run_single(threads: int, groups: int | None = None):
         if single is not None:
             torch.set_num_threads(threads)
-            outputs[f"single_{threads}_{groups}"] = single.generate(prompts, new, num_groups=groups)
+            outputs[f"single_{threads}_{groups}"] = single.generate(prompts, new, num_groups=groups,
+                                                                     prefill_chunk=whole)
             torch.set_num_threads(1)
 
     runners = {"pipeline": run_pipe, "single_1_thread": lambda: run_single(1),
@@ -95,9 +99,10 @@ def generation_rank(rank: int, world: int, spec: dict) -> dict:
 
 def measure(model: str = "gpt-8x256", *, world: int = 2, prompts: int = 64, new_tokens: int = 64,
             prompt_lengths: tuple[int, int] = (8, 32), rounds: int = 5, groups: int | None = None,
-            timeline: str | None = None) -> dict:
+            timeline: str | None = None, prefill_chunk: int | None = None) -> dict:
     spec = {"model": WORKLOADS[model], "prompts": prompts, "new_tokens": new_tokens, "prompt_lengths": prompt_lengths,
-            "rounds": rounds, "groups": groups, "timeline": str(Path(timeline).resolve()) if timeline else None}
+            "rounds": rounds, "groups": groups, "timeline": str(Path(timeline).resolve()) if timeline else None,
+            "prefill_chunk": prefill_chunk}
     out = run_processes(world, generation_rank, spec, timeout=3600)
     first = out[0]
     med = {name: statistics.median(v) for name, v in first["times"].items()}
@@ -122,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-lengths", type=int, nargs=2, default=(8, 32), metavar=("SHORTEST", "LONGEST"))
     p.add_argument("--groups", type=int, default=None, help="groups in circulation (default: 2 per rank)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per prefill pass (default 16)")
     p.add_argument("--timeline", default=None, metavar="PNG", help="draw the last pipelined call's timeline")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     r = measure(args.model, world=args.ranks, prompts=args.prompts, new_tokens=args.new_tokens,
                 prompt_lengths=tuple(args.prompt_lengths), rounds=args.rounds, groups=args.groups,
-                timeline=args.timeline)
+                timeline=args.timeline, prefill_chunk=args.prefill_chunk)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

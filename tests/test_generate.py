@@ -17,11 +17,12 @@ def _tokens(out):
     return [t.tolist() for t in out]
 
 
-@pytest.mark.parametrize("kind,schedule,world", [("gpt", "1f1b", 2), ("llama", "zbv", 2), ("llama", "1f1b", 4)])
-def test_greedy_equals_a_plain_loop_in_process(kind, schedule, world):
-    """Then training is as if generate had not run: same parameters, no gradients, train mode, the loss
-    of single-process training."""
-    results = run_threads(world, gw.generate, kind, schedule, [GREEDY])
+@pytest.mark.parametrize("kind,schedule,world,chunk", [("gpt", "1f1b", 2, 16), ("gpt", "1f1b", 2, 1),
+                                                        ("llama", "zbv", 2, 3), ("llama", "1f1b", 4, 5)])
+def test_greedy_equals_a_plain_loop_in_process(kind, schedule, world, chunk):
+    """With the prompts (1-11 tokens) prefilled whole or `chunk` tokens per pass. Then training is as if
+    generate had not run: same parameters, no gradients, train mode, the loss of single-process training."""
+    results = run_threads(world, gw.generate, kind, schedule, [{**GREEDY, "prefill_chunk": chunk}])
     want = gw.reference_greedy(gw.model(kind), gw.prompts(), 9, gw.EOS)
     assert any(len(t) < 9 and t[-1] == gw.EOS for t in want) and any(gw.EOS not in t for t in want)
     for r in results:
@@ -48,16 +49,18 @@ def test_greedy_and_seeded_sampling_at_1_2_and_4_ranks():
     assert _tokens(one["out"][0]) != _tokens(want)[:8]  # sampling is not greedy
 
 
-@pytest.mark.parametrize("family,schedule,world,eos", [("llama", "1f1b", 2, 73), ("mistral", "zbv", 2, 73),
-                                                        ("qwen2-tied", "1f1b", 4, 66),
-                                                        ("qwen3", "interleaved-1f1b", 2, 56)])
-def test_hf_models_generate_what_hf_generate_does(family, schedule, world, eos):
+@pytest.mark.parametrize("family,schedule,world,eos,chunk", [("llama", "1f1b", 2, 73, 16), ("mistral", "zbv", 2, 73, 3),
+                                                              ("qwen2-tied", "1f1b", 4, 66, 16),
+                                                              ("qwen3", "interleaved-1f1b", 2, 56, 16)])
+def test_hf_models_generate_what_hf_generate_does(family, schedule, world, eos, chunk):
     """HF's generate, greedy, one prompt at a time, stopping at `eos` (which some prompts reach); the tied
-    model in 4 gloo processes (a weight tied across ranks needs them), the others on in-process ranks."""
+    model in 4 gloo processes (a weight tied across ranks needs them), the others on in-process ranks;
+    Mistral's window of 4 with prompts prefilled 3 tokens per pass."""
     want = gw.hf_reference(family, 10, eos)
     assert any(t[-1] == eos for t in want) and any(eos not in t for t in want)
     run = run_processes if family.endswith("tied") else run_threads
-    results = run(world, gw.hf_generate, family, schedule, dict(max_new_tokens=10, eos_token_id=eos))
+    results = run(world, gw.hf_generate, family, schedule, dict(max_new_tokens=10, eos_token_id=eos,
+                                                                 prefill_chunk=chunk))
     for r in results.values() if isinstance(results, dict) else results:
         assert _tokens(r) == _tokens(want)
 

@@ -1,12 +1,14 @@
 """Generation on the training pipeline: groups of sequences circulate through the stages, each stage keeping
 its groups' KV caches, and the last stage sends each picked token back to the first.
 
-    step t of group g at stage s runs at virtual time  tau = t * L + g + s      (L = max(groups, stages))
+    pass t of group g at stage s runs at virtual time  tau = t * L + g + s      (L = max(groups, stages))
 
 Every rank runs its stages' items in the order of (tau, stage): each item's inputs come from items with a
-smaller tau (the stage before, or for stage 0 the last stage one step earlier), so the order cannot
-deadlock, and with at least as many groups as stages every stage has an item at every tau (steady state:
-every rank busy). Pass 0 is the prefill of the group's left-padded prompts; pass t > 0 decodes one token.
+smaller tau (the stage before, or for stage 0 its own or the last stage's previous pass), so the order
+cannot deadlock, and with at least as many groups as stages every stage has an item at every tau (steady
+state: every rank busy). A group's first passes prefill its left-padded prompts, `prefill_chunk` tokens at
+a time (so that the first stage's next pieces overlap the later stages' work instead of one long prefill
+holding the pipeline); each pass after the last piece decodes one token.
 A sequence that picks `eos_token_id` leaves its group (every stage drops its cache rows); a group whose
 sequences have all finished leaves the circulation.
 
@@ -33,16 +35,18 @@ from .schedule import Action, Op
 from .schedule.timeline import Event
 
 ACT, TOKENS, RETIRE = range(3)
+PREFILL_CHUNK = 16  # prompt tokens per prefill pass, by default
 
 
-def circulation_order(stages: Sequence[int], num_stages: int, num_groups: int, passes: int) -> Iterator[tuple]:
-    """The (pass, group, stage) items of one rank's `stages`, in the order it runs them (module docstring)."""
-    period = max(num_groups, num_stages)
-    last = (passes - 1) * period + (num_groups - 1) + (num_stages - 1)
+def circulation_order(stages: Sequence[int], num_stages: int, passes: Sequence[int]) -> Iterator[tuple]:
+    """The (pass, group, stage) items of one rank's `stages`, in the order it runs them (module docstring);
+    group g makes passes[g] passes."""
+    period = max(len(passes), num_stages)
+    last = max((n - 1) * period + g for g, n in enumerate(passes)) + num_stages - 1
     for tau in range(last + 1):
         for s in sorted(stages):
             t, g = divmod(tau - s, period)
-            if tau >= s and g < num_groups and t < passes:
+            if tau >= s and g < len(passes) and t < passes[g]:
                 yield t, g, s
 
 
@@ -58,13 +62,17 @@ class RankGenerator:
     """One rank's part of one `generate` call over `pipe`'s stages (see `Pipeline.generate`)."""
 
     def __init__(self, pipe, prompts: list[torch.Tensor], max_new_tokens: int, sampling: Sampling,
-                 eos_token_id: int | None, seed: int, num_groups: int) -> None:
+                 eos_token_id: int | None, seed: int, num_groups: int, prefill_chunk: int) -> None:
         self.pipe, self.transport, self.timeout = pipe, pipe.transport, pipe.timeout
         self.rank, self.device = pipe.rank, pipe.device
         self.stage_to_rank = pipe.schedule.stage_to_rank
         self.num_stages = len(self.stage_to_rank)
         self.prompts, self.passes, self.sampling, self.eos = prompts, max_new_tokens, sampling, eos_token_id
         self.groups = group_rows([len(p) for p in prompts], num_groups)
+        self.width = [max(len(prompts[i]) for i in rows) for rows in self.groups]  # each group's padded prompt
+        self.chunk = prefill_chunk
+        self.pieces = [-(-w // prefill_chunk) for w in self.width]  # prefill passes per group
+        self.passes_of = [n + max_new_tokens - 1 for n in self.pieces]
         self.live = [list(rows) for rows in self.groups]  # last stage: the prompt indices still decoding
         self.out: list[list[int]] = [[] for _ in prompts]
         self.generators = sequence_generators(seed, len(prompts)) if not sampling.greedy else []
@@ -83,7 +91,7 @@ class RankGenerator:
         sources = {self.stage_to_rank[s - 1 if s else last] for s in mine} - {self.rank}
         targets = {self.stage_to_rank[s + 1 if s < last else 0] for s in mine} - {self.rank}
         self.wire = Wire(self.transport, self.timeout, sources, targets, len(self.groups), self.device)
-        for t, g, s in circulation_order(mine, self.num_stages, len(self.groups), self.passes):
+        for t, g, s in circulation_order(mine, self.num_stages, self.passes_of):
             if s not in self.retired[g]:
                 self._item(t, g, s)
         self.wire.close()
@@ -113,24 +121,24 @@ class RankGenerator:
                 self._emit((t, g, s + 1), Message(RETIRE, None, None))
             return
         stage = self.pipe.stages[s]
+        width, pieces = self.width[g], self.pieces[g]
         if t == 0:
-            width = max(len(self.prompts[i]) for i in self.groups[g])
             pad = torch.tensor([width - len(self.prompts[i]) for i in self.groups[g]], device=self.device)
-            self.caches[(s, g)] = GroupCache(pad, width, width + self.passes - 1, len(stage.layers))
+            self.caches[(s, g)] = GroupCache(pad, width + self.passes - 1, len(stage.layers))
         cache = self.caches[(s, g)]
         if message.keep is not None:
             cache.keep(message.keep)
-        x = message.value[:, None] if s == 0 and t > 0 else message.value  # picked tokens (b,) -> (b, 1)
+        x = message.value[:, None] if s == 0 and t >= pieces else message.value  # picked tokens (b,) -> (b, 1)
         start = self._now()
         autocast = (torch.autocast(stage.device_type, dtype=stage.autocast) if stage.autocast is not None
                     else nullcontext())
         with torch.no_grad(), autocast:
-            cache.begin_pass()
+            cache.begin_pass(min(self.chunk, width - t * self.chunk) if t < pieces else 1)
             for layer, layer_cache in zip(stage.layers, cache.layers, strict=True):
                 x = layer.forward_cached(x, layer_cache)
         if s < self.num_stages - 1:
             self._emit((t, g, s + 1), Message(ACT, message.keep, x))
-        else:
+        elif t >= pieces - 1:  # the whole prompt is in: a token per pass
             self._pick(t, g, x)
         self.events.append(Event(self.rank, Action(s, Op.F, t * len(self.groups) + g), start, self._now()))
 
@@ -145,7 +153,7 @@ class RankGenerator:
             self.out[i].append(token)
             if token == self.eos or len(self.out[i]) == self.passes:
                 finished.append(row)
-        if t == self.passes - 1:
+        if t == self.passes_of[g] - 1:
             return  # every rank knows the group ends here
         if len(finished) == len(live):
             self.live[g] = []
@@ -162,8 +170,8 @@ class RankGenerator:
 
     # --- messages ------------------------------------------------------------------------------------
     def _input(self, t: int, g: int, s: int) -> Message:
-        if s == 0 and t == 0:
-            return Message(ACT, None, self._padded_prompts(g))
+        if s == 0 and t < self.pieces[g]:  # a piece of the prompts
+            return Message(ACT, None, self._padded_prompts(g)[:, t * self.chunk:(t + 1) * self.chunk])
         producer = s - 1 if s > 0 else self.num_stages - 1
         peer = self.stage_to_rank[producer]
         key = (t, g, s)
@@ -236,7 +244,8 @@ def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tupl
 
 def generate(pipe, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-             seed: int | None = None, num_groups: int | None = None) -> list[torch.Tensor]:
+             seed: int | None = None, num_groups: int | None = None,
+             prefill_chunk: int = PREFILL_CHUNK) -> list[torch.Tensor]:
     """`Pipeline.generate` (documented there)."""
     prompts = checked_prompts(prompts, max_new_tokens)
     sampling = Sampling(temperature, top_k, top_p)
@@ -246,6 +255,8 @@ def generate(pipe, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temp
     if not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
     num_groups = min(num_groups, len(prompts))
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per prefill pass), got {prefill_chunk!r}")
     agree(pipe, prompts, max_new_tokens, (temperature, top_k, top_p, eos_token_id, seed, num_groups))
     if seed is None:
         seed = int(torch.randint(2**31 - 1, ()))  # only the last stage's rank draws tokens
@@ -253,7 +264,8 @@ def generate(pipe, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temp
     for stage in pipe.stages.values():
         stage.module.eval()
     try:
-        runner = RankGenerator(pipe, prompts, max_new_tokens, sampling, eos_token_id, seed, num_groups)
+        runner = RankGenerator(pipe, prompts, max_new_tokens, sampling, eos_token_id, seed, num_groups,
+                               prefill_chunk)
         try:
             pipe.last_generation, pipe.last_generation_groups = runner.run(), runner.groups
         except BaseException as err:

@@ -23,12 +23,11 @@ import torch
 class GroupCache:
     """One group of sequences on one stage: the mask and positions of the current pass, a LayerCache per layer.
 
-    `pad[i]` is how many padding tokens lead row i's prompt (padded to the group's longest, `prompt_len`);
-    `capacity` is the most tokens a row will hold (prompt_len + max_new_tokens - 1)."""
+    `pad[i]` is how many padding tokens lead row i's prompt (padded to the group's longest);
+    `capacity` is the most tokens a row will hold (the padded prompt + max_new_tokens - 1)."""
 
-    def __init__(self, pad: torch.Tensor, prompt_len: int, capacity: int, num_layers: int) -> None:
+    def __init__(self, pad: torch.Tensor, capacity: int, num_layers: int) -> None:
         self.pad = pad  # (b,)
-        self.prompt_len = prompt_len
         self.capacity = capacity
         self.length = 0  # columns filled (padding included), the same for every row
         self.valid = torch.zeros(len(pad), capacity, dtype=torch.bool, device=pad.device)  # (b, capacity)
@@ -41,10 +40,10 @@ class GroupCache:
     def rows(self) -> int:
         return len(self.pad)
 
-    def begin_pass(self) -> int:
-        """Set positions and mask for the next pass (prefill: the prompts; then one token); returns t."""
+    def begin_pass(self, t: int) -> None:
+        """Set positions and mask for the next `t` tokens of every row (a piece of the padded prompts, or
+        one new token)."""
         start, device = self.length, self.pad.device
-        t = self.prompt_len if start == 0 else 1
         if start + t > self.capacity:
             raise RuntimeError(f"the group's cache holds {self.capacity} tokens per sequence; pass {start + t} "
                                "tokens would overflow it")
@@ -58,7 +57,6 @@ class GroupCache:
         self.attn_mask = self.attn_mask[:, None]  # (b, 1, t, T)
         self._window_masks.clear()
         self.length = start + t
-        return t
 
     def window_mask(self, window: int) -> torch.Tensor:
         """`attn_mask` restricted to keys fewer than `window` tokens back (sliding-window attention)."""
