@@ -116,6 +116,10 @@ def test_gather_before_any_step_is_an_error():
                        transport=pt.InProcessHub(1).transport(0))
     with pytest.raises(RuntimeError, match="needs a step first"):
         pipe.gather_timeline()
+    with pytest.raises(RuntimeError, match="needs a generate"):
+        pipe.gather_timeline(of="generate")
+    with pytest.raises(ValueError, match='of must be "step" or "generate"'):
+        pipe.gather_timeline(of="decode")
 
 
 def test_cli_pictures_trace_and_compare(tmp_path, capsys):

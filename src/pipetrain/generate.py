@@ -67,7 +67,7 @@ class RankGenerator:
         self.rank, self.device = pipe.rank, pipe.device
         self.stage_to_rank = pipe.schedule.stage_to_rank
         self.num_stages = len(self.stage_to_rank)
-        self.prompts, self.passes, self.sampling, self.eos = prompts, max_new_tokens, sampling, eos_token_id
+        self.prompts, self.max_new, self.sampling, self.eos = prompts, max_new_tokens, sampling, eos_token_id
         self.groups = group_rows([len(p) for p in prompts], num_groups)
         self.width = [max(len(prompts[i]) for i in rows) for rows in self.groups]  # each group's padded prompt
         self.chunk = prefill_chunk
@@ -99,7 +99,7 @@ class RankGenerator:
 
     def results(self) -> list[torch.Tensor]:
         """Every prompt's new tokens, on every rank (collective: the last stage's rank holds them)."""
-        n, width = len(self.prompts), self.passes
+        n, width = len(self.prompts), self.max_new
         table = torch.zeros(n, width + 1, dtype=torch.int64, device=self.transport.device)
         if self.num_stages - 1 in self.pipe.stages:
             for i, tokens in enumerate(self.out):
@@ -124,7 +124,7 @@ class RankGenerator:
         width, pieces = self.width[g], self.pieces[g]
         if t == 0:
             pad = torch.tensor([width - len(self.prompts[i]) for i in self.groups[g]], device=self.device)
-            self.caches[(s, g)] = GroupCache(pad, width + self.passes - 1, len(stage.layers))
+            self.caches[(s, g)] = GroupCache(pad, width + self.max_new - 1, len(stage.layers))
         cache = self.caches[(s, g)]
         if message.keep is not None:
             cache.keep(message.keep)
@@ -151,7 +151,7 @@ class RankGenerator:
         finished = []
         for row, (i, token) in enumerate(zip(live, tokens.tolist(), strict=True)):
             self.out[i].append(token)
-            if token == self.eos or len(self.out[i]) == self.passes:
+            if token == self.eos or len(self.out[i]) == self.max_new:
                 finished.append(row)
         if t == self.passes_of[g] - 1:
             return  # every rank knows the group ends here

@@ -36,10 +36,6 @@ class GroupCache:
         self.attn_mask = torch.zeros(len(pad), 1, 0, 0, dtype=torch.bool, device=pad.device)
         self._window_masks: dict[int, torch.Tensor] = {}
 
-    @property
-    def rows(self) -> int:
-        return len(self.pad)
-
     def begin_pass(self, t: int) -> None:
         """Set positions and mask for the next `t` tokens of every row (a piece of the padded prompts, or
         one new token)."""

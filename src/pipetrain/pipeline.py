@@ -238,8 +238,8 @@ class Pipeline:
             raise ValueError(f'of must be "step" or "generate", got {of!r}')
         last = self.last_step if of == "step" else self.last_generation
         if last is None:
-            needs = "step() or evaluate()" if of == "step" else "generate()"
-            raise RuntimeError(f"gather_timeline(of={of!r}) needs a {needs} call first")
+            raise RuntimeError("gather_timeline() needs a step first: call step() or evaluate()" if of == "step" else
+                               'gather_timeline(of="generate") needs a generate() call first')
         return gather_timeline(last, self.transport, self.timeout, dst)
 
     # --- this rank's part of the model ---------------------------------------------------------------
