@@ -256,6 +256,14 @@ def rank_name(transport: Transport, rank: int) -> str:
     return f"global rank {global_ranks[rank]} (pipeline rank {rank})"
 
 
+def abort_others(transport: Transport, rank: int, err: BaseException) -> None:
+    """Tell the other ranks that `rank` failed with `err`, where the transport can (in-process: wake their
+    waits; over torch.distributed the failing process's exit closes its connections instead)."""
+    abort = getattr(transport, "abort", None)
+    if abort is not None:
+        abort(f"{rank_name(transport, rank)} failed: {type(err).__name__}: {err}")
+
+
 def _posting_failed(transport: Transport, peer: int, what: str, err: Exception) -> CommError:
     them = rank_name(transport, peer)
     return CommError(f"{rank_name(transport, transport.rank)}: could not {what} {them}: {err}. The peer ({them}) may "

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .comm import rank_name
+from .comm import abort_others, rank_name
 from .gen_wire import Message, Wire
 from .kv_cache import GroupCache
 from .runtime import RankStep
@@ -77,6 +77,7 @@ class RankGenerator:
         self.out: list[list[int]] = [[] for _ in prompts]
         self.generators = sequence_generators(seed, len(prompts)) if not sampling.greedy else []
         self.caches: dict[tuple[int, int], GroupCache] = {}
+        self.padded: dict[int, torch.Tensor] = {}  # stage 0: each group's left-padded prompts, while prefilling
         self.retired: dict[int, set[int]] = defaultdict(set)  # group -> stages of this rank it has left
         self.local: dict[tuple[int, int, int], Message] = {}
         self.stash: dict[int, dict[tuple[int, int, int], Message]] = defaultdict(dict)
@@ -171,7 +172,12 @@ class RankGenerator:
     # --- messages ------------------------------------------------------------------------------------
     def _input(self, t: int, g: int, s: int) -> Message:
         if s == 0 and t < self.pieces[g]:  # a piece of the prompts
-            return Message(ACT, None, self._padded_prompts(g)[:, t * self.chunk:(t + 1) * self.chunk])
+            if t == 0:
+                self.padded[g] = self._padded_prompts(g)
+            piece = self.padded[g][:, t * self.chunk:(t + 1) * self.chunk]
+            if t == self.pieces[g] - 1:
+                del self.padded[g]
+            return Message(ACT, None, piece)
         producer = s - 1 if s > 0 else self.num_stages - 1
         peer = self.stage_to_rank[producer]
         key = (t, g, s)
@@ -269,9 +275,7 @@ def generate(pipe, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temp
         try:
             pipe.last_generation, pipe.last_generation_groups = runner.run(), runner.groups
         except BaseException as err:
-            abort = getattr(pipe.transport, "abort", None)
-            if abort is not None:  # in-process ranks: wake the others' waits
-                abort(f"{rank_name(pipe.transport, pipe.rank)} failed: {type(err).__name__}: {err}")
+            abort_others(pipe.transport, pipe.rank, err)
             raise
         return runner.results()
     finally:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .comm import CommError, Transport, Work, rank_name
+from .comm import CommError, Transport, Work, abort_others, rank_name
 from .schedule.actions import Action, Op, Value, consumer_stage, describe, message_of, received_input
 from .schedule.timeline import Event, Timeline
 from .stage import UNWEIGHTED, LossWeights, Stage
@@ -110,7 +110,7 @@ class Executor:
         except BaseException as err:
             for stage in self.stages.values():
                 stage.clear()
-            self._abort(err)
+            abort_others(self.transport, self.rank, err)
             raise
         for stage in self.stages.values():
             stage.losses.clear()
@@ -120,12 +120,6 @@ class Executor:
 
     def _now(self) -> float:
         return time.perf_counter() - self._t0
-
-    def _abort(self, err: BaseException) -> None:
-        """Tell the other ranks this one failed, where the transport can (in-process: wake their waits)."""
-        abort = getattr(self.transport, "abort", None)
-        if abort is not None:
-            abort(f"{rank_name(self.transport, self.rank)} failed: {type(err).__name__}: {err}")
 
     # --- compute -------------------------------------------------------------------------------------
     def _compute(self, action: Action) -> None:
