@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from workers import _RNG_LOCK
+from workers import _RNG_LOCK, built_alone
 
 import pipetrain as pt
 from pipetrain.loader import share
@@ -130,12 +130,7 @@ def run(rank: int, world: int, schedule: str, kind: str, steps: list, transport=
     """Train `build()` on `steps`, a list of optimizer-free accumulation steps; each step is a dict with
     "batch": (ids, labels) or "microbatches": [(ids, labels), ...], plus step() keywords. Returns this
     rank's gradients by (layer index, name), the losses and the reported auxiliary losses."""
-    barrier = getattr(transport, "test_barrier", None)
-    if barrier is not None:
-        barrier.wait()
-    layers = build(aux_weight=0.1 if "aux" in kind else 0.0)
-    if barrier is not None:
-        barrier.wait()
+    layers = built_alone(transport, build, 0.1 if "aux" in kind else 0.0)
     m = microbatches or 2 * world
     sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=m)
     loss_fn = token_loss if kind.startswith("token") else mean_loss

@@ -87,9 +87,11 @@ def _heavy_head_mlp():
 
 def auto_rank(rank, world, transport=None, memory_limit=None):
     """Pipeline(schedule="auto") on the MLP with a heavy head: its choice and first gradients."""
+    from workers import built_alone
+
     import pipetrain as pt
 
-    layers, loss_fn, x, y = _heavy_head_mlp()
+    layers, loss_fn, x, y = built_alone(transport, _heavy_head_mlp)  # (rank 0 times layers while 1 builds)
     pipe = pt.Pipeline(layers, schedule="auto", num_microbatches=4, loss_fn=loss_fn, sample=x[:2],
                        sample_target=y[:2], transport=transport, timeout=60, memory_limit=memory_limit)
     pipe.step(x, y)

@@ -37,6 +37,19 @@ def _make_model(kind: str, num_microbatches: int):
     return layers, nn.functional.mse_loss, torch.randn(batch, 6), torch.randn(batch, 3)
 
 
+def built_alone(transport, build, *args):
+    """build(*args) while no other in-process rank computes: ranks that are threads share torch's global RNG,
+    which building draws from and which profiling (balance="time", schedule="auto") and checkpoint
+    recomputation restore when they finish. Spawned ranks (no test barrier) just build."""
+    barrier = getattr(transport, "test_barrier", None)
+    if barrier is not None:
+        barrier.wait()
+    built = build(*args)
+    if barrier is not None:
+        barrier.wait()
+    return built
+
+
 def reference(kind: str, num_microbatches: int) -> dict:
     """Single-process training of the same layers on the same batch: first loss, grads, loss curve."""
     layers, loss_fn, x, y = make_model(kind, num_microbatches)
@@ -57,14 +70,7 @@ def reference(kind: str, num_microbatches: int) -> dict:
 def train(rank: int, world: int, schedule: str | pt.schedules.Schedule, kind: str, num_microbatches: int,
           transport=None, split_directions: bool | None = None, checkpoint: bool = False) -> dict:
     """The pipelined version of `reference`, as seen by one rank (`schedule`: a name, or a built one)."""
-    # in-process ranks are threads: build while no other thread computes (checkpoint recomputation
-    # restores torch's global RNG state, which model building draws from)
-    barrier = getattr(transport, "test_barrier", None)
-    if barrier is not None:
-        barrier.wait()
-    layers, loss_fn, x, y = make_model(kind, num_microbatches)
-    if barrier is not None:
-        barrier.wait()
+    layers, loss_fn, x, y = built_alone(transport, make_model, kind, num_microbatches)
     sched = (schedule if isinstance(schedule, pt.schedules.Schedule) else
              pt.schedules.build(schedule, num_ranks=world, num_microbatches=num_microbatches))
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport, timeout=30,
@@ -81,7 +87,7 @@ def train(rank: int, world: int, schedule: str | pt.schedules.Schedule, kind: st
             opt.step()
             opt.zero_grad()
     assert all(not s.pending() for s in pipe.stages.values()), "activations left after the step"
-    if barrier is not None:
+    if (barrier := getattr(transport, "test_barrier", None)) is not None:  # in-process ranks leave together
         barrier.wait()
     directions = sorted(getattr(pipe.transport, "_direction_groups", {}))
     return {"grads": grads, "curve": curve, "balance": pipe.balance, "directions": directions}
