@@ -70,3 +70,24 @@ def test_gloo_a_bad_layer_output_fails_its_rank_clearly_and_the_others_fast(worl
     for r in range(1, world):
         assert results[r]["type"] == "CommError" and results[r]["seconds"] < 10, results[r]
         assert "rank 0" in results[r]["error"] or r > 1, results[r]["error"]
+
+
+def _environment_and_threads(rank: int, world: int) -> tuple:
+    import os
+
+    import torch
+
+    return os.environ.get("PIPETRAIN_TEST_MARK"), torch.get_num_threads(), os.getpid()
+
+
+def test_forked_ranks_see_the_callers_environment_as_it_is_at_the_call(monkeypatch):
+    # ranks come from a forkserver started once per process: the variables set since must still reach them
+    import os
+
+    from pipetrain import spawn
+
+    for mark in ("first", "second"):
+        monkeypatch.setenv("PIPETRAIN_TEST_MARK", mark)
+        results = spawn.run_processes(2, _environment_and_threads, threads=2)
+        assert [r[:2] for r in results.values()] == [(mark, 2), (mark, 2)]
+        assert os.getpid() not in {r[2] for r in results.values()}

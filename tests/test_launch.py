@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,68 +47,54 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_nodes_on_loopback_train_dp2_x_pp2_like_one_node(tmp_path):
-    args = ["-m", "pipetrain", "train", *TRAIN, "--dp", "2", "--steps", "4"]
-    port = _free_port()
-    with ThreadPoolExecutor(2) as pool:  # two "nodes", each a torchrun of 2 ranks
-        nodes = list(pool.map(lambda n: _torchrun(
-            ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-             "--rdzv-id", "two-nodes", *args, "--metrics-jsonl", str(tmp_path / f"node{n}.jsonl")],
-            env=ENV, cwd=tmp_path, timeout=180), range(2)))
-    for node in nodes:
-        assert node.returncode == 0, node.stderr[-3000:]
-    logs = "".join(node.stdout for node in nodes)
-    assert logs.count("summary: 4 steps") == 1 and "on dp 2 x pp 2 ranks" in logs  # global rank 0 only
-    (multi,) = [_records(p) for p in tmp_path.glob("node*.jsonl")]  # written by global rank 0 only
-    one = _torchrun(["--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", *TRAIN, "--steps", "4",
-                     "--metrics-jsonl", str(tmp_path / "one.jsonl")], env=ENV, cwd=tmp_path, timeout=180)
-    assert one.returncode == 0, one.stderr[-3000:]
-    single = _records(tmp_path / "one.jsonl")
-    assert [r["loss"] for r in multi] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    """The metrics of 8 uninterrupted steps on one node (2 ranks), checkpointing as the elastic runs do."""
+    path = tmp_path_factory.mktemp("straight")
+    run = _elastic_train(path, "straight", env={**ENV, "FAIL_RANK": "-1", "FAIL_AT_STEP": "0"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return _records(path / "straight.jsonl")
 
 
-def test_elastic_restart_resumes_from_the_latest_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path):
-    def run(name: str, *extra: str, env: dict) -> subprocess.CompletedProcess:
-        return _torchrun(["--standalone", "--nproc-per-node", "2", *extra, str(HERE / "elastic_train.py"), *TRAIN,
-                          "--steps", "8", "--checkpoint-dir", str(tmp_path / name), "--checkpoint-every", "2",
-                          "--resume", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl")], env=env, cwd=tmp_path)
+def _elastic_train(path: Path, name: str, *extra: str, env: dict) -> subprocess.CompletedProcess:
+    return _torchrun(["--standalone", "--nproc-per-node", "2", *extra, str(HERE / "elastic_train.py"), *TRAIN,
+                      "--steps", "8", "--checkpoint-dir", str(path / name), "--checkpoint-every", "2", "--resume",
+                      "--metrics-jsonl", str(path / f"{name}.jsonl")], env=env, cwd=path)
 
-    straight = run("straight", env={**ENV, "FAIL_RANK": "-1", "FAIL_AT_STEP": "0"})
-    assert straight.returncode == 0, straight.stderr[-3000:]
+
+def test_elastic_restart_resumes_from_the_latest_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
     # rank 1 is SIGKILLed as step 5 begins; torchrun restarts both ranks, which resume from step 4
     failing = {**ENV, "FAIL_RANK": "1", "FAIL_AT_STEP": "5"}
-    without_restarts = run("no-restart", env=failing)
+    without_restarts = _elastic_train(tmp_path, "no-restart", env=failing)
     assert without_restarts.returncode != 0, "a killed rank must fail the job"
-    restarted = run("elastic", "--max-restarts", "1", env=failing)
+    restarted = _elastic_train(tmp_path, "elastic", "--max-restarts", "1", env=failing)
     assert restarted.returncode == 0, restarted.stdout[-2000:] + restarted.stderr[-6000:]
     assert "resumed from" in restarted.stdout and "step_00000004" in restarted.stdout
-    elastic, reference = _records(tmp_path / "elastic.jsonl"), _records(tmp_path / "straight.jsonl")
+    elastic = _records(tmp_path / "elastic.jsonl")
     assert [r["step"] for r in elastic] == list(range(1, 9))
-    assert [r["loss"] for r in elastic] == [r["loss"] for r in reference]  # bit for bit
-    assert elastic[-1]["eval_loss"] == reference[-1]["eval_loss"]
+    assert [r["loss"] for r in elastic] == [r["loss"] for r in uninterrupted]  # bit for bit
+    assert elastic[-1]["eval_loss"] == uninterrupted[-1]["eval_loss"]
 
 
-def test_elastic_restart_across_two_nodes_with_data_parallelism(tmp_path):
-    # dp 2 x pp 2 over two "nodes"; global rank 3 (second node, second replica) is SIGKILLed as step 5
-    # begins; both nodes' torchruns restart their ranks, which resume from step 4 (the README's recipe:
-    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node)
+def test_two_nodes_train_dp2_x_pp2_like_one_node_and_restart_elastically(tmp_path, uninterrupted):
+    # dp 2 x pp 2 over two "nodes" on loopback, each a torchrun of 2 ranks; global rank 3 (second node,
+    # second replica) is SIGKILLed as step 5 begins; both nodes' torchruns restart their ranks, which
+    # resume from step 4 (the README's recipe: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node)
     port = _free_port()
     env = {**ENV, "FAIL_RANK": "3", "FAIL_AT_STEP": "5", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     args = [str(HERE / "elastic_train.py"), *TRAIN, "--steps", "8", "--dp", "2", "--checkpoint-dir",
-            str(tmp_path / "ck"), "--checkpoint-every", "2", "--resume", "--metrics-jsonl", str(tmp_path / "m.jsonl")]
+            str(tmp_path / "ck"), "--checkpoint-every", "2", "--resume"]
     with ThreadPoolExecutor(2) as pool:
         nodes = list(pool.map(lambda n: _torchrun(
             ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-             f"127.0.0.1:{port}", "--rdzv-id", "elastic-two-nodes", "--max-restarts", "1", *args],
-            env=env, cwd=tmp_path), range(2)))
+             f"127.0.0.1:{port}", "--rdzv-id", "elastic-two-nodes", "--max-restarts", "1", *args,
+             "--metrics-jsonl", str(tmp_path / f"node{n}.jsonl")], env=env, cwd=tmp_path), range(2)))
     for node in nodes:
         assert node.returncode == 0, node.stderr[-3000:]
     logs = "".join(node.stdout for node in nodes)
     assert "resumed from" in logs and "step_00000004" in logs
-    records = _records(tmp_path / "m.jsonl")
+    assert len(re.findall(r"summary: \d+ steps", logs)) == 1 and "on dp 2 x pp 2 ranks" in logs  # global rank 0 only
+    (records,) = [_records(p) for p in tmp_path.glob("node*.jsonl")]  # written by global rank 0 only
     assert [r["step"] for r in records] == list(range(1, 9))
-    one = _torchrun(["--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", *TRAIN, "--steps", "8",
-                     "--metrics-jsonl", str(tmp_path / "one.jsonl")], env=ENV, cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in _records(tmp_path / "one.jsonl")],
-                                                        rel=1e-5)
+    # the same global batches as one node's 2-rank pipeline: the same losses
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in uninterrupted], rel=1e-5)
