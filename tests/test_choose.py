@@ -72,6 +72,49 @@ def test_a_v_takes_the_stage_balanced_split_when_the_rank_balanced_one_is_lopsid
     assert zbv.step_time < S.simulate(zbv.schedule, _costs(layers, lopsided, 0.0)).step_time * 0.97
 
 
+
+LLAMA_SHAPE = [0.004] + [b for b in (1.0, 0.99, 1.01, 0.98, 1.0, 1.02, 1.0, 1.03)] + [0.08]  # F + I + W per layer
+
+
+def test_a_named_balance_on_a_v_takes_the_split_the_schedule_runs_faster():
+    # the Llama shape above: evening out the ranks gives stage 0 four blocks; the stage-balanced split wins.
+    # A heavy head (63% of the compute): evening out the stages leaves rank 0 with the head and two more
+    # stages' worth; the ranks' split wins. One stage per rank: the exact partition, nothing simulated.
+    from pipetrain.balance import named_split
+
+    zbv = S.build("zbv", num_ranks=2, num_microbatches=8)
+    heavy = [1.0] * 7 + [12.0]
+    for costs, want in [(LLAMA_SHAPE, partition), (heavy, lambda c, n: rank_partition(c, zbv.stage_to_rank))]:
+        by_ranks, by_stages = rank_partition(costs, zbv.stage_to_rank), partition(costs, 4)
+        assert by_ranks != by_stages
+        assert named_split(costs, zbv) == want(costs, 4)
+        times = {tuple(b): S.simulate(zbv, _costs([(c / 3,) * 3 for c in costs], b, 0.0)).step_time
+                 for b in (by_ranks, by_stages)}
+        assert times[tuple(named_split(costs, zbv))] == min(times.values())
+    one_per_rank = S.build("1f1b", num_ranks=4, num_microbatches=8)
+    assert named_split(LLAMA_SHAPE, one_per_rank) == partition(LLAMA_SHAPE, 4)
+
+
+def _time_balanced_v(rank, world, transport=None):
+    import torch
+    from torch import nn
+
+    import pipetrain as pt
+
+    layers = [nn.Linear(4, 4) for _ in LLAMA_SHAPE]
+    pipe = pt.Pipeline(layers, schedule=S.build("zbv", num_ranks=world, num_microbatches=4),
+                       loss_fn=nn.functional.mse_loss, balance="time", sample=torch.ones(2, 4), transport=transport)
+    return pipe.balance
+
+
+def test_pipeline_balance_time_on_a_v_uses_the_faster_split(monkeypatch):
+    from workers import run_threads
+
+    import pipetrain.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "time_costs", lambda layers, sample: list(LLAMA_SHAPE))
+    assert run_threads(2, _time_balanced_v) == [partition(LLAMA_SHAPE, 4)] * 2
+
 def _heavy_head_mlp():
     """The MLP of the exactness tests with a heavy head, the same in every rank and in the reference."""
     import torch

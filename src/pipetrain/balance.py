@@ -1,4 +1,5 @@
-"""Layers per stage: an explicit list, or the partition of uniform, parameter-count or measured costs."""
+"""Layers per stage: an explicit list, or the split of uniform, parameter-count or measured costs that the
+schedule runs fastest."""
 
 from __future__ import annotations
 
@@ -6,27 +7,43 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .partition import BalanceError, rank_partition
+from .partition import BalanceError, candidate_splits, stage_costs
 from .profile import param_costs, uniform_costs
+from .schedule import Costs, Schedule, simulate
 
 Balance = str | Sequence[int]
 
 
-def resolve_balance(balance: Balance, layers: Sequence[nn.Module], stage_to_rank: Sequence[int], *,
+def resolve_balance(balance: Balance, layers: Sequence[nn.Module], schedule: Schedule, *,
                     measured_costs: Callable[[], list[float]]) -> list[int]:
     """The layer count of each stage. `measured_costs()` gives the per-layer times for balance="time"
-    (measured once and shared, so that every rank splits alike). A named balance evens out the ranks'
-    totals for the schedule's placement (`rank_partition`: the stages themselves when a rank holds one)."""
-    num_stages = len(stage_to_rank)
+    (measured once and shared, so that every rank splits alike). A named balance is split by `named_split`."""
+    num_stages = schedule.num_stages
     if isinstance(balance, str):
         sources = {"uniform": lambda: uniform_costs(layers), "params": lambda: param_costs(layers),
                    "time": measured_costs}
         if balance not in sources:
             raise ValueError(f'balance must be "uniform", "params", "time" or a list of layer counts, got {balance!r}')
-        return rank_partition(sources[balance](), stage_to_rank)
+        return named_split(sources[balance](), schedule)
     counts = list(balance)
     if (len(counts) != num_stages or any(not isinstance(n, int) or n < 1 for n in counts)
             or sum(counts) != len(layers)):
         raise BalanceError(f"balance {counts} must list {num_stages} positive layer counts (one per stage) "
                            f"summing to the {len(layers)} layers")
     return counts
+
+
+def named_split(costs: Sequence[float], schedule: Schedule) -> list[int]:
+    """Of the split that evens out the ranks' totals and the one that evens out the stages (`candidate_splits`:
+    they differ only where a rank holds several stages), the one on which `schedule` simulates the shorter
+    step, each layer's cost taken as F, I and W in equal thirds; the ranks' split on a tie."""
+    splits = candidate_splits(costs, schedule.stage_to_rank)
+    if len(splits) == 1:
+        return splits[0]
+
+    def step_time(split: list[int]) -> float:
+        third = [c / 3 for c in stage_costs(costs, split)]
+        return simulate(schedule, Costs(f=third, b=third, w=third)).step_time
+
+    by_ranks, by_stages = splits
+    return by_stages if step_time(by_stages) < step_time(by_ranks) * (1 - 1e-9) else by_ranks

@@ -96,6 +96,14 @@ def _better(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return False
 
 
+def candidate_splits(costs: Sequence[float], stage_to_rank: Sequence[int]) -> list[list[int]]:
+    """The splits worth simulating for a placement: the one that evens out the ranks (`rank_partition`) and,
+    where a rank holds several stages and it differs, the one that evens out the stages (`partition`: a
+    lopsided stage lengthens the chain through the others even when the ranks' totals are even)."""
+    by_ranks, by_stages = rank_partition(costs, stage_to_rank), partition(costs, len(stage_to_rank))
+    return [by_ranks] if by_stages == by_ranks else [by_ranks, by_stages]
+
+
 def stage_costs(costs: Sequence[float], balance: Sequence[int]) -> list[float]:
     """The summed cost of each stage of a balance."""
     out, start = [], 0

@@ -106,7 +106,7 @@ class Pipeline:
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         self.device = torch.device(device) if device is not None else self.transport.device
         # split
-        self.balance = resolve_balance(balance, layers, schedule.stage_to_rank,
+        self.balance = resolve_balance(balance, layers, schedule,
                                        measured_costs=lambda: self._shared_time_costs(layers, sample))
         starts = [sum(self.balance[:s]) for s in range(schedule.num_stages + 1)]
         self.layer_ranges = {s: range(starts[s], starts[s + 1]) for s in range(schedule.num_stages)}

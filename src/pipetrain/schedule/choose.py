@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..partition import partition, rank_partition, stage_costs
+from ..partition import candidate_splits, stage_costs
 from .base import Schedule
 from .registry import build, names, options
 from .simulate import Costs, simulate
@@ -63,8 +63,7 @@ def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequen
                 continue
             placement = sched.stage_to_rank
             if placement not in splits:
-                by_ranks, by_stages = rank_partition(totals, placement), partition(totals, num_stages)
-                splits[placement] = [by_ranks] if by_stages == by_ranks else [by_ranks, by_stages]
+                splits[placement] = candidate_splits(totals, placement)
             best = None
             for balance in splits[placement]:
                 f, i, w = (stage_costs([c[k] for c in layer_costs], balance) for k in range(3))
