@@ -2,11 +2,11 @@
 benchmarks and quick experiments without torchrun.
 
 Ranks are forked from a forkserver that has imported torch once (and pipetrain, the module of the function,
-and transformers if the caller has imported it): a rank starts in about 0.1 s instead of importing torch
-afresh (2-3 s each on a small machine). Each rank gets the caller's environment variables as they are at the
-call (as a spawned process would), though what torch read from them when the server imported it stays
-(e.g. OMP_NUM_THREADS; the rank's thread count is set by `threads=`). Where there is no forkserver (not
-POSIX), ranks are spawned.
+and transformers if the caller has imported it): a call starts its ranks in about 0.2 s, where each rank
+importing torch afresh took 2-3 s on a small machine. Each rank gets the caller's environment variables as
+they are at the call (as a spawned process would), though what torch read from them when the server
+imported it stays (e.g. OMP_NUM_THREADS; the rank's thread count is set by `threads=`). Where there is no
+forkserver (not POSIX), ranks are spawned.
 """
 
 from __future__ import annotations
