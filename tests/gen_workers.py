@@ -57,6 +57,18 @@ def reference_greedy(layers: list[nn.Module], prompt_list: list[torch.Tensor], m
     return out
 
 
+
+@torch.no_grad()
+def reference_logprobs(layers: list[nn.Module], prompt_list: list[torch.Tensor],
+                       new_tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each new token's log-probability, from one forward of the prompt and its new tokens, no cache."""
+    net = nn.Sequential(*layers).eval()
+    out = []
+    for p, new in zip(prompt_list, new_tokens, strict=True):
+        logits = net(torch.cat([p, new])[None])[0, len(p) - 1:-1]  # the positions that predicted `new`
+        out.append(logits.log_softmax(dim=-1).gather(-1, new[:, None])[:, 0])
+    return out
+
 def generate(rank: int, world: int, kind: str, schedule: str, settings: list[dict], transport=None) -> dict:
     """Build the pipeline, generate with each of `settings` in turn, then check training still works."""
     layers = model(kind)

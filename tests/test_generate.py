@@ -6,6 +6,7 @@ import time
 
 import gen_workers as gw
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from workers import run_processes, run_threads
@@ -52,6 +53,22 @@ def test_greedy_and_seeded_sampling_at_1_2_and_4_ranks():
     assert min(lengths) < 6 == max(lengths)  # some samples hit EOS, others ran to max_new_tokens
     assert _tokens(one["out"][0]) != _tokens(want)[:8]  # sampling is not greedy
 
+
+def test_log_probabilities_are_those_of_a_plain_forward():
+    """return_logprobs: each new token's log-probability under the model (temperature 1, nothing cut), the
+    same on every rank, whether the tokens were picked greedily or sampled with top-k and an EOS."""
+    settings = [{**GREEDY, "return_logprobs": True}, {**SAMPLED[0], "eos_token_id": gw.EOS, "return_logprobs": True}]
+    results = run_threads(2, gw.generate, "llama", "zbv", settings)
+    for tokens, logprobs in results[0]["out"]:
+        want = gw.reference_logprobs(gw.model("llama"), gw.prompts(), tokens)
+        assert [len(lp) for lp in logprobs] == [len(t) for t in tokens]
+        for got, ref in zip(logprobs, want, strict=True):
+            assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-4), (got, ref)
+    assert [_tokens(t) for t, _ in results[0]["out"]] == [_tokens(t) for t, _ in results[1]["out"]]
+    assert all(torch.equal(a, b) for (_, x), (_, y) in zip(results[0]["out"], results[1]["out"], strict=True)
+               for a, b in zip(x, y, strict=True))
+    greedy_tokens = results[0]["out"][0][0]
+    assert _tokens(greedy_tokens) == _tokens(gw.reference_greedy(gw.model("llama"), gw.prompts(), 9, gw.EOS))
 
 @pytest.mark.parametrize("family,schedule,world,eos,chunk", [("llama", "1f1b", 4, 73, 16), ("mistral", "zbv", 2, 73, 3),
                                                               ("qwen2-tied", "1f1b", 2, 66, 16),

@@ -62,7 +62,8 @@ class RankGenerator:
     """One rank's part of one `generate` call over `pipe`'s stages (see `Pipeline.generate`)."""
 
     def __init__(self, pipe, prompts: list[torch.Tensor], max_new_tokens: int, sampling: Sampling,
-                 eos_token_id: int | None, seed: int, num_groups: int, prefill_chunk: int) -> None:
+                 eos_token_id: int | None, seed: int, num_groups: int, prefill_chunk: int,
+                 logprobs: bool = False) -> None:
         self.pipe, self.transport, self.timeout = pipe, pipe.transport, pipe.timeout
         self.rank, self.device = pipe.rank, pipe.device
         self.stage_to_rank = pipe.schedule.stage_to_rank
@@ -75,6 +76,7 @@ class RankGenerator:
         self.passes_of = [n + max_new_tokens - 1 for n in self.pieces]
         self.live = [list(rows) for rows in self.groups]  # last stage: the prompt indices still decoding
         self.out: list[list[int]] = [[] for _ in prompts]
+        self.logprobs: list[list[float]] | None = [[] for _ in prompts] if logprobs else None
         self.generators = sequence_generators(seed, len(prompts)) if not sampling.greedy else []
         self.caches: dict[tuple[int, int], GroupCache] = {}
         self.padded: dict[int, torch.Tensor] = {}  # stage 0: each group's left-padded prompts, while prefilling
@@ -98,14 +100,22 @@ class RankGenerator:
         self.wire.close()
         return RankStep(self.rank, float("nan"), tuple(self.events), tuple(self.waits), self._now(), self.t0)
 
-    def results(self) -> list[torch.Tensor]:
-        """Every prompt's new tokens, on every rank (collective: the last stage's rank holds them)."""
+    def results(self) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every prompt's new tokens (and, if asked, their log-probabilities), on every rank (collective: the
+        last stage's rank holds them)."""
+        tokens = self._shared(self.out, torch.int64)
+        if self.logprobs is None:
+            return tokens
+        return tokens, [t.float() for t in self._shared(self.logprobs, torch.float64)]
+
+    def _shared(self, rows: list[list], dtype: torch.dtype) -> list[torch.Tensor]:
+        """`rows` as the last stage's rank has them, on every rank (one all-reduce of a padded table)."""
         n, width = len(self.prompts), self.max_new
-        table = torch.zeros(n, width + 1, dtype=torch.int64, device=self.transport.device)
+        table = torch.zeros(n, width + 1, dtype=dtype, device=self.transport.device)
         if self.num_stages - 1 in self.pipe.stages:
-            for i, tokens in enumerate(self.out):
-                table[i, 0] = len(tokens)
-                table[i, 1:1 + len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+            for i, row in enumerate(rows):
+                table[i, 0] = len(row)
+                table[i, 1:1 + len(row)] = torch.tensor(row, dtype=dtype)
         self.transport.all_reduce(table, self.timeout)
         table = table.cpu()
         return [table[i, 1:1 + int(table[i, 0])].clone() for i in range(n)]
@@ -149,6 +159,10 @@ class RankGenerator:
             logits = logits[:, -1]  # (b, vocab): the last position
         live = self.live[g]
         tokens = self.sampling.pick(logits, [self.generators[i] for i in live] if self.generators else [])
+        if self.logprobs is not None:  # under the model's own distribution (temperature 1, nothing cut)
+            picked = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
+            for i, lp in zip(live, picked.tolist(), strict=True):
+                self.logprobs[i].append(lp)
         finished = []
         for row, (i, token) in enumerate(zip(live, tokens.tolist(), strict=True)):
             self.out[i].append(token)
@@ -250,8 +264,8 @@ def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tupl
 
 def generate(pipe, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-             seed: int | None = None, num_groups: int | None = None,
-             prefill_chunk: int = PREFILL_CHUNK) -> list[torch.Tensor]:
+             seed: int | None = None, num_groups: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+             return_logprobs: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """`Pipeline.generate` (documented there)."""
     prompts = checked_prompts(prompts, max_new_tokens)
     sampling = Sampling(temperature, top_k, top_p)
@@ -263,7 +277,9 @@ def generate(pipe, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temp
     num_groups = min(num_groups, len(prompts))
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per prefill pass), got {prefill_chunk!r}")
-    agree(pipe, prompts, max_new_tokens, (temperature, top_k, top_p, eos_token_id, seed, num_groups))
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"return_logprobs must be True or False, got {return_logprobs!r}")
+    agree(pipe, prompts, max_new_tokens, (temperature, top_k, top_p, eos_token_id, seed, num_groups, return_logprobs))
     if seed is None:
         seed = int(torch.randint(2**31 - 1, ()))  # only the last stage's rank draws tokens
     modes = [(m, m.training) for stage in pipe.stages.values() for m in stage.module.modules()]
@@ -271,7 +287,7 @@ def generate(pipe, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temp
         stage.module.eval()
     try:
         runner = RankGenerator(pipe, prompts, max_new_tokens, sampling, eos_token_id, seed, num_groups,
-                               prefill_chunk)
+                               prefill_chunk, return_logprobs)
         try:
             pipe.last_generation, pipe.last_generation_groups = runner.run(), runner.groups
         except BaseException as err:

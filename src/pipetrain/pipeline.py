@@ -210,7 +210,8 @@ class Pipeline:
 
     def generate(self, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 seed: int | None = None, num_groups: int | None = None, prefill_chunk: int = 16) -> list[torch.Tensor]:
+                 seed: int | None = None, num_groups: int | None = None, prefill_chunk: int = 16,
+                 return_logprobs: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Continue each prompt (a 1-D token tensor; lengths may differ) on this pipeline's own stages, with a
         KV cache per stage and group of sequences (generate.py); call on every rank with the same arguments.
 
@@ -219,13 +220,16 @@ class Pipeline:
         drawn after top-k and top-p, from one generator per sequence seeded by `seed` and its index (the same
         tokens at any rank count). `num_groups` (default 2 per rank, at least one per stage; 1 on one rank)
         groups circulate through the stages; each prefills its prompts `prefill_chunk` tokens per pass.
-        Layers must implement `forward_cached` (kv_cache.py). The
+        With `return_logprobs=True` it returns (tokens, logprobs): each token's log-probability (float32) under
+        the model's own distribution (log-softmax of the logits: temperature 1, nothing cut), as training
+        computes it. Layers must implement `forward_cached` (kv_cache.py). The
         caches are freed on return; parameters, gradients and train/eval modes are left as they were.
         `gather_timeline(of="generate")` then gives the call's measured timeline."""
         from .generate import generate
 
         return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, seed=seed, num_groups=num_groups, prefill_chunk=prefill_chunk)
+                        eos_token_id=eos_token_id, seed=seed, num_groups=num_groups, prefill_chunk=prefill_chunk,
+                        return_logprobs=return_logprobs)
 
     def gather_timeline(self, dst: int = 0, *, of: str = "step") -> Timeline | None:
         """The measured timeline of every rank, on rank `dst` (None elsewhere), of the last step (or
