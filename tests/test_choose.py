@@ -73,7 +73,7 @@ def test_a_v_takes_the_stage_balanced_split_when_the_rank_balanced_one_is_lopsid
 
 
 
-LLAMA_SHAPE = [0.004] + [b for b in (1.0, 0.99, 1.01, 0.98, 1.0, 1.02, 1.0, 1.03)] + [0.08]  # F + I + W per layer
+LLAMA_SHAPE = [0.004, 1.0, 0.99, 1.01, 0.98, 1.0, 1.02, 1.0, 1.03, 0.08]  # F + I + W per layer
 
 
 def test_a_named_balance_on_a_v_takes_the_split_the_schedule_runs_faster():
