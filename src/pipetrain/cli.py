@@ -198,6 +198,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .config import NonFiniteError
+    from .data import load_corpus
     from .runs import trainer_from_config
 
     if args.log_file and int(os.environ["RANK"]) == 0:
@@ -211,12 +212,13 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _init_process_group(backend)
     try:
-        trainer = trainer_from_config(config, device=device)
+        corpus = load_corpus()  # (read once: the trainer's batches, then the sample's held-out prompt)
+        trainer = trainer_from_config(config, corpus=corpus, device=device)
         trainer.fit()
         if config.sample_tokens:
             from .runs import held_out_sample
 
-            prompt, continuation = held_out_sample(trainer.pipe, config)
+            prompt, continuation = held_out_sample(trainer.pipe, config, corpus=corpus)
             if dist.get_rank() == 0:
                 print(f"\nsample: a held-out prompt, continued by the pipeline ({config.sample_tokens} tokens, "
                       f"temperature 0.8, top-k 40):\n  prompt:    {prompt!r}\n  generated: {continuation!r}")
