@@ -127,6 +127,10 @@ def generate_bad(rank: int, world: int, case: str, transport=None):
         return pipe.generate(prompts(4 + rank), max_new_tokens=3)
     if case == "too long":  # the GPT has 40 positions
         return pipe.generate(prompts(), max_new_tokens=35)
+    if case == "logprobs on one rank":  # (the other rank would wait for a second gather of results)
+        return pipe.generate(prompts(), max_new_tokens=3, return_logprobs=rank == 0)
+    if case == "logprobs not a bool":
+        return pipe.generate(prompts(), max_new_tokens=3, return_logprobs="yes")
     if case == "2-d prompt":
         return pipe.generate([torch.zeros(2, 3, dtype=torch.long)], max_new_tokens=3)
     return pipe.generate(prompts(), max_new_tokens=3)

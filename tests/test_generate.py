@@ -91,6 +91,8 @@ def test_hf_models_generate_what_hf_generate_does(family, schedule, world, eos, 
     ("different prompts", ValueError, "different prompts or settings on rank"),
     ("too long", ValueError, "generation reached position 40, but this GPT has 40 positions"),
     ("2-d prompt", ValueError, "prompts[0] is a tensor of shape (2, 3)"),
+    ("logprobs on one rank", ValueError, "different prompts or settings on rank"),
+    ("logprobs not a bool", TypeError, "return_logprobs must be True or False, got 'yes'"),
 ])
 def test_bad_input_fails_every_rank_with_a_clear_error(case, error, text):
     start = time.perf_counter()
