@@ -42,16 +42,21 @@ def draw(timeline: Timeline, ax, *, title: str = "", unit: str = "", label_block
         if label_blocks and e.duration > step / 60 and e.action.op.is_compute:
             ax.text(e.start + e.duration / 2, y, str(e.action.mb), ha="center", va="center", fontsize=7,
                     color="white")
+    _frame(ax, timeline, step, unit)
+    stats = timeline.per_rank()
+    bubble = sum(s.bubble_fraction for s in stats) / len(stats)
+    ax.set_title(f"{title}  (step {step:.4g}{unit}, idle {bubble:.1%})".strip(), fontsize=10)
+
+
+def _frame(ax, timeline: Timeline, end: float, unit: str) -> None:
+    """What every timeline picture shares: waits as hatched slivers, a row per rank, the time axis."""
     for w in timeline.waits:
         y = timeline.num_ranks - 1 - w.rank
         ax.barh(y, w.duration, left=w.start, height=0.3, color="none", edgecolor="#999999", hatch="////",
                 linewidth=0)
     ax.set_yticks(range(timeline.num_ranks), [f"rank {r}" for r in reversed(range(timeline.num_ranks))])
-    ax.set_xlim(0, step)
+    ax.set_xlim(0, end)
     ax.set_xlabel(f"time{f' ({unit})' if unit else ''}")
-    stats = timeline.per_rank()
-    bubble = sum(s.bubble_fraction for s in stats) / len(stats)
-    ax.set_title(f"{title}  (step {step:.4g}{unit}, idle {bubble:.1%})".strip(), fontsize=10)
     for spine in ("top", "right"):
         ax.spines[spine].set_visible(False)
 
@@ -97,10 +102,16 @@ def _legend(fig, timeline: Timeline) -> None:
     handles = [mpatches.Patch(color=COLORS[op], label=LABELS[op]) for op in ops]
     if any(e.action.op.is_comm for e in timeline.events):
         handles.append(mpatches.Patch(color="#777777", label="posting send/recv"))
-    if timeline.waits:
-        handles.append(mpatches.Patch(facecolor="none", edgecolor="#999999", hatch="////", label="waiting"))
+    _legend_below(fig, handles, waits=bool(timeline.waits), bottom=0.06)
+
+
+def _legend_below(fig, handles: list, *, waits: bool, bottom: float) -> None:
+    import matplotlib.patches as mpatches
+
+    if waits:
+        handles = [*handles, mpatches.Patch(facecolor="none", edgecolor="#999999", hatch="////", label="waiting")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
 
 
 def save_generation(timeline: Timeline, path: str | Path, *, num_groups: int, title: str = "") -> None:
@@ -119,19 +130,10 @@ def save_generation(timeline: Timeline, path: str | Path, *, num_groups: int, ti
         ax.barh(y, e.duration, left=e.start, height=0.8, color=colors(group % 10), edgecolor="white", linewidth=0.5)
         if e.duration > end / 80:
             ax.text(e.start + e.duration / 2, y, str(step), ha="center", va="center", fontsize=6, color="white")
-    for w in timeline.waits:
-        ax.barh(timeline.num_ranks - 1 - w.rank, w.duration, left=w.start, height=0.3, color="none",
-                edgecolor="#999999", hatch="////", linewidth=0)
-    ax.set_yticks(range(timeline.num_ranks), [f"rank {r}" for r in reversed(range(timeline.num_ranks))])
-    ax.set_xlim(0, end)
-    ax.set_xlabel("time (ms)")
+    _frame(ax, timeline, end, "ms")
     idle = " ".join(f"{s.bubble_fraction:.1%}" for s in timeline.per_rank())
     ax.set_title(f"{title}  ({end:.0f} ms, idle per rank {idle})".strip(), fontsize=10)
-    for spine in ("top", "right"):
-        ax.spines[spine].set_visible(False)
     handles = [mpatches.Patch(color=colors(g % 10), label=f"group {g}") for g in range(min(num_groups, 10))]
-    handles.append(mpatches.Patch(facecolor="none", edgecolor="#999999", hatch="////", label="waiting"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    _legend_below(fig, handles, waits=True, bottom=0.07)
     fig.savefig(path, dpi=130)
     plt.close(fig)
