@@ -23,10 +23,12 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/lint-imports
 
 golden: $(BIN)/.installed
 	$(BIN)/python tests/regen_golden.py

@@ -37,9 +37,9 @@ import ranks  # noqa: E402
 from run import WORKLOADS  # noqa: E402
 
 from pipetrain import models  # noqa: E402
-from pipetrain.host_memory import keep_freed_memory  # noqa: E402
 from pipetrain.models.gpt import gpt_loss  # noqa: E402
-from pipetrain.partition import rank_partition  # noqa: E402
+from pipetrain.runtime.host_memory import keep_freed_memory  # noqa: E402
+from pipetrain.schedule.partition import rank_partition  # noqa: E402
 from pipetrain.spawn import run_processes  # noqa: E402
 
 

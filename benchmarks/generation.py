@@ -31,8 +31,8 @@ from run import WORKLOADS  # noqa: E402
 
 import pipetrain as pt  # noqa: E402
 from pipetrain import models  # noqa: E402
-from pipetrain.host_memory import keep_freed_memory  # noqa: E402
 from pipetrain.models.gpt import gpt_loss  # noqa: E402
+from pipetrain.runtime.host_memory import keep_freed_memory  # noqa: E402
 from pipetrain.spawn import run_processes  # noqa: E402
 
 

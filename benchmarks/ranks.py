@@ -12,10 +12,10 @@ from torch import nn
 
 import pipetrain as pt
 from pipetrain import models
-from pipetrain.host_memory import keep_freed_memory
 from pipetrain.models.gpt import GPTConfig, gpt_loss
 from pipetrain.models.llama import LlamaConfig
-from pipetrain.profile import phase_costs
+from pipetrain.pipeline.profile import phase_costs
+from pipetrain.runtime.host_memory import keep_freed_memory
 from pipetrain.schedule.choose import rank_schedules
 from pipetrain.schedule.placement import looped, vshape
 

@@ -25,11 +25,11 @@ import time
 
 import torch
 
-from pipetrain.host_memory import keep_freed_memory
 from pipetrain.models.gpt import GPTConfig, build_gpt
 from pipetrain.models.llama import LlamaConfig, build_llama
-from pipetrain.stage import Stage
-from pipetrain.values import Packet, Signature, flatten
+from pipetrain.runtime.host_memory import keep_freed_memory
+from pipetrain.runtime.stage import Stage
+from pipetrain.runtime.values import Packet, Signature, flatten
 
 
 def stage_blocks(model: str, d_model: int, blocks: int, seq: int) -> list[torch.nn.Module]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipetrain as pt
-from pipetrain.data import stdlib_files
+from pipetrain.train.data import stdlib_files
 
 PAD = 0  # byte 0 never occurs in source text
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 import pipetrain as pt
-from pipetrain.data import Batches, load_corpus
 from pipetrain.models.gpt import GPTConfig, build_gpt, flops_per_token, gpt_loss
+from pipetrain.train.data import Batches, load_corpus
 
 
 def parse_args() -> argparse.Namespace:

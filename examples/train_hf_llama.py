@@ -15,8 +15,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import pipetrain as pt
-from pipetrain.data import CausalLMBatches, load_corpus
 from pipetrain.models.hf import from_hf, save_pretrained
+from pipetrain.train.data import CausalLMBatches, load_corpus
 
 
 def parse_args() -> argparse.Namespace:

@@ -10,7 +10,7 @@ from torch import nn
 from workers import _RNG_LOCK, built_alone
 
 import pipetrain as pt
-from pipetrain.loader import share
+from pipetrain.train.loader import share
 
 VOCAB, D, PAD = 16, 8, 0
 

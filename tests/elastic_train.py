@@ -5,8 +5,8 @@ import os
 import signal
 import sys
 
-from pipetrain import trainer
 from pipetrain.cli import main
+from pipetrain.train import trainer
 
 if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ["RANK"] == os.environ["FAIL_RANK"]:
     fail_at = int(os.environ["FAIL_AT_STEP"])

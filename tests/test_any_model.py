@@ -130,7 +130,7 @@ Pair = namedtuple("Pair", "hidden mask")  # a user's namedtuple (module level: i
 
 
 def test_trees_flatten_and_come_back_with_their_types():
-    from pipetrain.values import BadValueError, Signature, flatten, unflatten
+    from pipetrain.runtime.values import BadValueError, Signature, flatten, unflatten
 
     tree = (torch.ones(2), {"b": [torch.zeros(1), Pair(torch.ones(3), torch.ones(3, dtype=torch.bool))]})
     leaves, spec = flatten(tree)

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipetrain.schedule as S
-from pipetrain.partition import partition, rank_partition
 from pipetrain.schedule.choose import rank_schedules
+from pipetrain.schedule.partition import partition, rank_partition
 
 
 def test_with_equal_layers_the_v_schedule_that_holds_least_wins():
@@ -80,7 +80,7 @@ def test_a_named_balance_on_a_v_takes_the_split_the_schedule_runs_faster():
     # the Llama shape above: evening out the ranks gives stage 0 four blocks; the stage-balanced split wins.
     # A heavy head (63% of the compute): evening out the stages leaves rank 0 with the head and two more
     # stages' worth; the ranks' split wins. One stage per rank: the exact partition, nothing simulated.
-    from pipetrain.balance import named_split
+    from pipetrain.pipeline.balance import named_split
 
     zbv = S.build("zbv", num_ranks=2, num_microbatches=8)
     heavy = [1.0] * 7 + [12.0]
@@ -110,7 +110,7 @@ def _time_balanced_v(rank, world, transport=None):
 def test_pipeline_balance_time_on_a_v_uses_the_faster_split(monkeypatch):
     from workers import run_threads
 
-    import pipetrain.pipeline as pipeline_module
+    import pipetrain.pipeline.pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "time_costs", lambda layers, sample: list(LLAMA_SHAPE))
     assert run_threads(2, _time_balanced_v) == [partition(LLAMA_SHAPE, 4)] * 2
@@ -198,7 +198,7 @@ def test_the_transfer_timed_is_the_largest_boundary_between_two_ranks():
     from torch import nn
     from workers import run_threads
 
-    from pipetrain.profile import boundary_bytes, transfer_time
+    from pipetrain.pipeline.profile import boundary_bytes, transfer_time
 
     layers = [nn.Linear(4, 8), nn.Linear(8, 16), nn.Linear(16, 2)]
     assert boundary_bytes(layers, torch.ones(3, 4)) == 3 * 16 * 4  # the last layer's output is never sent
@@ -210,7 +210,7 @@ def test_with_targets_the_last_layer_is_timed_with_its_loss():
     import torch
     from torch import nn
 
-    from pipetrain.profile import phase_costs
+    from pipetrain.pipeline.profile import phase_costs
 
     calls = []
 

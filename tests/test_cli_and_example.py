@@ -103,7 +103,7 @@ def test_pipetrain_train_hf_loads_the_weights_resumes_and_saves_a_model_transfor
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from pipetrain.data import CausalLMBatches, load_corpus
+    from pipetrain.train.data import CausalLMBatches, load_corpus
 
     config = transformers.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

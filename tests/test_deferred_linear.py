@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipetrain.deferred_linear import defer_linears
-from pipetrain.stage import Stage
-from pipetrain.values import Packet, Signature, flatten
+from pipetrain.runtime.deferred_linear import defer_linears
+from pipetrain.runtime.stage import Stage
+from pipetrain.runtime.values import Packet, Signature, flatten
 
 
 class Block(nn.Module):

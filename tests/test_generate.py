@@ -107,7 +107,7 @@ def test_wire_sends_messages_larger_and_smaller_than_the_posted_envelope():
     import torch
 
     from pipetrain import InProcessHub
-    from pipetrain.gen_wire import Message, Wire
+    from pipetrain.generation.wire import Message, Wire
 
     hub = InProcessHub(2)
     sender = Wire(hub.transport(0), 10, sources=set(), targets={1}, history=2, device=torch.device("cpu"))
@@ -131,7 +131,7 @@ def test_wire_sends_messages_larger_and_smaller_than_the_posted_envelope():
 def test_circulation_order_runs_every_item_once_and_cannot_hang(name, ranks, passes):
     """Brute force: ranks take their next item whenever its inputs are done (the stage before in the same
     pass; for stage 0 the last stage's previous pass); every item must run, once, in every placement."""
-    from pipetrain.generate import circulation_order
+    from pipetrain.generation.generate import circulation_order
 
     placement = pt.schedules.build(name, num_ranks=ranks, num_microbatches=2 * ranks).stage_to_rank
     stages = len(placement)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # of the second round say whether the freed memory stayed mapped.
 CYCLES = """
 import resource, sys
-from pipetrain.host_memory import keep_freed_memory
+from pipetrain.runtime.host_memory import keep_freed_memory
 
 def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

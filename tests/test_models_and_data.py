@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipetrain.data import Batches, load_corpus, stdlib_files
 from pipetrain.models.gpt import GPTConfig, build_gpt, flops_per_token, gpt_loss
+from pipetrain.train.data import Batches, load_corpus, stdlib_files
 
 
 def test_gpt_is_a_flat_list_with_documented_shapes():

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pipetrain.partition import BalanceError, partition, rank_partition, stage_costs
-from pipetrain.profile import param_costs, time_costs, uniform_costs
+from pipetrain.pipeline.profile import param_costs, time_costs, uniform_costs
+from pipetrain.schedule.partition import BalanceError, partition, rank_partition, stage_costs
 
 
 def brute_force_bottleneck(costs, k):

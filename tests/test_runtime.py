@@ -123,7 +123,7 @@ def test_measured_timeline_covers_every_compute_action():
 
 
 def test_a_transfer_nobody_answers_fails_naming_both_ranks():
-    from pipetrain.comm import wait_or_raise
+    from pipetrain.runtime.comm import wait_or_raise
 
     hub = pt.InProcessHub(2)
     work = hub.transport(1).irecv(torch.empty(3), 0)
@@ -132,7 +132,7 @@ def test_a_transfer_nobody_answers_fails_naming_both_ranks():
 
 
 def test_errors_name_global_ranks_when_the_pipeline_is_a_subgroup():
-    from pipetrain.comm import rank_name
+    from pipetrain.runtime.comm import rank_name
 
     class Sub:  # the second replica's pipeline of a dp 2 x pp 2 mesh
         rank, world_size, global_ranks = 0, 2, (2, 3)

@@ -10,10 +10,10 @@ from torch import nn
 from workers import make_model, run_processes, run_threads, trainer_clip, trainer_run, trainer_sgd
 
 import pipetrain as pt
-from pipetrain import checkpoint as ckpt
 from pipetrain.cli import main
 from pipetrain.models.gpt import build_gpt, gpt_loss
-from pipetrain.trainer import ConfigError, TrainConfig, warmup_cosine
+from pipetrain.train import checkpoint as ckpt
+from pipetrain.train.trainer import ConfigError, TrainConfig, warmup_cosine
 
 BASE = {"preset": "tiny", "steps": 10, "microbatches": 4, "batch_size": 8, "log_every": 100, "eval_batches": 1,
         "seed": 3, "progress": False, "warmup": 3}
@@ -213,7 +213,7 @@ def test_any_torch_optimizer_from_a_factory():
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(monkeypatch):
-    from pipetrain.report import progress_bar as _progress
+    from pipetrain.train.report import progress_bar as _progress
 
     bar = _progress(TrainConfig(progress=True, steps=5), initial=2)
     assert type(bar).__name__ == "tqdm" and bar.n == 2 and bar.total == 5

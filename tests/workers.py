@@ -212,7 +212,7 @@ def run_processes(world: int, fn, *args, timeout: float = 180, expect: int | Non
 
 # --- the trainer, on spawned gloo ranks ------------------------------------------------------------------
 def _small_corpus():
-    from pipetrain.data import load_corpus
+    from pipetrain.train.data import load_corpus
 
     return load_corpus(max_bytes=300_000)
 
@@ -285,7 +285,7 @@ def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: b
 
 def trainer_nonfinite(rank: int, world: int, settings: dict, poison_rank: int, poison_step: int) -> dict:
     """Train, and on one rank turn a gradient to NaN in optimizer step `poison_step` (1-based)."""
-    from pipetrain.config import NonFiniteError
+    from pipetrain.train.config import NonFiniteError
 
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     original, snapshots = trainer.pipe.step, {}
@@ -327,7 +327,7 @@ def dp_time_balance(rank: int, world: int) -> list[int]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    import pipetrain.pipeline as pipeline_module
+    import pipetrain.pipeline.pipeline as pipeline_module
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
     measured = [1.0, 1, 1, 1, 1, 3] if dist.get_rank() < 2 else [6.0, 1, 1, 1, 1, 1]  # alone: [4, 2] / [1, 5]
@@ -342,7 +342,7 @@ def dp_time_balance(rank: int, world: int) -> list[int]:
 def trainer_crash_in_save(rank: int, world: int, settings: dict, crash_step: int) -> dict:
     """Rank 1 is SIGKILLed in the middle of writing its shard of the step-`crash_step` checkpoint, leaving a
     torn file behind, as a node failure during a save would; rank 0 must fail fast, not hang."""
-    from pipetrain import checkpoint as ckpt
+    from pipetrain.train import checkpoint as ckpt
 
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     if rank == 1:

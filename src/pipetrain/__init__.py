@@ -6,35 +6,35 @@ import importlib
 from typing import TYPE_CHECKING
 
 from . import schedule as schedules
-from .partition import BalanceError, partition, rank_partition
 from .schedule import Action, Costs, Op, Schedule, ScheduleError, SimResult, Timeline, simulate
+from .schedule.partition import BalanceError, partition, rank_partition
 
 __version__ = "0.1.0"
 
 # torch-dependent names load on first use, so `pipetrain.schedule` and `pipetrain simulate` stay torch-free
 _LAZY = {
-    "Pipeline": "pipetrain.pipeline",
-    "Trainer": "pipetrain.trainer",
-    "TrainConfig": "pipetrain.config",
-    "ConfigError": "pipetrain.config",
-    "trainer_from_config": "pipetrain.runs",
-    "add_aux_loss": "pipetrain.aux_loss",
-    "collect_aux_losses": "pipetrain.aux_loss",
-    "BadValueError": "pipetrain.values",
-    "CommError": "pipetrain.comm",
-    "DistTransport": "pipetrain.comm",
-    "InProcessHub": "pipetrain.comm",
-    "InProcessTransport": "pipetrain.comm",
+    "Pipeline": "pipetrain.pipeline.pipeline",
+    "Trainer": "pipetrain.train.trainer",
+    "TrainConfig": "pipetrain.train.config",
+    "ConfigError": "pipetrain.train.config",
+    "trainer_from_config": "pipetrain.train.runs",
+    "add_aux_loss": "pipetrain.runtime.aux_loss",
+    "collect_aux_losses": "pipetrain.runtime.aux_loss",
+    "BadValueError": "pipetrain.runtime.values",
+    "CommError": "pipetrain.runtime.comm",
+    "DistTransport": "pipetrain.runtime.comm",
+    "InProcessHub": "pipetrain.runtime.comm",
+    "InProcessTransport": "pipetrain.runtime.comm",
 }
 
 if TYPE_CHECKING:
-    from .aux_loss import add_aux_loss, collect_aux_losses
-    from .comm import CommError, DistTransport, InProcessHub, InProcessTransport
-    from .config import ConfigError, TrainConfig
-    from .pipeline import Pipeline
-    from .runs import trainer_from_config
-    from .trainer import Trainer
-    from .values import BadValueError
+    from .pipeline.pipeline import Pipeline
+    from .runtime.aux_loss import add_aux_loss, collect_aux_losses
+    from .runtime.comm import CommError, DistTransport, InProcessHub, InProcessTransport
+    from .runtime.values import BadValueError
+    from .train.config import ConfigError, TrainConfig
+    from .train.runs import trainer_from_config
+    from .train.trainer import Trainer
 
 
 def __getattr__(name: str):

@@ -163,7 +163,7 @@ _TRAIN_FLAGS = {
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    from .config import ConfigError, TrainConfig
+    from .train.config import ConfigError, TrainConfig
 
     values: dict = {}
     if args.config:
@@ -197,9 +197,9 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from .config import NonFiniteError
-    from .data import load_corpus
-    from .runs import trainer_from_config
+    from .train.config import NonFiniteError
+    from .train.data import load_corpus
+    from .train.runs import trainer_from_config
 
     if args.log_file and int(os.environ["RANK"]) == 0:
         sys.stdout = _Tee(sys.stdout, open(args.log_file, "a"))  # noqa: SIM115 - lives for the process
@@ -216,7 +216,7 @@ def _train(args: argparse.Namespace) -> int:
         trainer = trainer_from_config(config, corpus=corpus, device=device)
         trainer.fit()
         if config.sample_tokens:
-            from .runs import held_out_sample
+            from .train.runs import held_out_sample
 
             prompt, continuation = held_out_sample(trainer.pipe, config, corpus=corpus)
             if dist.get_rank() == 0:

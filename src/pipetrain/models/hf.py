@@ -95,7 +95,7 @@ class Embedding(_HFLayer):
         return out
 
     def forward_cached(self, ids: torch.Tensor, cache) -> dict:
-        """Generation (pipetrain.kv_cache): the new tokens (b, t); positions come from the cache."""
+        """Generation (pipetrain.generation.kv_cache): the new tokens (b, t); positions come from the cache."""
         return {"hidden_states": self.embed_tokens(ids)}
 
 
@@ -121,7 +121,7 @@ class DecoderLayer(_HFLayer):
         return {**x, "hidden_states": out[0] if isinstance(out, tuple) else out}
 
     def forward_cached(self, x: dict, cache) -> dict:
-        """Generation (pipetrain.kv_cache): HF's layer with our cache in place of its Cache (attention calls
+        """Generation (pipetrain.generation.kv_cache): HF's layer with our cache in place of its Cache (attention calls
         `cache.update(k, v, layer_idx, ...)`), our 0/-inf mask and rotary embedding at each token's position."""
         if self.cache_keyword is None:
             raise TypeError(f"{type(self.layer).__name__}.forward takes no cache argument; this transformers "

@@ -11,14 +11,16 @@ import dataclasses
 import os
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 from .specs import ClusterSpec, ModelSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 def local_cluster(model: ModelSpec | None = None, microbatch_size: int = 4) -> ClusterSpec:
     import torch
-
-    from ..metrics import measure_peak_flops
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -79,3 +81,26 @@ def _copy_bandwidth(seconds: float = 0.2) -> float:
         dst.copy_(src)
         count += 1
     return count * src.numel() * 4 / (time.perf_counter() - start)
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype | None = None, seconds: float = 0.3) -> float:
+    """FLOP/s of a large square matmul on this device and thread setting: the denominator of MFU.
+
+    A measured peak keeps MFU honest on CPUs, whose datasheet peaks are rarely reachable from PyTorch.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    n = 512 if device.type == "cpu" else 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    runs, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and runs >= 3:
+            return 2.0 * n**3 * runs / elapsed

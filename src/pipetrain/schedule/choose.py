@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..partition import candidate_splits, stage_costs
 from .base import Schedule
+from .partition import candidate_splits, stage_costs
 from .registry import build, names, options
 from .simulate import Costs, simulate
 

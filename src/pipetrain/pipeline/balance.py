@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .partition import BalanceError, candidate_splits, stage_costs
+from ..schedule import Costs, Schedule, simulate
+from ..schedule.partition import BalanceError, candidate_splits, stage_costs
 from .profile import param_costs, uniform_costs
-from .schedule import Costs, Schedule, simulate
 
 Balance = str | Sequence[int]
 

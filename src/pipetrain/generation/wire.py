@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .comm import Transport, rank_name, wait_or_raise
-from .values import Signature, flatten, unflatten
+from ..runtime.comm import Transport, rank_name, wait_or_raise
+from ..runtime.values import Signature, flatten, unflatten
 
 HEADER = 8
 END = -1  # the kind of the header that closes a link

@@ -5,7 +5,7 @@ replica taking its share.
   seeded permutation, cut into batches of `batch_size` samples (a last partial batch is dropped) and
   collated with `torch.utils.data.default_collate`.
 - Any other iterable yields whole global batches. If it has `state_dict()`/`load_state_dict()` (as
-  `pipetrain.data.Batches` does), resuming restores that state; otherwise the batches already drawn are
+  `pipetrain.train.data.Batches` does), resuming restores that state; otherwise the batches already drawn are
   drawn again and skipped.
 
 Every rank draws the same global batches, so the order does not depend on the data-parallel degree, and a
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-from .values import flatten, unflatten
+from ..runtime.values import flatten, unflatten
 
 
 class BatchSource:

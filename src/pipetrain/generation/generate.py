@@ -26,13 +26,13 @@ from contextlib import nullcontext
 
 import torch
 
-from .comm import abort_others, rank_name
-from .gen_wire import Message, Wire
+from ..runtime.comm import abort_others, rank_name
+from ..runtime.executor import RankStep
+from ..schedule import Action, Op
+from ..schedule.timeline import Event
 from .kv_cache import GroupCache
-from .runtime import RankStep
 from .sampling import Sampling, sequence_generators
-from .schedule import Action, Op
-from .schedule.timeline import Event
+from .wire import Message, Wire
 
 ACT, TOKENS, RETIRE = range(3)
 PREFILL_CHUNK = 16  # prompt tokens per prefill pass, by default
@@ -249,7 +249,7 @@ def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tupl
     if missing:
         names = ", ".join(f"{i} ({type(pipe.layers[i]).__name__})" for i in missing)
         raise TypeError(f"{rank_name(pipe.transport, pipe.rank)}: layers {names} have no forward_cached(x, cache): "
-                        "every layer must implement the cache protocol to generate (pipetrain.kv_cache; the "
+                        "every layer must implement the cache protocol to generate (pipetrain.generation.kv_cache; the "
                         "reference GPT and Llama and from_hf layers do)")
     lacking = [r for r in range(world) if table[r, 0] > 0]
     if lacking:

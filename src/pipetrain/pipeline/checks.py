@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..schedule import Op, Schedule, check
+from ..schedule.partition import BalanceError
 from .balance import Balance
 from .materialize import refuse_meta
-from .partition import BalanceError
-from .schedule import Op, Schedule, check
 
 
 def checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: float, precision: str,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .runtime import AUX_LOSSES, LOSS_COUNT, PAIR_LOSSES
+from .executor import AUX_LOSSES, LOSS_COUNT, PAIR_LOSSES
 
 
 class Window:

@@ -10,21 +10,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .auto_schedule import choose_schedule
+from ..runtime.comm import DistTransport, InProcessTransport, Transport
+from ..runtime.data_parallel import TIED, averager_for, sum_over
+from ..runtime.executor import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
+from ..runtime.stage import LossWeights, Stage
+from ..runtime.ties import TiedWeights
+from ..runtime.values import flatten, shape_key, split_batch, to_device
+from ..runtime.window import Window
+from ..schedule import Schedule, Timeline, lower
+from ..schedule.lowering import PREFETCH, message_order
+from .auto_plan import choose_schedule
 from .balance import Balance, resolve_balance
-from .comm import DistTransport, InProcessTransport, Transport
-from .data_parallel import TIED, averager_for, sum_over
+from .checks import checked_schedule, groups_of, splits_backward
 from .materialize import materialize
-from .pipeline_args import checked_schedule, groups_of, splits_backward
 from .profile import time_costs
 from .rank0_measure import measured_on_rank_0
-from .runtime import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
-from .schedule import Schedule, Timeline, lower
-from .schedule.lowering import PREFETCH, message_order
-from .stage import LossWeights, Stage
-from .ties import TiedWeights
-from .values import flatten, shape_key, split_batch, to_device
-from .window import Window
 
 
 class Pipeline:
@@ -225,7 +225,7 @@ class Pipeline:
         computes it. Layers must implement `forward_cached` (kv_cache.py). The
         caches are freed on return; parameters, gradients and train/eval modes are left as they were.
         `gather_timeline(of="generate")` then gives the call's measured timeline."""
-        from .generate import generate
+        from ..generation.generate import generate
 
         return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, seed=seed, num_groups=num_groups, prefill_chunk=prefill_chunk,

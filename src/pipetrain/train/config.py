@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .models import PRESETS, ModelConfig
-from .models.gpt import GPTConfig
-from .schedule import names as schedule_names
+from ..models import PRESETS, ModelConfig
+from ..models.gpt import GPTConfig
+from ..schedule import names as schedule_names
 
 
 class ConfigError(ValueError):
@@ -116,8 +117,6 @@ class TrainConfig:
                 raise ConfigError(f"tensorboard={self.tensorboard!r} needs the tensorboard package: pip install "
                                   "tensorboard (or drop the setting; metrics_jsonl needs nothing)") from None
         if self.hf is not None:
-            from .runs import check_hf_model
-
             check_hf_model(self)
             return
         try:
@@ -195,3 +194,32 @@ def _world_size(group, transport) -> int:
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: launch with torchrun (or pass transport=)")
     return dist.get_world_size(group)
+
+
+def check_hf_model(config: TrainConfig):
+    """The HF config of `config.hf`, after checking that pipetrain can train it here (ConfigError if not)."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ConfigError("hf needs transformers: pip install 'pipetrain[hf]'") from None
+    path = Path(config.hf)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"hf={config.hf!r} is not a directory with a config.json (a local Hugging Face model; "
+                          "nothing is downloaded)")
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hf_config.vocab_size < 256:
+        raise ConfigError(f"the model in {config.hf} has a vocabulary of {hf_config.vocab_size} tokens; the "
+                          "built-in corpus is bytes, which needs >= 256")
+    ignored = [name for name in ("layers", "d_model", "heads", "tie_embeddings") if getattr(config, name)]
+    if ignored or config.dropout:
+        raise ConfigError(f"{ignored or ['dropout']} set the size of a preset; with hf the model's config.json does")
+    hf_seq_len(config, hf_config)
+    return hf_config
+
+
+def hf_seq_len(config: TrainConfig, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2**31
+    seq = config.seq_len or min(128, limit - 1)
+    if seq + 1 > limit:
+        raise ConfigError(f"seq_len={seq} needs {seq + 1} positions, but the model has {limit}")
+    return seq

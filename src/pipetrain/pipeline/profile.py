@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .values import flatten, unflatten
+from ..runtime.values import flatten, unflatten
 
 
 def uniform_costs(layers: Sequence[nn.Module]) -> list[float]:
@@ -66,8 +66,8 @@ def phase_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 3, w
     `target` (the sample's targets) the last layer is timed as the last stage runs it, loss included (a
     large vocabulary's cross-entropy can cost as much as the head). The sample flows through the layers in
     order; their gradients, buffers, the global RNG and their `forward`s are left as found."""
-    from .deferred_linear import undefer_linears
-    from .stage import Stage
+    from ..runtime.deferred_linear import undefer_linears
+    from ..runtime.stage import Stage
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -123,7 +123,7 @@ def boundary_bytes(layers: Sequence[nn.Module], sample: Any) -> int:
 def transfer_time(transport, nbytes: int, *, timeout: float, repeats: int = 5) -> float:
     """Median seconds to send `nbytes` from rank 0 to rank 1 of `transport` (a round trip, halved), on rank 0;
     rank 1 echoes; every other rank returns 0 at once. Ranks 0 and 1 must both call it."""
-    from .comm import wait_or_raise
+    from ..runtime.comm import wait_or_raise
 
     if transport.world_size < 2 or transport.rank > 1:
         return 0.0

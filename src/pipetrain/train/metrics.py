@@ -1,11 +1,10 @@
-"""Training metrics: peak memory, model FLOP utilization (MFU) against a measured matmul peak, JSONL logs."""
+"""Training metrics: peak memory, JSONL logs, the loss plot (MFU's measured peak: planner.calibrate)."""
 
 from __future__ import annotations
 
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,26 +16,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
-    """FLOP/s of a large square matmul on this device and thread setting: the denominator of MFU.
-
-    A measured peak keeps MFU honest on CPUs, whose datasheet peaks are rarely reachable from PyTorch.
-    """
-    n = 512 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm up
-    runs, start = 0, time.perf_counter()
-    while True:
-        a @ b
-        runs += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and runs >= 3:
-            return 2.0 * n**3 * runs / elapsed
 
 
 class JsonlWriter:

@@ -14,14 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..pipeline.pipeline import Pipeline
+from ..planner.calibrate import measure_peak_flops
+from ..runtime.values import flatten
+from ..schedule import build as build_schedule
 from . import checkpoint as ckpt
 from .config import ConfigError, NonFiniteError, TrainConfig, process_layout, warmup_cosine
 from .loader import BatchSource, share
-from .metrics import JsonlWriter, measure_peak_flops, peak_memory_bytes, plot_losses
-from .pipeline import Pipeline
+from .metrics import JsonlWriter, peak_memory_bytes, plot_losses
 from .report import ensure_log_handler, format_record, logger, perplexity, progress_bar, summary_lines, tqdm_logging
-from .schedule import build as build_schedule
-from .values import flatten
 
 
 class Trainer:

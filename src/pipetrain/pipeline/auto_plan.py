@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .comm import DistTransport, Transport, wait_or_raise
-from .data_parallel import sum_over
+from ..runtime.comm import DistTransport, Transport, wait_or_raise
+from ..runtime.data_parallel import sum_over
+from ..schedule import Schedule
+from ..schedule.choose import rank_schedules
 from .materialize import refuse_meta
 from .profile import boundary_bytes, phase_costs, transfer_time
 from .rank0_measure import measured_on_rank_0
-from .schedule import Schedule
-from .schedule.choose import rank_schedules
 
 logger = logging.getLogger("pipetrain")
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import torch
 
-from . import models
-from .config import ConfigError, TrainConfig
+from .. import models
+from ..models.gpt import gpt_loss
+from .config import TrainConfig, check_hf_model, hf_seq_len
 from .data import Batches, CausalLMBatches, Corpus, load_corpus
-from .models.gpt import gpt_loss
 from .trainer import Trainer
 
 logger = logging.getLogger("pipetrain")
@@ -43,14 +42,14 @@ def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
     """Built on the meta device: each rank materializes only its own stages, then reads only their weights."""
     from transformers import AutoModelForCausalLM
 
-    from .models.hf import from_hf, load_weights
-    from .models.hf_checkpoint import has_weights
+    from ..models.hf import from_hf, load_weights
+    from ..models.hf_checkpoint import has_weights
 
     hf_config = check_hf_model(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     layers, loss_fn = from_hf(model)
-    seq = _hf_seq_len(config, hf_config)
+    seq = hf_seq_len(config, hf_config)
     train = CausalLMBatches(corpus.train, batch_size=config.batch_size, seq_len=seq, seed=config.seed)
     held_out = CausalLMBatches(corpus.val, batch_size=config.batch_size, seq_len=seq, seed=config.seed + 1)
     params = sum(p.numel() for p in model.parameters())
@@ -64,35 +63,6 @@ def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
     elif trainer.step == 0:
         logger.info("%s has no weights: starting from the model's initialization (seed %d)", config.hf, config.seed)
     return trainer
-
-
-def check_hf_model(config: TrainConfig):
-    """The HF config of `config.hf`, after checking that pipetrain can train it here (ConfigError if not)."""
-    try:
-        from transformers import AutoConfig
-    except ImportError:
-        raise ConfigError("hf needs transformers: pip install 'pipetrain[hf]'") from None
-    path = Path(config.hf)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"hf={config.hf!r} is not a directory with a config.json (a local Hugging Face model; "
-                          "nothing is downloaded)")
-    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if hf_config.vocab_size < 256:
-        raise ConfigError(f"the model in {config.hf} has a vocabulary of {hf_config.vocab_size} tokens; the "
-                          "built-in corpus is bytes, which needs >= 256")
-    ignored = [name for name in ("layers", "d_model", "heads", "tie_embeddings") if getattr(config, name)]
-    if ignored or config.dropout:
-        raise ConfigError(f"{ignored or ['dropout']} set the size of a preset; with hf the model's config.json does")
-    _hf_seq_len(config, hf_config)
-    return hf_config
-
-
-def _hf_seq_len(config: TrainConfig, hf_config) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None) or 2**31
-    seq = config.seq_len or min(128, limit - 1)
-    if seq + 1 > limit:
-        raise ConfigError(f"seq_len={seq} needs {seq + 1} positions, but the model has {limit}")
-    return seq
 
 
 def held_out_sample(pipe, config: TrainConfig, *, corpus: Corpus | None = None) -> tuple[str, str]:

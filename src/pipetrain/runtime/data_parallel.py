@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..schedule import Action, Op
 from .comm import CommError
-from .schedule import Action, Op
 from .stage import Stage
 
 TIED = -1  # the gradient bucket of weights tied across ranks

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from ..schedule.actions import Action, Op, Value, consumer_stage, describe, message_of, received_input
+from ..schedule.timeline import Event, Timeline
 from .comm import CommError, Transport, Work, abort_others, rank_name
-from .schedule.actions import Action, Op, Value, consumer_stage, describe, message_of, received_input
-from .schedule.timeline import Event, Timeline
 from .stage import UNWEIGHTED, LossWeights, Stage
 from .values import Packet, Signature
 
