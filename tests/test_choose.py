@@ -254,5 +254,5 @@ def test_a_bad_sample_fails_on_rank_0_and_the_others_at_once(how):
     assert time.perf_counter() - start < 20
     assert ("size" if how == "auto" else "shapes") in errors[0][1]  # rank 0: torch's own shape error
     what = 'schedule="auto"' if how == "auto" else 'balance="time"'
-    assert errors[1] == ("RuntimeError", f"rank 0 failed while timing the layers on `sample` for {what}; "
-                                         "see its error")
+    assert errors[1] == ("RuntimeError", f"timing the layers on `sample` for {what} failed on rank 0 "
+                                         "(see its error); rank 1 stops too")

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..runtime.comm import abort_others, rank_name
+from ..runtime.comm import abort_others, fail_together, rank_name
 from ..runtime.executor import RankStep
 from ..schedule import Action, Op
 from ..schedule.timeline import Event
@@ -238,24 +238,27 @@ def checked_prompts(prompts: Sequence[torch.Tensor], max_new_tokens: int) -> lis
 
 def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tuple) -> None:
     """Fail on every rank, before any generation traffic, if a rank's layers cannot generate or the ranks
-    were given different prompts or settings (one all-reduce)."""
+    were given different prompts or settings (one all-reduce, `fail_together`)."""
     missing = [i for i, layer in pipe.layers.items() if not callable(getattr(layer, "forward_cached", None))]
+    error = None
+    if missing:
+        names = ", ".join(f"{i} ({type(pipe.layers[i]).__name__})" for i in missing)
+        error = TypeError(f"{rank_name(pipe.transport, pipe.rank)}: layers {names} have no forward_cached(x, cache): "
+                          "every layer must implement the cache protocol to generate (pipetrain.generation.kv_cache; "
+                          "the reference GPT and Llama and from_hf layers do)")
     fingerprint = [len(prompts), sum(len(p) for p in prompts), sum(int(p.sum()) % 1_000_003 for p in prompts),
                    max_new_tokens, zlib.crc32(repr(settings).encode())]
     world = pipe.transport.world_size
-    table = torch.zeros(world, len(fingerprint) + 2, dtype=torch.int64, device=pipe.transport.device)
-    table[pipe.rank] = torch.tensor([len(missing), missing[0] if missing else -1, *fingerprint])
-    table = pipe.transport.all_reduce(table, pipe.timeout).cpu()
-    if missing:
-        names = ", ".join(f"{i} ({type(pipe.layers[i]).__name__})" for i in missing)
-        raise TypeError(f"{rank_name(pipe.transport, pipe.rank)}: layers {names} have no forward_cached(x, cache): "
-                        "every layer must implement the cache protocol to generate (pipetrain.generation.kv_cache; the "
-                        "reference GPT and Llama and from_hf layers do)")
-    lacking = [r for r in range(world) if table[r, 0] > 0]
-    if lacking:
-        raise TypeError(f"{rank_name(pipe.transport, lacking[0])} holds layer {int(table[lacking[0], 1])}, which has "
-                        "no forward_cached(x, cache): every layer must implement the cache protocol to generate")
-    differ = [r for r in range(world) if not torch.equal(table[r, 2:], table[pipe.rank, 2:])]
+    table = torch.zeros(world, len(fingerprint), dtype=torch.float64)  # (exact: every entry < 2**53)
+    table[pipe.rank] = torch.tensor(fingerprint, dtype=torch.float64)
+
+    def sum_all(tensor: torch.Tensor) -> torch.Tensor:
+        return pipe.transport.all_reduce(tensor.to(pipe.transport.device), pipe.timeout)
+
+    table = fail_together(error, rank=pipe.rank, world_size=world, sum_all=sum_all, payload=table,
+                          what="generate() (layers without forward_cached(x, cache), the cache protocol)",
+                          name=lambda r: rank_name(pipe.transport, r))
+    differ = [r for r in range(world) if not torch.equal(table[r], table[pipe.rank])]
     if differ:
         raise ValueError(f"generate() got different prompts or settings on {rank_name(pipe.transport, differ[0])} "
                          f"than on {rank_name(pipe.transport, pipe.rank)}: call it on every rank with the same "

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.comm import fail_together
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -146,14 +148,6 @@ def _shard(rank: int, world: int) -> str:
 
 
 def _raise_everywhere(pipe, error: BaseException | None, what: str) -> None:
-    """One all-reduce (also a barrier): every rank learns which pipeline ranks failed. A failed rank raises its
-    own error; the others raise one naming it, so no rank goes on to wait for a peer that stopped."""
-    failed = torch.zeros(pipe.world_size)
-    failed[pipe.rank] = float(error is not None)
-    pipe.all_reduce(failed)  # over the pipeline's ranks and the replicas
-    if error is not None:
-        raise error
-    ranks = [r for r, v in enumerate(failed.tolist()) if v]
-    if ranks:
-        raise RuntimeError(f"{what} failed on pipeline rank(s) {ranks} (their error says why); rank {pipe.rank} "
-                           "stops too")
+    """Every rank raises if `what` failed on any pipeline rank (or replica): see `fail_together`."""
+    fail_together(error, rank=pipe.rank, world_size=pipe.world_size, sum_all=pipe.all_reduce, what=what,
+                  name="pipeline rank {}".format)

@@ -50,7 +50,8 @@ def choose_schedule(layers: list[nn.Module], *, num_microbatches: int | None, sa
         return sum_over(dp_group, probe.all_reduce(values.to(getattr(probe, "device", "cpu")), timeout), timeout)
 
     replicas = torch.distributed.get_world_size(dp_group) if dp_group is not None else 1
-    measured = measured_on_rank_0(measure, 3 * len(layers) + 1, rank=probe.rank, sum_all=sum_all, replicas=replicas,
+    measured = measured_on_rank_0(measure, 3 * len(layers) + 1, rank=probe.rank,
+                                  world_size=probe.world_size, sum_all=sum_all, replicas=replicas,
                                   what='timing the layers on `sample` for schedule="auto"')
     comm = measured[-1]
     ranked = rank_schedules(num_ranks=probe.world_size, num_microbatches=num_microbatches,

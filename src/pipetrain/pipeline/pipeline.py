@@ -373,7 +373,7 @@ class Pipeline:
         """Rank 0 measures (raise `timeout` for a large model); every rank partitions with its numbers so all
         agree on the split (the mean over replicas with data parallelism)."""
         return measured_on_rank_0(lambda: time_costs(layers, sample), len(layers), rank=self.rank,
-                                  sum_all=self.all_reduce, replicas=self.dp_size,
+                                  world_size=self.world_size, sum_all=self.all_reduce, replicas=self.dp_size,
                                   what='timing the layers on `sample` for balance="time"')
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
@@ -38,7 +40,7 @@ class Transport(Protocol):
         ...
 
 
-class _DistWork:
+class DistWork:
     def __init__(self, work) -> None:
         self._work = work
 
@@ -97,19 +99,19 @@ class DistTransport:
 
     def isend(self, tensor: torch.Tensor, peer: int) -> Work:
         try:
-            return _DistWork(dist.isend(tensor, self.global_ranks[peer], group=self._group_for(self.rank, peer)))
+            return DistWork(dist.isend(tensor, self.global_ranks[peer], group=self._group_for(self.rank, peer)))
         except RuntimeError as err:  # gloo refuses to post on a connection the peer closed
             raise _posting_failed(self, peer, "send to", err) from err
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
         try:
-            return _DistWork(dist.irecv(tensor, self.global_ranks[peer], group=self._group_for(peer, self.rank)))
+            return DistWork(dist.irecv(tensor, self.global_ranks[peer], group=self._group_for(peer, self.rank)))
         except RuntimeError as err:
             raise _posting_failed(self, peer, "receive from", err) from err
 
     def all_reduce(self, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
         if self.world_size > 1:
-            work = _DistWork(dist.all_reduce(tensor, group=self.group, async_op=True))
+            work = DistWork(dist.all_reduce(tensor, group=self.group, async_op=True))
             wait_or_raise(work, timeout=timeout, transport=self, peer=None, what="the pipeline's all-reduce")
         return tensor
 
@@ -270,13 +272,45 @@ def _posting_failed(transport: Transport, peer: int, what: str, err: Exception) 
                      "have crashed; check its log")
 
 
-def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int | None, what: str) -> None:
-    """Wait for a transfer; if it fails or times out, raise CommError naming this rank, the peer (None: a
-    collective over all of them) and what."""
+def bounded_wait(work: Work, timeout: float, *, me: str, them: str, what: str, doing: str = "") -> None:
+    """The one bounded wait: wait for `work` at most `timeout` seconds; if it fails or times out, raise
+    CommError "{me}: {doing} waiting on {them} for {what} timed out after 3s: ..." ("failed after 0.4s" when a
+    closed connection ended it sooner), naming who waited, on whom, for what, and what to check."""
+    start = time.perf_counter()
     try:
         work.wait(timeout)
     except Exception as err:  # gloo raises RuntimeError, in-process TimeoutError
-        me = rank_name(transport, transport.rank)
-        them = rank_name(transport, peer) if peer is not None else "the other ranks"
-        raise CommError(f"{me}: {what} with {them} failed or timed out after {timeout:g}s: {err}. "
-                        f"A peer may have crashed or be stuck; check the other ranks' logs") from err
+        waited = time.perf_counter() - start
+        how = f"timed out after {timeout:g}s" if waited >= 0.99 * timeout else f"failed after {waited:.1f}s"
+        logs = "their logs" if them.startswith("the ") else "its log"
+        raise CommError(f"{me}: {doing + ' ' if doing else ''}waiting on {them} for {what} {how}: {err}. "
+                        f"{them[0].upper() + them[1:]} may have crashed or be stuck; check {logs}") from err
+
+
+def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int | None, what: str,
+                  doing: str = "") -> None:
+    """`bounded_wait` for a transfer with `peer` of `transport`'s pipeline (None: a collective over all of it)."""
+    them = rank_name(transport, peer) if peer is not None else "the other ranks"
+    bounded_wait(work, timeout, me=rank_name(transport, transport.rank), them=them, what=what, doing=doing)
+
+
+def fail_together(error: BaseException | None, *, rank: int, world_size: int,
+                  sum_all: Callable[[torch.Tensor], torch.Tensor], what: str,
+                  payload: torch.Tensor | None = None, name: Callable[[int], str] = "rank {}".format) -> torch.Tensor:
+    """The one way ranks fail together outside a step: one sum over the ranks (also a barrier) of a flag per rank,
+    and of `payload` (float64) if given. A rank whose `error` is set raises it; every other rank raises
+    RuntimeError naming the ranks that failed at `what`, so no rank goes on to wait for a peer that stopped.
+    Returns the summed payload (empty without one) when no rank failed. `sum_all` sums a CPU float64 tensor
+    over every rank calling this (a pipeline's ranks, and its replicas: their flags add up)."""
+    flags = torch.zeros(world_size, dtype=torch.float64)
+    flags[rank] = float(error is not None)
+    rest = payload.detach().to("cpu", torch.float64).reshape(-1) if payload is not None else flags[:0]
+    total = sum_all(torch.cat([flags, rest])).cpu()
+    if error is not None:
+        raise error
+    failed = [r for r, flag in enumerate(total[:world_size].tolist()) if flag]
+    if failed:
+        whose = "its" if len(failed) == 1 else "their"
+        raise RuntimeError(f"{what} failed on {', '.join(name(r) for r in failed)} (see {whose} error); "
+                           f"{name(rank)} stops too")
+    return total[world_size:].reshape(payload.shape) if payload is not None else rest

@@ -9,14 +9,13 @@ global token count) for a token-mean loss, whose normalization is known only onc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..schedule import Action, Op
-from .comm import CommError
+from .comm import DistWork, bounded_wait
 from .stage import Stage
 
 TIED = -1  # the gradient bucket of weights tied across ranks
@@ -97,9 +96,5 @@ def sum_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: flo
 
 
 def _wait(work, timeout: float, what: str) -> None:
-    """Wait for a collective, bounded; a failure or timeout raises CommError naming this rank and what."""
-    try:
-        work.wait(timedelta(seconds=timeout))
-    except Exception as err:
-        raise CommError(f"global rank {dist.get_rank()}: {what} failed or timed out after {timeout:g}s: {err}. "
-                        "A replica may have crashed or be stuck; check the other ranks' logs") from err
+    """A collective over the replicas, bounded (`bounded_wait`)."""
+    bounded_wait(DistWork(work), timeout, me=f"global rank {dist.get_rank()}", them="the other replicas", what=what)

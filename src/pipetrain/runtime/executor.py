@@ -13,7 +13,7 @@ import torch
 
 from ..schedule.actions import Action, Op, Value, consumer_stage, describe, message_of, received_input
 from ..schedule.timeline import Event, Timeline
-from .comm import CommError, Transport, Work, abort_others, rank_name
+from .comm import CommError, Transport, Work, abort_others, rank_name, wait_or_raise
 from .stage import UNWEIGHTED, LossWeights, Stage
 from .values import Packet, Signature
 
@@ -254,18 +254,9 @@ class Executor:
 
     def _wait(self, work: Work, action: Action | str, peer: int, what: str, *,
               waiting_in: Action | None = None) -> None:
-        start = time.perf_counter()
-        try:
-            work.wait(self.timeout)
-        except Exception as err:  # gloo raises RuntimeError, in-process TimeoutError
-            waited = time.perf_counter() - start
-            how = (f"timed out after {self.timeout:g}s" if waited >= 0.99 * self.timeout
-                   else f"failed after {waited:.1f}s")
-            inside = f" (needed by {waiting_in})" if waiting_in is not None else ""
-            them = rank_name(self.transport, peer)
-            raise CommError(
-                f"{rank_name(self.transport, self.rank)}: {action}{inside} waiting on {them} for {what} {how}: "
-                f"{err}. The peer ({them}) may have crashed or be stuck; check its log") from err
+        inside = f" (needed by {waiting_in})" if waiting_in is not None else ""
+        wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=peer, what=what,
+                      doing=f"{action}{inside}")
 
     # --- loss ----------------------------------------------------------------------------------------
     def _partials(self) -> torch.Tensor:
