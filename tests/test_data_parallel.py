@@ -24,6 +24,8 @@ def test_dp2_pp2_gradients_equal_single_process_on_the_global_batch(schedule, ti
             assert got == pytest.approx(want, rel=1e-5)
     assert covered == set(results[0]["all_names"])  # every weight of the model is checked somewhere
     assert {r["dp_rank"] for r in results.values()} == {0, 1}
+    # tied gradients cross between the pipeline's ranks once per accumulation window, not once per step
+    assert all(r["tie_syncs"] == 1 for r in results.values())
     # replicas hold identical gradients
     by_name = {}
     for r in results.values():

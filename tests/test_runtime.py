@@ -154,9 +154,9 @@ def test_a_stage_is_reported_done_as_soon_as_its_weight_gradients_are_complete()
         pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=hub.transport(rank), timeout=30)
         actions = pipe._train_actions
         executor = pipe._executor
-        executor.run(actions, inputs=list(x.tensor_split(m)), targets=list(y.tensor_split(m)), keys=[None] * m,
-                     grad=True, on_stage_done=lambda s: done[rank].append((s, len(executor._events))))
-        done[rank].append(("total", len(executor._events)))
+        step = executor.run(actions, inputs=list(x.tensor_split(m)), targets=list(y.tensor_split(m)), keys=[None] * m,
+                            grad=True, on_stage_done=lambda s: done[rank].append((s, len(executor._step.events))))
+        done[rank].append(("total", len(step.events)))
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
     for t in threads:

@@ -271,6 +271,8 @@ def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: b
     expected = {name: p.grad for name, p in model.named_parameters()}
     sched = pt.schedules.build(schedule, num_ranks=pp, num_microbatches=m)
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, timeout=30, **where)
+    tie_syncs, sync_ties = [], pipe._ties.sync
+    pipe._ties.sync = lambda *args: (tie_syncs.append(1), sync_ties(*args))
     losses = []
     for k, (x, y) in enumerate(batches):
         share = slice(pipe.dp_rank * 2 * m, (pipe.dp_rank + 1) * 2 * m)
@@ -280,7 +282,7 @@ def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: b
     got = {names[id(p)]: p.grad for p in pipe.parameters()}
     return {"got": got, "expected": {n: expected[n] for n in got}, "losses": losses,
             "reference_losses": [gpt_loss(model(x), y).item() for x, y in batches], "dp_rank": pipe.dp_rank,
-            "all_names": sorted(expected)}
+            "all_names": sorted(expected), "tie_syncs": len(tie_syncs)}
 
 
 def trainer_nonfinite(rank: int, world: int, settings: dict, poison_rank: int, poison_step: int) -> dict:

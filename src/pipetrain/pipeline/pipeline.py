@@ -170,14 +170,14 @@ class Pipeline:
         weights = LossWeights(mean=scale / m, total=1.0 if num_tokens is None else 1.0 / num_tokens,
                               aux=scale / m if num_tokens is None else scale / (m * self.dp_size))
         window = self._window = self._window or Window(list(self.parameters()), num_tokens)
-        before = self._ties.snapshot()
         sync = self._averager is not None and sync_gradients
         try:
             result = self._executor.run(self._train_actions, inputs=xs, targets=ys, keys=keys, grad=True,
                                         weights=weights, on_stage_done=self._averager.start if sync else None)
-            self._ties.sync(before, self.transport, self.timeout)
-            if sync:
-                self._averager.start(TIED)  # tied weights: after the peer's contribution is added
+            if sync_gradients:  # the window's tied gradients, then their replicas' (after the peer's part is in)
+                self._ties.sync(self.transport, self.timeout)
+                if sync:
+                    self._averager.start(TIED)
             totals = self._finish(result)
             window.add(totals, num_tokens)
             if sync_gradients:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..schedule import Action, Op
+from ..schedule.actions import Action, finishes_weights
 from .comm import DistWork, bounded_wait
 from .stage import Stage
 
@@ -73,7 +73,7 @@ def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequ
         raise ValueError(f"the dp_group's replicas disagree on (pipeline rank, schedule, microbatches, balance): "
                          f"{replicas}; each data-parallel group must hold the ranks at the same pipeline "
                          "position of identical pipelines (a DeviceMesh with dims ('dp', 'pp') does this)")
-    last_action = {a.stage: i for i, a in enumerate(actions) if a.op in (Op.B, Op.W)}
+    last_action = {a.stage: i for i, a in enumerate(actions) if finishes_weights(a)}
     tied_ids = {id(p) for p in tied}
     bucket_of: dict[int, int] = {}
     params: dict[int, nn.Parameter] = {}

@@ -6,12 +6,24 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..schedule.actions import Action, Op, Value, consumer_stage, describe, message_of, received_input
+from ..schedule.actions import (
+    ACT,
+    Action,
+    Op,
+    Value,
+    consumer_stage,
+    describe,
+    finishes_weights,
+    message_of,
+    produces,
+    received_input,
+    shaped_like,
+)
 from ..schedule.timeline import Event, Timeline
 from .comm import CommError, Transport, Work, abort_others, rank_name, wait_or_raise
 from .stage import UNWEIGHTED, LossWeights, Stage
@@ -48,6 +60,43 @@ class RankStep:
         return 1.0 - self.busy_time / self.step_time if self.step_time > 0 else 0.0
 
 
+@dataclass
+class _Posted:
+    """A receive posted ahead of the compute action that needs it."""
+
+    works: list[Work]
+    buffers: list[torch.Tensor]
+    signature: Signature
+    action: Action  # the RECV
+    peer: int
+
+
+@dataclass
+class _StepState:
+    """Everything one `Executor.run` creates: its microbatches, what it has posted, sent and kept, and what it
+    measured. A new one per run, so nothing of a step outlives it."""
+
+    inputs: Sequence[Any]
+    targets: Sequence[Any] | None
+    keys: Sequence[Hashable]
+    grad: bool
+    weights: LossWeights
+    on_stage_done: Callable[[int], None] | None
+    weight_work_left: dict[int, int]  # stage -> microbatches whose weight gradients are not finished yet
+    t0: float = field(default_factory=time.perf_counter)
+    posted: dict[Value, _Posted] = field(default_factory=dict)
+    deferred: dict[int, list[tuple[Value, Action]]] = field(default_factory=lambda: defaultdict(list))  # per peer
+    sends: list[tuple[Work, torch.Tensor, Action, int]] = field(default_factory=list)
+    local: dict[Value, Packet | list[torch.Tensor]] = field(default_factory=dict)  # passed between own stages
+    outputs: dict[tuple[int, int], Signature] = field(default_factory=dict)  # (stage, mb) -> output signature
+    events: list[Event] = field(default_factory=list)
+    comms: list[Event] = field(default_factory=list)
+    waits: list[Event] = field(default_factory=list)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+
 class Executor:
     """Runs lowered action lists for the stages of one rank over a transport.
 
@@ -69,6 +118,7 @@ class Executor:
         self.timeout = timeout
         self.device = transport.device
         self._known: dict[tuple[int, Hashable], Signature] = {}  # (stage, shape key) -> its output's signature
+        self._step: _StepState | None = None  # the run in progress
 
     # --- one step ----------------------------------------------------------------------------------
     def run(self, actions: Sequence[Action], *, inputs: Sequence[Any], targets: Sequence[Any] | None,
@@ -79,117 +129,106 @@ class Executor:
         `keys[mb]` is the shape key of microbatch `mb`, the same on every rank. `on_stage_done(stage)` is
         called as soon as a stage's weight gradients are complete (after its last B or W), while later
         actions still run: e.g. to start the data-parallel all-reduce."""
-        self._inputs, self._targets, self._keys = inputs, targets, keys
-        self._grad, self._weights = grad, weights
-        self._on_stage_done = on_stage_done
-        self._weight_work_left = {s: len(inputs) for s in self.stages}
-        self._t0 = time.perf_counter()
-        self._posted: dict[Value, tuple[list[Work], list[torch.Tensor], Signature, Action, int]] = {}
-        self._deferred: dict[int, list[tuple[Value, Action]]] = defaultdict(list)
-        self._sends: list[tuple[Work, torch.Tensor, Action, int]] = []
-        self._local: dict[Value, Packet | list[torch.Tensor]] = {}
-        self._outputs: dict[tuple[int, int], Signature] = {}  # this step's (stage, mb) -> output signature
-        self._events: list[Event] = []
-        self._comms: list[Event] = []
-        self._waits: list[Event] = []
+        st = self._step = _StepState(inputs, targets, keys, grad, weights, on_stage_done,
+                                     weight_work_left={s: len(inputs) for s in self.stages})
         try:
             for action in actions:
                 if action.op.is_comm:
-                    start = self._now()
+                    start = st.now()
                     if action.op in (Op.RECV_F, Op.RECV_B):
                         self._recv(action)
                     else:
                         self._send(action)
-                    self._comms.append(Event(self.rank, action, start, self._now()))
+                    st.comms.append(Event(self.rank, action, start, st.now()))
                 else:
                     self._compute(action)
-            for work, _, action, peer in self._sends:
+            for work, _, action, peer in st.sends:
                 self._wait(work, action, peer, "the send")
-            self._sends.clear()
+            st.sends.clear()
             partials = self._partials()
         except BaseException as err:
             for stage in self.stages.values():
                 stage.clear()
             abort_others(self.transport, self.rank, err)
             raise
+        finally:
+            self._step = None
         for stage in self.stages.values():
             stage.losses.clear()
             stage.aux.clear()
-        return RankStep(self.rank, math.nan, tuple(self._events), tuple(self._waits), self._now(), self._t0,
-                        tuple(self._comms), partials=partials)
-
-    def _now(self) -> float:
-        return time.perf_counter() - self._t0
+        return RankStep(self.rank, math.nan, tuple(st.events), tuple(st.waits), st.now(), st.t0, tuple(st.comms),
+                        partials=partials)
 
     # --- compute -------------------------------------------------------------------------------------
     def _compute(self, action: Action) -> None:
-        s, mb = action.stage, action.mb
+        st, s, mb = self._step, action.stage, action.mb
         stage = self.stages[s]
         needs = received_input(action, self.num_stages)
         if action.op is Op.F:
-            x = self._input(needs, action) if needs is not None else self._inputs[mb]
-            target = self._targets[mb] if stage.is_last and self._targets is not None else None
-            start = self._now()
-            out = stage.forward(mb, x, target=target, weights=self._weights, grad=self._grad)
+            x = self._input(needs, action) if needs is not None else st.inputs[mb]
+            target = st.targets[mb] if stage.is_last and st.targets is not None else None
+            start = st.now()
+            out = stage.forward(mb, x, target=target, weights=st.weights, grad=st.grad)
             if out is not None:
-                self._outputs[(s, mb)] = out.signature
-                self._local[("act", s, mb)] = out
+                st.outputs[(s, mb)] = out.signature
+                st.local[produces(action)] = out
                 self._post_known_deferred()
         elif action.op in (Op.B, Op.I):
             grads = self._input(needs, action) if needs is not None else None
-            start = self._now()
+            start = st.now()
             grads_in = stage.backward(mb, grads) if action.op is Op.B else stage.backward_input(mb, grads)
             if s > 0:
-                self._local[("grad", s, mb)] = grads_in
+                st.local[produces(action)] = grads_in
         else:
-            start = self._now()
+            start = st.now()
             stage.backward_weight(mb)
-        self._events.append(Event(self.rank, action, start, self._now()))
-        if action.op in (Op.B, Op.W):  # each microbatch's weight gradients are finished by one B or one W
-            self._weight_work_left[s] -= 1
-            if self._weight_work_left[s] == 0 and self._on_stage_done is not None:
-                self._on_stage_done(s)
+        st.events.append(Event(self.rank, action, start, st.now()))
+        if finishes_weights(action):
+            st.weight_work_left[s] -= 1
+            if st.weight_work_left[s] == 0 and st.on_stage_done is not None:
+                st.on_stage_done(s)
         self._reap_sends()
 
     def _input(self, value: Value, action: Action) -> Packet | list[torch.Tensor]:
         """A compute action's input from another stage: passed locally on this rank, or received."""
-        if self.stage_to_rank[value[1]] == self.rank:
-            return self._local.pop(value)
-        if value not in self._posted:
+        st = self._step
+        if self.stage_to_rank[value.stage] == self.rank:
+            return st.local.pop(value)
+        if value not in st.posted:
             self._post_deferred_through(value)
-        works, bufs, signature, recv_action, peer = self._posted.pop(value)
-        start = self._now()
-        for work in works:
-            self._wait(work, recv_action, peer, describe(value), waiting_in=action)
-        self._waits.append(Event(self.rank, action, start, self._now()))
-        return Packet(bufs, signature) if value[0] == "act" else bufs
+        posted = st.posted.pop(value)
+        start = st.now()
+        for work in posted.works:
+            self._wait(work, posted.action, posted.peer, describe(value), waiting_in=action)
+        st.waits.append(Event(self.rank, action, start, st.now()))
+        return Packet(posted.buffers, posted.signature) if value.kind is ACT else posted.buffers
 
     # --- transfers -----------------------------------------------------------------------------------
     def _signature(self, value: Value) -> Signature | None:
-        """The signature of an activation (or, for a gradient, of the activation it belongs to), if known
-        without a message."""
-        stage = value[1] if value[0] == "act" else value[1] - 1
-        return self._outputs.get((stage, value[2])) or self._known.get((stage, self._keys[value[2]]))
+        """The signature of the activation `value` is shaped like (`shaped_like`), if known without a message."""
+        act = shaped_like(value)
+        return self._step.outputs.get((act.stage, act.mb)) or self._known.get((act.stage, self._step.keys[act.mb]))
 
     def _recv(self, action: Action) -> None:
         value = message_of(action)
-        peer = self.stage_to_rank[value[1]]
-        if self._deferred[peer] or self._signature(value) is None:
+        peer = self.stage_to_rank[value.stage]
+        deferred = self._step.deferred
+        if deferred[peer] or self._signature(value) is None:
             # not known yet: post when a compute action needs it (or its shape is learned), keeping the order
-            self._deferred[peer].append((value, action))
+            deferred[peer].append((value, action))
         else:
             self._post_recv(value, action, peer)
 
     def _post_known_deferred(self) -> None:
         """Post deferred receives at the head of each peer's queue whose shapes are now known."""
-        for peer, queue in self._deferred.items():
+        for peer, queue in self._step.deferred.items():
             while queue and self._signature(queue[0][0]) is not None:
                 value, action = queue.pop(0)
                 self._post_recv(value, action, peer)
 
     def _post_deferred_through(self, value: Value) -> None:
-        peer = self.stage_to_rank[value[1]]
-        queue = self._deferred[peer]
+        peer = self.stage_to_rank[value.stage]
+        queue = self._step.deferred[peer]
         while queue:
             v, a = queue.pop(0)
             self._post_recv(v, a, peer)
@@ -201,14 +240,14 @@ class Executor:
     def _post_recv(self, value: Value, action: Action, peer: int) -> None:
         signature = self._signature(value)
         if signature is None:
-            if value[0] != "act":
+            if value.kind is not ACT:
                 raise CommError(f"{rank_name(self.transport, self.rank)}: {action} receives {describe(value)} "
                                 "before this rank computed the activation it belongs to; the schedule is invalid")
             signature = self._recv_signature(value, action, peer)
-        shapes = signature.leaves if value[0] == "act" else [signature.leaves[i] for i in signature.grad_leaves]
-        bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype, _ in shapes]
-        works = [self.transport.irecv(buf, peer) for buf in bufs]
-        self._posted[value] = (works, bufs, signature, action, peer)
+        shapes = signature.leaves if value.kind is ACT else [signature.leaves[i] for i in signature.grad_leaves]
+        buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype, _ in shapes]
+        works = [self.transport.irecv(buffer, peer) for buffer in buffers]
+        self._step.posted[value] = _Posted(works, buffers, signature, action, peer)
 
     def _recv_signature(self, value: Value, action: Action, peer: int) -> Signature:
         what = f"the shapes of {describe(value)}"
@@ -217,13 +256,13 @@ class Executor:
         data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
         self._wait(self.transport.irecv(data, peer), action, peer, what)
         signature = Signature.from_bytes(data)
-        self._known[(value[1], self._keys[value[2]])] = signature
+        self._known[(value.stage, self._step.keys[value.mb])] = signature
         return signature
 
     def _send(self, action: Action) -> None:
         value = message_of(action)
         peer = self.stage_to_rank[consumer_stage(value)]
-        payload = self._local.pop(value)
+        payload = self._step.local.pop(value)
         if isinstance(payload, Packet):
             self._send_signature_if_new(value, payload.signature, action, peer)
             tensors = payload.leaves
@@ -231,26 +270,27 @@ class Executor:
             tensors = payload
         for tensor in tensors:
             tensor = tensor.contiguous()
-            self._sends.append((self.transport.isend(tensor, peer), tensor, action, peer))
+            self._step.sends.append((self.transport.isend(tensor, peer), tensor, action, peer))
 
     def _send_signature_if_new(self, value: Value, signature: Signature, action: Action, peer: int) -> None:
-        key = (value[1], self._keys[value[2]])
+        key = (value.stage, self._step.keys[value.mb])
         known = self._known.get(key)
         if known is None:
             data = signature.to_bytes().to(self.device)
             for tensor in (torch.tensor([data.numel()], dtype=torch.int64, device=self.device), data):
-                self._sends.append((self.transport.isend(tensor, peer), tensor, action, peer))
+                self._step.sends.append((self.transport.isend(tensor, peer), tensor, action, peer))
             self._known[key] = signature
         elif known != signature:
-            raise ValueError(f"{action}: stage {value[1]}'s output for microbatch {value[2]} is "
+            raise ValueError(f"{action}: stage {value.stage}'s output for microbatch {value.mb} is "
                              f"{signature.describe()}, but an earlier microbatch with the same input shapes gave "
                              f"{known.describe()}. The shapes between stages must follow from the shapes of the "
                              "microbatch, not from its values: pad data-dependent sizes to a fixed bound")
 
     def _reap_sends(self) -> None:
         """Drop finished sends so their tensors can be freed."""
-        if self._sends:
-            self._sends = [s for s in self._sends if not s[0].is_completed()]
+        st = self._step
+        if st.sends:
+            st.sends = [s for s in st.sends if not s[0].is_completed()]
 
     def _wait(self, work: Work, action: Action | str, peer: int, what: str, *,
               waiting_in: Action | None = None) -> None:
@@ -264,7 +304,7 @@ class Executor:
         out = torch.zeros(5, dtype=torch.float64)
         last = self.stages.get(self.num_stages - 1)
         if last is not None and last.losses:
-            results = [last.losses[m] for m in range(len(self._inputs))]
+            results = [last.losses[m] for m in range(len(self._step.inputs))]
             pairs = sum(count is not None for _, count in results)
             if pairs not in (0, len(results)):
                 raise ValueError("loss_fn returned a mean for some microbatches and a (loss_sum, count) pair for "

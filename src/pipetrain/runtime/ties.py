@@ -19,9 +19,9 @@ class Tie:
 
 
 class TiedWeights:
-    """The parameters this rank shares with another rank (as with tied input/output embeddings). After
-    every step each tied gradient gets the peer's contribution added, so both copies see the
-    single-process gradient and stay equal under the same optimizer."""
+    """The parameters this rank shares with another rank (as with tied input/output embeddings). At the end
+    of each accumulation window (a step that syncs gradients) each tied gradient gets the peer's contribution
+    added, so both copies see the single-process gradient and stay equal under the same optimizer."""
 
     def __init__(self, layers: Sequence[nn.Module], rank_of_layer: Mapping[int, int], rank: int) -> None:
         first_use: dict[int, int] = {}
@@ -61,21 +61,16 @@ class TiedWeights:
         """ids of the parameters whose first use is on another rank (count each weight once)."""
         return {id(t.param) for t in self.ties if not t.owner}
 
-    def snapshot(self) -> list[torch.Tensor | None]:
-        """Each tied weight's gradient before a step (only the step's own contribution is exchanged)."""
-        return [t.param.grad.clone() if t.param.grad is not None else None for t in self.ties]
-
-    def sync(self, before: list[torch.Tensor | None], transport: Transport, timeout: float) -> None:
-        """Add the peer's contribution of this step to each tied weight (both ranks, same order)."""
-        for old, tie in zip(before, self.ties, strict=True):
+    def sync(self, transport: Transport, timeout: float) -> None:
+        """Add the peer's gradient to each tied weight's (both ranks, same order). Called once per accumulation
+        window, when the gradients hold the window's contributions only (`Window` set the earlier ones aside)."""
+        for tie in self.ties:
             p = tie.param
-            mine = p.grad - old if old is not None else (p.grad if p.grad is not None else torch.zeros_like(p))
-            mine = mine.contiguous()
+            mine = (p.grad if p.grad is not None else torch.zeros_like(p)).contiguous()
             theirs = torch.empty_like(mine)
             works = [(transport.isend(mine, tie.peer), "send"), (transport.irecv(theirs, tie.peer), "recv")]
             for work, what in works:
                 wait_or_raise(work, timeout=timeout, transport=transport, peer=tie.peer,
                               what=f"tied-weight gradient {what}")
             first, second = (mine, theirs) if tie.owner else (theirs, mine)  # same sum order on both ranks
-            total = first + second
-            p.grad = total if old is None else old + total
+            p.grad = first + second

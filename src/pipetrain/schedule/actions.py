@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Op(enum.Enum):
@@ -77,35 +78,58 @@ def W(stage: int, mb: int) -> Action:  # noqa: N802
 
 
 # --- data dependencies ------------------------------------------------------------------------------
-# Every compute action produces one value and consumes a few. `produces` and `consumes` are the single
-# definition of the dependencies, used by the checker, the lowering pass, the simulator, the runtime and
-# `compare` (the last two through `received_input`):
-#   F(s, m) produces ("act", s, m), the output of stage s, and consumes ("act", s-1, m) when s > 0.
-#   B(s, m) and I(s, m) produce ("grad", s, m), the gradient of stage s's input, and consume the stage's
-#     own forward ("act", s, m) and, when s is not the last stage, ("grad", s+1, m).
-#   W(s, m) produces ("wgrad", s, m) and consumes ("grad", s, m) from I(s, m) on the same stage.
+# Every compute action produces one value and consumes a few. The functions below are the single
+# definition of the dependencies, used by the checker, the lowering pass, the simulator, zb-auto, `compare`,
+# the runtime's executor and data parallelism:
+#   F(s, m) produces ACT(s, m), the output of stage s, and consumes ACT(s-1, m) when s > 0.
+#   B(s, m) and I(s, m) produce GRAD(s, m), the gradient of stage s's input, and consume the stage's own
+#     forward ACT(s, m) and, when s is not the last stage, GRAD(s+1, m).
+#   W(s, m) produces WGRAD(s, m) and consumes GRAD(s, m) from I(s, m) on the same stage.
+# Between stages ACT goes down (to s+1) and GRAD goes up (to s-1); a GRAD(s, m) has the shapes of ACT(s-1, m).
 
-Value = tuple[str, int, int]  # (kind, stage, microbatch)
+
+class Kind(str, enum.Enum):
+    """What a value is. (A str enum: hashing it is a string hash, which the simulator does millions of times.)"""
+
+    ACT = "act"  # a stage's output activation
+    GRAD = "grad"  # the gradient of a stage's input
+    WGRAD = "wgrad"  # a stage's weight gradients for one microbatch
 
 
-_PRODUCES = {"F": "act", "B": "grad", "I": "grad", "W": "wgrad"}
+class Value(NamedTuple):
+    """One value of the dataflow: `kind` of stage `stage` for microbatch `mb`."""
+
+    kind: Kind
+    stage: int
+    mb: int
+
+    def __str__(self) -> str:
+        return describe(self)
+
+
+ACT, GRAD, WGRAD = Kind.ACT, Kind.GRAD, Kind.WGRAD
+_PRODUCES = {"F": ACT, "B": GRAD, "I": GRAD, "W": WGRAD}
+
+
+_new = tuple.__new__  # _new(Value, (kind, stage, mb)) is Value(kind, stage, mb) without its Python-level
+#                       __new__: these functions are the simulator's hot path
 
 
 def produces(action: Action) -> Value:
-    return (_PRODUCES[action.op._value_], action.stage, action.mb)
+    return _new(Value, (_PRODUCES[action.op._value_], action.stage, action.mb))
 
 
 def consumes(action: Action, num_stages: int) -> list[Value]:
     s, m = action.stage, action.mb
     if action.op is Op.F:
-        return [("act", s - 1, m)] if s > 0 else []
+        return [_new(Value, (ACT, s - 1, m))] if s > 0 else []
     if action.op in (Op.B, Op.I):
-        needs = [("act", s, m)]
+        needs = [_new(Value, (ACT, s, m))]
         if s < num_stages - 1:
-            needs.append(("grad", s + 1, m))
+            needs.append(_new(Value, (GRAD, s + 1, m)))
         return needs
     if action.op is Op.W:
-        return [("grad", s, m)]
+        return [_new(Value, (GRAD, s, m))]
     raise ValueError(f"{action} is not a compute action")
 
 
@@ -113,43 +137,54 @@ def received_input(action: Action, num_stages: int) -> Value | None:
     """The value a compute action takes from another stage (F: the previous stage's output; B and I: the
     next stage's input gradient), or None (the first stage's F, the last stage's B, every W)."""
     for value in consumes(action, num_stages):
-        if value[1] != action.stage:
+        if value.stage != action.stage:
             return value
     return None
+
+
+def finishes_weights(action: Action) -> bool:
+    """Whether `action` completes one microbatch's weight gradients on its stage: a B, or the W after an I."""
+    return action.op is Op.B or action.op is Op.W
+
+
+def shaped_like(value: Value) -> Value:
+    """The activation whose shapes `value` has: an ACT itself; the GRAD of stage s's input, ACT(s-1)."""
+    return value if value.kind is ACT else Value(ACT, value.stage - 1, value.mb)
 
 
 def describe(value: Value) -> str:
     """A value in words, for error messages: `the output of stage 1 for microbatch 3 (1F3)`."""
     kind, stage, mb = value
-    if kind == "act":
+    if kind is ACT:
         return f"the output of stage {stage} for microbatch {mb} ({stage}F{mb})"
-    if kind == "grad":
+    if kind is GRAD:
         return f"the input gradient of stage {stage} for microbatch {mb} ({stage}B{mb} or {stage}I{mb})"
     return f"the weight gradient of stage {stage} for microbatch {mb} ({stage}W{mb})"
 
 
-_MESSAGE = {"SEND_F": ("act", 0), "RECV_F": ("act", -1), "SEND_B": ("grad", 0), "RECV_B": ("grad", 1)}
+_MESSAGE = {"SEND_F": (ACT, 0), "RECV_F": (ACT, -1), "SEND_B": (GRAD, 0), "RECV_B": (GRAD, 1)}
 
 
 def message_of(action: Action) -> Value:
     """The value a SEND/RECV action carries (the value is produced by the sending stage)."""
     kind, offset = _MESSAGE[action.op._value_]
-    return (kind, action.stage + offset, action.mb)
+    return _new(Value, (kind, action.stage + offset, action.mb))
 
 
 def recv_action_for(value: Value) -> Action:
     """The RECV action, on the consuming stage, that brings `value` in."""
     kind, s, m = value
-    return Action(s + 1, Op.RECV_F, m) if kind == "act" else Action(s - 1, Op.RECV_B, m)
+    return Action(s + 1, Op.RECV_F, m) if kind is ACT else Action(s - 1, Op.RECV_B, m)
 
 
 def send_action_for(value: Value) -> Action:
     """The SEND action, on the producing stage, that ships `value` out."""
     kind, s, m = value
-    return Action(s, Op.SEND_F, m) if kind == "act" else Action(s, Op.SEND_B, m)
+    return Action(s, Op.SEND_F, m) if kind is ACT else Action(s, Op.SEND_B, m)
 
 
-def consumer_stage(value: Value) -> int:
-    """The stage that consumes a value across a stage boundary (`act` goes down, `grad` goes up)."""
-    kind, s, _ = value
-    return s + 1 if kind == "act" else s - 1
+def consumer_stage(value: Value) -> int | None:
+    """The other stage that consumes a value (ACT goes down, GRAD goes up; WGRAD stays: None). It may be
+    out of range: the last stage's ACT and the first stage's GRAD go nowhere."""
+    kind = value.kind
+    return value.stage + 1 if kind is ACT else value.stage - 1 if kind is GRAD else None

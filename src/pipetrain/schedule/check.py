@@ -82,7 +82,7 @@ def _check_transfers(s: Schedule) -> None:
                 peer = s.stage_to_rank[a.stage + (1 if a.op is Op.SEND_F else -1)]
                 sends[(rank, peer)].append(value)
             else:
-                peer = s.stage_to_rank[value[1]]
+                peer = s.stage_to_rank[value.stage]
                 recvs[(peer, rank)].append(value)
     for pair in sorted(set(expected) | set(sends) | set(recvs)):
         want = expected.get(pair, [])

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .actions import Action, Op, Value, consumer_stage, consumes, produces, recv_action_for, send_action_for
+from .actions import Action, Value, consumer_stage, consumes, produces, recv_action_for, send_action_for
 from .base import Schedule, _replace
 
 
 def crossing_value(action: Action, schedule: Schedule) -> tuple[Value, int] | None:
     """If `action` produces a value that another rank consumes, return (value, consumer rank)."""
-    if not action.op.is_compute or action.op is Op.W:
+    if not action.op.is_compute:
         return None
     value = produces(action)
     target = consumer_stage(value)
-    if not 0 <= target < schedule.num_stages:
+    if target is None or not 0 <= target < schedule.num_stages:
         return None
     src, dst = schedule.stage_to_rank[action.stage], schedule.stage_to_rank[target]
     return (value, dst) if src != dst else None
@@ -92,9 +92,7 @@ def _remote_needs(rank: int, acts: tuple[Action, ...], schedule: Schedule) -> li
         remote = []
         if action.op.is_compute:
             for value in consumes(action, schedule.num_stages):
-                producer_stage = value[1]
-                if 0 <= producer_stage < schedule.num_stages and \
-                        schedule.stage_to_rank[producer_stage] != rank:
+                if 0 <= value.stage < schedule.num_stages and schedule.stage_to_rank[value.stage] != rank:
                     remote.append(value)
         needs.append(remote)
     return needs

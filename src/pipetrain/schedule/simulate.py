@@ -107,12 +107,12 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
             else:
                 start, missing = clock[r], None
                 for value in consumes(a, num_stages):
-                    if rank_of[value[1]] == r:
+                    if rank_of[value.stage] == r:
                         if value not in done:
                             raise fail(r, f"needs {describe(value)}, which this rank has not computed yet")
                         start = max(start, done[value])
                     elif (r, value) not in posted:
-                        raise fail(r, f"needs {describe(value)} from rank {rank_of[value[1]]} "
+                        raise fail(r, f"needs {describe(value)} from rank {rank_of[value.stage]} "
                                       "but no RECV for it was posted before")
                     elif value not in sent:
                         missing = value
@@ -138,7 +138,7 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
         lines = []
         for r in stuck:
             value = blocked_on[r]
-            peer = rank_of[value[1]]
+            peer = rank_of[value.stage]
             peer_at = (f"stuck at {lowered.actions[peer][pos[peer]]}" if pos[peer] < len(lowered.actions[peer])
                        else "finished without sending it")
             lines.append(f"  rank {r} waits at {lowered.actions[r][pos[r]]} for {describe(value)} "

@@ -26,8 +26,8 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
-from .actions import Action, Op
-from .base import Schedule
+from .actions import Action, Op, Value, consumes, produces
+from .base import Schedule, ScheduleError
 from .placement import looped, vshape
 from .registry import register
 from .simulate import Costs, simulate
@@ -81,37 +81,40 @@ def _list_schedule(P: int, M: int, placement: Sequence[int], costs: Costs, cap: 
     entry = [min(stages) for stages in stages_of]  # where a microbatch enters each rank
     next_f, next_i = [0] * S, [0] * S
     owed_w: list[deque[int]] = [deque() for _ in range(S)]
-    done: dict[tuple[str, int, int], float] = {}  # value -> the time it is ready on its own rank
+    done: dict[Value, float] = {}  # value -> the time it is ready on its own rank
     clock, held = [0.0] * P, [0] * P  # held: activations alive plus places reserved for them
     left = [3 * M * len(stages) for stages in stages_of]
     acts: list[list[Action]] = [[] for _ in range(P)]
     parked: set[int] = set()  # ranks waiting at the earliest clock for another rank to act first
 
-    def arrival(value: tuple[str, int, int], rank: int) -> float | None:
-        if value not in done:
-            return None
-        return done[value] + (costs.comm if placement[value[1]] != rank else 0.0)
+    inputs = {op: [[consumes(Action(s, op, m), S) for m in range(M)] for s in range(S)] for op in (Op.F, Op.I)}
+
+    def ready(op: Op, s: int, m: int, r: int) -> float | None:
+        """When the inputs of `{s}{op}{m}` (`consumes`) have all arrived on rank r (a transfer between ranks
+        takes `comm`), or None while one is not computed yet."""
+        at = 0.0
+        for value in inputs[op][s][m]:
+            t = done.get(value)
+            if t is None:
+                return None
+            at = max(at, t + costs.comm if placement[value.stage] != r else t)
+        return at
 
     def ready_f(s: int, r: int) -> float | None:
         m = next_f[s]
         if m >= M or (s == entry[r] and held[r] + len(stages_of[r]) > cap):
             return None
-        return 0.0 if s == 0 else arrival(("act", s - 1, m), r)
+        return ready(Op.F, s, m, r)
 
     def ready_i(s: int, r: int) -> float | None:
-        m = next_i[s]
-        if m >= next_f[s]:
-            return None
-        own = done[("act", s, m)]
-        if s == S - 1:
-            return own
-        grad = arrival(("grad", s + 1, m), r)
-        return None if grad is None else max(own, grad)
+        return ready(Op.I, s, next_i[s], r) if next_i[s] < M else None
 
     while any(left):
         free = [q for q in range(P) if left[q] and q not in parked]
-        if not free:
-            raise AssertionError(f"zb-auto's list scheduler is stuck: {[a[-2:] for a in acts]}")
+        if not free:  # (cannot happen: every rank can always finish what it started; a bug if it does)
+            raise ScheduleError(f"zb-auto's list scheduler is stuck with every rank waiting (last actions per rank: "
+                                f"{[[str(a) for a in acts_of[-2:]] for acts_of in acts]}); please report this "
+                                "with the costs and sizes that caused it")
         r = min(free, key=lambda q: clock[q])
         now = clock[r]
         fs = [(t, -s, s) for s in stages_of[r] if (t := ready_f(s, r)) is not None]
@@ -134,14 +137,13 @@ def _list_schedule(P: int, M: int, placement: Sequence[int], costs: Costs, cap: 
                 parked.add(r)
             continue
         s, m = action.stage, action.mb
+        done[produces(action)] = now + costs.of(action)
         if action.op is Op.F:
             next_f[s] += 1
             held[r] += len(stages_of[r]) if s == entry[r] else 0
-            done[("act", s, m)] = now + costs.of(action)
         elif action.op is Op.I:
             next_i[s] += 1
             owed_w[s].append(m)
-            done[("grad", s, m)] = now + costs.of(action)
         else:
             owed_w[s].popleft()
             held[r] -= 1
