@@ -25,6 +25,22 @@ def test_presets_have_the_published_shapes():
     assert MODELS["gpt-8x256"].params() == pytest.approx(cfg.num_params(), rel=0.02)
 
 
+def test_models_and_planner_count_flops_alike():
+    # one convention (pipetrain.flops): the trainer's MFU and the planner's agree on the same shape; the GPT
+    # once halved causal attention and the planner did not
+    from pipetrain.models.gpt import GPTConfig
+    from pipetrain.models.gpt import flops_per_token as gpt_flops
+    from pipetrain.models.llama import LlamaConfig
+    from pipetrain.models.llama import flops_per_token as llama_flops
+    from pipetrain.planner.specs import ModelSpec
+
+    gpt = GPTConfig(vocab_size=256, seq_len=128, d_model=256, n_layers=8, n_heads=8)
+    assert gpt_flops(gpt) == MODELS["gpt-8x256"].flops_per_token()
+    llama = LlamaConfig(vocab_size=300, seq_len=64, d_model=128, n_layers=3, n_heads=8, n_kv_heads=2)
+    spec = ModelSpec("llama", 3, 128, 8, llama.ffn, 300, 64, kv_heads=2)
+    assert llama_flops(llama) == spec.flops_per_token()
+
+
 @pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zbv", 2)])
 @pytest.mark.parametrize("comm", [0.0, 0.4])
 @pytest.mark.parametrize("p,m", [(2, 16), (4, 40), (8, 64)])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..flops import training_flops_per_token
 from .common import assemble, init_normal
 
 RESIDUAL = ("proj.weight", "out.weight")  # scaled at initialization (the head's proj too, as before)
@@ -146,7 +147,8 @@ def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def flops_per_token(cfg: GPTConfig) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores."""
-    d, t, f = cfg.d_model, cfg.seq_len, cfg.ffn
-    per_block = 2 * (3 * d * d + d * d + 2 * d * f) + 2 * 2 * t * d / 2  # weights + causal attention
-    return 3.0 * (cfg.n_layers * per_block + 2 * d * cfg.vocab_size)
+    """Training FLOPs per token, by pipetrain.flops's convention (the planner's): qkv, proj and the MLP's two
+    matmuls per block, attention in full, the head."""
+    d, f = cfg.d_model, cfg.ffn
+    return training_flops_per_token(layers=cfg.n_layers, matmul_params=3 * d * d + d * d + 2 * d * f,
+                                    seq=cfg.seq_len, hidden=d, vocab=cfg.vocab_size)

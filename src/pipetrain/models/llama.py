@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..flops import training_flops_per_token
 from .common import assemble, init_normal
 
 RESIDUAL = ("wo.weight", "w_down.weight")  # the projections into the residual stream
@@ -159,10 +160,11 @@ def build_llama(cfg: LlamaConfig) -> list[nn.Module]:
 
 
 def flops_per_token(cfg: LlamaConfig) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): matmuls and causal attention scores."""
-    d, t, f, kv = cfg.d_model, cfg.seq_len, cfg.ffn, cfg.kv_heads * cfg.head_dim
-    per_block = 2 * (2 * d * d + 2 * d * kv + 3 * d * f) + 2 * 2 * t * d / 2
-    return 3.0 * (cfg.n_layers * per_block + 2 * d * cfg.vocab_size)
+    """Training FLOPs per token, by pipetrain.flops's convention (the planner's): q, o, grouped k, v and the
+    gated MLP's three matmuls per block, attention in full, the head."""
+    d, f, kv = cfg.d_model, cfg.ffn, cfg.kv_heads * cfg.head_dim
+    return training_flops_per_token(layers=cfg.n_layers, matmul_params=2 * d * d + 2 * d * kv + 3 * d * f,
+                                    seq=cfg.seq_len, hidden=d, vocab=cfg.vocab_size)
 
 
 def _inv_freq(head_dim: int, theta: float) -> torch.Tensor:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..flops import block_forward_flops, head_forward_flops, training_flops_per_token
+
 
 class SpecError(ValueError):
     """A model or cluster description that cannot be used; the message names the field."""
@@ -52,19 +54,20 @@ class ModelSpec:
         return self.layers * self.layer_params() + self.embedding_params() + head + self.hidden
 
     def layer_forward_flops(self, tokens: int) -> float:
-        """Forward FLOPs of one block for `tokens` tokens of sequences of length `seq`: 2 per
-        multiply-add in the matmuls, plus attention scores and values (full, not halved for causality,
-        as in Megatron-LM's and Llama 3's MFU accounting)."""
-        matmul = 2.0 * tokens * (self.layer_params() - 4 * self.hidden)
-        attention = 2.0 * 2.0 * tokens * self.seq * self.hidden
-        return matmul + attention
+        """Forward FLOPs of one block for `tokens` tokens of sequences of length `seq` (pipetrain.flops)."""
+        return tokens * block_forward_flops(matmul_params=self.layer_matmul_params(), seq=self.seq, hidden=self.hidden)
 
     def head_forward_flops(self, tokens: int) -> float:
-        return 2.0 * tokens * self.vocab * self.hidden
+        return tokens * head_forward_flops(vocab=self.vocab, hidden=self.hidden)
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), the numerator of MFU."""
-        return 3.0 * (self.layers * self.layer_forward_flops(1) + self.head_forward_flops(1))
+        """Training FLOPs per token (forward + backward = 3x forward), the numerator of MFU (pipetrain.flops)."""
+        return training_flops_per_token(layers=self.layers, matmul_params=self.layer_matmul_params(), seq=self.seq,
+                                        hidden=self.hidden, vocab=self.vocab)
+
+    def layer_matmul_params(self) -> int:
+        """The matmul weights of one block (its parameters without the norms' 4 x hidden)."""
+        return self.layer_params() - 4 * self.hidden
 
     def layer_activation_bytes(self, tokens: int, tp: int, recompute: bool) -> float:
         """Activations one block keeps per microbatch from F until its backward, in bf16:
