@@ -8,7 +8,8 @@ import pytest
 from pipetrain.cli import main
 from pipetrain.planner import CLUSTERS, MODELS, SpecError, cluster_from, model_from, plan
 from pipetrain.planner.plan import _Candidate, _evaluate, _simulate
-from pipetrain.schedule import Costs, build, simulate
+from pipetrain.schedule import Costs, build, names, simulate
+from pipetrain.schedule.registry import options
 
 
 def test_presets_have_the_published_shapes():
@@ -41,7 +42,8 @@ def test_models_and_planner_count_flops_alike():
     assert llama_flops(llama) == spec.flops_per_token()
 
 
-@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zbv", 2)])
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zbv", 2),
+                                        ("dualpipev", 2), ("looped-bfs", 2)])
 @pytest.mark.parametrize("comm", [0.0, 0.4])
 @pytest.mark.parametrize("p,m", [(2, 16), (4, 40), (8, 64)])
 def test_a_short_simulation_extended_linearly_equals_the_full_one(schedule, v, comm, p, m):
@@ -58,9 +60,29 @@ def test_a_short_simulation_extended_linearly_equals_the_full_one(schedule, v, c
 def test_the_screening_estimate_is_close_to_the_simulation():
     model, cluster = MODELS["llama3-70b"], CLUSTERS["h100-16k"]
     for c in [_Candidate(8, 8, 16, 1, 1, 32, "1f1b", True), _Candidate(8, 16, 8, 2, 1, 64, "zbv", False),
-              _Candidate(4, 8, 32, 2, 2, 8, "interleaved-1f1b", True)]:
+              _Candidate(4, 8, 32, 2, 2, 8, "interleaved-1f1b", True),
+              _Candidate(8, 8, 16, 2, 1, 32, "dualpipev", False),
+              _Candidate(8, 4, 32, 3, 1, 32, "looped-bfs", True), _Candidate(8, 8, 16, 1, 1, 8, "gpipe", False)]:
         estimate, exact = _evaluate(model, cluster, c, exact=False), _evaluate(model, cluster, c, exact=True)
         assert estimate.step_time == pytest.approx(exact.step_time, rel=0.05), c
+
+
+@pytest.mark.parametrize("schedule", names())
+def test_the_planner_plans_every_registered_schedule_at_sizes_it_builds(schedule):
+    # the planner reads the registry (names, the stages per rank and microbatch counts each takes); it once
+    # listed five schedules by hand and missed dualpipev, zb-auto and looped-bfs
+    model, cluster = MODELS["gpt-16x512"], CLUSTERS["a100-3k"]
+    plans = plan(model, cluster, devices=8, tp=1, schedule=schedule, top=2, margin=1)
+    assert plans and {p.schedule for p in plans} == {schedule}
+    for p in plans:
+        built = build(schedule, num_ranks=p.pp, num_microbatches=p.microbatches, stages_per_rank=p.stages_per_rank)
+        assert built.num_stages <= model.layers and p.dp * p.microbatch_size * p.microbatches == model.global_batch
+
+
+def test_the_unpinned_search_tries_every_registered_schedule_not_built_from_costs():
+    model, cluster = MODELS["gpt-16x512"], CLUSTERS["a100-3k"]
+    searched = {p.schedule for p in plan(model, cluster, devices=8, tp=1, top=500, margin=0)}
+    assert searched == {name for name in names() if "costs" not in options(name)}  # zb-auto: when pinned
 
 
 def test_plans_respect_memory_pins_and_divisibility():

@@ -2,8 +2,8 @@
 local machine (`--cluster local`)."""
 
 from .load import cluster_from, model_from
-from .plan import SCHEDULES, Plan, plan
+from .plan import Plan, plan
 from .specs import CLUSTERS, MODELS, ClusterSpec, ModelSpec, SpecError
 
-__all__ = ["CLUSTERS", "MODELS", "SCHEDULES", "ClusterSpec", "ModelSpec", "Plan", "SpecError", "cluster_from",
+__all__ = ["CLUSTERS", "MODELS", "ClusterSpec", "ModelSpec", "Plan", "SpecError", "cluster_from",
            "model_from", "plan"]

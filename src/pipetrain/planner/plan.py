@@ -1,6 +1,11 @@
 """Map a model onto a cluster: search (tp, pp, dp, stages per rank, microbatches, microbatch size,
 schedule, recomputation) under device memory, predict step time, tokens/s, MFU and memory.
 
+The schedules are the registry's (`pipetrain.schedule.names()`), each at every stages-per-rank and microbatch
+count its generator takes (`registry.refusal`, asked without building), so a newly registered schedule is
+planned too. Those built from costs (zb-auto) are planned when pinned (`schedule="zb-auto"`): screened as
+built for unit costs, and each plan kept built for its own stage costs.
+
 The cost model (all per device):
 - compute: a block's forward FLOPs / (peak x achievable x tp); backward = 2 x forward, split evenly into
   I and W; recomputation adds one forward to the backward. The first stage also holds the embedding,
@@ -22,12 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import cache
 
-from ..schedule import Costs, build, simulate
+from ..schedule import Costs, build, names, simulate
+from ..schedule.placement import looped, vshape
+from ..schedule.registry import options, refusal
 from .specs import ClusterSpec, ModelSpec
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv")
-_V = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "zbv": 2}  # interleaved: 2 or 4
+MAX_STAGES_PER_RANK = 4
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, 
     devices = devices or cluster.devices
     if devices > cluster.devices:
         raise ValueError(f"{devices} devices asked, the cluster {cluster.name!r} has {cluster.devices}")
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r} is not one of {list(SCHEDULES)}")
+    if schedule is not None and schedule not in names():
+        raise ValueError(f"schedule {schedule!r} is not one of the registered schedules {names()}")
     candidates = [c for c in _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size)
                   if stages_per_rank is None or c.v == stages_per_rank]
     if not candidates:
@@ -129,15 +136,20 @@ def _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size):
                 if per_replica % b:
                     continue
                 m = per_replica // b
-                for name in ([schedule] if schedule else SCHEDULES):
-                    for v in ((2, 3, 4) if name == "interleaved-1f1b" else (_V[name],)):
-                        if p == 1 and name != "gpipe" and schedule is None:
-                            continue  # one rank: the schedules differ little; keep one unless one is pinned
-                        if p * v > model.layers or (name in ("1f1b", "zb-h1") and m < p) or (
-                                name == "interleaved-1f1b" and m < p):
+                for name in ([schedule] if schedule else _searched()):
+                    if p == 1 and name != names()[0] and schedule is None:
+                        continue  # one rank: the schedules differ little; keep one unless one is pinned
+                    for v in range(1, MAX_STAGES_PER_RANK + 1):  # every size the registry says it takes
+                        if p * v > model.layers or refusal(name, num_ranks=p, num_microbatches=m, stages_per_rank=v):
                             continue
                         for recompute in (False, True):
                             yield _Candidate(t, p, d, v, b, m, name, recompute)
+
+
+def _searched() -> list[str]:
+    """The registered schedules the search tries unpinned: all but those built from costs (zb-auto), whose
+    own search takes seconds per size at hundreds of ranks; pin one (`schedule="zb-auto"`) to plan it."""
+    return [name for name in names() if "costs" not in options(name)]
 
 
 def _why_none(model, cluster, devices, tp, pp, dp, b) -> str:
@@ -155,8 +167,10 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: b
         pipeline_time, bubble, peak_in_flight = _simulate(c, costs)
     else:
         # the busiest rank sets the pace: its stages' mean costs
-        busiest = max(range(c.pp), key=lambda r: sum(f[s] + i_cost[s] + w_cost[s] for s in _stages_of(c, r)))
-        mine = _stages_of(c, busiest)
+        placement = _placement(c.schedule, c.pp, c.v)
+        stages_of = [[s for s in range(stages) if placement[s] == r] for r in range(c.pp)]
+        busiest = max(range(c.pp), key=lambda r: sum(f[s] + i_cost[s] + w_cost[s] for s in stages_of[r]))
+        mine = stages_of[busiest]
         pipeline_time, bubble, peak_in_flight = _screen(c, *(sum(x[s] for s in mine) / len(mine)
                                                           for x in (f, i_cost, w_cost)), costs.comm)
     memory = _memory(model, cluster, c, peak_in_flight, math.ceil(model.layers / stages))
@@ -188,10 +202,24 @@ def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs
     return Costs(f=f, b=i_cost, w=list(f), comm=latency + act_bytes / bandwidth)
 
 
-def _stages_of(c: _Candidate, rank: int) -> list[int]:
-    if c.schedule == "zbv":
-        return [rank, 2 * c.pp - 1 - rank]
-    return [rank + k * c.pp for k in range(c.v)]
+@cache
+def _placement(schedule: str, pp: int, v: int) -> tuple[int, ...]:
+    """The schedule's stage -> rank placement on `pp` ranks: read off the registered generator at up to 8
+    ranks (looped or a V), so that screening costs nothing per size."""
+    small = min(pp, 8)
+    built = _build(schedule, small, _accepted(schedule, small, v, small), v, None)
+    for kind in (looped(small, v), vshape(small) if v == 2 else None):
+        if built.stage_to_rank == kind:
+            return looped(pp, v) if kind == looped(small, v) else vshape(pp)
+    raise ValueError(f"schedule {schedule!r} places its stages neither looped nor in a V "
+                     f"({list(built.stage_to_rank)}); the planner screens those two placements only")
+
+
+def _build(schedule: str, pp: int, m: int, v: int, costs: Costs | None):
+    """A registered schedule, unchecked (registered schedules are tested; the runtime checks what it runs);
+    one built from costs (zb-auto) is built for `costs`."""
+    extra = {"costs": costs} if costs is not None and "costs" in options(schedule) else {}
+    return build(schedule, num_ranks=pp, num_microbatches=m, stages_per_rank=v, check_schedule=False, **extra)
 
 
 def _blocks_per_stage(layers: int, stages: int) -> list[int]:
@@ -240,11 +268,9 @@ def _memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int) -> 
 _SCREEN_CACHE: dict = {}
 
 
-def _short_m(schedule: str, p: int, m: int) -> tuple[int, int]:
+def _short_m(p: int, v: int, m: int) -> tuple[int, int]:
     """Two microbatch counts, both with a full pipeline, to extend the step time linearly to `m`."""
-    base = max(2 * p, 8)
-    if schedule == "zbv":
-        base = max(3 * p, 8)  # its steady state starts later (measured: from 3p at p = 4 with transfers)
+    base = max(2 * p, 8) if v == 1 else max(3 * p, 8)  # a V's steady state starts later (zbv: from 3p at p = 4)
     step = max(p, 4)
     if m <= base + step:
         return m, m
@@ -252,11 +278,10 @@ def _short_m(schedule: str, p: int, m: int) -> tuple[int, int]:
 
 
 def _simulate(c: _Candidate, costs: Costs) -> tuple[float, float, float]:
-    m0, m1 = _short_m(c.schedule, c.pp, c.m)
+    m0, m1 = _short_m(c.pp, c.v, c.m)
     results = []
     for m in sorted({m0, m1}):
-        sched = build(c.schedule, num_ranks=c.pp, num_microbatches=m, stages_per_rank=c.v, check_schedule=False)
-        results.append((m, simulate(sched, costs)))
+        results.append((m, simulate(_build(c.schedule, c.pp, m, c.v, costs), costs)))
     (ma, ra), (mb, rb) = results[0], results[-1]
 
     def slope(value) -> float:
@@ -276,39 +301,58 @@ def _simulate(c: _Candidate, costs: Costs) -> tuple[float, float, float]:
 
 def _screen(c: _Candidate, f: float, b: float, w: float, comm: float) -> tuple[float, float, float]:
     """Like _simulate, with uniform stage costs and at most 8 ranks: the part of the step beyond the
-    work grows linearly with the ranks; measured at a short pipeline, scaled to `pp`."""
-    key = (c.schedule, min(c.pp, 8), c.v, round(b / f, 3), round(w / f, 3), round(comm / f, 3),
-           min(c.m, 64) if c.schedule == "gpipe" else None)
+    work grows linearly with the ranks; measured at a short pipeline, scaled to `pp`. The cost ratios are
+    rounded to 2 decimals, so that layouts alike share one simulation (the plans kept are simulated in full)."""
+    every = _holds_every_microbatch(c.schedule, c.v)
+    p = min(c.pp, 8)
+    ratios = (round(b / f, 2), round(w / f, 2), round(comm / f, 2))
+    key = (c.schedule, p, c.v, *ratios)
     if key not in _SCREEN_CACHE:
-        p = min(c.pp, 8)
-        m = max(2 * p, 4) * 2
-        if c.schedule == "gpipe":
-            m = min(c.m, 64)
-        sched = build(c.schedule, num_ranks=p, num_microbatches=m, stages_per_rank=c.v, check_schedule=False)
-        r = simulate(sched, Costs(f=1.0, b=b / f, w=w / f, comm=comm / f))
-        work = m * c.v * (1.0 + (b + w) / f)
+        m = _accepted(c.schedule, p, c.v, max(2 * p, 4) * 2)
+        unit = Costs(f=1.0, b=ratios[0], w=ratios[1], comm=ratios[2])
+        r = simulate(_screening_schedule(c.schedule, p, m, c.v), unit)
+        work = m * c.v * (1.0 + ratios[0] + ratios[1])
         peak = max(s.peak_activations for s in r.per_rank)
-        _SCREEN_CACHE[key] = (p, m, (r.step_time - work), peak)
-    p, m, extra, peak = _SCREEN_CACHE[key]
+        _SCREEN_CACHE[key] = (m, (r.step_time - work), peak)
+    m, extra, peak = _SCREEN_CACHE[key]
     work = c.m * c.v * (f + b + w)
     scale = (c.pp - 1) / (p - 1) if p > 1 else 0.0
     step = work + extra * f * scale
-    if c.schedule == "gpipe":
-        peak = peak * c.m / m
-    else:
-        peak = peak * c.pp / p
+    peak = peak * c.m / m if every else peak * c.pp / p
     return step, 1.0 - work / step, peak
+
+
+@cache
+def _screening_schedule(schedule: str, pp: int, m: int, v: int):
+    """The schedule screening simulates, one per size: one built from costs (zb-auto) is built for unit costs
+    here (a proxy; the plans kept are built for their own costs)."""
+    return _build(schedule, pp, m, v, None)
+
+
+@cache
+def _holds_every_microbatch(schedule: str, v: int) -> bool:
+    """Whether a schedule keeps every microbatch's activations at once (GPipe, looped BFS): then its peak
+    grows with the microbatch count (the others' with the ranks)."""
+    m = _accepted(schedule, 2, v, 8)
+    return max(r.peak_activations for r in simulate(_build(schedule, 2, m, v, None)).per_rank) >= m
+
+
+def _accepted(schedule: str, pp: int, v: int, m: int) -> int:
+    """The least of m, 2m, 4m, ... that the schedule takes on `pp` ranks (counts below it may be refused)."""
+    while refusal(schedule, num_ranks=pp, num_microbatches=m, stages_per_rank=v):
+        m *= 2
+    return m
 
 
 def timeline_of(model: ModelSpec, cluster: ClusterSpec, p: Plan, max_microbatches: int | None = None):
     """The simulated timeline of a plan (with at most `max_microbatches`, default 2 x pp, to stay legible)."""
     m = min(p.microbatches, max_microbatches or max(2 * p.pp, 4))
-    if p.schedule in ("1f1b", "zb-h1", "interleaved-1f1b"):
-        m = max(m, p.pp)
+    while m < p.microbatches and refusal(p.schedule, num_ranks=p.pp, num_microbatches=m,
+                                         stages_per_rank=p.stages_per_rank):
+        m = min(p.microbatches, m + p.pp)  # the fewest microbatches the schedule takes (e.g. 1f1b: pp)
     c = _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size, m, p.schedule, p.recompute)
     costs = _stage_costs(model, cluster, c)
-    sched = build(c.schedule, num_ranks=c.pp, num_microbatches=m, stages_per_rank=c.v, check_schedule=False)
-    return simulate(sched, costs).timeline
+    return simulate(_build(c.schedule, c.pp, m, c.v, costs), costs).timeline
 
 
 def plan_assumptions(cluster: ClusterSpec) -> list[str]:

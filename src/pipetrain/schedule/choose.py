@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .base import Schedule
 from .partition import candidate_splits, stage_costs
-from .registry import build, names, options
+from .registry import build, names, options, refusal
 from .simulate import Costs, simulate
 
 
@@ -57,10 +57,10 @@ def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequen
             num_stages = num_ranks * per_rank
             if num_stages > len(layer_costs):
                 break
-            try:  # (built as registered first, for its placement)
-                sched = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, stages_per_rank=per_rank)
-            except ValueError:  # sizes this schedule does not take
-                continue
+            if refusal(name, num_ranks=num_ranks, num_microbatches=num_microbatches, stages_per_rank=per_rank):
+                continue  # sizes this schedule does not take
+            # (built as registered first, for its placement)
+            sched = build(name, num_ranks=num_ranks, num_microbatches=num_microbatches, stages_per_rank=per_rank)
             placement = sched.stage_to_rank
             if placement not in splits:
                 splits[placement] = candidate_splits(totals, placement)

@@ -30,14 +30,17 @@ from .placement import vshape
 from .registry import register
 
 
-@register("dualpipev", listing=6)
-def dualpipev(num_ranks: int, num_microbatches: int, stages_per_rank: int = 2) -> Schedule:
+def _sizes(num_ranks: int, num_microbatches: int, stages_per_rank: int) -> None:
     if stages_per_rank != 2:
         raise ValueError(f"dualpipev places exactly two stages per rank (a V); got stages_per_rank={stages_per_rank}")
+    if num_microbatches < 2 * num_ranks:
+        raise ValueError(f"dualpipev needs at least 2 x ranks = {2 * num_ranks} microbatches, got {num_microbatches}: "
+                         "raise the microbatch count, or use 'zbv', which runs any count")
+
+
+@register("dualpipev", listing=6, sizes=_sizes)
+def dualpipev(num_ranks: int, num_microbatches: int, stages_per_rank: int = 2) -> Schedule:
     P, M = num_ranks, num_microbatches
-    if M < 2 * P:
-        raise ValueError(f"dualpipev needs at least 2 x ranks = {2 * P} microbatches, got {M}: raise the microbatch "
-                         "count, or use 'zbv', which runs any count")
     return Schedule("dualpipev", P, M, 2, vshape(P), [_dualpipev_rank(P, r, M) for r in range(P)])
 
 

@@ -8,7 +8,12 @@ from .placement import looped
 from .registry import register
 
 
-@register("gpipe", listing=0)
+def _sizes(num_ranks: int, num_microbatches: int, stages_per_rank: int) -> None:
+    if stages_per_rank != 1:
+        raise ValueError(f"gpipe places one stage per rank; got stages_per_rank={stages_per_rank}")
+
+
+@register("gpipe", listing=0, sizes=_sizes)
 def gpipe(num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Schedule:
     """All F in microbatch order, then all B in microbatch order. P=3, M=4 (one column per time unit):
 
@@ -18,8 +23,6 @@ def gpipe(num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Sc
 
     Every rank holds all M microbatches' activations at the F/B turn. Bubble (P-1)/(M+P-1).
     """
-    if stages_per_rank != 1:
-        raise ValueError(f"gpipe places one stage per rank; got stages_per_rank={stages_per_rank}")
     m = range(num_microbatches)
     actions = [[F(r, i) for i in m] + [B(r, i) for i in m] for r in range(num_ranks)]
     return Schedule("gpipe", num_ranks, num_microbatches, 1, looped(num_ranks), actions)

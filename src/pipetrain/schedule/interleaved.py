@@ -23,7 +23,17 @@ def microbatch_rounds(num_ranks: int, num_microbatches: int) -> list[list[int]]:
     return out
 
 
-@register("interleaved-1f1b", listing=2)
+def _sizes(num_ranks: int, num_microbatches: int, stages_per_rank: int) -> None:
+    if stages_per_rank < 2:
+        raise ValueError(f"interleaved-1f1b needs stages_per_rank >= 2, got {stages_per_rank}; "
+                         "with one stage per rank use '1f1b'")
+    if num_microbatches < num_ranks:
+        raise ValueError(f"interleaved-1f1b needs at least as many microbatches as ranks (got "
+                         f"{num_microbatches} for {num_ranks} ranks): use >= {num_ranks} microbatches, or "
+                         "'looped-bfs' / 'gpipe' for fewer")
+
+
+@register("interleaved-1f1b", listing=2, sizes=_sizes)
 def interleaved_1f1b(num_ranks: int, num_microbatches: int, stages_per_rank: int = 2) -> Schedule:
     """Megatron's interleaved 1F1B: rank r holds stages r, r+P, ..., r+(V-1)P and runs 1F1B over them.
 
@@ -37,13 +47,6 @@ def interleaved_1f1b(num_ranks: int, num_microbatches: int, stages_per_rank: int
     Bubble (P-1)/(V*M + P-1): V times smaller than 1F1B's, for V times more transfers. Needs M >= P;
     any M >= P works (rounds of unequal size when P does not divide M).
     """
-    if stages_per_rank < 2:
-        raise ValueError(f"interleaved-1f1b needs stages_per_rank >= 2, got {stages_per_rank}; "
-                         "with one stage per rank use '1f1b'")
-    if num_microbatches < num_ranks:
-        raise ValueError(f"interleaved-1f1b needs at least as many microbatches as ranks (got "
-                         f"{num_microbatches} for {num_ranks} ranks): use >= {num_ranks} microbatches, or "
-                         "'looped-bfs' / 'gpipe' for fewer")
     P, V = num_ranks, stages_per_rank
     rounds = microbatch_rounds(P, num_microbatches)
     forward = [(c, m) for mbs in rounds for c in range(V) for m in mbs]

@@ -35,13 +35,16 @@ from .timeline import peak_activations
 from .zero_bubble import zb_h1, zbv
 
 
-@register("zb-auto", listing=7)
+def _sizes(num_ranks: int, num_microbatches: int, stages_per_rank: int) -> None:
+    if stages_per_rank not in (1, 2):
+        raise ValueError(f"zb-auto places one stage per rank or two in a V; got stages_per_rank={stages_per_rank}")
+
+
+@register("zb-auto", listing=7, sizes=_sizes)
 def zb_auto(num_ranks: int, num_microbatches: int, stages_per_rank: int = 1, *, costs: Costs | None = None,
             memory_limit: float | None = None) -> Schedule:
     """The fastest schedule the search finds for `costs` (unit costs if None) within `memory_limit`
     (microbatches of all a rank's layers; default P). One stage per rank, or two folded in a V."""
-    if stages_per_rank not in (1, 2):
-        raise ValueError(f"zb-auto places one stage per rank or two in a V; got stages_per_rank={stages_per_rank}")
     P, M, V = num_ranks, num_microbatches, stages_per_rank
     placement = looped(P) if V == 1 else vshape(P)
     costs = _checked_costs(costs or Costs(), len(placement))

@@ -12,7 +12,12 @@ from .placement import looped, vshape
 from .registry import register
 
 
-@register("zb-h1", listing=3)
+def _zb_h1_sizes(num_ranks: int, num_microbatches: int, stages_per_rank: int) -> None:
+    if stages_per_rank != 1:
+        raise ValueError(f"zb-h1 places one stage per rank; got stages_per_rank={stages_per_rank} (try 'zbv')")
+
+
+@register("zb-h1", listing=3, sizes=_zb_h1_sizes)
 def zb_h1(num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Schedule:
     """ZB-H1: 1F1B with B split into I and W, rank r running its W passes r microbatches late.
 
@@ -28,8 +33,6 @@ def zb_h1(num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Sc
     Idle per rank (P-1)(f+b-w): a third of 1F1B's (P-1)(f+b+w) when f = b = w, and the least any
     one-stage-per-rank schedule can have (rank P-1 cannot start before P-1 forwards have run).
     """
-    if stages_per_rank != 1:
-        raise ValueError(f"zb-h1 places one stage per rank; got stages_per_rank={stages_per_rank} (try 'zbv')")
     P, M = num_ranks, num_microbatches
     actions = []
     for r in range(P):
@@ -48,7 +51,12 @@ def zb_h1(num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Sc
     return Schedule("zb-h1", P, M, 1, looped(P), actions)
 
 
-@register("zbv", listing=4)
+def _zbv_sizes(num_ranks: int, num_microbatches: int, stages_per_rank: int) -> None:
+    if stages_per_rank != 2:
+        raise ValueError(f"zbv places exactly two stages per rank (a V); got stages_per_rank={stages_per_rank}")
+
+
+@register("zbv", listing=4, sizes=_zbv_sizes)
 def zbv(num_ranks: int, num_microbatches: int, stages_per_rank: int = 2) -> Schedule:
     """ZB-V: two stages per rank folded in a V, split backward, 1F1B's activation memory.
 
@@ -65,8 +73,6 @@ def zbv(num_ranks: int, num_microbatches: int, stages_per_rank: int = 2) -> Sche
     From M = 2P-1 on every rank idles exactly P-1 stage-forwards: bubble (P-1)/(6M+P-1), the least any
     two-stages-per-rank schedule can have.
     """
-    if stages_per_rank != 2:
-        raise ValueError(f"zbv places exactly two stages per rank (a V); got stages_per_rank={stages_per_rank}")
     P, M = num_ranks, num_microbatches
     n = max(M, 2 * P - 1)
     actions = [[act for act in _zbv_rank(P, r, n) if act.mb < M] for r in range(P)]
