@@ -128,15 +128,22 @@ def _heavy_head_mlp():
     return layers, loss_fn, x, y
 
 
-def auto_rank(rank, world, transport=None, memory_limit=None):
-    """Pipeline(schedule="auto") on the MLP with a heavy head: its choice and first gradients."""
+def auto_rank(rank, world, transport=None, memory_limit=None, how="plan"):
+    """A Pipeline built from pt.plan_pipeline (or schedule="auto", the same called for you) on the MLP with a
+    heavy head: its choice and first gradients."""
     from workers import built_alone
 
     import pipetrain as pt
 
     layers, loss_fn, x, y = built_alone(transport, _heavy_head_mlp)  # (rank 0 times layers while 1 builds)
-    pipe = pt.Pipeline(layers, schedule="auto", num_microbatches=4, loss_fn=loss_fn, sample=x[:2],
-                       sample_target=y[:2], transport=transport, timeout=60, memory_limit=memory_limit)
+    if how == "plan":
+        plan = pt.plan_pipeline(layers, num_microbatches=4, loss_fn=loss_fn, sample=x[:2], sample_target=y[:2],
+                                transport=transport, timeout=60, memory_limit=memory_limit)
+        pipe = pt.Pipeline(layers, schedule=plan, loss_fn=loss_fn, transport=transport, timeout=60)
+        assert (pipe.schedule, tuple(pipe.balance)) == (plan.schedule.compute_only(), plan.balance)
+    else:
+        pipe = pt.Pipeline(layers, schedule="auto", num_microbatches=4, loss_fn=loss_fn, sample=x[:2],
+                           transport=transport, timeout=60)
     pipe.step(x, y)
     grads = {(i, n): p.grad.clone() for i, layer in pipe.layers.items() for n, p in layer.named_parameters()}
     return {"name": pipe.schedule.name, "balance": pipe.balance, "grads": grads,
@@ -156,7 +163,8 @@ def test_pipeline_auto_runs_the_fastest_schedule_on_its_split_exactly(processes,
     from workers import run_processes, run_threads
 
     caplog.set_level("INFO", logger="pipetrain")
-    results = list(run_processes(2, auto_rank).values()) if processes else run_threads(2, auto_rank)
+    # threads: pt.plan_pipeline, then Pipeline(schedule=plan); processes: schedule="auto"
+    results = list(run_processes(2, auto_rank, None, None, "auto").values()) if processes else run_threads(2, auto_rank)
     assert results[0]["name"] == results[1]["name"] and results[0]["balance"] == results[1]["balance"]
     balance = results[0]["balance"]
     assert len(balance) == results[0]["stages"] and sum(balance) == 8 and min(balance) >= 1
@@ -166,7 +174,7 @@ def test_pipeline_auto_runs_the_fastest_schedule_on_its_split_exactly(processes,
     for k in ref:
         assert (grads[k] - ref[k]).norm() / ref[k].norm() <= 1e-5, k
     if not processes:
-        chose = re.search(r'schedule="auto" on 2 ranks, 4 microbatches, transfer ([\d.]+) ms: (\S+)', caplog.text)
+        chose = re.search(r'plan_pipeline on 2 ranks, 4 microbatches, transfer ([\d.]+) ms: (\S+)', caplog.text)
         assert chose and float(chose[1]) > 0 and chose[2] == results[0]["name"]
         assert "also simulated: gpipe" in caplog.text
 
@@ -186,11 +194,20 @@ def test_pipeline_auto_says_what_it_needs():
     with pytest.raises(ValueError, match="meta device cannot run: build a schedule with pipetrain.schedules.build"):
         pt.Pipeline(meta, schedule="auto", num_microbatches=1, sample=torch.ones(1, 2), loss_fn=nn.functional.mse_loss,
                     transport=hub.transport(0))
-    with pytest.raises(ValueError, match='or "auto", got \'zbv\''):
+    with pytest.raises(ValueError, match="schedule='zbv' needs num_microbatches="):
         pt.Pipeline(layers, schedule="zbv", loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
-    with pytest.raises(ValueError, match="go with schedule=\"auto\" only"):
+    with pytest.raises(ValueError, match="unknown schedule 'zvb': give a registered name"):
+        pt.Pipeline(layers, schedule="zvb", num_microbatches=2, loss_fn=nn.functional.mse_loss,
+                    transport=hub.transport(0))
+    with pytest.raises(ValueError, match="num_microbatches= goes with a schedule given by name"):
         pt.Pipeline(layers, schedule=S.build("gpipe", num_ranks=1, num_microbatches=1), num_microbatches=2,
                     loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
+    with pytest.raises(ValueError, match="brings its own split; leave balance= out"):
+        pt.Pipeline(layers, schedule="auto", num_microbatches=1, sample=torch.ones(1, 2), balance=[1],
+                    loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
+    named = pt.Pipeline(layers, schedule="gpipe", num_microbatches=2, loss_fn=nn.functional.mse_loss,
+                        transport=hub.transport(0))  # a registered name, built for this pipeline's ranks
+    assert (named.schedule.name, named.schedule.num_ranks, named.schedule.num_microbatches) == ("gpipe", 1, 2)
 
 
 def test_the_transfer_timed_is_the_largest_boundary_between_two_ranks():
@@ -240,8 +257,8 @@ def test_a_bad_sample_fails_on_rank_0_and_the_others_at_once(how):
         layers = [nn.Linear(4, 4), nn.Linear(4, 3)]
         try:
             if how == "auto":
-                pt.Pipeline(layers, schedule="auto", num_microbatches=2, loss_fn=nn.functional.mse_loss,
-                            sample=torch.ones(2, 4), sample_target=torch.ones(5, 7), transport=transport, timeout=60)
+                pt.plan_pipeline(layers, num_microbatches=2, loss_fn=nn.functional.mse_loss, sample=torch.ones(2, 4),
+                                 sample_target=torch.ones(5, 7), transport=transport, timeout=60)
             else:
                 pt.Pipeline(layers, schedule=pt.schedules.build("1f1b", num_ranks=2, num_microbatches=2),
                             balance="time", sample=torch.ones(2, 9), loss_fn=nn.functional.mse_loss,
@@ -253,6 +270,25 @@ def test_a_bad_sample_fails_on_rank_0_and_the_others_at_once(how):
     errors = run_threads(2, body)
     assert time.perf_counter() - start < 20
     assert ("size" if how == "auto" else "shapes") in errors[0][1]  # rank 0: torch's own shape error
-    what = 'schedule="auto"' if how == "auto" else 'balance="time"'
+    what = 'plan_pipeline (schedule="auto")' if how == "auto" else 'balance="time"'
     assert errors[1] == ("RuntimeError", f"timing the layers on `sample` for {what} failed on rank 0 "
                                          "(see its error); rank 1 stops too")
+
+
+def test_plan_pipeline_in_one_process_plans_for_the_ranks_asked():
+    # offline: measured here, for a pipeline of num_ranks ranks (no process group); the plan then runs as is
+    import torch
+    from torch import nn
+
+    import pipetrain as pt
+
+    layers = [nn.Linear(8, 8) for _ in range(6)]
+    plan = pt.plan_pipeline(layers, num_microbatches=4, sample=torch.randn(2, 8), num_ranks=2, transfer_seconds=1e-4)
+    assert plan.schedule.num_ranks == 2 and plan.schedule.num_microbatches == 4
+    assert len(plan.balance) == plan.schedule.num_stages and sum(plan.balance) == 6
+    assert plan.candidates[0].schedule is plan.schedule and plan.transfer_time == 1e-4
+    assert [c.step_time for c in plan.candidates] == sorted(c.step_time for c in plan.candidates)
+    with pytest.raises(ValueError, match="needs num_ranks= when it runs in one process"):
+        pt.plan_pipeline(layers, num_microbatches=4, sample=torch.randn(2, 8))
+    with pytest.raises(ValueError, match="needs num_microbatches="):
+        pt.plan_pipeline(layers, num_microbatches=0, sample=torch.randn(2, 8), num_ranks=2)

@@ -8,7 +8,7 @@ from workers import data_parallel_scenario, run_processes
 
 
 @pytest.mark.parametrize("schedule,tie,accumulation,layout", [
-    ("1f1b", False, 1, "mesh"), ("1f1b", True, 2, "mesh"), ("zbv", True, 1, "mesh"), ("gpipe", False, 1, "groups")])
+    ("1f1b", False, 1, "mesh"), ("1f1b", True, 2, "mesh"), ("zbv", True, 1, "mesh"), ("gpipe", False, 1, "strided")])
 def test_dp2_pp2_gradients_equal_single_process_on_the_global_batch(schedule, tie, accumulation, layout):
     results = run_processes(4, data_parallel_scenario, 2, schedule, tie, accumulation, layout, timeout=180)
     covered = set()

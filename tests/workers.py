@@ -245,19 +245,18 @@ def trainer_sgd(rank: int, world: int, settings: dict) -> dict:
 
 def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: bool, accumulation: int,
                            layout: str = "mesh") -> dict:
-    """dp x pp ranks on a DeviceMesh (or explicit groups): each replica takes its share of the global batch;
+    """dp x pp ranks on a DeviceMesh (contiguous or strided): each replica takes its share of the global batch;
     returns this rank's gradients after `accumulation` steps, and the same from single-process training
     on the whole batch."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     pp = world // dp
     if layout == "mesh":
         where = {"mesh": init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))}
-    else:  # every rank creates every group, in the same order
-        pipelines = [dist.new_group([d * pp + i for i in range(pp)]) for d in range(dp)]
-        replicas = [dist.new_group([d * pp + i for d in range(dp)]) for i in range(pp)]
-        where = {"group": pipelines[rank // pp], "dp_group": replicas[rank % pp]}
+    else:  # "strided": pipelines of every dp-th rank (0, 2 | 1, 3), numbered unlike the job's ranks
+        from torch.distributed.device_mesh import DeviceMesh
+
+        where = {"mesh": DeviceMesh("cpu", torch.arange(world).view(pp, dp).T, mesh_dim_names=("dp", "pp"))}
     m = 2 * pp
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=6, n_heads=2, tie_embeddings=tie)

@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 # torch-dependent names load on first use, so `pipetrain.schedule` and `pipetrain simulate` stay torch-free
 _LAZY = {
     "Pipeline": "pipetrain.pipeline.pipeline",
+    "PipelinePlan": "pipetrain.pipeline.auto_plan",
+    "plan_pipeline": "pipetrain.pipeline.auto_plan",
     "Trainer": "pipetrain.train.trainer",
     "TrainConfig": "pipetrain.train.config",
     "ConfigError": "pipetrain.train.config",
@@ -28,6 +30,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .pipeline.auto_plan import PipelinePlan, plan_pipeline
     from .pipeline.pipeline import Pipeline
     from .runtime.aux_loss import add_aux_loss, collect_aux_losses
     from .runtime.comm import CommError, DistTransport, InProcessHub, InProcessTransport
@@ -45,7 +48,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Action", "BadValueError", "BalanceError", "CommError", "ConfigError", "Costs", "DistTransport", "InProcessHub",
-    "InProcessTransport", "Op", "Pipeline", "Schedule", "ScheduleError", "SimResult", "Timeline", "TrainConfig",
-    "Trainer", "add_aux_loss", "collect_aux_losses", "partition", "rank_partition", "schedules", "simulate",
-    "trainer_from_config",
+    "InProcessTransport", "Op", "Pipeline", "PipelinePlan", "Schedule", "ScheduleError", "SimResult", "Timeline",
+    "TrainConfig", "Trainer", "add_aux_loss", "collect_aux_losses", "partition", "plan_pipeline", "rank_partition",
+    "schedules", "simulate", "trainer_from_config",
 ]

@@ -1,66 +1,125 @@
-"""Pipeline(schedule="auto"): measure every layer's F, I, W and a stage-to-stage transfer, share the numbers,
-simulate every registered schedule (and zb-auto, built for them) on its best split, log the candidates, and
-run the fastest."""
+"""`plan_pipeline`: measure every layer's F, I, W (and a stage-to-stage transfer), simulate every registered
+schedule (and zb-auto, built for those costs) on its best split, and return the fastest as a plan that
+`Pipeline(schedule=plan)` runs. `Pipeline(schedule="auto")` is this, called for you."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..runtime.comm import DistTransport, Transport, wait_or_raise
 from ..runtime.data_parallel import sum_over
 from ..schedule import Schedule
-from ..schedule.choose import rank_schedules
+from ..schedule.choose import Candidate, rank_schedules
+from .checks import groups_of
 from .materialize import refuse_meta
 from .profile import boundary_bytes, phase_costs, transfer_time
 from .rank0_measure import measured_on_rank_0
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 logger = logging.getLogger("pipetrain")
 
 
-def choose_schedule(layers: list[nn.Module], *, num_microbatches: int | None, sample: Any, memory_limit: float | None,
-                    group, dp_group, transport: Transport | None, timeout: float,
-                    loss: tuple[Any, Any] = (None, None)) -> tuple[Schedule, list[int]]:
-    """The fastest schedule for these layers and its balance (the same on every rank). Collective.
-    `loss`: (loss_fn, the sample's targets); with targets, the last layer is timed with the loss."""
-    if num_microbatches is None:
-        raise ValueError('schedule="auto" needs num_microbatches= (the schedule is built for them)')
+@dataclass(frozen=True)
+class PipelinePlan:
+    """A schedule and the split of the layers it runs fastest on, chosen from measured costs: pass it as
+    `Pipeline(layers, schedule=plan, ...)`. `candidates` holds every schedule simulated, fastest first."""
+
+    schedule: Schedule
+    balance: tuple[int, ...]  # layers per stage
+    transfer_time: float  # seconds charged to each transfer between ranks
+    candidates: tuple[Candidate, ...]
+
+    def describe(self) -> str:
+        return self.candidates[0].describe()
+
+
+def plan_pipeline(layers: list[nn.Module], *, num_microbatches: int, sample: Any,
+                  loss_fn: Any = None, sample_target: Any = None, memory_limit: float | None = None,
+                  num_ranks: int | None = None, mesh: DeviceMesh | None = None, transport: Transport | None = None,
+                  transfer_seconds: float | None = None, timeout: float = 60.0) -> PipelinePlan:
+    """The fastest registered schedule for `layers` and its split, for `num_microbatches` microbatches.
+
+    Rank 0 times every layer's F, I and W on `sample` (one microbatch of model input; with `loss_fn` and
+    `sample_target`, its targets, the last layer is timed with the loss), ranks 0 and 1 time one transfer of
+    the largest stage boundary, and every rank ranks the same candidates (`schedule.choose.rank_schedules`),
+    so all return the same plan. `memory_limit` drops the candidates that hold more than that many
+    microbatches of a rank's layers at once.
+
+    Where it runs: on the pipeline's ranks (collective), given `mesh` (dims "pp" and optionally "dp"), a
+    `transport`, or, with neither, the default process group; or, with `num_ranks=` and no process group,
+    in one process, for a pipeline of that many ranks (then `transfer_seconds`, default 0, is the transfer
+    time charged). The plan's candidates are logged on rank 0 (logger "pipetrain").
+    """
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"plan_pipeline needs num_microbatches= (an int >= 1: the schedule is built for them), "
+                         f"got {num_microbatches!r}")
     if sample is None:
-        raise ValueError('schedule="auto" times every layer on `sample=`, one microbatch of model input')
-    refuse_meta(layers, 'schedule="auto"', "build a schedule with pipetrain.schedules.build(...) instead")
-    # (the pipeline's own transport is built for the schedule chosen here: measure over a plain one)
+        raise ValueError("plan_pipeline times every layer on `sample=`, one microbatch of model input")
+    refuse_meta(layers, "plan_pipeline (and schedule=\"auto\")",
+                "build a schedule with pipetrain.schedules.build(...) instead")
+    layers = list(layers)
+
+    def measure_layers() -> list[float]:  # F, I, W per layer, flattened
+        return [t for row in phase_costs(layers, sample, loss_fn=loss_fn, target=sample_target) for t in row]
+
+    together = mesh is not None or transport is not None or (num_ranks is None and dist.is_initialized())
+    if together:
+        costs, comm, world, rank = _measured_together(layers, sample, measure_layers, mesh, transport, num_ranks,
+                                                      transfer_seconds, timeout)
+    else:
+        if num_ranks is None:
+            raise ValueError("plan_pipeline needs num_ranks= when it runs in one process (no mesh, transport or "
+                             "initialized process group)")
+        costs, comm, world, rank = measure_layers(), transfer_seconds or 0.0, num_ranks, 0
+    ranked = rank_schedules(num_ranks=world, num_microbatches=num_microbatches,
+                            layer_costs=[tuple(costs[k:k + 3]) for k in range(0, len(costs), 3)],
+                            comm=comm, memory_limit=memory_limit)
+    best = ranked[0]
+    if rank == 0:
+        logger.info("plan_pipeline on %d ranks, %d microbatches, transfer %.2f ms: %s", world, num_microbatches,
+                    comm * 1e3, best.describe())
+        for other in ranked[1:]:
+            logger.info("  also simulated: %s", other.describe())
+    return PipelinePlan(best.schedule, best.balance, comm, tuple(ranked))
+
+
+def _measured_together(layers, sample, measure_layers, mesh, transport, num_ranks, transfer_seconds,
+                       timeout) -> tuple[list[float], float, int, int]:
+    """(per-layer F, I, W, transfer seconds, pipeline ranks, this rank), measured on rank 0, the same on every
+    rank."""
+    group, dp_group = groups_of(mesh, transport) if mesh is not None else (None, None)
+    # (a pipeline's own transport is built for the schedule chosen here: measure over a plain one)
     probe = transport if transport is not None else DistTransport(group, split_directions=False)
+    if num_ranks is not None and num_ranks != probe.world_size:
+        raise ValueError(f"num_ranks={num_ranks}, but the pipeline has {probe.world_size} ranks; leave num_ranks "
+                         "out on the pipeline's ranks")
     comm = 0.0
-    if probe.rank < 2:  # ranks 0 and 1 time one transfer of the largest boundary; rank 0 tells 1 its size
+    if transfer_seconds is not None:
+        comm = transfer_seconds
+    elif probe.rank < 2:  # ranks 0 and 1 time one transfer of the largest boundary; rank 0 tells 1 its size
         size = torch.tensor([boundary_bytes(layers, sample) if probe.rank == 0 else 0], dtype=torch.int64)
         size = size.to(getattr(probe, "device", "cpu"))
         if probe.world_size > 1:
             work = probe.isend(size, 1) if probe.rank == 0 else probe.irecv(size, 0)
             wait_or_raise(work, timeout=timeout, transport=probe, peer=1 - probe.rank, what="sharing a size")
         comm = transfer_time(probe, int(size.item()), timeout=timeout)
-    loss_fn, target = loss
 
-    def measure() -> list[float]:  # F, I, W per layer, then the transfer (rank 0's)
-        return [*(t for row in phase_costs(layers, sample, loss_fn=loss_fn, target=target) for t in row), comm]
+    def measure() -> list[float]:
+        return [*measure_layers(), comm]
 
     def sum_all(values: torch.Tensor) -> torch.Tensor:  # (NCCL: on the GPU)
         return sum_over(dp_group, probe.all_reduce(values.to(getattr(probe, "device", "cpu")), timeout), timeout)
 
-    replicas = torch.distributed.get_world_size(dp_group) if dp_group is not None else 1
-    measured = measured_on_rank_0(measure, 3 * len(layers) + 1, rank=probe.rank,
-                                  world_size=probe.world_size, sum_all=sum_all, replicas=replicas,
-                                  what='timing the layers on `sample` for schedule="auto"')
-    comm = measured[-1]
-    ranked = rank_schedules(num_ranks=probe.world_size, num_microbatches=num_microbatches,
-                            layer_costs=[tuple(measured[k:k + 3]) for k in range(0, len(measured) - 1, 3)],
-                            comm=comm, memory_limit=memory_limit)
-    best = ranked[0]
-    if probe.rank == 0:
-        logger.info('schedule="auto" on %d ranks, %d microbatches, transfer %.2f ms: %s', probe.world_size,
-                    num_microbatches, comm * 1e3, best.describe())
-        for other in ranked[1:]:
-            logger.info("  also simulated: %s", other.describe())
-    return best.schedule, list(best.balance)
+    replicas = dist.get_world_size(dp_group) if dp_group is not None else 1
+    measured = measured_on_rank_0(measure, 3 * len(layers) + 1, rank=probe.rank, world_size=probe.world_size,
+                                  sum_all=sum_all, replicas=replicas,
+                                  what='timing the layers on `sample` for plan_pipeline (schedule="auto")')
+    return measured[:-1], measured[-1], probe.world_size, probe.rank

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..schedule import Op, Schedule, check
+from ..runtime.comm import Transport
+from ..schedule import Op, Schedule, build, check, names
 from ..schedule.partition import BalanceError
 from .balance import Balance
 from .materialize import refuse_meta
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: float, precision: str,
@@ -47,12 +54,34 @@ def splits_backward(schedule: Schedule) -> bool:
     return any(a.op is Op.W for acts in schedule.actions for a in acts)
 
 
-def groups_of(mesh, group, dp_group, transport):
-    """The (pp, dp) process groups of a DeviceMesh with dimensions named "pp" and optionally "dp"."""
-    if group is not None or dp_group is not None or transport is not None:
-        raise ValueError("pass either mesh= or group=/dp_group=/transport=, not both")
-    names = tuple(mesh.mesh_dim_names or ())
+def groups_of(mesh: DeviceMesh | None, transport: Transport | None
+              ) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """The (pipeline, data-parallel) process groups: a DeviceMesh's dimensions "pp" and "dp" (if any); none
+    without a mesh (the default group, or the in-process `transport`'s ranks)."""
+    if mesh is None:
+        return None, None
+    if transport is not None:
+        raise ValueError("pass either mesh= or transport=, not both")
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
     if "pp" not in names or not set(names) <= {"dp", "pp"}:
         raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', got {names}: e.g. "
                          "init_device_mesh('cpu', (dp, pp), mesh_dim_names=('dp', 'pp'))")
     return mesh.get_group("pp"), (mesh.get_group("dp") if "dp" in names else None)
+
+
+def schedule_to_run(schedule: Schedule | str, *, num_microbatches: int | None, num_ranks: int) -> Schedule:
+    """A Schedule given, or the registered one named (built for `num_ranks` and `num_microbatches`)."""
+    if isinstance(schedule, Schedule):
+        if num_microbatches is not None and num_microbatches != schedule.num_microbatches:
+            raise ValueError(f"num_microbatches={num_microbatches}, but the schedule given runs "
+                             f"{schedule.num_microbatches}: num_microbatches= goes with a schedule given by name")
+        return schedule
+    if not isinstance(schedule, str):
+        raise TypeError(f"schedule must be a pipetrain Schedule, a PipelinePlan, a registered name or \"auto\", got "
+                        f"{type(schedule).__name__}")
+    if schedule not in names():
+        raise ValueError(f"unknown schedule {schedule!r}: give a registered name ({', '.join(names())}), \"auto\", "
+                         "a Schedule (pipetrain.schedules.build(...)) or a PipelinePlan (pipetrain.plan_pipeline(...))")
+    if num_microbatches is None:
+        raise ValueError(f"schedule={schedule!r} needs num_microbatches= (the schedule is built for them)")
+    return build(schedule, num_ranks=num_ranks, num_microbatches=num_microbatches)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,13 +19,15 @@ from ..runtime.values import flatten, shape_key, split_batch, to_device
 from ..runtime.window import Window
 from ..schedule import Schedule, Timeline, lower
 from ..schedule.lowering import PREFETCH, message_order
-from .auto_plan import choose_schedule
+from .auto_plan import PipelinePlan, plan_pipeline
 from .balance import Balance, resolve_balance
-from .checks import checked_schedule, groups_of, splits_backward
+from .checks import checked_schedule, groups_of, schedule_to_run, splits_backward
 from .materialize import materialize
 from .profile import time_costs
 from .rank0_measure import measured_on_rank_0
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 class Pipeline:
     """Runs `layers` split into the schedule's stages; call `step` with the same batch on every rank.
@@ -39,21 +41,23 @@ class Pipeline:
             tuple/list/dict (nested) of tensors. Floating-point tensors that require grad get their
             gradient back; all other tensors (masks, position ids) travel forward only. The last layer's
             output goes to `loss_fn`.
-        schedule: from `pipetrain.schedules.build(...)`, or "auto": the fastest registered schedule and split
-            for the layers' F, I, W times on `sample` (see auto_schedule.py; needs `num_microbatches=`; with
-            `sample_target=` the loss is timed too; `memory_limit=`, in microbatches of a rank's layers).
+        schedule: what to run: a Schedule (`pipetrain.schedules.build(...)`); a registered name such as
+            "1f1b" (built for this pipeline's ranks and `num_microbatches=`, at the schedule's own stages per
+            rank); a `PipelinePlan` from `pipetrain.plan_pipeline(...)` (its schedule and split); or "auto",
+            which is `plan_pipeline` called here on `sample` for `num_microbatches=` (to pass it
+            `sample_target=` or `memory_limit=`, call it yourself).
         loss_fn: `(output, targets) -> loss`: a scalar mean over the microbatch, or a pair
             `(loss_sum, count)` for an exact token mean over the whole batch (see `step`).
         balance: layers per stage, or how to compute it: "uniform", "params", or "time" (profiles each
             layer on rank 0 with `sample`, one microbatch of input, and shares the result).
-        group: the torch.distributed group of the pipeline's ranks (default: the world).
-        dp_group: the group of this rank's data-parallel replicas (the ranks at the same pipeline position
-            in the other pipelines); each stage's gradients are summed over it as soon as the stage's
-            last backward finishes. `step()` then takes this replica's share of the global batch.
-        mesh: instead of `group`/`dp_group`, a DeviceMesh with dimensions named "pp" (and "dp"), e.g.
-            `init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))`.
+        mesh: the ranks, as a DeviceMesh with dimensions named "pp" and optionally "dp", e.g.
+            `init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))`: "pp" is this pipeline's ranks,
+            "dp" this rank's data-parallel replicas (the same pipeline position in the other pipelines), over
+            which each stage's gradients are summed as soon as its last backward finishes; `step()` then takes
+            this replica's share of the global batch. Default: every rank of the default process group is
+            one pipeline.
         device: where this rank's layers run (default: cuda:current for NCCL, else CPU).
-        transport: instead of `group`, a transport (e.g. `InProcessHub(n).transport(rank)`).
+        transport: instead of a process group, a transport (e.g. `InProcessHub(n).transport(rank)`).
         timeout: seconds any transfer may wait before the step fails naming the action and peer.
         split_directions: one communicator per direction of each rank pair (default: only for NCCL,
             where it is needed; see `DistTransport`). Collective over the default group.
@@ -70,27 +74,23 @@ class Pipeline:
             from its first use's value on both.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule | str, loss_fn: Callable[[Any, Any], Any],
-                 balance: Balance = "uniform", group=None, device: torch.device | str | None = None,
-                 transport: Transport | None = None, timeout: float = 60.0, sample: Any = None,
-                 split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
-                 prefetch: int = PREFETCH, precision: str = "fp32", dp_group=None, mesh=None, seed: int = 0,
-                 num_microbatches: int | None = None, memory_limit: float | None = None, sample_target=None) -> None:
+    def __init__(self, layers: Sequence[nn.Module], *, schedule: Schedule | PipelinePlan | str,
+                 loss_fn: Callable[[Any, Any], Any], balance: Balance = "uniform", mesh: DeviceMesh | None = None,
+                 device: torch.device | str | None = None, transport: Transport | None = None, timeout: float = 60.0,
+                 sample: Any = None, split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
+                 prefetch: int = PREFETCH, precision: str = "fp32", seed: int = 0,
+                 num_microbatches: int | None = None) -> None:
         layers = list(layers)
-        if mesh is not None:
-            group, dp_group = groups_of(mesh, group, dp_group, transport)
-        if isinstance(schedule, str):
-            if schedule != "auto":
-                raise ValueError(f'schedule must be a Schedule (pipetrain.schedules.build(...)) or "auto", got '
-                                 f"{schedule!r}")
+        group, dp_group = groups_of(mesh, transport)
+        if isinstance(schedule, str) and schedule == "auto":
+            schedule = plan_pipeline(layers, num_microbatches=num_microbatches, sample=sample, loss_fn=loss_fn,
+                                     mesh=mesh, transport=transport, timeout=timeout)
+        if isinstance(schedule, PipelinePlan):
             if balance != "uniform":
-                raise ValueError('schedule="auto" chooses the split too; leave balance= out')
-            schedule, balance = choose_schedule(layers, num_microbatches=num_microbatches, sample=sample,
-                                                loss=(loss_fn, sample_target),
-                                                memory_limit=memory_limit, group=group, dp_group=dp_group,
-                                                transport=transport, timeout=timeout)
-        elif num_microbatches is not None or memory_limit is not None or sample_target is not None:
-            raise ValueError('num_microbatches=, memory_limit= and sample_target= go with schedule="auto" only')
+                raise ValueError("a PipelinePlan (or schedule=\"auto\") brings its own split; leave balance= out")
+            schedule, balance = schedule.schedule, list(schedule.balance)
+        schedule = schedule_to_run(schedule, num_microbatches=num_microbatches,
+                                   num_ranks=transport.world_size if transport is not None else _group_size(group))
         self.schedule = schedule = checked_schedule(schedule, layers, timeout, precision, balance, sample)
         self.timeout = float(timeout)
         self.transport = transport or DistTransport(group, torch.device(device) if device is not None else None,
@@ -375,6 +375,14 @@ class Pipeline:
         return measured_on_rank_0(lambda: time_costs(layers, sample), len(layers), rank=self.rank,
                                   world_size=self.world_size, sum_all=self.all_reduce, replicas=self.dp_size,
                                   what='timing the layers on `sample` for balance="time"')
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    """The ranks of the pipeline's process group (None: the default group), with the launch fix if there is none."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: launch with torchrun and call "
+                           "torch.distributed.init_process_group() first (or pass an in-process transport)")
+    return dist.get_world_size(group)
 
 
 def _rows(tree) -> int:

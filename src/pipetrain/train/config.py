@@ -153,14 +153,14 @@ def warmup_cosine(step: int, *, warmup: int, total: int, lr: float, min_lr: floa
     return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
 
 
-def process_layout(config: TrainConfig, mesh, group, transport, device) -> tuple:
+def process_layout(config: TrainConfig, mesh, transport, device) -> tuple:
     """(mesh, pipeline ranks): the (dp, pp) DeviceMesh for config.dp > 1 (built over the whole world unless
     given), else `mesh` (None for one pipeline), and how many ranks a pipeline has."""
-    mesh = _mesh_for(config, mesh, group, transport, device)
-    return mesh, (mesh["pp"].size() if mesh is not None else _world_size(group, transport))
+    mesh = _mesh_for(config, mesh, transport, device)
+    return mesh, (mesh["pp"].size() if mesh is not None else _world_size(transport))
 
 
-def _mesh_for(config: TrainConfig, mesh, group, transport, device):
+def _mesh_for(config: TrainConfig, mesh, transport, device):
     if mesh is not None:
         names = tuple(mesh.mesh_dim_names or ())
         dp = mesh["dp"].size() if "dp" in names else 1
@@ -172,8 +172,8 @@ def _mesh_for(config: TrainConfig, mesh, group, transport, device):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    if transport is not None or group is not None:
-        raise ConfigError(f"dp={config.dp} lays out the whole torch.distributed world; pass no group/transport")
+    if transport is not None:
+        raise ConfigError(f"dp={config.dp} lays out the whole torch.distributed world; pass no transport")
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: launch with torchrun")
     world = dist.get_world_size()
@@ -186,14 +186,14 @@ def _mesh_for(config: TrainConfig, mesh, group, transport, device):
     return init_device_mesh(kind, (config.dp, world // config.dp), mesh_dim_names=("dp", "pp"))
 
 
-def _world_size(group, transport) -> int:
+def _world_size(transport) -> int:
     if transport is not None:
         return transport.world_size
     import torch.distributed as dist
 
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: launch with torchrun (or pass transport=)")
-    return dist.get_world_size(group)
+    return dist.get_world_size()
 
 
 def check_hf_model(config: TrainConfig):

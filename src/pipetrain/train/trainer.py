@@ -9,13 +9,14 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..pipeline.pipeline import Pipeline
 from ..planner.calibrate import measure_peak_flops
+from ..runtime.comm import Transport
 from ..runtime.values import flatten
 from ..schedule import build as build_schedule
 from . import checkpoint as ckpt
@@ -23,6 +24,9 @@ from .config import ConfigError, NonFiniteError, TrainConfig, process_layout, wa
 from .loader import BatchSource, share
 from .metrics import JsonlWriter, peak_memory_bytes, plot_losses
 from .report import ensure_log_handler, format_record, logger, perplexity, progress_bar, summary_lines, tqdm_logging
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 class Trainer:
@@ -45,7 +49,7 @@ class Trainer:
             `num_tokens`, which auxiliary losses next to a token mean need.
         model_info: a JSON-able description of the model, stored in checkpoints and checked on resume.
         sample: one microbatch of inputs for balance="time" (default: from the first held-out batch).
-        group, transport, device, mesh: as `Pipeline`'s; with `config.dp > 1` and neither a mesh nor a
+        transport, device, mesh: as `Pipeline`'s; with `config.dp > 1` and neither a mesh nor a
             Pipeline, the trainer lays the world out as a (dp, pp) DeviceMesh itself.
     """
 
@@ -54,7 +58,8 @@ class Trainer:
                  optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
                  flops_per_token: float | None = None, model_info: dict | None = None, sample: Any = None,
                  count_tokens: Callable[[Any], Any] | None = None,
-                 group=None, transport=None, device=None, mesh=None) -> None:
+                 transport: Transport | None = None, device: torch.device | str | None = None,
+                 mesh: DeviceMesh | None = None) -> None:
         config = config or TrainConfig()
         config.validate()
         ensure_log_handler()
@@ -64,8 +69,8 @@ class Trainer:
         if eval_data is not None:
             held_out = BatchSource(eval_data, batch_size=config.batch_size, seed=config.seed + 1, shuffle=False)
             self.eval_set = [held_out.next() for _ in range(config.eval_batches)]
-        self.pipe = model if isinstance(model, Pipeline) else self._pipeline(list(model), loss_fn, sample, group,
-                                                                               transport, device, mesh)
+        self.pipe = model if isinstance(model, Pipeline) else self._pipeline(list(model), loss_fn, sample, transport,
+                                                                               device, mesh)
         if isinstance(model, Pipeline) and loss_fn is not None:
             raise ConfigError("the Pipeline given has its own loss_fn; pass loss_fn only with a list of layers")
         if self.pipe.dp_size != config.dp:
@@ -100,11 +105,11 @@ class Trainer:
     def num_layers(self) -> int:
         return sum(self.pipe.balance)
 
-    def _pipeline(self, layers, loss_fn, sample, group, transport, device, mesh) -> Pipeline:
+    def _pipeline(self, layers, loss_fn, sample, transport, device, mesh) -> Pipeline:
         cfg = self.config
         if loss_fn is None:
             raise ConfigError("Trainer(layers, ...) needs loss_fn=")
-        mesh, pp = process_layout(cfg, mesh, group, transport, device)
+        mesh, pp = process_layout(cfg, mesh, transport, device)
         schedule = build_schedule(cfg.schedule, num_ranks=pp, num_microbatches=cfg.microbatches,
                                   stages_per_rank=cfg.stages_per_rank)
         if cfg.balance == "time" and sample is None:
@@ -112,7 +117,7 @@ class Trainer:
                 raise ConfigError('balance="time" needs sample= (one microbatch of inputs) or eval_data to take '
                                   "it from")
             sample = share(self.eval_set[0][0], cfg.dp * cfg.microbatches, 0)
-        return Pipeline(layers, schedule=schedule, loss_fn=loss_fn, balance=cfg.balance, group=group, device=device,
+        return Pipeline(layers, schedule=schedule, loss_fn=loss_fn, balance=cfg.balance, device=device,
                         transport=transport, timeout=cfg.timeout, sample=sample,
                         checkpoint=cfg.activation_checkpointing, precision=cfg.precision, mesh=mesh,
                         seed=cfg.seed)
