@@ -205,6 +205,8 @@ def test_pipeline_auto_says_what_it_needs():
     with pytest.raises(ValueError, match="brings its own split; leave balance= out"):
         pt.Pipeline(layers, schedule="auto", num_microbatches=1, sample=torch.ones(1, 2), balance=[1],
                     loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
+    with pytest.raises(TypeError, match="a PipelinePlan, a registered name or \"auto\", got int"):
+        pt.Pipeline(layers, schedule=3, loss_fn=nn.functional.mse_loss, transport=hub.transport(0))
     named = pt.Pipeline(layers, schedule="gpipe", num_microbatches=2, loss_fn=nn.functional.mse_loss,
                         transport=hub.transport(0))  # a registered name, built for this pipeline's ranks
     assert (named.schedule.name, named.schedule.num_ranks, named.schedule.num_microbatches) == ("gpipe", 1, 2)
@@ -286,7 +288,7 @@ def test_plan_pipeline_in_one_process_plans_for_the_ranks_asked():
     plan = pt.plan_pipeline(layers, num_microbatches=4, sample=torch.randn(2, 8), num_ranks=2, transfer_seconds=1e-4)
     assert plan.schedule.num_ranks == 2 and plan.schedule.num_microbatches == 4
     assert len(plan.balance) == plan.schedule.num_stages and sum(plan.balance) == 6
-    assert plan.candidates[0].schedule is plan.schedule and plan.transfer_time == 1e-4
+    assert plan.candidates[0].schedule is plan.schedule and plan.transfer_seconds == 1e-4
     assert [c.step_time for c in plan.candidates] == sorted(c.step_time for c in plan.candidates)
     with pytest.raises(ValueError, match="needs num_ranks= when it runs in one process"):
         pt.plan_pipeline(layers, num_microbatches=4, sample=torch.randn(2, 8))

@@ -1,10 +1,12 @@
 """`plan_pipeline`: measure every layer's F, I, W (and a stage-to-stage transfer), simulate every registered
 schedule (and zb-auto, built for those costs) on its best split, and return the fastest as a plan that
-`Pipeline(schedule=plan)` runs. `Pipeline(schedule="auto")` is this, called for you."""
+`Pipeline(schedule=plan)` runs. `Pipeline(schedule="auto")` is this, called for you; `schedule_to_run` turns
+whatever `schedule=` was given (a Schedule, a name, a plan) into the schedule and split to run."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +16,9 @@ from torch import nn
 
 from ..runtime.comm import DistTransport, Transport, wait_or_raise
 from ..runtime.data_parallel import sum_over
-from ..schedule import Schedule
+from ..schedule import Schedule, build, names
 from ..schedule.choose import Candidate, rank_schedules
+from .balance import Balance
 from .checks import groups_of
 from .materialize import refuse_meta
 from .profile import boundary_bytes, phase_costs, transfer_time
@@ -34,7 +37,7 @@ class PipelinePlan:
 
     schedule: Schedule
     balance: tuple[int, ...]  # layers per stage
-    transfer_time: float  # seconds charged to each transfer between ranks
+    transfer_seconds: float  # charged to each transfer between ranks (measured, or as given)
     candidates: tuple[Candidate, ...]
 
     def describe(self) -> str:
@@ -95,7 +98,7 @@ def _measured_together(layers, sample, measure_layers, mesh, transport, num_rank
                        timeout) -> tuple[list[float], float, int, int]:
     """(per-layer F, I, W, transfer seconds, pipeline ranks, this rank), measured on rank 0, the same on every
     rank."""
-    group, dp_group = groups_of(mesh, transport) if mesh is not None else (None, None)
+    group, dp_group = groups_of(mesh, transport)
     # (a pipeline's own transport is built for the schedule chosen here: measure over a plain one)
     probe = transport if transport is not None else DistTransport(group, split_directions=False)
     if num_ranks is not None and num_ranks != probe.world_size:
@@ -123,3 +126,27 @@ def _measured_together(layers, sample, measure_layers, mesh, transport, num_rank
                                   sum_all=sum_all, replicas=replicas,
                                   what='timing the layers on `sample` for plan_pipeline (schedule="auto")')
     return measured[:-1], measured[-1], probe.world_size, probe.rank
+
+
+def schedule_to_run(schedule: Schedule | PipelinePlan | str, balance: Balance, *, num_microbatches: int | None,
+                    num_ranks: Callable[[], int]) -> tuple[Schedule, Balance]:
+    """(schedule, balance) to run: a Schedule given (with `balance`), a plan's schedule and split, or the
+    registered schedule named, built for the pipeline's `num_ranks()` and `num_microbatches`."""
+    if isinstance(schedule, PipelinePlan):
+        if balance != "uniform":
+            raise ValueError("a PipelinePlan (or schedule=\"auto\") brings its own split; leave balance= out")
+        return schedule.schedule, list(schedule.balance)
+    if isinstance(schedule, Schedule):
+        if num_microbatches is not None and num_microbatches != schedule.num_microbatches:
+            raise ValueError(f"num_microbatches={num_microbatches}, but the schedule given runs "
+                             f"{schedule.num_microbatches}: num_microbatches= goes with a schedule given by name")
+        return schedule, balance
+    if not isinstance(schedule, str):
+        raise TypeError(f"schedule must be a pipetrain Schedule, a PipelinePlan, a registered name or \"auto\", got "
+                        f"{type(schedule).__name__}")
+    if schedule not in names():
+        raise ValueError(f"unknown schedule {schedule!r}: give a registered name ({', '.join(names())}), \"auto\", "
+                         "a Schedule (pipetrain.schedules.build(...)) or a PipelinePlan (pipetrain.plan_pipeline(...))")
+    if num_microbatches is None:
+        raise ValueError(f"schedule={schedule!r} needs num_microbatches= (the schedule is built for them)")
+    return build(schedule, num_ranks=num_ranks(), num_microbatches=num_microbatches), balance

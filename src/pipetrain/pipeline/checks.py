@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..runtime.comm import Transport
-from ..schedule import Op, Schedule, build, check, names
+from ..schedule import Op, Schedule, check
 from ..schedule.partition import BalanceError
 from .balance import Balance
 from .materialize import refuse_meta
@@ -67,21 +67,3 @@ def groups_of(mesh: DeviceMesh | None, transport: Transport | None
         raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', got {names}: e.g. "
                          "init_device_mesh('cpu', (dp, pp), mesh_dim_names=('dp', 'pp'))")
     return mesh.get_group("pp"), (mesh.get_group("dp") if "dp" in names else None)
-
-
-def schedule_to_run(schedule: Schedule | str, *, num_microbatches: int | None, num_ranks: int) -> Schedule:
-    """A Schedule given, or the registered one named (built for `num_ranks` and `num_microbatches`)."""
-    if isinstance(schedule, Schedule):
-        if num_microbatches is not None and num_microbatches != schedule.num_microbatches:
-            raise ValueError(f"num_microbatches={num_microbatches}, but the schedule given runs "
-                             f"{schedule.num_microbatches}: num_microbatches= goes with a schedule given by name")
-        return schedule
-    if not isinstance(schedule, str):
-        raise TypeError(f"schedule must be a pipetrain Schedule, a PipelinePlan, a registered name or \"auto\", got "
-                        f"{type(schedule).__name__}")
-    if schedule not in names():
-        raise ValueError(f"unknown schedule {schedule!r}: give a registered name ({', '.join(names())}), \"auto\", "
-                         "a Schedule (pipetrain.schedules.build(...)) or a PipelinePlan (pipetrain.plan_pipeline(...))")
-    if num_microbatches is None:
-        raise ValueError(f"schedule={schedule!r} needs num_microbatches= (the schedule is built for them)")
-    return build(schedule, num_ranks=num_ranks, num_microbatches=num_microbatches)

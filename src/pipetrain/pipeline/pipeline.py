@@ -19,9 +19,9 @@ from ..runtime.values import flatten, shape_key, split_batch, to_device
 from ..runtime.window import Window
 from ..schedule import Schedule, Timeline, lower
 from ..schedule.lowering import PREFETCH, message_order
-from .auto_plan import PipelinePlan, plan_pipeline
+from .auto_plan import PipelinePlan, plan_pipeline, schedule_to_run
 from .balance import Balance, resolve_balance
-from .checks import checked_schedule, groups_of, schedule_to_run, splits_backward
+from .checks import checked_schedule, groups_of, splits_backward
 from .materialize import materialize
 from .profile import time_costs
 from .rank0_measure import measured_on_rank_0
@@ -82,15 +82,13 @@ class Pipeline:
                  num_microbatches: int | None = None) -> None:
         layers = list(layers)
         group, dp_group = groups_of(mesh, transport)
+        # what to run: a Schedule, a name, a PipelinePlan (schedule and split) or "auto" (planned here)
         if isinstance(schedule, str) and schedule == "auto":
             schedule = plan_pipeline(layers, num_microbatches=num_microbatches, sample=sample, loss_fn=loss_fn,
                                      mesh=mesh, transport=transport, timeout=timeout)
-        if isinstance(schedule, PipelinePlan):
-            if balance != "uniform":
-                raise ValueError("a PipelinePlan (or schedule=\"auto\") brings its own split; leave balance= out")
-            schedule, balance = schedule.schedule, list(schedule.balance)
-        schedule = schedule_to_run(schedule, num_microbatches=num_microbatches,
-                                   num_ranks=transport.world_size if transport is not None else _group_size(group))
+        schedule, balance = schedule_to_run(schedule, balance, num_microbatches=num_microbatches,
+                                            num_ranks=lambda: transport.world_size if transport is not None
+                                            else _group_size(group))
         self.schedule = schedule = checked_schedule(schedule, layers, timeout, precision, balance, sample)
         self.timeout = float(timeout)
         self.transport = transport or DistTransport(group, torch.device(device) if device is not None else None,
