@@ -1,4 +1,9 @@
-"""Reference models written as flat lists of layers (GPT, Llama), by preset name; `hf` adapts transformers."""
+"""Reference models written as flat lists of layers (GPT, Llama), by preset name; `hf` adapts transformers.
+
+Each model is a list of `nn.Module`s a Pipeline splits, implementing the generation cache protocol
+(`forward_cached`); FLOPs are counted by `pipetrain.flops`. It may import torch, `pipetrain.flops` and the
+runtime's helpers, never `train`, `pipeline` or the command line (import-linter checks it).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""Schedules as data (pure Python, no torch): generators, checker, lowering, simulator, text forms."""
+"""Schedules as data, in pure Python: the ground floor every wing stands on.
+
+`actions` defines an action (`1F0`) and, once, the dependencies between actions; `base` the per-rank action
+lists (`Schedule`); the generators (gpipe, onefoneb, interleaved, zero_bubble, dualpipe, zb_auto) register by
+name in `registry`, with the sizes each takes; `lowering` adds the transfers, `check` proves a schedule
+runnable, `simulate` times it, `choose` ranks schedules for measured costs, `partition` splits layers by
+cost, `io`/`timeline`/`compare` write, read and compare timelines. It imports nothing outside itself: no
+torch, no other wing (import-linter checks it).
+"""
 
 from . import dualpipe, gpipe, interleaved, onefoneb, zb_auto, zero_bubble  # noqa: F401  (registers the generators)
 from .actions import Action, Op
