@@ -101,7 +101,7 @@ class DistTransport:
         try:
             return DistWork(dist.isend(tensor, self.global_ranks[peer], group=self._group_for(self.rank, peer)))
         except RuntimeError as err:  # gloo refuses to post on a connection the peer closed
-            raise _posting_failed(self, peer, "send to", err) from err
+            raise _posting_failed(self, peer, "send", err) from err
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
         try:
@@ -267,9 +267,9 @@ def abort_others(transport: Transport, rank: int, err: BaseException) -> None:
 
 
 def _posting_failed(transport: Transport, peer: int, what: str, err: Exception) -> CommError:
-    them = rank_name(transport, peer)
-    return CommError(f"{rank_name(transport, transport.rank)}: could not {what} {them}: {err}. The peer ({them}) may "
-                     "have crashed; check its log")
+    them = rank_name(transport, peer)  # (the message of `bounded_wait`: a closed connection ends a wait at once)
+    return CommError(f"{rank_name(transport, transport.rank)}: waiting on {them} to {what} it failed after 0.0s: "
+                     f"{err}. {them[0].upper() + them[1:]} may have crashed or be stuck; check its log")
 
 
 def bounded_wait(work: Work, timeout: float, *, me: str, them: str, what: str, doing: str = "") -> None:

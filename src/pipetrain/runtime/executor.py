@@ -270,7 +270,7 @@ class Executor:
             tensors = payload
         for tensor in tensors:
             tensor = tensor.contiguous()
-            self._step.sends.append((self.transport.isend(tensor, peer), tensor, action, peer))
+            self._step.sends.append((self._post_send(tensor, peer, action), tensor, action, peer))
 
     def _send_signature_if_new(self, value: Value, signature: Signature, action: Action, peer: int) -> None:
         key = (value.stage, self._step.keys[value.mb])
@@ -278,13 +278,19 @@ class Executor:
         if known is None:
             data = signature.to_bytes().to(self.device)
             for tensor in (torch.tensor([data.numel()], dtype=torch.int64, device=self.device), data):
-                self._step.sends.append((self.transport.isend(tensor, peer), tensor, action, peer))
+                self._step.sends.append((self._post_send(tensor, peer, action), tensor, action, peer))
             self._known[key] = signature
         elif known != signature:
             raise ValueError(f"{action}: stage {value.stage}'s output for microbatch {value.mb} is "
                              f"{signature.describe()}, but an earlier microbatch with the same input shapes gave "
                              f"{known.describe()}. The shapes between stages must follow from the shapes of the "
                              "microbatch, not from its values: pad data-dependent sizes to a fixed bound")
+
+    def _post_send(self, tensor: torch.Tensor, peer: int, action: Action) -> Work:
+        try:
+            return self.transport.isend(tensor, peer)
+        except CommError as err:  # a peer that closed its connection: say which action found out
+            raise CommError(f"{action}: {err}") from err
 
     def _reap_sends(self) -> None:
         """Drop finished sends so their tensors can be freed."""
