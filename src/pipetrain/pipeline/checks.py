@@ -24,8 +24,6 @@ def checked_schedule(schedule: Schedule, layers: list[nn.Module], timeout: float
     bad = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Module)]
     if bad:
         raise TypeError(f"layers[{bad[0]}] is a {type(layers[bad[0]]).__name__}, not an nn.Module")
-    if not isinstance(schedule, Schedule):
-        raise TypeError("schedule must be a pipetrain Schedule, e.g. pipetrain.schedules.build('1f1b', ...)")
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     if precision not in ("fp32", "bf16"):
