@@ -79,16 +79,18 @@ def test_explicit_microbatches_of_different_lengths():
 
 @pytest.mark.parametrize("model", ["tensor", "tree"])
 def test_once_every_shape_is_known_a_step_sends_only_the_data(model):
-    # steps with sequence lengths 6, 9, 6, 9, 6: the first 6 and the first 9 teach their shapes (two small
-    # messages more per boundary); every later step sends one message per tensor, as a frozen-shape
-    # pipeline would (the step's loss travels in one all-reduce, not in messages)
-    counts = run_threads(2, count_messages, model, [6, 9, 6, 9, 6])
-    # (tensors forward + gradients back) x 4 microbatches; the tree model's boundary (after the MoE layer)
-    # carries {h, mask, pos, skip, scale} forward and the gradients of h and skip back
-    data = {"tensor": (1 + 1) * 4, "tree": (5 + 2) * 4}
+    # steps with sequence lengths 6, 9, 6, 9, 6: the first 6 and the first 9 teach their shapes, inside the
+    # first envelope of each (these are under the 4 KiB posted for a new shape: no second transfer); every
+    # step sends one message per value, as a frozen-shape pipeline would (the step's loss travels in one
+    # all-reduce, not in messages), however many tensors the value holds: the tree model's boundary (after
+    # the MoE layer) carries {h, mask, pos, skip, scale} forward and the gradients of h and skip back
+    # The tensor model then takes sequences of 200 (12.8 KB activations): the first envelope of that shape
+    # sends its remainder in a second transfer, once.
+    seqs = [6, 9, 6, 9, 6] + ([200, 200] if model == "tensor" else [])
+    counts = run_threads(2, count_messages, model, seqs)
     total = [a + b for a, b in zip(*counts, strict=True)]
-    assert total[2:] == [data[model]] * 3
-    assert total[0] == total[1] == data[model] + 2  # plus the signature's length and bytes, once
+    data = (1 + 1) * 4  # (activation forward + gradient back) x 4 microbatches
+    assert total == [data] * 5 + ([data + 1, data] if model == "tensor" else [])
 
 
 class _Bad(torch.nn.Module):

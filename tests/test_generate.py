@@ -25,13 +25,16 @@ def _tokens(out):
 @pytest.mark.parametrize("kind,schedule,world,chunk", [("gpt", "1f1b", 2, 16), ("gpt", "1f1b", 2, 1),
                                                         ("llama", "zbv", 2, 3), ("llama", "1f1b", 4, 5)])
 def test_greedy_equals_a_plain_loop_in_process(kind, schedule, world, chunk):
-    """With the prompts (1-11 tokens) prefilled whole or `chunk` tokens per pass. Then training is as if
-    generate had not run: same parameters, no gradients, train mode, the loss of single-process training."""
-    results = run_threads(world, gw.generate, kind, schedule, [{**GREEDY, "prefill_chunk": chunk}])
+    """With the prompts (1-11 tokens) prefilled whole or `chunk` tokens per pass, and one new token (the
+    prefill's: no decode round). Then training is as if generate had not run: same parameters, no gradients,
+    train mode, the loss of single-process training."""
+    calls = [{**GREEDY, "prefill_chunk": chunk}, {"max_new_tokens": 1, "prefill_chunk": chunk}]
+    results = run_threads(world, gw.generate, kind, schedule, calls)
     want = gw.reference_greedy(gw.model(kind), gw.prompts(), 9, gw.EOS)
     assert any(len(t) < 9 and t[-1] == gw.EOS for t in want) and any(gw.EOS not in t for t in want)
     for r in results:
         assert _tokens(r["out"][0]) == _tokens(want)
+        assert _tokens(r["out"][1]) == [t[:1] for t in _tokens(want)]
         assert r["unchanged"] and r["no_grads"] and r["training"]
         assert r["loss"] == pytest.approx(gw.reference_loss(kind, world), rel=1e-5)
 
@@ -105,51 +108,91 @@ def test_bad_input_fails_every_rank_with_a_clear_error(case, error, text):
 
 def test_wire_sends_messages_larger_and_smaller_than_the_posted_envelope():
     """Sizes both ends agree on: a message over the posted envelope goes in two transfers, and the link's
-    capacity then follows its recent messages; trees of several dtypes and kept rows arrive whole."""
+    capacity then follows its recent messages; trees of several dtypes and kept rows arrive whole, and a
+    structure's bytes cross once."""
     import torch
 
     from pipetrain import InProcessHub
-    from pipetrain.generation.wire import Message, Wire
+    from pipetrain.runtime.values import Signature, flatten
+    from pipetrain.runtime.wire import Link, Wire
+    from pipetrain.schedule.actions import PASS, Value
 
     hub = InProcessHub(2)
-    sender = Wire(hub.transport(0), 10, sources=set(), targets={1}, history=2, device=torch.device("cpu"))
-    receiver = Wire(hub.transport(1), 10, sources={0}, targets=set(), history=2, device=torch.device("cpu"))
+    sender, receiver = Wire(hub.transport(0), 10), Wire(hub.transport(1), 10)
+    out, into = Link(sender, 1, 2, receiving=False), Link(receiver, 0, 2, receiving=True)
     values = [{"h": torch.randn(3, n, 5), "mask": torch.rand(3, n) > 0.5, "pos": torch.arange(3 * n).view(3, n)}
-              for n in (1, 400, 2, 3, 500, 1)]  # 4 KiB posted first; 400 rows of floats do not fit
+              for n in (1, 400, 2, 3, 500, 1, 1)]  # 4 KiB posted first; 400 rows of floats do not fit
     for i, value in enumerate(values):
         keep = torch.tensor([0, 2]) if i % 2 else None
-        sender.send(1, (i, 0, 1), Message(0, keep, value))
-        key, got = receiver.receive(0, "test")
-        assert key == (i, 0, 1) and set(got.value) == set(value)
-        assert all(torch.equal(got.value[k], value[k]) for k in value)
+        leaves, spec = flatten(value)
+        size = sender.send(1, Value(PASS, 1, 0, i), leaves, signature=Signature.of(leaves, spec), keep=keep,
+                           capacity=out.capacity, doing="test")
+        out.sent(size)
+        got = into.receive(what="test", doing="test")
+        assert got.value == Value(PASS, 1, 0, i) and got.signature.spec == spec
+        assert all(torch.equal(a, b) for a, b in zip(got.leaves, leaves, strict=True))
         assert (got.keep is None) == (keep is None) and (keep is None or torch.equal(got.keep, keep))
-    sender.close()
-    receiver.close()
+    assert len(sender.sent_structures[1]) == 5  # the three 1-row values share a structure: sent once
+    sender.end(1, out.capacity)
+    assert into.receive(what="test", doing="test") is None
+    sender.wait_sends()
 
 
 @settings(max_examples=40, deadline=None)
 @given(name=st.sampled_from(["1f1b", "interleaved-1f1b", "zbv", "dualpipev"]), ranks=st.integers(1, 4),
-       passes=st.lists(st.integers(1, 5), min_size=1, max_size=7))
-def test_circulation_order_runs_every_item_once_and_cannot_hang(name, ranks, passes):
-    """Brute force: ranks take their next item whenever its inputs are done (the stage before in the same
-    pass; for stage 0 the last stage's previous pass); every item must run, once, in every placement."""
-    from pipetrain.generation.generate import circulation_order
+       rounds=st.lists(st.tuples(st.integers(1, 3), st.integers(0, 3)), min_size=1, max_size=7))
+def test_circulation_runs_every_pass_once_and_cannot_hang(name, ranks, rounds):
+    """The circulation schedule passes the checker (lowered too), and by brute force: ranks take their next
+    pass whenever its inputs are done (the stage before in the same round; for stage 0 the last stage's round
+    before; the own stage's round before); every pass must run, once, in every placement."""
+    from pipetrain.schedule import Op, check, circulation, lower
 
     placement = pt.schedules.build(name, num_ranks=ranks, num_microbatches=2 * ranks).stage_to_rank
     stages = len(placement)
-    orders = [list(circulation_order([s for s in range(stages) if placement[s] == r], stages, passes))
-              for r in range(ranks)]
-    items = sorted(item for order in orders for item in order)
-    assert items == sorted((t, g, s) for g, n in enumerate(passes) for t in range(n) for s in range(stages))
+    prefill, total = [p for p, _ in rounds], [p + d for p, d in rounds]
+    schedule = circulation(placement, prefill_rounds=prefill, rounds=total)
+    check(schedule)
+    check(lower(schedule))
+    orders = [[(a.round, a.mb, a.stage, a.op) for a in acts] for acts in schedule.actions]
+    assert sorted((t, g, s) for order in orders for t, g, s, _ in order) == sorted(
+        (t, g, s) for g, n in enumerate(total) for t in range(n) for s in range(stages))
+    assert all((op is Op.P) == (t < prefill[g]) for order in orders for t, g, _, op in order)
     done, heads = set(), [0] * ranks
     while any(h < len(o) for h, o in zip(heads, orders, strict=True)):
         progressed = False
         for r, order in enumerate(orders):
             if heads[r] < len(order):
-                t, g, s = order[heads[r]]
-                needs = (t, g, s - 1) if s else (t - 1, g, stages - 1)
-                if needs in done or needs[0] < 0:
-                    done.add(order[heads[r]])
+                t, g, s, op = order[heads[r]]
+                needs = {(t, g, s - 1) if s else (t - 1, g, stages - 1), (t - 1, g, s)}
+                if op is Op.P and s == 0:
+                    needs = {(t - 1, g, s)}
+                if all(n in done or n[0] < 0 for n in needs):
+                    done.add((t, g, s))
                     heads[r] += 1
                     progressed = True
         assert progressed, f"deadlock at {[o[h] if h < len(o) else None for h, o in zip(heads, orders, strict=True)]}"
+
+
+def test_the_checker_rejects_a_broken_generation_schedule():
+    from pipetrain.schedule import Schedule, ScheduleError, check
+    from pipetrain.schedule.actions import Action
+
+    def rows(*lists):
+        actions = [[Action.parse(a) for a in row.split()] for row in lists]
+        return Schedule("custom", 2, 1, 1, (0, 1), actions)
+
+    check(rows("0P0@0 0D0@1", "1P0@0 1D0@1"))
+    with pytest.raises(ScheduleError, match="round 1 runs twice"):
+        check(rows("0P0@0 0D0@1 0D0@1", "1P0@0 1D0@1"))
+    with pytest.raises(ScheduleError, match="without a gap"):
+        check(rows("0P0@0 0D0@2", "1P0@0 1D0@2"))
+    with pytest.raises(ScheduleError, match="prefill .P. rounds come first"):
+        check(rows("0D0@0 0P0@1", "1D0@0 1P0@1"))
+    with pytest.raises(ScheduleError, match="every stage runs a group's rounds alike"):
+        check(rows("0P0@0 0D0@1", "1P0@0"))
+    with pytest.raises(ScheduleError, match="deadlock"):
+        check(rows("0D0@1 0P0@0", "1P0@0 1D0@1"))
+    with pytest.raises(ScheduleError, match="has not computed yet"):  # the KV cache of round 0 is not there
+        check(Schedule("custom", 1, 1, 1, (0,), [[Action.parse("0D0@1"), Action.parse("0P0@0")]]))
+    with pytest.raises(ValueError, match="only they take a round"):
+        Action.parse("1F0@3")

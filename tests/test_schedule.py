@@ -280,8 +280,8 @@ def test_checker_rejects_each_schedule_when_broken(name):
     lowered = [list(acts) for acts in S.lower(sched).actions]
     recvs = [i for i, a in enumerate(lowered[1]) if a.op in (Op.RECV_F, Op.RECV_B)]
     same_peer = [(i, j) for i in recvs for j in recvs if i < j and
-                 sched.stage_to_rank[S.actions.message_of(lowered[1][i])[1]] ==
-                 sched.stage_to_rank[S.actions.message_of(lowered[1][j])[1]]]
+                 sched.stage_to_rank[S.actions.message_of(lowered[1][i], sched.num_stages)[1]] ==
+                 sched.stage_to_rank[S.actions.message_of(lowered[1][j], sched.num_stages)[1]]]
     i, j = same_peer[0]
     lowered[1][i], lowered[1][j] = lowered[1][j], lowered[1][i]
     with pytest.raises(ScheduleError, match="first-in first-out|no RECV for it was posted"):

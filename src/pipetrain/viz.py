@@ -7,8 +7,9 @@ from pathlib import Path
 from .schedule.actions import Op
 from .schedule.timeline import Timeline
 
-COLORS = {Op.F: "#4C78A8", Op.B: "#E45756", Op.I: "#F58518", Op.W: "#54A24B"}
-LABELS = {Op.F: "F forward", Op.B: "B backward", Op.I: "I input grad", Op.W: "W weight grad"}
+COLORS = {Op.F: "#4C78A8", Op.B: "#E45756", Op.I: "#F58518", Op.W: "#54A24B", Op.P: "#72B7B2", Op.D: "#B279A2"}
+LABELS = {Op.F: "F forward", Op.B: "B backward", Op.I: "I input grad", Op.W: "W weight grad",
+          Op.P: "P prefill pass", Op.D: "D decode pass"}
 
 
 def _pyplot():
@@ -114,7 +115,7 @@ def _legend_below(fig, handles: list, *, waits: bool, bottom: float) -> None:
     fig.tight_layout(rect=(0, bottom, 1, 1))
 
 
-def save_generation(timeline: Timeline, path: str | Path, *, num_groups: int, title: str = "") -> None:
+def save_generation(timeline: Timeline, path: str | Path, *, num_groups: int | None = None, title: str = "") -> None:
     """A generate call's measured timeline (`gather_timeline(of="generate")`), in milliseconds: one colour
     per group of sequences, each block labelled with its pass (0 is the group's prefill), waits hatched."""
     plt = _pyplot()
@@ -125,7 +126,9 @@ def save_generation(timeline: Timeline, path: str | Path, *, num_groups: int, ti
     fig, ax = plt.subplots(figsize=(12, 0.55 * timeline.num_ranks + 1.6))
     end = timeline.step_time() or 1.0
     for e in timeline.events:
-        step, group = divmod(e.action.mb, num_groups)  # generate numbers each item pass * groups + group
+        if not e.action.op.is_compute:
+            continue
+        step, group = e.action.round, e.action.mb  # each pass: group mb's round through one stage
         y = timeline.num_ranks - 1 - e.rank
         ax.barh(y, e.duration, left=e.start, height=0.8, color=colors(group % 10), edgecolor="white", linewidth=0.5)
         if e.duration > end / 80:
@@ -133,6 +136,8 @@ def save_generation(timeline: Timeline, path: str | Path, *, num_groups: int, ti
     _frame(ax, timeline, end, "ms")
     idle = " ".join(f"{s.bubble_fraction:.1%}" for s in timeline.per_rank())
     ax.set_title(f"{title}  ({end:.0f} ms, idle per rank {idle})".strip(), fontsize=10)
+    if num_groups is None:
+        num_groups = 1 + max((e.action.mb for e in timeline.events if e.action.op.is_compute), default=0)
     handles = [mpatches.Patch(color=colors(g % 10), label=f"group {g}") for g in range(min(num_groups, 10))]
     _legend_below(fig, handles, waits=True, bottom=0.07)
     fig.savefig(path, dpi=130)

@@ -1,7 +1,8 @@
 """Generation on the training pipeline's own stages, for evaluation and reinforcement learning.
 
-`generate` circulates groups of sequences through the stages (prefill in pieces, then one token per
-pass), `wire` packs its messages between ranks, `kv_cache` is the cache protocol a layer implements
-(`forward_cached(x, cache)`), and `sampling` picks each next token. It may import `runtime`, `schedule`
-and torch, never `pipeline`, `train` or the command line.
+`passes` computes generation's passes on one rank (prefill in pieces, then one token per round, a KV cache
+per stage and group of sequences); they are the P/D actions of a circulation schedule (`schedule`), which
+the runtime's executor runs and moves between ranks, and `pipeline` puts the two together. `kv_cache` is
+the cache protocol a layer implements (`forward_cached(x, cache)`), and `sampling` picks each next token.
+It may import `schedule` and torch, never `runtime`, `pipeline`, `train` or the command line.
 """

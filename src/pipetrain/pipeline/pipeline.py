@@ -211,7 +211,9 @@ class Pipeline:
                  seed: int | None = None, num_groups: int | None = None, prefill_chunk: int = 16,
                  return_logprobs: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Continue each prompt (a 1-D token tensor; lengths may differ) on this pipeline's own stages, with a
-        KV cache per stage and group of sequences (generate.py); call on every rank with the same arguments.
+        KV cache per stage and group of sequences; call on every rank with the same arguments. The groups'
+        passes are the P/D actions of a circulation schedule (`pipetrain.schedule.circulation`), checked and run
+        by the executor that runs training steps.
 
         Returns, on every rank, one 1-D int64 tensor per prompt with only the new tokens: up to and including
         the first `eos_token_id`, or `max_new_tokens` of them. temperature 0 is greedy; otherwise tokens are
@@ -223,11 +225,13 @@ class Pipeline:
         computes it. Layers must implement `forward_cached` (kv_cache.py). The
         caches are freed on return; parameters, gradients and train/eval modes are left as they were.
         `gather_timeline(of="generate")` then gives the call's measured timeline."""
-        from ..generation.generate import generate
+        from .generate import generate
 
-        return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, seed=seed, num_groups=num_groups, prefill_chunk=prefill_chunk,
-                        return_logprobs=return_logprobs)
+        done = generate(self, self._executor, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, eos_token_id=eos_token_id, seed=seed, num_groups=num_groups,
+                        prefill_chunk=prefill_chunk, return_logprobs=return_logprobs)
+        self.last_generation, self.last_generation_groups = done.step, done.groups
+        return done.tokens if done.logprobs is None else (done.tokens, done.logprobs)
 
     def gather_timeline(self, dst: int = 0, *, of: str = "step") -> Timeline | None:
         """The measured timeline of every rank, on rank `dst` (None elsewhere), of the last step (or

@@ -1,4 +1,5 @@
-"""The executor: runs one rank's lowered action list; every wait is bounded and names its peer."""
+"""The executor: runs one rank's lowered action list, training's (F/B/I/W) or generation's (P/D); every value
+crosses in the one wire format (`wire`), and every wait is bounded and names its peer."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..schedule.actions import (
     ACT,
+    PASS,
     Action,
     Op,
     Value,
-    consumer_stage,
+    consumer,
     describe,
     finishes_weights,
     message_of,
@@ -25,9 +27,10 @@ from ..schedule.actions import (
     shaped_like,
 )
 from ..schedule.timeline import Event, Timeline
-from .comm import CommError, Transport, Work, abort_others, rank_name, wait_or_raise
+from .comm import CommError, Transport, abort_others, rank_name
 from .stage import UNWEIGHTED, LossWeights, Stage
-from .values import Packet, Signature
+from .values import Packet, Signature, flatten, unflatten
+from .wire import HEADER_BYTES, MIN_CAPACITY, Link, Posted, Wire, envelope_size, unpack
 
 _OPS = list(Op)
 
@@ -37,7 +40,7 @@ LOSS_SUM, LOSS_COUNT, AUX_SUM, PAIR_LOSSES, AUX_LOSSES = range(5)
 
 @dataclass(frozen=True)
 class RankStep:
-    """What one rank measured in one step: compute events, waits, and its step time (seconds)."""
+    """What one rank measured in one step (or generate call): compute events, waits, and its time (seconds)."""
 
     rank: int
     loss: float  # the step's loss, the same on every rank (nan until the pipeline has reduced the partials)
@@ -60,38 +63,59 @@ class RankStep:
         return 1.0 - self.busy_time / self.step_time if self.step_time > 0 else 0.0
 
 
-@dataclass
-class _Posted:
-    """A receive posted ahead of the compute action that needs it."""
+PassOutput = tuple[Any, torch.Tensor | None]  # (a tree of tensors or None, the kept rows or None)
 
-    works: list[Work]
-    buffers: list[torch.Tensor]
+
+class Passes(Protocol):
+    """What a generation schedule's P/D actions compute (`generation.passes.RankPasses`): `run` one pass of a
+    group through a stage on its input (None: the stage-0 prefill, which reads the prompts) and return what
+    goes to the group's next pass, or None where nothing does. A `keep` of the group's previous rows says
+    which sequences go on; an empty one that the whole group has finished: the executor then skips the
+    group's later passes on that stage and tells `finish(stage, group)` (to free its caches)."""
+
+    def run(self, action: Action, x: Any, keep: torch.Tensor | None) -> PassOutput | None: ...
+
+    def finish(self, stage: int, group: int) -> None: ...
+
+
+@dataclass
+class _Incoming:
+    """A value's receive, posted ahead of the compute action that needs it (or, the first time its shapes
+    cross, already received: `leaves`)."""
+
     signature: Signature
     action: Action  # the RECV
-    peer: int
+    posted: Posted | None = None
+    shapes: Sequence = ()
+    leaves: list[torch.Tensor] | None = None
 
 
 @dataclass
 class _StepState:
-    """Everything one `Executor.run` creates: its microbatches, what it has posted, sent and kept, and what it
-    measured. A new one per run, so nothing of a step outlives it."""
+    """Everything one `Executor.run` (or `run_passes`) creates: its microbatches, what it has posted and kept,
+    and what it measured. A new one per run, so nothing of a step outlives it."""
 
-    inputs: Sequence[Any]
-    targets: Sequence[Any] | None
-    keys: Sequence[Hashable]
-    grad: bool
-    weights: LossWeights
-    on_stage_done: Callable[[int], None] | None
-    weight_work_left: dict[int, int]  # stage -> microbatches whose weight gradients are not finished yet
+    inputs: Sequence[Any] = ()
+    targets: Sequence[Any] | None = None
+    keys: Sequence[Hashable] = ()
+    grad: bool = False
+    weights: LossWeights = UNWEIGHTED
+    on_stage_done: Callable[[int], None] | None = None
+    weight_work_left: dict[int, int] = field(default_factory=dict)  # stage -> microbatches still to finish
+    passes: Passes | None = None  # generation
     t0: float = field(default_factory=time.perf_counter)
-    posted: dict[Value, _Posted] = field(default_factory=dict)
+    posted: dict[Value, _Incoming] = field(default_factory=dict)
     deferred: dict[int, list[tuple[Value, Action]]] = field(default_factory=lambda: defaultdict(list))  # per peer
-    sends: list[tuple[Work, torch.Tensor, Action, int]] = field(default_factory=list)
-    local: dict[Value, Packet | list[torch.Tensor]] = field(default_factory=dict)  # passed between own stages
+    local: dict[Value, Any] = field(default_factory=dict)  # passed between own stages, or waiting for its SEND
     outputs: dict[tuple[int, int], Signature] = field(default_factory=dict)  # (stage, mb) -> output signature
+    links_in: dict[int, Link] = field(default_factory=dict)  # generation: peer -> link
+    links_out: dict[int, Link] = field(default_factory=dict)
+    arrived: dict[Value, Any] = field(default_factory=dict)  # generation: envelopes received before needed
+    finished: set[tuple[int, int]] = field(default_factory=set)  # generation: (stage, group) whose group ended
     events: list[Event] = field(default_factory=list)
     comms: list[Event] = field(default_factory=list)
     waits: list[Event] = field(default_factory=list)
+    partials: torch.Tensor | None = None
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -100,12 +124,12 @@ class _StepState:
 class Executor:
     """Runs lowered action lists for the stages of one rank over a transport.
 
-    Shapes between stages: a transfer's buffers are allocated from its `Signature`. An activation's
-    signature is keyed by (producing stage, the microbatch's shape key): the first transfer with a new
-    key carries the signature in a small message before the data (two messages: its length, its bytes),
-    later ones send only the data. Every rank computes the same keys from the same batch, so sender and
-    receiver always agree on whether a signature message comes. A gradient's buffers follow from the
-    signature of the activation it belongs to, so gradients never need one.
+    Shapes between stages: a transfer's receive buffer is sized from the value's `Signature`. An
+    activation's signature is keyed by (producing stage, the microbatch's shape key): the first transfer
+    with a new key carries the signature in its envelope and is received at `MIN_CAPACITY` (plus its
+    remainder), later ones are received at their exact size. Every rank computes the same keys from the
+    same batch, so sender and receiver always agree on the size. A gradient's shapes follow from the
+    signature of the activation it belongs to. Generation's values carry their own (see `wire`).
     """
 
     def __init__(self, *, rank: int, stage_to_rank: Sequence[int], stages: dict[int, Stage],
@@ -117,6 +141,7 @@ class Executor:
         self.transport = transport
         self.timeout = timeout
         self.device = transport.device
+        self.wire = Wire(transport, timeout)
         self._known: dict[tuple[int, Hashable], Signature] = {}  # (stage, shape key) -> its output's signature
         self._step: _StepState | None = None  # the run in progress
 
@@ -129,35 +154,55 @@ class Executor:
         `keys[mb]` is the shape key of microbatch `mb`, the same on every rank. `on_stage_done(stage)` is
         called as soon as a stage's weight gradients are complete (after its last B or W), while later
         actions still run: e.g. to start the data-parallel all-reduce."""
-        st = self._step = _StepState(inputs, targets, keys, grad, weights, on_stage_done,
-                                     weight_work_left={s: len(inputs) for s in self.stages})
-        try:
-            for action in actions:
-                if action.op.is_comm:
-                    start = st.now()
-                    if action.op in (Op.RECV_F, Op.RECV_B):
-                        self._recv(action)
-                    else:
-                        self._send(action)
-                    st.comms.append(Event(self.rank, action, start, st.now()))
-                else:
-                    self._compute(action)
-            for work, _, action, peer in st.sends:
-                self._wait(work, action, peer, "the send")
-            st.sends.clear()
-            partials = self._partials()
-        except BaseException as err:
-            for stage in self.stages.values():
-                stage.clear()
-            abort_others(self.transport, self.rank, err)
-            raise
-        finally:
-            self._step = None
+        st = _StepState(inputs, targets, keys, grad, weights, on_stage_done,
+                        weight_work_left={s: len(inputs) for s in self.stages})
+        self._execute(st, actions)
         for stage in self.stages.values():
             stage.losses.clear()
             stage.aux.clear()
         return RankStep(self.rank, math.nan, tuple(st.events), tuple(st.waits), st.now(), st.t0, tuple(st.comms),
-                        partials=partials)
+                        partials=st.partials)
+
+    def run_passes(self, actions: Sequence[Action], passes: Passes, *, history: int) -> RankStep:
+        """Run one generate call's lowered circulation actions (P/D), each pass computed by `passes`. Each
+        generation link keeps a receive posted ahead, sized from its last `history` envelopes."""
+        st = _StepState(passes=passes)
+        last = self.num_stages - 1
+        mine = [s for s, r in enumerate(self.stage_to_rank) if r == self.rank]
+        sources = {self.stage_to_rank[s - 1 if s else last] for s in mine} - {self.rank}
+        targets = {self.stage_to_rank[s + 1 if s < last else 0] for s in mine} - {self.rank}
+        st.links_out = {peer: Link(self.wire, peer, history, receiving=False) for peer in targets}
+        st.links_in = {peer: Link(self.wire, peer, history, receiving=True) for peer in sources}
+        self._execute(st, actions)
+        return RankStep(self.rank, math.nan, tuple(st.events), tuple(st.waits), st.now(), st.t0, tuple(st.comms))
+
+    def _execute(self, st: _StepState, actions: Sequence[Action]) -> None:
+        self._step = st
+        try:
+            for action in actions:
+                if action.op.is_comm:
+                    start = st.now()
+                    if action.op is Op.SEND_F or action.op is Op.SEND_B or action.op is Op.SEND_P:
+                        self._send(action)
+                    elif action.op is not Op.RECV_P:  # (generation's links keep their receive posted)
+                        self._recv(action)
+                    st.comms.append(Event(self.rank, action, start, st.now()))
+                elif action.op is Op.P or action.op is Op.D:
+                    self._pass(action)
+                else:
+                    self._compute(action)
+            if st.passes is not None:
+                self._close_links()
+            self.wire.wait_sends()
+            st.partials = self._partials() if st.passes is None else None
+        except BaseException as err:
+            for stage in self.stages.values():
+                stage.clear()
+            self.wire.sends.clear()
+            abort_others(self.transport, self.rank, err)
+            raise
+        finally:
+            self._step = None
 
     # --- compute -------------------------------------------------------------------------------------
     def _compute(self, action: Action) -> None:
@@ -187,7 +232,7 @@ class Executor:
             st.weight_work_left[s] -= 1
             if st.weight_work_left[s] == 0 and st.on_stage_done is not None:
                 st.on_stage_done(s)
-        self._reap_sends()
+        self.wire.reap()
 
     def _input(self, value: Value, action: Action) -> Packet | list[torch.Tensor]:
         """A compute action's input from another stage: passed locally on this rank, or received."""
@@ -196,12 +241,65 @@ class Executor:
             return st.local.pop(value)
         if value not in st.posted:
             self._post_deferred_through(value)
-        posted = st.posted.pop(value)
+        incoming = st.posted.pop(value)
         start = st.now()
-        for work in posted.works:
-            self._wait(work, posted.action, posted.peer, describe(value), waiting_in=action)
+        leaves = incoming.leaves
+        if leaves is None:
+            posted = incoming.posted
+            self.wire.wait(posted, what=describe(value), doing=f"{incoming.action} (needed by {action})")
+            leaves = unpack(posted.body, HEADER_BYTES, incoming.shapes)
         st.waits.append(Event(self.rank, action, start, st.now()))
-        return Packet(posted.buffers, posted.signature) if value.kind is ACT else posted.buffers
+        return Packet(leaves, incoming.signature) if value.kind is ACT else leaves
+
+    # --- generation ----------------------------------------------------------------------------------
+    def _pass(self, action: Action) -> None:
+        st, s, g = self._step, action.stage, action.mb
+        if (s, g) in st.finished:
+            return
+        needs = received_input(action, self.num_stages)
+        x = keep = None
+        if needs is not None:
+            x, keep = (st.local.pop(needs) if self.stage_to_rank[needs.stage] == self.rank
+                       else self._receive_pass(needs, action))
+        start = st.now()
+        if keep is not None and keep.numel() == 0:  # the group has finished: pass that on, free its caches
+            st.finished.add((s, g))
+            st.passes.finish(s, g)
+            out = (None, keep) if s < self.num_stages - 1 else None
+        else:
+            out = st.passes.run(action, x, keep)
+        st.events.append(Event(self.rank, action, start, st.now()))
+        if out is not None:
+            st.local[produces(action)] = out
+        self.wire.reap()
+
+    def _receive_pass(self, value: Value, action: Action) -> tuple[Any, torch.Tensor | None]:
+        """A pass's input from another rank: envelopes arrive in the sender's order and say what they are."""
+        st = self._step
+        start = st.now()
+        link = st.links_in[self.stage_to_rank[value.stage]]
+        while value not in st.arrived:
+            envelope = link.receive(what=describe(value), doing=str(action))
+            if envelope is None:
+                raise CommError(f"{rank_name(self.transport, self.rank)}: {action} needs {describe(value)}, but "
+                                f"{rank_name(self.transport, link.peer)} closed its generation link before sending it")
+            st.arrived[envelope.value] = envelope
+        envelope = st.arrived.pop(value)
+        st.waits.append(Event(self.rank, action, start, st.now()))
+        x = unflatten(envelope.leaves, envelope.signature.spec) if envelope.signature is not None else None
+        return x, envelope.keep
+
+    def _close_links(self) -> None:
+        """End every outgoing link and check every incoming one ended: no envelope may come after the last
+        pass (and no receive may stay posted)."""
+        st = self._step
+        for peer, link in st.links_out.items():
+            self.wire.end(peer, link.capacity)
+        for peer, link in st.links_in.items():
+            envelope = link.receive(what="the end of generation", doing="closing the generation links")
+            if envelope is not None:
+                raise CommError(f"{rank_name(self.transport, self.rank)}: {describe(envelope.value)} came from "
+                                f"{rank_name(self.transport, peer)} after this rank's last pass that needs it")
 
     # --- transfers -----------------------------------------------------------------------------------
     def _signature(self, value: Value) -> Signature | None:
@@ -210,7 +308,7 @@ class Executor:
         return self._step.outputs.get((act.stage, act.mb)) or self._known.get((act.stage, self._step.keys[act.mb]))
 
     def _recv(self, action: Action) -> None:
-        value = message_of(action)
+        value = message_of(action, self.num_stages)
         peer = self.stage_to_rank[value.stage]
         deferred = self._step.deferred
         if deferred[peer] or self._signature(value) is None:
@@ -239,70 +337,58 @@ class Executor:
 
     def _post_recv(self, value: Value, action: Action, peer: int) -> None:
         signature = self._signature(value)
-        if signature is None:
+        if signature is None:  # the first time these shapes cross: the envelope brings them (size unknown)
             if value.kind is not ACT:
                 raise CommError(f"{rank_name(self.transport, self.rank)}: {action} receives {describe(value)} "
                                 "before this rank computed the activation it belongs to; the schedule is invalid")
-            signature = self._recv_signature(value, action, peer)
+            header, body = self.wire.take(self.wire.post(peer, MIN_CAPACITY), what=f"the shapes of {describe(value)}",
+                                          doing=str(action))
+            envelope = self.wire.open(peer, header, body)
+            self._known[(value.stage, self._step.keys[value.mb])] = envelope.signature
+            self._step.posted[value] = _Incoming(envelope.signature, action, leaves=envelope.leaves)
+            return
         shapes = signature.leaves if value.kind is ACT else [signature.leaves[i] for i in signature.grad_leaves]
-        buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype, _ in shapes]
-        works = [self.transport.irecv(buffer, peer) for buffer in buffers]
-        self._step.posted[value] = _Posted(works, buffers, signature, action, peer)
-
-    def _recv_signature(self, value: Value, action: Action, peer: int) -> Signature:
-        what = f"the shapes of {describe(value)}"
-        length = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._wait(self.transport.irecv(length, peer), action, peer, what)
-        data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
-        self._wait(self.transport.irecv(data, peer), action, peer, what)
-        signature = Signature.from_bytes(data)
-        self._known[(value.stage, self._step.keys[value.mb])] = signature
-        return signature
+        posted = self.wire.post(peer, envelope_size(shapes))
+        self._step.posted[value] = _Incoming(signature, action, posted, shapes)
 
     def _send(self, action: Action) -> None:
-        value = message_of(action)
-        peer = self.stage_to_rank[consumer_stage(value)]
-        payload = self._step.local.pop(value)
+        st = self._step
+        value = message_of(action, self.num_stages)
+        peer = self.stage_to_rank[consumer(value, self.num_stages)[0]]
+        if value.kind is PASS:
+            out = st.local.pop(value, None)
+            if out is not None:  # (none: the group finished before this pass)
+                tree, keep = out
+                leaves, signature = [], None
+                if tree is not None:
+                    leaves, spec = flatten(tree, what="a generation value")
+                    signature = Signature.of(leaves, spec)
+                link = st.links_out[peer]
+                link.sent(self.wire.send(peer, value, leaves, signature=signature, keep=keep, capacity=link.capacity,
+                                         doing=str(action)))
+            return
+        payload = st.local.pop(value)
         if isinstance(payload, Packet):
-            self._send_signature_if_new(value, payload.signature, action, peer)
-            tensors = payload.leaves
+            known = self._check_known(value, payload.signature, action)
+            self.wire.send(peer, value, payload.leaves, signature=payload.signature,
+                           capacity=None if known else MIN_CAPACITY, doing=str(action))
         else:
-            tensors = payload
-        for tensor in tensors:
-            tensor = tensor.contiguous()
-            self._step.sends.append((self._post_send(tensor, peer, action), tensor, action, peer))
+            self.wire.send(peer, value, payload, doing=str(action))
 
-    def _send_signature_if_new(self, value: Value, signature: Signature, action: Action, peer: int) -> None:
+    def _check_known(self, value: Value, signature: Signature, action: Action) -> bool:
+        """Whether the receiver knows this output's shapes (from an earlier microbatch of the same shape key);
+        learns them if not."""
         key = (value.stage, self._step.keys[value.mb])
         known = self._known.get(key)
         if known is None:
-            data = signature.to_bytes().to(self.device)
-            for tensor in (torch.tensor([data.numel()], dtype=torch.int64, device=self.device), data):
-                self._step.sends.append((self._post_send(tensor, peer, action), tensor, action, peer))
             self._known[key] = signature
-        elif known != signature:
+            return False
+        if known != signature:
             raise ValueError(f"{action}: stage {value.stage}'s output for microbatch {value.mb} is "
                              f"{signature.describe()}, but an earlier microbatch with the same input shapes gave "
                              f"{known.describe()}. The shapes between stages must follow from the shapes of the "
                              "microbatch, not from its values: pad data-dependent sizes to a fixed bound")
-
-    def _post_send(self, tensor: torch.Tensor, peer: int, action: Action) -> Work:
-        try:
-            return self.transport.isend(tensor, peer)
-        except CommError as err:  # a peer that closed its connection: say which action found out
-            raise CommError(f"{action}: {err}") from err
-
-    def _reap_sends(self) -> None:
-        """Drop finished sends so their tensors can be freed."""
-        st = self._step
-        if st.sends:
-            st.sends = [s for s in st.sends if not s[0].is_completed()]
-
-    def _wait(self, work: Work, action: Action | str, peer: int, what: str, *,
-              waiting_in: Action | None = None) -> None:
-        inside = f" (needed by {waiting_in})" if waiting_in is not None else ""
-        wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=peer, what=what,
-                      doing=f"{action}{inside}")
+        return True
 
     # --- loss ----------------------------------------------------------------------------------------
     def _partials(self) -> torch.Tensor:
@@ -329,14 +415,15 @@ class Executor:
 def gather_timeline(step: RankStep, transport: Transport, timeout: float, dst: int = 0) -> Timeline | None:
     """Every rank's measured `step` as one Timeline on rank `dst` (None elsewhere); collective. Two sums over
     the ranks: the row counts, then the rows, each rank filling its own slice of a zero matrix."""
-    rows = [[e.action.stage, _OPS.index(e.action.op), e.action.mb, e.start + step.t0, e.end + step.t0, kind]
+    rows = [[e.action.stage, _OPS.index(e.action.op), e.action.mb, e.action.round, e.start + step.t0,
+             e.end + step.t0, kind]
             for kind, events in ((0, step.events + step.comms), (1, step.waits)) for e in events]
     world = transport.world_size
     head = torch.zeros(world, 3, dtype=torch.float64, device=transport.device)
     head[transport.rank] = torch.tensor([len(rows), step.step_time, step.t0], dtype=torch.float64)
     transport.all_reduce(head, timeout)
     counts = [int(n) for n in head[:, 0].tolist()]
-    body = torch.zeros(sum(counts), 6, dtype=torch.float64, device=transport.device)
+    body = torch.zeros(sum(counts), 7, dtype=torch.float64, device=transport.device)
     first = sum(counts[:transport.rank])
     if rows:
         body[first:first + len(rows)] = torch.tensor(rows, dtype=torch.float64)
@@ -347,8 +434,8 @@ def gather_timeline(step: RankStep, transport: Transport, timeout: float, dst: i
     step_times = [float(t0 + length - origin) for _, length, t0 in head.tolist()]
     events, waits = [], []
     for r, (start, n) in enumerate(zip([sum(counts[:r]) for r in range(world)], counts, strict=True)):
-        for stage, op, mb, begin, end, kind in body[start:start + n].tolist():
-            event = Event(r, Action(int(stage), _OPS[int(op)], int(mb)), begin - origin, end - origin)
+        for stage, op, mb, round_, begin, end, kind in body[start:start + n].tolist():
+            event = Event(r, Action(int(stage), _OPS[int(op)], int(mb), int(round_)), begin - origin, end - origin)
             (waits if kind else events).append(event)
     return Timeline(world, tuple(sorted(events, key=lambda e: (e.rank, e.start, e.end))),
                     tuple(sorted(waits, key=lambda e: (e.rank, e.start))), tuple(step_times))

@@ -1,4 +1,4 @@
-"""Actions (`1F0`, `3I7`, `2SEND_F0`) and the data dependencies between them, defined once."""
+"""Actions (`1F0`, `3I7`, `2SEND_F0`, `1D3@7`) and the data dependencies between them, defined once."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 
 class Op(enum.Enum):
-    """What an action does. F/B/I/W compute; SEND_*/RECV_* move one tensor between ranks."""
+    """What an action does. F/B/I/W train and P/D generate (compute); SEND_*/RECV_* move one value between ranks."""
 
     F = "F"  # forward of one stage on one microbatch
     B = "B"  # full backward (input and weight gradients)
@@ -19,6 +19,10 @@ class Op(enum.Enum):
     RECV_F = "RECV_F"  # receive this stage's input activation from stage - 1
     SEND_B = "SEND_B"  # send the gradient of this stage's input to stage - 1
     RECV_B = "RECV_B"  # receive the gradient of this stage's output from stage + 1
+    P = "P"  # generation: a prefill pass of one group of sequences (a piece of their prompts) through one stage
+    D = "D"  # generation: a decode pass (the tokens the last stage picked in the round before)
+    SEND_P = "SEND_P"  # send a generation pass's output to the stage that runs the group's next pass
+    RECV_P = "RECV_P"  # receive this stage's generation input (from stage - 1, or from the last stage)
 
     # (the simulator asks these millions of times: string lookups, not enum hashing)
     @property
@@ -30,21 +34,30 @@ class Op(enum.Enum):
         return self._value_ not in _COMPUTE
 
 
-_COMPUTE = frozenset({"F", "B", "I", "W"})
+_COMPUTE = frozenset({"F", "B", "I", "W", "P", "D"})
+SENDS = frozenset({"SEND_F", "SEND_B", "SEND_P"})  # Op values: `action.op._value_ in SENDS`
+RECVS = frozenset({"RECV_F", "RECV_B", "RECV_P"})
+_ROUNDS = frozenset({"P", "D", "SEND_P", "RECV_P"})  # the generation ops, whose actions have a round
 
 
-_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)$")
+_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|SEND_P|RECV_P|F|B|I|W|P|D)(\d+)(?:@(\d+))?$")
 
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """One step of one rank: `stage`, `op`, microbatch `mb`. Prints as `1F0` and parses back."""
+    """One step of one rank: `stage`, `op`, microbatch `mb`. Prints as `1F0` and parses back.
+
+    Generation's actions run group `mb` of sequences through `stage` in `round` (its prefill pieces, then
+    one round per new token) and print with it: `1D3@7` is stage 1 decoding group 3 in round 7."""
 
     stage: int
     op: Op
     mb: int
+    round: int = 0
 
     def __str__(self) -> str:
+        if self.op._value_ in _ROUNDS:
+            return f"{self.stage}{self.op.value}{self.mb}@{self.round}"
         return f"{self.stage}{self.op.value}{self.mb}"
 
     def __repr__(self) -> str:
@@ -56,9 +69,14 @@ class Action:
         if match is None:
             raise ValueError(
                 f"cannot parse action {text!r}: expected {{stage}}{{op}}{{microbatch}} such as '1F0', "
-                f"'3I7' or '2SEND_F0' (ops: {', '.join(op.value for op in Op)})"
+                f"'3I7' or '2SEND_F0', or {{stage}}{{op}}{{group}}@{{round}} such as '1D3@7' "
+                f"(ops: {', '.join(op.value for op in Op)})"
             )
-        return Action(int(match.group(1)), Op(match.group(2)), int(match.group(3)))
+        op, rounds = Op(match.group(2)), match.group(4)
+        if (rounds is not None) != (op._value_ in _ROUNDS):
+            raise ValueError(f"cannot parse action {text!r}: generation ops ({', '.join(sorted(_ROUNDS))}) and only "
+                             "they take a round, written @round (e.g. '1D3@7')")
+        return Action(int(match.group(1)), op, int(match.group(3)), int(rounds or 0))
 
 
 def F(stage: int, mb: int) -> Action:  # noqa: N802 - reads like the printed form
@@ -77,6 +95,14 @@ def W(stage: int, mb: int) -> Action:  # noqa: N802
     return Action(stage, Op.W, mb)
 
 
+def P(stage: int, group: int, round: int) -> Action:  # noqa: N802, A002
+    return Action(stage, Op.P, group, round)
+
+
+def D(stage: int, group: int, round: int) -> Action:  # noqa: N802, A002
+    return Action(stage, Op.D, group, round)
+
+
 # --- data dependencies ------------------------------------------------------------------------------
 # Every compute action produces one value and consumes a few. The functions below are the single
 # definition of the dependencies, used by the checker, the lowering pass, the simulator, zb-auto, `compare`,
@@ -86,6 +112,11 @@ def W(stage: int, mb: int) -> Action:  # noqa: N802
 #     forward ACT(s, m) and, when s is not the last stage, GRAD(s+1, m).
 #   W(s, m) produces WGRAD(s, m) and consumes GRAD(s, m) from I(s, m) on the same stage.
 # Between stages ACT goes down (to s+1) and GRAD goes up (to s-1); a GRAD(s, m) has the shapes of ACT(s-1, m).
+# Generation: group g's pass through stage s in round t, P(s, g, t) (prefill) or D(s, g, t) (decode), produces
+#   PASS(s, g, t): hidden states for stage s+1, or from the last stage the picked tokens for stage 0's next
+#   round. It consumes PASS(s-1, g, t) when s > 0; at stage 0 a D consumes the last stage's PASS of round
+#   t-1 (a P takes a piece of the prompts instead); and every pass after round 0 consumes its own stage's
+#   PASS(s, g, t-1), which stands for the KV cache that pass extended.
 
 
 class Kind(str, enum.Enum):
@@ -94,51 +125,68 @@ class Kind(str, enum.Enum):
     ACT = "act"  # a stage's output activation
     GRAD = "grad"  # the gradient of a stage's input
     WGRAD = "wgrad"  # a stage's weight gradients for one microbatch
+    PASS = "pass"  # a generation pass's output (hidden states, or the last stage's picked tokens)
 
 
 class Value(NamedTuple):
-    """One value of the dataflow: `kind` of stage `stage` for microbatch `mb`."""
+    """One value of the dataflow: `kind` of stage `stage` for microbatch `mb` (generation: group `mb`, `round`)."""
 
     kind: Kind
     stage: int
     mb: int
+    round: int = 0
 
     def __str__(self) -> str:
         return describe(self)
 
 
-ACT, GRAD, WGRAD = Kind.ACT, Kind.GRAD, Kind.WGRAD
-_PRODUCES = {"F": ACT, "B": GRAD, "I": GRAD, "W": WGRAD}
+ACT, GRAD, WGRAD, PASS = Kind.ACT, Kind.GRAD, Kind.WGRAD, Kind.PASS
+_PRODUCES = {"F": ACT, "B": GRAD, "I": GRAD, "W": WGRAD, "P": PASS, "D": PASS}
 
 
-_new = tuple.__new__  # _new(Value, (kind, stage, mb)) is Value(kind, stage, mb) without its Python-level
-#                       __new__: these functions are the simulator's hot path
+_new = tuple.__new__  # _new(Value, (kind, stage, mb, round)) is Value(kind, stage, mb, round) without its
+#                       Python-level __new__: these functions are the simulator's hot path
 
 
 def produces(action: Action) -> Value:
-    return _new(Value, (_PRODUCES[action.op._value_], action.stage, action.mb))
+    return _new(Value, (_PRODUCES[action.op._value_], action.stage, action.mb, action.round))
 
 
 def consumes(action: Action, num_stages: int) -> list[Value]:
-    s, m = action.stage, action.mb
-    if action.op is Op.F:
-        return [_new(Value, (ACT, s - 1, m))] if s > 0 else []
-    if action.op in (Op.B, Op.I):
-        needs = [_new(Value, (ACT, s, m))]
+    """Every value `action` needs: its data input (`received_input`) and what it needs from its own stage."""
+    s, m, op = action.stage, action.mb, action.op
+    if op is Op.F:
+        return [_new(Value, (ACT, s - 1, m, 0))] if s > 0 else []
+    if op is Op.B or op is Op.I:
         if s < num_stages - 1:
-            needs.append(_new(Value, (GRAD, s + 1, m)))
+            return [_new(Value, (ACT, s, m, 0)), _new(Value, (GRAD, s + 1, m, 0))]
+        return [_new(Value, (ACT, s, m, 0))]
+    if op is Op.W:
+        return [_new(Value, (GRAD, s, m, 0))]
+    if op is Op.P or op is Op.D:
+        data = received_input(action, num_stages)
+        needs = [data] if data is not None else []
+        t = action.round
+        if t > 0 and data != (PASS, s, m, t - 1):  # (one stage: a D's tokens come from its own last round)
+            needs.append(_new(Value, (PASS, s, m, t - 1)))
         return needs
-    if action.op is Op.W:
-        return [_new(Value, (GRAD, s, m))]
     raise ValueError(f"{action} is not a compute action")
 
 
 def received_input(action: Action, num_stages: int) -> Value | None:
-    """The value a compute action takes from another stage (F: the previous stage's output; B and I: the
-    next stage's input gradient), or None (the first stage's F, the last stage's B, every W)."""
-    for value in consumes(action, num_stages):
-        if value.stage != action.stage:
-            return value
+    """The value a compute action computes on, from another stage or (generation) another round: F: the
+    previous stage's output; B and I: the next stage's input gradient; P and D: the previous stage's pass,
+    and at stage 0 a D's the last stage's tokens of the round before. None: the first stage's F (the
+    microbatch) and P (the prompts), the last stage's B, every W."""
+    s, op = action.stage, action.op
+    if op is Op.F:
+        return _new(Value, (ACT, s - 1, action.mb, 0)) if s > 0 else None
+    if op is Op.B or op is Op.I:
+        return _new(Value, (GRAD, s + 1, action.mb, 0)) if s < num_stages - 1 else None
+    if op is Op.P or op is Op.D:
+        if s > 0:
+            return _new(Value, (PASS, s - 1, action.mb, action.round))
+        return _new(Value, (PASS, num_stages - 1, action.mb, action.round - 1)) if op is Op.D else None
     return None
 
 
@@ -154,37 +202,55 @@ def shaped_like(value: Value) -> Value:
 
 def describe(value: Value) -> str:
     """A value in words, for error messages: `the output of stage 1 for microbatch 3 (1F3)`."""
-    kind, stage, mb = value
+    kind, stage, mb, t = value
     if kind is ACT:
         return f"the output of stage {stage} for microbatch {mb} ({stage}F{mb})"
     if kind is GRAD:
         return f"the input gradient of stage {stage} for microbatch {mb} ({stage}B{mb} or {stage}I{mb})"
+    if kind is PASS:
+        return f"the output of stage {stage} for group {mb} in round {t} ({stage}P{mb}@{t} or {stage}D{mb}@{t})"
     return f"the weight gradient of stage {stage} for microbatch {mb} ({stage}W{mb})"
 
 
-_MESSAGE = {"SEND_F": (ACT, 0), "RECV_F": (ACT, -1), "SEND_B": (GRAD, 0), "RECV_B": (GRAD, 1)}
-
-
-def message_of(action: Action) -> Value:
+def message_of(action: Action, num_stages: int) -> Value:
     """The value a SEND/RECV action carries (the value is produced by the sending stage)."""
-    kind, offset = _MESSAGE[action.op._value_]
-    return _new(Value, (kind, action.stage + offset, action.mb))
+    op, s, m = action.op._value_, action.stage, action.mb
+    if op == "SEND_F" or op == "SEND_B" or op == "SEND_P":
+        return _new(Value, (_SENT[op], s, m, action.round))
+    if op == "RECV_F":
+        return _new(Value, (ACT, s - 1, m, 0))
+    if op == "RECV_B":
+        return _new(Value, (GRAD, s + 1, m, 0))
+    if s > 0:  # RECV_P
+        return _new(Value, (PASS, s - 1, m, action.round))
+    return _new(Value, (PASS, num_stages - 1, m, action.round - 1))
 
 
-def recv_action_for(value: Value) -> Action:
+_SENT = {"SEND_F": ACT, "SEND_B": GRAD, "SEND_P": PASS}
+
+
+def consumer(value: Value, num_stages: int) -> tuple[int, int] | None:
+    """The other stage that consumes a value, and in which round: ACT goes down, GRAD goes up (round 0);
+    a PASS goes down, the last stage's back to stage 0 for the next round; WGRAD stays (None). The stage may
+    be out of range: the last stage's ACT and the first stage's GRAD go nowhere."""
+    kind, s, _, t = value
+    if kind is ACT:
+        return s + 1, 0
+    if kind is GRAD:
+        return s - 1, 0
+    if kind is PASS:
+        return (s + 1, t) if s < num_stages - 1 else (0, t + 1)
+    return None
+
+
+def recv_action_for(value: Value, num_stages: int) -> Action:
     """The RECV action, on the consuming stage, that brings `value` in."""
-    kind, s, m = value
-    return Action(s + 1, Op.RECV_F, m) if kind is ACT else Action(s - 1, Op.RECV_B, m)
+    stage, t = consumer(value, num_stages)
+    op = Op.RECV_F if value.kind is ACT else Op.RECV_B if value.kind is GRAD else Op.RECV_P
+    return Action(stage, op, value.mb, t)
 
 
 def send_action_for(value: Value) -> Action:
     """The SEND action, on the producing stage, that ships `value` out."""
-    kind, s, m = value
-    return Action(s, Op.SEND_F, m) if kind is ACT else Action(s, Op.SEND_B, m)
-
-
-def consumer_stage(value: Value) -> int | None:
-    """The other stage that consumes a value (ACT goes down, GRAD goes up; WGRAD stays: None). It may be
-    out of range: the last stage's ACT and the first stage's GRAD go nowhere."""
-    kind = value.kind
-    return value.stage + 1 if kind is ACT else value.stage - 1 if kind is GRAD else None
+    kind, s, m, t = value
+    return Action(s, Op.SEND_F if kind is ACT else Op.SEND_B if kind is GRAD else Op.SEND_P, m, t)

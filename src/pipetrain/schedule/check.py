@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from .actions import Op, message_of
+from .actions import SENDS, Op, consumer, message_of
 from .base import Schedule, ScheduleError
 from .lowering import lower, message_order
 
@@ -51,6 +51,8 @@ def _check_placement(s: Schedule) -> None:
 
 
 def _check_counts(s: Schedule) -> None:
+    if any(a.op is Op.P or a.op is Op.D for acts in s.actions for a in acts):
+        return _check_rounds(s)
     counts = Counter((a.stage, a.op, a.mb) for acts in s.actions for a in acts if a.op.is_compute)
     backward = s.has_backward
     for stage in range(s.num_stages):
@@ -69,6 +71,38 @@ def _check_counts(s: Schedule) -> None:
                                     f"(B: {n[Op.B]}, I: {n[Op.I]}); it must run exactly once, as B or as I+W")
 
 
+def _check_rounds(s: Schedule) -> None:
+    """A generation schedule: every group runs the same rounds 0, 1, ... on every stage, each once, prefill
+    (P) rounds first, and nothing else."""
+    seen: dict[tuple[int, int], dict[int, Op]] = defaultdict(dict)
+    for rank, acts in enumerate(s.actions):
+        for a in acts:
+            if not a.op.is_compute:
+                continue
+            if a.op is not Op.P and a.op is not Op.D:
+                raise ScheduleError(f"rank {rank}: {a} in a generation schedule; it holds P and D passes only")
+            if a.round in seen[(a.stage, a.mb)]:
+                raise ScheduleError(f"stage {a.stage} (rank {rank}), group {a.mb}: round {a.round} runs twice")
+            seen[(a.stage, a.mb)][a.round] = a.op
+    for group in range(s.num_microbatches):
+        want = None
+        for stage in range(s.num_stages):
+            ops = [seen[(stage, group)].get(t) for t in range(len(seen[(stage, group)]))]
+            where = f"stage {stage} (rank {s.stage_to_rank[stage]}), group {group}"
+            if None in ops or not ops:
+                raise ScheduleError(f"{where}: runs rounds {sorted(seen[(stage, group)])}; it must run rounds "
+                                    "0, 1, 2, ... without a gap")
+            first_decode = ops.index(Op.D) if Op.D in ops else len(ops)
+            if first_decode == 0 or Op.P in ops[first_decode:]:
+                raise ScheduleError(f"{where}: rounds {''.join(op.value for op in ops)}; a group's prefill (P) "
+                                    "rounds come first, then its decode (D) rounds")
+            if want is None:
+                want = ops
+            elif ops != want:
+                raise ScheduleError(f"{where}: rounds {''.join(op.value for op in ops)}, but stage 0 runs "
+                                    f"{''.join(op.value for op in want)}; every stage runs a group's rounds alike")
+
+
 def _check_transfers(s: Schedule) -> None:
     expected = message_order(s.compute_only())
     sends: dict[tuple[int, int], list] = defaultdict(list)
@@ -77,10 +111,12 @@ def _check_transfers(s: Schedule) -> None:
         for a in acts:
             if a.op.is_compute:
                 continue
-            value = message_of(a)
-            if a.op in (Op.SEND_F, Op.SEND_B):
-                peer = s.stage_to_rank[a.stage + (1 if a.op is Op.SEND_F else -1)]
-                sends[(rank, peer)].append(value)
+            value = message_of(a, s.num_stages)
+            if a.op.value in SENDS:
+                target = consumer(value, s.num_stages)[0]
+                if not 0 <= target < s.num_stages:
+                    raise ScheduleError(f"rank {rank}: {a} sends {value} to stage {target}, which does not exist")
+                sends[(rank, s.stage_to_rank[target])].append(value)
             else:
                 peer = s.stage_to_rank[value.stage]
                 recvs[(peer, rank)].append(value)

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .actions import Action, Op, Value, message_of, received_input
+from .actions import RECVS, SENDS, Action, Op, Value, message_of, received_input
 from .base import Schedule
 from .lowering import lower
 from .simulate import Costs, SimResult, run_dataflow, simulate
@@ -130,10 +130,10 @@ def _transfer_time(steps: Sequence[Timeline], num_stages: int) -> float:
         sent: dict[Value, float] = {}
         posted: dict[tuple[int, Value], float] = {}
         for e in step.events:
-            if e.action.op in (Op.SEND_F, Op.SEND_B):
-                sent[message_of(e.action)] = e.end
-            elif e.action.op in (Op.RECV_F, Op.RECV_B):
-                posted[(e.rank, message_of(e.action))] = e.end
+            if e.action.op.value in SENDS:
+                sent[message_of(e.action, num_stages)] = e.end
+            elif e.action.op.value in RECVS:
+                posted[(e.rank, message_of(e.action, num_stages))] = e.end
         for wait in step.waits:
             a = wait.action
             value = received_input(a, num_stages)

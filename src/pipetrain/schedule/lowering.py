@@ -4,28 +4,51 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .actions import Action, Value, consumer_stage, consumes, produces, recv_action_for, send_action_for
+from .actions import PASS, Action, Value, consumer, consumes, produces, recv_action_for, send_action_for
 from .base import Schedule, _replace
 
 
-def crossing_value(action: Action, schedule: Schedule) -> tuple[Value, int] | None:
-    """If `action` produces a value that another rank consumes, return (value, consumer rank)."""
+def crossing_value(action: Action, schedule: Schedule,
+                   rounds: dict[tuple[int, int], tuple[int, int]]) -> tuple[Value, int] | None:
+    """If `action` produces a value that another rank consumes, return (value, consumer rank). `rounds`
+    (`generation_rounds`) says which rounds each (stage, group) of a generation schedule runs: the last
+    stage's pass feeds stage 0's next round only if that round decodes."""
     if not action.op.is_compute:
         return None
     value = produces(action)
-    target = consumer_stage(value)
-    if target is None or not 0 <= target < schedule.num_stages:
+    target = consumer(value, schedule.num_stages)
+    if target is None or not 0 <= target[0] < schedule.num_stages:
         return None
-    src, dst = schedule.stage_to_rank[action.stage], schedule.stage_to_rank[target]
+    if value.kind is PASS:
+        first_decode, end = rounds.get((target[0], value.mb), (0, 0))
+        if target[1] >= end or (target[0] == 0 and target[1] < first_decode):
+            return None
+    src, dst = schedule.stage_to_rank[action.stage], schedule.stage_to_rank[target[0]]
     return (value, dst) if src != dst else None
+
+
+def generation_rounds(schedule: Schedule) -> dict[tuple[int, int], tuple[int, int]]:
+    """(stage, group) -> (its prefill rounds, its rounds), from a generation schedule's P/D actions (empty for
+    training). Prefill rounds come first (`check`), so the first decode round is the number of P rounds."""
+    prefill: dict[tuple[int, int], int] = defaultdict(int)
+    end: dict[tuple[int, int], int] = defaultdict(int)
+    for acts in schedule.actions:
+        for a in acts:
+            op = a.op._value_
+            if op == "P" or op == "D":
+                key = (a.stage, a.mb)
+                prefill[key] += op == "P"
+                end[key] = max(end[key], a.round + 1)
+    return {key: (prefill[key], end[key]) for key in end}
 
 
 def message_order(schedule: Schedule) -> dict[tuple[int, int], list[Value]]:
     """For each (sender rank, receiver rank), the values in the order the sender produces them."""
     order: dict[tuple[int, int], list[Value]] = defaultdict(list)
+    rounds = generation_rounds(schedule)
     for rank, acts in enumerate(schedule.actions):
         for action in acts:
-            crossing = crossing_value(action, schedule)
+            crossing = crossing_value(action, schedule, rounds)
             if crossing is not None:
                 order[(rank, crossing[1])].append(crossing[0])
     return order
@@ -61,6 +84,7 @@ def _lower_rank(rank: int, acts: tuple[Action, ...], schedule: Schedule,
                 order: dict[tuple[int, int], list[Value]], incoming: list[tuple[int, int]],
                 prefetch: int) -> list[Action]:
     needed_by = _remote_needs(rank, acts, schedule)
+    rounds = generation_rounds(schedule)
     next_pos = {pair: 0 for pair in incoming}
     source_of = {v: (pair, i) for pair in incoming for i, v in enumerate(order[pair])}
     out: list[Action] = []
@@ -71,7 +95,7 @@ def _lower_rank(rank: int, acts: tuple[Action, ...], schedule: Schedule,
             return
         pair, position = source_of[value]
         while next_pos[pair] <= position:
-            out.append(recv_action_for(order[pair][next_pos[pair]]))
+            out.append(recv_action_for(order[pair][next_pos[pair]], schedule.num_stages))
             next_pos[pair] += 1
 
     for i, action in enumerate(acts):
@@ -79,7 +103,7 @@ def _lower_rank(rank: int, acts: tuple[Action, ...], schedule: Schedule,
             for value in needed_by[j]:
                 post_through(value)
         out.append(action)
-        crossing = crossing_value(action, schedule)
+        crossing = crossing_value(action, schedule, rounds)
         if crossing is not None:
             out.append(send_action_for(crossing[0]))
     return out

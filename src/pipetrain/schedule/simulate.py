@@ -6,7 +6,7 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .actions import Action, Op, Value, consumes, describe, message_of, produces
+from .actions import RECVS, SENDS, Action, Op, Value, consumes, describe, message_of, produces
 from .base import Schedule, ScheduleError, format_table
 from .lowering import lower
 from .timeline import Event, RankStats, Timeline
@@ -33,7 +33,7 @@ class Costs:
         def pick(cost: PerStage) -> float:
             return float(cost) if isinstance(cost, int | float) else float(cost[action.stage])
 
-        if action.op is Op.F:
+        if action.op is Op.F or action.op is Op.P or action.op is Op.D:  # a generation pass: a forward
             return pick(self.f)
         if action.op is Op.I:
             return pick(self.b)
@@ -96,14 +96,14 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
             if a.op.is_comm and (posting := costs.of(a)) > 0:
                 events.append(Event(r, a, clock[r], clock[r] + posting))
                 clock[r] += posting
-            if a.op in (Op.SEND_F, Op.SEND_B):
-                value = message_of(a)
+            if a.op._value_ in SENDS:
+                value = message_of(a, num_stages)
                 if value not in done:
                     raise fail(r, f"sends {describe(value)} before computing it")
                 sent[value] = clock[r]
                 ready.extend(waiting.pop(value, ()))
-            elif a.op in (Op.RECV_F, Op.RECV_B):
-                posted[(r, message_of(a))] = clock[r]
+            elif a.op._value_ in RECVS:
+                posted[(r, message_of(a, num_stages))] = clock[r]
             else:
                 start, missing = clock[r], None
                 for value in consumes(a, num_stages):

@@ -1,0 +1,109 @@
+"""`Pipeline.generate`: checks the call on every rank, builds its circulation schedule (checked like any
+schedule), and hands the lowered actions and the passes (`generation.passes`) to the pipeline's executor."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..generation.passes import PREFILL_CHUNK, RankPasses, checked_prompts
+from ..generation.sampling import Sampling
+from ..runtime.comm import fail_together, rank_name
+from ..runtime.executor import Executor, RankStep
+from ..schedule import check, circulation, lower
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generate call on this rank: its new tokens (and log-probabilities) for every prompt, what it
+    measured, and its groups (prompt indices, in circulation order)."""
+
+    tokens: list[torch.Tensor]
+    logprobs: list[torch.Tensor] | None
+    step: RankStep
+    groups: list[list[int]]
+
+
+def generate(pipe, executor: Executor, prompts: Sequence[torch.Tensor], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | None = None, seed: int | None = None, num_groups: int | None = None,
+             prefill_chunk: int = PREFILL_CHUNK, return_logprobs: bool = False) -> Generation:
+    """`Pipeline.generate` (documented there) on `pipe`'s stages, run by `executor`."""
+    prompts = checked_prompts(prompts, max_new_tokens)
+    sampling = Sampling(temperature, top_k, top_p)
+    world, num_stages = pipe.transport.world_size, pipe.schedule.num_stages
+    if num_groups is None:
+        num_groups = 1 if world == 1 else max(2 * world, num_stages)
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
+    num_groups = min(num_groups, len(prompts))
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per prefill pass), got {prefill_chunk!r}")
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"return_logprobs must be True or False, got {return_logprobs!r}")
+    agree(pipe, prompts, max_new_tokens, (temperature, top_k, top_p, eos_token_id, seed, num_groups, return_logprobs))
+    if seed is None:
+        seed = int(torch.randint(2**31 - 1, ()))  # only the last stage's rank draws tokens
+    modes = [(m, m.training) for stage in pipe.stages.values() for m in stage.module.modules()]
+    for stage in pipe.stages.values():
+        stage.module.eval()
+    try:
+        passes = RankPasses(pipe.stages, num_stages, prompts, max_new_tokens, sampling, eos_token_id, seed,
+                            num_groups, prefill_chunk, pipe.device, return_logprobs)
+        schedule = circulation(pipe.schedule.stage_to_rank, prefill_rounds=passes.prefill_rounds,
+                               rounds=passes.rounds)
+        check(schedule)
+        step = executor.run_passes(lower(schedule).actions[pipe.rank], passes, history=num_groups)
+        tokens = _shared(pipe, passes.out, torch.int64, max_new_tokens)
+        logprobs = None
+        if passes.logprobs is not None:
+            logprobs = [t.float() for t in _shared(pipe, passes.logprobs, torch.float64, max_new_tokens)]
+        return Generation(tokens, logprobs, step, passes.groups)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _shared(pipe, rows: list[list], dtype: torch.dtype, width: int) -> list[torch.Tensor]:
+    """`rows` as the last stage's rank has them, on every rank (one all-reduce of a padded table)."""
+    n = len(rows)
+    table = torch.zeros(n, width + 1, dtype=dtype, device=pipe.transport.device)
+    if pipe.schedule.num_stages - 1 in pipe.stages:
+        for i, row in enumerate(rows):
+            table[i, 0] = len(row)
+            table[i, 1:1 + len(row)] = torch.tensor(row, dtype=dtype)
+    pipe.transport.all_reduce(table, pipe.timeout)
+    table = table.cpu()
+    return [table[i, 1:1 + int(table[i, 0])].clone() for i in range(n)]
+
+
+def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tuple) -> None:
+    """Fail on every rank, before any generation traffic, if a rank's layers cannot generate or the ranks
+    were given different prompts or settings (one all-reduce, `fail_together`)."""
+    missing = [i for i, layer in pipe.layers.items() if not callable(getattr(layer, "forward_cached", None))]
+    error = None
+    if missing:
+        names = ", ".join(f"{i} ({type(pipe.layers[i]).__name__})" for i in missing)
+        error = TypeError(f"{rank_name(pipe.transport, pipe.rank)}: layers {names} have no forward_cached(x, cache): "
+                          "every layer must implement the cache protocol to generate (pipetrain.generation.kv_cache; "
+                          "the reference GPT and Llama and from_hf layers do)")
+    fingerprint = [len(prompts), sum(len(p) for p in prompts), sum(int(p.sum()) % 1_000_003 for p in prompts),
+                   max_new_tokens, zlib.crc32(repr(settings).encode())]
+    world = pipe.transport.world_size
+    table = torch.zeros(world, len(fingerprint), dtype=torch.float64)  # (exact: every entry < 2**53)
+    table[pipe.rank] = torch.tensor(fingerprint, dtype=torch.float64)
+
+    def sum_all(tensor: torch.Tensor) -> torch.Tensor:
+        return pipe.transport.all_reduce(tensor.to(pipe.transport.device), pipe.timeout)
+
+    table = fail_together(error, rank=pipe.rank, world_size=world, sum_all=sum_all, payload=table,
+                          what="generate() (layers without forward_cached(x, cache), the cache protocol)",
+                          name=lambda r: rank_name(pipe.transport, r))
+    differ = [r for r in range(world) if not torch.equal(table[r], table[pipe.rank])]
+    if differ:
+        raise ValueError(f"generate() got different prompts or settings on {rank_name(pipe.transport, differ[0])} "
+                         f"than on {rank_name(pipe.transport, pipe.rank)}: call it on every rank with the same "
+                         "arguments")
