@@ -38,6 +38,16 @@ def test_simulate_rejects_bad_sizes_with_the_fix(capsys):
         main(["simulate", "--schedule", "1f1b", "--ranks", "0", "--microbatches", "2"])
 
 
+def test_train_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    entries = {" ".join(e.split()).split(" ")[0]: " ".join(e.split())
+               for e in re.split(r"\n  (?=--)", capsys.readouterr().out)}  # one per option
+    for flag, default in [("--schedule", "1f1b"), ("--lr", "0.001"), ("--microbatches", "4"), ("--preset", "tiny")]:
+        assert entries[flag].endswith(f"(default: {default})"), entries[flag]
+
+
 def test_console_script_is_installed():
     out = subprocess.run([str(Path(sys.executable).parent / "pipetrain"), "simulate", "--schedule", "gpipe",
                           "--ranks", "2", "--microbatches", "4", "--json"], capture_output=True, text=True, check=True)

@@ -85,6 +85,11 @@ def test_the_unpinned_search_tries_every_registered_schedule_not_built_from_cost
     assert searched == {name for name in names() if "costs" not in options(name)}  # zb-auto: when pinned
 
 
+def test_asking_fewer_plans_lists_the_first_of_the_same_ranking():
+    model, cluster = MODELS["llama3-8b"], CLUSTERS["a100-3k"]  # (simulating top + 5 ranked these apart)
+    assert plan(model, cluster, devices=512, top=5) == plan(model, cluster, devices=512)[:5]
+
+
 def test_plans_respect_memory_pins_and_divisibility():
     model, cluster = MODELS["llama3-70b"], CLUSTERS["h100-16k"]
     plans = plan(model, cluster, devices=1024, top=20)

@@ -1,4 +1,6 @@
-"""Every Python snippet of the README runs, so the README cannot drift from the API.
+"""Every Python snippet of the README runs, so the README cannot drift from the API, and what its comments
+claim about its output holds: `print(...)  # prints: TEXT` must print the line TEXT; `print(a, b)  # the
+same loss` must print numbers equal to 4 significant digits.
 
 A snippet that calls init_process_group runs under `torchrun --standalone` on 2 ranks (or the count a
 `# ranks: N` line gives); the others run in plain Python. A snippet whose first line is
@@ -58,3 +60,25 @@ def test_readme_snippet_runs(index, tmp_path):
         command = [sys.executable, str(script)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, f"snippet {index} ({snippets()[index][0]}):\n{code}\n{done.stderr[-3000:]}"
+    check_claims(code, done.stdout)
+
+
+def check_claims(code: str, stdout: str) -> None:
+    """What the snippet's comments say its prints show (module docstring)."""
+    lines = [line.strip() for line in stdout.splitlines()]
+    for claim in re.findall(r"^print\(.*\)\s+# prints: (.+)$", code, flags=re.M):
+        assert claim.strip() in lines, f"the snippet claims it prints {claim.strip()!r}; it printed {lines}"
+    if re.search(r"^\s*print\(.*\)\s+# the same \w+", code, flags=re.M):
+        numbers = [[float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", line)] for line in lines]
+        pairs = [ns for ns in numbers if len(ns) >= 2]
+        assert pairs, f"the snippet claims two equal numbers; it printed {lines}"
+        for ns in pairs:
+            assert all(abs(n - ns[0]) <= 1e-4 * max(abs(ns[0]), 1e-6) for n in ns), f"not the same: {ns}"
+
+
+def test_a_claim_the_output_contradicts_fails():
+    check_claims('print(x)  # prints: 1 2\nprint(a, b)  # the same loss', "1 2\n5.556 5.556\n")
+    with pytest.raises(AssertionError, match="claims it prints"):
+        check_claims("print(x)  # prints: 1 2", "1 3\n")
+    with pytest.raises(AssertionError, match="not the same"):
+        check_claims("print(a, b)  # the same loss", "5.556 5.341\n")

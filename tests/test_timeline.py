@@ -134,3 +134,9 @@ def test_cli_pictures_trace_and_compare(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "m.json"), "--png", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
     assert "error +0.0%" in out and (tmp_path / "c.png").exists()
+    (tmp_path / "garbage.json").write_text("{not json")
+    for path, says in [(trace, "is a Chrome/Perfetto trace"), (tmp_path / "missing.json", "no such file"),
+                        (tmp_path / "garbage.json", "is not JSON"), (tmp_path / "t.png", "is not JSON")]:
+        assert main(["compare", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err and "save_timeline" in err

@@ -54,7 +54,11 @@ def _compare(args: argparse.Namespace) -> int:
     from .schedule import load_timeline
     from .schedule.compare import compare
 
-    timeline, sched = load_timeline(args.timeline)
+    try:
+        timeline, sched = load_timeline(args.timeline)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"pipetrain compare: {err}", file=sys.stderr)
+        return 2
     if sched is None:
         print(f"pipetrain compare: {args.timeline} holds no schedule; write it with save_timeline(..., schedule)",
               file=sys.stderr)
@@ -143,7 +147,7 @@ _TRAIN_FLAGS = {
     "warmup": (int, "linear warm-up steps"),
     "weight-decay": (float, "AdamW weight decay for matrices"),
     "grad-clip": (float, "global gradient-norm clip (0: off)"),
-    "on-nonfinite": (str, "a NaN/inf loss or gradient: skip the update (default) or stop"),
+    "on-nonfinite": (str, "a NaN/inf loss or gradient: skip the update or stop"),
     "precision": (str, "fp32 or bf16"),
     "eval-every": (int, "evaluate every K steps (0: start and end only)"),
     "eval-batches": (int, "held-out batches per evaluation"),
@@ -308,8 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "Settings come from --config FILE.toml (keys named like the flags, with _ or -) "
                            "and the flags below, which win.")
     train.add_argument("--config", metavar="FILE.toml", help="a TOML file of settings")
-    for flag, (kind, text) in _TRAIN_FLAGS.items():
-        train.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    from .train.config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for flag, (kind, text) in _TRAIN_FLAGS.items():  # (default None: a config file's value is not overridden)
+        default = defaults.get(flag.replace("-", "_"))
+        train.add_argument(f"--{flag}", type=kind, default=None,
+                           help=text if default is None else f"{text} (default: {default})")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     train.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--tie-embeddings", action="store_true", help="the output head reuses the token embedding")

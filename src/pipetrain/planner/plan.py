@@ -78,13 +78,17 @@ class _Candidate:
     recompute: bool
 
 
+RANKED = 10  # plans simulated however few are asked for (plus the margin): one ranking for every `top`
+
+
 def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, tp: int | None = None,
          pp: int | None = None, dp: int | None = None, schedule: str | None = None,
          microbatch_size: int | None = None, stages_per_rank: int | None = None, top: int = 10,
          margin: int = 5) -> list[Plan]:
     """The `top` best plans, fastest first, every one simulated in full (exact schedule, per-stage costs).
-    Pinned arguments restrict the search. The `top + margin` best screened estimates are simulated and
-    re-ranked (an estimate is within a few percent of its simulation)."""
+    Pinned arguments restrict the search. The best `max(top, RANKED) + margin` screened estimates are
+    simulated and re-ranked (an estimate is within a few percent of its simulation), so any `top` up to
+    `RANKED` lists the first plans of one ranking: `top=5` is the default list's first five."""
     devices = devices or cluster.devices
     if devices > cluster.devices:
         raise ValueError(f"{devices} devices asked, the cluster {cluster.name!r} has {cluster.devices}")
@@ -101,7 +105,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, 
     screened.sort(key=lambda p: (p.step_time, p.devices))
     exact = [_evaluate(model, cluster, _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size,
                                                   p.microbatches, p.schedule, p.recompute), exact=True)
-             for p in screened[:top + margin]]
+             for p in screened[:max(top, RANKED) + margin]]
     return sorted([p for p in exact if p is not None], key=lambda p: (p.step_time, p.devices))[:top]
 
 

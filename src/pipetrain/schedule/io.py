@@ -116,8 +116,19 @@ def save_timeline(timeline: Timeline | list[Timeline], path: str | Path, schedul
 
 
 def load_timeline(path: str | Path) -> tuple[Timeline | list[Timeline], Schedule | None]:
-    """Read `save_timeline` output: (timeline or list of step timelines, schedule or None)."""
-    data = json.loads(Path(path).read_text())
+    """Read `save_timeline` output: (timeline or list of step timelines, schedule or None). Raises
+    FileNotFoundError or ValueError with one line saying what the file is and what to give instead."""
+    wanted = "give a timeline JSON written by save_timeline (e.g. timeline.json of the example's --trace-dir)"
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file; {wanted}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not JSON ({err}); {wanted}") from None
+    if isinstance(data, dict) and "traceEvents" in data:
+        raise ValueError(f"{path} is a Chrome/Perfetto trace, written for viewing, which holds no schedule; {wanted}")
+    if not isinstance(data, dict) or not ("steps" in data or "num_ranks" in data):
+        raise ValueError(f"{path} is JSON but not a timeline (no 'num_ranks' or 'steps'); {wanted}")
     schedule = loads_csv(data["schedule"]) if data.get("schedule") else None
     if "steps" in data:
         return [timeline_from_json(step)[0] for step in data["steps"]], schedule
