@@ -8,7 +8,7 @@ from collections import namedtuple
 import pytest
 import torch
 from any_model import assert_matches, batch, count_messages, reference, run
-from workers import SCHEDULES, run_threads
+from workers import _RNG_LOCK, SCHEDULES, run_threads
 
 import pipetrain as pt
 
@@ -99,7 +99,9 @@ class _Bad(torch.nn.Module):
 
 
 def _bad_output_rank(rank, world, transport=None, timeout=60.0):
-    layers = [torch.nn.Linear(4, 4), _Bad(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]
+    with _RNG_LOCK:  # every rank builds the same layers (in-process ranks share torch's random generator)
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(4, 4), _Bad(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]
     sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
     pipe = pt.Pipeline(layers, schedule=sched, loss_fn=torch.nn.functional.mse_loss, transport=transport,
                        timeout=timeout, balance=[2] + [1] * (world - 2) + [4 - world])

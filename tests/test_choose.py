@@ -98,10 +98,11 @@ def test_a_named_balance_on_a_v_takes_the_split_the_schedule_runs_faster():
 def _time_balanced_v(rank, world, transport=None):
     import torch
     from torch import nn
+    from workers import seeded
 
     import pipetrain as pt
 
-    layers = [nn.Linear(4, 4) for _ in LLAMA_SHAPE]
+    layers = seeded(lambda: [nn.Linear(4, 4) for _ in LLAMA_SHAPE])
     pipe = pt.Pipeline(layers, schedule=S.build("zbv", num_ranks=world, num_microbatches=4),
                        loss_fn=nn.functional.mse_loss, balance="time", sample=torch.ones(2, 4), transport=transport)
     return pipe.balance
@@ -251,12 +252,12 @@ def test_a_bad_sample_fails_on_rank_0_and_the_others_at_once(how):
 
     import torch
     from torch import nn
-    from workers import run_threads
+    from workers import run_threads, seeded
 
     import pipetrain as pt
 
     def body(rank, world, transport):
-        layers = [nn.Linear(4, 4), nn.Linear(4, 3)]
+        layers = seeded(lambda: [nn.Linear(4, 4), nn.Linear(4, 3)])
         try:
             if how == "auto":
                 pt.plan_pipeline(layers, num_microbatches=2, loss_fn=nn.functional.mse_loss, sample=torch.ones(2, 4),

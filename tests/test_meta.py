@@ -4,7 +4,7 @@ the layer's index, so 1, 2 or 4 ranks start from the same weights (tied weights 
 import pytest
 import torch
 from torch import nn
-from workers import _RNG_LOCK, run_processes, run_threads
+from workers import run_processes, run_threads
 
 import pipetrain as pt
 from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
@@ -17,9 +17,7 @@ def _weights(rank, world, transport=None, tie=False, seed=0):
     with torch.device("meta"):
         layers = build_gpt(GPTConfig(**{**CONFIG.__dict__, "tie_embeddings": tie}))
     sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=world)
-    with _RNG_LOCK:  # in-process ranks are threads sharing torch's global RNG, which initialization seeds
-        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, transport=transport, seed=seed,
-                           balance="uniform")
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, transport=transport, seed=seed, balance="uniform")
     others = [layer for i, layer in enumerate(layers) if i not in pipe.layers]
     assert all(p.is_meta for layer in others for p in layer.parameters()), "a rank built another rank's layer"
     assert not any(p.is_meta for p in pipe.parameters())

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 from torch import nn
-from workers import all_scenarios, make_model, reference, run_threads, train
+from workers import all_scenarios, make_model, reference, run_threads, seeded, train
 
 import pipetrain as pt
 from pipetrain.schedule import Schedule
@@ -40,7 +40,7 @@ def _threads_expect_error(world, make_and_step):
 
 
 def _mlp(n=4):
-    return [nn.Linear(4, 4) for _ in range(n)]
+    return seeded(lambda: [nn.Linear(4, 4) for _ in range(n)])
 
 
 def test_batch_not_divisible_by_microbatches():
@@ -83,7 +83,7 @@ def test_bad_balance(balance, message):
 
 def test_balance_by_params_and_time():
     def body(rank, world, transport):
-        layers = [nn.Linear(4, 64), nn.Linear(64, 64), nn.Linear(64, 4), nn.Tanh()]
+        layers = seeded(lambda: [nn.Linear(4, 64), nn.Linear(64, 64), nn.Linear(64, 4), nn.Tanh()])
         sched = pt.schedules.build("gpipe", num_ranks=world, num_microbatches=2)
         by_params = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, balance="params",
                                 transport=transport)
@@ -178,3 +178,29 @@ def test_split_backward_names_the_torch_it_needs(monkeypatch):
         pt.Pipeline(_mlp(), schedule=sched, loss_fn=nn.functional.mse_loss, transport=pt.InProcessHub(1).transport(0))
     pt.Pipeline(_mlp(), schedule=pt.schedules.build("1f1b", num_ranks=1, num_microbatches=2),
                 loss_fn=nn.functional.mse_loss, transport=pt.InProcessHub(1).transport(0))  # no W: fine
+
+
+_BUILD = threading.Lock()
+
+
+def _built_alike_or_not(rank, world, transport=None, alike=True):
+    with _BUILD:  # one thread builds at a time: each gets the draws of its own seed
+        torch.manual_seed(0 if alike else rank)
+        layers = [nn.Linear(4, 4) for _ in range(4)]
+    with torch.device("meta"):
+        layers.append(nn.Linear(4, 4))  # on the meta device: given storage by Pipeline(seed=...), not compared
+    sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=2)
+    try:
+        pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, transport=transport, timeout=20)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_ranks_that_built_different_weights_are_refused_on_every_rank():
+    """In-process ranks share torch's random generator: seeding and building in each thread can give each rank
+    other weights, which would train a model stitched from two. Every rank refuses, naming the layer."""
+    assert run_threads(2, _built_alike_or_not) == [None, None]
+    errors = run_threads(2, _built_alike_or_not, alike=False)
+    assert all(e is not None and "rank 1" in e and "different weights for layer 0 (Linear)" in e and
+               "copy.deepcopy" in e for e in errors), errors

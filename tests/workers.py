@@ -37,6 +37,14 @@ def _make_model(kind: str, num_microbatches: int):
     return layers, nn.functional.mse_loss, torch.randn(batch, 6), torch.randn(batch, 3)
 
 
+def seeded(build, *args, seed: int = 0):
+    """build(*args) after torch.manual_seed(seed), one thread at a time: the same weights on every in-process
+    rank (threads share torch's global RNG), as Pipeline's same-weights check requires."""
+    with _RNG_LOCK:
+        torch.manual_seed(seed)
+        return build(*args)
+
+
 def built_alone(transport, build, *args):
     """build(*args) while no other in-process rank computes: ranks that are threads share torch's global RNG,
     which building draws from and which profiling (balance="time", schedule="auto") and checkpoint

@@ -3,11 +3,14 @@ parameters kept shared, and an initialization that depends only on a seed and th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+_GENERATORS = threading.Lock()  # torch's global generators, shared by in-process ranks (threads)
 
 
 def on_meta(layer: nn.Module, index: int) -> bool:
@@ -81,9 +84,10 @@ def initialize(layer: nn.Module, index: int) -> None:
 
 @contextmanager
 def _seeded(seed: int, index: int, device: torch.device) -> Iterator[None]:
-    """Run with torch's generators (CPU, and `device`'s) seeded from (seed, index); restore them after."""
+    """Run with torch's generators (CPU, and `device`'s) seeded from (seed, index); restore them after.
+    One layer at a time per process: in-process ranks (threads) share the generators."""
     device = torch.device(device)
     devices = [device] if device.type != "cpu" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+    with _GENERATORS, torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
         torch.manual_seed((int(seed) * 1_000_003 + int(index)) % 2**63)
         yield

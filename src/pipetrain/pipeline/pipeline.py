@@ -25,6 +25,7 @@ from .checks import checked_schedule, groups_of, splits_backward
 from .materialize import materialize
 from .profile import time_costs
 from .rank0_measure import measured_on_rank_0
+from .same_weights import check_same_weights
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -115,6 +116,7 @@ class Pipeline:
             raise ValueError("a parameter is shared by layers on different ranks (tied weights); in-process ranks "
                              "share one Python object for it, so run such a model in separate processes")
         self.stages = self._place(layers, loss_fn, checkpoint, precision, seed)
+        check_same_weights(layers, self.transport, self.timeout)  # after every check one rank may fail alone
         self._ties.share_values(self.transport, self.timeout)
         # hand over to one executor
         self._train_actions = lower(schedule, prefetch=prefetch).actions[self.rank]
