@@ -173,6 +173,18 @@ def test_circulation_runs_every_pass_once_and_cannot_hang(name, ranks, rounds):
         assert progressed, f"deadlock at {[o[h] if h < len(o) else None for h, o in zip(heads, orders, strict=True)]}"
 
 
+def test_calls_of_the_same_shape_reuse_the_checked_lowered_schedule():
+    from pipetrain.pipeline.generate import circulation_actions
+    from pipetrain.schedule import circulation, lower
+
+    args = ((0, 1, 1, 0), (2, 1, 3), (5, 4, 6))
+    first = circulation_actions(*args)
+    assert circulation_actions(*args) is first
+    assert first == tuple(tuple(acts) for acts in lower(circulation(args[0], prefill_rounds=args[1],
+                                                                    rounds=args[2])).actions)
+    assert circulation_actions(args[0], args[1], (5, 4, 7)) != first
+
+
 def test_the_checker_rejects_a_broken_generation_schedule():
     from pipetrain.schedule import Schedule, ScheduleError, check
     from pipetrain.schedule.actions import Action

@@ -3,6 +3,7 @@ schedule), and hands the lowered actions and the passes (`generation.passes`) to
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from ..generation.passes import PREFILL_CHUNK, RankPasses, checked_prompts
 from ..generation.sampling import Sampling
 from ..runtime.comm import fail_together, rank_name
 from ..runtime.executor import Executor, RankStep
-from ..schedule import check, circulation, lower
+from ..schedule import Action, check, circulation
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,9 @@ def generate(pipe, executor: Executor, prompts: Sequence[torch.Tensor], max_new_
     try:
         passes = RankPasses(pipe.stages, num_stages, prompts, max_new_tokens, sampling, eos_token_id, seed,
                             num_groups, prefill_chunk, pipe.device, return_logprobs)
-        schedule = circulation(pipe.schedule.stage_to_rank, prefill_rounds=passes.prefill_rounds,
-                               rounds=passes.rounds)
-        check(schedule)
-        step = executor.run_passes(lower(schedule).actions[pipe.rank], passes, history=num_groups)
+        actions = circulation_actions(tuple(pipe.schedule.stage_to_rank), tuple(passes.prefill_rounds),
+                                      tuple(passes.rounds))[pipe.rank]
+        step = executor.run_passes(actions, passes, history=num_groups)
         tokens = _shared(pipe, passes.out, torch.int64, max_new_tokens)
         logprobs = None
         if passes.logprobs is not None:
@@ -65,6 +65,16 @@ def generate(pipe, executor: Executor, prompts: Sequence[torch.Tensor], max_new_
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+@functools.lru_cache(maxsize=16)
+def circulation_actions(stage_to_rank: tuple[int, ...], prefill_rounds: tuple[int, ...],
+                        rounds: tuple[int, ...]) -> tuple[tuple[Action, ...], ...]:
+    """Every rank's lowered actions of the circulation schedule, checked; built once per shape of call
+    (repeated calls with prompts of the same lengths, as in RL, reuse it: lowering and checking take
+    seconds at thousands of rounds)."""
+    schedule = check(circulation(stage_to_rank, prefill_rounds=prefill_rounds, rounds=rounds))
+    return tuple(tuple(acts) for acts in schedule.actions)
 
 
 def _shared(pipe, rows: list[list], dtype: torch.dtype, width: int) -> list[torch.Tensor]:

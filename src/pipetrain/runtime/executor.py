@@ -300,6 +300,10 @@ class Executor:
             if envelope is not None:
                 raise CommError(f"{rank_name(self.transport, self.rank)}: {describe(envelope.value)} came from "
                                 f"{rank_name(self.transport, peer)} after this rank's last pass that needs it")
+        if st.arrived:
+            value = next(iter(st.arrived))
+            raise CommError(f"{rank_name(self.transport, self.rank)}: {describe(value)} arrived but no pass of this "
+                            f"rank used it ({len(st.arrived)} unused): the schedule's passes and the sender disagree")
 
     # --- transfers -----------------------------------------------------------------------------------
     def _signature(self, value: Value) -> Signature | None:
@@ -372,16 +376,15 @@ class Executor:
             known = self._check_known(value, payload.signature, action)
             self.wire.send(peer, value, payload.leaves, signature=payload.signature,
                            capacity=None if known else MIN_CAPACITY, doing=str(action))
+            self._known[(value.stage, self._step.keys[value.mb])] = payload.signature  # (once it is sent)
         else:
             self.wire.send(peer, value, payload, doing=str(action))
 
     def _check_known(self, value: Value, signature: Signature, action: Action) -> bool:
-        """Whether the receiver knows this output's shapes (from an earlier microbatch of the same shape key);
-        learns them if not."""
+        """Whether the receiver knows this output's shapes (from an earlier microbatch of the same shape key)."""
         key = (value.stage, self._step.keys[value.mb])
         known = self._known.get(key)
         if known is None:
-            self._known[key] = signature
             return False
         if known != signature:
             raise ValueError(f"{action}: stage {value.stage}'s output for microbatch {value.mb} is "

@@ -89,12 +89,11 @@ class Wire:
         time) unless the receiver knows the shapes (a gradient), and `keep`. The first transfer is
         `capacity` bytes (None: the envelope's own size, which the receiver computes too); returns the size."""
         sig_id, sig_bytes = -1, None
+        ids = self.sent_structures.setdefault(peer, {})
         if signature is not None:
-            ids = self.sent_structures.setdefault(peer, {})
             sig_id = ids.get(signature, -1)
             if sig_id < 0:
-                sig_id = ids[signature] = len(ids)
-                sig_bytes = signature.to_bytes()
+                sig_id, sig_bytes = len(ids), signature.to_bytes()
         kept = None if keep is None else len(keep)
         shapes = [(tuple(t.shape), t.dtype, False) for t in leaves]
         total = envelope_size(shapes, kept=kept, signature_bytes=0 if sig_bytes is None else sig_bytes.numel())
@@ -102,12 +101,12 @@ class Wire:
         body = torch.empty(max(total, first), dtype=torch.uint8, device=self.device)
         header = [_KINDS.index(value.kind), value.stage, value.mb, value.round, -1 if kept is None else kept,
                   sig_id, 0 if sig_bytes is None else sig_bytes.numel(), total]
-        body[:HEADER_BYTES] = torch.tensor(header, dtype=torch.int64).view(torch.uint8).to(self.device)
+        body[:HEADER_BYTES] = self._on_device(torch.tensor(header, dtype=torch.int64).view(torch.uint8))
         at = HEADER_BYTES
         extras = ([sig_bytes] if sig_bytes is not None else []) + ([keep.to(torch.int64)] if keep is not None else [])
         for part in extras:
             raw = part.reshape(-1).view(torch.uint8)
-            body[at:at + raw.numel()] = raw.to(self.device)
+            body[at:at + raw.numel()] = self._on_device(raw)
             at += aligned(raw.numel())
         for t in leaves:
             n = t.numel() * t.element_size()
@@ -116,14 +115,24 @@ class Wire:
         chunks = [body[:first]] + ([body[first:total]] if total > first else [])
         for chunk in chunks:
             self.sends.append((self._post_send(chunk, peer, doing), chunk, doing, peer))
+        if sig_bytes is not None:  # the peer has its bytes from now on (not if packing or posting failed)
+            ids[signature] = sig_id
         return total
 
     def end(self, peer: int, capacity: int) -> None:
         """Close a generation link to `peer` (the receiver has `capacity` bytes posted for it)."""
         body = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
         header = torch.tensor([END] + [0] * (HEADER - 1), dtype=torch.int64)
-        body[:HEADER_BYTES] = header.view(torch.uint8).to(self.device)
+        body[:HEADER_BYTES] = self._on_device(header.view(torch.uint8))
         self.sends.append((self._post_send(body, peer, "the end of generation"), body, "the end of generation", peer))
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (small: a header, a structure, kept rows) on the wire's device. From the CPU to a GPU it goes
+        through pinned memory without blocking the host (the caching host allocator keeps the pinned block
+        until the copy ran), so posting a send never waits for the GPU to catch up."""
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def _post_send(self, tensor: torch.Tensor, peer: int, doing: str) -> Work:
         try:
@@ -199,7 +208,7 @@ def unpack(body: torch.Tensor, at: int, shapes: Shapes) -> list[torch.Tensor]:
 
 class Link:
     """A generation link from `peer`: one receive always posted ahead, of a size both ends compute alike (the
-    largest of the link's last `history` envelopes, at least `MIN_CAPACITY`), so a small message arriving
+    largest of the link's last `history` envelopes; `MIN_CAPACITY` before the first), so a small message arriving
     while the rank computes is already there. `Wire.send(..., capacity=link.capacity)` on the sending end
     keeps the same history (`sent`)."""
 

@@ -9,8 +9,9 @@ from .base import Schedule, ScheduleError
 from .lowering import lower, message_order
 
 
-def check(schedule: Schedule) -> None:
-    """Raise ScheduleError, naming the rank, the action and the fix, unless the schedule is runnable.
+def check(schedule: Schedule) -> Schedule:
+    """Raise ScheduleError, naming the rank, the action and the fix, unless the schedule is runnable; return
+    the lowered schedule it proved (`schedule` itself if it was lowered).
 
     Proves that every stage runs F, then B (or I then W), exactly once for every microbatch on the rank
     that owns it, that every transfer has one SEND and one RECV posted in the same order on both ranks,
@@ -23,7 +24,9 @@ def check(schedule: Schedule) -> None:
     _check_counts(schedule)
     if schedule.lowered:
         _check_transfers(schedule)
-    run_dataflow(lower(schedule), Costs())
+    lowered = lower(schedule)
+    run_dataflow(lowered, Costs())
+    return lowered
 
 
 def _check_placement(s: Schedule) -> None:

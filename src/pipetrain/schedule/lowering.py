@@ -42,10 +42,12 @@ def generation_rounds(schedule: Schedule) -> dict[tuple[int, int], tuple[int, in
     return {key: (prefill[key], end[key]) for key in end}
 
 
-def message_order(schedule: Schedule) -> dict[tuple[int, int], list[Value]]:
-    """For each (sender rank, receiver rank), the values in the order the sender produces them."""
+def message_order(schedule: Schedule, rounds: dict[tuple[int, int], tuple[int, int]] | None = None,
+                  ) -> dict[tuple[int, int], list[Value]]:
+    """For each (sender rank, receiver rank), the values in the order the sender produces them (`rounds`:
+    `generation_rounds(schedule)` when the caller has it)."""
     order: dict[tuple[int, int], list[Value]] = defaultdict(list)
-    rounds = generation_rounds(schedule)
+    rounds = generation_rounds(schedule) if rounds is None else rounds
     for rank, acts in enumerate(schedule.actions):
         for action in acts:
             crossing = crossing_value(action, schedule, rounds)
@@ -71,20 +73,20 @@ def lower(schedule: Schedule, *, prefetch: int = PREFETCH) -> Schedule:
         return schedule
     if prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-    order = message_order(schedule)
+    rounds = generation_rounds(schedule)
+    order = message_order(schedule, rounds)
     incoming: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for src, dst in order:
         incoming[dst].append((src, dst))
-    lowered = [_lower_rank(rank, acts, schedule, order, incoming[rank], prefetch)
+    lowered = [_lower_rank(rank, acts, schedule, order, incoming[rank], prefetch, rounds)
                for rank, acts in enumerate(schedule.actions)]
     return _replace(schedule, actions=lowered, lowered=True)
 
 
 def _lower_rank(rank: int, acts: tuple[Action, ...], schedule: Schedule,
                 order: dict[tuple[int, int], list[Value]], incoming: list[tuple[int, int]],
-                prefetch: int) -> list[Action]:
+                prefetch: int, rounds: dict[tuple[int, int], tuple[int, int]]) -> list[Action]:
     needed_by = _remote_needs(rank, acts, schedule)
-    rounds = generation_rounds(schedule)
     next_pos = {pair: 0 for pair in incoming}
     source_of = {v: (pair, i) for pair in incoming for i, v in enumerate(order[pair])}
     out: list[Action] = []
