@@ -5,7 +5,14 @@ import pytest
 from any_model import assert_matches, batch, reference
 from test_any_model import _bad_output_rank
 from test_runtime import assert_matches_reference
-from workers import all_scenarios, dies_mid_step, run_processes, split_direction_scenario, wrong_world_size
+from workers import (
+    all_scenarios,
+    dies_mid_step,
+    fails_and_lingers,
+    run_processes,
+    split_direction_scenario,
+    wrong_world_size,
+)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -92,3 +99,24 @@ def test_forked_ranks_see_the_callers_environment_as_it_is_at_the_call(monkeypat
         results = spawn.run_processes(2, _environment_and_threads, threads=2)
         assert [r[:2] for r in results.values()] == [(mark, 2), (mark, 2)]
         assert os.getpid() not in {r[2] for r in results.values()}
+
+
+@pytest.mark.parametrize("world,cases", [(2, [("zbv", "raise"), ("1f1b", "string")]),
+                                         (4, [("1f1b", "raise"), ("zbv", "string")])])
+def test_a_rank_that_fails_and_lingers_stops_every_rank_within_seconds(world, cases):
+    # rank 1's layer fails in the second step and its process stays alive (as a script that catches the error
+    # and cleans up for 40 s): every other rank raises within 5 s naming rank 1 and its error, every pipeline
+    # then refuses further steps, and the job's default group still works (a barrier at the end)
+    results = run_processes(world, fails_and_lingers, cases, timeout=150)
+    for i, (_, how) in enumerate(cases):
+        failed = results[1][i]
+        assert failed["type"] == ("ValueError" if how == "raise" else "BadValueError"), failed
+        first = ("rank 1 failed: ValueError: the layer failed on purpose" if how == "raise"
+                 else "rank 1 failed: BadValueError: ")
+        for rank in set(range(world)) - {1}:
+            other = results[rank][i]
+            assert other["type"] == "CommError", other
+            assert first in other["error"], other["error"]
+            assert other["at"] - failed["at"] < 5, (rank, other["at"] - failed["at"])
+        for rank in range(world):
+            assert "this pipeline stopped at a failure" in results[rank][i]["again"], results[rank][i]["again"]

@@ -369,3 +369,59 @@ def trainer_crash_in_save(rank: int, world: int, settings: dict, crash_step: int
     except pt.CommError as err:
         return {"error": str(err), "step": trainer.step}
     return {"error": None}
+
+
+# --- a rank that fails and lingers ---------------------------------------------------------------------------
+class _FailAt(nn.Module):
+    """A layer that fails on its n-th forward call: raises (how="raise") or returns a string ("string")."""
+
+    def __init__(self, calls: int, how: str) -> None:
+        super().__init__()
+        self.calls, self.how, self.seen = calls, how, 0
+
+    def forward(self, x):
+        self.seen += 1
+        if self.seen == self.calls:
+            if self.how == "raise":
+                raise ValueError("the layer failed on purpose")
+            return "not a tensor"
+        return x
+
+
+def fails_and_lingers(rank: int, world: int, cases: list[tuple[str, str]], linger: float = 40.0) -> list[dict]:
+    """For each (schedule, how), a Pipeline whose rank-1 layer fails in the 2nd step. Rank 1 catches its
+    error and stays alive (up to `linger` s) until every other rank has failed too, as a script cleaning up
+    would. Per case: the error's type and text, when it was raised (time.time()), and a further step's error.
+    At the end a barrier on the default group: the caller's own group survives the pipeline's teardown."""
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    results = []
+    for i, (schedule, how) in enumerate(cases):
+        sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=2 * world)
+        torch.manual_seed(0)
+        layers = [nn.Linear(4, 4) for _ in range(sched.num_stages)]
+        failing = sched.stages_of(1)[-1]
+        layers[failing] = nn.Sequential(layers[failing], _FailAt(calls=2 * world + 2, how=how))
+        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, timeout=60.0)
+        x, y = torch.randn(4 * world, 4), torch.randn(4 * world, 4)
+        pipe.step(x, y)
+        result = {"error": None}
+        try:
+            pipe.step(x, y)
+        except Exception as err:  # noqa: BLE001 - the test looks at it
+            result = {"type": type(err).__name__, "error": str(err), "at": time.time()}
+        if rank == 1:
+            deadline = time.perf_counter() + linger
+            while store.add(f"failed-{i}", 0) < world - 1 and time.perf_counter() < deadline:
+                time.sleep(0.05)
+        else:
+            store.add(f"failed-{i}", 1)
+        try:
+            pipe.step(x, y)
+            result["again"] = None
+        except Exception as err:  # noqa: BLE001
+            result["again"] = str(err)
+        results.append(result)
+    dist.barrier()
+    return results

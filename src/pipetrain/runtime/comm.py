@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import timedelta
@@ -11,6 +14,11 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+try:
+    from torch._C._distributed_c10d import _resolve_process_group
+except ImportError:  # a torch built without distributed: only in-process transports work
+    _resolve_process_group = None
 
 
 class CommError(RuntimeError):
@@ -41,18 +49,57 @@ class Transport(Protocol):
 
 
 class DistWork:
-    def __init__(self, work) -> None:
+    """A torch.distributed request. `release()` drops it (the pipeline's communication was torn down): a
+    request still referenced would keep its process group, and so its connections, alive."""
+
+    def __init__(self, work, transport: DistTransport | None = None) -> None:
         self._work = work
+        self._transport = transport
 
     def wait(self, timeout: float) -> None:
-        self._work.wait(timedelta(seconds=timeout))
+        work = self._work
+        if work is None:
+            raise RuntimeError(f"the pipeline's communication was torn down ({self._transport.aborted})")
+        if self._transport is not None and self._transport.backend == "nccl":
+            self._wait_polling(work, timeout)
+        else:
+            work.wait(timedelta(seconds=timeout))
+
+    def _wait_polling(self, work, timeout: float) -> None:
+        """NCCL: a peer's failure closes no connection, so poll for completion and for a failure recorded
+        by another rank (every `FAILURE_POLL` s), then order the current stream after the transfer."""
+        start = checked = time.perf_counter()
+        while not work.is_completed():
+            now = time.perf_counter()
+            if now - start > timeout:
+                raise TimeoutError(f"timed out after {timeout:g}s")
+            if now - checked > FAILURE_POLL:
+                checked = now
+                failure = self._transport.first_failure()
+                if failure is not None:
+                    raise RuntimeError(failure)
+            time.sleep(0.0002)
+        work.wait()
 
     def is_completed(self) -> bool:
-        return self._work.is_completed()
+        return self._work is None or self._work.is_completed()
+
+    def release(self) -> None:
+        self._work = None
+
+
+FAILURE_POLL = 0.5  # seconds between looks at the store for a failure recorded by another rank (NCCL)
 
 
 class DistTransport:
-    """torch.distributed isend/irecv within `group` (any backend). Peers are ranks in the group.
+    """torch.distributed isend/irecv among the ranks of `group` (any backend), over process groups of its
+    own (the same ranks), so that a failure can tear them down without touching the caller's groups. Peers
+    are ranks in `group`.
+
+    On a failure (`abort`) the rank records it in the job's store, where the first one recorded is the one
+    every rank names, drops its requests and destroys its own groups: over gloo that closes its connections,
+    so a peer waiting on it fails within about a second even while this process lives on; over NCCL peers
+    find the record while they wait (`FAILURE_POLL`).
 
     NCCL runs both directions of a rank pair on one stream, so a receive posted early could block a send
     queued behind it. With `split_directions` (the default for NCCL) each direction of each pair that
@@ -66,54 +113,126 @@ class DistTransport:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: launch with torchrun and call "
                                "torch.distributed.init_process_group() first (or pass an in-process transport)")
-        # None: the default group, looked up at each call. Holding the default group's object would keep it
-        # alive past destroy_process_group(), and gloo then sometimes aborts the process at exit.
-        self.group = group
-        self.rank = dist.get_rank(self.group)
-        self.world_size = dist.get_world_size(self.group)
-        self.backend = dist.get_backend(self.group)
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.backend = dist.get_backend(group)
         if device is None:
             device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
                       else torch.device("cpu"))
         self.device = torch.device(device)
         self.global_ranks = (tuple(dist.get_global_rank(group, r) for r in range(self.world_size)) if group is not None
                              else tuple(range(self.world_size)))
-        self._direction_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
-        if split_directions if split_directions is not None else self.backend == "nccl":
-            self._create_direction_groups(sorted(set(pairs)))
+        self.aborted: str | None = None  # why this rank tore its communication down
+        self._works: weakref.WeakSet[DistWork] = weakref.WeakSet()
+        # Groups are held by name and looked up at each call (1 us): an object held past
+        # destroy_process_group() sometimes makes gloo abort the process at exit, and one held anywhere keeps
+        # its connections open after a failure.
+        self._owned: list[str] = []
+        self._group: str | None = None
+        self._direction_groups: dict[tuple[int, int], str] = {}
+        if self.world_size > 1:
+            split = split_directions if split_directions is not None else self.backend == "nccl"
+            self._create_groups(sorted(set(pairs)) if split else [])
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._failure_key = f"pipetrain/failure/{attempt}/{self._group}"
 
-    def _create_direction_groups(self, pairs: list[tuple[int, int]]) -> None:
+    def _create_groups(self, pairs: list[tuple[int, int]]) -> None:
+        """This pipeline's own group, and one per direction of each rank pair in `pairs`. Creating groups is
+        collective over the default group: every rank gathers every pipeline's (global ranks, pairs) and all
+        ranks create the groups in one global order (so their names, too, are the same everywhere)."""
         mine = [(self.global_ranks[src], self.global_ranks[dst]) for src, dst in pairs]
         everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        all_pairs = sorted({pair for pipeline_pairs in everyone for pair in pipeline_pairs})
-        to_local = {g: r for r, g in enumerate(self.global_ranks)}
+        dist.all_gather_object(everyone, (self.global_ranks, mine))
         me = self.global_ranks[self.rank]
-        for src, dst in all_pairs:  # the same order on every rank; non-members get a non-group handle
+        for ranks in sorted({tuple(sorted(ranks)) for ranks, _ in everyone}):  # non-members get a non-group handle
+            group = dist.new_group(list(ranks))
+            if me in ranks and ranks == tuple(sorted(self.global_ranks)):
+                self._group = group.group_name
+                self._owned.append(group.group_name)
+        to_local = {g: r for r, g in enumerate(self.global_ranks)}
+        for src, dst in sorted({pair for _, pipeline_pairs in everyone for pair in pipeline_pairs}):
             group = dist.new_group(sorted((src, dst)))
             if me in (src, dst) and (src, dst) in mine:
-                self._direction_groups[(to_local[src], to_local[dst])] = group
+                self._direction_groups[(to_local[src], to_local[dst])] = group.group_name
+                self._owned.append(group.group_name)
 
-    def _group_for(self, src: int, dst: int) -> dist.ProcessGroup:
-        return self._direction_groups.get((src, dst), self.group)
+    def _resolve(self, name: str | None) -> dist.ProcessGroup | None:
+        if name is None:
+            return None
+        try:
+            return _resolve_process_group(name)
+        except RuntimeError as err:
+            why = self.aborted or "the process group was destroyed (destroy_process_group)"
+            raise RuntimeError(f"the pipeline's communication is gone: {why}") from err
+
+    def _group_for(self, src: int, dst: int) -> dist.ProcessGroup | None:
+        return self._resolve(self._direction_groups.get((src, dst), self._group))
+
+    def _track(self, work) -> DistWork:
+        wrapped = DistWork(work, self)
+        self._works.add(wrapped)
+        return wrapped
 
     def isend(self, tensor: torch.Tensor, peer: int) -> Work:
         try:
-            return DistWork(dist.isend(tensor, self.global_ranks[peer], group=self._group_for(self.rank, peer)))
+            return self._track(dist.isend(tensor, self.global_ranks[peer], group=self._group_for(self.rank, peer)))
         except RuntimeError as err:  # gloo refuses to post on a connection the peer closed
             raise _posting_failed(self, peer, "send", err) from err
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
         try:
-            return DistWork(dist.irecv(tensor, self.global_ranks[peer], group=self._group_for(peer, self.rank)))
+            return self._track(dist.irecv(tensor, self.global_ranks[peer], group=self._group_for(peer, self.rank)))
         except RuntimeError as err:
             raise _posting_failed(self, peer, "receive from", err) from err
 
     def all_reduce(self, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
         if self.world_size > 1:
-            work = DistWork(dist.all_reduce(tensor, group=self.group, async_op=True))
+            try:
+                work = self._track(dist.all_reduce(tensor, group=self._resolve(self._group), async_op=True))
+            except RuntimeError as err:
+                raise CommError(f"{rank_name(self, self.rank)}: the pipeline's all-reduce failed: {err}"
+                                f"{_first_failure_note(self)}") from err
             wait_or_raise(work, timeout=timeout, transport=self, peer=None, what="the pipeline's all-reduce")
         return tensor
+
+    # --- failures --------------------------------------------------------------------------------------
+    def abort(self, reason: str) -> None:
+        """This rank failed with `reason`: record it (unless another rank's failure came first), then tear
+        down this pipeline's communication on this rank so that no peer waits on it. Idempotent."""
+        if self.aborted is not None:
+            return
+        self.aborted = reason
+        store = _default_store()
+        if store is not None and self._group is not None:
+            try:
+                store.compare_set(self._failure_key, "", reason)
+            except Exception:  # noqa: BLE001 - the store may be gone with a dead launcher; tear down anyway
+                pass
+        for work in list(self._works):
+            work.release()
+        for name in self._owned:
+            try:
+                group = _resolve_process_group(name)
+            except RuntimeError:
+                continue
+            if self.backend == "nccl":
+                dist.distributed_c10d._abort_process_group(group)
+            else:
+                dist.destroy_process_group(group)
+            del group
+        gc.collect()  # (a request or group in a reference cycle would keep the connections open)
+
+    def first_failure(self) -> str | None:
+        """The failure the pipeline's ranks recorded first (`abort`), if any."""
+        store = _default_store()
+        if store is None or self._group is None:
+            return None
+        try:
+            if store.check([self._failure_key]):
+                return store.get(self._failure_key).decode(errors="replace")
+        except Exception:  # noqa: BLE001 - no store, no record: the error names the neighbour only
+            return None
+        return None
 
 
 class _Channel:
@@ -244,9 +363,16 @@ class InProcessTransport:
         except (RuntimeError, TimeoutError) as err:
             raise CommError(f"rank {self.rank}: the pipeline's all-reduce failed: {err}") from err
 
+    @property
+    def aborted(self) -> str | None:
+        return self.hub.aborted
+
     def abort(self, reason: str) -> None:
         """This rank failed: wake every other rank's waits with `reason`."""
         self.hub.abort(reason)
+
+    def first_failure(self) -> str | None:
+        return self.hub.aborted
 
 
 def rank_name(transport: Transport, rank: int) -> str:
@@ -259,17 +385,34 @@ def rank_name(transport: Transport, rank: int) -> str:
 
 
 def abort_others(transport: Transport, rank: int, err: BaseException) -> None:
-    """Tell the other ranks that `rank` failed with `err`, where the transport can (in-process: wake their
-    waits; over torch.distributed the failing process's exit closes its connections instead)."""
+    """`rank` failed with `err`: record it and tear down its communication (`DistTransport.abort`; in-process:
+    wake the other ranks' waits), so every other rank stops within seconds, naming the first failure."""
     abort = getattr(transport, "abort", None)
     if abort is not None:
-        abort(f"{rank_name(transport, rank)} failed: {type(err).__name__}: {err}")
+        what = str(err) if len(str(err)) <= 600 else str(err)[:600] + " ..."
+        abort(f"{rank_name(transport, rank)} failed: {type(err).__name__}: {what}")
+
+
+def _default_store():
+    """The job's rendezvous store (where ranks record the first failure), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def _first_failure_note(transport: Transport) -> str:
+    """". The pipeline stopped at its first failure: rank 3 failed: ValueError: ..." if a rank recorded one."""
+    first_failure = getattr(transport, "first_failure", None)
+    failure = first_failure() if first_failure is not None else None
+    return f". The pipeline stopped at its first failure: {failure}" if failure else ""
 
 
 def _posting_failed(transport: Transport, peer: int, what: str, err: Exception) -> CommError:
     them = rank_name(transport, peer)  # (the message of `bounded_wait`: a closed connection ends a wait at once)
     return CommError(f"{rank_name(transport, transport.rank)}: waiting on {them} to {what} it failed after 0.0s: "
-                     f"{err}. {them[0].upper() + them[1:]} may have crashed or be stuck; check its log")
+                     f"{err}. {them[0].upper() + them[1:]} may have crashed or be stuck; check its log"
+                     f"{_first_failure_note(transport)}")
 
 
 def bounded_wait(work: Work, timeout: float, *, me: str, them: str, what: str, doing: str = "") -> None:
@@ -289,9 +432,19 @@ def bounded_wait(work: Work, timeout: float, *, me: str, them: str, what: str, d
 
 def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int | None, what: str,
                   doing: str = "") -> None:
-    """`bounded_wait` for a transfer with `peer` of `transport`'s pipeline (None: a collective over all of it)."""
+    """`bounded_wait` for a transfer with `peer` of `transport`'s pipeline (None: a collective over all of it);
+    the error also names the pipeline's first failure, if a rank recorded one."""
     them = rank_name(transport, peer) if peer is not None else "the other ranks"
-    bounded_wait(work, timeout, me=rank_name(transport, transport.rank), them=them, what=what, doing=doing)
+    try:
+        bounded_wait(work, timeout, me=rank_name(transport, transport.rank), them=them, what=what, doing=doing)
+    except CommError as err:
+        first_failure = getattr(transport, "first_failure", None)
+        failure = first_failure() if first_failure is not None else None
+        if failure and failure not in str(err):
+            me = rank_name(transport, transport.rank)
+            raise CommError(f"{me}: the pipeline stopped at its first failure: {failure}. "
+                            f"(Here: {str(err).removeprefix(me + ': ')})") from err.__cause__
+        raise
 
 
 def fail_together(error: BaseException | None, *, rank: int, world_size: int,

@@ -177,6 +177,11 @@ class Executor:
         return RankStep(self.rank, math.nan, tuple(st.events), tuple(st.waits), st.now(), st.t0, tuple(st.comms))
 
     def _execute(self, st: _StepState, actions: Sequence[Action]) -> None:
+        aborted = getattr(self.transport, "aborted", None)
+        if aborted is not None:
+            raise CommError(f"{rank_name(self.transport, self.rank)}: this pipeline stopped at a failure and its "
+                               f"communication is torn down ({aborted}); build a new Pipeline, or restart the job "
+                               "(e.g. from its last checkpoint), to go on")
         self._step = st
         try:
             for action in actions:
