@@ -30,6 +30,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from . import data
     from .pipeline.auto_plan import PipelinePlan, plan_pipeline
     from .pipeline.pipeline import Pipeline
     from .runtime.aux_loss import add_aux_loss, collect_aux_losses
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
+    if name == "data":  # pt.data: local text as training data (torch, numpy; datasets etc. when used)
+        return importlib.import_module("pipetrain.data")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'pipetrain' has no attribute {name!r}")
@@ -50,5 +53,5 @@ __all__ = [
     "Action", "BadValueError", "BalanceError", "CommError", "ConfigError", "Costs", "DistTransport", "InProcessHub",
     "InProcessTransport", "Op", "Pipeline", "PipelinePlan", "Schedule", "ScheduleError", "SimResult", "Timeline",
     "TrainConfig", "Trainer", "add_aux_loss", "collect_aux_losses", "partition", "plan_pipeline", "rank_partition",
-    "schedules", "simulate", "trainer_from_config",
+    "schedules", "simulate", "trainer_from_config", "data",
 ]

@@ -129,6 +129,10 @@ _TRAIN_FLAGS = {
     "preset": (str, "model: tiny, small, gpt-8x256, gpt-16x512 (GPT); llama-tiny, llama-small, llama-8x256"),
     "hf": (str, "instead of a preset: a local Hugging Face model directory (config.json, weights if present)"),
     "save-pretrained": (str, "with --hf: write the trained model here at the end (HF safetensors)"),
+    "text-field": (str, "with --data: the .jsonl field / .parquet column holding the text"),
+    "eval-fraction": (float, "with --data: hold out this last fraction of the documents (default 0.05)"),
+    "data-cache": (str, "with --data: where tokenized data is cached (default $PIPETRAIN_CACHE or "
+                   "~/.cache/pipetrain/tokens)"),
     "layers": (int, "transformer blocks (overrides the preset)"),
     "d-model": (int, "model width"),
     "heads": (int, "attention heads"),
@@ -181,9 +185,12 @@ def _train(args: argparse.Namespace) -> int:
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             values[flag.replace("-", "_")] = value
-    for flag in ("resume", "activation_checkpointing", "tie_embeddings"):
+    for flag in ("resume", "activation_checkpointing", "tie_embeddings", "document_mask"):
         if getattr(args, flag):
             values[flag] = True
+    for flag in ("data", "eval_data"):
+        if getattr(args, flag):
+            values[flag] = getattr(args, flag)
     if args.progress is not None:
         values["progress"] = args.progress
     config = TrainConfig.from_dict(values)
@@ -201,6 +208,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from .data import DataError
     from .train.config import NonFiniteError
     from .train.data import load_corpus
     from .train.runs import trainer_from_config
@@ -216,7 +224,7 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _init_process_group(backend)
     try:
-        corpus = load_corpus()  # (read once: the trainer's batches, then the sample's held-out prompt)
+        corpus = None if config.data else load_corpus()  # (read once: the batches, then the sample's prompt)
         trainer = trainer_from_config(config, corpus=corpus, device=device)
         trainer.fit()
         if config.sample_tokens:
@@ -233,7 +241,7 @@ def _train(args: argparse.Namespace) -> int:
             if dist.get_rank() == 0:
                 print(f"saved the trained model to {config.save_pretrained} (AutoModelForCausalLM.from_pretrained "
                       "loads it)")
-    except (ConfigError, NonFiniteError) as err:
+    except (ConfigError, NonFiniteError, DataError) as err:
         print(f"pipetrain train (rank {dist.get_rank()}): {err}", file=sys.stderr)
         return 2
     finally:
@@ -308,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a preset GPT/Llama or a Hugging Face model (launch under torchrun)",
                            description="Train a preset GPT or Llama, or a local Hugging Face model (--hf DIR), "
-                           "on the Python stdlib's source (bytes) with a pipeline. "
+                           "on the Python stdlib's source (bytes) or local text (--data) with a pipeline. "
                            "Settings come from --config FILE.toml (keys named like the flags, with _ or -) "
                            "and the flags below, which win.")
     train.add_argument("--config", metavar="FILE.toml", help="a TOML file of settings")
@@ -319,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         default = defaults.get(flag.replace("-", "_"))
         train.add_argument(f"--{flag}", type=kind, default=None,
                            help=text if default is None else f"{text} (default: {default})")
+    train.add_argument("--data", nargs="+", metavar="PATH", help="train on local text instead of the byte corpus: "
+                       ".txt, .jsonl, .parquet files or folders, tokenized by the --hf folder's tokenizer (cached)")
+    train.add_argument("--eval-data", nargs="+", metavar="PATH", help="with --data: held-out files (instead of "
+                       "--eval-fraction)")
+    train.add_argument("--document-mask", action="store_true", help="with --data: positions and attention restart "
+                       "at each document of a packed row")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     train.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--tie-embeddings", action="store_true", help="the output head reuses the token embedding")

@@ -28,6 +28,12 @@ class TrainConfig:
     preset: str = "tiny"  # a GPT or Llama size from pipetrain.models.PRESETS; the fields below override it
     hf: str | None = None  # instead of a preset: a local Hugging Face model directory (config.json, weights if any)
     save_pretrained: str | None = None  # with hf: write the trained model here at the end (HF safetensors)
+    data: list[str] | None = None  # local text (.txt, .jsonl, .parquet files or folders) instead of the byte corpus
+    text_field: str = "text"  # with data: the field of a .jsonl record / .parquet column holding the text
+    eval_fraction: float | None = None  # with data: hold out this last fraction of the documents (default 0.05)
+    eval_data: list[str] | None = None  # with data: held-out files instead of eval_fraction
+    document_mask: bool = False  # with data: attention and positions restart at each document of a packed row
+    data_cache: str | None = None  # where tokenized data is cached (default $PIPETRAIN_CACHE or ~/.cache/pipetrain)
     layers: int | None = None
     d_model: int | None = None
     heads: int | None = None
@@ -116,6 +122,7 @@ class TrainConfig:
             except ImportError:
                 raise ConfigError(f"tensorboard={self.tensorboard!r} needs the tensorboard package: pip install "
                                   "tensorboard (or drop the setting; metrics_jsonl needs nothing)") from None
+        self._check_data()
         if self.hf is not None:
             check_hf_model(self)
             return
@@ -123,6 +130,37 @@ class TrainConfig:
             self.model_config()
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
+
+    def _check_data(self) -> None:
+        """The data settings, before any process-group work: files there, a tokenizer in the model folder."""
+        for name in ("data", "eval_data"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        if not self.data:
+            used = [n for n in ("eval_fraction", "eval_data", "document_mask", "data_cache") if getattr(self, n)]
+            if used:
+                raise ConfigError(f"{used} go with data (local text files); without it the byte corpus is used")
+            return
+        if self.hf is None:
+            raise ConfigError("data is tokenized with the model folder's tokenizer: it needs hf (a Hugging Face "
+                              "model directory with a tokenizer)")
+        if self.eval_fraction is not None and self.eval_data:
+            raise ConfigError("give eval_fraction or eval_data (held-out files), not both")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.sample_tokens:
+            raise ConfigError("sample_tokens continues a prompt of the byte corpus; with data, drop it (not yet "
+                              "supported)")
+        from ..data import DataError, data_files
+        from ..data.tokens import check_tokenizer_dir
+
+        try:
+            data_files(self.data)
+            if self.eval_data:
+                data_files(self.eval_data)
+            check_tokenizer_dir(self.hf)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
 
     def model_config(self) -> ModelConfig:
         """The preset's model config with this config's overrides."""
@@ -207,7 +245,7 @@ def check_hf_model(config: TrainConfig):
         raise ConfigError(f"hf={config.hf!r} is not a directory with a config.json (a local Hugging Face model; "
                           "nothing is downloaded)")
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if hf_config.vocab_size < 256:
+    if hf_config.vocab_size < 256 and not config.data:
         raise ConfigError(f"the model in {config.hf} has a vocabulary of {hf_config.vocab_size} tokens; the "
                           "built-in corpus is bytes, which needs >= 256")
     ignored = [name for name in ("layers", "d_model", "heads", "tie_embeddings") if getattr(config, name)]

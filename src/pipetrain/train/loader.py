@@ -9,7 +9,9 @@ replica taking its share.
   drawn again and skipped.
 
 Every rank draws the same global batches, so the order does not depend on the data-parallel degree, and a
-run resumes on another one; `share()` gives a replica its contiguous rows.
+run resumes on another one; a replica takes its contiguous rows: `next_share()` reads only those samples of
+a map-style dataset (e.g. `pipetrain.data.PackedRows`, a memory-mapped token file), `share()` cuts them
+from a whole batch of an iterable.
 """
 
 from __future__ import annotations
@@ -43,7 +45,19 @@ class BatchSource:
         self.drawn += 1
         return batch
 
-    def _sample_batch(self) -> Any:
+    def next_share(self, dp: int, dp_rank: int) -> Any:
+        """Replica `dp_rank`'s contiguous 1/dp of the rows of the next global batch (of dp replicas): from a
+        map-style dataset only those samples are read; an iterable's batch is drawn whole and cut."""
+        if not self.map_style or dp == 1:
+            return share(self.next(), dp, dp_rank)
+        if self.batch_size % dp:
+            raise ValueError(f"a global batch of {self.batch_size} rows does not split over dp={dp} replicas")
+        n = self.batch_size // dp
+        batch = self._sample_batch(slice(dp_rank * n, (dp_rank + 1) * n))
+        self.drawn += 1
+        return batch
+
+    def _sample_batch(self, rows_of: slice = slice(None)) -> Any:
         per_epoch = len(self.data) // self.batch_size
         epoch, k = divmod(self.drawn, per_epoch)
         if self._order is None or self._order[0] != epoch:
@@ -51,7 +65,7 @@ class BatchSource:
             order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
                      if self.shuffle else torch.arange(n))
             self._order = (epoch, order)
-        rows = self._order[1][k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        rows = self._order[1][k * self.batch_size:(k + 1) * self.batch_size][rows_of].tolist()
         return default_collate([self.data[i] for i in rows])
 
     def _next_from_iterable(self) -> Any:

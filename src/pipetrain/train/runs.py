@@ -1,5 +1,6 @@
 """The Trainer `pipetrain train` runs for a TrainConfig: a preset GPT or Llama, or a local Hugging Face model,
-on byte-level batches of the Python stdlib's source (every 10th file held out)."""
+on byte-level batches of the Python stdlib's source (every 10th file held out), or a Hugging Face model on
+local text (`data`: pipetrain.data's packed rows, tokenized by the model folder's tokenizer)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from .. import models
 from ..models.gpt import gpt_loss
 from .config import TrainConfig, check_hf_model, hf_seq_len
 from .data import Batches, CausalLMBatches, Corpus, load_corpus
+from .report import ensure_log_handler
 from .trainer import Trainer
 
 logger = logging.getLogger("pipetrain")
@@ -22,7 +24,8 @@ def trainer_from_config(config: TrainConfig, *, corpus: Corpus | None = None, **
     `kwargs` go to Trainer (optimizer=, mesh=, device=, ...). An HF model is built on the meta device: each
     rank materializes only its own stages and reads only their weights (if the directory has any)."""
     config.validate()
-    corpus = corpus or load_corpus()
+    if not config.data:
+        corpus = corpus or load_corpus()
     return _hf_trainer(config, corpus, **kwargs) if config.hf else _preset_trainer(config, corpus, **kwargs)
 
 
@@ -50,8 +53,11 @@ def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
         model = AutoModelForCausalLM.from_config(hf_config)
     layers, loss_fn = from_hf(model)
     seq = hf_seq_len(config, hf_config)
-    train = CausalLMBatches(corpus.train, batch_size=config.batch_size, seq_len=seq, seed=config.seed)
-    held_out = CausalLMBatches(corpus.val, batch_size=config.batch_size, seq_len=seq, seed=config.seed + 1)
+    if config.data:
+        train, held_out = _text_rows(config, seq, hf_config.vocab_size)
+    else:
+        train = CausalLMBatches(corpus.train, batch_size=config.batch_size, seq_len=seq, seed=config.seed)
+        held_out = CausalLMBatches(corpus.val, batch_size=config.batch_size, seq_len=seq, seed=config.seed + 1)
     params = sum(p.numel() for p in model.parameters())
     trainer = Trainer(layers, loss_fn=loss_fn, data=train, eval_data=held_out, config=config,
                       count_tokens=lambda labels: (labels[:, 1:] != -100).sum(), flops_per_token=6.0 * params,
@@ -63,6 +69,27 @@ def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
     elif trainer.step == 0:
         logger.info("%s has no weights: starting from the model's initialization (seed %d)", config.hf, config.seed)
     return trainer
+
+
+def _text_rows(config: TrainConfig, seq: int, vocab_size: int):
+    """(train, held-out) PackedRows of `config.data`, tokenized by the model folder's tokenizer (cached;
+    collective). DataError (on every rank) if the tokenizer's ids do not fit the model or a part is shorter
+    than one batch."""
+    from ..data import DataError, text_rows
+
+    fraction = config.eval_fraction if config.eval_fraction is not None or config.eval_data else 0.05
+    data = text_rows(config.data, config.hf, seq_len=seq, eval_fraction=fraction or 0.0, eval_paths=config.eval_data,
+                     text_field=config.text_field, document_mask=config.document_mask, cache_dir=config.data_cache,
+                     progress=config.progress, min_rows=config.batch_size)
+    if data.tokens.vocab_size > vocab_size:
+        raise DataError(f"the tokenizer in {config.hf} has {data.tokens.vocab_size} tokens, more than the model's "
+                        f"vocab_size={vocab_size}: set vocab_size >= {data.tokens.vocab_size} in its config.json")
+    ensure_log_handler()
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        logger.info("data: %s documents, %s tokens (cache %s); %d training rows of %d tokens, %d held-out rows",
+                    f"{data.tokens.documents:,}", f"{len(data.tokens):,}", data.tokens.path, len(data.train),
+                    seq + 1, len(data.held_out))
+    return data.train, data.held_out
 
 
 def held_out_sample(pipe, config: TrainConfig, *, corpus: Corpus | None = None) -> tuple[str, str]:

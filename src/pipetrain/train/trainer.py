@@ -129,11 +129,11 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         losses, tokens, aux, busy, pipeline_time, targets = [], [], 0.0, 0.0, 0.0, 0
-        batches = [self.train_data.next() for _ in range(cfg.accumulation)]
-        # every rank holds the same global batches, so this is the count over every replica
-        num_tokens = sum(float(self.count_tokens(b[1])) for b in batches) if self.count_tokens else None
-        for k, batch in enumerate(batches):  # the replicas reduce gradients once, after the last
-            x, y = share(batch, self.pipe.dp_size, self.pipe.dp_rank)
+        dp = self.pipe.dp_size
+        # each replica reads only its rows of the global batches (a map-style dataset: only those samples)
+        shares = [self.train_data.next_share(dp, self.pipe.dp_rank) for _ in range(cfg.accumulation)]
+        num_tokens = self._count_tokens(shares) if self.count_tokens else None
+        for k, (x, y) in enumerate(shares):  # the replicas reduce gradients once, after the last
             losses.append(self.pipe.step(x, y, scale=1.0 / cfg.accumulation, num_tokens=num_tokens,
                                          sync_gradients=k == cfg.accumulation - 1))
             step = self.pipe.last_step
@@ -141,10 +141,10 @@ class Trainer:
             aux += step.aux_loss
             busy += step.busy_time
             pipeline_time += step.step_time
-            targets += _targets(batch)
+            targets += _targets((x, y)) * dp  # (the replicas' shares have the same shape)
         loss = self._combine(losses, tokens)
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else cfg.lr
-        world, dp = self.pipe.world_size, self.pipe.dp_size
+        world = self.pipe.world_size
         # one sum over every rank: gradient norm, non-finite flag, time's up, idle and memory per rank
         shared = torch.zeros(3 + 2 * world, dtype=torch.float64)
         shared[0] = self._sum_of_squares()
@@ -185,6 +185,14 @@ class Trainer:
         if aux:
             record["aux_loss"] = aux
         return record
+
+    def _count_tokens(self, shares: list) -> float:
+        """`count_tokens` over the step's global batches: each replica counts its shares, summed over the job
+        (every rank of a pipeline holds its replica's shares, so the sum counts each pipeline_size times)."""
+        count = torch.tensor([sum(float(self.count_tokens(y)) for _, y in shares)], dtype=torch.float64)
+        if self.pipe.dp_size == 1:
+            return float(count[0])
+        return float(self.pipe.all_reduce(count)[0]) / self.pipe.world_size
 
     def clip_gradients(self) -> float:
         """The global L2 norm of all stages' gradients; scales them to `grad_clip` if above (collective). The
