@@ -23,21 +23,22 @@ def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
     return path
 
 
-def write_parquet(path: Path, docs: list[str]) -> Path:
+def write_parquet(path: Path, docs: list[str], field: str = "text") -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": docs}), path)
+    pq.write_table(pa.table({field: docs, "n": list(range(len(docs)))}), path)
     return path
 
 
 def model_folder(path: Path, docs: list[str], *, layers: int = 4, vocab: int = 300) -> Path:
     """A folder with a tiny LlamaConfig (vocab = the tokenizer's) and a BPE tokenizer trained on `docs`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<eos>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")

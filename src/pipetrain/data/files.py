@@ -53,6 +53,8 @@ def read_documents(files: Sequence[Path], *, text_field: str = "text") -> Iterat
     datasets = need("datasets")
     datasets.disable_progress_bars()
     for path in files:
+        if path.stat().st_size == 0:  # (datasets fails on an empty file; it holds no documents)
+            continue
         kind = KINDS[path.suffix]
         options = {"sample_by": "document"} if kind == "text" else {}
         field = "text" if kind == "text" else text_field

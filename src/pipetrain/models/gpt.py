@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..flops import training_flops_per_token
-from .common import assemble, init_normal
+from .common import assemble, document_mask, init_normal, split_inputs
 
 RESIDUAL = ("proj.weight", "out.weight")  # scaled at initialization (the head's proj too, as before)
 
@@ -62,10 +62,13 @@ class Embedding(nn.Module):
     def init_weights(self) -> None:
         init_normal(self, self.n_layers, RESIDUAL)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        pos = torch.arange(t, device=idx.device)
-        return self.drop(self.tok(idx) + self.pos(pos))  # (b, t, d)
+    def forward(self, inputs: torch.Tensor | dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ids (b, t) -> (b, t, d); or, for packed documents, {"input_ids", "position_ids"} -> ((b, t, d),
+        positions (b, t)), the positions going on to the blocks' document mask."""
+        idx, positions = split_inputs(inputs)
+        pos = torch.arange(idx.shape[1], device=idx.device) if positions is None else positions
+        h = self.drop(self.tok(idx) + self.pos(pos))  # (b, t, d)
+        return h if positions is None else (h, positions)
 
     def forward_cached(self, idx: torch.Tensor, cache) -> torch.Tensor:
         """Generation (kv_cache.py): the new tokens (b, t) at their own positions."""
@@ -94,9 +97,15 @@ class Block(nn.Module):
     def init_weights(self) -> None:
         init_normal(self, self.n_layers, RESIDUAL)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._block(x, lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0))
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
+        """(b, t, d) -> (b, t, d), causal; or (hidden, positions) -> the same pair, attending within documents."""
+        p = self.dropout if self.training else 0.0
+        if isinstance(x, tuple):
+            h, positions = x
+            mask = document_mask(positions)  # (b, 1, t, t)
+            return self._block(h, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                 dropout_p=p)), positions
+        return self._block(x, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p))
 
     def forward_cached(self, x: torch.Tensor, cache) -> torch.Tensor:
         """Generation (kv_cache.py): the new tokens attend the cached keys and values and their own."""
@@ -127,8 +136,8 @@ class Head(nn.Module):
     def init_weights(self) -> None:
         init_normal(self, self.n_layers, RESIDUAL)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.ln(x))
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.proj(self.ln(x[0] if isinstance(x, tuple) else x))
 
     def forward_cached(self, x: torch.Tensor, cache) -> torch.Tensor:
         """Generation: the logits of the last position only, (b, 1, vocab)."""

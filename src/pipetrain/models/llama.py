@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..flops import training_flops_per_token
-from .common import assemble, init_normal
+from .common import assemble, document_mask, init_normal, split_inputs
 
 RESIDUAL = ("wo.weight", "w_down.weight")  # the projections into the residual stream
 
@@ -70,8 +70,11 @@ class Embedding(nn.Module):
     def init_weights(self) -> None:
         init_normal(self, self.n_layers, RESIDUAL)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.tok(idx)
+    def forward(self, inputs: torch.Tensor | dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ids (b, t) -> (b, t, d); or, for packed documents, {"input_ids", "position_ids"} -> ((b, t, d),
+        positions (b, t)) for the blocks' RoPE and document mask."""
+        idx, positions = split_inputs(inputs)
+        return self.tok(idx) if positions is None else (self.tok(idx), positions)
 
     def forward_cached(self, idx: torch.Tensor, cache) -> torch.Tensor:
         """Generation (kv_cache.py): positions enter in attention."""
@@ -101,7 +104,14 @@ class Block(nn.Module):
         init_normal(self, self.n_layers, RESIDUAL)
         self.inv_freq.copy_(_inv_freq(self.head_dim, self.theta))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
+        """(b, t, d) -> (b, t, d), causal; or (hidden, positions) -> the same pair, RoPE at each token's position
+        in its document and attention within documents."""
+        if isinstance(x, tuple):
+            h, positions = x  # positions (b, t)
+            mask = document_mask(positions)  # (b, 1, t, t)
+            out = self._block(h, positions[:, None], lambda q, k, v: self._attention(q, k, v, attn_mask=mask))
+            return out, positions
         positions = torch.arange(x.shape[1], device=x.device)  # (t,)
         return self._block(x, positions, lambda q, k, v: self._attention(q, k, v, is_causal=True))
 
@@ -145,8 +155,8 @@ class Head(nn.Module):
     def init_weights(self) -> None:
         init_normal(self, self.n_layers, RESIDUAL)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(x))
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.proj(self.norm(x[0] if isinstance(x, tuple) else x))
 
     def forward_cached(self, x: torch.Tensor, cache) -> torch.Tensor:
         """Generation: the logits of the last position only, (b, 1, vocab)."""

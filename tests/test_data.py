@@ -1,0 +1,210 @@
+"""pipetrain.data: local text read, tokenized, cached, packed and batched; the document mask; bad input.
+Offline: the tokenizer is a tiny BPE trained here on generated sentences (tests/text_data.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from text_data import model_folder, sentences, write_jsonl, write_parquet
+
+import pipetrain as pt
+from pipetrain.data import DataError, PackedRows, Tokens
+from pipetrain.train.loader import BatchSource, share
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A model folder (tiny Llama config + BPE tokenizer) and its documents."""
+    root = tmp_path_factory.mktemp("model")
+    docs = sentences(200)
+    return model_folder(root / "model", docs), docs
+
+
+def test_txt_jsonl_parquet_and_folders_tokenize_with_eos_between_documents(folder, tmp_path):
+    model, docs = folder
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text(docs[0])
+    (data / "sub" / "b.txt").write_text(docs[1])
+    write_jsonl(data / "c.jsonl", docs[2:5], field="body")
+    write_parquet(tmp_path / "d.parquet", docs[5:7], field="body")
+    tokens = pt.data.tokenize([data, tmp_path / "d.parquet"], model, text_field="body", cache_dir=tmp_path / "c")
+    # folders are read in path order: a.txt, c.jsonl, sub/b.txt; then the parquet file
+    expected = [docs[0], *docs[2:5], docs[1], *docs[5:7]]
+    assert tokens.documents == len(expected)
+    tokenizer = pt.data.load_tokenizer(model)
+    pieces = np.split(np.asarray(tokens.ids), np.flatnonzero(np.asarray(tokens.ids) == tokens.eos) + 1)[:-1]
+    assert [tokenizer.decode(p[:-1].tolist()) for p in pieces] == expected
+    assert all(p[-1] == tokens.eos for p in pieces)
+    assert tokens.ids.dtype == np.uint16 and isinstance(tokens.ids, np.memmap)
+
+
+def test_the_cache_is_read_again_and_keyed_by_files_and_settings(folder, tmp_path):
+    model, docs = folder
+    file = write_jsonl(tmp_path / "d.jsonl", docs[:50])
+    first = pt.data.tokenize(file, model, cache_dir=tmp_path / "c")
+    written = (first.path / "tokens.bin").stat().st_mtime_ns
+    again = pt.data.tokenize(file, model, cache_dir=tmp_path / "c")
+    assert again.path == first.path and (again.path / "tokens.bin").stat().st_mtime_ns == written
+    assert np.array_equal(again.ids, first.ids)
+    write_jsonl(file, docs[:51])  # the file changed: a new cache
+    assert pt.data.tokenize(file, model, cache_dir=tmp_path / "c").path != first.path
+    write_jsonl(tmp_path / "e.jsonl", docs[:50], field="body")
+    assert pt.data.tokenize(tmp_path / "e.jsonl", model, text_field="body", cache_dir=tmp_path / "c").path not in \
+        (first.path,)
+    assert sorted(p.name.startswith(".tmp") for p in (tmp_path / "c").iterdir()) == [False] * 3
+
+
+def test_a_crash_while_tokenizing_leaves_no_cache(folder, tmp_path, monkeypatch):
+    model, docs = folder
+    file = write_jsonl(tmp_path / "d.jsonl", docs)
+
+    def broken(*args, **kwargs):
+        yield tmp_path, docs[0]
+        raise KeyboardInterrupt  # the process dies mid-way
+
+    monkeypatch.setattr("pipetrain.data.tokens.read_documents", broken)
+    with pytest.raises(KeyboardInterrupt):
+        pt.data.tokenize(file, model, cache_dir=tmp_path / "c")
+    assert list((tmp_path / "c").iterdir()) == []  # no half cache, no temporary left
+
+
+def fake_tokens(ids: list[int], eos: int) -> Tokens:
+    return Tokens(ids=np.asarray(ids, dtype=np.uint16), eos=eos, vocab_size=max(ids) + 1,
+                  documents=ids.count(eos), path=Path("."))
+
+
+def test_rows_overlap_by_one_token_and_positions_restart_after_eos():
+    E = 9
+    tokens = fake_tokens([1, 2, 3, E, 4, 5, E, 6, 7, 8, 1, 2, E], eos=E)  # 13 tokens
+    rows = PackedRows(tokens, 4)
+    assert len(rows) == 3  # (13 - 1) // 4
+    assert rows[1][0]["input_ids"].tolist() == [4, 5, E, 6, 7] and rows[1][1].tolist() == [4, 5, E, 6, 7]
+    masked = PackedRows(tokens, 4, document_mask=True)
+    inputs, labels = masked[0]
+    assert inputs["position_ids"].tolist() == [0, 1, 2, 3, 0] and labels.tolist() == [1, 2, 3, E, -100]
+    x, y = PackedRows(tokens, 4, format="shifted", document_mask=True)[1]
+    assert x["input_ids"].tolist() == [4, 5, E, 6] and x["position_ids"].tolist() == [0, 1, 2, 0]
+    assert y.tolist() == [5, E, -100, 7]
+    cut = pt.data.split_point(tokens, 0.5)  # after the first EOS past the middle
+    assert cut == 7 and tokens.ids[cut - 1] == E
+
+
+def test_a_replica_reads_only_its_rows_and_gets_its_share(folder, tmp_path):
+    model, docs = folder
+    rows = pt.data.text_rows(write_jsonl(tmp_path / "d.jsonl", docs), model, seq_len=16,
+                             cache_dir=tmp_path / "c").train
+    read = []
+
+    class Counting:
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            read.append(i)
+            return rows[i]
+
+    whole, mine = BatchSource(rows, batch_size=8, seed=3), BatchSource(Counting(), batch_size=8, seed=3)
+    for _ in range(3):
+        expected = share(whole.next(), 2, 1)
+        got = mine.next_share(2, 1)
+        assert torch.equal(got[0]["input_ids"], expected[0]["input_ids"]) and torch.equal(got[1], expected[1])
+    assert len(read) == 3 * 4  # 4 of the 8 rows of each global batch
+
+
+def _documents_alone_vs_packed(layers_of, loss_sum, causal_lm: bool, vocab: int):
+    """The loss sum and gradients of one packed row (document mask) and of its 3 documents run alone."""
+    E = vocab - 1
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.cat([torch.randint(0, E, (n,), generator=g), torch.tensor([E])]) for n in (5, 8, 4)]
+    ids = torch.cat(docs).tolist()
+    rows = PackedRows(fake_tokens(ids, E), len(ids) - 1, format="causal_lm" if causal_lm else "shifted",
+                      document_mask=True)
+    assert len(rows) == 1
+    results = []
+    for batches in ([rows[0]], [({"input_ids": d} if causal_lm else d[:-1], d if causal_lm else d[1:]) for d in docs]):
+        layers = layers_of()
+        total = 0.0
+        for inputs, targets in batches:
+            x = {k: v[None] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[None]
+            for layer in layers:
+                x = layer(x)
+            total = total + loss_sum(x, targets[None])
+        total.backward()
+        grads = {f"{i}.{n}": p.grad for i, layer in enumerate(layers) for n, p in layer.named_parameters()}
+        results.append((total.item(), grads))
+    (packed, packed_grads), (alone, alone_grads) = results
+    assert packed == pytest.approx(alone, rel=1e-5)
+    for name, grad in alone_grads.items():
+        assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_packed_row_with_the_document_mask_equals_its_documents_alone(family):
+    from pipetrain import models
+
+    cfg = models.PRESETS["tiny" if family == "gpt" else "llama-tiny"]
+
+    def layers():
+        torch.manual_seed(0)
+        return models.build(cfg)
+
+    def loss_sum(logits, y):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+
+    _documents_alone_vs_packed(layers, loss_sum, causal_lm=False, vocab=cfg.vocab_size)
+
+
+def test_a_packed_row_with_the_document_mask_equals_its_documents_alone_hf_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipetrain.models.hf import from_hf
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+    def layers():
+        torch.manual_seed(0)
+        return from_hf(LlamaForCausalLM(config).float())[0]
+
+    def loss_sum(logits, labels):
+        return from_hf.__globals__["causal_lm_loss"](logits, labels)[0]
+
+    _documents_alone_vs_packed(layers, loss_sum, causal_lm=True, vocab=64)
+
+
+# --- bad input: one clear line ---------------------------------------------------------------------------
+def test_bad_input_says_what_is_wrong(folder, tmp_path):
+    model, docs = folder
+    cache = tmp_path / "c"
+    with pytest.raises(DataError, match="nope.jsonl: no such file or folder"):
+        pt.data.tokenize(tmp_path / "nope.jsonl", model, cache_dir=cache)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="the data is empty"):
+        pt.data.tokenize(tmp_path / "empty.jsonl", model, cache_dir=cache)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"body": "two"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2 has no 'text' field .*--text-field"):
+        pt.data.tokenize(bad, model, cache_dir=cache)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(DataError, match="no tokenizer in .*bare.*save_pretrained"):
+        pt.data.tokenize(write_jsonl(tmp_path / "d.jsonl", docs[:3]), tmp_path / "bare", cache_dir=cache)
+    with pytest.raises(DataError, match="fewer than one batch of 64"):
+        pt.data.text_rows(tmp_path / "d.jsonl", model, seq_len=32, cache_dir=cache, min_rows=64)
+    assert not any(p.name.startswith(".tmp") for p in cache.iterdir())
+
+
+def test_the_core_imports_without_the_data_extra(tmp_path):
+    code = ("import sys; sys.modules['datasets'] = None\n"
+            "import pipetrain as pt\n"
+            "from pipetrain.data.files import need, DataError\n"
+            "try:\n    need('datasets')\nexcept DataError as err:\n    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'pipetrain[data]'" in done.stdout
