@@ -11,6 +11,7 @@ and every rank learns of an error any of them met (the same line on every rank, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ class Tokens:
     vocab_size: int
     documents: int
     path: Path
+    from_cache: bool = False  # read from a cache an earlier run wrote (not tokenized now)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -99,7 +101,8 @@ def tokenize(paths: Sequence[str | os.PathLike] | str | os.PathLike, tokenizer_d
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / cache_key(files, tokenizer_dir, text_field)
     error = None
-    if not (final / "meta.json").is_file() and _is_writer():
+    cached = (final / "meta.json").is_file()
+    if not cached and _is_writer():
         try:
             _write(files, tokenizer_dir, text_field, root, final, progress)
         except DataError as err:
@@ -108,7 +111,7 @@ def tokenize(paths: Sequence[str | os.PathLike] | str | os.PathLike, tokenizer_d
             error = f"reading {', '.join(map(str, files))}: {type(err).__name__}: {err}"
 
     _agree(error)
-    return open_tokens(final)
+    return dataclasses.replace(open_tokens(final), from_cache=cached)
 
 
 def open_tokens(directory: str | os.PathLike) -> Tokens:

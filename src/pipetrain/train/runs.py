@@ -86,9 +86,10 @@ def _text_rows(config: TrainConfig, seq: int, vocab_size: int):
                         f"vocab_size={vocab_size}: set vocab_size >= {data.tokens.vocab_size} in its config.json")
     ensure_log_handler()
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        logger.info("data: %s documents, %s tokens (cache %s); %d training rows of %d tokens, %d held-out rows",
-                    f"{data.tokens.documents:,}", f"{len(data.tokens):,}", data.tokens.path, len(data.train),
-                    seq + 1, len(data.held_out))
+        logger.info("data: %s documents, %s tokens (%s %s); %d training rows of %d tokens, %d held-out rows",
+                    f"{data.tokens.documents:,}", f"{len(data.tokens):,}",
+                    "read from the cache" if data.tokens.from_cache else "tokenized into", data.tokens.path,
+                    len(data.train), seq + 1, len(data.held_out))
     return data.train, data.held_out
 
 
