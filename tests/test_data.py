@@ -1,6 +1,7 @@
 """pipetrain.data: local text read, tokenized, cached, packed and batched; the document mask; bad input.
 Offline: the tokenizer is a tiny BPE trained here on generated sentences (tests/text_data.py)."""
 
+import math
 import os
 import subprocess
 import sys
@@ -208,3 +209,20 @@ def test_the_core_imports_without_the_data_extra(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert "pip install 'pipetrain[data]'" in done.stdout
+
+
+def test_a_preset_trains_on_local_text_with_a_tokenizer_folder(folder, tmp_path):
+    from workers import run_threads
+
+    model, docs = folder
+    file = write_jsonl(tmp_path / "d.jsonl", docs)
+    config = dict(preset="llama-tiny", tokenizer=str(model), data=[str(file)], document_mask=True, steps=3,
+                  microbatches=2, batch_size=4, eval_batches=1, log_every=100, progress=False,
+                  data_cache=str(tmp_path / "c"))
+
+    def body(rank, world, transport):
+        trainer = pt.trainer_from_config(pt.TrainConfig(**config), transport=transport)
+        return trainer.model_info["vocab_size"], trainer.fit()
+
+    ((vocab, history),) = run_threads(1, body)  # (the multi-rank CLI run is in test_data_cli.py)
+    assert vocab == len(pt.data.load_tokenizer(model)) and len(history) == 3 and math.isfinite(history[-1]["loss"])

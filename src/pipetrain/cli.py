@@ -131,6 +131,8 @@ _TRAIN_FLAGS = {
     "save-pretrained": (str, "with --hf: write the trained model here at the end (HF safetensors)"),
     "text-field": (str, "with --data: the .jsonl field / .parquet column holding the text"),
     "eval-fraction": (float, "with --data: hold out this last fraction of the documents (default 0.05)"),
+    "tokenizer": (str, "with --data and a preset: a folder with a tokenizer (the model's vocabulary becomes its "
+                  "size)"),
     "data-cache": (str, "with --data: where tokenized data is cached (default $PIPETRAIN_CACHE or "
                    "~/.cache/pipetrain/tokens)"),
     "layers": (int, "transformer blocks (overrides the preset)"),

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ def _write(files: list[Path], tokenizer_dir, text_field: str, root: Path, final:
     vocab = len(tokenizer)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     total, documents = 0, 0

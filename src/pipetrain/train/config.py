@@ -33,6 +33,7 @@ class TrainConfig:
     eval_fraction: float | None = None  # with data: hold out this last fraction of the documents (default 0.05)
     eval_data: list[str] | None = None  # with data: held-out files instead of eval_fraction
     document_mask: bool = False  # with data: attention and positions restart at each document of a packed row
+    tokenizer: str | None = None  # with data and a preset: the tokenizer's folder (the model's vocab becomes its size)
     data_cache: str | None = None  # where tokenized data is cached (default $PIPETRAIN_CACHE or ~/.cache/pipetrain)
     layers: int | None = None
     d_model: int | None = None
@@ -137,13 +138,14 @@ class TrainConfig:
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
         if not self.data:
-            used = [n for n in ("eval_fraction", "eval_data", "document_mask", "data_cache") if getattr(self, n)]
+            used = [n for n in ("eval_fraction", "eval_data", "document_mask", "data_cache", "tokenizer")
+                    if getattr(self, n)]
             if used:
                 raise ConfigError(f"{used} go with data (local text files); without it the byte corpus is used")
             return
-        if self.hf is None:
-            raise ConfigError("data is tokenized with the model folder's tokenizer: it needs hf (a Hugging Face "
-                              "model directory with a tokenizer)")
+        if (self.hf is None) == (self.tokenizer is None):
+            raise ConfigError("data is tokenized by the model folder's tokenizer (hf) or, for a preset, by the one "
+                              "in tokenizer: give exactly one of them")
         if self.eval_fraction is not None and self.eval_data:
             raise ConfigError("give eval_fraction or eval_data (held-out files), not both")
         if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
@@ -158,7 +160,7 @@ class TrainConfig:
             data_files(self.data)
             if self.eval_data:
                 data_files(self.eval_data)
-            check_tokenizer_dir(self.hf)
+            check_tokenizer_dir(self.hf or self.tokenizer)
         except DataError as err:
             raise ConfigError(str(err)) from None
 

@@ -31,10 +31,14 @@ def trainer_from_config(config: TrainConfig, *, corpus: Corpus | None = None, **
 
 def _preset_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
     model = config.model_config()
+    if config.data:  # the tokenizer's vocabulary
+        train, held_out, vocab = _text_rows(config, model.seq_len)
+        model = dataclasses.replace(model, vocab_size=vocab)
+    else:
+        train = Batches(corpus.train, batch_size=config.batch_size, seq_len=model.seq_len, seed=config.seed)
+        held_out = Batches(corpus.val, batch_size=config.batch_size, seq_len=model.seq_len, seed=config.seed + 1)
     torch.manual_seed(config.seed)  # every rank builds the same weights, then keeps its own stages
     layers = models.build(model)
-    train = Batches(corpus.train, batch_size=config.batch_size, seq_len=model.seq_len, seed=config.seed)
-    held_out = Batches(corpus.val, batch_size=config.batch_size, seq_len=model.seq_len, seed=config.seed + 1)
     return Trainer(layers, loss_fn=gpt_loss, data=train, eval_data=held_out, config=config,
                    flops_per_token=models.flops_per_token(model),
                    model_info={"name": f"{config.preset} {models.family(model)}", **dataclasses.asdict(model)},
@@ -45,6 +49,7 @@ def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
     """Built on the meta device: each rank materializes only its own stages, then reads only their weights."""
     from transformers import AutoModelForCausalLM
 
+    from ..data import DataError
     from ..models.hf import from_hf, load_weights
     from ..models.hf_checkpoint import has_weights
 
@@ -54,7 +59,10 @@ def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
     layers, loss_fn = from_hf(model)
     seq = hf_seq_len(config, hf_config)
     if config.data:
-        train, held_out = _text_rows(config, seq, hf_config.vocab_size)
+        train, held_out, vocab = _text_rows(config, seq)
+        if vocab > hf_config.vocab_size:
+            raise DataError(f"the tokenizer in {config.hf} has {vocab} tokens, more than the model's "
+                            f"vocab_size={hf_config.vocab_size}: set vocab_size >= {vocab} in its config.json")
     else:
         train = CausalLMBatches(corpus.train, batch_size=config.batch_size, seq_len=seq, seed=config.seed)
         held_out = CausalLMBatches(corpus.val, batch_size=config.batch_size, seq_len=seq, seed=config.seed + 1)
@@ -71,26 +79,24 @@ def _hf_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
     return trainer
 
 
-def _text_rows(config: TrainConfig, seq: int, vocab_size: int):
-    """(train, held-out) PackedRows of `config.data`, tokenized by the model folder's tokenizer (cached;
-    collective). DataError (on every rank) if the tokenizer's ids do not fit the model or a part is shorter
-    than one batch."""
-    from ..data import DataError, text_rows
+def _text_rows(config: TrainConfig, seq: int):
+    """(train rows, held-out rows, the tokenizer's vocabulary size) of `config.data`, tokenized by the model
+    folder's tokenizer (or `config.tokenizer`'s, for a preset), cached; collective. DataError (on every rank)
+    if a part is shorter than one batch."""
+    from ..data import RowFormat, text_rows
 
     fraction = config.eval_fraction if config.eval_fraction is not None or config.eval_data else 0.05
-    data = text_rows(config.data, config.hf, seq_len=seq, eval_fraction=fraction or 0.0, eval_paths=config.eval_data,
-                     text_field=config.text_field, document_mask=config.document_mask, cache_dir=config.data_cache,
+    data = text_rows(config.data, config.hf or config.tokenizer, seq_len=seq, eval_fraction=fraction or 0.0,
+                     eval_paths=config.eval_data, text_field=config.text_field, document_mask=config.document_mask,
+                     format=RowFormat.CAUSAL_LM if config.hf else RowFormat.SHIFTED, cache_dir=config.data_cache,
                      progress=config.progress, min_rows=config.batch_size)
-    if data.tokens.vocab_size > vocab_size:
-        raise DataError(f"the tokenizer in {config.hf} has {data.tokens.vocab_size} tokens, more than the model's "
-                        f"vocab_size={vocab_size}: set vocab_size >= {data.tokens.vocab_size} in its config.json")
     ensure_log_handler()
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         logger.info("data: %s documents, %s tokens (%s %s); %d training rows of %d tokens, %d held-out rows",
                     f"{data.tokens.documents:,}", f"{len(data.tokens):,}",
                     "read from the cache" if data.tokens.from_cache else "tokenized into", data.tokens.path,
                     len(data.train), seq + 1, len(data.held_out))
-    return data.train, data.held_out
+    return data.train, data.held_out, data.tokens.vocab_size
 
 
 def held_out_sample(pipe, config: TrainConfig, *, corpus: Corpus | None = None) -> tuple[str, str]:
