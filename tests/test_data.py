@@ -61,6 +61,16 @@ def test_the_cache_is_read_again_and_keyed_by_files_and_settings(folder, tmp_pat
     assert sorted(p.name.startswith(".tmp") for p in (tmp_path / "c").iterdir()) == [False] * 3
 
 
+def test_a_progress_bar_while_tokenizing_and_held_out_files(folder, tmp_path, capsys):
+    model, docs = folder
+    data = pt.data.text_rows(write_jsonl(tmp_path / "d.jsonl", docs[:150]), model, seq_len=16,
+                             eval_paths=[write_jsonl(tmp_path / "e.jsonl", docs[150:])], cache_dir=tmp_path / "c",
+                             progress=True)
+    assert "tokenizing" in capsys.readouterr().err  # tqdm's bar, on stderr
+    assert data.held_out.tokens.documents == 50 and data.train.tokens.documents == 150
+    assert len(data.held_out) == (len(data.held_out_tokens) - 1) // 16
+
+
 def test_a_crash_while_tokenizing_leaves_no_cache(folder, tmp_path, monkeypatch):
     model, docs = folder
     file = write_jsonl(tmp_path / "d.jsonl", docs)
