@@ -236,3 +236,47 @@ def test_a_preset_trains_on_local_text_with_a_tokenizer_folder(folder, tmp_path)
 
     ((vocab, history),) = run_threads(1, body)  # (the multi-rank CLI run is in test_data_cli.py)
     assert vocab == len(pt.data.load_tokenizer(model)) and len(history) == 3 and math.isfinite(history[-1]["loss"])
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_packed_rows_with_the_document_mask_cross_stages_exactly(family):
+    """The (hidden, positions) pair between a reference model's stages: a 2-rank pipeline's token-mean loss and
+    gradients equal one process's on the same packed rows."""
+    import copy
+
+    from torch.utils.data import default_collate
+    from workers import run_threads
+
+    from pipetrain import models
+
+    cfg = models.PRESETS["tiny" if family == "gpt" else "llama-tiny"]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 255, (300,), generator=g)
+    ids[torch.randint(0, 300, (12,), generator=g)] = 255  # EOS
+    rows = PackedRows(fake_tokens(ids.tolist(), 255), 32, format="shifted", document_mask=True)
+    x, y = default_collate([rows[i] for i in range(4)])
+
+    def loss_fn(logits, targets):
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"), (targets != -100).sum()
+
+    torch.manual_seed(0)
+    base = models.build(cfg)
+    ref = copy.deepcopy(base)
+    h = x
+    for layer in ref:
+        h = layer(h)
+    total, count = loss_fn(h, y)
+    (total / count).backward()
+
+    def body(rank, world, transport):
+        layers = copy.deepcopy(base)
+        sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=2)
+        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=transport)
+        loss = pipe.step(x, y)
+        return loss, {(i, n): p.grad for i in pipe.layers for n, p in layers[i].named_parameters()}
+
+    results = run_threads(2, body)
+    assert results[0][0] == pytest.approx((total / count).item(), rel=1e-5)
+    for (i, name), grad in {**results[0][1], **results[1][1]}.items():
+        expected = dict(ref[i].named_parameters())[name].grad
+        assert (grad - expected).norm() <= 1e-5 * expected.norm() + 1e-8, (i, name)
