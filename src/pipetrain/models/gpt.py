@@ -155,6 +155,13 @@ def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def gpt_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, count) of next-token cross-entropy, -100 targets ignored: a token mean over the whole batch
+    (packed rows with a document mask have a different count in each row). logits (b, t, vocab), targets (b, t)."""
+    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    return loss_sum, (targets != -100).sum()
+
+
 def flops_per_token(cfg: GPTConfig) -> float:
     """Training FLOPs per token, by pipetrain.flops's convention (the planner's): qkv, proj and the MLP's two
     matmuls per block, attention in full, the head."""

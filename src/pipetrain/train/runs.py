@@ -10,7 +10,7 @@ import logging
 import torch
 
 from .. import models
-from ..models.gpt import gpt_loss
+from ..models.gpt import gpt_loss, gpt_loss_sum
 from .config import TrainConfig, check_hf_model, hf_seq_len
 from .data import Batches, CausalLMBatches, Corpus, load_corpus
 from .report import ensure_log_handler
@@ -39,7 +39,10 @@ def _preset_trainer(config: TrainConfig, corpus: Corpus, **kwargs) -> Trainer:
         held_out = Batches(corpus.val, batch_size=config.batch_size, seq_len=model.seq_len, seed=config.seed + 1)
     torch.manual_seed(config.seed)  # every rank builds the same weights, then keeps its own stages
     layers = models.build(model)
-    return Trainer(layers, loss_fn=gpt_loss, data=train, eval_data=held_out, config=config,
+    # local text: a token mean (the document mask ignores some targets); the byte corpus: the mean
+    loss = dict(loss_fn=gpt_loss_sum, count_tokens=lambda y: (y != -100).sum()) if config.data else \
+        dict(loss_fn=gpt_loss)
+    return Trainer(layers, **loss, data=train, eval_data=held_out, config=config,
                    flops_per_token=models.flops_per_token(model),
                    model_info={"name": f"{config.preset} {models.family(model)}", **dataclasses.asdict(model)},
                    **kwargs)
