@@ -45,8 +45,10 @@ def test_train_on_local_text_caches_holds_out_and_resumes_exactly(tmp_path):
                    "--metrics-jsonl", "b.jsonl")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "read from the cache" in first.stdout and (cache / "tokens.bin").stat().st_mtime_ns == written
-    again = _train(tmp_path, *data, "--steps", "4", "--checkpoint-dir", "b", "--metrics-jsonl", "b.jsonl", "--resume")
+    again = _train(tmp_path, *data, "--steps", "4", "--checkpoint-dir", "b", "--metrics-jsonl", "b.jsonl", "--resume",
+                   "--sample-tokens", "8")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"prompt: +'[A-Z][a-z]+ .*'\n  generated: '.+'", again.stdout), again.stdout  # decoded text
     losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name).read_text().splitlines()]
               for name in ("a.jsonl", "b.jsonl")}
     assert losses["a.jsonl"] == losses["b.jsonl"] and len(losses["a.jsonl"]) == 4  # resumed at the next batch

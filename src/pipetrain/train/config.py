@@ -150,9 +150,6 @@ class TrainConfig:
             raise ConfigError("give eval_fraction or eval_data (held-out files), not both")
         if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
-        if self.sample_tokens:
-            raise ConfigError("sample_tokens continues a prompt of the byte corpus; with data, drop it (not yet "
-                              "supported)")
         from ..data import DataError, data_files
         from ..data.tokens import check_tokenizer_dir
 

@@ -86,13 +86,7 @@ def _text_rows(config: TrainConfig, seq: int):
     """(train rows, held-out rows, the tokenizer's vocabulary size) of `config.data`, tokenized by the model
     folder's tokenizer (or `config.tokenizer`'s, for a preset), cached; collective. DataError (on every rank)
     if a part is shorter than one batch."""
-    from ..data import RowFormat, text_rows
-
-    fraction = config.eval_fraction if config.eval_fraction is not None or config.eval_data else 0.05
-    data = text_rows(config.data, config.hf or config.tokenizer, seq_len=seq, eval_fraction=fraction or 0.0,
-                     eval_paths=config.eval_data, text_field=config.text_field, document_mask=config.document_mask,
-                     format=RowFormat.CAUSAL_LM if config.hf else RowFormat.SHIFTED, cache_dir=config.data_cache,
-                     progress=config.progress, min_rows=config.batch_size)
+    data = _text_data(config, seq)
     ensure_log_handler()
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         logger.info("data: %s documents, %s tokens (%s %s); %d training rows of %d tokens, %d held-out rows",
@@ -102,10 +96,23 @@ def _text_rows(config: TrainConfig, seq: int):
     return data.train, data.held_out, data.tokens.vocab_size
 
 
+def _text_data(config: TrainConfig, seq: int):
+    """pipetrain.data's rows of `config.data` (TextData), from the cache once one run has tokenized them."""
+    from ..data import RowFormat, text_rows
+
+    fraction = config.eval_fraction if config.eval_fraction is not None or config.eval_data else 0.05
+    return text_rows(config.data, config.hf or config.tokenizer, seq_len=seq, eval_fraction=fraction or 0.0,
+                     eval_paths=config.eval_data, text_field=config.text_field, document_mask=config.document_mask,
+                     format=RowFormat.CAUSAL_LM if config.hf else RowFormat.SHIFTED, cache_dir=config.data_cache,
+                     progress=config.progress, min_rows=config.batch_size)
+
+
 def held_out_sample(pipe, config: TrainConfig, *, corpus: Corpus | None = None) -> tuple[str, str]:
     """(prompt, continuation): the start of a function definition in the held-out text, continued by
     `config.sample_tokens` bytes generated on `pipe` (collective; the same on every rank). The prompt is
     shortened so that prompt and continuation fit the model's positions (a preset's seq_len)."""
+    if config.data:
+        return _text_sample(pipe, config)
     corpus = corpus or load_corpus()
     text = bytes(corpus.val[:200_000].tolist())
     start = text.find(b"\ndef ", 1000) + 1  # 0 when there is none: the held-out text's start
@@ -118,3 +125,20 @@ def held_out_sample(pipe, config: TrainConfig, *, corpus: Corpus | None = None) 
 
 def _text(ids: torch.Tensor) -> str:
     return bytes(ids.tolist()).decode("utf-8", errors="replace")
+
+
+def _text_sample(pipe, config: TrainConfig) -> tuple[str, str]:
+    """held_out_sample on local text: the start of the first whole held-out document, decoded by the
+    tokenizer (the cache is read again; collective)."""
+    from ..data import load_tokenizer
+
+    seq = config.model_config().seq_len if not config.hf else hf_seq_len(config, check_hf_model(config))
+    held = _text_data(config, seq).held_out
+    ids = held.tokens.ids[held.start:held.start + 10_000]
+    ends = (ids == held.tokens.eos).nonzero()[0]
+    start = int(ends[0]) + 1 if len(ends) and ends[0] + 49 < len(ids) else 0
+    length = max(1, min(48, seq - config.sample_tokens))
+    prompt = torch.from_numpy(ids[start:start + length].astype("int64"))
+    out = pipe.generate([prompt], config.sample_tokens, temperature=0.8, top_k=40, seed=config.seed)[0]
+    tokenizer = load_tokenizer(config.hf or config.tokenizer)
+    return tokenizer.decode(prompt.tolist()), tokenizer.decode(out.tolist())
