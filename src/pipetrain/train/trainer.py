@@ -38,7 +38,8 @@ class Trainer:
         loss_fn: as `Pipeline`'s: a mean, or `(loss_sum, count)` for an exact token mean (with layers only).
         data: a map-style dataset of `(inputs, targets)` samples, batched by `config.batch_size` in a seeded
             shuffle per epoch, or an iterable of global `(inputs, targets)` batches. Every rank draws the same
-            global batches and each data-parallel replica takes its contiguous share; resumable (see loader).
+            global batches and each data-parallel replica takes its contiguous share (of a dataset, it reads only
+            those samples, e.g. `pipetrain.data.PackedRows`); resumable (see loader).
         config: `TrainConfig` (schedule, microbatches, dp, ... build the Pipeline when `model` is layers).
         eval_data: held-out data of the same kinds: its first `config.eval_batches` batches are evaluated.
         optimizer: builds any torch optimizer from parameter groups (weight decay on matrices only); default
