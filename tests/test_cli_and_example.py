@@ -48,6 +48,27 @@ def test_train_help_shows_the_defaults(capsys):
         assert entries[flag].endswith(f"(default: {default})"), entries[flag]
 
 
+def test_train_errors_found_before_launching_are_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
+    # as torchrun would start rank 2 of 4: --layers 1 is checked in the user's terms before any rank talks
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert main(["train", "--preset", "tiny", "--layers", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "pipetrain train (rank 2): bad configuration: the model has 3 pipeline layers (the embedding, 1 block(s), "
+        "the head), fewer than the 4 stages of 4 pipeline rank(s) x 1 stage(s) per rank (1f1b): use layers=2 or "
+        "more, or fewer ranks\n")
+    from pipetrain.train.config import TrainConfig, check_fits
+
+    check_fits(TrainConfig(layers=1, dp=2), world_size=4)  # 2 stages per replica: fine
+    # an HF folder holding a model pipetrain cannot split: said from config.json, before any weight is read
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=300, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path)
+    assert main(["train", "--hf", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is gpt2 (config.json); pipetrain trains LlamaForCausalLM" in err, err
+
+
 def test_console_script_is_installed():
     out = subprocess.run([str(Path(sys.executable).parent / "pipetrain"), "simulate", "--schedule", "gpipe",
                           "--ranks", "2", "--microbatches", "4", "--json"], capture_output=True, text=True, check=True)

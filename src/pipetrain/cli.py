@@ -167,7 +167,7 @@ _TRAIN_FLAGS = {
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    from .train.config import ConfigError, TrainConfig
+    from .train.config import ConfigError, TrainConfig, check_fits
 
     values: dict = {}
     if args.config:
@@ -189,10 +189,13 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(values)
     if config.hf and not config.save_pretrained and config.checkpoint_dir:
         config.save_pretrained = os.path.join(config.checkpoint_dir, "hf")  # the trained model, as HF loads it
-    try:
-        config.validate()  # before any process group work
+    try:  # before any process group work (one line per rank: torchrun stops the others at the first exit)
+        config.validate()
+        if "WORLD_SIZE" in os.environ:
+            check_fits(config, int(os.environ["WORLD_SIZE"]))
     except ConfigError as err:
-        print(f"pipetrain train: bad configuration: {err}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+        print(f"pipetrain train{rank}: bad configuration: {err}", file=sys.stderr)
         return 2
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         print("pipetrain train: launch it under torchrun, e.g. torchrun --standalone --nproc-per-node 2 "
@@ -201,6 +204,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from .runtime.comm import CommError
     from .train.config import NonFiniteError
     from .train.data import load_corpus
     from .train.runs import trainer_from_config
@@ -233,9 +237,13 @@ def _train(args: argparse.Namespace) -> int:
             if dist.get_rank() == 0:
                 print(f"saved the trained model to {config.save_pretrained} (AutoModelForCausalLM.from_pretrained "
                       "loads it)")
-    except (ConfigError, NonFiniteError) as err:
-        print(f"pipetrain train (rank {dist.get_rank()}): {err}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, NonFiniteError, CommError) as err:
+        # what the user can fix (bad data, settings, files; a peer's failure, which names the first one):
+        # one line per rank; PIPETRAIN_TRACEBACK=1 shows the traceback instead
+        if os.environ.get("PIPETRAIN_TRACEBACK") == "1":
+            raise
+        print(f"pipetrain train (rank {dist.get_rank()}): {type(err).__name__}: {err}", file=sys.stderr)
+        return 1 if isinstance(err, CommError) else 2
     finally:
         # the trainer's objects (kept alive by reference cycles) go before the process group: gloo can
         # abort the process at exit when its objects outlive destroy_process_group()
