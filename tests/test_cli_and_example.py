@@ -139,7 +139,12 @@ def test_pipetrain_train_hf_loads_the_weights_resumes_and_saves_a_model_transfor
     config = transformers.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "source")
+    source_model = transformers.Qwen2ForCausalLM(config)
+    source_model.save_pretrained(tmp_path / "source")
+    # as older models ship: weights as a PyTorch pytorch_model.bin only; and a tokenizer file to carry over
+    (tmp_path / "source" / "model.safetensors").unlink()
+    torch.save(source_model.state_dict(), tmp_path / "source" / "pytorch_model.bin")
+    (tmp_path / "source" / "special_tokens_map.json").write_text('{"eos_token": "<|endoftext|>"}')
     torchrun = Path(sys.executable).parent / "torchrun"
     launch = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", "--hf",
               str(tmp_path / "source"), "--steps", "4", "--batch-size", "8", "--microbatches", "4", "--seq-len",
@@ -165,6 +170,8 @@ def test_pipetrain_train_hf_loads_the_weights_resumes_and_saves_a_model_transfor
     before = float(re.search(r"held-out loss before training (\S+)", first.stdout).group(1))
     assert before == pytest.approx(held_out(source), abs=2e-4)  # the run started from the checkpoint's weights
     trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "hf")
+    for name in ("generation_config.json", "special_tokens_map.json"):  # carried over from the source folder
+        assert (tmp_path / "ck" / "hf" / name).read_text() == (tmp_path / "source" / name).read_text()
     after = float(re.search(r"held-out loss (\S+) \(perplexity", again.stdout.split("summary")[1]).group(1))
     assert after == pytest.approx(held_out(trained), abs=2e-4) and after < before
 

@@ -154,6 +154,7 @@ _TRAIN_FLAGS = {
     "log-every": (int, "print a line every K steps"),
     "checkpoint-dir": (str, "where checkpoints go"),
     "checkpoint-every": (int, "checkpoint every K steps (0: at the end)"),
+    "keep-last": (int, "keep only the newest K checkpoints (0: all)"),
     "metrics-jsonl": (str, "append one JSON object per step to this file"),
     "tensorboard": (str, "also log scalars to this TensorBoard directory (needs tensorboard)"),
     "plot": (str, "write the loss curve to this PNG at the end"),
@@ -181,9 +182,11 @@ def _train(args: argparse.Namespace) -> int:
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             values[flag.replace("-", "_")] = value
-    for flag in ("resume", "activation_checkpointing", "tie_embeddings"):
+    for flag in ("activation_checkpointing", "tie_embeddings"):
         if getattr(args, flag):
             values[flag] = True
+    if args.resume is not None:
+        values["resume"] = args.resume
     if args.progress is not None:
         values["progress"] = args.progress
     config = TrainConfig.from_dict(values)
@@ -233,7 +236,7 @@ def _train(args: argparse.Namespace) -> int:
         if config.save_pretrained:
             from .models.hf import save_pretrained
 
-            save_pretrained(trainer.pipe, config.save_pretrained)
+            save_pretrained(trainer.pipe, config.save_pretrained, source=config.hf)
             if dist.get_rank() == 0:
                 print(f"saved the trained model to {config.save_pretrained} (AutoModelForCausalLM.from_pretrained "
                       "loads it)")
@@ -327,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = defaults.get(flag.replace("-", "_"))
         train.add_argument(f"--{flag}", type=kind, default=None,
                            help=text if default is None else f"{text} (default: {default})")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="continue from the latest checkpoint in --checkpoint-dir, or from the checkpoint PATH")
     train.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--tie-embeddings", action="store_true", help="the output head reuses the token embedding")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

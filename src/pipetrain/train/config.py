@@ -58,7 +58,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when checkpoint_dir is set)
-    resume: bool = False
+    keep_last: int = 0  # keep only the newest K checkpoints in checkpoint_dir (0: keep all)
+    resume: bool | str = False  # True: the latest in checkpoint_dir; a path: that checkpoint
     metrics_jsonl: str | None = None
     tensorboard: str | None = None  # a log directory for TensorBoard (needs the tensorboard package)
     plot: str | None = None  # loss curve PNG written at the end
@@ -107,8 +108,13 @@ class TrainConfig:
         if self.sample_tokens and self.hf is None and self.sample_tokens >= self.model_config().seq_len:
             raise ConfigError(f"sample_tokens={self.sample_tokens} leaves no room for a prompt within the model's "
                               f"seq_len={self.model_config().seq_len} positions: use fewer")
-        if self.resume and not self.checkpoint_dir:
-            raise ConfigError("resume needs checkpoint_dir (where to look for the latest checkpoint)")
+        if self.resume is True and not self.checkpoint_dir:
+            raise ConfigError("resume needs checkpoint_dir (where to look for the latest checkpoint), or a "
+                              "checkpoint's path (--resume PATH)")
+        if not isinstance(self.resume, bool | str) or self.resume == "":
+            raise ConfigError(f"resume must be true/false or a checkpoint's path, got {self.resume!r}")
+        if not isinstance(self.keep_last, int) or self.keep_last < 0:
+            raise ConfigError(f"keep_last must be an integer >= 0 (0: keep every checkpoint), got {self.keep_last!r}")
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.tensorboard:
