@@ -48,6 +48,27 @@ def test_train_help_shows_the_defaults(capsys):
         assert entries[flag].endswith(f"(default: {default})"), entries[flag]
 
 
+def test_train_errors_found_before_launching_are_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
+    # as torchrun would start rank 2 of 4: --layers 1 is checked in the user's terms before any rank talks
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert main(["train", "--preset", "tiny", "--layers", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "pipetrain train (rank 2): bad configuration: the model has 3 pipeline layers (the embedding, 1 block(s), "
+        "the head), fewer than the 4 stages of 4 pipeline rank(s) x 1 stage(s) per rank (1f1b): use layers=2 or "
+        "more, or fewer ranks\n")
+    from pipetrain.train.config import TrainConfig, check_fits
+
+    check_fits(TrainConfig(layers=1, dp=2), world_size=4)  # 2 stages per replica: fine
+    # an HF folder holding a model pipetrain cannot split: said from config.json, before any weight is read
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=300, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path)
+    assert main(["train", "--hf", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is gpt2 (config.json); pipetrain trains LlamaForCausalLM" in err, err
+
+
 def test_console_script_is_installed():
     out = subprocess.run([str(Path(sys.executable).parent / "pipetrain"), "simulate", "--schedule", "gpipe",
                           "--ranks", "2", "--microbatches", "4", "--json"], capture_output=True, text=True, check=True)
@@ -118,7 +139,12 @@ def test_pipetrain_train_hf_loads_the_weights_resumes_and_saves_a_model_transfor
     config = transformers.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "source")
+    source_model = transformers.Qwen2ForCausalLM(config)
+    source_model.save_pretrained(tmp_path / "source")
+    # as older models ship: weights as a PyTorch pytorch_model.bin only; and a tokenizer file to carry over
+    (tmp_path / "source" / "model.safetensors").unlink()
+    torch.save(source_model.state_dict(), tmp_path / "source" / "pytorch_model.bin")
+    (tmp_path / "source" / "special_tokens_map.json").write_text('{"eos_token": "<|endoftext|>"}')
     torchrun = Path(sys.executable).parent / "torchrun"
     launch = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pipetrain", "train", "--hf",
               str(tmp_path / "source"), "--steps", "4", "--batch-size", "8", "--microbatches", "4", "--seq-len",
@@ -144,6 +170,8 @@ def test_pipetrain_train_hf_loads_the_weights_resumes_and_saves_a_model_transfor
     before = float(re.search(r"held-out loss before training (\S+)", first.stdout).group(1))
     assert before == pytest.approx(held_out(source), abs=2e-4)  # the run started from the checkpoint's weights
     trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "hf")
+    for name in ("generation_config.json", "special_tokens_map.json"):  # carried over from the source folder
+        assert (tmp_path / "ck" / "hf" / name).read_text() == (tmp_path / "source" / name).read_text()
     after = float(re.search(r"held-out loss (\S+) \(perplexity", again.stdout.split("summary")[1]).group(1))
     assert after == pytest.approx(held_out(trained), abs=2e-4) and after < before
 

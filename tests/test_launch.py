@@ -79,7 +79,7 @@ def test_elastic_restart_resumes_from_the_latest_checkpoint_and_ends_like_an_uni
 def test_two_nodes_train_dp2_x_pp2_like_one_node_and_restart_elastically(tmp_path, uninterrupted):
     # dp 2 x pp 2 over two "nodes" on loopback, each a torchrun of 2 ranks; global rank 3 (second node,
     # second replica) is SIGKILLed as step 5 begins; both nodes' torchruns restart their ranks, which
-    # resume from step 4 (the README's recipe: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node)
+    # resume from step 4 (the recipe of docs/launching.md: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node)
     port = _free_port()
     env = {**ENV, "FAIL_RANK": "3", "FAIL_AT_STEP": "5", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     args = [str(HERE / "elastic_train.py"), *TRAIN, "--steps", "8", "--dp", "2", "--checkpoint-dir",

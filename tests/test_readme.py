@@ -1,54 +1,104 @@
-"""Every Python snippet of the README runs, so the README cannot drift from the API, and what its comments
-claim about its output holds: `print(...)  # prints: TEXT` must print the line TEXT; `print(a, b)  # the
-same loss` must print numbers equal to 4 significant digits.
+"""Every Python snippet of the README and of every page under docs/ runs, so the documentation cannot drift
+from the API, and what its comments claim about its output holds: `print(...)  # prints: TEXT` must print the
+line TEXT; `print(a, b)  # the same loss` must print numbers equal to 4 significant digits.
 
-A snippet that calls init_process_group runs under `torchrun --standalone` on 2 ranks (or the count a
-`# ranks: N` line gives); the others run in plain Python. A snippet whose first line is
-`# (after "SECTION")` runs after the first snippet of that section of the README (without its closing
-destroy_process_group line).
+The pages are found by globbing docs/ (a new page needs no edit here). A snippet that calls
+init_process_group runs under `torchrun --standalone` on 2 ranks (or the count a `# ranks: N` line gives);
+the others run in plain Python. A snippet whose first line is `# (after "SECTION")` runs after the first
+snippet of the section whose title starts with SECTION, looked for on its own page first, then on the others
+(without its closing destroy_process_group line). A program that several pages show (the README repeats
+snippets of the guide) runs once.
 """
 
 import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def snippets() -> list[tuple[str, str]]:
-    """(section title, code) of every ```python block, in order."""
+@dataclass(frozen=True)
+class Snippet:
+    page: str     # path from the repository root, e.g. "docs/guide.md"
+    section: str  # the title of the last heading above it
+    code: str
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """The README and every Markdown page under docs/, in a fixed order."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+
+
+def snippets(page: Path, root: Path = ROOT) -> list[Snippet]:
+    """Every ```python block of one page, in order, with the section it stands in."""
     found, section = [], ""
-    for part in re.split(r"(^```python\n.*?^```)", README.read_text(), flags=re.S | re.M):
+    for part in re.split(r"(^```python\n.*?^```)", page.read_text(), flags=re.S | re.M):
         if part.startswith("```python"):
-            found.append((section, part[len("```python\n"):-3]))
+            found.append(Snippet(str(page.relative_to(root)), section, part[len("```python\n"):-3]))
         else:
             headings = re.findall(r"^#+ (.+)$", part, flags=re.M)
             section = headings[-1] if headings else section
     return found
 
 
-def _program(index: int) -> str:
-    section, code = snippets()[index]
-    after = re.match(r'# \(after "([^"]+)"', code)
-    if after:
-        first = next(c for s, c in snippets() if s.startswith(after.group(1)))
-        first = "\n".join(line for line in first.splitlines() if not line.startswith("dist.destroy_process_group"))
-        code = first + "\n" + code
-    return code
+def program(snippet: Snippet, everything: list[Snippet]) -> str:
+    """What runs for a snippet: itself, after the snippet its `# (after "SECTION")` line names."""
+    after = re.match(r'# \(after "([^"]+)"', snippet.code)
+    if not after:
+        return snippet.code
+    own_page_first = sorted(everything, key=lambda s: s.page != snippet.page)
+    first = next((s.code for s in own_page_first if s.section.startswith(after.group(1))), None)
+    assert first is not None, f"{snippet.page}: no section starts with {after.group(1)!r}"
+    first = "\n".join(line for line in first.splitlines() if not line.startswith("dist.destroy_process_group"))
+    return first + "\n" + snippet.code
 
 
-def test_the_readme_has_its_snippets():
-    sections = [s for s, _ in snippets()]
-    assert len(sections) >= 5 and any(s.startswith("Use it") for s in sections)
+def programs(root: Path = ROOT) -> dict[str, list[Snippet]]:
+    """Each distinct program, with the snippets that are it (where the pages show it)."""
+    everything = [s for page in pages(root) for s in snippets(page, root)]
+    found: dict[str, list[Snippet]] = {}
+    for snippet in everything:
+        found.setdefault(program(snippet, everything), []).append(snippet)
+    return found
 
 
-@pytest.mark.parametrize("index", range(len(snippets())))
-def test_readme_snippet_runs(index, tmp_path):
-    code = _program(index)
+def _where(shown: list[Snippet]) -> str:
+    return ", ".join(f"{s.page} ({s.section})" for s in shown)
+
+
+PROGRAMS = programs()
+
+
+def test_the_docs_have_their_snippets():
+    by_page = {}
+    for shown in PROGRAMS.values():
+        for s in shown:
+            by_page.setdefault(s.page, []).append(s.section)
+    assert len(snippets(ROOT / "README.md")) == 3
+    assert any(section.startswith("Your first pipeline") for section in by_page["docs/guide.md"])
+    assert len(PROGRAMS) >= 8
+
+
+def test_a_new_page_is_found_and_a_repeated_snippet_runs_once(tmp_path):
+    (tmp_path / "docs" / "more").mkdir(parents=True)
+    (tmp_path / "README.md").write_text("# A\n```python\nprint(1)  # prints: 1\n```\n")
+    (tmp_path / "docs" / "guide.md").write_text(
+        "# Start\n```python\nx = 2\n```\n```python\nprint(1)  # prints: 1\n```\n")
+    (tmp_path / "docs" / "more" / "new.md").write_text('# Next\n```python\n# (after "Start")\nprint(x)\n```\n')
+    found = programs(tmp_path)
+    assert sorted(found) == ["print(1)  # prints: 1\n", "x = 2\n", 'x = 2\n# (after "Start")\nprint(x)\n']
+    assert [s.page for s in found["print(1)  # prints: 1\n"]] == ["README.md", "docs/guide.md"]
+
+
+@pytest.mark.parametrize("code", [pytest.param(code, id=shown[0].page + ":" + str(i))
+                                  for i, (code, shown) in enumerate(PROGRAMS.items())])
+def test_doc_snippet_runs(code, tmp_path):
+    where = _where(PROGRAMS[code])
     script = tmp_path / "snippet.py"
     script.write_text(code)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -59,7 +109,7 @@ def test_readme_snippet_runs(index, tmp_path):
     else:
         command = [sys.executable, str(script)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert done.returncode == 0, f"snippet {index} ({snippets()[index][0]}):\n{code}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"the snippet of {where}:\n{code}\n{done.stderr[-3000:]}"
     check_claims(code, done.stdout)
 
 

@@ -52,6 +52,26 @@ def test_batch_not_divisible_by_microbatches():
         raise _threads_expect_error(2, body).value
 
 
+def test_ranks_given_differently_shaped_batches_fail_together_naming_the_shapes():
+    # the first envelope of a new shape carries a check of the sender's microbatch shapes: no extra message
+    def body(rank, world, transport):
+        layers = seeded(lambda: [nn.Linear(4, 4) for _ in range(4)])
+        pipe = pt.Pipeline(layers, schedule=pt.schedules.build("1f1b", num_ranks=world, num_microbatches=2),
+                           loss_fn=nn.functional.mse_loss, transport=transport, timeout=20)
+        pipe.step(torch.ones(4, 4), torch.ones(4, 4))  # the same shapes: fine
+        rows = 4 if rank == 0 else 6  # rank 1 was given another batch size
+        try:
+            pipe.step(torch.ones(rows, 3, 4), torch.ones(rows, 3, 4))
+        except Exception as err:  # noqa: BLE001
+            return type(err).__name__, str(err)
+
+    errors = run_threads(2, body)
+    assert errors[1][0] == "ValueError", errors
+    assert ("rank 1 and rank 0 were given differently shaped batches: microbatch 0 holds (3, 3, 4) float32"
+            in errors[1][1])
+    assert errors[0][0] == "CommError" and "rank 1 failed: ValueError" in errors[0][1], errors
+
+
 def test_fewer_layers_than_stages():
     sched = pt.schedules.build("gpipe", num_ranks=4, num_microbatches=2)
     with pytest.raises(pt.BalanceError, match="3 layers cannot fill 4 stages"):

@@ -160,6 +160,7 @@ _TRAIN_FLAGS = {
     "log-every": (int, "print a line every K steps"),
     "checkpoint-dir": (str, "where checkpoints go"),
     "checkpoint-every": (int, "checkpoint every K steps (0: at the end)"),
+    "keep-last": (int, "keep only the newest K checkpoints (0: all)"),
     "metrics-jsonl": (str, "append one JSON object per step to this file"),
     "tensorboard": (str, "also log scalars to this TensorBoard directory (needs tensorboard)"),
     "plot": (str, "write the loss curve to this PNG at the end"),
@@ -173,7 +174,7 @@ _TRAIN_FLAGS = {
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    from .train.config import ConfigError, TrainConfig
+    from .train.config import ConfigError, TrainConfig, check_fits
 
     values: dict = {}
     if args.config:
@@ -187,21 +188,26 @@ def _train(args: argparse.Namespace) -> int:
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             values[flag.replace("-", "_")] = value
-    for flag in ("resume", "activation_checkpointing", "tie_embeddings", "document_mask"):
+    for flag in ("activation_checkpointing", "tie_embeddings", "document_mask"):
         if getattr(args, flag):
             values[flag] = True
     for flag in ("data", "eval_data"):
         if getattr(args, flag):
             values[flag] = getattr(args, flag)
+    if args.resume is not None:
+        values["resume"] = args.resume
     if args.progress is not None:
         values["progress"] = args.progress
     config = TrainConfig.from_dict(values)
     if config.hf and not config.save_pretrained and config.checkpoint_dir:
         config.save_pretrained = os.path.join(config.checkpoint_dir, "hf")  # the trained model, as HF loads it
-    try:
-        config.validate()  # before any process group work
+    try:  # before any process group work (one line per rank: torchrun stops the others at the first exit)
+        config.validate()
+        if "WORLD_SIZE" in os.environ:
+            check_fits(config, int(os.environ["WORLD_SIZE"]))
     except ConfigError as err:
-        print(f"pipetrain train: bad configuration: {err}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+        print(f"pipetrain train{rank}: bad configuration: {err}", file=sys.stderr)
         return 2
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         print("pipetrain train: launch it under torchrun, e.g. torchrun --standalone --nproc-per-node 2 "
@@ -210,7 +216,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from .data import DataError
+    from .runtime.comm import CommError
     from .train.config import NonFiniteError
     from .train.data import load_corpus
     from .train.runs import trainer_from_config
@@ -239,13 +245,17 @@ def _train(args: argparse.Namespace) -> int:
         if config.save_pretrained:
             from .models.hf import save_pretrained
 
-            save_pretrained(trainer.pipe, config.save_pretrained)
+            save_pretrained(trainer.pipe, config.save_pretrained, source=config.hf)
             if dist.get_rank() == 0:
                 print(f"saved the trained model to {config.save_pretrained} (AutoModelForCausalLM.from_pretrained "
                       "loads it)")
-    except (ConfigError, NonFiniteError, DataError) as err:
-        print(f"pipetrain train (rank {dist.get_rank()}): {err}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, NonFiniteError, CommError) as err:
+        # what the user can fix (bad data, settings, files; a peer's failure, which names the first one):
+        # one line per rank; PIPETRAIN_TRACEBACK=1 shows the traceback instead
+        if os.environ.get("PIPETRAIN_TRACEBACK") == "1":
+            raise
+        print(f"pipetrain train (rank {dist.get_rank()}): {type(err).__name__}: {err}", file=sys.stderr)
+        return 1 if isinstance(err, CommError) else 2
     finally:
         # the trainer's objects (kept alive by reference cycles) go before the process group: gloo can
         # abort the process at exit when its objects outlive destroy_process_group()
@@ -335,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--eval-fraction)")
     train.add_argument("--document-mask", action="store_true", help="with --data: positions and attention restart "
                        "at each document of a packed row")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="continue from the latest checkpoint in --checkpoint-dir, or from the checkpoint PATH")
     train.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--tie-embeddings", action="store_true", help="the output head reuses the token embedding")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -10,7 +10,9 @@ its own stages' tensors.
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,21 +25,22 @@ SINGLE = "model.safetensors"
 
 
 def load_weights(pipe, directory: str | Path) -> None:
-    """Fill this rank's layers from the HF checkpoint in `directory` (`model.safetensors`, or shards listed
-    by `model.safetensors.index.json`), reading only this rank's tensors, one at a time. Call it on every
-    rank, after building the Pipeline (e.g. from a model built on the meta device). If it fails on any
-    rank, it raises on every rank."""
+    """Fill this rank's layers from the HF checkpoint in `directory` (`model.safetensors`, shards listed by
+    `model.safetensors.index.json`, or the same as PyTorch `pytorch_model.bin` files, memory-mapped and
+    unpickled with `weights_only`), reading only this rank's tensors. Call it on every rank, after building
+    the Pipeline (e.g. from a model built on the meta device). If it fails on any rank, it raises on every
+    rank."""
     error = None
     try:
         _load(pipe, Path(directory))
     except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
         error = err
+    finally:
+        _bin.cache_clear()
     _raise_everywhere(pipe, error, "load_weights")
 
 
 def _load(pipe, directory: Path) -> None:
-    from safetensors import safe_open
-
     files = _files_by_name(directory)
     done: set[int] = set()
     missing = []
@@ -48,8 +51,7 @@ def _load(pipe, directory: Path) -> None:
         if name is None:
             missing.append(names[0])
             continue
-        with safe_open(files[name], framework="pt", device="cpu") as f:  # closed after each: mapped pages go too
-            value = f.get_tensor(name)
+        value = _read(files[name], name)
         if value.shape != tensor.shape:
             raise ValueError(f"{name} has shape {tuple(value.shape)} in {files[name]} but {tuple(tensor.shape)} in "
                              "the model: the checkpoint is of another configuration")
@@ -61,9 +63,15 @@ def _load(pipe, directory: Path) -> None:
                        f"e.g. {missing[:3]}: is it a checkpoint of this model?")
 
 
-def save_pretrained(pipe, directory: str | Path) -> None:
+# what a model folder holds besides its weights and config: copied by save_pretrained(source=...)
+COMPANIONS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+
+
+def save_pretrained(pipe, directory: str | Path, *, source: str | Path | None = None) -> None:
     """Write the pipeline's weights as a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained`
-    loads: each pipeline rank (of the first replica) writes its own shard, rank 0 the index and config.json.
+    loads: each pipeline rank (of the first replica) writes its own shard, rank 0 the index and config.json
+    (and, from the `source` model folder, its generation config and tokenizer files: `COMPANIONS`).
     Call it on every rank; it returns once the directory is complete. `directory` must be on a filesystem
     every rank sees. If it fails on any rank, it raises on every rank."""
     directory = Path(directory)
@@ -80,9 +88,12 @@ def save_pretrained(pipe, directory: str | Path) -> None:
             config = copy.deepcopy(next(iter(pipe.layers.values())).config)
             config.dtype = next(p.dtype for p in pipe.parameters() if p.is_floating_point())
             config.save_pretrained(directory)
+            for name in COMPANIONS if source is not None else ():
+                if (Path(source) / name).is_file() and Path(source).resolve() != directory.resolve():
+                    shutil.copyfile(Path(source) / name, directory / name)
     except Exception as err:  # noqa: BLE001
         error = err
-    _raise_everywhere(pipe, error, "save_pretrained (writing the index and config.json)")
+    _raise_everywhere(pipe, error, "save_pretrained (writing the index, config.json and the tokenizer)")
 
 
 def _write_shard(pipe, directory: Path) -> None:
@@ -113,22 +124,50 @@ def _tensors(pipe) -> Iterator[tuple[list[str], torch.Tensor]]:
             yield names, state[key]
 
 
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN = "pytorch_model.bin"
+
+
 def has_weights(directory: str | Path) -> bool:
-    """Whether `directory` holds a safetensors checkpoint `load_weights` reads."""
-    return (Path(directory) / INDEX).exists() or (Path(directory) / SINGLE).exists()
+    """Whether `directory` holds a checkpoint `load_weights` reads (safetensors, or PyTorch .bin)."""
+    return any((Path(directory) / name).exists() for name in (INDEX, SINGLE, BIN_INDEX, BIN))
 
 
 def _files_by_name(directory: Path) -> dict[str, Path]:
-    if (directory / INDEX).exists():
-        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
+    for index in (INDEX, BIN_INDEX):
+        if (directory / index).exists():
+            weight_map = json.loads((directory / index).read_text())["weight_map"]
+            return {name: directory / file for name, file in weight_map.items()}
     if (directory / SINGLE).exists():
         from safetensors import safe_open
 
         with safe_open(directory / SINGLE, framework="pt", device="cpu") as f:  # reads the header only
             return {name: directory / SINGLE for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {directory}: load_weights reads safetensors "
-                            "checkpoints (save a .bin one again with save_pretrained(safe_serialization=True))")
+    if (directory / BIN).exists():
+        return {name: directory / BIN for name in _bin(directory / BIN)}
+    raise FileNotFoundError(f"no {SINGLE}, {INDEX}, {BIN} or {BIN_INDEX} in {directory}: no weights to load")
+
+
+def _read(file: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors or .bin file (only its bytes are read)."""
+    if file.suffix == ".bin":
+        return _bin(file)[name]
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt", device="cpu") as f:  # closed after each: mapped pages go too
+        return f.get_tensor(name)
+
+
+@functools.lru_cache(maxsize=2)
+def _bin(file: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch .bin state dict, memory-mapped (tensors are read when touched) and unpickled safely
+    (`weights_only`: tensors and plain containers only, no code)."""
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a legacy (non-zip) or damaged file: say which
+        raise ValueError(f"{file} cannot be read as a PyTorch state dict ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}); save the model with safetensors "
+                         "(save_pretrained(safe_serialization=True))") from None
 
 
 def _write_index(directory: Path, shards: list[str]) -> None:

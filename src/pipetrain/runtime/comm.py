@@ -447,23 +447,36 @@ def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int
         raise
 
 
+MESSAGE_BYTES = 1000  # of a failing rank's error that `fail_together(..., tell=True)` passes to the others
+
+
 def fail_together(error: BaseException | None, *, rank: int, world_size: int,
                   sum_all: Callable[[torch.Tensor], torch.Tensor], what: str,
-                  payload: torch.Tensor | None = None, name: Callable[[int], str] = "rank {}".format) -> torch.Tensor:
+                  payload: torch.Tensor | None = None, name: Callable[[int], str] = "rank {}".format,
+                  tell: bool = False) -> torch.Tensor:
     """The one way ranks fail together outside a step: one sum over the ranks (also a barrier) of a flag per rank,
     and of `payload` (float64) if given. A rank whose `error` is set raises it; every other rank raises
-    RuntimeError naming the ranks that failed at `what`, so no rank goes on to wait for a peer that stopped.
+    RuntimeError naming the ranks that failed at `what` (with `tell`, also the first one's error, so every
+    rank's one line says what was wrong), so no rank goes on to wait for a peer that stopped.
     Returns the summed payload (empty without one) when no rank failed. `sum_all` sums a CPU float64 tensor
     over every rank calling this (a pipeline's ranks, and its replicas: their flags add up)."""
     flags = torch.zeros(world_size, dtype=torch.float64)
     flags[rank] = float(error is not None)
+    messages = torch.zeros(world_size, MESSAGE_BYTES if tell else 0, dtype=torch.float64)
+    if tell and error is not None:
+        text = f"{type(error).__name__}: {error}".encode()[:MESSAGE_BYTES]
+        messages[rank, :len(text)] = torch.tensor(list(text), dtype=torch.float64)
     rest = payload.detach().to("cpu", torch.float64).reshape(-1) if payload is not None else flags[:0]
-    total = sum_all(torch.cat([flags, rest])).cpu()
+    total = sum_all(torch.cat([flags, messages.reshape(-1), rest])).cpu()
     if error is not None:
         raise error
     failed = [r for r, flag in enumerate(total[:world_size].tolist()) if flag]
     if failed:
         whose = "its" if len(failed) == 1 else "their"
-        raise RuntimeError(f"{what} failed on {', '.join(name(r) for r in failed)} (see {whose} error); "
-                           f"{name(rank)} stops too")
-    return total[world_size:].reshape(payload.shape) if payload is not None else rest
+        said = f"see {whose} error"
+        if tell:
+            row = total[world_size:world_size + world_size * MESSAGE_BYTES].reshape(world_size, -1)[failed[0]]
+            said = bytes(int(b) for b in row.tolist() if b).decode(errors="replace")
+        raise RuntimeError(f"{what} failed on {', '.join(name(r) for r in failed)} ({said}); {name(rank)} stops too")
+    rest = total[world_size + messages.numel():]
+    return rest.reshape(payload.shape) if payload is not None else rest

@@ -29,7 +29,7 @@ from ..schedule.actions import (
 from ..schedule.timeline import Event, Timeline
 from .comm import CommError, Transport, abort_others, rank_name
 from .stage import UNWEIGHTED, LossWeights, Stage
-from .values import Packet, Signature, flatten, unflatten
+from .values import Packet, Signature, batch_check, describe_key, flatten, unflatten
 from .wire import HEADER_BYTES, MIN_CAPACITY, Link, Posted, Wire, envelope_size, unpack
 
 _OPS = list(Op)
@@ -353,7 +353,13 @@ class Executor:
             header, body = self.wire.take(self.wire.post(peer, MIN_CAPACITY), what=f"the shapes of {describe(value)}",
                                           doing=str(action))
             envelope = self.wire.open(peer, header, body)
-            self._known[(value.stage, self._step.keys[value.mb])] = envelope.signature
+            key = self._step.keys[value.mb]
+            if envelope.batch and envelope.batch != batch_check(key):
+                raise ValueError(f"{rank_name(self.transport, self.rank)} and {rank_name(self.transport, peer)} were "
+                                 f"given differently shaped batches: microbatch {value.mb} holds "
+                                 f"{describe_key(key)} here, other shapes there. Pass step() the same batch on "
+                                 "every rank (the ranks use its shapes to agree on the shapes between stages)")
+            self._known[(value.stage, key)] = envelope.signature
             self._step.posted[value] = _Incoming(envelope.signature, action, leaves=envelope.leaves)
             return
         shapes = signature.leaves if value.kind is ACT else [signature.leaves[i] for i in signature.grad_leaves]
@@ -380,7 +386,8 @@ class Executor:
         if isinstance(payload, Packet):
             known = self._check_known(value, payload.signature, action)
             self.wire.send(peer, value, payload.leaves, signature=payload.signature,
-                           capacity=None if known else MIN_CAPACITY, doing=str(action))
+                           capacity=None if known else MIN_CAPACITY,
+                           batch=0 if known else batch_check(self._step.keys[value.mb]), doing=str(action))
             self._known[(value.stage, self._step.keys[value.mb])] = payload.signature  # (once it is sent)
         else:
             self.wire.send(peer, value, payload, doing=str(action))

@@ -2,9 +2,9 @@
 
 A value crosses as one byte envelope, 16-byte aligned (so every leaf can be viewed in place as its dtype):
 
-    header  int64[8]: kind, stage, microbatch (generation: group), round, kept rows (-1: none),
+    header  int64[10]: kind, stage, microbatch (generation: group), round, kept rows (-1: none),
                       signature id (-1: none), signature bytes (0 unless the structure is new on this link),
-                      total bytes
+                      batch check (a checksum of the sender's microbatch shapes; 0: none), 0, total bytes
     signature bytes | kept rows int64[n] | each leaf's bytes
 
 The receiver posts a buffer of a size both ends agree on (the capacity): an envelope longer than that
@@ -30,7 +30,7 @@ from ..schedule.actions import Kind, Value
 from .comm import CommError, Transport, Work, rank_name, wait_or_raise
 from .values import Signature
 
-HEADER = 8  # int64 fields
+HEADER = 10  # int64 fields (80 bytes: leaves stay 16-byte aligned)
 HEADER_BYTES = 8 * HEADER
 ALIGN = 16
 MIN_CAPACITY = 4096
@@ -60,6 +60,7 @@ class Envelope(NamedTuple):
     leaves: list[torch.Tensor]
     signature: Signature | None
     keep: torch.Tensor | None
+    batch: int = 0  # the sender's check of the microbatch's shapes (`values.batch_check`), 0 if not sent
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Wire:
 
     # --- sending -------------------------------------------------------------------------------------
     def send(self, peer: int, value: Value, leaves: Sequence[torch.Tensor], *, signature: Signature | None = None,
-             keep: torch.Tensor | None = None, capacity: int | None = None, doing: str) -> int:
+             keep: torch.Tensor | None = None, capacity: int | None = None, batch: int = 0, doing: str) -> int:
         """Post `value`'s envelope to `peer`: its leaves, with `signature` (its id, and its bytes the first
         time) unless the receiver knows the shapes (a gradient), and `keep`. The first transfer is
         `capacity` bytes (None: the envelope's own size, which the receiver computes too); returns the size."""
@@ -100,7 +101,7 @@ class Wire:
         first = total if capacity is None else capacity
         body = torch.empty(max(total, first), dtype=torch.uint8, device=self.device)
         header = [_KINDS.index(value.kind), value.stage, value.mb, value.round, -1 if kept is None else kept,
-                  sig_id, 0 if sig_bytes is None else sig_bytes.numel(), total]
+                  sig_id, 0 if sig_bytes is None else sig_bytes.numel(), batch, 0, total]
         body[:HEADER_BYTES] = self._on_device(torch.tensor(header, dtype=torch.int64).view(torch.uint8))
         at = HEADER_BYTES
         extras = ([sig_bytes] if sig_bytes is not None else []) + ([keep.to(torch.int64)] if keep is not None else [])
@@ -178,7 +179,7 @@ class Wire:
     def open(self, peer: int, header: list[int], body: torch.Tensor, shapes: Shapes | None = None) -> Envelope:
         """An envelope's contents; `shapes` are its leaves' when the receiver knows them (a gradient), else they
         come from the structure it names."""
-        kind, stage, mb, t, kept, sig_id, sig_bytes, _ = header
+        kind, stage, mb, t, kept, sig_id, sig_bytes, batch, _, _ = header
         at = HEADER_BYTES
         signature = None
         if sig_bytes:
@@ -193,7 +194,7 @@ class Wire:
             at += aligned(8 * kept)
         if shapes is None:
             shapes = signature.leaves if signature is not None else ()
-        return Envelope(Value(_KINDS[kind], stage, mb, t), unpack(body, at, shapes), signature, keep)
+        return Envelope(Value(_KINDS[kind], stage, mb, t), unpack(body, at, shapes), signature, keep, batch)
 
 
 def unpack(body: torch.Tensor, at: int, shapes: Shapes) -> list[torch.Tensor]:

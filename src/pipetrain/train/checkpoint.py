@@ -7,9 +7,13 @@
     DIR/latest                        the name of the newest complete checkpoint
 
 Shards are keyed by layer index, so a run resumes on any number of pipeline ranks: each rank loads the
-layers its new stages hold. Every rank writes into DIR/.tmp-step_00000010; after all have finished, rank 0
-renames it into place and then rewrites `latest` (both atomic renames), so a crash mid-save leaves the
-last good checkpoint intact.
+layers its new stages hold. Every rank writes into DIR/.tmp-step_00000010 (each file under a temporary name,
+flushed to disk, then renamed); after all have finished, rank 0 writes the manifest, renames the directory
+into place and then rewrites `latest` (atomic renames, the directory entries flushed too), so a crash or a
+kill mid-save leaves the last complete checkpoint intact. `prune` keeps the newest K.
+
+Reading checks what it reads and names the file: a truncated or garbage shard, a broken manifest, a
+`latest` naming nothing raise `CheckpointError` (the trainer makes every rank raise it, see `Trainer.load`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -35,8 +43,30 @@ def latest(root: str | Path) -> Path | None:
         return None
     path = root / pointer.read_text().strip()
     if not (path / "manifest.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path}, which has no manifest.json; the checkpoint is damaged")
+        raise CheckpointError(f"{pointer} names {path}, which has no manifest.json: the checkpoint is damaged; "
+                              f"resume from another one with --resume {root}/step_...")
     return path
+
+
+def checkpoint_at(path: str | Path) -> Path:
+    """A checkpoint directory given by the user (`--resume PATH`), checked to be one."""
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        found = sorted(p.name for p in path.glob("step_*")) if path.is_dir() else []
+        hint = f" (it holds {', '.join(found[-3:])}: give one of those)" if found else ""
+        raise CheckpointError(f"{path} is not a checkpoint: it has no manifest.json{hint}")
+    return path
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` complete checkpoints under `root` (never the one `latest` names);
+    returns what it removed."""
+    current = latest(root)
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "manifest.json").exists())
+    removed = [p for p in steps[:-keep] if p != current] if keep > 0 else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def write_shards(tmp: Path, rank: int, layers: dict[int, nn.Module],
@@ -49,6 +79,7 @@ def write_shards(tmp: Path, rank: int, layers: dict[int, nn.Module],
         opt = {name: state_of[id(p)] for name, p in layer.named_parameters() if id(p) in state_of}
         _atomic_save({"model": layer.state_dict(), "optimizer": opt}, tmp / f"layer_{index:04d}.pt")
     _atomic_save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
+    _sync_dir(tmp)
 
 
 def discard(tmp: Path) -> None:
@@ -58,30 +89,60 @@ def discard(tmp: Path) -> None:
 
 def publish(root: Path, tmp: Path, step: int, manifest: dict) -> Path:
     """Rank 0, after every rank wrote its shards: manifest, rename into place, point `latest` at it."""
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _atomic_write(json.dumps(manifest, indent=1).encode(), tmp / "manifest.json")
+    _sync_dir(tmp)
     final = step_dir(root, step)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(final.name)
-    os.replace(pointer_tmp, root / "latest")
+    _sync_dir(root)
+    _atomic_write(final.name.encode(), root / "latest")  # last: it names only a complete checkpoint
     return final
 
 
+MANIFEST_KEYS = ("step", "world_size", "num_layers", "model")
+
+
 def read_manifest(path: Path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
+    file = path / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} cannot be read ({err}): the checkpoint is damaged; resume from an earlier "
+                              "one with --resume PATH") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise CheckpointError(f"{file} is not a pipetrain manifest (no {', '.join(missing)}): the checkpoint is "
+                              "damaged or not pipetrain's") from None
+    return manifest
+
+
+def _load(file: Path, what: str) -> dict:
+    """torch.load of one checkpoint file (tensors and plain values only), naming it if it is damaged."""
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: {what}")
+    try:
+        loaded = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - zip, unpickling and EOF errors alike: name the file
+        raise CheckpointError(f"{file} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+                              "the file is truncated or not a checkpoint shard; resume from an earlier checkpoint "
+                              "with --resume PATH") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{file} holds a {type(loaded).__name__}, not a checkpoint shard")
+    return loaded
 
 
 def load_layers(path: Path, layers: dict[int, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
     """Load the given layers' weights and optimizer state from a checkpoint directory."""
     for index, layer in layers.items():
         shard_path = path / f"layer_{index:04d}.pt"
-        if not shard_path.exists():
-            raise FileNotFoundError(f"{shard_path} is missing: the checkpoint has fewer layers than this model "
-                                    "(resume with the same model configuration)")
-        shard = torch.load(shard_path, weights_only=False)
-        layer.load_state_dict(shard["model"])
+        shard = _load(shard_path, "the checkpoint has fewer layers than this model (resume with the same model "
+                                  "configuration)")
+        try:
+            layer.load_state_dict(shard["model"])
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{shard_path} does not fit layer {index} ({type(layer).__name__}): "
+                                  f"{str(err).splitlines()[0][:300]}") from None
         if optimizer is None:
             continue
         for name, p in layer.named_parameters():
@@ -95,7 +156,7 @@ def write_data_state(tmp: Path, state: dict) -> None:
 
 
 def read_data_state(path: Path) -> dict:
-    return torch.load(path / "data.pt", weights_only=False)
+    return _load(path / "data.pt", "the checkpoint has no data position")
 
 
 def load_rng(path: Path, rank: int) -> bool:
@@ -103,11 +164,38 @@ def load_rng(path: Path, rank: int) -> bool:
     file = path / f"rng_rank{rank}.pt"
     if not file.exists():
         return False
-    torch.set_rng_state(torch.load(file, weights_only=False)["torch"])
+    torch.set_rng_state(_load(file, "")["torch"])
     return True
 
 
 def _atomic_save(obj, path: Path) -> None:
+    """torch.save under a temporary name, flushed to disk, then renamed: `path` is whole or absent."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _atomic_write(data: bytes, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sync_dir(path: Path) -> None:
+    """Flush a directory's entries (the renames in it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

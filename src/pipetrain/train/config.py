@@ -11,6 +11,7 @@ from pathlib import Path
 from ..models import PRESETS, ModelConfig
 from ..models.gpt import GPTConfig
 from ..schedule import names as schedule_names
+from ..schedule.registry import default_stages_per_rank
 
 
 class ConfigError(ValueError):
@@ -64,7 +65,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # 0: only at the end (when checkpoint_dir is set)
-    resume: bool = False
+    keep_last: int = 0  # keep only the newest K checkpoints in checkpoint_dir (0: keep all)
+    resume: bool | str = False  # True: the latest in checkpoint_dir; a path: that checkpoint
     metrics_jsonl: str | None = None
     tensorboard: str | None = None  # a log directory for TensorBoard (needs the tensorboard package)
     plot: str | None = None  # loss curve PNG written at the end
@@ -113,8 +115,13 @@ class TrainConfig:
         if self.sample_tokens and self.hf is None and self.sample_tokens >= self.model_config().seq_len:
             raise ConfigError(f"sample_tokens={self.sample_tokens} leaves no room for a prompt within the model's "
                               f"seq_len={self.model_config().seq_len} positions: use fewer")
-        if self.resume and not self.checkpoint_dir:
-            raise ConfigError("resume needs checkpoint_dir (where to look for the latest checkpoint)")
+        if self.resume is True and not self.checkpoint_dir:
+            raise ConfigError("resume needs checkpoint_dir (where to look for the latest checkpoint), or a "
+                              "checkpoint's path (--resume PATH)")
+        if not isinstance(self.resume, bool | str) or self.resume == "":
+            raise ConfigError(f"resume must be true/false or a checkpoint's path, got {self.resume!r}")
+        if not isinstance(self.keep_last, int) or self.keep_last < 0:
+            raise ConfigError(f"keep_last must be an integer >= 0 (0: keep every checkpoint), got {self.keep_last!r}")
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.tensorboard:
@@ -243,7 +250,11 @@ def check_hf_model(config: TrainConfig):
     if not (path / "config.json").is_file():
         raise ConfigError(f"hf={config.hf!r} is not a directory with a config.json (a local Hugging Face model; "
                           "nothing is downloaded)")
-    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as err:  # an unknown model_type, a broken config.json
+        raise ConfigError(f"{path / 'config.json'}: transformers cannot read it: {err}") from None
+    check_hf_architecture(config, hf_config)
     if hf_config.vocab_size < 256 and not config.data:
         raise ConfigError(f"the model in {config.hf} has a vocabulary of {hf_config.vocab_size} tokens; the "
                           "built-in corpus is bytes, which needs >= 256")
@@ -252,6 +263,48 @@ def check_hf_model(config: TrainConfig):
         raise ConfigError(f"{ignored or ['dropout']} set the size of a preset; with hf the model's config.json does")
     hf_seq_len(config, hf_config)
     return hf_config
+
+
+_HF_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}  # the model_type of each class in models.hf.SUPPORTED
+
+
+def check_hf_architecture(config: TrainConfig, hf_config) -> None:
+    """ConfigError, from config.json alone (before any weight is read), if pipetrain cannot split the model."""
+    from ..models.hf import SUPPORTED
+
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    model_type = getattr(hf_config, "model_type", None)
+    if set(architectures) & set(SUPPORTED) or (not architectures and model_type in _HF_MODEL_TYPES):
+        return
+    raise ConfigError(f"the model in {config.hf} is {', '.join(architectures) or model_type!s} (config.json); "
+                      f"pipetrain trains {', '.join(SUPPORTED)} from a Hugging Face folder (for other models, "
+                      "write the layers yourself: see the guide's 'any model' page)")
+
+
+def check_fits(config: TrainConfig, world_size: int) -> None:
+    """ConfigError if the model has fewer pipeline layers than the launch has stages, in the user's terms."""
+    if config.dp < 1 or world_size % config.dp:
+        raise ConfigError(f"dp={config.dp} does not divide the {world_size} launched processes")
+    ranks = world_size // config.dp
+    per_rank = config.stages_per_rank or default_stages_per_rank(config.schedule)
+    stages = ranks * per_rank
+    if config.hf is not None:
+        blocks = int(getattr(check_hf_model(config), "num_hidden_layers", 0))
+        layers, fix = blocks + 2, "fewer ranks (or a schedule with fewer stages per rank)"
+    else:
+        import torch
+
+        from ..models import build
+
+        model = config.model_config()
+        with torch.device("meta"):  # (no memory: only the count)
+            layers = len(build(model))
+        blocks = model.n_layers
+        fix = f"layers={blocks + stages - layers} or more, or fewer ranks"
+    if layers < stages:
+        raise ConfigError(f"the model has {layers} pipeline layers (the embedding, {blocks} block(s), the head), "
+                          f"fewer than the {stages} stages of {ranks} pipeline rank(s) x {per_rank} stage(s) per rank "
+                          f"({config.schedule}): use {fix}")
 
 
 def hf_seq_len(config: TrainConfig, hf_config) -> int:

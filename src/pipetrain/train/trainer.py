@@ -16,7 +16,7 @@ from torch import nn
 
 from ..pipeline.pipeline import Pipeline
 from ..planner.calibrate import measure_peak_flops
-from ..runtime.comm import Transport
+from ..runtime.comm import Transport, fail_together
 from ..runtime.values import flatten
 from ..schedule import build as build_schedule
 from . import checkpoint as ckpt
@@ -336,25 +336,39 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             }
             path = ckpt.publish(root, tmp, self.step, manifest)
+            if self.config.keep_last:
+                ckpt.prune(root, self.config.keep_last)
         self._barrier()  # nobody reads `latest` before it is published
         return path
 
     def load(self) -> bool:
-        """Resume from the latest checkpoint in checkpoint_dir (on any number of ranks). False if none."""
-        path = ckpt.latest(self.config.checkpoint_dir)
+        """Resume from `config.resume`: a checkpoint's path, or (True) the latest in checkpoint_dir; on any
+        number of ranks. False if there is none yet. Every rank reads and checks its part before the first
+        step, and all agree: if any rank finds the checkpoint damaged or of another model, every rank raises
+        with that rank's one-line error (naming the file)."""
+        error, path, manifest = None, None, None
+        try:
+            resume = self.config.resume
+            path = ckpt.checkpoint_at(resume) if isinstance(resume, str) else ckpt.latest(self.config.checkpoint_dir)
+            if path is not None:
+                manifest = ckpt.read_manifest(path)
+                if manifest["model"] != self.model_info:
+                    raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds "
+                                      f"{self.model_info}: resume with the same model settings")
+                ckpt.load_layers(path, self.pipe.layers, self.optimizer)
+                data_state = ckpt.read_data_state(path)
+                self.train_data.load_state_dict(data_state)
+        except (ckpt.CheckpointError, ConfigError, OSError) as err:
+            error = err
+        fail_together(error, rank=self.global_rank, world_size=self.pipe.world_size * self.pipe.dp_size,
+                      sum_all=self.pipe.all_reduce, what="resuming from the checkpoint", tell=True)
         if path is None:
             self._say(f"no checkpoint in {self.config.checkpoint_dir}: starting from step 0")
             return False
-        manifest = ckpt.read_manifest(path)
-        if manifest["model"] != self.model_info:
-            raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds {self.model_info}: "
-                              "resume with the same model settings")
-        ckpt.load_layers(path, self.pipe.layers, self.optimizer)
         if self.scheduler and manifest["scheduler"]:
             self.scheduler.load_state_dict(manifest["scheduler"])
             for group, lr in zip(self.optimizer.param_groups, manifest["scheduler"]["_last_lr"], strict=False):
                 group["lr"] = lr
-        self.train_data.load_state_dict(ckpt.read_data_state(path))
         same_layout = manifest["world_size"] == self.pipe.world_size * self.pipe.dp_size and \
             manifest.get("dp", 1) == self.pipe.dp_size
         if not same_layout or not ckpt.load_rng(path, self.global_rank):
