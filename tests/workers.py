@@ -427,27 +427,6 @@ def fails_and_lingers(rank: int, world: int, cases: list[tuple[str, str]], linge
     return results
 
 
-def trainer_killed_mid_save(rank: int, world: int, settings: dict, kill_rank: int, kill_step: int) -> dict:
-    """trainer_run, but rank `kill_rank` is SIGKILLed in the middle of writing the step-`kill_step` checkpoint:
-    after its first file of that checkpoint is on disk (no cleanup, as the OOM killer or a preemption would)."""
-    from pipetrain.train import checkpoint as ckpt
-
-    save = ckpt._atomic_save
-
-    def save_then_die(obj, path):
-        save(obj, path)
-        if rank == kill_rank and path.parent.name == f".tmp-step_{kill_step:08d}":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    ckpt._atomic_save = save_then_die
-    try:
-        trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
-        trainer.fit()
-    except pt.CommError as err:
-        return {"error": str(err)}
-    return {"error": None}
-
-
 def trainer_resume_errors(rank: int, world: int, settings: dict, variants: list[dict]) -> list:
     """For each variant (settings to override: resume=, checkpoint_dir=), (error type, its text, seconds) of
     building a trainer that resumes, or None if it resumed."""
