@@ -401,10 +401,15 @@ def _default_store():
         return None
 
 
+def _first_failure(transport: Transport) -> str | None:
+    """The pipeline's first recorded failure ("rank 3 failed: ValueError: ..."), where the transport keeps one."""
+    first_failure = getattr(transport, "first_failure", None)
+    return first_failure() if first_failure is not None else None
+
+
 def _first_failure_note(transport: Transport) -> str:
     """". The pipeline stopped at its first failure: rank 3 failed: ValueError: ..." if a rank recorded one."""
-    first_failure = getattr(transport, "first_failure", None)
-    failure = first_failure() if first_failure is not None else None
+    failure = _first_failure(transport)
     return f". The pipeline stopped at its first failure: {failure}" if failure else ""
 
 
@@ -438,8 +443,7 @@ def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int
     try:
         bounded_wait(work, timeout, me=rank_name(transport, transport.rank), them=them, what=what, doing=doing)
     except CommError as err:
-        first_failure = getattr(transport, "first_failure", None)
-        failure = first_failure() if first_failure is not None else None
+        failure = _first_failure(transport)
         if failure and failure not in str(err):
             me = rank_name(transport, transport.rank)
             raise CommError(f"{me}: the pipeline stopped at its first failure: {failure}. "

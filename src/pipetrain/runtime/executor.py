@@ -180,8 +180,8 @@ class Executor:
         aborted = getattr(self.transport, "aborted", None)
         if aborted is not None:
             raise CommError(f"{rank_name(self.transport, self.rank)}: this pipeline stopped at a failure and its "
-                               f"communication is torn down ({aborted}); build a new Pipeline, or restart the job "
-                               "(e.g. from its last checkpoint), to go on")
+                            f"communication is torn down ({aborted}); build a new Pipeline, or restart the job "
+                            "(e.g. from its last checkpoint), to go on")
         self._step = st
         try:
             for action in actions:

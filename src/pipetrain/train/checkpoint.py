@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -89,14 +91,14 @@ def discard(tmp: Path) -> None:
 
 def publish(root: Path, tmp: Path, step: int, manifest: dict) -> Path:
     """Rank 0, after every rank wrote its shards: manifest, rename into place, point `latest` at it."""
-    _atomic_write(json.dumps(manifest, indent=1).encode(), tmp / "manifest.json")
+    _atomic_write(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     _sync_dir(tmp)
     final = step_dir(root, step)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _sync_dir(root)
-    _atomic_write(final.name.encode(), root / "latest")  # last: it names only a complete checkpoint
+    _atomic_write(root / "latest", lambda f: f.write(final.name.encode()))  # last: it names only a complete checkpoint
     return final
 
 
@@ -169,19 +171,14 @@ def load_rng(path: Path, rank: int) -> bool:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """torch.save under a temporary name, flushed to disk, then renamed: `path` is whole or absent."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _atomic_write(data: bytes, path: Path) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(file)` under a temporary name, flushed to disk, then renamed: `path` is whole or absent."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
