@@ -3,6 +3,7 @@ Offline: the tokenizer is a tiny BPE trained here on generated sentences (tests/
 
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,13 +77,39 @@ def test_a_crash_while_tokenizing_leaves_no_cache(folder, tmp_path, monkeypatch)
     file = write_jsonl(tmp_path / "d.jsonl", docs)
 
     def broken(*args, **kwargs):
-        yield tmp_path, docs[0]
+        yield pt.data.Piece(file, docs[0])
         raise KeyboardInterrupt  # the process dies mid-way
 
     monkeypatch.setattr("pipetrain.data.tokens.read_documents", broken)
     with pytest.raises(KeyboardInterrupt):
         pt.data.tokenize(file, model, cache_dir=tmp_path / "c")
     assert list((tmp_path / "c").iterdir()) == []  # no half cache, no temporary left
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / "c" / f".tmp-0123-{socket.gethostname()}-{int(dead.stdout)}-1"  # a writer killed -9
+    (killed / "tokens.bin").parent.mkdir(parents=True)
+    (killed / "tokens.bin").write_bytes(b"half")
+    monkeypatch.undo()
+    assert pt.data.tokenize(file, model, cache_dir=tmp_path / "c").documents == len(docs)
+    assert [p.name.startswith(".tmp") for p in (tmp_path / "c").iterdir()] == [False]  # the next writer removed it
+
+
+def test_a_long_txt_file_streams_in_pieces_and_tokenizes_as_a_whole(folder, tmp_path, monkeypatch):
+    model, docs = folder
+    lines = "\n".join(docs[:60]) + "\n\n  indented line.\n" + " ".join(docs[60:90])  # the tail: one long line
+    (tmp_path / "long.txt").write_text(lines)
+    (tmp_path / "wordless.txt").write_text("x" * 700)
+    monkeypatch.setattr("pipetrain.data.files.TEXT_PIECE", 40)
+    pieces = list(pt.data.read_documents(pt.data.data_files([tmp_path / "long.txt", tmp_path / "wordless.txt"])))
+    by_file = {f: [p for p in pieces if p.path.name == f] for f in ("long.txt", "wordless.txt")}
+    assert "".join(p.text for p in by_file["long.txt"]) == lines and len(by_file["long.txt"]) > 60
+    assert [p.ends_document for p in by_file["long.txt"]] == [False] * (len(by_file["long.txt"]) - 1) + [True]
+    assert max(len(p.text) for p in by_file["long.txt"]) <= 2 * 40  # never much more than TEXT_PIECE in memory
+    assert "".join(p.text for p in by_file["wordless.txt"]) == "x" * 700 and len(by_file["wordless.txt"]) == 2
+    streamed = pt.data.tokenize(tmp_path / "long.txt", model, cache_dir=tmp_path / "pieces")
+    assert streamed.documents == 1 and list(streamed.ids).count(streamed.eos) == 1
+    tokenizer = pt.data.load_tokenizer(model)
+    expected = tokenizer(lines, add_special_tokens=False)["input_ids"] + [streamed.eos]
+    assert streamed.ids.tolist() == expected  # cut where the tokenizer splits anyway: the same ids as whole
 
 
 def fake_tokens(ids: list[int], eos: int) -> Tokens:
@@ -199,9 +226,12 @@ def test_bad_input_says_what_is_wrong(folder, tmp_path):
     with pytest.raises(DataError, match="the data is empty"):
         pt.data.tokenize(tmp_path / "empty.jsonl", model, cache_dir=cache)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "one"}\n{"body": "two"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl: line 2 has no 'text' field .*--text-field"):
+    bad.write_text('{"text": "one"}\n\n{"text": "two"}\n{"body": "three"}\n')  # blank lines are skipped
+    with pytest.raises(DataError, match=r"bad.jsonl: line 4 has no 'text' field \(fields: \['body'\]\).*--text-field"):
         pt.data.tokenize(bad, model, cache_dir=cache)
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.txt: not UTF-8 text"):
+        pt.data.tokenize(tmp_path / "latin1.txt", model, cache_dir=cache)
     (tmp_path / "bare").mkdir()
     with pytest.raises(DataError, match="no tokenizer in .*bare.*save_pretrained"):
         pt.data.tokenize(write_jsonl(tmp_path / "d.jsonl", docs[:3]), tmp_path / "bare", cache_dir=cache)

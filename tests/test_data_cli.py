@@ -32,7 +32,8 @@ def test_train_on_local_text_caches_holds_out_and_resumes_exactly(tmp_path):
         (tmp_path / "data" / f"t{i}.txt").write_text(doc)
     data = ["--data", str(tmp_path / "data"), str(tmp_path / "more.jsonl"), "--eval-fraction", "0.1", "--document-mask"]
     write_jsonl(tmp_path / "more.jsonl", docs[1010:])
-    whole = _train(tmp_path, *data, "--steps", "4", "--checkpoint-dir", "a", "--metrics-jsonl", "a.jsonl")
+    whole = _train(tmp_path, *data, "--steps", "4", "--checkpoint-dir", "a", "--checkpoint-every", "2",
+                   "--metrics-jsonl", "a.jsonl")
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert re.search(r"data: 1,500 documents, [\d,]+ tokens \(tokenized into .*cache", whole.stdout), whole.stdout
     before, after = (float(x) for x in (re.search(r"held-out loss before training (\S+)", whole.stdout).group(1),
@@ -41,17 +42,15 @@ def test_train_on_local_text_caches_holds_out_and_resumes_exactly(tmp_path):
     assert after < before
     (cache,) = (tmp_path / "cache").iterdir()
     written = (cache / "tokens.bin").stat().st_mtime_ns
-    first = _train(tmp_path, *data, "--steps", "4", "--stop-at-step", "2", "--checkpoint-dir", "b",
-                   "--metrics-jsonl", "b.jsonl")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "read from the cache" in first.stdout and (cache / "tokens.bin").stat().st_mtime_ns == written
-    again = _train(tmp_path, *data, "--steps", "4", "--checkpoint-dir", "b", "--metrics-jsonl", "b.jsonl", "--resume",
-                   "--sample-tokens", "8")
+    # a second launch resumes the first one's step-2 checkpoint: the cache is read, the data goes on
+    again = _train(tmp_path, *data, "--steps", "4", "--resume", str(tmp_path / "a" / "step_00000002"),
+                   "--checkpoint-dir", "b", "--metrics-jsonl", "b.jsonl", "--sample-tokens", "8")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "read from the cache" in again.stdout and (cache / "tokens.bin").stat().st_mtime_ns == written
     assert re.search(r"prompt: +'[A-Z][a-z]+ .*'\n  generated: '.+'", again.stdout), again.stdout  # decoded text
-    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name).read_text().splitlines()]
+    losses = {name: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / name).read_text().splitlines())]
               for name in ("a.jsonl", "b.jsonl")}
-    assert losses["a.jsonl"] == losses["b.jsonl"] and len(losses["a.jsonl"]) == 4  # resumed at the next batch
+    assert losses["b.jsonl"] == losses["a.jsonl"][2:] and len(losses["a.jsonl"]) == 4  # resumed at the next batch
 
 
 def test_bad_data_is_one_line_on_every_rank(tmp_path):

@@ -101,12 +101,13 @@ def test_forked_ranks_see_the_callers_environment_as_it_is_at_the_call(monkeypat
         assert os.getpid() not in {r[2] for r in results.values()}
 
 
-@pytest.mark.parametrize("world,cases", [(2, [("zbv", "raise"), ("1f1b", "string")]),
+@pytest.mark.parametrize("world,cases", [(2, [("zbv", "raise"), ("1f1b", "string"), ("generate", "raise")]),
                                          (4, [("1f1b", "raise"), ("zbv", "string")])])
 def test_a_rank_that_fails_and_lingers_stops_every_rank_within_seconds(world, cases):
-    # rank 1's layer fails in the second step and its process stays alive (as a script that catches the error
-    # and cleans up for 40 s): every other rank raises within 5 s naming rank 1 and its error, every pipeline
-    # then refuses further steps, and the job's default group still works (a barrier at the end)
+    # rank 1's layer fails in the second step (or in a generate call) and its process stays alive (as a
+    # script that catches the error and cleans up for 40 s): every other rank raises within 5 s naming rank 1
+    # and its error, every pipeline then refuses further steps, and the job's default group still works (a
+    # barrier at the end)
     results = run_processes(world, fails_and_lingers, cases, timeout=150)
     for i, (_, how) in enumerate(cases):
         failed = results[1][i]
@@ -116,7 +117,8 @@ def test_a_rank_that_fails_and_lingers_stops_every_rank_within_seconds(world, ca
         for rank in set(range(world)) - {1}:
             other = results[rank][i]
             assert other["type"] == "CommError", other
-            assert first in other["error"], other["error"]
+            assert other["error"].startswith(f"rank {rank}: the pipeline stopped at its first failure: {first}"), \
+                other["error"]
             assert other["at"] - failed["at"] < 5, (rank, other["at"] - failed["at"])
         for rank in range(world):
             assert "this pipeline stopped at a failure" in results[rank][i]["again"], results[rank][i]["again"]

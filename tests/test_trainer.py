@@ -34,22 +34,16 @@ def _params(results):
     return merged
 
 
-def test_resume_is_exact_and_works_on_another_rank_count(tmp_path):
+def test_resume_is_exact(tmp_path):
+    # (resuming on another layout: test_data_parallel.py, dp 2 x pp 2 -> pp 3)
     straight = run_processes(2, trainer_run, BASE)
     ck = str(tmp_path / "ck")
     first = run_processes(2, trainer_run, {**BASE, "checkpoint_dir": ck, "stop_at_step": 5})
-    shutil.copytree(ck, tmp_path / "ck5")  # the step-5 checkpoint, for the 3-rank resume below
     resumed = run_processes(2, trainer_run, {**BASE, "checkpoint_dir": ck, "resume": True})
     assert first[0]["losses"] + resumed[0]["losses"] == straight[0]["losses"]  # bit for bit
     want = _params(straight)
     got = _params(resumed)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    # resume the 2-rank checkpoint on 3 ranks: the layers are re-partitioned, the run goes on
-    three = run_processes(3, trainer_run, {**BASE, "checkpoint_dir": str(tmp_path / "ck5"), "resume": True})
-    assert three[0]["losses"] == pytest.approx(straight[0]["losses"][5:], rel=1e-5)
-    got3 = _params(three)
-    for k in want:
-        assert torch.allclose(got3[k], want[k], rtol=1e-4, atol=1e-6), k
 
 
 @pytest.mark.parametrize("tied", [False, True])

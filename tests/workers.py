@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -388,27 +389,55 @@ class _FailAt(nn.Module):
         return x
 
 
+class _FailCachedAt(nn.Module):
+    """A generating layer whose n-th cached pass (prefill or decode) raises."""
+
+    def __init__(self, inner: nn.Module, calls: int) -> None:
+        super().__init__()
+        self.inner, self.calls, self.seen = inner, calls, 0
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def forward_cached(self, x, cache):
+        self.seen += 1
+        if self.seen == self.calls:
+            raise ValueError("the layer failed on purpose")
+        return self.inner.forward_cached(x, cache)
+
+
 def fails_and_lingers(rank: int, world: int, cases: list[tuple[str, str]], linger: float = 40.0) -> list[dict]:
-    """For each (schedule, how), a Pipeline whose rank-1 layer fails in the 2nd step. Rank 1 catches its
-    error and stays alive (up to `linger` s) until every other rank has failed too, as a script cleaning up
-    would. Per case: the error's type and text, when it was raised (time.time()), and a further step's error.
-    At the end a barrier on the default group: the caller's own group survives the pipeline's teardown."""
+    """For each (schedule, how), a Pipeline whose rank-1 layer fails in the 2nd step (schedule "generate":
+    a GPT on 1f1b whose last layer, on rank 1, fails in its 3rd pass of a generate call). Rank 1 catches
+    its error and stays alive (up to `linger` s) until every other rank has failed too, as a script cleaning
+    up would. Per case: the error's type and text, when it was raised (time.time()), and a further step's
+    (or generate's) error. At the end a barrier on the default group: the caller's own group survives the
+    pipeline's teardown."""
     import torch.distributed as dist
+    from gen_workers import model, prompts
 
     store = dist.distributed_c10d._get_default_store()
     results = []
     for i, (schedule, how) in enumerate(cases):
-        sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=2 * world)
-        torch.manual_seed(0)
-        layers = [nn.Linear(4, 4) for _ in range(sched.num_stages)]
-        failing = sched.stages_of(1)[-1]
-        layers[failing] = nn.Sequential(layers[failing], _FailAt(calls=2 * world + 2, how=how))
-        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, timeout=60.0)
-        x, y = torch.randn(4 * world, 4), torch.randn(4 * world, 4)
-        pipe.step(x, y)
+        if schedule == "generate":
+            layers = model("gpt")
+            layers[-1] = _FailCachedAt(layers[-1], calls=3)
+            sched = pt.schedules.build("1f1b", num_ranks=world, num_microbatches=2)
+            pipe = pt.Pipeline(layers, schedule=sched, loss_fn=gpt_loss, timeout=60.0)
+            attempt = functools.partial(pipe.generate, prompts(), max_new_tokens=4)
+        else:
+            sched = pt.schedules.build(schedule, num_ranks=world, num_microbatches=2 * world)
+            torch.manual_seed(0)
+            layers = [nn.Linear(4, 4) for _ in range(sched.num_stages)]
+            failing = sched.stages_of(1)[-1]
+            layers[failing] = nn.Sequential(layers[failing], _FailAt(calls=2 * world + 2, how=how))
+            pipe = pt.Pipeline(layers, schedule=sched, loss_fn=nn.functional.mse_loss, timeout=60.0)
+            x, y = torch.randn(4 * world, 4), torch.randn(4 * world, 4)
+            pipe.step(x, y)
+            attempt = functools.partial(pipe.step, x, y)
         result = {"error": None}
         try:
-            pipe.step(x, y)
+            attempt()
         except Exception as err:  # noqa: BLE001 - the test looks at it
             result = {"type": type(err).__name__, "error": str(err), "at": time.time()}
         if rank == 1:
@@ -418,7 +447,7 @@ def fails_and_lingers(rank: int, world: int, cases: list[tuple[str, str]], linge
         else:
             store.add(f"failed-{i}", 1)
         try:
-            pipe.step(x, y)
+            attempt()
             result["again"] = None
         except Exception as err:  # noqa: BLE001
             result["again"] = str(err)

@@ -18,7 +18,7 @@ def _simulate(args: argparse.Namespace) -> int:
         sched = schedules.build(args.schedule, num_ranks=args.ranks, num_microbatches=args.microbatches,
                                 stages_per_rank=args.stages_per_rank)
     except ValueError as err:
-        print(f"pipetrain simulate: {err}", file=sys.stderr)
+        _to_stderr(f"pipetrain simulate: {err}")
         return 2
     result = simulate(sched, Costs(f=args.cost_f, b=args.cost_b, w=args.cost_w, comm=args.cost_comm))
     title = f"{args.schedule}: {sched.num_ranks} ranks, {sched.num_microbatches} microbatches"
@@ -57,11 +57,10 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         timeline, sched = load_timeline(args.timeline)
     except (FileNotFoundError, ValueError) as err:
-        print(f"pipetrain compare: {err}", file=sys.stderr)
+        _to_stderr(f"pipetrain compare: {err}")
         return 2
     if sched is None:
-        print(f"pipetrain compare: {args.timeline} holds no schedule; write it with save_timeline(..., schedule)",
-              file=sys.stderr)
+        _to_stderr(f"pipetrain compare: {args.timeline} holds no schedule; write it with save_timeline(..., schedule)")
         return 2
     result = compare(sched, timeline)
     print(f"{sched.name}: {sched.num_ranks} ranks, {sched.num_microbatches} microbatches")
@@ -87,7 +86,7 @@ def _plan(args: argparse.Namespace) -> int:
                      microbatch_size=args.microbatch_size, stages_per_rank=args.stages_per_rank, top=args.top)
         seconds = time.perf_counter() - start
     except (SpecError, ValueError) as err:
-        print(f"pipetrain plan: {err}", file=sys.stderr)
+        _to_stderr(f"pipetrain plan: {err}")
         return 2
     assumptions = plan_assumptions(cluster)
     if args.json:
@@ -207,11 +206,11 @@ def _train(args: argparse.Namespace) -> int:
             check_fits(config, int(os.environ["WORLD_SIZE"]))
     except ConfigError as err:
         rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
-        print(f"pipetrain train{rank}: bad configuration: {err}", file=sys.stderr)
+        _to_stderr(f"pipetrain train{rank}: bad configuration: {err}")
         return 2
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        print("pipetrain train: launch it under torchrun, e.g. torchrun --standalone --nproc-per-node 2 "
-              "-m pipetrain train --preset tiny", file=sys.stderr)
+        _to_stderr("pipetrain train: launch it under torchrun, e.g. torchrun --standalone --nproc-per-node 2 "
+              "-m pipetrain train --preset tiny")
         return 2
     import torch
     import torch.distributed as dist
@@ -254,7 +253,7 @@ def _train(args: argparse.Namespace) -> int:
         # one line per rank; PIPETRAIN_TRACEBACK=1 shows the traceback instead
         if os.environ.get("PIPETRAIN_TRACEBACK") == "1":
             raise
-        print(f"pipetrain train (rank {dist.get_rank()}): {type(err).__name__}: {err}", file=sys.stderr)
+        _to_stderr(f"pipetrain train (rank {dist.get_rank()}): {type(err).__name__}: {err}")
         return 1 if isinstance(err, CommError) else 2
     finally:
         # the trainer's objects (kept alive by reference cycles) go before the process group: gloo can
@@ -285,9 +284,9 @@ def _init_process_group(backend: str) -> None:
                                 world_size=world)
         return
     if shared_store and restarts_allowed and os.environ.get("RANK") == "0":
-        print("pipetrain train: warning: with --max-restarts on several nodes, set "
+        _to_stderr("pipetrain train: warning: with --max-restarts on several nodes, set "
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on every node, or a restarted rank may read "
-              "a dead rank's address (pytorch#135712)", file=sys.stderr)
+              "a dead rank's address (pytorch#135712)")
     dist.init_process_group(backend)
 
 
@@ -307,6 +306,12 @@ class _Tee:
 
     def isatty(self) -> bool:
         return self.streams[0].isatty()
+
+
+def _to_stderr(line: str) -> None:
+    """One line on stderr in one write: ranks sharing a pipe (torchrun, PYTHONUNBUFFERED=1) never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _positive_int(text: str) -> int:

@@ -1,4 +1,4 @@
-"""Training data from local text: files read with `datasets` (files), tokenized once into a memory-mapped
+"""Training data from local text: files streamed (files), tokenized once into a memory-mapped
 cache (tokens), packed into rows (packing), both parts in one call (rows). Needs the `data` extra
 (`pip install 'pipetrain[data]'`: datasets, tokenizers, transformers); importing this package does not.
 
@@ -8,10 +8,10 @@ cache (tokens), packed into rows (packing), both parts in one call (rows). Needs
 It may import torch, numpy and those libraries, never `train`, `pipeline` or the command line.
 """
 
-from .files import DataError, data_files, read_documents
+from .files import DataError, Piece, data_files, read_documents
 from .packing import PackedRows, RowFormat, position_ids, split_point
 from .rows import TextData, text_rows
 from .tokens import Tokens, default_cache_dir, load_tokenizer, open_tokens, tokenize
 
-__all__ = ["DataError", "PackedRows", "RowFormat", "TextData", "Tokens", "data_files", "default_cache_dir",
+__all__ = ["DataError", "PackedRows", "Piece", "RowFormat", "TextData", "Tokens", "data_files", "default_cache_dir",
            "load_tokenizer", "open_tokens", "position_ids", "read_documents", "split_point", "text_rows", "tokenize"]

@@ -1,14 +1,28 @@
 """Local text files as documents: .txt (one document per file), .jsonl and .parquet (one per record), or
-folders of them, read with Hugging Face `datasets` in streaming mode (nothing is loaded whole)."""
+folders of them, streamed: .jsonl and .parquet with Hugging Face `datasets` in streaming mode, .txt in
+pieces of about TEXT_PIECE characters, so no file is ever held whole in memory."""
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix -> datasets builder
+TEXT_PIECE = 1 << 20  # characters of a .txt file read (and tokenized) at once
+_LINE_BREAK = re.compile(r"\S\n(?=\S)")  # a break between two lines of text: cut after its newline
+
+
+class Piece(NamedTuple):
+    """Text of one document: all of it, or (a .txt file longer than TEXT_PIECE) one piece of it in order;
+    `ends_document` marks its last piece."""
+
+    path: Path
+    text: str
+    ends_document: bool = True
 
 
 class DataError(ValueError):
@@ -47,23 +61,73 @@ def data_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def read_documents(files: Sequence[Path], *, text_field: str = "text") -> Iterator[tuple[Path, str]]:
-    """(file, text) of every document, streamed file by file: a .txt file is one document, a .jsonl line or
-    a .parquet row one document (its `text_field`). A record without that field raises DataError."""
+def read_documents(files: Sequence[Path], *, text_field: str = "text") -> Iterator[Piece]:
+    """The text of every document, file by file, as Pieces: a .txt file is one document (in pieces when it
+    is longer than TEXT_PIECE), a .jsonl line or a .parquet row one document (its `text_field`). A record
+    without that field raises DataError naming the file and line."""
+    for path in files:
+        if path.stat().st_size == 0:  # (an empty file holds no documents)
+            continue
+        if KINDS[path.suffix] == "text":
+            yield from _text_pieces(path)
+        else:
+            yield from _records(path, text_field)
+
+
+def _text_pieces(path: Path) -> Iterator[Piece]:
+    """A .txt file in pieces of up to about 2 * TEXT_PIECE characters, each cut after a newline between two
+    lines of text (where tokenizers split anyway), else at a line or word break (16 * TEXT_PIECE without
+    any: anywhere); a file of at most TEXT_PIECE characters is one piece."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(TEXT_PIECE)
+            while more := f.read(TEXT_PIECE):
+                cut = _cut(text)
+                if cut > 0:
+                    yield Piece(path, text[:cut], False)
+                    text = text[cut:]
+                elif len(text) >= 16 * TEXT_PIECE:  # no line or word break in 16 pieces: cut anywhere
+                    yield Piece(path, text, False)
+                    text = ""
+                text += more
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason}); convert it, e.g. iconv -t utf-8") from None
+    yield Piece(path, text, True)
+
+
+def _cut(text: str) -> int:
+    """Where to end a piece of `text`: after its last newline between two lines of text, else after its
+    last newline, else before its last space; 0 if it has none."""
+    if breaks := list(_LINE_BREAK.finditer(text, max(0, len(text) - 65536))):
+        return breaks[-1].end()
+    if (newline := text.rfind("\n")) > 0:
+        return newline + 1
+    return max(text.rfind(" "), 0)
+
+
+def _records(path: Path, text_field: str) -> Iterator[Piece]:
+    """The `text_field` of each record of a .jsonl or .parquet file, streamed with `datasets`."""
     datasets = need("datasets")
     datasets.disable_progress_bars()
-    for path in files:
-        if path.stat().st_size == 0:  # (datasets fails on an empty file; it holds no documents)
-            continue
-        kind = KINDS[path.suffix]
-        options = {"sample_by": "document"} if kind == "text" else {}
-        field = "text" if kind == "text" else text_field
-        stream = datasets.load_dataset(kind, data_files=[str(path)], split="train", streaming=True, **options)
-        for i, record in enumerate(stream):
-            text = record.get(field)
-            if not isinstance(text, str):
-                what = "has no" if text is None else f"has a {type(text).__name__} in its"
-                unit = "line" if kind == "json" else "row"
-                raise DataError(f"{path}: {unit} {i + 1} {what} {field!r} field (fields: {sorted(record)}); name the "
-                                "text field with --text-field (text_field=)")
-            yield path, text
+    kind = KINDS[path.suffix]
+    stream = datasets.load_dataset(kind, data_files=[str(path)], split="train", streaming=True)
+    for i, record in enumerate(stream):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            what = "has no" if text is None else f"has a {type(text).__name__} in its"
+            where = f"line {_line_of_record(path, i)}" if kind == "json" else f"row {i + 1}"
+            fields = sorted(k for k, v in record.items() if v is not None)  # (datasets fills absent fields)
+            raise DataError(f"{path}: {where} {what} {text_field!r} field (fields: {fields}); name the text field "
+                            "with --text-field (text_field=)")
+        yield Piece(path, text)
+
+
+def _line_of_record(path: Path, index: int) -> int:
+    """The line number of a .jsonl file's record `index` (0-based), blank lines skipped as datasets does."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                if index == 0:
+                    return number
+                index -= 1
+    return index + 1

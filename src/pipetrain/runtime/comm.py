@@ -177,21 +177,22 @@ class DistTransport:
         try:
             return self._track(dist.isend(tensor, self.global_ranks[peer], group=self._group_for(self.rank, peer)))
         except RuntimeError as err:  # gloo refuses to post on a connection the peer closed
-            raise _posting_failed(self, peer, "send", err) from err
+            raise posting_failed(self, peer, "receive", err) from err  # (this rank sends: the peer receives)
 
     def irecv(self, tensor: torch.Tensor, peer: int) -> Work:
         try:
             return self._track(dist.irecv(tensor, self.global_ranks[peer], group=self._group_for(peer, self.rank)))
         except RuntimeError as err:
-            raise _posting_failed(self, peer, "receive from", err) from err
+            raise posting_failed(self, peer, "send", err) from err
 
     def all_reduce(self, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+        refuse_if_stopped(self)
         if self.world_size > 1:
             try:
                 work = self._track(dist.all_reduce(tensor, group=self._resolve(self._group), async_op=True))
             except RuntimeError as err:
-                raise CommError(f"{rank_name(self, self.rank)}: the pipeline's all-reduce failed: {err}"
-                                f"{_first_failure_note(self)}") from err
+                raise CommError(led_by_first_failure(
+                    self, f"{rank_name(self, self.rank)}: the pipeline's all-reduce failed: {err}")) from err
             wait_or_raise(work, timeout=timeout, transport=self, peer=None, what="the pipeline's all-reduce")
         return tensor
 
@@ -358,6 +359,7 @@ class InProcessTransport:
         return _InProcessRecv(self.hub, ch, ticket, tensor)
 
     def all_reduce(self, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+        refuse_if_stopped(self)
         try:
             return self.hub.all_reduce(self.rank, tensor, timeout)
         except (RuntimeError, TimeoutError) as err:
@@ -401,23 +403,39 @@ def _default_store():
         return None
 
 
+def refuse_if_stopped(transport: Transport) -> None:
+    """CommError if this rank's pipeline stopped at a failure: nothing more can run on it."""
+    aborted = getattr(transport, "aborted", None)
+    if aborted is not None:
+        raise CommError(f"{rank_name(transport, transport.rank)}: this pipeline stopped at a failure and its "
+                        f"communication is torn down ({aborted}); build a new Pipeline, or restart the job "
+                        "(e.g. from its last checkpoint), to go on")
+
+
 def _first_failure(transport: Transport) -> str | None:
     """The pipeline's first recorded failure ("rank 3 failed: ValueError: ..."), where the transport keeps one."""
     first_failure = getattr(transport, "first_failure", None)
     return first_failure() if first_failure is not None else None
 
 
-def _first_failure_note(transport: Transport) -> str:
-    """". The pipeline stopped at its first failure: rank 3 failed: ValueError: ..." if a rank recorded one."""
+def led_by_first_failure(transport: Transport, message: str) -> str:
+    """`message` ("rank 0: ...") led by the pipeline's first recorded failure, if a rank recorded one that
+    the message does not name: "rank 0: the pipeline stopped at its first failure: rank 3 failed: ValueError:
+    .... (Here: <the rest of message>)"."""
     failure = _first_failure(transport)
-    return f". The pipeline stopped at its first failure: {failure}" if failure else ""
+    if not failure or failure in message:
+        return message
+    me = rank_name(transport, transport.rank)
+    return f"{me}: the pipeline stopped at its first failure: {failure}. (Here: {message.removeprefix(me + ': ')})"
 
 
-def _posting_failed(transport: Transport, peer: int, what: str, err: Exception) -> CommError:
-    them = rank_name(transport, peer)  # (the message of `bounded_wait`: a closed connection ends a wait at once)
-    return CommError(f"{rank_name(transport, transport.rank)}: waiting on {them} to {what} it failed after 0.0s: "
-                     f"{err}. {them[0].upper() + them[1:]} may have crashed or be stuck; check its log"
-                     f"{_first_failure_note(transport)}")
+def posting_failed(transport: Transport, peer: int, what: str, err: BaseException, doing: str = "") -> CommError:
+    """A transfer with `peer` that could not even be posted (a closed connection), in `bounded_wait`'s words."""
+    them = rank_name(transport, peer)
+    return CommError(led_by_first_failure(
+        transport, f"{rank_name(transport, transport.rank)}: {doing + ' ' if doing else ''}waiting on {them} to "
+                   f"{what} it failed after 0.0s: {err}. {them[0].upper() + them[1:]} may have crashed or be stuck; "
+                   "check its log"))
 
 
 def bounded_wait(work: Work, timeout: float, *, me: str, them: str, what: str, doing: str = "") -> None:
@@ -443,11 +461,9 @@ def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int
     try:
         bounded_wait(work, timeout, me=rank_name(transport, transport.rank), them=them, what=what, doing=doing)
     except CommError as err:
-        failure = _first_failure(transport)
-        if failure and failure not in str(err):
-            me = rank_name(transport, transport.rank)
-            raise CommError(f"{me}: the pipeline stopped at its first failure: {failure}. "
-                            f"(Here: {str(err).removeprefix(me + ': ')})") from err.__cause__
+        led = led_by_first_failure(transport, str(err))
+        if led != str(err):
+            raise CommError(led) from err.__cause__
         raise
 
 

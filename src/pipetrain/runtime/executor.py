@@ -27,7 +27,7 @@ from ..schedule.actions import (
     shaped_like,
 )
 from ..schedule.timeline import Event, Timeline
-from .comm import CommError, Transport, abort_others, rank_name
+from .comm import CommError, Transport, abort_others, rank_name, refuse_if_stopped
 from .stage import UNWEIGHTED, LossWeights, Stage
 from .values import Packet, Signature, batch_check, describe_key, flatten, unflatten
 from .wire import HEADER_BYTES, MIN_CAPACITY, Link, Posted, Wire, envelope_size, unpack
@@ -177,11 +177,7 @@ class Executor:
         return RankStep(self.rank, math.nan, tuple(st.events), tuple(st.waits), st.now(), st.t0, tuple(st.comms))
 
     def _execute(self, st: _StepState, actions: Sequence[Action]) -> None:
-        aborted = getattr(self.transport, "aborted", None)
-        if aborted is not None:
-            raise CommError(f"{rank_name(self.transport, self.rank)}: this pipeline stopped at a failure and its "
-                            f"communication is torn down ({aborted}); build a new Pipeline, or restart the job "
-                            "(e.g. from its last checkpoint), to go on")
+        refuse_if_stopped(self.transport)
         self._step = st
         try:
             for action in actions:

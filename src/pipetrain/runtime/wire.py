@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from ..schedule.actions import Kind, Value
-from .comm import CommError, Transport, Work, rank_name, wait_or_raise
+from .comm import CommError, Transport, Work, posting_failed, rank_name, wait_or_raise
 from .values import Signature
 
 HEADER = 10  # int64 fields (80 bytes: leaves stay 16-byte aligned)
@@ -139,7 +139,7 @@ class Wire:
         try:
             return self.transport.isend(tensor, peer)
         except CommError as err:  # a peer that closed its connection: say which action found out
-            raise CommError(f"{doing}: {err}") from err
+            raise posting_failed(self.transport, peer, "receive", err.__cause__ or err, doing=doing) from err
 
     def reap(self) -> None:
         """Drop finished sends so their buffers can be freed."""
