@@ -1,10 +1,15 @@
-"""dp x pp over gloo (4 spawned ranks): gradients equal single-process training of the global batch."""
+"""dp x pp over gloo (4 spawned ranks): gradients equal single-process training of the global batch;
+sharded data parallelism (ZeRO-1/2) equals the unsharded run."""
 
 import math
+import re
 
 import pytest
 import torch
+from torch import nn
 from workers import data_parallel_scenario, run_processes
+
+import pipetrain as pt
 
 
 @pytest.mark.parametrize("schedule,tie,accumulation,layout", [
@@ -108,3 +113,41 @@ def test_dp2_pp2_token_mean_and_aux_losses_equal_single_process_on_the_global_ba
     steps = [{"batch": batch(2 * m * dp, 6, 5)}]
     results = run_processes(4, run_dp, dp, "1f1b", kind, steps, timeout=120)
     assert_matches(results, reference(kind, steps, m * dp))
+
+
+def test_sharded_optimizer_and_gradients_equal_unsharded_and_checkpoints_reshard(tmp_path):
+    # dp 2 x pp 2, ZBV (W after I: each stage's reduction starts after its last W), tied embeddings (a
+    # bucket of its own, on two pipeline ranks), clipping on: shard="optimizer" (ZeRO-1) gives the unsharded
+    # run's losses, norms and weights with half its optimizer state per rank; its step-3 checkpoint (the
+    # state gathered into the unsharded format) resumes as shard="gradients" (ZeRO-2, the state cut again)
+    # and goes on as the unsharded run does
+    from workers import trainer_state_bytes
+
+    settings = {**BASE, "dp": 2, "schedule": "zbv", "tie_embeddings": True}
+    ref = run_processes(4, trainer_state_bytes, settings)
+    zero1 = run_processes(4, trainer_state_bytes, {**settings, "shard": "optimizer",
+                                                   "checkpoint_dir": str(tmp_path / "z1"), "checkpoint_every": 3})
+    assert zero1[0]["losses"] == pytest.approx(ref[0]["losses"], rel=1e-5)
+    assert zero1[0]["norms"] == pytest.approx(ref[0]["norms"], rel=1e-5)
+    assert all(n > BASE["grad_clip"] for n in ref[0]["norms"]), "the test must actually clip"
+    for rank in range(4):
+        for name, want in ref[rank]["params"].items():
+            assert torch.allclose(zero1[rank]["params"][name], want, rtol=1e-5, atol=1e-6), (rank, name)
+        # half, but for the padding of each bucket to a multiple of dp (a few elements x 2 states)
+        assert abs(zero1[rank]["state_bytes"] - ref[rank]["state_bytes"] / 2) <= 256, \
+            (rank, zero1[rank]["state_bytes"], ref[rank]["state_bytes"])
+    zero2 = run_processes(4, trainer_state_bytes, {**settings, "shard": "gradients",
+                                                   "resume": str(tmp_path / "z1" / "step_00000003")})
+    assert zero2[0]["losses"] == pytest.approx(ref[0]["losses"][3:], rel=1e-5)
+    for rank in range(4):
+        for name, want in ref[rank]["params"].items():
+            assert torch.allclose(zero2[rank]["params"][name], want, rtol=1e-5, atol=1e-6), (rank, name)
+
+
+@pytest.mark.parametrize("shard,error", [("params", "shard='params': choose one of 'none', 'optimizer', 'gradients'"),
+                                         ("optimizer", "shards over data-parallel replicas, but this pipeline has")])
+def test_a_shard_mode_needs_replicas_and_a_known_name(shard, error):
+    sched = pt.schedules.build("gpipe", num_ranks=1, num_microbatches=1)
+    with pytest.raises(ValueError, match=re.escape(error)):
+        pt.Pipeline([nn.Linear(2, 2)], schedule=sched, loss_fn=nn.functional.mse_loss,
+                    transport=pt.InProcessHub(1).transport(0), shard=shard)

@@ -234,6 +234,18 @@ def trainer_run(rank: int, world: int, settings: dict) -> dict:
     return {"losses": [r["loss"] for r in history], "params": params, "history": history, "final": trainer.final_loss}
 
 
+def trainer_state_bytes(rank: int, world: int, settings: dict) -> dict:
+    """`trainer_run`, plus the bytes of this rank's optimizer state tensors and its gradient norms."""
+    trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
+    history = trainer.fit()
+    params = {(i, n): p.detach().clone() for i, layer in trainer.pipe.layers.items()
+              for n, p in layer.named_parameters()}
+    state = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor) and v.dim())
+    return {"losses": [r["loss"] for r in history], "norms": [r["grad_norm"] for r in history], "params": params,
+            "state_bytes": state}
+
+
 def trainer_clip(rank: int, world: int, settings: dict) -> dict:
     """One pipeline step's gradients, then the trainer's global clip: norm and clipped gradients."""
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())

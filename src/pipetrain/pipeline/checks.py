@@ -65,3 +65,14 @@ def groups_of(mesh: DeviceMesh | None, transport: Transport | None
         raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', got {names}: e.g. "
                          "init_device_mesh('cpu', (dp, pp), mesh_dim_names=('dp', 'pp'))")
     return mesh.get_group("pp"), (mesh.get_group("dp") if "dp" in names else None)
+
+
+def check_shard(shard: str, dp_group) -> None:
+    """ValueError unless `shard` is a known mode that this layout can take (sharding needs replicas)."""
+    from ..runtime.zero import SHARD_MODES
+
+    if shard not in SHARD_MODES:
+        raise ValueError(f"shard={shard!r}: choose one of {', '.join(map(repr, SHARD_MODES))}")
+    if shard != "none" and (dp_group is None or dist.get_world_size(dp_group) == 1):
+        raise ValueError(f"shard={shard!r} shards over data-parallel replicas, but this pipeline has none: give a "
+                         "mesh with a 'dp' dimension of size 2 or more (CLI: --dp 2), or shard='none'")

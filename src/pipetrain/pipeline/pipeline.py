@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,8 +21,9 @@ from ..schedule import Schedule, Timeline, lower
 from ..schedule.lowering import PREFETCH, message_order
 from .auto_plan import PipelinePlan, plan_pipeline, schedule_to_run
 from .balance import Balance, resolve_balance
-from .checks import checked_schedule, groups_of, splits_backward
+from .checks import check_shard, checked_schedule, groups_of, splits_backward
 from .materialize import materialize
+from .parameters import RankParameters
 from .profile import time_costs
 from .rank0_measure import measured_on_rank_0
 from .same_weights import check_same_weights
@@ -30,7 +31,7 @@ from .same_weights import check_same_weights
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-class Pipeline:
+class Pipeline(RankParameters):
     """Runs `layers` split into the schedule's stages; call `step` with the same batch on every rank.
 
     Each rank keeps (and moves to `device`) only the layers of its own stages; their gradients
@@ -57,6 +58,10 @@ class Pipeline:
             which each stage's gradients are summed as soon as its last backward finishes; `step()` then takes
             this replica's share of the global batch. Default: every rank of the default process group is
             one pipeline.
+        shard: with replicas ("dp"), "optimizer" (ZeRO-1) or "gradients" (ZeRO-2): each replica's optimizer
+            owns 1/dp of every stage's parameters; build it with `pipe.optimizer(make)` (see
+            `RankParameters.optimizer`). "gradients" also reduce-scatters each stage's gradients when its
+            last B or W is done and frees the full ones. Default "none".
         device: where this rank's layers run (default: cuda:current for NCCL, else CPU).
         transport: instead of a process group, a transport (e.g. `InProcessHub(n).transport(rank)`).
         timeout: seconds any transfer may wait before the step fails naming the action and peer.
@@ -80,9 +85,10 @@ class Pipeline:
                  device: torch.device | str | None = None, transport: Transport | None = None, timeout: float = 60.0,
                  sample: Any = None, split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
                  prefetch: int = PREFETCH, precision: str = "fp32", seed: int = 0,
-                 num_microbatches: int | None = None) -> None:
+                 num_microbatches: int | None = None, shard: str = "none") -> None:
         layers = list(layers)
         group, dp_group = groups_of(mesh, transport)
+        check_shard(shard, dp_group)
         # what to run: a Schedule, a name, a PipelinePlan (schedule and split) or "auto" (planned here)
         if isinstance(schedule, str) and schedule == "auto":
             schedule = plan_pipeline(layers, num_microbatches=num_microbatches, sample=sample, loss_fn=loss_fn,
@@ -123,13 +129,14 @@ class Pipeline:
         self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
                                   transport=self.transport, timeout=self.timeout)
+        self.shard = shard
         self._averager = None
         if self.dp_size > 1:
             if isinstance(self.transport, InProcessTransport):
                 raise ValueError("dp_group needs torch.distributed ranks; in-process ranks have no data parallelism")
-            identity = (self.rank, schedule.name, schedule.num_microbatches, tuple(self.balance))
+            identity = (self.rank, schedule.name, schedule.num_microbatches, tuple(self.balance), shard)
             self._averager = averager_for(self.stages, self._train_actions, self._ties.params, dp_group,
-                                          self.timeout, identity)
+                                          self.timeout, identity, shard)
         self._training = True
         self._window: Window | None = None
         self.last_step: RankStep | None = None
@@ -190,6 +197,8 @@ class Pipeline:
                         if p.grad is not None:
                             p.grad.mul_(factor)
                 window.restore()
+                if sync:
+                    self._averager.settle()
         except BaseException:
             if self._averager is not None:
                 self._averager.abandon()
@@ -255,43 +264,6 @@ class Pipeline:
     def world_size(self) -> int:
         """Ranks in this pipeline (one replica)."""
         return self.transport.world_size
-
-    @property
-    def layers(self) -> dict[int, nn.Module]:
-        """This rank's layers, by their index in the full list of layers."""
-        return {i: layer for s, stage in self.stages.items()
-                for i, layer in zip(self.layer_ranges[s], stage.layers, strict=True)}
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """The parameters of this rank's stages, each once (what this rank's optimizer should own)."""
-        return (p for _, p in self.named_parameters())
-
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """`("{layer index}.{name}", parameter)` for this rank's layers, each parameter once; the names are
-        those of `nn.Sequential(*layers)` in one process, so they match across rank counts."""
-        seen = set()
-        for i, layer in self.layers.items():
-            for name, p in layer.named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    yield f"{i}.{name}", p
-
-    def owned_parameters(self) -> Iterator[nn.Parameter]:
-        """Like `parameters()`, but a weight tied across ranks only on the rank of its first use: summing
-        over every rank's owned parameters counts each weight once (e.g. for a global gradient norm)."""
-        copies = self._ties.copies()
-        return (p for p in self.parameters() if id(p) not in copies)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's layers' state, keyed `"{layer index}.{name}"` (as `nn.Sequential(*layers)`)."""
-        return {f"{i}.{k}": v for i, layer in self.layers.items() for k, v in layer.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load this rank's layers from a state dict keyed `"{layer index}.{name}"` (more keys may be given:
-        the whole model's state dict loads on every rank)."""
-        for i, layer in self.layers.items():
-            prefix = f"{i}."
-            layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor (on any device) over every rank of the job: this pipeline's ranks, then the

@@ -453,6 +453,11 @@ def bounded_wait(work: Work, timeout: float, *, me: str, them: str, what: str, d
                         f"{them[0].upper() + them[1:]} may have crashed or be stuck; check {logs}") from err
 
 
+def wait_replicas(work, timeout: float, what: str) -> None:
+    """A collective over the replicas, bounded (`bounded_wait`)."""
+    bounded_wait(DistWork(work), timeout, me=f"global rank {dist.get_rank()}", them="the other replicas", what=what)
+
+
 def wait_or_raise(work: Work, *, timeout: float, transport: Transport, peer: int | None, what: str,
                   doing: str = "") -> None:
     """`bounded_wait` for a transfer with `peer` of `transport`'s pipeline (None: a collective over all of it);

@@ -15,8 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..schedule.actions import Action, finishes_weights
-from .comm import DistWork, bounded_wait
+from .comm import wait_replicas
 from .stage import Stage
+from .zero import ShardedGradients
 
 TIED = -1  # the gradient bucket of weights tied across ranks
 
@@ -47,7 +48,7 @@ class GradientAverager:
         """Wait for every started bucket and write its sum times `scale` into `.grad`."""
         pending, self._pending = self._pending, []
         for key, work, flat in pending:
-            _wait(work, self.timeout, f"the data-parallel gradient all-reduce of stage {key}")
+            wait_replicas(work, self.timeout, f"the data-parallel gradient all-reduce of stage {key}")
             flat.mul_(scale)
             offset = 0
             for p in self.buckets[key]:
@@ -55,22 +56,28 @@ class GradientAverager:
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
 
+    def settle(self) -> None:
+        """(Nothing to do once the gradients are final: they are in `.grad`.)"""
+
     def abandon(self) -> None:
         """After a failed step: forget started reductions (the step's gradients are not used)."""
         self._pending.clear()
 
 
 def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequence[nn.Parameter],
-                 dp_group: dist.ProcessGroup, timeout: float, identity: tuple) -> GradientAverager:
-    """One bucket per stage, each parameter in the bucket of the last of its stages to finish its weight
-    gradients (a weight shared by two stages of this rank), tied weights in their own (`TIED`).
+                 dp_group: dist.ProcessGroup, timeout: float, identity: tuple, shard: str = "none"):
+    """The replicas' gradient reduction: a GradientAverager, or for shard="optimizer" | "gradients" a
+    `zero.ShardedGradients`. One bucket per stage, each parameter in the bucket of the last of its stages
+    to finish its weight gradients (a weight shared by two stages of this rank), tied weights in their own
+    (`TIED`).
 
-    `identity` (pipeline rank, schedule, microbatches, balance) must be the same on every replica."""
+    `identity` (pipeline rank, schedule, microbatches, balance, shard) must be the same on every replica."""
     size = dist.get_world_size(dp_group)
     replicas: list = [None] * size
     dist.all_gather_object(replicas, identity, group=dp_group)
     if any(r != identity for r in replicas):
-        raise ValueError(f"the dp_group's replicas disagree on (pipeline rank, schedule, microbatches, balance): "
+        raise ValueError(f"the dp_group's replicas disagree on (pipeline rank, schedule, microbatches, balance, "
+                         f"shard): "
                          f"{replicas}; each data-parallel group must hold the ranks at the same pipeline "
                          "position of identical pipelines (a DeviceMesh with dims ('dp', 'pp') does this)")
     last_action = {a.stage: i for i, a in enumerate(actions) if finishes_weights(a)}
@@ -84,17 +91,14 @@ def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequ
     buckets: dict[int, list[nn.Parameter]] = {}
     for key, p in params.items():
         buckets.setdefault(bucket_of[key], []).append(p)
-    return GradientAverager(dp_group, buckets, timeout)
+    if shard == "none":
+        return GradientAverager(dp_group, buckets, timeout)
+    return ShardedGradients(dp_group, buckets, timeout, shard)
 
 
 def sum_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: float,
              what: str = "a data-parallel all-reduce") -> torch.Tensor:
     """Sum of a small tensor over `group` (in place, bounded wait); the identity without a group."""
     if group is not None and dist.get_world_size(group) > 1:
-        _wait(dist.all_reduce(tensor, group=group, async_op=True), timeout, what)
+        wait_replicas(dist.all_reduce(tensor, group=group, async_op=True), timeout, what)
     return tensor
-
-
-def _wait(work, timeout: float, what: str) -> None:
-    """A collective over the replicas, bounded (`bounded_wait`)."""
-    bounded_wait(DistWork(work), timeout, me=f"global rank {dist.get_rank()}", them="the other replicas", what=what)

@@ -71,12 +71,11 @@ def prune(root: Path, keep: int) -> list[Path]:
     return removed
 
 
-def write_shards(tmp: Path, rank: int, layers: dict[int, nn.Module],
-                 optimizer: torch.optim.Optimizer | None) -> None:
-    """This rank's part: one file per layer it holds (None: its layers have no parameters), its RNG state."""
+def write_shards(tmp: Path, rank: int, layers: dict[int, nn.Module], state_of: dict[int, dict]) -> None:
+    """This rank's part: one file per layer it holds (None: its layers have no parameters) with its weights
+    and their optimizer state (`state_of`: {id(parameter): state}, as `Pipeline.optimizer_state` gives),
+    and its RNG state."""
     tmp.mkdir(parents=True, exist_ok=True)
-    groups = optimizer.param_groups if optimizer is not None else []
-    state_of = {id(p): optimizer.state[p] for group in groups for p in group["params"] if p in optimizer.state}
     for index, layer in layers.items():
         opt = {name: state_of[id(p)] for name, p in layer.named_parameters() if id(p) in state_of}
         _atomic_save({"model": layer.state_dict(), "optimizer": opt}, tmp / f"layer_{index:04d}.pt")
@@ -134,8 +133,10 @@ def _load(file: Path, what: str) -> dict:
     return loaded
 
 
-def load_layers(path: Path, layers: dict[int, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
-    """Load the given layers' weights and optimizer state from a checkpoint directory."""
+def load_layers(path: Path, layers: dict[int, nn.Module]) -> dict[int, dict]:
+    """Load the given layers' weights from a checkpoint directory; return their optimizer state,
+    {id(parameter): state} (for `Pipeline.load_optimizer_state`)."""
+    states = {}
     for index, layer in layers.items():
         shard_path = path / f"layer_{index:04d}.pt"
         shard = _load(shard_path, "the checkpoint has fewer layers than this model (resume with the same model "
@@ -145,12 +146,11 @@ def load_layers(path: Path, layers: dict[int, nn.Module], optimizer: torch.optim
         except (KeyError, RuntimeError) as err:
             raise CheckpointError(f"{shard_path} does not fit layer {index} ({type(layer).__name__}): "
                                   f"{str(err).splitlines()[0][:300]}") from None
-        if optimizer is None:
-            continue
         for name, p in layer.named_parameters():
             if name in shard["optimizer"]:
-                optimizer.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() else v
-                                      for k, v in shard["optimizer"][name].items()}
+                states[id(p)] = {k: v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() else v
+                                 for k, v in shard["optimizer"][name].items()}
+    return states
 
 
 def write_data_state(tmp: Path, state: dict) -> None:

@@ -76,6 +76,8 @@ class Trainer:
             raise ConfigError("the Pipeline given has its own loss_fn; pass loss_fn only with a list of layers")
         if self.pipe.dp_size != config.dp:
             raise ConfigError(f"dp={config.dp}, but the pipeline has {self.pipe.dp_size} data-parallel replicas")
+        if self.pipe.shard != config.shard:
+            raise ConfigError(f"shard={config.shard!r}, but the pipeline given shards {self.pipe.shard!r}")
         self.global_rank = self.pipe.rank if transport is not None or not torch.distributed.is_initialized() \
             else torch.distributed.get_rank()
         self.model_info = model_info if model_info is not None else {"num_layers": self.num_layers}
@@ -87,7 +89,7 @@ class Trainer:
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         make = optimizer or (lambda g: torch.optim.AdamW(g, lr=config.lr, betas=config.betas))
-        self.optimizer = make(groups) if groups else None
+        self.optimizer = self.pipe.optimizer(make, groups) if groups else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, warmup=config.warmup, total=config.steps, lr=config.lr,
                                                     min_lr=config.min_lr)) if self.optimizer else None
@@ -121,7 +123,7 @@ class Trainer:
         return Pipeline(layers, schedule=schedule, loss_fn=loss_fn, balance=cfg.balance, device=device,
                         transport=transport, timeout=cfg.timeout, sample=sample,
                         checkpoint=cfg.activation_checkpointing, precision=cfg.precision, mesh=mesh,
-                        seed=cfg.seed)
+                        seed=cfg.seed, shard=cfg.shard)
 
     # --- one optimizer step --------------------------------------------------------------------------
     def train_step(self, *, stop_after: float | None = None) -> dict:
@@ -148,13 +150,13 @@ class Trainer:
         world = self.pipe.world_size
         # one sum over every rank: gradient norm, non-finite flag, time's up, idle and memory per rank
         shared = torch.zeros(3 + 2 * world, dtype=torch.float64)
-        shared[0] = self._sum_of_squares()
+        shared[0] = self.pipe.gradient_sum_of_squares()
         shared[1] = 0.0 if math.isfinite(loss) else 1.0
         shared[2] = 1.0 if stop_after is not None and time.perf_counter() - self._fit_start > stop_after else 0.0
         shared[3 + self.pipe.rank] = 1.0 - busy / pipeline_time if pipeline_time > 0 else 0.0
         shared[3 + world + self.pipe.rank] = peak_memory_bytes(self.pipe.device)
         shared = self.pipe.all_reduce(shared).tolist()
-        grad_norm = math.sqrt(shared[0] / dp)  # the replicas hold the same reduced gradients
+        grad_norm = math.sqrt(shared[0])
         finite = shared[1] == 0 and math.isfinite(grad_norm)
         if not finite and cfg.on_nonfinite == "stop":
             raise NonFiniteError(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
@@ -167,6 +169,7 @@ class Trainer:
                 self.optimizer.step()
             self.scheduler.step()  # the LR schedule follows the step count, skipped or not
             self.optimizer.zero_grad(set_to_none=True)
+            self.pipe.zero_grad()  # (sharded: the parameters' own gradients too)
         if not finite:
             self.skipped_steps += 1
             self._say(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite: update "
@@ -199,28 +202,19 @@ class Trainer:
         """The global L2 norm of all stages' gradients; scales them to `grad_clip` if above (collective). The
         coefficient is the one torch.nn.utils.clip_grad_norm_ computes for the whole model. (`train_step`
         does this itself; this is for loops of your own.)"""
-        sumsq = torch.tensor([self._sum_of_squares()], dtype=torch.float64)
-        norm = math.sqrt(float(self.pipe.all_reduce(sumsq)[0]) / self.pipe.dp_size)
+        sumsq = torch.tensor([self.pipe.gradient_sum_of_squares()], dtype=torch.float64)
+        norm = math.sqrt(float(self.pipe.all_reduce(sumsq)[0]))
         if math.isfinite(norm):
             self._clip(norm)
         return norm
-
-    def _sum_of_squares(self) -> float:
-        """This rank's share of the squared gradient norm (a weight tied across ranks counts once)."""
-        total = torch.zeros((), dtype=torch.float64)
-        for p in self.pipe.owned_parameters():
-            if p.grad is not None:
-                total += p.grad.detach().double().pow(2).sum().cpu()
-        return float(total)
 
     def _clip(self, norm: float) -> None:
         """Scale the gradients to `grad_clip` if the global norm is above it (torch's clip_grad_norm_ rule)."""
         if self.config.grad_clip > 0:
             coef = self.config.grad_clip / (norm + 1e-6)
             if coef < 1.0:
-                for p in self.pipe.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+                for grad in self.pipe.gradients():
+                    grad.mul_(coef)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -321,8 +315,10 @@ class Trainer:
         if self.global_rank == 0:
             ckpt.discard(tmp)  # what an interrupted save of this step left behind
         self._barrier()
-        # replicas hold the same weights and optimizer state: the first one writes the layers
-        ckpt.write_shards(tmp, self.global_rank, self.pipe.layers if self.pipe.dp_rank == 0 else {}, self.optimizer)
+        # replicas hold the same weights and optimizer state (sharded: gathered here from all of them), the
+        # first one writes the layers
+        states = self.pipe.optimizer_state(self.optimizer) if self.optimizer else {}
+        ckpt.write_shards(tmp, self.global_rank, self.pipe.layers if self.pipe.dp_rank == 0 else {}, states)
         if self.global_rank == 0:
             ckpt.write_data_state(tmp, self.train_data.state_dict())
         self._barrier()  # every shard is on disk before rank 0 publishes
@@ -355,7 +351,9 @@ class Trainer:
                 if manifest["model"] != self.model_info:
                     raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds "
                                       f"{self.model_info}: resume with the same model settings")
-                ckpt.load_layers(path, self.pipe.layers, self.optimizer)
+                states = ckpt.load_layers(path, self.pipe.layers)
+                if self.optimizer:
+                    self.pipe.load_optimizer_state(self.optimizer, states)
                 data_state = ckpt.read_data_state(path)
                 self.train_data.load_state_dict(data_state)
         except (ckpt.CheckpointError, ConfigError, OSError) as err:

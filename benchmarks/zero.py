@@ -1,0 +1,110 @@
+"""Sharded data parallelism: peak memory per rank and steps/s of dp 2 x pp 2, unsharded against ZeRO-1
+(`shard="optimizer"`) and ZeRO-2 (`shard="gradients"`), side by side in one run.
+
+    python benchmarks/zero.py                     # a GPT of 8 blocks x 512 (25 M parameters), 6 steps each
+    python benchmarks/zero.py --layers 4 --d-model 256 --steps 4 --json
+
+Each mode runs in fresh spawned gloo processes (4 ranks, 1 thread each) through `pt.Trainer` with AdamW.
+Per rank: the optimizer state's bytes, the resident memory before the model was built and at its peak
+(ru_maxrss, so it includes torch itself: the difference is what training added; malloc is set to return
+freed blocks of 1 MiB and more, so the peak is of live memory), and the median step time after the first
+step (which creates the optimizer state). All modes must give the same losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pipetrain as pt  # noqa: E402
+from pipetrain.runtime.host_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD  # noqa: E402
+from pipetrain.spawn import run_processes  # noqa: E402
+
+MODES = ("none", "optimizer", "gradients")
+
+
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB on Linux)
+
+
+def _track_live_memory() -> None:
+    """Make resident memory follow live tensors: pipetrain's CPU stages keep freed memory mapped (fast,
+    but then the peak RSS counts every buffer ever freed); here blocks of 1 MiB and more get pages of their
+    own, returned when freed."""
+    os.environ["PIPETRAIN_KEEP_FREED_MEMORY"] = "0"
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+
+
+def zero_rank(rank: int, world: int, settings: dict) -> dict:
+    torch.set_num_threads(1)
+    _track_live_memory()
+    before = _rss()
+    trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings))
+    times, losses = [], []
+    for _ in range(settings["steps"]):
+        start = time.perf_counter()
+        record = trainer.train_step()
+        times.append(time.perf_counter() - start)
+        losses.append(record["loss"])
+    state = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor) and v.dim())
+    params = sum(p.numel() for p in trainer.pipe.parameters())
+    return {"losses": losses, "step_time": statistics.median(times[1:]), "state_bytes": state,
+            "rss_before": before, "rss_peak": _rss(), "params": params}
+
+
+def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int = 8, microbatches: int = 4,
+            schedule: str = "1f1b") -> dict:
+    base = {"preset": "small", "layers": layers, "d_model": d_model, "heads": 8, "seq_len": 64, "dp": 2,
+            "batch_size": batch_size, "microbatches": microbatches, "schedule": schedule, "steps": steps,
+            "eval_batches": 1, "log_every": 1000, "progress": False, "warmup": 1, "timeout": 600}
+    rows = {}
+    for mode in MODES:
+        out = run_processes(4, zero_rank, {**base, "shard": mode}, timeout=3600)
+        rows[mode] = [out[r] for r in range(4)]
+    same = all(max(abs(a - b) for a, b in zip(rows[m][0]["losses"], rows["none"][0]["losses"], strict=True))
+               < 1e-4 for m in MODES)
+    return {"model": f"gpt {layers} x {d_model}", "settings": base, "same_losses": same, "ranks": {
+        mode: [{"state_MiB": r["state_bytes"] / 2**20, "rss_before_MiB": r["rss_before"] / 2**20,
+                "rss_peak_MiB": r["rss_peak"] / 2**20, "added_MiB": (r["rss_peak"] - r["rss_before"]) / 2**20,
+                "params_M": r["params"] / 1e6, "steps_per_s": 1 / r["step_time"]} for r in rs]
+        for mode, rs in rows.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--schedule", default="1f1b")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    result = measure(args.layers, args.d_model, args.steps, schedule=args.schedule)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{result['model']}, dp 2 x pp 2 ({args.schedule}), 4 gloo ranks; same losses: {result['same_losses']}")
+    print(f"{'shard':<10} {'rank':>4} {'params M':>9} {'opt state MiB':>14} {'peak RSS MiB':>13} "
+          f"{'added MiB':>10} {'steps/s':>8}")
+    for mode, rs in result["ranks"].items():
+        for rank, r in enumerate(rs):
+            print(f"{mode:<10} {rank:>4} {r['params_M']:>9.2f} {r['state_MiB']:>14.1f} {r['rss_peak_MiB']:>13.0f} "
+                  f"{r['added_MiB']:>10.0f} {r['steps_per_s']:>8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

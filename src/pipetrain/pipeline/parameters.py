@@ -1,0 +1,182 @@
+"""This rank's part of the model as an optimizer sees it: its layers and parameters, their state, and the
+optimizer over them (over this replica's shards when the Pipeline shards over data-parallel replicas)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..runtime.comm import wait_replicas
+from ..runtime.zero import _all_gather
+
+
+class RankParameters:
+    """A mixin of `Pipeline`: needs `stages`, `layer_ranges`, `_ties`, `_averager`, `shard` and `dp_group`."""
+
+    @property
+    def layers(self) -> dict[int, nn.Module]:
+        """This rank's layers, by their index in the full list of layers."""
+        return {i: layer for s, stage in self.stages.items()
+                for i, layer in zip(self.layer_ranges[s], stage.layers, strict=True)}
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters of this rank's stages, each once (what this rank's optimizer should own, through
+        `optimizer(...)` when the pipeline shards them)."""
+        return (p for _, p in self.named_parameters())
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """`("{layer index}.{name}", parameter)` for this rank's layers, each parameter once; the names are
+        those of `nn.Sequential(*layers)` in one process, so they match across rank counts."""
+        seen = set()
+        for i, layer in self.layers.items():
+            for name, p in layer.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield f"{i}.{name}", p
+
+    def owned_parameters(self) -> Iterator[nn.Parameter]:
+        """Like `parameters()`, but a weight tied across ranks only on the rank of its first use: summing
+        over every rank's owned parameters counts each weight once (e.g. for a global gradient norm)."""
+        copies = self._ties.copies()
+        return (p for p in self.parameters() if id(p) not in copies)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's layers' state, keyed `"{layer index}.{name}"` (as `nn.Sequential(*layers)`)."""
+        return {f"{i}.{k}": v for i, layer in self.layers.items() for k, v in layer.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load this rank's layers from a state dict keyed `"{layer index}.{name}"` (more keys may be given:
+        the whole model's state dict loads on every rank)."""
+        for i, layer in self.layers.items():
+            prefix = f"{i}."
+            layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    # --- the optimizer ---------------------------------------------------------------------------------
+    @property
+    def _shards(self):
+        return self._averager if self.shard != "none" else None
+
+    def optimizer(self, make: Callable[[list[dict]], torch.optim.Optimizer],
+                  groups: Sequence[dict] | None = None) -> torch.optim.Optimizer:
+        """`make(groups)`, the optimizer of this rank's parameters (`groups`: torch parameter groups over
+        `parameters()`; default one group of all). With `shard="optimizer" | "gradients"` it is built over
+        this replica's pieces of them instead (1/dp of each stage's parameters, as views of their storage)
+        and each `step()` is followed by the all-gather of every replica's updates into the parameters."""
+        groups = list(groups) if groups is not None else [{"params": list(self.parameters())}]
+        shards = self._shards
+        if shards is None:
+            return make(groups)
+        optimizer = make(shards.param_groups(groups))
+        optimizer.register_step_post_hook(lambda *_: shards.gather())
+        return optimizer
+
+    def gradients(self) -> list[torch.Tensor]:
+        """The gradients the optimizer steps on (this replica's pieces' when sharded), e.g. to clip them."""
+        params = [piece.master for piece in self._shards.pieces()] if self._shards else self.parameters()
+        return [p.grad for p in params if p.grad is not None]
+
+    def gradient_sum_of_squares(self) -> float:
+        """This rank's part of the squared global gradient norm: summed over every rank of the job (e.g. with
+        `all_reduce`) it is the norm's square, each weight counted once (tied weights too)."""
+        total = torch.zeros((), dtype=torch.float64)
+        if self._shards:
+            copies = self._ties.copies()
+            grads = [pc.master.grad for pc in self._shards.pieces() if id(pc.param) not in copies]
+            replicas = 1  # each replica holds its own range
+        else:
+            grads = [p.grad for p in self.owned_parameters()]
+            replicas = self.dp_size  # every replica holds the same reduced gradients
+        for g in grads:
+            if g is not None:
+                total += g.detach().double().pow(2).sum().cpu()
+        return float(total) / replicas
+
+    def zero_grad(self) -> None:
+        """Drop this rank's gradients (the parameters' and, when sharded, their pieces')."""
+        for p in self.parameters():
+            p.grad = None
+        if self._shards:
+            for piece in self._shards.pieces():
+                piece.master.grad = None
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+        """`{id(parameter): state}` for this rank's parameters, as an unsharded optimizer holds it. Sharded:
+        collective over the replicas (every replica's pieces are gathered, on every replica)."""
+        shards = self._shards
+        if shards is None:
+            return {id(p): optimizer.state[p] for g in optimizer.param_groups for p in g["params"]
+                    if p in optimizer.state}
+        return _gather_states(shards, optimizer, self.dp_group, self.timeout)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, states: dict[int, dict[str, Any]]) -> None:
+        """Put `states` (`{id(parameter): state}`, as `optimizer_state` gives) into `optimizer`."""
+        shards = self._shards
+        by_id = {id(p): p for p in self.parameters()}
+        if shards is None:
+            for key, state in states.items():
+                optimizer.state[by_id[key]] = state
+            return
+        for piece in shards.pieces():
+            state = states.get(id(piece.param))
+            if state is not None:
+                n = piece.param.numel()
+                optimizer.state[piece.master] = {
+                    k: v.reshape(-1)[piece.start:piece.stop].clone() if _shaped_like(v, n) else v
+                    for k, v in state.items()}
+
+
+def _shaped_like(value: Any, numel: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == numel
+
+
+def _gather_states(shards, optimizer: torch.optim.Optimizer, group, timeout: float) -> dict[int, dict[str, Any]]:
+    """Every parameter's optimizer state from the replicas' pieces: tensors shaped like a piece are
+    all-gathered per bucket into the parameter's shape; other values (a step count) come from any replica
+    holding a piece of it (one all_gather_object)."""
+    size, out = dist.get_world_size(group), {}
+    scalars = {}
+    for key, bucket in shards.buckets.items():
+        index = {id(p): i for i, p in enumerate(bucket.params)}
+        for piece in bucket.pieces:
+            state = optimizer.state.get(piece.master)
+            if state:  # (a parameter without state, e.g. never given a gradient, stays without)
+                scalars[(key, index[id(piece.param)])] = {
+                    k: v for k, v in state.items() if not _shaped_like(v, piece.stop - piece.start)}
+    everyone: list = [None] * size
+    dist.all_gather_object(everyone, (scalars, sorted({k for s in _tensor_names(shards, optimizer) for k in s})),
+                           group=group)
+    names = sorted({name for _, tensor_names in everyone for name in tensor_names})
+    merged = {}
+    for theirs, _ in everyone:
+        for where, values in theirs.items():
+            merged.setdefault(where, {}).update(values)
+    for key, bucket in shards.buckets.items():
+        p0 = bucket.params[0]
+        full = {}
+        for name in names:
+            mine = torch.zeros(bucket.shard, dtype=p0.dtype, device=p0.device)
+            for piece in bucket.pieces:
+                value = optimizer.state.get(piece.master, {}).get(name)
+                if value is not None:
+                    mine[piece.offset:piece.offset + piece.stop - piece.start].copy_(value)
+            flat = torch.empty(bucket.shard * size, dtype=p0.dtype, device=p0.device)
+            wait_replicas(_all_gather(flat, mine, group=group, async_op=True), timeout,
+                          f"the all-gather of stage {key}'s optimizer state")
+            full[name] = flat
+        at = 0
+        for index, p in enumerate(bucket.params):
+            if (key, index) in merged:
+                out[id(p)] = {**merged[key, index],
+                              **{name: full[name][at:at + p.numel()].view_as(p).clone() for name in names}}
+            at += p.numel()
+    return out
+
+
+def _tensor_names(shards, optimizer: torch.optim.Optimizer) -> list[set[str]]:
+    """The names of this replica's piece-shaped state tensors (e.g. exp_avg, exp_avg_sq), per piece."""
+    return [{k for k, v in optimizer.state.get(pc.master, {}).items() if _shaped_like(v, pc.stop - pc.start)}
+            for pc in shards.pieces()]

@@ -1,0 +1,182 @@
+"""Sharded data parallelism (ZeRO-1 and ZeRO-2): each replica's optimizer owns 1/dp of every gradient bucket.
+
+A bucket (one stage's parameters) moves into one flat buffer, the parameters becoming views of it, and is
+cut into dp equal ranges; replica r owns range r. Its optimizer steps only on "pieces": views of that range
+of the buffer, so an update lands in the parameters in place, and the other replicas' ranges arrive by one
+in-place all-gather into the buffer after the step (an optimizer step post-hook): no copy either way.
+Optimizer state is then 1/dp per rank.
+
+    shard="optimizer" (ZeRO-1): the gradients are all-reduced into `.grad` as without sharding; the pieces'
+        gradients are views of the reduced buffer.
+    shard="gradients" (ZeRO-2): each bucket is reduce-scattered as soon as its stage's last B or W is done
+        and the full gradients are freed then: only this replica's range is kept.
+
+Written by hand, not with FSDP2's `fully_shard`: fully_shard reduces a module's gradients from autograd
+hooks when its backward ends and keeps parameters sharded between uses (ZeRO-3). A pipeline stage's weight
+gradients are complete only after its last B or W of the step (split-backward W runs outside those hooks;
+torch.distributed.pipelining calls FSDP's private post_backward to cope), and ZeRO-1/2 keep parameters
+whole. Megatron-LM's distributed optimizer shards by hand over contiguous buffers the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .comm import wait_replicas
+
+SHARD_MODES = ("none", "optimizer", "gradients")
+# torch 2.13 renamed the tensor forms of these collectives (the old names warn); older torch has only those
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class Piece:
+    """This replica's part of one parameter: elements [start, stop) of its flattened storage, as a Parameter
+    that shares that storage (`master`), the optimizer's view of it."""
+
+    param: nn.Parameter
+    start: int
+    stop: int
+    offset: int  # where the part starts in this replica's range of the bucket
+    master: nn.Parameter
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]  # views of `buffer`, end to end
+    size: int  # elements of all params
+    shard: int  # elements per replica (size padded up to a multiple of dp, divided by dp)
+    pieces: list[Piece]
+    buffer: torch.Tensor | None  # shard * dp elements
+
+
+class ShardedGradients:
+    """The replicas' gradient reduction (the interface of `GradientAverager`: start / finish / abandon) plus
+    the pieces an optimizer steps on and the all-gather that follows its step."""
+
+    def __init__(self, group: dist.ProcessGroup, buckets: dict[int, list[nn.Parameter]], timeout: float,
+                 mode: str) -> None:
+        if mode not in SHARD_MODES[1:]:
+            raise ValueError(f"shard={mode!r}: choose one of {SHARD_MODES}")
+        self.group, self.mode, self.timeout = group, mode, timeout
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.buckets = {key: self._layout(params) for key, params in buckets.items()}
+        self.buckets = {key: b for key, b in self.buckets.items() if b.params}
+        self._pending: list[tuple[int, object, torch.Tensor]] = []
+
+    def _layout(self, params: list[nn.Parameter]) -> _Bucket:
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            return _Bucket([], 0, 0, [], None)
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) > 1:
+            raise ValueError(f"shard={self.mode!r} keeps each stage's parameters in one buffer, but a stage holds "
+                             f"parameters of {sorted(map(str, kinds))}: give a stage's parameters one dtype and "
+                             "device, or shard='none'")
+        size = sum(p.numel() for p in params)
+        shard = math.ceil(size / self.size)
+        buffer = torch.zeros(shard * self.size, dtype=params[0].dtype, device=params[0].device)
+        lo, hi = self.rank * shard, (self.rank + 1) * shard
+        pieces, at = [], 0
+        for p in params:
+            view = buffer[at:at + p.numel()]
+            view.copy_(p.detach().reshape(-1))
+            p.data = view.view_as(p)  # (the same Parameter, now stored in the bucket's buffer)
+            start, stop = max(lo, at), min(hi, at + p.numel())
+            if start < stop:
+                pieces.append(Piece(p, start - at, stop - at, start - lo, nn.Parameter(buffer[start:stop])))
+            at += p.numel()
+        return _Bucket(params, size, shard, pieces, buffer)
+
+    # --- gradients ---------------------------------------------------------------------------------------
+    def start(self, key: int) -> None:
+        """Begin reducing bucket `key` over the replicas (asynchronous). A missing gradient counts as zeros."""
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            return
+        flat = torch.zeros(bucket.shard * self.size, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
+        at = 0
+        for p in bucket.params:
+            if p.grad is not None:
+                flat[at:at + p.numel()].copy_(p.grad.reshape(-1))
+            at += p.numel()
+        if self.mode == "optimizer":
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            self._pending.append((key, work, flat))
+            return
+        mine = torch.empty(bucket.shard, dtype=flat.dtype, device=flat.device)
+        work = _reduce_scatter(mine, flat, group=self.group, async_op=True)
+        self._pending.append((key, work, (mine, flat)))  # (flat lives until the collective is done)
+        for p in bucket.params:
+            p.grad = None  # ZeRO-2: the full gradient is gone once its stage's reduction is under way
+
+    def finish(self, scale: float) -> None:
+        """Wait for every started bucket; write its reduced gradients times `scale` into `.grad` as unsharded
+        data parallelism does (shard="optimizer"), or add this replica's range of them to the pieces'
+        gradients (shard="gradients")."""
+        how = "all-reduce" if self.mode == "optimizer" else "reduce-scatter"
+        pending, self._pending = self._pending, []
+        for key, work, buffer in pending:
+            wait_replicas(work, self.timeout, f"the data-parallel gradient {how} of stage {key}")
+            bucket = self.buckets[key]
+            if self.mode == "optimizer":
+                flat = buffer.mul_(scale)
+                at = 0
+                for p in bucket.params:
+                    reduced = flat[at:at + p.numel()].view_as(p)
+                    if p.grad is None:
+                        p.grad = reduced.clone()
+                    else:
+                        p.grad.copy_(reduced)
+                    at += p.numel()
+                continue  # (the pieces' gradients are views of .grad: `settle`)
+            mine = buffer[0].mul_(scale)
+            for piece in bucket.pieces:
+                grad = mine[piece.offset:piece.offset + piece.stop - piece.start]
+                if piece.master.grad is None:
+                    piece.master.grad = grad  # (a view: the reduced range is kept, nothing more)
+                else:
+                    piece.master.grad.add_(grad)
+
+    def settle(self) -> None:
+        """After a synced step's gradients are final (`.grad` restored after its window): for
+        shard="optimizer", point the pieces' gradients at their ranges of `.grad` (views, no copy)."""
+        if self.mode != "optimizer":
+            return
+        for piece in self.pieces():
+            p = piece.param
+            if p.grad is not None and not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            piece.master.grad = None if p.grad is None else p.grad.view(-1)[piece.start:piece.stop]
+
+    def abandon(self) -> None:
+        """After a failed step: forget started reductions (the step's gradients are not used)."""
+        self._pending.clear()
+
+    # --- the optimizer's side ----------------------------------------------------------------------------
+    def pieces(self) -> list[Piece]:
+        return [piece for bucket in self.buckets.values() for piece in bucket.pieces]
+
+    def param_groups(self, groups: Sequence[dict]) -> list[dict]:
+        """`groups` (torch optimizer parameter groups over the parameters) over this replica's pieces."""
+        piece_of: dict[int, list[nn.Parameter]] = {}
+        for piece in self.pieces():
+            piece_of.setdefault(id(piece.param), []).append(piece.master)
+        return [{**g, "params": [m for p in g["params"] for m in piece_of.get(id(p), [])]} for g in groups]
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        """After this replica's optimizer step on its pieces: every replica's updated ranges into the
+        parameters (one all-gather per bucket)."""
+        for key, bucket in self.buckets.items():
+            mine = bucket.buffer[self.rank * bucket.shard:(self.rank + 1) * bucket.shard]
+            wait_replicas(_all_gather(bucket.buffer, mine, group=self.group, async_op=True), self.timeout,
+                          f"the all-gather of stage {key}'s updated parameters")
