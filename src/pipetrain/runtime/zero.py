@@ -6,8 +6,8 @@ of the buffer, so an update lands in the parameters in place, and the other repl
 in-place all-gather into the buffer after the step (an optimizer step post-hook): no copy either way.
 Optimizer state is then 1/dp per rank.
 
-    shard="optimizer" (ZeRO-1): the gradients are all-reduced into `.grad` as without sharding; the pieces'
-        gradients are views of the reduced buffer.
+    shard="optimizer" (ZeRO-1): each stage's gradients move into one buffer, all-reduced, which then is
+        `.grad` (views) as without sharding; the pieces' gradients are views of it.
     shard="gradients" (ZeRO-2): each bucket is reduce-scattered as soon as its stage's last B or W is done
         and the full gradients are freed then: only this replica's range is kept.
 
@@ -102,21 +102,27 @@ class ShardedGradients:
         bucket = self.buckets.get(key)
         if bucket is None:
             return
-        flat = torch.zeros(bucket.shard * self.size, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
+        # each gradient moves into the send buffer and is freed at once: the full gradients are held once
+        # (the buffer's pages are touched as they fill, so the process never holds both)
+        flat = torch.empty(bucket.shard * self.size, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
+        flat[bucket.size:].zero_()
         at = 0
         for p in bucket.params:
-            if p.grad is not None:
-                flat[at:at + p.numel()].copy_(p.grad.reshape(-1))
+            region = flat[at:at + p.numel()]
+            if p.grad is None:
+                region.zero_()
+            else:
+                region.copy_(p.grad.reshape(-1))
+                p.grad = None
             at += p.numel()
         if self.mode == "optimizer":
             work = dist.all_reduce(flat, group=self.group, async_op=True)
-            self._pending.append((key, work, flat))
-            return
-        mine = torch.empty(bucket.shard, dtype=flat.dtype, device=flat.device)
-        work = _reduce_scatter(mine, flat, group=self.group, async_op=True)
-        self._pending.append((key, work, (mine, flat)))  # (flat lives until the collective is done)
-        for p in bucket.params:
-            p.grad = None  # ZeRO-2: the full gradient is gone once its stage's reduction is under way
+        else:  # in place: this replica's range of `flat` receives its sum
+            work = _reduce_scatter(self._mine(bucket, flat), flat, group=self.group, async_op=True)
+        self._pending.append((key, work, flat))
+
+    def _mine(self, bucket: _Bucket, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.rank * bucket.shard:(self.rank + 1) * bucket.shard]
 
     def finish(self, scale: float) -> None:
         """Wait for every started bucket; write its reduced gradients times `scale` into `.grad` as unsharded
@@ -131,14 +137,10 @@ class ShardedGradients:
                 flat = buffer.mul_(scale)
                 at = 0
                 for p in bucket.params:
-                    reduced = flat[at:at + p.numel()].view_as(p)
-                    if p.grad is None:
-                        p.grad = reduced.clone()
-                    else:
-                        p.grad.copy_(reduced)
+                    p.grad = flat[at:at + p.numel()].view_as(p)  # (views: the reduced buffer is the gradient)
                     at += p.numel()
                 continue  # (the pieces' gradients are views of .grad: `settle`)
-            mine = buffer[0].mul_(scale)
+            mine = self._mine(bucket, buffer).mul_(scale).clone()  # (only this range is kept, `buffer` goes)
             for piece in bucket.pieces:
                 grad = mine[piece.offset:piece.offset + piece.stop - piece.start]
                 if piece.master.grad is None:
