@@ -7,11 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-
-from ..runtime.comm import wait_replicas
-from ..runtime.zero import _all_gather
 
 
 class RankParameters:
@@ -110,73 +106,15 @@ class RankParameters:
         if shards is None:
             return {id(p): optimizer.state[p] for g in optimizer.param_groups for p in g["params"]
                     if p in optimizer.state}
-        return _gather_states(shards, optimizer, self.dp_group, self.timeout)
+        return shards.full_state(optimizer)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, states: dict[int, dict[str, Any]]) -> None:
         """Put `states` (`{id(parameter): state}`, as `optimizer_state` gives) into `optimizer`."""
         shards = self._shards
-        by_id = {id(p): p for p in self.parameters()}
         if shards is None:
+            by_id = {id(p): p for p in self.parameters()}
             for key, state in states.items():
                 optimizer.state[by_id[key]] = state
             return
-        for piece in shards.pieces():
-            state = states.get(id(piece.param))
-            if state is not None:
-                n = piece.param.numel()
-                optimizer.state[piece.master] = {
-                    k: v.reshape(-1)[piece.start:piece.stop].clone() if _shaped_like(v, n) else v
-                    for k, v in state.items()}
+        shards.load_state(optimizer, states)
 
-
-def _shaped_like(value: Any, numel: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == numel
-
-
-def _gather_states(shards, optimizer: torch.optim.Optimizer, group, timeout: float) -> dict[int, dict[str, Any]]:
-    """Every parameter's optimizer state from the replicas' pieces: tensors shaped like a piece are
-    all-gathered per bucket into the parameter's shape; other values (a step count) come from any replica
-    holding a piece of it (one all_gather_object)."""
-    size, out = dist.get_world_size(group), {}
-    scalars = {}
-    for key, bucket in shards.buckets.items():
-        index = {id(p): i for i, p in enumerate(bucket.params)}
-        for piece in bucket.pieces:
-            state = optimizer.state.get(piece.master)
-            if state:  # (a parameter without state, e.g. never given a gradient, stays without)
-                scalars[(key, index[id(piece.param)])] = {
-                    k: v for k, v in state.items() if not _shaped_like(v, piece.stop - piece.start)}
-    everyone: list = [None] * size
-    dist.all_gather_object(everyone, (scalars, sorted({k for s in _tensor_names(shards, optimizer) for k in s})),
-                           group=group)
-    names = sorted({name for _, tensor_names in everyone for name in tensor_names})
-    merged = {}
-    for theirs, _ in everyone:
-        for where, values in theirs.items():
-            merged.setdefault(where, {}).update(values)
-    for key, bucket in shards.buckets.items():
-        p0 = bucket.params[0]
-        full = {}
-        for name in names:
-            mine = torch.zeros(bucket.shard, dtype=p0.dtype, device=p0.device)
-            for piece in bucket.pieces:
-                value = optimizer.state.get(piece.master, {}).get(name)
-                if value is not None:
-                    mine[piece.offset:piece.offset + piece.stop - piece.start].copy_(value)
-            flat = torch.empty(bucket.shard * size, dtype=p0.dtype, device=p0.device)
-            wait_replicas(_all_gather(flat, mine, group=group, async_op=True), timeout,
-                          f"the all-gather of stage {key}'s optimizer state")
-            full[name] = flat
-        at = 0
-        for index, p in enumerate(bucket.params):
-            if (key, index) in merged:
-                out[id(p)] = {**merged[key, index],
-                              **{name: full[name][at:at + p.numel()].view_as(p).clone() for name in names}}
-            at += p.numel()
-    return out
-
-
-def _tensor_names(shards, optimizer: torch.optim.Optimizer) -> list[set[str]]:
-    """The names of this replica's piece-shaped state tensors (e.g. exp_avg, exp_avg_sq), per piece."""
-    return [{k for k, v in optimizer.state.get(pc.master, {}).items() if _shaped_like(v, pc.stop - pc.start)}
-            for pc in shards.pieces()]

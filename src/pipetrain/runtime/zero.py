@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -182,3 +183,66 @@ class ShardedGradients:
             mine = bucket.buffer[self.rank * bucket.shard:(self.rank + 1) * bucket.shard]
             wait_replicas(_all_gather(bucket.buffer, mine, group=self.group, async_op=True), self.timeout,
                           f"the all-gather of stage {key}'s updated parameters")
+
+    # --- the optimizer's state, as an unsharded optimizer holds it (checkpoints) --------------------------
+    def full_state(self, optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+        """{id(parameter): state} of every parameter of this rank's buckets, from every replica's pieces
+        (collective over the replicas): tensors shaped like a piece are all-gathered per bucket into the
+        parameter's shape; other values (a step count) come from a replica holding a piece of it."""
+        size, out, group = self.size, {}, self.group
+        scalars = {}
+        for key, bucket in self.buckets.items():
+            index = {id(p): i for i, p in enumerate(bucket.params)}
+            for piece in bucket.pieces:
+                state = optimizer.state.get(piece.master)
+                if state:  # (a parameter without state, e.g. never given a gradient, stays without)
+                    scalars[(key, index[id(piece.param)])] = {
+                        k: v for k, v in state.items() if not _shaped_like(v, piece.stop - piece.start)}
+        everyone: list = [None] * size
+        dist.all_gather_object(everyone, (scalars, sorted({k for s in _tensor_names(self, optimizer) for k in s})),
+                               group=group)
+        names = sorted({name for _, tensor_names in everyone for name in tensor_names})
+        merged = {}
+        for theirs, _ in everyone:
+            for where, values in theirs.items():
+                merged.setdefault(where, {}).update(values)
+        for key, bucket in self.buckets.items():
+            p0 = bucket.params[0]
+            full = {}
+            for name in names:
+                mine = torch.zeros(bucket.shard, dtype=p0.dtype, device=p0.device)
+                for piece in bucket.pieces:
+                    value = optimizer.state.get(piece.master, {}).get(name)
+                    if value is not None:
+                        mine[piece.offset:piece.offset + piece.stop - piece.start].copy_(value)
+                flat = torch.empty(bucket.shard * size, dtype=p0.dtype, device=p0.device)
+                wait_replicas(_all_gather(flat, mine, group=group, async_op=True), self.timeout,
+                              f"the all-gather of stage {key}'s optimizer state")
+                full[name] = flat
+            at = 0
+            for i, p in enumerate(bucket.params):
+                if (key, i) in merged:
+                    out[id(p)] = {**merged[key, i],
+                                  **{name: full[name][at:at + p.numel()].view_as(p).clone() for name in names}}
+                at += p.numel()
+        return out
+
+    def load_state(self, optimizer: torch.optim.Optimizer, states: dict[int, dict[str, Any]]) -> None:
+        """Cut `states` ({id(parameter): state}, as `full_state` gives) into this replica's pieces."""
+        for piece in self.pieces():
+            state = states.get(id(piece.param))
+            if state is not None:
+                n = piece.param.numel()
+                optimizer.state[piece.master] = {
+                    k: v.reshape(-1)[piece.start:piece.stop].clone() if _shaped_like(v, n) else v
+                    for k, v in state.items()}
+
+
+def _shaped_like(value: Any, numel: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == numel
+
+
+def _tensor_names(shards, optimizer: torch.optim.Optimizer) -> list[set[str]]:
+    """The names of this replica's piece-shaped state tensors (e.g. exp_avg, exp_avg_sq), per piece."""
+    return [{k for k, v in optimizer.state.get(pc.master, {}).items() if _shaped_like(v, pc.stop - pc.start)}
+            for pc in shards.pieces()]
