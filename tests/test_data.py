@@ -3,7 +3,6 @@ Offline: the tokenizer is a tiny BPE trained here on generated sentences (tests/
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,12 +84,16 @@ def test_a_crash_while_tokenizing_leaves_no_cache(folder, tmp_path, monkeypatch)
         pt.data.tokenize(file, model, cache_dir=tmp_path / "c")
     assert list((tmp_path / "c").iterdir()) == []  # no half cache, no temporary left
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    killed = tmp_path / "c" / f".tmp-0123-{socket.gethostname()}-{int(dead.stdout)}-1"  # a writer killed -9
+    place = pt.data.tokens.writer_place()
+    killed = tmp_path / "c" / f".tmp-0123-{place}-{int(dead.stdout)}-1"  # a writer killed -9
+    elsewhere = tmp_path / "c" / f".tmp-0123-other{place}-{int(dead.stdout)}-1"  # another host's: kept
+    elsewhere.mkdir(parents=True)
     (killed / "tokens.bin").parent.mkdir(parents=True)
     (killed / "tokens.bin").write_bytes(b"half")
     monkeypatch.undo()
     assert pt.data.tokenize(file, model, cache_dir=tmp_path / "c").documents == len(docs)
-    assert [p.name.startswith(".tmp") for p in (tmp_path / "c").iterdir()] == [False]  # the next writer removed it
+    left = sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".tmp"))
+    assert left == [elsewhere.name]  # the next writer removed its host's, not another's
 
 
 def test_a_long_txt_file_streams_in_pieces_and_tokenizes_as_a_whole(folder, tmp_path, monkeypatch):
@@ -110,6 +113,14 @@ def test_a_long_txt_file_streams_in_pieces_and_tokenizes_as_a_whole(folder, tmp_
     tokenizer = pt.data.load_tokenizer(model)
     expected = tokenizer(lines, add_special_tokens=False)["input_ids"] + [streamed.eos]
     assert streamed.ids.tolist() == expected  # cut where the tokenizer splits anyway: the same ids as whole
+    # paragraphs with blank lines only between them, and a tokenizer that has a "\n\n" token
+    newlines = model_folder(tmp_path / "newlines", [d + "\n\n" for d in docs])
+    paragraphs = "\n\n".join(docs[90:150]) + "\n\n\n" + docs[150]
+    (tmp_path / "paragraphs.txt").write_text(paragraphs)
+    streamed = pt.data.tokenize(tmp_path / "paragraphs.txt", newlines, cache_dir=tmp_path / "pieces")
+    tokenizer = pt.data.load_tokenizer(newlines)
+    assert tokenizer("\n\n", add_special_tokens=False)["input_ids"].__len__() == 1
+    assert streamed.ids.tolist() == tokenizer(paragraphs, add_special_tokens=False)["input_ids"] + [streamed.eos]
 
 
 def fake_tokens(ids: list[int], eos: int) -> Tokens:

@@ -136,6 +136,10 @@ def test_sharded_optimizer_and_gradients_equal_unsharded_and_checkpoints_reshard
         # half, but for the padding of each bucket to a multiple of dp (a few elements x 2 states)
         assert abs(zero1[rank]["state_bytes"] - ref[rank]["state_bytes"] / 2) <= 256, \
             (rank, zero1[rank]["state_bytes"], ref[rank]["state_bytes"])
+    # the checkpoint holds each layer's own weights and state (not the stage buffer its weights are views of)
+    numel = sum(t.numel() for r in ref.values() for t in r["params"].values()) // 2  # (replicas hold copies)
+    written = sum(f.stat().st_size for f in (tmp_path / "z1" / "step_00000003").glob("layer_*.pt"))
+    assert written < 1.05 * numel * 4 * 3 + 16384, (written, numel)  # weights, exp_avg, exp_avg_sq (+ pickling)
     zero2 = run_processes(4, trainer_state_bytes, {**settings, "shard": "gradients",
                                                    "resume": str(tmp_path / "z1" / "step_00000003")})
     assert zero2[0]["losses"] == pytest.approx(ref[0]["losses"][3:], rel=1e-5)
@@ -151,3 +155,10 @@ def test_a_shard_mode_needs_replicas_and_a_known_name(shard, error):
     with pytest.raises(ValueError, match=re.escape(error)):
         pt.Pipeline([nn.Linear(2, 2)], schedule=sched, loss_fn=nn.functional.mse_loss,
                     transport=pt.InProcessHub(1).transport(0), shard=shard)
+
+
+def test_a_sharded_step_without_the_pipelines_optimizer_says_how_to_build_it():
+    from workers import sharded_without_its_optimizer
+
+    for error in run_processes(2, sharded_without_its_optimizer, timeout=60).values():
+        assert "build the optimizer with pipe.optimizer(make)" in error, error

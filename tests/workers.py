@@ -480,3 +480,18 @@ def trainer_resume_errors(rank: int, world: int, settings: dict, variants: list[
         except Exception as err:  # noqa: BLE001 - the test reads it
             out.append((type(err).__name__, str(err), time.perf_counter() - start))
     return out
+
+
+def sharded_without_its_optimizer(rank: int, world: int) -> str:
+    """dp 2 x pp 1, shard="gradients": a step without `pipe.optimizer(...)` built; the error's text."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "pp"))
+    pipe = pt.Pipeline([nn.Linear(4, 4)], schedule=pt.schedules.build("gpipe", num_ranks=1, num_microbatches=1),
+                       loss_fn=nn.functional.mse_loss, mesh=mesh, shard="gradients")
+    try:
+        pipe.step(torch.randn(2, 4), torch.randn(2, 4))
+    except RuntimeError as err:
+        return str(err)
+    return "no error"

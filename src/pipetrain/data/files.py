@@ -13,7 +13,9 @@ from typing import NamedTuple
 
 KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix -> datasets builder
 TEXT_PIECE = 1 << 20  # characters of a .txt file read (and tokenized) at once
-_LINE_BREAK = re.compile(r"\S\n(?=\S)")  # a break between two lines of text: cut after its newline
+# where tokenizers split anyway: after the newline between two lines of text, or between the last two
+# newlines before a line of text (a paragraph break: "\n\n" at a piece's end would be one token, not two)
+_LINE_BREAK = re.compile(r"\S\n(?=\S)|\n(?=\n\S)")
 
 
 class Piece(NamedTuple):
@@ -82,7 +84,7 @@ def _text_pieces(path: Path) -> Iterator[Piece]:
         with open(path, encoding="utf-8") as f:
             text = f.read(TEXT_PIECE)
             while more := f.read(TEXT_PIECE):
-                cut = _cut(text)
+                cut = _cut(text, more[0])
                 if cut > 0:
                     yield Piece(path, text[:cut], False)
                     text = text[cut:]
@@ -95,10 +97,11 @@ def _text_pieces(path: Path) -> Iterator[Piece]:
     yield Piece(path, text, True)
 
 
-def _cut(text: str) -> int:
-    """Where to end a piece of `text`: after its last newline between two lines of text, else after its
-    last newline, else before its last space; 0 if it has none."""
-    if breaks := list(_LINE_BREAK.finditer(text, max(0, len(text) - 65536))):
+def _cut(text: str, following: str) -> int:
+    """Where to end a piece of `text` (then `following`, the next character): after its last `_LINE_BREAK`
+    (in its last 64 KiB), else after its last newline, else before its last space; 0 if it has none."""
+    seen = text + following  # (a break at the very end of `text` depends on the character after it)
+    if breaks := [b for b in _LINE_BREAK.finditer(seen, max(0, len(text) - 65536)) if b.end() <= len(text)]:
         return breaks[-1].end()
     if (newline := text.rfind("\n")) > 0:
         return newline + 1

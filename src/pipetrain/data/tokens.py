@@ -4,10 +4,10 @@ numpy file keyed by the files (paths, sizes, mtimes), the tokenizer and the sett
     CACHE/<key>/tokens.bin    the ids, uint16 (vocabularies up to 65,536) or uint32, back to back
     CACHE/<key>/meta.json     {"tokens", "documents", "dtype", "eos", "vocab_size", "files"}
 
-A cache is written into CACHE/.tmp-<key>-<host>-<pid>-<thread> and renamed into place when complete, so a
-crash never leaves half of one (the next writer on that host removes what a killed one left). Under
-torch.distributed, each node's local rank 0 tokenizes while the others wait, and every rank learns of an
-error any of them met (the same line on every rank, no hang).
+A cache is written into CACHE/.tmp-<key>-<host>.<pid namespace>-<pid>-<thread> and renamed into place
+when complete, so a crash never leaves half of one (the next writer in that host's PID namespace removes
+what a killed one left). Under torch.distributed, each node's local rank 0 tokenizes while the others
+wait, and every rank learns of an error any of them met (the same line on every rank, no hang).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def _write(files: list[Path], tokenizer_dir, text_field: str, root: Path, final:
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(root)
-    tmp = root / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+    tmp = root / f".tmp-{final.name}-{writer_place()}-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     total, documents = 0, 0
@@ -181,12 +181,23 @@ def _write(files: list[Path], tokenizer_dir, text_field: str, root: Path, final:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def writer_place() -> str:
+    """Where a writer's process ids mean something: the host and its PID namespace (containers sharing a
+    hostname have namespaces of their own)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}.{namespace}"
+
+
 def _remove_abandoned(root: Path) -> None:
-    """Remove the temporary folders of writers on this host that died (killed while tokenizing)."""
-    host = socket.gethostname()
-    for tmp in root.glob(f".tmp-*-{host}-*-*"):
-        pid = tmp.name.rsplit("-", 2)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+    """Remove the temporary folders of writers in this host's PID namespace that died (killed while
+    tokenizing)."""
+    place = writer_place()
+    for tmp in root.glob(".tmp-*"):
+        head, pid, _thread = tmp.name.rsplit("-", 2) if tmp.name.count("-") >= 3 else ("", "", "")
+        if head.endswith(f"-{place}") and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

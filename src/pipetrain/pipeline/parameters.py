@@ -60,14 +60,23 @@ class RankParameters:
                   groups: Sequence[dict] | None = None) -> torch.optim.Optimizer:
         """`make(groups)`, the optimizer of this rank's parameters (`groups`: torch parameter groups over
         `parameters()`; default one group of all). With `shard="optimizer" | "gradients"` it is built over
-        this replica's pieces of them instead (1/dp of each stage's parameters, as views of their storage)
-        and each `step()` is followed by the all-gather of every replica's updates into the parameters."""
+        this replica's pieces of them instead (1/dp of each stage's parameters, as views of their storage),
+        each `step()` is followed by the all-gather of every replica's updates into the parameters, and
+        `zero_grad()` also drops the parameters' own gradients."""
         groups = list(groups) if groups is not None else [{"params": list(self.parameters())}]
         shards = self._shards
         if shards is None:
             return make(groups)
         optimizer = make(shards.param_groups(groups))
         optimizer.register_step_post_hook(lambda *_: shards.gather())
+        pieces_only = optimizer.zero_grad
+
+        def zero_grad(set_to_none: bool = True) -> None:  # the parameters' gradients too (.grad of ZeRO-1)
+            pieces_only(set_to_none)
+            self.zero_grad()
+
+        optimizer.zero_grad = zero_grad
+        shards.has_optimizer = True
         return optimizer
 
     def gradients(self) -> list[torch.Tensor]:

@@ -72,6 +72,7 @@ class ShardedGradients:
         self.buckets = {key: self._layout(params) for key, params in buckets.items()}
         self.buckets = {key: b for key, b in self.buckets.items() if b.params}
         self._pending: list[tuple[int, object, torch.Tensor]] = []
+        self.has_optimizer = False  # set by `Pipeline.optimizer`: the pieces' optimizer exists
 
     def _layout(self, params: list[nn.Parameter]) -> _Bucket:
         params = [p for p in params if p.requires_grad]
@@ -131,6 +132,10 @@ class ShardedGradients:
         gradients (shard="gradients")."""
         how = "all-reduce" if self.mode == "optimizer" else "reduce-scatter"
         pending, self._pending = self._pending, []
+        if pending and not self.has_optimizer:  # (an optimizer of the parameters would never see a gradient)
+            raise RuntimeError(f"shard={self.mode!r}: build the optimizer with pipe.optimizer(make), which steps "
+                               "on this replica's shard of the parameters and gathers the others' after each step; "
+                               "an optimizer over pipe.parameters() would not train them")
         for key, work, buffer in pending:
             wait_replicas(work, self.timeout, f"the data-parallel gradient {how} of stage {key}")
             bucket = self.buckets[key]
@@ -187,8 +192,9 @@ class ShardedGradients:
     # --- the optimizer's state, as an unsharded optimizer holds it (checkpoints) --------------------------
     def full_state(self, optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
         """{id(parameter): state} of every parameter of this rank's buckets, from every replica's pieces
-        (collective over the replicas): tensors shaped like a piece are all-gathered per bucket into the
-        parameter's shape; other values (a step count) come from a replica holding a piece of it."""
+        (collective over the replicas; the result on replica 0 only, on the CPU, as a checkpoint needs it):
+        tensors shaped like a piece are all-gathered per bucket into the parameter's shape, in their own
+        dtype; other values (a step count) come from a replica holding a piece of it."""
         size, out, group = self.size, {}, self.group
         scalars = {}
         for key, bucket in self.buckets.items():
@@ -199,9 +205,9 @@ class ShardedGradients:
                     scalars[(key, index[id(piece.param)])] = {
                         k: v for k, v in state.items() if not _shaped_like(v, piece.stop - piece.start)}
         everyone: list = [None] * size
-        dist.all_gather_object(everyone, (scalars, sorted({k for s in _tensor_names(self, optimizer) for k in s})),
-                               group=group)
-        names = sorted({name for _, tensor_names in everyone for name in tensor_names})
+        dist.all_gather_object(everyone, (scalars, _tensor_dtypes(self, optimizer)), group=group)
+        dtypes = {name: dtype for _, theirs in everyone for name, dtype in theirs.items()}
+        names = sorted(dtypes)
         merged = {}
         for theirs, _ in everyone:
             for where, values in theirs.items():
@@ -210,20 +216,24 @@ class ShardedGradients:
             p0 = bucket.params[0]
             full = {}
             for name in names:
-                mine = torch.zeros(bucket.shard, dtype=p0.dtype, device=p0.device)
+                mine = torch.zeros(bucket.shard, dtype=getattr(torch, dtypes[name]), device=p0.device)
                 for piece in bucket.pieces:
                     value = optimizer.state.get(piece.master, {}).get(name)
                     if value is not None:
                         mine[piece.offset:piece.offset + piece.stop - piece.start].copy_(value)
-                flat = torch.empty(bucket.shard * size, dtype=p0.dtype, device=p0.device)
+                flat = torch.empty(bucket.shard * size, dtype=mine.dtype, device=p0.device)
                 wait_replicas(_all_gather(flat, mine, group=group, async_op=True), self.timeout,
                               f"the all-gather of stage {key}'s optimizer state")
-                full[name] = flat
+                if self.rank == 0:  # (the other replicas drop it at once: no full state lingers there)
+                    full[name] = flat.cpu()
+            if self.rank != 0:
+                continue
             at = 0
             for i, p in enumerate(bucket.params):
                 if (key, i) in merged:
                     out[id(p)] = {**merged[key, i],
                                   **{name: full[name][at:at + p.numel()].view_as(p).clone() for name in names}}
+                    # (the checkpoint reader moves per-element state back to the parameter's device)
                 at += p.numel()
         return out
 
@@ -232,17 +242,25 @@ class ShardedGradients:
         for piece in self.pieces():
             state = states.get(id(piece.param))
             if state is not None:
-                n = piece.param.numel()
                 optimizer.state[piece.master] = {
-                    k: v.reshape(-1)[piece.start:piece.stop].clone() if _shaped_like(v, n) else v
+                    k: v.reshape(-1)[piece.start:piece.stop].clone() if _like_param(k, v, piece.param) else v
                     for k, v in state.items()}
 
 
 def _shaped_like(value: Any, numel: int) -> bool:
+    """Whether a piece's state value is per element (exp_avg) rather than one value (a step count)."""
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == numel
 
 
-def _tensor_names(shards, optimizer: torch.optim.Optimizer) -> list[set[str]]:
-    """The names of this replica's piece-shaped state tensors (e.g. exp_avg, exp_avg_sq), per piece."""
-    return [{k for k, v in optimizer.state.get(pc.master, {}).items() if _shaped_like(v, pc.stop - pc.start)}
-            for pc in shards.pieces()]
+def _like_param(name: str, value: Any, param: nn.Parameter) -> bool:
+    """Whether a parameter's full state value is per element: shaped like it (for a 0-dim parameter, any
+    0-dim value but torch optimizers' "step" count)."""
+    if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+        return False
+    return param.dim() > 0 or name != "step"
+
+
+def _tensor_dtypes(shards: ShardedGradients, optimizer: torch.optim.Optimizer) -> dict[str, str]:
+    """The names and dtypes of this replica's per-element state tensors (e.g. exp_avg: float32)."""
+    return {k: str(v.dtype).removeprefix("torch.") for pc in shards.pieces()
+            for k, v in optimizer.state.get(pc.master, {}).items() if _shaped_like(v, pc.stop - pc.start)}

@@ -78,9 +78,16 @@ def write_shards(tmp: Path, rank: int, layers: dict[int, nn.Module], state_of: d
     tmp.mkdir(parents=True, exist_ok=True)
     for index, layer in layers.items():
         opt = {name: state_of[id(p)] for name, p in layer.named_parameters() if id(p) in state_of}
-        _atomic_save({"model": layer.state_dict(), "optimizer": opt}, tmp / f"layer_{index:04d}.pt")
+        _atomic_save({"model": _own_storage(layer.state_dict()), "optimizer": opt}, tmp / f"layer_{index:04d}.pt")
     _atomic_save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
     _sync_dir(tmp)
+
+
+def _own_storage(state: dict) -> dict:
+    """`state` with every tensor that is a view of a larger storage copied out: torch.save writes a view's
+    whole storage (with shard= each stage's parameters are views of one buffer)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() > v.nbytes else v
+            for k, v in state.items()}
 
 
 def discard(tmp: Path) -> None:

@@ -169,7 +169,6 @@ class Trainer:
                 self.optimizer.step()
             self.scheduler.step()  # the LR schedule follows the step count, skipped or not
             self.optimizer.zero_grad(set_to_none=True)
-            self.pipe.zero_grad()  # (sharded: the parameters' own gradients too)
         if not finite:
             self.skipped_steps += 1
             self._say(f"step {self.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite: update "
