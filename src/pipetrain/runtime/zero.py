@@ -48,6 +48,10 @@ class Piece:
     offset: int  # where the part starts in this replica's range of the bucket
     master: nn.Parameter
 
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
 
 @dataclass
 class _Bucket:
@@ -148,7 +152,7 @@ class ShardedGradients:
                 continue  # (the pieces' gradients are views of .grad: `settle`)
             mine = self._mine(bucket, buffer).mul_(scale).clone()  # (only this range is kept, `buffer` goes)
             for piece in bucket.pieces:
-                grad = mine[piece.offset:piece.offset + piece.stop - piece.start]
+                grad = mine[piece.offset:piece.offset + piece.length]
                 if piece.master.grad is None:
                     piece.master.grad = grad  # (a view: the reduced range is kept, nothing more)
                 else:
@@ -203,7 +207,7 @@ class ShardedGradients:
                 state = optimizer.state.get(piece.master)
                 if state:  # (a parameter without state, e.g. never given a gradient, stays without)
                     scalars[(key, index[id(piece.param)])] = {
-                        k: v for k, v in state.items() if not _shaped_like(v, piece.stop - piece.start)}
+                        k: v for k, v in state.items() if not _shaped_like(v, piece.length)}
         everyone: list = [None] * size
         dist.all_gather_object(everyone, (scalars, _tensor_dtypes(self, optimizer)), group=group)
         dtypes = {name: dtype for _, theirs in everyone for name, dtype in theirs.items()}
@@ -220,7 +224,7 @@ class ShardedGradients:
                 for piece in bucket.pieces:
                     value = optimizer.state.get(piece.master, {}).get(name)
                     if value is not None:
-                        mine[piece.offset:piece.offset + piece.stop - piece.start].copy_(value)
+                        mine[piece.offset:piece.offset + piece.length].copy_(value)
                 flat = torch.empty(bucket.shard * size, dtype=mine.dtype, device=p0.device)
                 wait_replicas(_all_gather(flat, mine, group=group, async_op=True), self.timeout,
                               f"the all-gather of stage {key}'s optimizer state")
@@ -263,4 +267,4 @@ def _like_param(name: str, value: Any, param: nn.Parameter) -> bool:
 def _tensor_dtypes(shards: ShardedGradients, optimizer: torch.optim.Optimizer) -> dict[str, str]:
     """The names and dtypes of this replica's per-element state tensors (e.g. exp_avg: float32)."""
     return {k: str(v.dtype).removeprefix("torch.") for pc in shards.pieces()
-            for k, v in optimizer.state.get(pc.master, {}).items() if _shaped_like(v, pc.stop - pc.start)}
+            for k, v in optimizer.state.get(pc.master, {}).items() if _shaped_like(v, pc.length)}
