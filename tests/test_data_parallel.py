@@ -31,6 +31,10 @@ def test_dp2_pp2_gradients_equal_single_process_on_the_global_batch(schedule, ti
     assert {r["dp_rank"] for r in results.values()} == {0, 1}
     # tied gradients cross between the pipeline's ranks once per accumulation window, not once per step
     assert all(r["tie_syncs"] == 1 for r in results.values())
+    # each stage's reduction was launched by its REDUCE action (in the order its last B/W came) and waited for
+    # at the step's end, both in the step's timeline
+    for r in results.values():
+        assert sorted(r["launched"]) == sorted(r["waited"]) == [f"{s}REDUCE" for s in r["stages"]]
     # replicas hold identical gradients
     by_name = {}
     for r in results.values():

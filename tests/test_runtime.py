@@ -161,21 +161,36 @@ def test_errors_name_global_ranks_when_the_pipeline_is_a_subgroup():
     assert rank_name(pt.InProcessHub(2).transport(0), 1) == "rank 1"
 
 
-def test_a_stage_is_reported_done_as_soon_as_its_weight_gradients_are_complete():
+def test_a_stages_reduce_launches_as_soon_as_its_weight_gradients_are_complete():
     # interleaved: rank 0 holds stages 0 and 2; stage 2 finishes its backward well before stage 0, and the
-    # data-parallel all-reduce of its gradients can start then, overlapping stage 0's tail
+    # data-parallel reduction of its gradients is launched then (its REDUCE action), overlapping stage 0's tail
     world, m = 2, 4
     layers, loss_fn, x, y = make_model("mlp", m)
     hub = pt.InProcessHub(world)
     done: dict[int, list] = {0: [], 1: []}
+    launched = {}
+
+    class Launches:
+        def __init__(self, rank, executor):
+            self.rank, self.executor = rank, executor
+
+        def reduce(self, stage):
+            done[self.rank].append((stage, len(self.executor._step.events)))
+
+        def gather(self, stage):
+            raise AssertionError("no GATHER was placed")
+
+        def wait_gathered(self, stage):
+            return False
 
     def rank_main(rank: int) -> None:
         sched = pt.schedules.build("interleaved-1f1b", num_ranks=world, num_microbatches=m)
         pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=hub.transport(rank), timeout=30)
-        actions = pipe._train_actions
+        actions = pt.schedules.lower(pt.schedules.with_collectives(sched)).actions[rank]
         executor = pipe._executor
         step = executor.run(actions, inputs=list(x.tensor_split(m)), targets=list(y.tensor_split(m)), keys=[None] * m,
-                            grad=True, on_stage_done=lambda s: done[rank].append((s, len(executor._step.events))))
+                            grad=True, collectives=Launches(rank, executor))
+        launched[rank] = [str(e.action) for e in step.comms if e.action.op.is_collective]
         done[rank].append(("total", len(step.events)))
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
@@ -184,8 +199,9 @@ def test_a_stage_is_reported_done_as_soon_as_its_weight_gradients_are_complete()
     for t in threads:
         t.join(60)
     (s2, at2), (s0, at0), (_, total) = done[0]
-    assert (s2, s0) == (2, 0) and at2 < at0 == total  # stage 2 reported with actions still to run
+    assert (s2, s0) == (2, 0) and at2 < at0 == total  # stage 2 launched with actions still to run
     assert [s for s, _ in done[1][:-1]] == [3, 1]
+    assert launched == {0: ["2REDUCE", "0REDUCE"], 1: ["3REDUCE", "1REDUCE"]}  # (in the step's timeline too)
 
 
 def test_split_backward_names_the_torch_it_needs(monkeypatch):

@@ -302,7 +302,9 @@ def data_parallel_scenario(rank: int, world: int, dp: int, schedule: str, tie: b
     got = {names[id(p)]: p.grad for p in pipe.parameters()}
     return {"got": got, "expected": {n: expected[n] for n in got}, "losses": losses,
             "reference_losses": [gpt_loss(model(x), y).item() for x, y in batches], "dp_rank": pipe.dp_rank,
-            "all_names": sorted(expected), "tie_syncs": len(tie_syncs)}
+            "all_names": sorted(expected), "tie_syncs": len(tie_syncs), "stages": sorted(pipe.stages),
+            "launched": [str(e.action) for e in pipe.last_step.comms if e.action.op.is_collective],
+            "waited": [str(e.action) for e in pipe.last_step.waits if e.action.op.is_collective]}
 
 
 def trainer_nonfinite(rank: int, world: int, settings: dict, poison_rank: int, poison_step: int) -> dict:

@@ -20,7 +20,11 @@ def _simulate(args: argparse.Namespace) -> int:
     except ValueError as err:
         _to_stderr(f"pipetrain simulate: {err}")
         return 2
-    result = simulate(sched, Costs(f=args.cost_f, b=args.cost_b, w=args.cost_w, comm=args.cost_comm))
+    collectives = args.cost_reduce > 0 or args.cost_gather > 0
+    if collectives:  # data parallel: each stage's collectives, placed as the runtime places them
+        sched = schedules.with_collectives(sched, reduce=args.cost_reduce > 0, gather=args.cost_gather > 0)
+    result = simulate(sched, Costs(f=args.cost_f, b=args.cost_b, w=args.cost_w, comm=args.cost_comm,
+                                   reduce=args.cost_reduce, gather=args.cost_gather))
     title = f"{args.schedule}: {sched.num_ranks} ranks, {sched.num_microbatches} microbatches"
     if args.png:
         from .viz import save
@@ -36,7 +40,9 @@ def _simulate(args: argparse.Namespace) -> int:
             "stages_per_rank": sched.stages_per_rank, "step_time": result.step_time,
             "bubble_fraction": result.bubble_fraction,
             "per_rank": [{"rank": s.rank, "busy_time": s.busy_time, "bubble_fraction": s.bubble_fraction,
-                          "peak_activations": s.peak_activations} for s in result.per_rank],
+                          "peak_activations": s.peak_activations,
+                          **({"exposed_collectives": s.exposed_collectives} if collectives else {})}
+                         for s in result.per_rank],
         }))
         return 0
     print(format_table(sched))
@@ -45,8 +51,9 @@ def _simulate(args: argparse.Namespace) -> int:
     print(format_timeline(result.timeline, unit=unit))
     print(f"\nstep time {result.step_time:g}, bubble fraction {result.bubble_fraction:.4f}")
     for s in result.per_rank:
+        exposed = f", exposed collectives {s.exposed_collectives:g}" if collectives else ""
         print(f"  rank {s.rank}: busy {s.busy_time:g}, bubble {s.bubble_fraction:.4f}, "
-              f"peak activations {s.peak_activations}")
+              f"peak activations {s.peak_activations}{exposed}")
     return 0
 
 
@@ -370,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--cost-b", type=_non_negative, default=1.0, help="input-gradient (I) time")
     sim.add_argument("--cost-w", type=_non_negative, default=1.0, help="weight-gradient (W) time; B = b + w")
     sim.add_argument("--cost-comm", type=_non_negative, default=0.0, help="one stage-to-stage transfer")
+    sim.add_argument("--cost-reduce", type=_non_negative, default=0.0,
+                     help="data parallel: one stage's gradient reduction (adds a REDUCE per stage after its last B/W)")
+    sim.add_argument("--cost-gather", type=_non_negative, default=0.0,
+                     help="shard=params: one stage's parameter all-gather (adds a GATHER per stage at the start)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.add_argument("--png", metavar="FILE", help="draw the timeline (.png or .svg; needs matplotlib)")
     sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (one cost unit = 1 ms)")

@@ -7,9 +7,11 @@ from pathlib import Path
 from .schedule.actions import Op
 from .schedule.timeline import Timeline
 
-COLORS = {Op.F: "#4C78A8", Op.B: "#E45756", Op.I: "#F58518", Op.W: "#54A24B", Op.P: "#72B7B2", Op.D: "#B279A2"}
+COLORS = {Op.F: "#4C78A8", Op.B: "#E45756", Op.I: "#F58518", Op.W: "#54A24B", Op.P: "#72B7B2", Op.D: "#B279A2",
+          Op.REDUCE: "#9D755D", Op.GATHER: "#BAB0AC"}
 LABELS = {Op.F: "F forward", Op.B: "B backward", Op.I: "I input grad", Op.W: "W weight grad",
-          Op.P: "P prefill pass", Op.D: "D decode pass"}
+          Op.P: "P prefill pass", Op.D: "D decode pass", Op.REDUCE: "REDUCE gradients (dp)",
+          Op.GATHER: "GATHER parameters (dp)"}
 
 
 def _pyplot():
@@ -36,6 +38,9 @@ def draw(timeline: Timeline, ax, *, title: str = "", unit: str = "", label_block
         y = timeline.num_ranks - 1 - e.rank
         if e.action.op.is_comm:  # posting a send or receive: a thin grey sliver on the rank's row
             ax.barh(y - 0.3, e.duration, left=e.start, height=0.2, color="#777777", linewidth=0)
+            continue
+        if e.action.op.is_collective:  # beside the compute: a thin band along the top of the rank's row
+            ax.barh(y + 0.45, e.duration, left=e.start, height=0.1, color=COLORS[e.action.op], linewidth=0)
             continue
         alpha = 1.0 if local[(e.rank, e.action.stage)] == 0 else 0.55
         ax.barh(y, e.duration, left=e.start, height=0.8, color=COLORS[e.action.op], alpha=alpha,
@@ -99,7 +104,7 @@ def _scaled(timeline: Timeline, factor: float) -> Timeline:
 def _legend(fig, timeline: Timeline) -> None:
     import matplotlib.patches as mpatches
 
-    ops = sorted({e.action.op for e in timeline.events if e.action.op.is_compute}, key=list(Op).index)
+    ops = sorted({e.action.op for e in timeline.events if not e.action.op.is_comm}, key=list(Op).index)
     handles = [mpatches.Patch(color=COLORS[op], label=LABELS[op]) for op in ops]
     if any(e.action.op.is_comm for e in timeline.events):
         handles.append(mpatches.Patch(color="#777777", label="posting send/recv"))

@@ -68,7 +68,7 @@ class RankParameters:
         if shards is None:
             return make(groups)
         optimizer = make(shards.param_groups(groups))
-        optimizer.register_step_post_hook(lambda *_: shards.gather())
+        optimizer.register_step_post_hook(lambda *_: shards.gather_updates())
         pieces_only = optimizer.zero_grad
 
         def zero_grad(set_to_none: bool = True) -> None:  # the parameters' gradients too (.grad of ZeRO-1)

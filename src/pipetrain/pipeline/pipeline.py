@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from ..runtime.stage import LossWeights, Stage
 from ..runtime.ties import TiedWeights
 from ..runtime.values import flatten, shape_key, split_batch, to_device
 from ..runtime.window import Window
-from ..schedule import Schedule, Timeline, lower
+from ..schedule import Action, Event, Op, Schedule, Timeline, lower, with_collectives
 from ..schedule.lowering import PREFETCH, message_order
 from .auto_plan import PipelinePlan, plan_pipeline, schedule_to_run
 from .balance import Balance, resolve_balance
@@ -125,7 +126,8 @@ class Pipeline(RankParameters):
         check_same_weights(layers, self.transport, self.timeout)  # after every check one rank may fail alone
         self._ties.share_values(self.transport, self.timeout)
         # hand over to one executor
-        self._train_actions = lower(schedule, prefetch=prefetch).actions[self.rank]
+        train = with_collectives(schedule, reduce=self.dp_size > 1)
+        self._train_actions = lower(train, prefetch=prefetch).actions[self.rank]
         self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
                                   transport=self.transport, timeout=self.timeout)
@@ -180,18 +182,18 @@ class Pipeline(RankParameters):
         sync = self._averager is not None and sync_gradients
         try:
             result = self._executor.run(self._train_actions, inputs=xs, targets=ys, keys=keys, grad=True,
-                                        weights=weights, on_stage_done=self._averager.start if sync else None)
+                                        weights=weights, collectives=self._averager if sync else None)
             if sync_gradients:  # the window's tied gradients, then their replicas' (after the peer's part is in)
                 self._ties.sync(self.transport, self.timeout)
                 if sync:
-                    self._averager.start(TIED)
+                    self._averager.reduce(TIED)
             totals = self._finish(result)
             window.add(totals, num_tokens)
             if sync_gradients:
                 self._window = None
                 factor = window.close(self.dp_size)
                 if sync:
-                    self._averager.finish(factor)
+                    self._record_reduce_waits(self._averager.finish(factor))
                 elif factor != 1.0:
                     for p in window.params:
                         if p.grad is not None:
@@ -344,6 +346,15 @@ class Pipeline(RankParameters):
         self.last_step = dataclasses.replace(result, loss=loss, aux_loss=aux, token_mean=bool(totals[PAIR_LOSSES] > 0),
                                              tokens=float(totals[LOSS_COUNT]))
         return totals
+
+    def _record_reduce_waits(self, waited: list[tuple[int, float, float]]) -> None:
+        """Add the step's waits on its stages' gradient reductions to its measured timeline (the time they
+        stayed exposed), which then ends when the last one does."""
+        last, t0 = self.last_step, self.last_step.t0
+        waits = tuple(Event(self.rank, Action(key, Op.REDUCE, 0), start - t0, end - t0)
+                      for key, start, end in waited if key != TIED)
+        self.last_step = dataclasses.replace(last, waits=last.waits + waits,
+                                             step_time=max(last.step_time, time.perf_counter() - t0))
 
     def _shared_time_costs(self, layers: list[nn.Module], sample) -> list[float]:
         """Rank 0 measures (raise `timeout` for a large model); every rank partitions with its numbers so all

@@ -1,13 +1,15 @@
 """Data parallelism across pipeline replicas: average each stage's gradients over the dp group.
 
-Each stage's gradients go into one flat buffer summed with one asynchronous all-reduce, started by the
-executor as soon as the stage's last B or W finishes, so the reduction overlaps the rest of the pipeline's
-tail. `finish(scale)` waits (bounded) and copies the sums back times `scale`: 1/dp for a mean loss, 1/(the
-global token count) for a token-mean loss, whose normalization is known only once every replica has counted.
+Each stage's gradients go into one flat buffer summed with one asynchronous all-reduce, launched by the
+stage's REDUCE action (right after its last B or W, `schedule.collectives`), so the reduction overlaps the
+rest of the pipeline's tail. `finish(scale)` waits (bounded) and copies the sums back times `scale`: 1/dp for
+a mean loss, 1/(the global token count) for a token-mean loss, whose normalization is known only once every
+replica has counted.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +25,8 @@ TIED = -1  # the gradient bucket of weights tied across ranks
 
 
 class GradientAverager:
-    """Averages gradients of parameter buckets over `group` (the replicas of this pipeline position)."""
+    """Averages gradients of parameter buckets over `group` (the replicas of this pipeline position): the
+    executor's `Collectives` (REDUCE launches `reduce`; there is nothing to gather)."""
 
     def __init__(self, group: dist.ProcessGroup, buckets: dict[int, list[nn.Parameter]], timeout: float) -> None:
         self.group = group
@@ -32,7 +35,7 @@ class GradientAverager:
         self.timeout = timeout
         self._pending: list[tuple[int, object, torch.Tensor]] = []
 
-    def start(self, key: int) -> None:
+    def reduce(self, key: int) -> None:
         """Begin summing bucket `key` over the replicas (asynchronous). A missing gradient counts as zeros."""
         params = self.buckets.get(key)
         if not params:
@@ -44,17 +47,28 @@ class GradientAverager:
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._pending.append((key, work, flat))
 
-    def finish(self, scale: float) -> None:
-        """Wait for every started bucket and write its sum times `scale` into `.grad`."""
+    def gather(self, key: int) -> None:
+        """(Parameters are whole on every replica: nothing to gather.)"""
+
+    def wait_gathered(self, key: int) -> bool:
+        return False
+
+    def finish(self, scale: float) -> list[tuple[int, float, float]]:
+        """Wait for every started bucket and write its sum times `scale` into `.grad`. Returns each bucket's
+        wait (key, start, end) in `time.perf_counter()` seconds."""
         pending, self._pending = self._pending, []
+        waited = []
         for key, work, flat in pending:
+            start = time.perf_counter()
             wait_replicas(work, self.timeout, f"the data-parallel gradient all-reduce of stage {key}")
+            waited.append((key, start, time.perf_counter()))
             flat.mul_(scale)
             offset = 0
             for p in self.buckets[key]:
                 n = p.numel()
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
+        return waited
 
     def settle(self) -> None:
         """(Nothing to do once the gradients are final: they are in `.grad`.)"""

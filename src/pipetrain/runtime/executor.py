@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,7 +20,6 @@ from ..schedule.actions import (
     Value,
     consumer,
     describe,
-    finishes_weights,
     message_of,
     produces,
     received_input,
@@ -78,6 +77,19 @@ class Passes(Protocol):
     def finish(self, stage: int, group: int) -> None: ...
 
 
+class Collectives(Protocol):
+    """What a training schedule's REDUCE and GATHER actions launch (`data_parallel.GradientAverager`,
+    `zero.ShardedGradients`): asynchronous collectives over a stage's data-parallel replicas. The caller waits
+    for the reductions after the step; a stage's F waits for its gather (`wait_gathered` says whether one was
+    still running)."""
+
+    def reduce(self, stage: int) -> None: ...
+
+    def gather(self, stage: int) -> None: ...
+
+    def wait_gathered(self, stage: int) -> bool: ...
+
+
 @dataclass
 class _Incoming:
     """A value's receive, posted ahead of the compute action that needs it (or, the first time its shapes
@@ -100,8 +112,7 @@ class _StepState:
     keys: Sequence[Hashable] = ()
     grad: bool = False
     weights: LossWeights = UNWEIGHTED
-    on_stage_done: Callable[[int], None] | None = None
-    weight_work_left: dict[int, int] = field(default_factory=dict)  # stage -> microbatches still to finish
+    collectives: Collectives | None = None  # what REDUCE / GATHER launch (None: they are skipped)
     passes: Passes | None = None  # generation
     t0: float = field(default_factory=time.perf_counter)
     posted: dict[Value, _Incoming] = field(default_factory=dict)
@@ -148,14 +159,12 @@ class Executor:
     # --- one step ----------------------------------------------------------------------------------
     def run(self, actions: Sequence[Action], *, inputs: Sequence[Any], targets: Sequence[Any] | None,
             keys: Sequence[Hashable], grad: bool, weights: LossWeights = UNWEIGHTED,
-            on_stage_done: Callable[[int], None] | None = None) -> RankStep:
+            collectives: Collectives | None = None) -> RankStep:
         """Run one step's actions over microbatches `inputs` (each a tensor or a tree of tensors).
 
-        `keys[mb]` is the shape key of microbatch `mb`, the same on every rank. `on_stage_done(stage)` is
-        called as soon as a stage's weight gradients are complete (after its last B or W), while later
-        actions still run: e.g. to start the data-parallel all-reduce."""
-        st = _StepState(inputs, targets, keys, grad, weights, on_stage_done,
-                        weight_work_left={s: len(inputs) for s in self.stages})
+        `keys[mb]` is the shape key of microbatch `mb`, the same on every rank. The schedule's REDUCE and
+        GATHER actions launch `collectives`' (skipped without: e.g. a step that does not sync gradients)."""
+        st = _StepState(inputs, targets, keys, grad, weights, collectives)
         self._execute(st, actions)
         for stage in self.stages.values():
             stage.losses.clear()
@@ -188,6 +197,11 @@ class Executor:
                     elif action.op is not Op.RECV_P:  # (generation's links keep their receive posted)
                         self._recv(action)
                     st.comms.append(Event(self.rank, action, start, st.now()))
+                elif action.op.is_collective:
+                    if st.collectives is not None:
+                        start = st.now()
+                        (st.collectives.reduce if action.op is Op.REDUCE else st.collectives.gather)(action.stage)
+                        st.comms.append(Event(self.rank, action, start, st.now()))
                 elif action.op is Op.P or action.op is Op.D:
                     self._pass(action)
                 else:
@@ -214,6 +228,8 @@ class Executor:
             x = self._input(needs, action) if needs is not None else st.inputs[mb]
             target = st.targets[mb] if stage.is_last and st.targets is not None else None
             start = st.now()
+            if st.collectives is not None and st.collectives.wait_gathered(s):
+                st.waits.append(Event(self.rank, Action(s, Op.GATHER, 0), start, start := st.now()))
             out = stage.forward(mb, x, target=target, weights=st.weights, grad=st.grad)
             if out is not None:
                 st.outputs[(s, mb)] = out.signature
@@ -229,10 +245,6 @@ class Executor:
             start = st.now()
             stage.backward_weight(mb)
         st.events.append(Event(self.rank, action, start, st.now()))
-        if finishes_weights(action):
-            st.weight_work_left[s] -= 1
-            if st.weight_work_left[s] == 0 and st.on_stage_done is not None:
-                st.on_stage_done(s)
         self.wire.reap()
 
     def _input(self, value: Value, action: Action) -> Packet | list[torch.Tensor]:

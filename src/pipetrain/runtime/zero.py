@@ -21,6 +21,7 @@ whole. Megatron-LM's distributed optimizer shards by hand over contiguous buffer
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +64,8 @@ class _Bucket:
 
 
 class ShardedGradients:
-    """The replicas' gradient reduction (the interface of `GradientAverager`: start / finish / abandon) plus
-    the pieces an optimizer steps on and the all-gather that follows its step."""
+    """The replicas' gradient reduction (the executor's `Collectives`, as `GradientAverager`; then finish /
+    settle / abandon) plus the pieces an optimizer steps on and the all-gather that follows its step."""
 
     def __init__(self, group: dist.ProcessGroup, buckets: dict[int, list[nn.Parameter]], timeout: float,
                  mode: str) -> None:
@@ -103,7 +104,7 @@ class ShardedGradients:
         return _Bucket(params, size, shard, pieces, buffer)
 
     # --- gradients ---------------------------------------------------------------------------------------
-    def start(self, key: int) -> None:
+    def reduce(self, key: int) -> None:
         """Begin reducing bucket `key` over the replicas (asynchronous). A missing gradient counts as zeros."""
         bucket = self.buckets.get(key)
         if bucket is None:
@@ -130,18 +131,27 @@ class ShardedGradients:
     def _mine(self, bucket: _Bucket, flat: torch.Tensor) -> torch.Tensor:
         return flat[self.rank * bucket.shard:(self.rank + 1) * bucket.shard]
 
-    def finish(self, scale: float) -> None:
+    def gather(self, key: int) -> None:
+        """(ZeRO-1 and ZeRO-2 keep parameters whole: the all-gather follows the optimizer's step instead.)"""
+
+    def wait_gathered(self, key: int) -> bool:
+        return False
+
+    def finish(self, scale: float) -> list[tuple[int, float, float]]:
         """Wait for every started bucket; write its reduced gradients times `scale` into `.grad` as unsharded
         data parallelism does (shard="optimizer"), or add this replica's range of them to the pieces'
-        gradients (shard="gradients")."""
+        gradients (shard="gradients"). Returns each bucket's wait (key, start, end), `time.perf_counter()`."""
         how = "all-reduce" if self.mode == "optimizer" else "reduce-scatter"
         pending, self._pending = self._pending, []
         if pending and not self.has_optimizer:  # (an optimizer of the parameters would never see a gradient)
             raise RuntimeError(f"shard={self.mode!r}: build the optimizer with pipe.optimizer(make), which steps "
                                "on this replica's shard of the parameters and gathers the others' after each step; "
                                "an optimizer over pipe.parameters() would not train them")
+        waited = []
         for key, work, buffer in pending:
+            start = time.perf_counter()
             wait_replicas(work, self.timeout, f"the data-parallel gradient {how} of stage {key}")
+            waited.append((key, start, time.perf_counter()))
             bucket = self.buckets[key]
             if self.mode == "optimizer":
                 flat = buffer.mul_(scale)
@@ -157,6 +167,7 @@ class ShardedGradients:
                     piece.master.grad = grad  # (a view: the reduced range is kept, nothing more)
                 else:
                     piece.master.grad.add_(grad)
+        return waited
 
     def settle(self) -> None:
         """After a synced step's gradients are final (`.grad` restored after its window): for
@@ -185,7 +196,7 @@ class ShardedGradients:
         return [{**g, "params": [m for p in g["params"] for m in piece_of.get(id(p), [])]} for g in groups]
 
     @torch.no_grad()
-    def gather(self) -> None:
+    def gather_updates(self) -> None:
         """After this replica's optimizer step on its pieces: every replica's updated ranges into the
         parameters (one all-gather per bucket)."""
         for key, bucket in self.buckets.items():

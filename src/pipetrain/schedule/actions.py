@@ -9,7 +9,8 @@ from typing import NamedTuple
 
 
 class Op(enum.Enum):
-    """What an action does. F/B/I/W train and P/D generate (compute); SEND_*/RECV_* move one value between ranks."""
+    """What an action does. F/B/I/W train and P/D generate (compute); SEND_*/RECV_* move one value between ranks
+    (transfers); REDUCE and GATHER are a stage's data-parallel collectives over its replicas (`collectives`)."""
 
     F = "F"  # forward of one stage on one microbatch
     B = "B"  # full backward (input and weight gradients)
@@ -23,6 +24,8 @@ class Op(enum.Enum):
     D = "D"  # generation: a decode pass (the tokens the last stage picked in the round before)
     SEND_P = "SEND_P"  # send a generation pass's output to the stage that runs the group's next pass
     RECV_P = "RECV_P"  # receive this stage's generation input (from stage - 1, or from the last stage)
+    REDUCE = "REDUCE"  # launch the reduction of the stage's weight gradients over its data-parallel replicas
+    GATHER = "GATHER"  # launch the all-gather of the stage's parameters from their shards (shard="params")
 
     # (the simulator asks these millions of times: string lookups, not enum hashing)
     @property
@@ -31,16 +34,24 @@ class Op(enum.Enum):
 
     @property
     def is_comm(self) -> bool:
-        return self._value_ not in _COMPUTE
+        """A point-to-point transfer (SEND_* / RECV_*)."""
+        return self._value_ in _TRANSFERS
+
+    @property
+    def is_collective(self) -> bool:
+        return self._value_ in _COLLECTIVES
 
 
 _COMPUTE = frozenset({"F", "B", "I", "W", "P", "D"})
+_COLLECTIVES = frozenset({"REDUCE", "GATHER"})
+_TRANSFERS = frozenset({"SEND_F", "RECV_F", "SEND_B", "RECV_B", "SEND_P", "RECV_P"})
 SENDS = frozenset({"SEND_F", "SEND_B", "SEND_P"})  # Op values: `action.op._value_ in SENDS`
 RECVS = frozenset({"RECV_F", "RECV_B", "RECV_P"})
 _ROUNDS = frozenset({"P", "D", "SEND_P", "RECV_P"})  # the generation ops, whose actions have a round
 
 
-_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|SEND_P|RECV_P|F|B|I|W|P|D)(\d+)(?:@(\d+))?$")
+_ACTION_RE = re.compile(r"^(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|SEND_P|RECV_P|F|B|I|W|P|D)(\d+)(?:@(\d+))?|"
+                        r"(REDUCE|GATHER))$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +59,8 @@ class Action:
     """One step of one rank: `stage`, `op`, microbatch `mb`. Prints as `1F0` and parses back.
 
     Generation's actions run group `mb` of sequences through `stage` in `round` (its prefill pieces, then
-    one round per new token) and print with it: `1D3@7` is stage 1 decoding group 3 in round 7."""
+    one round per new token) and print with it: `1D3@7` is stage 1 decoding group 3 in round 7. A stage's
+    collectives concern all its microbatches (`mb` 0) and print without one: `1REDUCE`, `1GATHER`."""
 
     stage: int
     op: Op
@@ -56,6 +68,8 @@ class Action:
     round: int = 0
 
     def __str__(self) -> str:
+        if self.op._value_ in _COLLECTIVES:
+            return f"{self.stage}{self.op.value}"
         if self.op._value_ in _ROUNDS:
             return f"{self.stage}{self.op.value}{self.mb}@{self.round}"
         return f"{self.stage}{self.op.value}{self.mb}"
@@ -69,9 +83,11 @@ class Action:
         if match is None:
             raise ValueError(
                 f"cannot parse action {text!r}: expected {{stage}}{{op}}{{microbatch}} such as '1F0', "
-                f"'3I7' or '2SEND_F0', or {{stage}}{{op}}{{group}}@{{round}} such as '1D3@7' "
-                f"(ops: {', '.join(op.value for op in Op)})"
+                f"'3I7' or '2SEND_F0', {{stage}}{{op}}{{group}}@{{round}} such as '1D3@7', or "
+                f"{{stage}}{{collective}} such as '1REDUCE' (ops: {', '.join(op.value for op in Op)})"
             )
+        if match.group(5) is not None:
+            return Action(int(match.group(1)), Op(match.group(5)), 0)
         op, rounds = Op(match.group(2)), match.group(4)
         if (rounds is not None) != (op._value_ in _ROUNDS):
             raise ValueError(f"cannot parse action {text!r}: generation ops ({', '.join(sorted(_ROUNDS))}) and only "
@@ -93,6 +109,14 @@ def I(stage: int, mb: int) -> Action:  # noqa: N802, E741, E743
 
 def W(stage: int, mb: int) -> Action:  # noqa: N802
     return Action(stage, Op.W, mb)
+
+
+def REDUCE(stage: int) -> Action:  # noqa: N802
+    return Action(stage, Op.REDUCE, 0)
+
+
+def GATHER(stage: int) -> Action:  # noqa: N802
+    return Action(stage, Op.GATHER, 0)
 
 
 def P(stage: int, group: int, round: int) -> Action:  # noqa: N802, A002

@@ -52,8 +52,8 @@ class Schedule:
         return any(a.op in (Op.B, Op.I, Op.W) for acts in self.actions for a in acts)
 
     def compute_only(self) -> Schedule:
-        """The same schedule without SEND/RECV actions."""
-        actions = tuple(tuple(a for a in acts if a.op.is_compute) for acts in self.actions)
+        """The same schedule without SEND/RECV actions (collectives stay)."""
+        actions = tuple(tuple(a for a in acts if not a.op.is_comm) for acts in self.actions)
         return _replace(self, actions=actions, lowered=False)
 
     def forward_only(self) -> Schedule:

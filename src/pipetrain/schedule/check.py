@@ -6,6 +6,7 @@ from collections import Counter, defaultdict
 
 from .actions import SENDS, Op, consumer, message_of
 from .base import Schedule, ScheduleError
+from .collectives import check_collectives
 from .lowering import lower, message_order
 
 
@@ -14,7 +15,8 @@ def check(schedule: Schedule) -> Schedule:
     the lowered schedule it proved (`schedule` itself if it was lowered).
 
     Proves that every stage runs F, then B (or I then W), exactly once for every microbatch on the rank
-    that owns it, that every transfer has one SEND and one RECV posted in the same order on both ranks,
+    that owns it, that every transfer has one SEND and one RECV posted in the same order on both ranks, that
+    data-parallel collectives (REDUCE, GATHER) sit where they may (`check_collectives`),
     and that the lowered order cannot deadlock (by running it on the dataflow model of `simulate`).
     A schedule with no backward actions at all is a forward-only (evaluation) schedule.
     """
@@ -22,6 +24,7 @@ def check(schedule: Schedule) -> Schedule:
 
     _check_placement(schedule)
     _check_counts(schedule)
+    check_collectives(schedule)
     if schedule.lowered:
         _check_transfers(schedule)
     lowered = lower(schedule)
@@ -112,7 +115,7 @@ def _check_transfers(s: Schedule) -> None:
     recvs: dict[tuple[int, int], list] = defaultdict(list)
     for rank, acts in enumerate(s.actions):
         for a in acts:
-            if a.op.is_compute:
+            if not a.op.is_comm:
                 continue
             value = message_of(a, s.num_stages)
             if a.op.value in SENDS:

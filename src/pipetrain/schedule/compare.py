@@ -84,7 +84,7 @@ class _Samples:
             for e in step.events:
                 if e.action.op.is_comm:
                     posts.append(e.duration)
-                else:
+                elif e.action.op.is_compute:  # (a collective's launch is neither: not fitted)
                     computes[e.rank] += 1
                     durations.setdefault((e.action.stage, e.action.op), []).append(e.duration)
         return _Samples(durations, posts, [idle[r] / computes[r] if computes[r] else 0.0 for r in range(ranks)])
@@ -152,6 +152,8 @@ class _ResampledCosts:
     def of(self, action: Action) -> float:
         if action.op.is_comm:
             return self.rng.choice(self.samples.posts) if self.samples.posts else 0.0
+        if action.op.is_collective:  # (not fitted: a collective's time is hidden or shows as a wait)
+            return 0.0
         values = self.samples.of(action)
         overhead = self.samples.overhead[self.schedule.stage_to_rank[action.stage]]
         return self.rng.choice(values) + overhead if values else 0.0

@@ -18,7 +18,7 @@ def format_timeline(timeline, *, unit: float = 1.0, num_ranks: int | None = None
     rows: list[dict[int, str]] = [{} for _ in range(n)]
     width = 3
     for e in timeline.events:
-        if e.action.op.is_comm:
+        if not e.action.op.is_compute:  # (postings and collectives run beside the compute: not drawn)
             continue
         first, last = round(e.start / unit), round(e.end / unit)
         label = str(e.action)
@@ -145,7 +145,7 @@ def chrome_trace(timeline: Timeline, *, time_unit: float = 1.0) -> dict:
              for r in range(timeline.num_ranks)]
     for e in timeline.events:
         trace.append({"name": str(e.action), "cat": e.action.op.name, "ph": "X", "pid": e.rank,
-                      "tid": 0 if e.action.op.is_compute else 2,
+                      "tid": 0 if e.action.op.is_compute else 3 if e.action.op.is_collective else 2,
                       "ts": e.start * scale, "dur": (e.end - e.start) * scale,
                       "args": {"stage": e.action.stage, "microbatch": e.action.mb}})
     for e in timeline.waits:

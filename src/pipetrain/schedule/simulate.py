@@ -21,6 +21,8 @@ class Costs:
     Each of `f`, `b`, `w` is one number for every stage or a sequence indexed by stage.
     `comm` is the time of one stage-to-stage transfer (zero between stages on the same rank).
     `post` is the time a rank itself spends posting one SEND or RECV (the transport's call overhead).
+    `reduce` and `gather` (per stage, like `f`) are the times of a stage's REDUCE and GATHER collectives,
+    which run beside the rank's compute (one collective at a time per rank).
     """
 
     f: PerStage = 1.0
@@ -28,6 +30,8 @@ class Costs:
     w: PerStage = 1.0
     comm: float = 0.0
     post: float = 0.0
+    reduce: PerStage = 0.0
+    gather: PerStage = 0.0
 
     def of(self, action: Action) -> float:
         def pick(cost: PerStage) -> float:
@@ -41,6 +45,10 @@ class Costs:
             return pick(self.w)
         if action.op is Op.B:
             return pick(self.b) + pick(self.w)
+        if action.op is Op.REDUCE:
+            return pick(self.reduce)
+        if action.op is Op.GATHER:
+            return pick(self.gather)
         return self.post
 
 
@@ -70,11 +78,18 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
     the later of its SEND and RECV postings and arrives `comm` later. A compute action starts when its rank is
     free and every input has arrived (the time in between is a wait). Each rank runs until it waits on a
     message not yet sent; a SEND wakes the rank waiting on it. Ranks left waiting when nothing can run are
-    deadlocked. Returns the events and the waits.
+    deadlocked. A collective (REDUCE, GATHER) runs on its rank's collective lane from the later of its launch
+    and the lane's previous collective, beside the compute (its replicas run the same actions, so they are
+    taken to launch it at the same time); a stage's F waits for its GATHER, and the rank's step ends when its
+    last REDUCE does. Waits on collectives are waits of the collective's action. Returns the events and waits.
     """
     num_stages, rank_of = lowered.num_stages, lowered.stage_to_rank
     pos = [0] * lowered.num_ranks
     clock = [0.0] * lowered.num_ranks
+    lane = [0.0] * lowered.num_ranks  # when each rank's collective lane is free
+    gathers = {a.stage for acts in lowered.actions for a in acts if a.op is Op.GATHER}
+    gathered: dict[int, float] = {}  # stage -> the end of its GATHER
+    last_reduce: list[Action | None] = [None] * lowered.num_ranks
     done: dict[Value, float] = {}
     sent: dict[Value, float] = {}
     posted: dict[tuple[int, Value], float] = {}
@@ -104,6 +119,14 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
                 ready.extend(waiting.pop(value, ()))
             elif a.op._value_ in RECVS:
                 posted[(r, message_of(a, num_stages))] = clock[r]
+            elif a.op.is_collective:
+                start = max(clock[r], lane[r])
+                lane[r] = start + costs.of(a)
+                events.append(Event(r, a, start, lane[r]))
+                if a.op is Op.GATHER:
+                    gathered[a.stage] = lane[r]
+                else:
+                    last_reduce[r] = a
             else:
                 start, missing = clock[r], None
                 for value in consumes(a, num_stages):
@@ -125,6 +148,12 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
                     break
                 if start > clock[r]:
                     waits.append(Event(r, a, clock[r], start))
+                if a.stage in gathers and a.op is Op.F:
+                    if a.stage not in gathered:
+                        raise fail(r, f"runs before {a.stage}GATHER: the stage's parameters are not gathered")
+                    if gathered[a.stage] > start:
+                        waits.append(Event(r, Action(a.stage, Op.GATHER, 0), start, gathered[a.stage]))
+                        start = gathered[a.stage]
                 end = start + costs.of(a)
                 done[produces(a)] = end
                 clock[r] = end
@@ -132,6 +161,8 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
             pos[r] += 1
         else:
             blocked_on.pop(r, None)
+            if last_reduce[r] is not None and lane[r] > clock[r]:  # the step ends with the last reduction
+                waits.append(Event(r, last_reduce[r], clock[r], lane[r]))
 
     stuck = [r for r in range(lowered.num_ranks) if pos[r] < len(lowered.actions[r])]
     if stuck:

@@ -27,13 +27,14 @@ class RankStats:
     busy_time: float  # time in compute actions
     bubble_fraction: float  # 1 - busy_time / step_time
     peak_activations: int  # most (stage, microbatch) activations held at once
+    exposed_collectives: float = 0.0  # time waiting on REDUCE / GATHER collectives (not hidden behind compute)
 
 
 @dataclass(frozen=True)
 class Timeline:
     """Events of one step on every rank, simulated or measured: compute actions, and SEND/RECV postings
     where they take time. Measured timelines also have waits: the time a compute action spent waiting
-    for its input to arrive. Busy time counts compute actions only."""
+    for its input to arrive, and waits on a collective's completion. Busy time counts compute actions only."""
 
     num_ranks: int
     events: tuple[Event, ...]
@@ -53,11 +54,16 @@ class Timeline:
             if e.action.op.is_compute:
                 busy[e.rank] += e.duration
                 by_rank[e.rank].append(e)
+        exposed = [0.0] * self.num_ranks
+        for w in self.waits:
+            if w.action.op.is_collective:
+                exposed[w.rank] += w.duration
         stats = []
         for rank in range(self.num_ranks):
             ordered = sorted(by_rank[rank], key=lambda e: (e.start, e.end))
             bubble = 1.0 - busy[rank] / step if step > 0 else 0.0
-            stats.append(RankStats(rank, busy[rank], bubble, peak_activations([e.action for e in ordered])))
+            stats.append(RankStats(rank, busy[rank], bubble, peak_activations([e.action for e in ordered]),
+                                   exposed[rank]))
         return stats
 
     def bubble_fraction(self) -> float:
