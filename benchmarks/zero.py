@@ -1,5 +1,6 @@
 """Sharded data parallelism: peak memory per rank and steps/s of dp 2 x pp 2, unsharded against ZeRO-1
-(`shard="optimizer"`) and ZeRO-2 (`shard="gradients"`), side by side in one run.
+(`shard="optimizer"`), ZeRO-2 (`shard="gradients"`) and ZeRO-3 (`shard="params"`), side by side in one run,
+and how much of the gradient reduction stays exposed.
 
     python benchmarks/zero.py                     # a GPT of 8 blocks x 512 (25 M parameters), 6 steps each
     python benchmarks/zero.py --layers 4 --d-model 256 --steps 4 --json
@@ -7,8 +8,13 @@
 Each mode runs in fresh spawned gloo processes (4 ranks, 1 thread each) through `pt.Trainer` with AdamW.
 Per rank: the optimizer state's bytes, the resident memory before the model was built and at its peak
 (ru_maxrss, so it includes torch itself: the difference is what training added; malloc is set to return
-freed blocks of 1 MiB and more, so the peak is of live memory), and the median step time after the first
-step (which creates the optimizer state). All modes must give the same losses.
+freed blocks of 1 MiB and more, so the peak is of live memory) and between steps (after the last optimizer
+step, where ZeRO-3 holds only its shards), and the median step time after the first step (which creates
+the optimizer state). All modes must give the same losses.
+
+Exposed reduction: the median over steps of the time the step waited on its stages' reductions after their
+REDUCE actions launched them (`pipe.last_step.waits`), next to the time the same collectives take alone
+(each stage's all-reduce or reduce-scatter, blocking, on the same ranks after training).
 """
 
 from __future__ import annotations
@@ -31,11 +37,15 @@ import pipetrain as pt  # noqa: E402
 from pipetrain.runtime.host_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD  # noqa: E402
 from pipetrain.spawn import run_processes  # noqa: E402
 
-MODES = ("none", "optimizer", "gradients")
+MODES = ("none", "optimizer", "gradients", "params")
 
 
 def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB on Linux)
+
+
+def _rss_now() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _track_live_memory() -> None:
@@ -53,17 +63,42 @@ def zero_rank(rank: int, world: int, settings: dict) -> dict:
     _track_live_memory()
     before = _rss()
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings))
-    times, losses = [], []
+    pipe = trainer.pipe
+    params = sum(p.numel() for p in pipe.parameters())  # (before the first step: ZeRO-3 releases them after)
+    sizes = [sum(p.numel() for p in stage.module.parameters() if p.requires_grad) for stage in pipe.stages.values()]
+    times, losses, exposed = [], [], []
     for _ in range(settings["steps"]):
         start = time.perf_counter()
         record = trainer.train_step()
         times.append(time.perf_counter() - start)
         losses.append(record["loss"])
+        exposed.append(sum(w.duration for w in pipe.last_step.waits if w.action.op is pt.Op.REDUCE))
     state = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor) and v.dim())
-    params = sum(p.numel() for p in trainer.pipe.parameters())
     return {"losses": losses, "step_time": statistics.median(times[1:]), "state_bytes": state,
-            "rss_before": before, "rss_peak": _rss(), "params": params}
+            "rss_before": before, "rss_peak": _rss(), "rss_between": _rss_now(), "params": params,
+            "exposed": statistics.median(exposed[1:]), "alone": _reductions_alone(pipe, sizes, settings["shard"])}
+
+
+def _reductions_alone(pipe: pt.Pipeline, sizes: list[int], shard: str) -> float:
+    """The time this rank's stages' gradient reductions take alone: one blocking collective per stage, of
+    the stage's size, the kind its shard mode runs (median of 3)."""
+    import torch.distributed as dist
+
+    group, dp = pipe.dp_group, pipe.dp_size
+    buffers = [torch.zeros(-(-n // dp) * dp) for n in sizes]
+    runs = []
+    for _ in range(3):
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        for flat in buffers:
+            if shard in ("none", "optimizer"):
+                dist.all_reduce(flat, group=group)
+            else:
+                scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+                scatter(flat[:flat.numel() // dp], flat, group=group)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
 
 
 def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int = 8, microbatches: int = 4,
@@ -79,8 +114,10 @@ def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int
                < 1e-4 for m in MODES)
     return {"model": f"gpt {layers} x {d_model}", "settings": base, "same_losses": same, "ranks": {
         mode: [{"state_MiB": r["state_bytes"] / 2**20, "rss_before_MiB": r["rss_before"] / 2**20,
-                "rss_peak_MiB": r["rss_peak"] / 2**20, "added_MiB": (r["rss_peak"] - r["rss_before"]) / 2**20,
-                "params_M": r["params"] / 1e6, "steps_per_s": 1 / r["step_time"]} for r in rs]
+                "rss_peak_MiB": r["rss_peak"] / 2**20, "rss_between_steps_MiB": r["rss_between"] / 2**20,
+                "added_MiB": (r["rss_peak"] - r["rss_before"]) / 2**20,
+                "params_M": r["params"] / 1e6, "steps_per_s": 1 / r["step_time"],
+                "reduce_exposed_ms": 1e3 * r["exposed"], "reduce_alone_ms": 1e3 * r["alone"]} for r in rs]
         for mode, rs in rows.items()}}
 
 
@@ -98,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{result['model']}, dp 2 x pp 2 ({args.schedule}), 4 gloo ranks; same losses: {result['same_losses']}")
     print(f"{'shard':<10} {'rank':>4} {'params M':>9} {'opt state MiB':>14} {'peak RSS MiB':>13} "
-          f"{'added MiB':>10} {'steps/s':>8}")
+          f"{'added MiB':>10} {'between steps':>14} {'steps/s':>8} {'reduce exposed / alone ms':>26}")
     for mode, rs in result["ranks"].items():
         for rank, r in enumerate(rs):
             print(f"{mode:<10} {rank:>4} {r['params_M']:>9.2f} {r['state_MiB']:>14.1f} {r['rss_peak_MiB']:>13.0f} "
-                  f"{r['added_MiB']:>10.0f} {r['steps_per_s']:>8.3f}")
+                  f"{r['added_MiB']:>10.0f} {r['rss_between_steps_MiB']:>14.0f} {r['steps_per_s']:>8.3f} "
+                  f"{r['reduce_exposed_ms']:>13.1f} / {r['reduce_alone_ms']:<10.1f}")
     return 0
 
 

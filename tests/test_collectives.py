@@ -110,3 +110,64 @@ def test_the_cli_simulates_data_parallel_collectives(capsys):
 
     out = json.loads(capsys.readouterr().out)
     assert [r["exposed_collectives"] for r in out["per_rank"]] == [3.0, 3.0] and out["step_time"] == 18.0
+
+
+# --- the order of every rank's collectives (schedule.collective_order) ----------------------------------
+def _call(group, name):
+    from pipetrain.schedule.collective_order import Call
+
+    return Call(tuple(group), name)
+
+
+def _dp2_pp2_programs(schedule="zbv", swap=None):
+    """What a step of dp 2 x pp 2 issues on global ranks 0..3 (pipelines (0, 1) and (2, 3)); `swap`: a
+    global rank whose REDUCEs are launched in the other order."""
+    from pipetrain.pipeline.step_collectives import step_program
+    from pipetrain.runtime.ties import TiedWeights
+
+    sched = S.lower(S.with_collectives(S.build(schedule, num_ranks=2, num_microbatches=4)))
+    programs = {}
+    for replica in range(2):
+        for rank in range(2):
+            me = 2 * replica + rank
+            acts = list(sched.actions[rank])
+            if me == swap:
+                at = [i for i, a in enumerate(acts) if a.op is Op.REDUCE]
+                acts[at[0]], acts[at[1]] = acts[at[1]], acts[at[0]]
+            programs[me] = step_program(acts, me=me, pipeline=(2 * replica, 2 * replica + 1), replicas=(rank, rank + 2),
+                                        ties=TiedWeights([], {}, rank))
+    return programs
+
+
+def test_every_ranks_collectives_agree_in_a_dp_by_pp_step():
+    from pipetrain.schedule.collective_order import check_collective_order
+
+    programs = _dp2_pp2_programs()
+    check_collective_order(programs)
+    assert [str(c) for c in programs[0]] == ["3REDUCE (ranks 0, 2)", "0REDUCE (ranks 0, 2)",
+                                             "the step's loss all-reduce over the pipeline (ranks 0, 1)",
+                                             "the step's loss all-reduce over the replicas (ranks 0, 2)"]
+
+
+def test_replicas_launching_their_reductions_in_another_order_are_refused_by_name():
+    from pipetrain.schedule.collective_order import check_collective_order
+
+    with pytest.raises(ScheduleError, match=r"ranks 0 and 2 disagree on the collectives over ranks 0, 2: collective 1 "
+                                            r"is '3REDUCE' on rank 0 but '0REDUCE' on rank 2; collectives match in "
+                                            r"the order they are issued"):
+        check_collective_order(_dp2_pp2_programs(swap=2))
+
+
+def test_a_cycle_across_groups_is_found_although_each_groups_order_agrees():
+    # Megatron-LM#1810's shape: each pair agrees on its own order, but 0 waits for 1, 1 for 2, 2 for 0
+    from pipetrain.schedule.collective_order import check_collective_order
+
+    a, b, c = _call((0, 1), "embedding all-reduce"), _call((1, 2), "a"), _call((0, 2), "b")
+    with pytest.raises(ScheduleError, match=r"(?s)wait on each other in a cycle.*rank 0 waits in embedding all-reduce "
+                                            r"\(ranks 0, 1\) for rank 1, which waits in a \(ranks 1, 2\)"):
+        check_collective_order({0: [a, c], 1: [b, a], 2: [c, b]})
+    check_collective_order({0: [a, c], 1: [a, b], 2: [c, b]})  # (reordered on rank 1: it gets through)
+    with pytest.raises(ScheduleError, match=r"collective 2 is 'x' on rank 0 but nothing \(it issues 1\) on rank 1"):
+        check_collective_order({0: [a, _call((0, 1), "x")], 1: [a]})
+    with pytest.raises(ScheduleError, match=r"rank 2 issues a \(ranks 0, 1\), over a group it is not in"):
+        check_collective_order({2: [_call((0, 1), "a")]})

@@ -119,12 +119,13 @@ def test_dp2_pp2_token_mean_and_aux_losses_equal_single_process_on_the_global_ba
     assert_matches(results, reference(kind, steps, m * dp))
 
 
-def test_sharded_optimizer_and_gradients_equal_unsharded_and_checkpoints_reshard(tmp_path):
+def test_sharded_optimizer_gradients_and_params_equal_unsharded_and_checkpoints_reshard(tmp_path):
     # dp 2 x pp 2, ZBV (W after I: each stage's reduction starts after its last W), tied embeddings (a
-    # bucket of its own, on two pipeline ranks), clipping on: shard="optimizer" (ZeRO-1) gives the unsharded
-    # run's losses, norms and weights with half its optimizer state per rank; its step-3 checkpoint (the
-    # state gathered into the unsharded format) resumes as shard="gradients" (ZeRO-2, the state cut again)
-    # and goes on as the unsharded run does
+    # bucket of its own, on two pipeline ranks), clipping on, held-out evaluation: shard="optimizer" (ZeRO-1)
+    # gives the unsharded run's losses, norms and weights with half its optimizer state per rank; its
+    # step-3 checkpoint (the state gathered into the unsharded format) resumes as shard="params" (ZeRO-3:
+    # the state cut again, parameters released between steps and gathered by each stage's GATHER) and goes
+    # on as the unsharded run does; ZeRO-2 and ZeRO-3 with two steps per optimizer step do too
     from workers import trainer_state_bytes
 
     settings = {**BASE, "dp": 2, "schedule": "zbv", "tie_embeddings": True}
@@ -144,15 +145,47 @@ def test_sharded_optimizer_and_gradients_equal_unsharded_and_checkpoints_reshard
     numel = sum(t.numel() for r in ref.values() for t in r["params"].values()) // 2  # (replicas hold copies)
     written = sum(f.stat().st_size for f in (tmp_path / "z1" / "step_00000003").glob("layer_*.pt"))
     assert written < 1.05 * numel * 4 * 3 + 16384, (written, numel)  # weights, exp_avg, exp_avg_sq (+ pickling)
-    zero2 = run_processes(4, trainer_state_bytes, {**settings, "shard": "gradients",
+    zero3 = run_processes(4, trainer_state_bytes, {**settings, "shard": "params",
                                                    "resume": str(tmp_path / "z1" / "step_00000003")})
-    assert zero2[0]["losses"] == pytest.approx(ref[0]["losses"][3:], rel=1e-5)
+    assert zero3[0]["losses"] == pytest.approx(ref[0]["losses"][3:], rel=1e-5)
+    assert zero3[0]["evals"] == pytest.approx(ref[0]["evals"][-len(zero3[0]["evals"]):], rel=1e-5)
     for rank in range(4):
         for name, want in ref[rank]["params"].items():
-            assert torch.allclose(zero2[rank]["params"][name], want, rtol=1e-5, atol=1e-6), (rank, name)
+            assert torch.allclose(zero3[rank]["params"][name], want, rtol=1e-5, atol=1e-6), (rank, name)
+        assert zero3[rank]["released"], "between steps ZeRO-3's parameters hold no data"
+        assert zero3[rank]["gathers"] == sorted(f"{s}GATHER" for s in zero3[rank]["stages"])
+    accumulated = {**settings, "accumulation": 2, "steps": 3}
+    ref = run_processes(4, trainer_state_bytes, accumulated)
+    for shard in ("gradients", "params"):  # (steps that do not sync: no REDUCE, ZeRO-3's parameters stay whole)
+        got = run_processes(4, trainer_state_bytes, {**accumulated, "shard": shard})
+        assert got[0]["losses"] == pytest.approx(ref[0]["losses"], rel=1e-5)
+        for rank in range(4):
+            for name, want in ref[rank]["params"].items():
+                assert torch.allclose(got[rank]["params"][name], want, rtol=1e-5, atol=1e-6), (shard, rank, name)
 
 
-@pytest.mark.parametrize("shard,error", [("params", "shard='params': choose one of 'none', 'optimizer', 'gradients'"),
+def test_zero3_parameters_are_gathered_whenever_used_and_never_stale():
+    # step, evaluate (gathers), optimizer step (the gathered weights go stale: released), evaluate, step,
+    # generate, state_dict: shard="params" gives the unsharded losses, tokens and weights
+    from workers import zero3_between_steps
+
+    for rank, r in run_processes(2, zero3_between_steps, timeout=120).items():
+        assert r["params"]["losses"] == pytest.approx(r["none"]["losses"], rel=1e-5), rank
+        assert r["params"]["tokens"] == r["none"]["tokens"]
+        for name, want in r["none"]["state"].items():
+            assert torch.allclose(r["params"]["state"][name], want, rtol=1e-5, atol=1e-6), name
+
+
+def test_replicas_whose_collectives_would_mix_up_are_refused_before_the_first_step():
+    from workers import replicas_reduce_in_another_order
+
+    for error in run_processes(2, replicas_reduce_in_another_order, timeout=60).values():
+        assert ("ranks 0 and 1 disagree on the collectives over ranks 0, 1: collective 1 is '1REDUCE' on rank 0 but "
+                "'0REDUCE' on rank 1") in error, error
+
+
+@pytest.mark.parametrize("shard,error", [("zero3", "shard='zero3': choose one of 'none', 'optimizer', 'gradients', "
+                                                    "'params'"),
                                          ("optimizer", "shards over data-parallel replicas, but this pipeline has")])
 def test_a_shard_mode_needs_replicas_and_a_known_name(shard, error):
     sched = pt.schedules.build("gpipe", num_ranks=1, num_microbatches=1)

@@ -215,7 +215,7 @@ def test_warmup_then_cosine():
     ({"dp": 0}, "dp must be"),
     ({"dp": 3, "batch_size": 16, "microbatches": 4}, "dp=3 replicas x microbatches=4: use a multiple of 12"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite"),
-    ({"shard": "params"}, 'shard must be "none", "optimizer" or "gradients"'),
+    ({"shard": "zero3"}, 'shard must be "none", "optimizer", "gradients" or "params"'),
     ({"shard": "optimizer"}, "shards over data-parallel replicas: set dp to 2 or more"),
 ])
 def test_bad_configs_name_the_field(settings, field):

@@ -237,13 +237,21 @@ def trainer_run(rank: int, world: int, settings: dict) -> dict:
 def trainer_state_bytes(rank: int, world: int, settings: dict) -> dict:
     """`trainer_run`, plus the bytes of this rank's optimizer state tensors and its gradient norms."""
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
-    history = trainer.fit()
+    history = trainer.fit()  # (ends with an evaluation: shard="params" gathered the parameters for it)
+    trainer.optimizer.step()  # (no gradients left: changes nothing, but shard="params" releases them after it)
+    released = all(p.numel() == 0 for p in trainer.pipe.parameters())
+    trainer.pipe.step(*trainer.train_data.next())  # (its GATHERs gather them, its REDUCEs release them again)
+    released = released and all(p.numel() == 0 for p in trainer.pipe.parameters())
+    gathers = sorted(str(e.action) for e in trainer.pipe.last_step.comms if e.action.op is pt.Op.GATHER)
+    trainer.pipe.unshard()  # (shard="params": the parameters are whole only in steps)
     params = {(i, n): p.detach().clone() for i, layer in trainer.pipe.layers.items()
               for n, p in layer.named_parameters()}
     state = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor) and v.dim())
     return {"losses": [r["loss"] for r in history], "norms": [r["grad_norm"] for r in history], "params": params,
-            "state_bytes": state}
+            "state_bytes": state, "released": released, "stages": sorted(trainer.pipe.stages),
+            "evals": [r["eval_loss"] for r in history if r.get("eval_loss") is not None],
+            "gathers": gathers}
 
 
 def trainer_clip(rank: int, world: int, settings: dict) -> dict:
@@ -495,5 +503,49 @@ def sharded_without_its_optimizer(rank: int, world: int) -> str:
     try:
         pipe.step(torch.randn(2, 4), torch.randn(2, 4))
     except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+def zero3_between_steps(rank: int, world: int) -> dict:
+    """dp 2 x pp 1 GPT, unsharded and shard="params" side by side: step, evaluate (gathers), optimizer step
+    (updates the shards: the gathered weights are stale and must be released), evaluate, step, state_dict,
+    generate; the losses, tokens and weights of each."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "pp"))
+    cfg = GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2, n_heads=2)
+    torch.manual_seed(0)
+    layers = build_gpt(cfg)
+    torch.manual_seed(1 + mesh.get_local_rank("dp"))
+    x, y = torch.randint(0, 32, (4, 8)), torch.randint(0, 32, (4, 8))
+    out = {}
+    for shard in ("none", "params"):
+        copies = build_gpt(cfg)
+        nn.Sequential(*copies).load_state_dict(nn.Sequential(*layers).state_dict())
+        pipe = pt.Pipeline(copies, schedule=pt.schedules.build("1f1b", num_ranks=1, num_microbatches=2),
+                           loss_fn=gpt_loss, mesh=mesh, shard=shard)
+        opt = pipe.optimizer(lambda groups: torch.optim.AdamW(groups, lr=1e-2))
+        losses = [pipe.step(x, y), pipe.evaluate(x, y)]
+        opt.step()
+        opt.zero_grad()
+        losses += [pipe.evaluate(x, y), pipe.step(x, y)]
+        opt.step()
+        tokens = pipe.generate([torch.tensor([1, 2, 3])], max_new_tokens=3)
+        out[shard] = {"losses": losses, "state": pipe.state_dict(), "tokens": [t.tolist() for t in tokens]}
+    return out
+
+
+def replicas_reduce_in_another_order(rank: int, world: int) -> str:
+    """dp 2 x pp 1, two stages per rank, a custom schedule whose REDUCEs the replicas order differently
+    (each a valid place): the error every rank raises before the first step."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "pp"))
+    rows = ["0F0 1F0 1B0 1REDUCE 0B0 0REDUCE", "0F0 1F0 1B0 0B0 0REDUCE 1REDUCE"]
+    sched = pt.Schedule("custom", 1, 1, 2, (0, 0), [[pt.Action.parse(a) for a in rows[rank].split()]])
+    try:
+        pt.Pipeline([nn.Linear(4, 4), nn.Linear(4, 4)], schedule=sched, loss_fn=nn.functional.mse_loss, mesh=mesh)
+    except ValueError as err:
         return str(err)
     return "no error"

@@ -150,7 +150,7 @@ _TRAIN_FLAGS = {
     "microbatches": (int, "microbatches per pipeline step"),
     "batch-size": (int, "sequences per step over all replicas (each replica takes batch-size / dp)"),
     "dp": (int, "data-parallel replicas of the pipeline (pipeline ranks = world size / dp)"),
-    "shard": (str, "over the dp replicas: none, optimizer (ZeRO-1) or gradients (ZeRO-2)"),
+    "shard": (str, "over the dp replicas: none, optimizer (ZeRO-1), gradients (ZeRO-2) or params (ZeRO-3)"),
     "accumulation": (int, "pipeline steps per optimizer step"),
     "balance": (str, "uniform, params or time"),
     "steps": (int, "optimizer steps"),

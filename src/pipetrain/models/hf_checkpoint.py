@@ -76,6 +76,7 @@ def save_pretrained(pipe, directory: str | Path, *, source: str | Path | None = 
     every rank sees. If it fails on any rank, it raises on every rank."""
     directory = Path(directory)
     error = None
+    pipe.unshard()  # (shard="params": whole parameters, gathered from the replicas)
     try:
         if pipe.dp_rank == 0:
             _write_shard(pipe, directory)

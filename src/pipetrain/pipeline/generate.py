@@ -46,6 +46,7 @@ def generate(pipe, executor: Executor, prompts: Sequence[torch.Tensor], max_new_
     if not isinstance(return_logprobs, bool):
         raise TypeError(f"return_logprobs must be True or False, got {return_logprobs!r}")
     agree(pipe, prompts, max_new_tokens, (temperature, top_k, top_p, eos_token_id, seed, num_groups, return_logprobs))
+    pipe.unshard()  # (shard="params": whole weights, gathered from the replicas)
     if seed is None:
         seed = int(torch.randint(2**31 - 1, ()))  # only the last stage's rank draws tokens
     modes = [(m, m.training) for stage in pipe.stages.values() for m in stage.module.modules()]

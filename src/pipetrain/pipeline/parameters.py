@@ -21,7 +21,7 @@ class RankParameters:
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of this rank's stages, each once (what this rank's optimizer should own, through
-        `optimizer(...)` when the pipeline shards them)."""
+        `optimizer(...)` when the pipeline shards them; with shard="params" whole only in steps: `unshard`)."""
         return (p for _, p in self.named_parameters())
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -41,15 +41,34 @@ class RankParameters:
         return (p for p in self.parameters() if id(p) not in copies)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's layers' state, keyed `"{layer index}.{name}"` (as `nn.Sequential(*layers)`)."""
+        """This rank's layers' state, keyed `"{layer index}.{name}"` (as `nn.Sequential(*layers)`). With
+        shard="params", collective over the replicas (`unshard`)."""
+        self.unshard()
         return {f"{i}.{k}": v for i, layer in self.layers.items() for k, v in layer.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load this rank's layers from a state dict keyed `"{layer index}.{name}"` (more keys may be given:
-        the whole model's state dict loads on every rank)."""
+        the whole model's state dict loads on every rank). With shard="params", collective over the replicas."""
+        self.unshard()
         for i, layer in self.layers.items():
             prefix = f"{i}."
             layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self.adopt_parameters()
+
+    # --- shard="params" (ZeRO-3) ------------------------------------------------------------------------
+    def unshard(self) -> None:
+        """With shard="params": make this rank's parameters whole. Between steps they hold no data (an empty
+        tensor; the optimizer's pieces hold this replica's range) and are all-gathered here, collective over
+        the replicas; they stay whole until the next step's reduction or optimizer step releases them.
+        evaluate, generate, state_dict, checkpoints and save_pretrained call it. Otherwise nothing."""
+        if self._shards:
+            self._shards.unshard()
+
+    def adopt_parameters(self) -> None:
+        """With shard="params": after writing into the whole parameters (loading weights), this replica's
+        shards take their new values (no communication). Otherwise nothing."""
+        if self._shards:
+            self._shards.take_written()
 
     # --- the optimizer ---------------------------------------------------------------------------------
     @property
@@ -61,8 +80,8 @@ class RankParameters:
         """`make(groups)`, the optimizer of this rank's parameters (`groups`: torch parameter groups over
         `parameters()`; default one group of all). With `shard="optimizer" | "gradients"` it is built over
         this replica's pieces of them instead (1/dp of each stage's parameters, as views of their storage),
-        each `step()` is followed by the all-gather of every replica's updates into the parameters, and
-        `zero_grad()` also drops the parameters' own gradients."""
+        each `step()` is followed by the all-gather of every replica's updates into the parameters (ZeRO-3:
+        by releasing them, the next step gathers), and `zero_grad()` also drops the parameters' gradients."""
         groups = list(groups) if groups is not None else [{"params": list(self.parameters())}]
         shards = self._shards
         if shards is None:

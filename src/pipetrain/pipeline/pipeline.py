@@ -28,6 +28,7 @@ from .parameters import RankParameters
 from .profile import time_costs
 from .rank0_measure import measured_on_rank_0
 from .same_weights import check_same_weights
+from .step_collectives import check_step_collectives
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -126,7 +127,7 @@ class Pipeline(RankParameters):
         check_same_weights(layers, self.transport, self.timeout)  # after every check one rank may fail alone
         self._ties.share_values(self.transport, self.timeout)
         # hand over to one executor
-        train = with_collectives(schedule, reduce=self.dp_size > 1)
+        train = with_collectives(schedule, reduce=self.dp_size > 1, gather=shard == "params")
         self._train_actions = lower(train, prefetch=prefetch).actions[self.rank]
         self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
@@ -139,6 +140,7 @@ class Pipeline(RankParameters):
             identity = (self.rank, schedule.name, schedule.num_microbatches, tuple(self.balance), shard)
             self._averager = averager_for(self.stages, self._train_actions, self._ties.params, dp_group,
                                           self.timeout, identity, shard)
+        check_step_collectives(self._train_actions, self.transport, dp_group, self._ties)
         self._training = True
         self._window: Window | None = None
         self.last_step: RankStep | None = None
@@ -182,7 +184,7 @@ class Pipeline(RankParameters):
         sync = self._averager is not None and sync_gradients
         try:
             result = self._executor.run(self._train_actions, inputs=xs, targets=ys, keys=keys, grad=True,
-                                        weights=weights, collectives=self._averager if sync else None)
+                                        weights=weights, collectives=self._averager, reduce=sync)
             if sync_gradients:  # the window's tied gradients, then their replicas' (after the peer's part is in)
                 self._ties.sync(self.transport, self.timeout)
                 if sync:
@@ -215,6 +217,7 @@ class Pipeline(RankParameters):
         """Forward only (no activations kept, no gradients): the batch's loss on every rank (over the
         replicas too, with data parallelism), computed as `step` computes it."""
         xs, ys, keys = self._microbatches(inputs, targets, microbatches, grad=False)
+        self.unshard()
         result = self._executor.run(self._eval_actions, inputs=xs, targets=ys, keys=keys, grad=False)
         self._finish(result)
         return self.last_step.loss

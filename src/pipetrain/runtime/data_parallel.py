@@ -80,8 +80,8 @@ class GradientAverager:
 
 def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequence[nn.Parameter],
                  dp_group: dist.ProcessGroup, timeout: float, identity: tuple, shard: str = "none"):
-    """The replicas' gradient reduction: a GradientAverager, or for shard="optimizer" | "gradients" a
-    `zero.ShardedGradients`. One bucket per stage, each parameter in the bucket of the last of its stages
+    """The replicas' gradient reduction: a GradientAverager, or for shard="optimizer" | "gradients" | "params"
+    a `zero.ShardedGradients`. One bucket per stage, each parameter in the bucket of the last of its stages
     to finish its weight gradients (a weight shared by two stages of this rank), tied weights in their own
     (`TIED`).
 
@@ -107,7 +107,8 @@ def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequ
         buckets.setdefault(bucket_of[key], []).append(p)
     if shard == "none":
         return GradientAverager(dp_group, buckets, timeout)
-    return ShardedGradients(dp_group, buckets, timeout, shard)
+    needs = {s: {bucket_of[id(p)] for p in stage.module.parameters()} for s, stage in stages.items()}
+    return ShardedGradients(dp_group, buckets, timeout, shard, needs)
 
 
 def sum_over(group: dist.ProcessGroup | None, tensor: torch.Tensor, timeout: float,

@@ -112,7 +112,8 @@ class _StepState:
     keys: Sequence[Hashable] = ()
     grad: bool = False
     weights: LossWeights = UNWEIGHTED
-    collectives: Collectives | None = None  # what REDUCE / GATHER launch (None: they are skipped)
+    reductions: Collectives | None = None  # what REDUCE launches (None: skipped)
+    collectives: Collectives | None = None  # what GATHER launches (None: skipped)
     passes: Passes | None = None  # generation
     t0: float = field(default_factory=time.perf_counter)
     posted: dict[Value, _Incoming] = field(default_factory=dict)
@@ -159,12 +160,14 @@ class Executor:
     # --- one step ----------------------------------------------------------------------------------
     def run(self, actions: Sequence[Action], *, inputs: Sequence[Any], targets: Sequence[Any] | None,
             keys: Sequence[Hashable], grad: bool, weights: LossWeights = UNWEIGHTED,
-            collectives: Collectives | None = None) -> RankStep:
+            collectives: Collectives | None = None, reduce: bool = True) -> RankStep:
         """Run one step's actions over microbatches `inputs` (each a tensor or a tree of tensors).
 
         `keys[mb]` is the shape key of microbatch `mb`, the same on every rank. The schedule's REDUCE and
-        GATHER actions launch `collectives`' (skipped without: e.g. a step that does not sync gradients)."""
-        st = _StepState(inputs, targets, keys, grad, weights, collectives)
+        GATHER actions launch `collectives`' (skipped without; REDUCE also with `reduce=False`: a step that
+        does not sync gradients)."""
+        st = _StepState(inputs, targets, keys, grad, weights, collectives if reduce else None,
+                        collectives)
         self._execute(st, actions)
         for stage in self.stages.values():
             stage.losses.clear()
@@ -197,10 +200,15 @@ class Executor:
                     elif action.op is not Op.RECV_P:  # (generation's links keep their receive posted)
                         self._recv(action)
                     st.comms.append(Event(self.rank, action, start, st.now()))
-                elif action.op.is_collective:
+                elif action.op is Op.REDUCE:
+                    if st.reductions is not None:
+                        start = st.now()
+                        st.reductions.reduce(action.stage)
+                        st.comms.append(Event(self.rank, action, start, st.now()))
+                elif action.op is Op.GATHER:
                     if st.collectives is not None:
                         start = st.now()
-                        (st.collectives.reduce if action.op is Op.REDUCE else st.collectives.gather)(action.stage)
+                        st.collectives.gather(action.stage)
                         st.comms.append(Event(self.rank, action, start, st.now()))
                 elif action.op is Op.P or action.op is Op.D:
                     self._pass(action)

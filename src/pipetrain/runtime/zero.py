@@ -1,23 +1,29 @@
-"""Sharded data parallelism (ZeRO-1 and ZeRO-2): each replica's optimizer owns 1/dp of every gradient bucket.
+"""Sharded data parallelism (ZeRO-1, 2 and 3): each replica's optimizer owns 1/dp of every gradient bucket.
 
 A bucket (one stage's parameters) moves into one flat buffer, the parameters becoming views of it, and is
-cut into dp equal ranges; replica r owns range r. Its optimizer steps only on "pieces": views of that range
-of the buffer, so an update lands in the parameters in place, and the other replicas' ranges arrive by one
-in-place all-gather into the buffer after the step (an optimizer step post-hook): no copy either way.
-Optimizer state is then 1/dp per rank.
+cut into dp equal ranges; replica r owns range r. Its optimizer steps only on "pieces": views of that range,
+so optimizer state is 1/dp per rank.
 
     shard="optimizer" (ZeRO-1): each stage's gradients move into one buffer, all-reduced, which then is
         `.grad` (views) as without sharding; the pieces' gradients are views of it.
-    shard="gradients" (ZeRO-2): each bucket is reduce-scattered as soon as its stage's last B or W is done
-        and the full gradients are freed then: only this replica's range is kept.
+    shard="gradients" (ZeRO-2): each bucket is reduce-scattered by its stage's REDUCE (right after its last
+        B or W) and the full gradients are freed then: only this replica's range is kept.
+    shard="params" (ZeRO-3): as ZeRO-2, and the parameters are whole only during a step: the buffer is
+        released when its stage's gradients are reduced, and all-gathered again from the replicas' ranges
+        (kept apart, `own`) by the stage's GATHER at the next step's start. A pipeline keeps them whole
+        across the step's microbatches (no gather per microbatch, as torchtitan's reshard_after_forward=False).
+
+ZeRO-1/2: the pieces are views of the buffer's own range, so an update lands in the parameters in place, and
+the other replicas' ranges arrive by one in-place all-gather into the buffer after the optimizer's step (a
+step post-hook). ZeRO-3: the pieces are views of `own`, and the step post-hook releases the buffers.
 
 Written by hand, not with FSDP2's `fully_shard`: fully_shard reduces a module's gradients from autograd
-hooks when its backward ends and keeps parameters sharded between uses (ZeRO-3). A pipeline stage's weight
-gradients are complete only after its last B or W of the step (split-backward W runs outside those hooks;
-torch.distributed.pipelining calls FSDP's private post_backward to cope), and ZeRO-1/2 keep parameters
-whole. Megatron-LM's distributed optimizer shards by hand over contiguous buffers the same way.
+hooks when its backward ends and gathers per module call. A pipeline stage's weight gradients are complete
+only after its last B or W of the step (split-backward W runs outside those hooks;
+torch.distributed.pipelining calls FSDP's private post_backward to cope), and here each collective is an
+action of the schedule (checked and simulated). Megatron-LM's distributed optimizer shards by hand over
+contiguous buffers the same way.
 """
-
 from __future__ import annotations
 
 import math
@@ -32,7 +38,7 @@ from torch import nn
 
 from .comm import wait_replicas
 
-SHARD_MODES = ("none", "optimizer", "gradients")
+SHARD_MODES = ("none", "optimizer", "gradients", "params")
 # torch 2.13 renamed the tensor forms of these collectives (the old names warn); older torch has only those
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -40,14 +46,15 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 @dataclass
 class Piece:
-    """This replica's part of one parameter: elements [start, stop) of its flattened storage, as a Parameter
-    that shares that storage (`master`), the optimizer's view of it."""
+    """This replica's part of one parameter: elements [start, stop) of it flattened, as a Parameter that
+    shares the storage of this replica's range (`master`), the optimizer's view of it."""
 
     param: nn.Parameter
     start: int
     stop: int
     offset: int  # where the part starts in this replica's range of the bucket
     master: nn.Parameter
+    shape: torch.Size  # the parameter's (which, released under shard="params", holds no data)
 
     @property
     def length(self) -> int:
@@ -57,10 +64,16 @@ class Piece:
 @dataclass
 class _Bucket:
     params: list[nn.Parameter]  # views of `buffer`, end to end
+    shapes: list[torch.Size]
     size: int  # elements of all params
     shard: int  # elements per replica (size padded up to a multiple of dp, divided by dp)
     pieces: list[Piece]
-    buffer: torch.Tensor | None  # shard * dp elements
+    buffer: torch.Tensor | None  # shard * dp elements; None while released (shard="params")
+    own: torch.Tensor | None = None  # shard="params": this replica's range, kept while the buffer is released
+    gathering: object = None  # shard="params": the all-gather refilling `buffer`, until waited for
+
+    def numels(self) -> list[int]:
+        return [math.prod(shape) for shape in self.shapes]
 
 
 class ShardedGradients:
@@ -68,7 +81,8 @@ class ShardedGradients:
     settle / abandon) plus the pieces an optimizer steps on and the all-gather that follows its step."""
 
     def __init__(self, group: dist.ProcessGroup, buckets: dict[int, list[nn.Parameter]], timeout: float,
-                 mode: str) -> None:
+                 mode: str, needs: dict[int, set[int]] | None = None) -> None:
+        """`needs[stage]`: the buckets holding parameters that stage's forward uses (default: its own)."""
         if mode not in SHARD_MODES[1:]:
             raise ValueError(f"shard={mode!r}: choose one of {SHARD_MODES}")
         self.group, self.mode, self.timeout = group, mode, timeout
@@ -76,13 +90,14 @@ class ShardedGradients:
         self.rank = dist.get_rank(group)
         self.buckets = {key: self._layout(params) for key, params in buckets.items()}
         self.buckets = {key: b for key, b in self.buckets.items() if b.params}
+        self.needs = {stage: {k for k in keys if k in self.buckets} for stage, keys in (needs or {}).items()}
         self._pending: list[tuple[int, object, torch.Tensor]] = []
         self.has_optimizer = False  # set by `Pipeline.optimizer`: the pieces' optimizer exists
 
     def _layout(self, params: list[nn.Parameter]) -> _Bucket:
         params = [p for p in params if p.requires_grad]
         if not params:
-            return _Bucket([], 0, 0, [], None)
+            return _Bucket([], [], 0, 0, [], None)
         kinds = {(p.dtype, p.device) for p in params}
         if len(kinds) > 1:
             raise ValueError(f"shard={self.mode!r} keeps each stage's parameters in one buffer, but a stage holds "
@@ -92,16 +107,23 @@ class ShardedGradients:
         shard = math.ceil(size / self.size)
         buffer = torch.zeros(shard * self.size, dtype=params[0].dtype, device=params[0].device)
         lo, hi = self.rank * shard, (self.rank + 1) * shard
-        pieces, at = [], 0
+        at = 0
         for p in params:
             view = buffer[at:at + p.numel()]
             view.copy_(p.detach().reshape(-1))
             p.data = view.view_as(p)  # (the same Parameter, now stored in the bucket's buffer)
+            at += p.numel()
+        # ZeRO-3's range lives apart from the buffer, which is released between steps
+        own = buffer[lo:hi].clone() if self.mode == "params" else None
+        mine = own if own is not None else buffer[lo:hi]
+        pieces, at = [], 0
+        for p in params:
             start, stop = max(lo, at), min(hi, at + p.numel())
             if start < stop:
-                pieces.append(Piece(p, start - at, stop - at, start - lo, nn.Parameter(buffer[start:stop])))
+                pieces.append(Piece(p, start - at, stop - at, start - lo, nn.Parameter(mine[start - lo:stop - lo]),
+                                    p.shape))
             at += p.numel()
-        return _Bucket(params, size, shard, pieces, buffer)
+        return _Bucket(params, [p.shape for p in params], size, shard, pieces, buffer, own)
 
     # --- gradients ---------------------------------------------------------------------------------------
     def reduce(self, key: int) -> None:
@@ -109,19 +131,21 @@ class ShardedGradients:
         bucket = self.buckets.get(key)
         if bucket is None:
             return
+        if self.mode == "params":  # (the stage's last use of its parameters this step is done: free them
+            self._release(bucket)  # before the gradients' buffer is made)
         # each gradient moves into the send buffer and is freed at once: the full gradients are held once
         # (the buffer's pages are touched as they fill, so the process never holds both)
         flat = torch.empty(bucket.shard * self.size, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
         flat[bucket.size:].zero_()
         at = 0
-        for p in bucket.params:
-            region = flat[at:at + p.numel()]
+        for p, n in zip(bucket.params, bucket.numels(), strict=True):
+            region = flat[at:at + n]
             if p.grad is None:
                 region.zero_()
             else:
                 region.copy_(p.grad.reshape(-1))
                 p.grad = None
-            at += p.numel()
+            at += n
         if self.mode == "optimizer":
             work = dist.all_reduce(flat, group=self.group, async_op=True)
         else:  # in place: this replica's range of `flat` receives its sum
@@ -131,11 +155,73 @@ class ShardedGradients:
     def _mine(self, bucket: _Bucket, flat: torch.Tensor) -> torch.Tensor:
         return flat[self.rank * bucket.shard:(self.rank + 1) * bucket.shard]
 
-    def gather(self, key: int) -> None:
-        """(ZeRO-1 and ZeRO-2 keep parameters whole: the all-gather follows the optimizer's step instead.)"""
+    # --- ZeRO-3's parameters ------------------------------------------------------------------------------
+    def gather(self, stage: int) -> None:
+        """shard="params": begin all-gathering the released buckets stage `stage`'s forward needs, its own
+        first (asynchronous). ZeRO-1 and ZeRO-2 keep parameters whole: nothing to do."""
+        keys = self.needs.get(stage, set()) | ({stage} & self.buckets.keys())
+        for key in sorted(keys, key=lambda k: (k != stage, k)):
+            if self.buckets[key].buffer is None:
+                self._launch_gather(key)
 
-    def wait_gathered(self, key: int) -> bool:
-        return False
+    def wait_gathered(self, stage: int) -> bool:
+        """Before stage `stage`'s forward: wait for the gathers of the buckets it needs (launching any not yet
+        launched). Whether it waited on one."""
+        waited = False
+        for key in sorted(self.needs.get(stage, ())):
+            bucket = self.buckets[key]
+            if bucket.buffer is None:
+                self._launch_gather(key)
+            if bucket.gathering is not None:
+                wait_replicas(bucket.gathering, self.timeout, f"the all-gather of stage {key}'s parameters")
+                bucket.gathering, waited = None, True
+        return waited
+
+    def unshard(self) -> None:
+        """Make every bucket's parameters whole (gather the released ones and wait): collective."""
+        for key, bucket in self.buckets.items():
+            if bucket.buffer is None:
+                self._launch_gather(key)
+        for key, bucket in self.buckets.items():
+            if bucket.gathering is not None:
+                wait_replicas(bucket.gathering, self.timeout, f"the all-gather of stage {key}'s parameters")
+                bucket.gathering = None
+
+    def reshard(self) -> None:
+        """shard="params": release every whole bucket (after the optimizer changed this replica's ranges)."""
+        if self.mode == "params":
+            for bucket in self.buckets.values():
+                if bucket.buffer is not None:
+                    self._release(bucket)
+
+    @torch.no_grad()
+    def take_written(self) -> None:
+        """shard="params": after whole parameters were written (weights loaded), take this replica's range
+        of each bucket into `own`."""
+        if self.mode == "params":
+            for bucket in self.buckets.values():
+                if bucket.buffer is not None:
+                    bucket.own.copy_(self._mine(bucket, bucket.buffer))
+
+    def _launch_gather(self, key: int) -> None:
+        bucket = self.buckets[key]
+        buffer = torch.empty(bucket.shard * self.size, dtype=bucket.own.dtype, device=bucket.own.device)
+        at = 0
+        for p, shape, n in zip(bucket.params, bucket.shapes, bucket.numels(), strict=True):
+            p.data = buffer[at:at + n].view(shape)  # (filled when the gather is waited for)
+            at += n
+        bucket.buffer = buffer
+        bucket.gathering = _all_gather(buffer, bucket.own, group=self.group, async_op=True)
+
+    def _release(self, bucket: _Bucket) -> None:
+        """Free a bucket's buffer: its parameters hold an empty tensor until gathered again."""
+        if bucket.gathering is not None:  # (never freed under a collective still writing it)
+            wait_replicas(bucket.gathering, self.timeout, "an all-gather of parameters")
+            bucket.gathering = None
+        empty = bucket.own.new_empty(0)
+        for p in bucket.params:
+            p.data = empty
+        bucket.buffer = None
 
     def finish(self, scale: float) -> list[tuple[int, float, float]]:
         """Wait for every started bucket; write its reduced gradients times `scale` into `.grad` as unsharded
@@ -156,9 +242,9 @@ class ShardedGradients:
             if self.mode == "optimizer":
                 flat = buffer.mul_(scale)
                 at = 0
-                for p in bucket.params:
-                    p.grad = flat[at:at + p.numel()].view_as(p)  # (views: the reduced buffer is the gradient)
-                    at += p.numel()
+                for p, n in zip(bucket.params, bucket.numels(), strict=True):
+                    p.grad = flat[at:at + n].view_as(p)  # (views: the reduced buffer is the gradient)
+                    at += n
                 continue  # (the pieces' gradients are views of .grad: `settle`)
             mine = self._mine(bucket, buffer).mul_(scale).clone()  # (only this range is kept, `buffer` goes)
             for piece in bucket.pieces:
@@ -198,7 +284,9 @@ class ShardedGradients:
     @torch.no_grad()
     def gather_updates(self) -> None:
         """After this replica's optimizer step on its pieces: every replica's updated ranges into the
-        parameters (one all-gather per bucket)."""
+        parameters (one all-gather per bucket); ZeRO-3 releases them instead (the next step gathers)."""
+        if self.mode == "params":
+            return self.reshard()
         for key, bucket in self.buckets.items():
             mine = bucket.buffer[self.rank * bucket.shard:(self.rank + 1) * bucket.shard]
             wait_replicas(_all_gather(bucket.buffer, mine, group=self.group, async_op=True), self.timeout,
@@ -228,15 +316,15 @@ class ShardedGradients:
             for where, values in theirs.items():
                 merged.setdefault(where, {}).update(values)
         for key, bucket in self.buckets.items():
-            p0 = bucket.params[0]
+            device = bucket.pieces[0].master.device if bucket.pieces else bucket.params[0].device
             full = {}
             for name in names:
-                mine = torch.zeros(bucket.shard, dtype=getattr(torch, dtypes[name]), device=p0.device)
+                mine = torch.zeros(bucket.shard, dtype=getattr(torch, dtypes[name]), device=device)
                 for piece in bucket.pieces:
                     value = optimizer.state.get(piece.master, {}).get(name)
                     if value is not None:
                         mine[piece.offset:piece.offset + piece.length].copy_(value)
-                flat = torch.empty(bucket.shard * size, dtype=mine.dtype, device=p0.device)
+                flat = torch.empty(bucket.shard * size, dtype=mine.dtype, device=device)
                 wait_replicas(_all_gather(flat, mine, group=group, async_op=True), self.timeout,
                               f"the all-gather of stage {key}'s optimizer state")
                 if self.rank == 0:  # (the other replicas drop it at once: no full state lingers there)
@@ -244,12 +332,12 @@ class ShardedGradients:
             if self.rank != 0:
                 continue
             at = 0
-            for i, p in enumerate(bucket.params):
+            for i, (p, shape, n) in enumerate(zip(bucket.params, bucket.shapes, bucket.numels(), strict=True)):
                 if (key, i) in merged:
                     out[id(p)] = {**merged[key, i],
-                                  **{name: full[name][at:at + p.numel()].view_as(p).clone() for name in names}}
+                                  **{name: full[name][at:at + n].view(shape).clone() for name in names}}
                     # (the checkpoint reader moves per-element state back to the parameter's device)
-                at += p.numel()
+                at += n
         return out
 
     def load_state(self, optimizer: torch.optim.Optimizer, states: dict[int, dict[str, Any]]) -> None:
@@ -258,7 +346,7 @@ class ShardedGradients:
             state = states.get(id(piece.param))
             if state is not None:
                 optimizer.state[piece.master] = {
-                    k: v.reshape(-1)[piece.start:piece.stop].clone() if _like_param(k, v, piece.param) else v
+                    k: v.reshape(-1)[piece.start:piece.stop].clone() if _like_param(k, v, piece.shape) else v
                     for k, v in state.items()}
 
 
@@ -267,12 +355,12 @@ def _shaped_like(value: Any, numel: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == numel
 
 
-def _like_param(name: str, value: Any, param: nn.Parameter) -> bool:
+def _like_param(name: str, value: Any, shape: torch.Size) -> bool:
     """Whether a parameter's full state value is per element: shaped like it (for a 0-dim parameter, any
     0-dim value but torch optimizers' "step" count)."""
-    if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+    if not isinstance(value, torch.Tensor) or value.shape != shape:
         return False
-    return param.dim() > 0 or name != "step"
+    return len(shape) > 0 or name != "step"
 
 
 def _tensor_dtypes(shards: ShardedGradients, optimizer: torch.optim.Optimizer) -> dict[str, str]:

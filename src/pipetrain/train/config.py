@@ -47,7 +47,7 @@ class TrainConfig:
     microbatches: int = 4
     batch_size: int = 16  # sequences per step over all replicas (each replica: batch_size / dp, in microbatches)
     dp: int = 1  # data-parallel replicas of the pipeline; pipeline ranks = world size / dp
-    shard: str = "none"  # over the replicas: "optimizer" (ZeRO-1) or "gradients" (ZeRO-2) state, 1/dp per rank
+    shard: str = "none"  # over the replicas, 1/dp per rank: "optimizer" (ZeRO-1), "gradients" (2), "params" (3)
     accumulation: int = 1  # pipeline steps per optimizer step
     balance: str = "params"
     steps: int = 100  # optimizer steps (the LR schedule spans them)
@@ -101,8 +101,8 @@ class TrainConfig:
             replicas = f"dp={self.dp} replicas x " if self.dp > 1 else ""
             raise ConfigError(f"batch_size={self.batch_size} does not split into {replicas}microbatches="
                               f"{self.microbatches}: use a multiple of {self.dp * self.microbatches}")
-        if self.shard not in ("none", "optimizer", "gradients"):
-            raise ConfigError(f'shard must be "none", "optimizer" or "gradients", got {self.shard!r}')
+        if self.shard not in ("none", "optimizer", "gradients", "params"):
+            raise ConfigError(f'shard must be "none", "optimizer", "gradients" or "params", got {self.shard!r}')
         if self.shard != "none" and self.dp == 1:
             raise ConfigError(f'shard="{self.shard}" shards over data-parallel replicas: set dp to 2 or more, or '
                               'shard="none"')

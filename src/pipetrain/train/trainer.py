@@ -317,6 +317,7 @@ class Trainer:
         # replicas hold the same weights and optimizer state (sharded: gathered here from all of them), the
         # first one writes the layers
         states = self.pipe.optimizer_state(self.optimizer) if self.optimizer else {}
+        self.pipe.unshard()  # (shard="params": the replicas' ranges gathered into whole weights)
         ckpt.write_shards(tmp, self.global_rank, self.pipe.layers if self.pipe.dp_rank == 0 else {}, states)
         if self.global_rank == 0:
             ckpt.write_data_state(tmp, self.train_data.state_dict())
@@ -342,6 +343,7 @@ class Trainer:
         step, and all agree: if any rank finds the checkpoint damaged or of another model, every rank raises
         with that rank's one-line error (naming the file)."""
         error, path, manifest = None, None, None
+        self.pipe.unshard()  # (shard="params": loading writes whole weights; each replica then takes its range)
         try:
             resume = self.config.resume
             path = ckpt.checkpoint_at(resume) if isinstance(resume, str) else ckpt.latest(self.config.checkpoint_dir)
@@ -351,6 +353,7 @@ class Trainer:
                     raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds "
                                       f"{self.model_info}: resume with the same model settings")
                 states = ckpt.load_layers(path, self.pipe.layers)
+                self.pipe.adopt_parameters()
                 if self.optimizer:
                     self.pipe.load_optimizer_state(self.optimizer, states)
                 data_state = ckpt.read_data_state(path)
