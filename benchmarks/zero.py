@@ -12,6 +12,10 @@ freed blocks of 1 MiB and more, so the peak is of live memory) and between steps
 step, where ZeRO-3 holds only its shards), and the median step time after the first step (which creates
 the optimizer state). All modes must give the same losses.
 
+Planner: the peak the planner's memory model predicts for the first stage's rank (`predicted_memory`, gloo,
+fp32), next to what was measured of the same: the peak resident memory less the memory once the trainer was
+built (torch, the data, the weights), plus the weights (ZeRO-3: and its own range of them).
+
 Exposed reduction: the median over steps of the time the step waited on its stages' reductions after their
 REDUCE actions launched them (`pipe.last_step.waits`), next to the time the same collectives take alone
 (each stage's all-reduce or reduce-scatter, blocking, on the same ranks after training).
@@ -34,6 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pipetrain as pt  # noqa: E402
+from pipetrain.planner.plan import predicted_memory  # noqa: E402
+from pipetrain.planner.specs import ModelSpec  # noqa: E402
 from pipetrain.runtime.host_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD  # noqa: E402
 from pipetrain.spawn import run_processes  # noqa: E402
 
@@ -63,6 +69,7 @@ def zero_rank(rank: int, world: int, settings: dict) -> dict:
     _track_live_memory()
     before = _rss()
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings))
+    built = _rss_now()  # (torch, the data, the model's weights: before any step)
     pipe = trainer.pipe
     params = sum(p.numel() for p in pipe.parameters())  # (before the first step: ZeRO-3 releases them after)
     sizes = [sum(p.numel() for p in stage.module.parameters() if p.requires_grad) for stage in pipe.stages.values()]
@@ -75,8 +82,11 @@ def zero_rank(rank: int, world: int, settings: dict) -> dict:
         exposed.append(sum(w.duration for w in pipe.last_step.waits if w.action.op is pt.Op.REDUCE))
     state = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor) and v.dim())
-    return {"losses": losses, "step_time": statistics.median(times[1:]), "state_bytes": state,
-            "rss_before": before, "rss_peak": _rss(), "rss_between": _rss_now(), "params": params,
+    info = trainer.model_info
+    return {"model": {k: info[k] for k in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len")},
+            "weights": sum(sizes) * 4, "losses": losses, "step_time": statistics.median(times[1:]),
+            "state_bytes": state,
+            "rss_before": before, "rss_built": built, "rss_peak": _rss(), "rss_between": _rss_now(), "params": params,
             "exposed": statistics.median(exposed[1:]), "alone": _reductions_alone(pipe, sizes, settings["shard"])}
 
 
@@ -110,11 +120,23 @@ def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int
     for mode in MODES:
         out = run_processes(4, zero_rank, {**base, "shard": mode}, timeout=3600)
         rows[mode] = [out[r] for r in range(4)]
+    model = rows["none"][0]["model"]
+    spec = ModelSpec("benchmark", model["n_layers"], model["d_model"], model["n_heads"], 4 * model["d_model"],
+                     model["vocab_size"], model["seq_len"], gated_mlp=False, global_batch=batch_size)
+    predicted = {mode: predicted_memory(spec, pp=2, dp=2, microbatch_size=batch_size // (2 * microbatches),
+                                        microbatches=microbatches, schedule=schedule, shard=mode, precision="fp32",
+                                        backend="gloo").peak for mode in MODES}
     same = all(max(abs(a - b) for a, b in zip(rows[m][0]["losses"], rows["none"][0]["losses"], strict=True))
                < 1e-4 for m in MODES)
-    return {"model": f"gpt {layers} x {d_model}", "settings": base, "same_losses": same, "ranks": {
+    def measured(r: dict, mode: str) -> float:  # (the model's part of the peak, as the planner counts it)
+        return r["rss_peak"] - r["rss_built"] + r["weights"] * (1.5 if mode == "params" else 1.0)
+
+    return {"model": f"gpt {layers} x {d_model}", "settings": base, "same_losses": same,
+            "planner_MiB": {mode: {"predicted": predicted[mode] / 2**20,
+                                   "measured": measured(rows[mode][0], mode) / 2**20} for mode in MODES}, "ranks": {
         mode: [{"state_MiB": r["state_bytes"] / 2**20, "rss_before_MiB": r["rss_before"] / 2**20,
                 "rss_peak_MiB": r["rss_peak"] / 2**20, "rss_between_steps_MiB": r["rss_between"] / 2**20,
+                "rss_built_MiB": r["rss_built"] / 2**20,
                 "added_MiB": (r["rss_peak"] - r["rss_before"]) / 2**20,
                 "params_M": r["params"] / 1e6, "steps_per_s": 1 / r["step_time"],
                 "reduce_exposed_ms": 1e3 * r["exposed"], "reduce_alone_ms": 1e3 * r["alone"]} for r in rs]
@@ -141,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode:<10} {rank:>4} {r['params_M']:>9.2f} {r['state_MiB']:>14.1f} {r['rss_peak_MiB']:>13.0f} "
                   f"{r['added_MiB']:>10.0f} {r['rss_between_steps_MiB']:>14.0f} {r['steps_per_s']:>8.3f} "
                   f"{r['reduce_exposed_ms']:>13.1f} / {r['reduce_alone_ms']:<10.1f}")
+    print("\nthe planner's memory model, rank 0 (predicted; measured: peak RSS - RSS once built + its weights):")
+    for mode, both in result["planner_MiB"].items():
+        print(f"{mode:<10} predicted {both['predicted']:6.1f} MiB, measured {both['measured']:6.1f} MiB "
+              f"({both['predicted'] / both['measured'] - 1:+.0%})")
     return 0
 
 

@@ -162,3 +162,54 @@ def test_cli_table_and_the_best_plans_timeline(tmp_path, capsys):
     rows = [line for line in out.splitlines() if line[:2].strip().isdigit()]
     assert len(rows) == 4 and all(row.split()[3] == "4" for row in rows)  # pp pinned
     assert png.stat().st_size > 10_000
+
+
+def test_the_memory_model_shards_what_each_mode_shards():
+    from pipetrain.planner.memory import best_shard, rank_memory
+
+    params, stage, act, dp = 1e9, 5e8, 3e9, 4
+    got = {s: rank_memory(params, stage, act, dp=dp, shard=s) for s in ("none", "optimizer", "gradients", "params")}
+    # between steps: AdamW state 1/dp under any mode, then gradients, then weights too
+    assert got["none"].between_steps == params * 16
+    assert got["optimizer"].between_steps == params * (4 + 4 + 8 / dp)
+    assert got["gradients"].between_steps == params * (4 + (4 + 8) / dp)
+    assert got["params"].between_steps == params * (4 + 4 + 8) / dp
+    assert got["optimizer"].peak < got["none"].peak
+    # one replica: nothing to shard, every mode the same; gloo's reduce-scatter copies the stage's buffer
+    assert len({rank_memory(params, stage, act, dp=1, shard=s).peak for s in got}) == 1
+    gloo = rank_memory(params, stage, act, dp=dp, shard="gradients", backend="gloo")
+    assert gloo.moments["reduction"] - got["gradients"].moments["reduction"] == 4 * stage
+    assert best_shard(1, lambda s: False) == "none" and best_shard(dp, lambda s: s == "params") == "params"
+    with pytest.raises(ValueError, match="shard='zero3': choose one of none, optimizer, gradients, params"):
+        rank_memory(params, stage, act, dp=dp, shard="zero3")
+
+
+def test_plans_take_the_first_shard_mode_that_fits_or_the_pinned_one():
+    model, cluster = MODELS["llama3-70b"], CLUSTERS["h100-16k"]
+    plans = plan(model, cluster, devices=1024, top=5)
+    assert all(p.shard == ("optimizer" if p.dp > 1 else "none") for p in plans)
+    pinned = plan(model, cluster, devices=1024, shard="params", top=3)
+    assert {p.shard for p in pinned} == {"params"}
+    assert all(p.memory_per_device <= cluster.memory * 0.9 for p in pinned)
+
+
+def test_pipetrain_plan_prints_a_command_the_trainer_takes(capsys, monkeypatch):
+    assert main(["plan", "--model", "gpt-8x256", "--cluster", "h100-16k", "--gpus", "8", "--tp", "1",
+                 "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    command = out.split("run the best plan:\n")[1].splitlines()[0].strip()
+    assert command.startswith("torchrun --nnodes 1 --nproc-per-node 8 ") and "--preset gpt-8x256" in command
+    flags = command.split(" -m pipetrain ")[1].split()
+    assert flags[0] == "train"
+    # the trainer takes the flags and the layout fits the world size; it stops only for want of torchrun
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert "launch it under torchrun" in err and "bad configuration" not in err
+    # a plan the runtime cannot run yet says so
+    assert main(["plan", "--model", "llama3-70b", "--cluster", "h100-16k", "--gpus", "512", "--tp", "8",
+                 "--top", "1", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["plans"][0]
+    assert best["tp"] == 8 and "--hf PATH/TO/llama3-70b" in best["command"]
+    assert any("tensor parallelism is not in the runtime yet" in note for note in best["notes"])

@@ -81,6 +81,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .planner import SpecError, cluster_from, model_from
+    from .planner.command import train_command
     from .planner.plan import plan, plan_assumptions
 
     try:
@@ -90,7 +91,8 @@ def _plan(args: argparse.Namespace) -> int:
         cluster = cluster_from(args.cluster, model, args.microbatch_size)
         start = time.perf_counter()
         plans = plan(model, cluster, devices=args.gpus, tp=args.tp, pp=args.pp, dp=args.dp, schedule=args.schedule,
-                     microbatch_size=args.microbatch_size, stages_per_rank=args.stages_per_rank, top=args.top)
+                     microbatch_size=args.microbatch_size, stages_per_rank=args.stages_per_rank, shard=args.shard,
+                     top=args.top)
         seconds = time.perf_counter() - start
     except (SpecError, ValueError) as err:
         _to_stderr(f"pipetrain plan: {err}")
@@ -98,7 +100,9 @@ def _plan(args: argparse.Namespace) -> int:
     assumptions = plan_assumptions(cluster)
     if args.json:
         print(json.dumps({"model": dataclasses.asdict(model), "cluster": dataclasses.asdict(cluster),
-                          "plans": [p.as_dict() for p in plans], "assumptions": assumptions,
+                          "plans": [{**p.as_dict(), **dict(zip(("command", "notes"), train_command(p, model, cluster),
+                                                               strict=True))} for p in plans],
+                          "assumptions": assumptions,
                           "seconds": seconds}))
         return 0
     n = model.params()
@@ -106,12 +110,18 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"{model.name} ({size} parameters, global batch {model.global_batch} x {model.seq} "
           f"tokens) on {cluster.name}: {args.gpus or cluster.devices} devices, {cluster.notes}")
     print(f"{'#':>2} {'devices':>7} {'tp':>3} {'pp':>4} {'dp':>5} {'v':>2} {'mb':>3} {'M':>5} {'schedule':17s} "
-          f"{'recomp':6s} {'step':>9} {'tokens/s':>11} {'MFU':>6} {'bubble':>7} {'memory':>9}")
+          f"{'recomp':6s} {'shard':9s} {'step':>9} {'tokens/s':>11} {'MFU':>6} {'bubble':>7} {'memory':>9}")
     for i, p in enumerate(plans, 1):
         print(f"{i:>2} {p.devices:>7} {p.tp:>3} {p.pp:>4} {p.dp:>5} {p.stages_per_rank:>2} {p.microbatch_size:>3} "
-              f"{p.microbatches:>5} {p.schedule:17s} {'yes' if p.recompute else 'no':6s} {_seconds(p.step_time):>9} "
+              f"{p.microbatches:>5} {p.schedule:17s} {'yes' if p.recompute else 'no':6s} {p.shard:9s} "
+              f"{_seconds(p.step_time):>9} "
               f"{p.tokens_per_s:>11.4g} {p.mfu:>6.1%} {p.bubble_fraction:>7.1%} {p.memory_per_device / 2**30:>7.1f}Gi")
     print(f"\nplanned in {seconds:.1f}s; each plan listed was simulated in full")
+    if plans:
+        command, notes = train_command(plans[0], model, cluster)
+        print(f"run the best plan:\n  {command}")
+        for note in notes:
+            print(f"  ({note})")
     for line in assumptions:
         print(f"  - {line}")
     if args.png and plans:
@@ -401,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--microbatch-size", type=_positive_int, help="sequences per microbatch")
     pl.add_argument("--global-batch", type=_positive_int, help="sequences per optimizer step (default: the model's)")
     pl.add_argument("--stages-per-rank", type=_positive_int, help="stages per rank (interleaved: 2, 3 or 4)")
+    pl.add_argument("--shard", choices=["none", "optimizer", "gradients", "params"],
+                    help="over the dp replicas (default: each plan's first that fits: optimizer, gradients, params)")
     pl.add_argument("--top", type=_positive_int, default=10, help="plans to list")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.add_argument("--png", metavar="FILE", help="draw the best plan's simulated timeline (needs matplotlib)")

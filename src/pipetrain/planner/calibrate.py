@@ -34,7 +34,7 @@ def local_cluster(model: ModelSpec | None = None, microbatch_size: int = 4) -> C
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / cores
     what = f"one {model.name} block" if model is not None else "no block measured (0.5 assumed)"
     return ClusterSpec("local", cores, {"fp32": peak}, memory, cores, bandwidth, bandwidth, nic_latency=2e-4,
-                       domain_latency=2e-4, achievable=achievable, memory_reserved=0.2, dtype="fp32",
+                       domain_latency=2e-4, achievable=achievable, memory_reserved=0.2, dtype="fp32", backend="gloo",
                        notes=f"this machine: {cores} CPU cores as devices (1 thread each); measured matmul peak "
                              f"{peak / 1e9:.1f} GFLOP/s, {what} at {achievable:.0%} of it, copies at "
                              f"{bandwidth / 1e9:.1f} GB/s")

@@ -19,12 +19,16 @@ The cost model (all per device):
   once the pipeline is full, so long schedules are simulated short and extended exactly);
 - data parallelism: a ring reduce-scatter + all-gather of the first stage's gradients (bf16) over the
   NIC after its last backward (the other stages' overlap with the tail), plus the optimizer step;
-- memory: bf16 weights + fp32 gradients + (fp32 master + Adam m, v) sharded over dp (a distributed
-  optimizer), + the activations of the most microbatches a rank holds at once (from the simulation).
+- memory: as the runtime holds it (`memory.rank_memory`): fp32 weights and gradients, AdamW's moments
+  1/dp under a shard mode, the activations of the most microbatches a rank holds at once (from the
+  simulation; bf16's bytes, twice with fp32), and the moment a stage's reduction adds. Each plan takes the
+  first shard mode that fits (none without replicas; else optimizer, gradients, params: the same
+  communication), or the pinned one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -32,6 +36,7 @@ from functools import cache
 from ..schedule import Costs, build, names, simulate
 from ..schedule.placement import looped, vshape
 from ..schedule.registry import options, refusal
+from .memory import RankMemory, best_shard, rank_memory
 from .specs import ClusterSpec, ModelSpec
 
 MAX_STAGES_PER_RANK = 4
@@ -57,6 +62,7 @@ class Plan:
     dp_time: float  # exposed data-parallel reduction + optimizer
     pipeline_time: float
     simulated: bool  # False: the screening estimate only
+    shard: str = "none"  # over the dp replicas: none, optimizer (ZeRO-1), gradients (ZeRO-2), params (ZeRO-3)
 
     @property
     def devices(self) -> int:
@@ -76,6 +82,7 @@ class _Candidate:
     m: int
     schedule: str
     recompute: bool
+    shard: str | None = None  # pinned; None: the first that fits
 
 
 RANKED = 10  # plans simulated however few are asked for (plus the margin): one ranking for every `top`
@@ -83,8 +90,8 @@ RANKED = 10  # plans simulated however few are asked for (plus the margin): one 
 
 def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, tp: int | None = None,
          pp: int | None = None, dp: int | None = None, schedule: str | None = None,
-         microbatch_size: int | None = None, stages_per_rank: int | None = None, top: int = 10,
-         margin: int = 5) -> list[Plan]:
+         microbatch_size: int | None = None, stages_per_rank: int | None = None, shard: str | None = None,
+         top: int = 10, margin: int = 5) -> list[Plan]:
     """The `top` best plans, fastest first, every one simulated in full (exact schedule, per-stage costs).
     Pinned arguments restrict the search. The best `max(top, RANKED) + margin` screened estimates are
     simulated and re-ranked (an estimate is within a few percent of its simulation), so any `top` up to
@@ -94,7 +101,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, 
         raise ValueError(f"{devices} devices asked, the cluster {cluster.name!r} has {cluster.devices}")
     if schedule is not None and schedule not in names():
         raise ValueError(f"schedule {schedule!r} is not one of the registered schedules {names()}")
-    candidates = [c for c in _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size)
+    candidates = [dataclasses.replace(c, shard=shard)
+                  for c in _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size)
                   if stages_per_rank is None or c.v == stages_per_rank]
     if not candidates:
         raise ValueError(_why_none(model, cluster, devices, tp, pp, dp, microbatch_size))
@@ -104,7 +112,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, 
                          f"{model.name} needs more devices, more pipeline or tensor parallelism")
     screened.sort(key=lambda p: (p.step_time, p.devices))
     exact = [_evaluate(model, cluster, _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size,
-                                                  p.microbatches, p.schedule, p.recompute), exact=True)
+                                                  p.microbatches, p.schedule, p.recompute, shard), exact=True)
              for p in screened[:max(top, RANKED) + margin]]
     return sorted([p for p in exact if p is not None], key=lambda p: (p.step_time, p.devices))[:top]
 
@@ -177,8 +185,14 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: b
         mine = stages_of[busiest]
         pipeline_time, bubble, peak_in_flight = _screen(c, *(sum(x[s] for s in mine) / len(mine)
                                                           for x in (f, i_cost, w_cost)), costs.comm)
-    memory = _memory(model, cluster, c, peak_in_flight, math.ceil(model.layers / stages))
-    if memory > cluster.memory * (1 - cluster.memory_reserved):
+    limit = cluster.memory * (1 - cluster.memory_reserved)
+
+    def memory_of(shard: str) -> float:
+        return _memory(model, cluster, c, peak_in_flight, math.ceil(model.layers / stages), shard)
+
+    shard = c.shard or best_shard(c.dp, lambda s: memory_of(s) <= limit)
+    memory = memory_of(shard)
+    if memory > limit:
         return None
     dp_time = _dp_time(model, cluster, c)
     step = pipeline_time + dp_time
@@ -187,7 +201,7 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: b
     mfu = tokens_per_s * model.flops_per_token() / (c.tp * c.pp * c.dp * cluster.peak)
     hfu = mfu * (4 / 3 if c.recompute else 1.0)
     return Plan(c.tp, c.pp, c.dp, c.v, c.b, c.m, c.schedule, c.recompute, step, tokens_per_s, mfu, hfu, bubble,
-                memory, compute, dp_time, pipeline_time, exact)
+                memory, compute, dp_time, pipeline_time, exact, shard)
 
 
 def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs:
@@ -258,14 +272,32 @@ def _dp_time(model, cluster, c) -> float:
     return 2 * (c.dp - 1) / c.dp * volume / bandwidth + 2 * (c.dp - 1) * cluster.nic_latency
 
 
-def _memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int) -> float:
-    params = (c.v * blocks_per_stage * model.layer_params() + model.embedding_params()) / c.tp
-    weights = params * (2 + 4) + params * 12 / c.dp  # bf16 weights, fp32 grads; master + Adam sharded over dp
+def predicted_memory(model: ModelSpec, *, pp: int, dp: int, microbatch_size: int, microbatches: int, schedule: str,
+                     shard: str, precision: str = "bf16", backend: str = "nccl", stages_per_rank: int = 1,
+                     tp: int = 1, recompute: bool = False) -> RankMemory:
+    """The memory the plan model predicts for the fullest rank of a layout (the first stage's: it holds the
+    embedding), by what holds it: to set beside a measured run."""
+    c = _Candidate(tp, pp, dp, stages_per_rank, microbatch_size, microbatches, schedule, recompute, shard)
+    peaks = [s.peak_activations for s in simulate(_build(schedule, pp, microbatches, stages_per_rank, None)).per_rank]
+    cluster = ClusterSpec("predicted", tp * pp * dp, {precision: 1.0}, 0.0, 1, 1.0, 1.0, dtype=precision,
+                          backend=backend)
+    return _rank_memory(model, cluster, c, peaks[0], math.ceil(model.layers / (pp * stages_per_rank)), shard)
+
+
+def _memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int, shard: str) -> float:
+    return _rank_memory(model, cluster, c, peak_in_flight, blocks_per_stage, shard).peak
+
+
+def _rank_memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int, shard: str) -> RankMemory:
+    """The fullest rank's memory (the first stage's, holding the embedding): `memory.rank_memory`."""
+    stage = (blocks_per_stage * model.layer_params() + model.embedding_params()) / c.tp
+    params = stage + (c.v - 1) * blocks_per_stage * model.layer_params() / c.tp
+    width = 2.0 if cluster.dtype == "fp32" else 1.0  # (the activation model counts bf16's bytes)
     act = peak_in_flight * blocks_per_stage * model.layer_activation_bytes(c.b * model.seq, c.tp, c.recompute)
     if c.recompute:
         act += model.layer_activation_bytes(c.b * model.seq, c.tp, False)  # one block recomputed at a time
     logits = c.b * model.seq * model.vocab * 4 / c.tp  # fp32 logits of one microbatch on the last stage
-    return weights + act + logits
+    return rank_memory(params, stage, width * act + logits, dp=c.dp, shard=shard, backend=cluster.backend)
 
 
 # --- the schedule: simulated (exact) or estimated from a short simulation (screening) ---------------
@@ -368,7 +400,8 @@ def plan_assumptions(cluster: ClusterSpec) -> list[str]:
         "causality); MFU counts these, HFU adds recomputation",
         "activations per block and token: 34 x hidden / tp bytes (bf16, flash attention, sequence parallel); "
         "2 x hidden / tp with recomputation",
-        "memory: bf16 weights + fp32 gradients + fp32 master and Adam state sharded over dp; "
+        "memory as the runtime holds it: fp32 weights and gradients (bf16 autocast), AdamW state 1/dp under a "
+        "shard mode (each plan takes the first that fits: optimizer, gradients, params); "
         f"{cluster.memory_reserved:.0%} of memory kept free",
         "tensor parallel within a fast domain only, its all-reduces not overlapped; pipeline transfers inside "
         "the domain if a pipeline's devices fit in it, else over the NIC",

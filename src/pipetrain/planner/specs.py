@@ -97,6 +97,7 @@ class ClusterSpec:
     memory_reserved: float = 0.1  # fraction of memory kept free (allocator, buffers, fragmentation)
     dtype: str = "bf16"
     notes: str = ""
+    backend: str = "nccl"  # torch.distributed's: gloo's reduce-scatter / all-gather copy the buffer (memory)
 
     @property
     def peak(self) -> float:

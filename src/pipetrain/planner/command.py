@@ -1,0 +1,41 @@
+"""The command line that runs a plan with `pipetrain train`, and what of the plan it cannot run yet."""
+
+from __future__ import annotations
+
+from ..models import PRESETS
+from .plan import Plan
+from .specs import ClusterSpec, ModelSpec
+
+GPUS_PER_NODE = 8  # torchrun's processes per node where the cluster does not say (an HGX node)
+
+
+def train_command(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> tuple[str, list[str]]:
+    """(the torchrun command line, the notes that go with it): a plan's layout, schedule, batch, precision and
+    shard mode as `pipetrain train` flags. A note says what the runtime cannot run as planned."""
+    devices = plan.devices
+    notes = []
+    if cluster.name == "local":
+        launch = f"torchrun --standalone --nproc-per-node {devices}"
+    else:
+        per_node = min(devices, GPUS_PER_NODE, cluster.domain)
+        launch = (f"torchrun --nnodes {devices // per_node} --nproc-per-node {per_node} "
+                  "--rdzv-backend c10d --rdzv-endpoint HOST:29500")
+        notes.append("HOST: the first node's address; run the command on every node")
+    if model.name in PRESETS:  # (a model the trainer builds by name)
+        what = f"--preset {model.name}"
+    else:
+        what = f"--hf PATH/TO/{model.name}"
+        notes.append(f"PATH/TO/{model.name}: a Hugging Face folder of the model (config.json and weights)")
+    batch = plan.microbatch_size * plan.microbatches * plan.dp
+    flags = [what, f"--seq-len {model.seq}", f"--dp {plan.dp}", f"--schedule {plan.schedule}",
+             f"--microbatches {plan.microbatches}", f"--batch-size {batch}", f"--precision {cluster.dtype}"]
+    if plan.stages_per_rank > 1:
+        flags.append(f"--stages-per-rank {plan.stages_per_rank}")
+    if plan.shard != "none":
+        flags.append(f"--shard {plan.shard}")
+    if plan.recompute:
+        flags.append("--activation-checkpointing")
+    if plan.tp > 1:
+        notes.append(f"tp {plan.tp}: tensor parallelism is not in the runtime yet, so this plan cannot run as "
+                     f"planned; pin --tp 1 to plan what runs today")
+    return f"{launch} -m pipetrain train {' '.join(flags)}", notes

@@ -1,0 +1,72 @@
+"""The memory of one pipeline rank as pipetrain's runtime holds it, by shard mode, precision and backend.
+
+The runtime keeps fp32 parameters (bf16 is autocast: matmuls in bf16, weights and gradients fp32) and
+AdamW's two fp32 moments (1/dp of them under any shard mode). A rank's memory peaks at one of these moments
+of a step (bytes per parameter; "stage": of its largest stage):
+
+    activations: weights + optimizer state + the activations of the microbatches in flight (their peak,
+        before the first backward makes any gradient)
+    reduction: weights + state + gradients (whole: autograd makes them) + what the reduction of a stage adds
+        as it starts: none, the flat copy the all-reduce sums (+4 stage); optimizer, nothing (gradients move
+        into the buffer, freed one by one); gradients, the kept range (+4/dp stage); params, the range too,
+        but the stage's weights are released first (-4 + 4/dp stage)
+    optimizer step: weights, gradients (1/dp under gradients | params), state, and the all-gather of the
+        updates that follows it (optimizer | gradients)
+    gather (params): this replica's ranges, the state, and the weights gathered again at the step's start
+
+gloo's reduce-scatter and all-gather work on a copy of the whole buffer (+4 stage; measured: 52 and 49 MiB
+on a 49 MiB tensor, its all-reduce 2 MiB); NCCL's run in place. AdamW's foreach temporaries (~0.2 of its
+state, measured) are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SHARD_MODES = ("none", "optimizer", "gradients", "params")
+WEIGHT, GRAD, ADAM = 4.0, 4.0, 8.0  # bytes per parameter (fp32 weights and gradients, AdamW's m and v)
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank holds at each moment of a step that can be its peak, and between steps."""
+
+    moments: dict[str, float] = field(default_factory=dict)
+    between_steps: float = 0.0
+
+    @property
+    def peak(self) -> float:
+        return max(self.moments.values())
+
+
+def rank_memory(params: float, largest_stage: float, activations: float, *, dp: int, shard: str,
+                backend: str = "nccl") -> RankMemory:
+    """The memory of a rank holding `params` parameters (of which its largest stage `largest_stage`) and
+    `activations` bytes at their peak, under data parallelism over `dp` replicas with `shard`."""
+    if shard not in SHARD_MODES:
+        raise ValueError(f"shard={shard!r}: choose one of {', '.join(SHARD_MODES)}")
+    mode = shard if dp > 1 else "plain"
+    stage, copy = largest_stage, WEIGHT * largest_stage if backend == "gloo" else 0.0
+    weights = params * WEIGHT
+    own = weights / dp if mode == "params" else 0.0
+    state = params * ADAM / (dp if mode not in ("none", "plain") else 1)
+    grads = params * GRAD
+    moment = {"plain": 0.0, "none": GRAD * stage, "optimizer": 0.0, "gradients": GRAD * stage / dp + copy,
+              "params": (WEIGHT / dp - WEIGHT) * stage + copy}[mode]
+    grads_after = grads / dp if mode in ("gradients", "params") else grads
+    weights_after = own if mode == "params" else weights
+    gather_after = copy if mode in ("optimizer", "gradients") else 0.0
+    moments = {"activations": weights + own + state + activations,
+               "reduction": weights + own + state + grads + moment,
+               "optimizer step": weights_after + grads_after + state + gather_after}
+    if mode == "params":
+        moments["gather"] = own + state + weights + copy
+    return RankMemory(moments, weights_after + grads_after + state)
+
+
+def best_shard(dp: int, fits) -> str:
+    """The shard mode a plan takes: none without replicas; else the first of optimizer, gradients, params
+    whose memory `fits(shard)` (they cost the same communication; optimizer if none fits)."""
+    if dp == 1:
+        return "none"
+    return next((s for s in SHARD_MODES[1:] if fits(s)), "optimizer")
