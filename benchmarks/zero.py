@@ -13,8 +13,9 @@ step, where ZeRO-3 holds only its shards), and the median step time after the fi
 the optimizer state). All modes must give the same losses.
 
 Planner: the peak the planner's memory model predicts for the first stage's rank (`predicted_memory`, gloo,
-fp32), next to what was measured of the same: the peak resident memory less the memory once the trainer was
-built (torch, the data, the weights), plus the weights (ZeRO-3: and its own range of them).
+fp32), next to what was measured of the same: the peak resident memory during the steps (VmHWM, reset once
+the trainer was built) less the memory then (torch, the data, the weights), plus the weights (ZeRO-3: and
+its own range of them).
 
 Exposed reduction: the median over steps of the time the step waited on its stages' reductions after their
 REDUCE actions launched them (`pipe.last_step.waits`), next to the time the same collectives take alone
@@ -50,6 +51,16 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB on Linux)
 
 
+def _step_peak_from_here() -> None:
+    """Reset the process's peak resident memory (Linux), so the next `_step_peak` is of what follows."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _step_peak() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
 def _rss_now() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -70,6 +81,7 @@ def zero_rank(rank: int, world: int, settings: dict) -> dict:
     before = _rss()
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings))
     built = _rss_now()  # (torch, the data, the model's weights: before any step)
+    _step_peak_from_here()  # (what building the trainer held for a moment is not the steps')
     pipe = trainer.pipe
     params = sum(p.numel() for p in pipe.parameters())  # (before the first step: ZeRO-3 releases them after)
     sizes = [sum(p.numel() for p in stage.module.parameters() if p.requires_grad) for stage in pipe.stages.values()]
@@ -86,7 +98,8 @@ def zero_rank(rank: int, world: int, settings: dict) -> dict:
     return {"model": {k: info[k] for k in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len")},
             "weights": sum(sizes) * 4, "losses": losses, "step_time": statistics.median(times[1:]),
             "state_bytes": state,
-            "rss_before": before, "rss_built": built, "rss_peak": _rss(), "rss_between": _rss_now(), "params": params,
+            "rss_before": before, "rss_built": built, "rss_peak": _rss(), "steps_peak": _step_peak(),
+            "rss_between": _rss_now(), "params": params,
             "exposed": statistics.median(exposed[1:]), "alone": _reductions_alone(pipe, sizes, settings["shard"])}
 
 
@@ -129,7 +142,7 @@ def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int
     same = all(max(abs(a - b) for a, b in zip(rows[m][0]["losses"], rows["none"][0]["losses"], strict=True))
                < 1e-4 for m in MODES)
     def measured(r: dict, mode: str) -> float:  # (the model's part of the peak, as the planner counts it)
-        return r["rss_peak"] - r["rss_built"] + r["weights"] * (1.5 if mode == "params" else 1.0)
+        return r["steps_peak"] - r["rss_built"] + r["weights"] * (1.5 if mode == "params" else 1.0)
 
     return {"model": f"gpt {layers} x {d_model}", "settings": base, "same_losses": same,
             "planner_MiB": {mode: {"predicted": predicted[mode] / 2**20,
@@ -163,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode:<10} {rank:>4} {r['params_M']:>9.2f} {r['state_MiB']:>14.1f} {r['rss_peak_MiB']:>13.0f} "
                   f"{r['added_MiB']:>10.0f} {r['rss_between_steps_MiB']:>14.0f} {r['steps_per_s']:>8.3f} "
                   f"{r['reduce_exposed_ms']:>13.1f} / {r['reduce_alone_ms']:<10.1f}")
-    print("\nthe planner's memory model, rank 0 (predicted; measured: peak RSS - RSS once built + its weights):")
+    print("\nthe planner's memory model, rank 0 (predicted; measured: the steps' peak RSS - RSS once built + its "
+          "weights):")
     for mode, both in result["planner_MiB"].items():
         print(f"{mode:<10} predicted {both['predicted']:6.1f} MiB, measured {both['measured']:6.1f} MiB "
               f"({both['predicted'] / both['measured'] - 1:+.0%})")

@@ -154,7 +154,7 @@ def test_sharded_optimizer_gradients_and_params_equal_unsharded_and_checkpoints_
             assert torch.allclose(zero3[rank]["params"][name], want, rtol=1e-5, atol=1e-6), (rank, name)
         assert zero3[rank]["released"], "between steps ZeRO-3's parameters hold no data"
         assert zero3[rank]["gathers"] == sorted(f"{s}GATHER" for s in zero3[rank]["stages"])
-    accumulated = {**settings, "accumulation": 2, "steps": 3}
+    accumulated = {**settings, "accumulation": 2, "steps": 3, "schedule": "1f1b"}  # (tied across ranks: own bucket)
     ref = run_processes(4, trainer_state_bytes, accumulated)
     for shard in ("gradients", "params"):  # (steps that do not sync: no REDUCE, ZeRO-3's parameters stay whole)
         got = run_processes(4, trainer_state_bytes, {**accumulated, "shard": shard})

@@ -7,9 +7,9 @@ of a step (bytes per parameter; "stage": of its largest stage):
     activations: weights + optimizer state + the activations of the microbatches in flight (their peak,
         before the first backward makes any gradient)
     reduction: weights + state + gradients (whole: autograd makes them) + what the reduction of a stage adds
-        as it starts: none, the flat copy the all-reduce sums (+4 stage); optimizer, nothing (gradients move
-        into the buffer, freed one by one); gradients, the kept range (+4/dp stage); params, the range too,
-        but the stage's weights are released first (-4 + 4/dp stage)
+        as it starts: none and optimizer, nothing (gradients move into its buffer, freed one by one);
+        gradients, the kept range (+4/dp stage); params, the range too, but the stage's weights are released
+        first (-4 + 4/dp stage)
     optimizer step: weights, gradients (1/dp under gradients | params), state, and the all-gather of the
         updates that follows it (optimizer | gradients)
     gather (params): this replica's ranges, the state, and the weights gathered again at the step's start
@@ -51,7 +51,7 @@ def rank_memory(params: float, largest_stage: float, activations: float, *, dp: 
     own = weights / dp if mode == "params" else 0.0
     state = params * ADAM / (dp if mode not in ("none", "plain") else 1)
     grads = params * GRAD
-    moment = {"plain": 0.0, "none": GRAD * stage, "optimizer": 0.0, "gradients": GRAD * stage / dp + copy,
+    moment = {"plain": 0.0, "none": 0.0, "optimizer": 0.0, "gradients": GRAD * stage / dp + copy,
               "params": (WEIGHT / dp - WEIGHT) * stage + copy}[mode]
     grads_after = grads / dp if mode in ("gradients", "params") else grads
     weights_after = own if mode == "params" else weights

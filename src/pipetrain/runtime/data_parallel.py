@@ -1,10 +1,10 @@
 """Data parallelism across pipeline replicas: average each stage's gradients over the dp group.
 
-Each stage's gradients go into one flat buffer summed with one asynchronous all-reduce, launched by the
-stage's REDUCE action (right after its last B or W, `schedule.collectives`), so the reduction overlaps the
-rest of the pipeline's tail. `finish(scale)` waits (bounded) and copies the sums back times `scale`: 1/dp for
-a mean loss, 1/(the global token count) for a token-mean loss, whose normalization is known only once every
-replica has counted.
+Each stage's gradients move into one flat buffer (each freed as it moves) summed with one asynchronous
+all-reduce, launched by the stage's REDUCE action (right after its last B or W, `schedule.collectives`), so
+the reduction overlaps the rest of the pipeline's tail. `finish(scale)` waits (bounded), scales the sums by
+`scale` (1/dp for a mean loss, 1/(the global token count) for a token-mean loss, whose normalization is
+known only once every replica has counted) and makes each parameter's `.grad` its view of the buffer.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from ..schedule.actions import Action, finishes_weights
 from .comm import wait_replicas
 from .stage import Stage
-from .zero import ShardedGradients
+from .zero import ShardedGradients, move_gradients
 
 TIED = -1  # the gradient bucket of weights tied across ranks
 
@@ -40,10 +40,8 @@ class GradientAverager:
         params = self.buckets.get(key)
         if not params:
             return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        numels = [p.numel() for p in params]
+        flat = move_gradients(params, numels, sum(numels))
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._pending.append((key, work, flat))
 
@@ -54,8 +52,8 @@ class GradientAverager:
         return False
 
     def finish(self, scale: float) -> list[tuple[int, float, float]]:
-        """Wait for every started bucket and write its sum times `scale` into `.grad`. Returns each bucket's
-        wait (key, start, end) in `time.perf_counter()` seconds."""
+        """Wait for every started bucket; its sum times `scale` becomes `.grad` (views of the reduced buffer).
+        Returns each bucket's wait (key, start, end) in `time.perf_counter()` seconds."""
         pending, self._pending = self._pending, []
         waited = []
         for key, work, flat in pending:
@@ -66,7 +64,7 @@ class GradientAverager:
             offset = 0
             for p in self.buckets[key]:
                 n = p.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                p.grad = flat[offset:offset + n].view_as(p)
                 offset += n
         return waited
 

@@ -133,19 +133,7 @@ class ShardedGradients:
             return
         if self.mode == "params":  # (the stage's last use of its parameters this step is done: free them
             self._release(bucket)  # before the gradients' buffer is made)
-        # each gradient moves into the send buffer and is freed at once: the full gradients are held once
-        # (the buffer's pages are touched as they fill, so the process never holds both)
-        flat = torch.empty(bucket.shard * self.size, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
-        flat[bucket.size:].zero_()
-        at = 0
-        for p, n in zip(bucket.params, bucket.numels(), strict=True):
-            region = flat[at:at + n]
-            if p.grad is None:
-                region.zero_()
-            else:
-                region.copy_(p.grad.reshape(-1))
-                p.grad = None
-            at += n
+        flat = move_gradients(bucket.params, bucket.numels(), bucket.shard * self.size)
         if self.mode == "optimizer":
             work = dist.all_reduce(flat, group=self.group, async_op=True)
         else:  # in place: this replica's range of `flat` receives its sum
@@ -348,6 +336,24 @@ class ShardedGradients:
                 optimizer.state[piece.master] = {
                     k: v.reshape(-1)[piece.start:piece.stop].clone() if _like_param(k, v, piece.shape) else v
                     for k, v in state.items()}
+
+
+def move_gradients(params: Sequence[nn.Parameter], numels: Sequence[int], length: int) -> torch.Tensor:
+    """A new flat buffer of `length` elements holding the parameters' gradients end to end (zeros for a
+    missing one and past their end). Each gradient moves in and is dropped at once, so the full gradients
+    are held once: the buffer's pages are touched as they fill while the gradients' go."""
+    flat = torch.empty(length, dtype=params[0].dtype, device=params[0].device)
+    at = 0
+    for p, n in zip(params, numels, strict=True):
+        region = flat[at:at + n]
+        if p.grad is None:
+            region.zero_()
+        else:
+            region.copy_(p.grad.reshape(-1))
+            p.grad = None
+        at += n
+    flat[at:].zero_()
+    return flat
 
 
 def _shaped_like(value: Any, numel: int) -> bool:
