@@ -96,6 +96,7 @@ def zero_rank(rank: int, world: int, settings: dict) -> dict:
                 if isinstance(v, torch.Tensor) and v.dim())
     info = trainer.model_info
     return {"model": {k: info[k] for k in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len")},
+            "stages_per_rank": pipe.schedule.stages_per_rank,
             "weights": sum(sizes) * 4, "losses": losses, "step_time": statistics.median(times[1:]),
             "state_bytes": state,
             "rss_before": before, "rss_built": built, "rss_peak": _rss(), "steps_peak": _step_peak(),
@@ -138,7 +139,8 @@ def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int
                      model["vocab_size"], model["seq_len"], gated_mlp=False, global_batch=batch_size)
     predicted = {mode: predicted_memory(spec, pp=2, dp=2, microbatch_size=batch_size // (2 * microbatches),
                                         microbatches=microbatches, schedule=schedule, shard=mode, precision="fp32",
-                                        backend="gloo").peak for mode in MODES}
+                                        backend="gloo", stages_per_rank=rows["none"][0]["stages_per_rank"]).peak
+                 for mode in MODES}
     same = all(max(abs(a - b) for a, b in zip(rows[m][0]["losses"], rows["none"][0]["losses"], strict=True))
                < 1e-4 for m in MODES)
     def measured(r: dict, mode: str) -> float:  # (the model's part of the peak, as the planner counts it)
