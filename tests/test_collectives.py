@@ -44,6 +44,16 @@ def test_each_stage_reduces_right_after_its_last_weight_gradient_and_send(name, 
     assert S.loads_csv(S.dumps_csv(placed)) == placed
 
 
+def test_a_schedule_holding_one_kind_of_collective_gets_the_other():
+    # (a schedule simulated with --cost-gather holds GATHERs only: run with replicas it still reduces)
+    sched = S.build("1f1b", num_ranks=2, num_microbatches=4)
+    gathers = S.with_collectives(sched, reduce=False, gather=True)
+    both = S.with_collectives(gathers, reduce=True)
+    assert {a.op for acts in both.actions for a in acts if a.op.is_collective} == {Op.GATHER, Op.REDUCE}
+    assert S.with_collectives(both, reduce=True, gather=True) is both  # (kept as placed)
+    S.check(both)
+
+
 def _bulk_at_the_end(sched: Schedule) -> Schedule:
     """torch.distributed.pipelining's placement: every stage's reduction launched after the step's last action."""
     actions = [[*acts, *(Action(s, Op.REDUCE, 0) for s in sched.stages_of(r))] for r, acts in enumerate(sched.actions)]

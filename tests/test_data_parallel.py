@@ -95,7 +95,8 @@ def test_a_killed_rank_makes_every_other_rank_of_every_replica_fail_fast():
         assert r["error"] is not None, f"rank {rank} finished a step a peer never ran"
         assert r["error"].startswith(f"global rank {rank}") and "crashed or be stuck" in r["error"], r["error"]
         assert r["seconds"] < 20, r  # a closed connection, well before the 20 s timeout
-    assert "data-parallel all-reduce" in results[1]["error"]  # rank 1 waits on rank 3 (the step's loss)
+    # rank 1 waits on rank 3 (its replica) for their stage's gradient reduction
+    assert "data-parallel gradient all-reduce of stage 1" in results[1]["error"]
     assert "waiting on global rank 3 (pipeline rank 1)" in results[2]["error"]  # rank 2 on its activations
 
 
@@ -165,8 +166,9 @@ def test_sharded_optimizer_gradients_and_params_equal_unsharded_and_checkpoints_
 
 
 def test_zero3_parameters_are_gathered_whenever_used_and_never_stale():
-    # step, evaluate (gathers), optimizer step (the gathered weights go stale: released), evaluate, step,
-    # generate, state_dict: shard="params" gives the unsharded losses, tokens and weights
+    # weights loaded after building, step, evaluate (gathers), optimizer step (the gathered weights go stale:
+    # released), evaluate, step, generate, state_dict: shard="params" gives the unsharded losses, tokens and
+    # weights
     from workers import zero3_between_steps
 
     for rank, r in run_processes(2, zero3_between_steps, timeout=120).items():
@@ -174,6 +176,16 @@ def test_zero3_parameters_are_gathered_whenever_used_and_never_stale():
         assert r["params"]["tokens"] == r["none"]["tokens"]
         for name, want in r["none"]["state"].items():
             assert torch.allclose(r["params"]["state"][name], want, rtol=1e-5, atol=1e-6), name
+
+
+def test_a_stage_of_mixed_dtypes_averages_each_in_its_own_dtype():
+    from workers import mixed_dtype_replicas
+
+    results = run_processes(2, mixed_dtype_replicas, timeout=60)
+    for name, got in results[0]["averaged"].items():
+        want = (results[0]["mine"][name] + results[1]["mine"][name]) / 2
+        assert got.dtype == want.dtype and torch.allclose(got, want, rtol=1e-6), name
+        assert torch.equal(got, results[1]["averaged"][name])
 
 
 def test_replicas_whose_collectives_would_mix_up_are_refused_before_the_first_step():

@@ -190,6 +190,8 @@ def test_plans_take_the_first_shard_mode_that_fits_or_the_pinned_one():
     assert all(p.shard == ("optimizer" if p.dp > 1 else "none") for p in plans)
     pinned = plan(model, cluster, devices=1024, shard="params", top=3)
     assert {p.shard for p in pinned} == {"params"}
+    alone = plan(model, cluster, devices=64, dp=1, shard="params", top=1)  # (no replicas: nothing to shard)
+    assert alone[0].shard == "none"
     assert all(p.memory_per_device <= cluster.memory * 0.9 for p in pinned)
 
 

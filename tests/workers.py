@@ -508,9 +508,10 @@ def sharded_without_its_optimizer(rank: int, world: int) -> str:
 
 
 def zero3_between_steps(rank: int, world: int) -> dict:
-    """dp 2 x pp 1 GPT, unsharded and shard="params" side by side: step, evaluate (gathers), optimizer step
-    (updates the shards: the gathered weights are stale and must be released), evaluate, step, state_dict,
-    generate; the losses, tokens and weights of each."""
+    """dp 2 x pp 1 GPT, unsharded and shard="params" side by side: weights loaded after the pipeline was built
+    (the shards must take them), step, evaluate (gathers), optimizer step (updates the shards: the gathered
+    weights are stale and must be released), evaluate, step, state_dict, generate; the losses, tokens and
+    weights of each."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "pp"))
@@ -525,6 +526,8 @@ def zero3_between_steps(rank: int, world: int) -> dict:
         nn.Sequential(*copies).load_state_dict(nn.Sequential(*layers).state_dict())
         pipe = pt.Pipeline(copies, schedule=pt.schedules.build("1f1b", num_ranks=1, num_microbatches=2),
                            loss_fn=gpt_loss, mesh=mesh, shard=shard)
+        torch.manual_seed(2)
+        pipe.load_state_dict(nn.Sequential(*build_gpt(cfg)).state_dict())  # (as loading HF weights does)
         opt = pipe.optimizer(lambda groups: torch.optim.AdamW(groups, lr=1e-2))
         losses = [pipe.step(x, y), pipe.evaluate(x, y)]
         opt.step()
@@ -549,3 +552,33 @@ def replicas_reduce_in_another_order(rank: int, world: int) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def mixed_dtype_replicas(rank: int, world: int) -> dict:
+    """dp 2 x pp 1, unsharded, one stage holding an fp32 and a float64 parameter; each replica's batch its own:
+    the averaged gradients (each in its parameter's dtype) and this replica's own."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "pp"))
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale.float()
+
+    torch.manual_seed(0)
+    model = Scaled()
+    pipe = pt.Pipeline([model], schedule=pt.schedules.build("gpipe", num_ranks=1, num_microbatches=1),
+                       loss_fn=nn.functional.mse_loss, mesh=mesh)
+    torch.manual_seed(1 + rank)
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    pipe.step(x, y)
+    averaged = {n: p.grad.clone() for n, p in model.named_parameters()}
+    mine = Scaled()
+    mine.load_state_dict(model.state_dict())
+    nn.functional.mse_loss(mine(x), y).backward()
+    return {"averaged": averaged, "mine": {n: p.grad for n, p in mine.named_parameters()}}

@@ -31,10 +31,13 @@ def load_weights(pipe, directory: str | Path) -> None:
     the Pipeline (e.g. from a model built on the meta device). If it fails on any rank, it raises on every
     rank."""
     error = None
+    pipe.unshard()  # (shard="params": whole parameters to write into; the shards take them after)
     try:
         _load(pipe, Path(directory))
+        pipe.adopt_parameters()
     except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
         error = err
+        pipe.reshard()  # (a part-way load: drop the whole parameters; the shards still hold the old values)
     finally:
         _bin.cache_clear()
     _raise_everywhere(pipe, error, "load_weights")

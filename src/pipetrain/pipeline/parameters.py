@@ -50,23 +50,35 @@ class RankParameters:
         """Load this rank's layers from a state dict keyed `"{layer index}.{name}"` (more keys may be given:
         the whole model's state dict loads on every rank). With shard="params", collective over the replicas."""
         self.unshard()
-        for i, layer in self.layers.items():
-            prefix = f"{i}."
-            layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        try:
+            for i, layer in self.layers.items():
+                prefix = f"{i}."
+                layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        except BaseException:
+            self.reshard()  # (a part-way load: the next use gathers the shards' values, all old)
+            raise
         self.adopt_parameters()
 
     # --- shard="params" (ZeRO-3) ------------------------------------------------------------------------
     def unshard(self) -> None:
-        """With shard="params": make this rank's parameters whole. Between steps they hold no data (an empty
-        tensor; the optimizer's pieces hold this replica's range) and are all-gathered here, collective over
-        the replicas; they stay whole until the next step's reduction or optimizer step releases them.
-        evaluate, generate, state_dict, checkpoints and save_pretrained call it. Otherwise nothing."""
+        """With shard="params": make this rank's parameters whole. Between steps the trained ones hold no data
+        (an empty tensor; the optimizer's pieces hold this replica's range; frozen ones stay whole) and are
+        all-gathered here, collective over the replicas; they stay whole until the next step's reduction or
+        optimizer step releases them. evaluate, generate, state_dict, checkpoints, load_weights and
+        save_pretrained call it. Otherwise nothing."""
         if self._shards:
             self._shards.unshard()
 
+    def reshard(self) -> None:
+        """With shard="params": release this rank's whole parameters (the next use gathers them from the
+        shards), e.g. after a write into them that is not to be kept. Otherwise nothing."""
+        if self._shards:
+            self._shards.reshard()
+
     def adopt_parameters(self) -> None:
-        """With shard="params": after writing into the whole parameters (loading weights), this replica's
-        shards take their new values (no communication). Otherwise nothing."""
+        """With shard="params": after writing into the whole parameters (loading weights, any in-place write
+        into `parameters()` outside the optimizer), this replica's shards take their new values (no
+        communication); without it the next optimizer step would update the old ones. Otherwise nothing."""
         if self._shards:
             self._shards.take_written()
 

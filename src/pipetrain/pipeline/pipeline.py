@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,10 +59,11 @@ class Pipeline(RankParameters):
             which each stage's gradients are summed as soon as its last backward finishes; `step()` then takes
             this replica's share of the global batch. Default: every rank of the default process group is
             one pipeline.
-        shard: with replicas ("dp"), "optimizer" (ZeRO-1) or "gradients" (ZeRO-2): each replica's optimizer
-            owns 1/dp of every stage's parameters; build it with `pipe.optimizer(make)` (see
-            `RankParameters.optimizer`). "gradients" also reduce-scatters each stage's gradients when its
-            last B or W is done and frees the full ones. Default "none".
+        shard: with replicas ("dp"), "optimizer" (ZeRO-1), "gradients" (ZeRO-2) or "params" (ZeRO-3): each
+            replica's optimizer owns 1/dp of every stage's parameters; build it with `pipe.optimizer(make)`
+            (see `RankParameters.optimizer`). "gradients" also reduce-scatters each stage's gradients when its
+            last B or W is done and frees the full ones; "params" also releases the parameters between steps
+            (each stage's GATHER brings them back; `unshard()` for use outside a step). Default "none".
         device: where this rank's layers run (default: cuda:current for NCCL, else CPU).
         transport: instead of a process group, a transport (e.g. `InProcessHub(n).transport(rank)`).
         timeout: seconds any transfer may wait before the step fails naming the action and peer.
@@ -189,13 +189,16 @@ class Pipeline(RankParameters):
                 self._ties.sync(self.transport, self.timeout)
                 if sync:
                     self._averager.reduce(TIED)
+            # the reductions' waits, timed before the loss all-reduce (which may queue behind them: NCCL)
+            waited = self._averager.wait() if sync else []
             totals = self._finish(result)
+            self._record_reduce_waits(waited)
             window.add(totals, num_tokens)
             if sync_gradients:
                 self._window = None
                 factor = window.close(self.dp_size)
                 if sync:
-                    self._record_reduce_waits(self._averager.finish(factor))
+                    self._averager.finish(factor)
                 elif factor != 1.0:
                     for p in window.params:
                         if p.grad is not None:
@@ -239,7 +242,8 @@ class Pipeline(RankParameters):
         With `return_logprobs=True` it returns (tokens, logprobs): each token's log-probability (float32) under
         the model's own distribution (log-softmax of the logits: temperature 1, nothing cut), as training
         computes it. Layers must implement `forward_cached` (kv_cache.py). The
-        caches are freed on return; parameters, gradients and train/eval modes are left as they were.
+        caches are freed on return; parameters (with shard="params": whole), gradients and train/eval modes are
+        left as they were.
         `gather_timeline(of="generate")` then gives the call's measured timeline."""
         from .generate import generate
 
@@ -357,7 +361,7 @@ class Pipeline(RankParameters):
         waits = tuple(Event(self.rank, Action(key, Op.REDUCE, 0), start - t0, end - t0)
                       for key, start, end in waited if key != TIED)
         self.last_step = dataclasses.replace(last, waits=last.waits + waits,
-                                             step_time=max(last.step_time, time.perf_counter() - t0))
+                                             step_time=max([last.step_time, *(end - t0 for _, _, end in waited)]))
 
     def _shared_time_costs(self, layers: list[nn.Module], sample) -> list[float]:
         """Rank 0 measures (raise `timeout` for a large model); every rank partitions with its numbers so all

@@ -190,7 +190,7 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: b
     def memory_of(shard: str) -> float:
         return _memory(model, cluster, c, peak_in_flight, math.ceil(model.layers / stages), shard)
 
-    shard = c.shard or best_shard(c.dp, lambda s: memory_of(s) <= limit)
+    shard = "none" if c.dp == 1 else c.shard or best_shard(c.dp, lambda s: memory_of(s) <= limit)
     memory = memory_of(shard)
     if memory > limit:
         return None

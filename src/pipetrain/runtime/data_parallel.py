@@ -9,7 +9,6 @@ known only once every replica has counted) and makes each parameter's `.grad` it
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 from ..schedule.actions import Action, finishes_weights
 from .comm import wait_replicas
 from .stage import Stage
-from .zero import ShardedGradients, move_gradients
+from .zero import ShardedGradients, move_gradients, wait_all
 
 TIED = -1  # the gradient bucket of weights tied across ranks
 
@@ -33,17 +32,19 @@ class GradientAverager:
         self.size = dist.get_world_size(group)
         self.buckets = {key: [p for p in params if p.requires_grad] for key, params in buckets.items()}
         self.timeout = timeout
-        self._pending: list[tuple[int, object, torch.Tensor]] = []
+        self._pending: list[tuple[int, object, torch.Tensor, list[nn.Parameter]]] = []
 
     def reduce(self, key: int) -> None:
-        """Begin summing bucket `key` over the replicas (asynchronous). A missing gradient counts as zeros."""
-        params = self.buckets.get(key)
-        if not params:
-            return
-        numels = [p.numel() for p in params]
-        flat = move_gradients(params, numels, sum(numels))
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self._pending.append((key, work, flat))
+        """Begin summing bucket `key` over the replicas (asynchronous; one buffer per dtype and device of its
+        parameters). A missing gradient counts as zeros."""
+        kinds: dict[tuple, list[nn.Parameter]] = {}
+        for p in self.buckets.get(key, ()):
+            kinds.setdefault((p.dtype, p.device), []).append(p)
+        for params in kinds.values():
+            numels = [p.numel() for p in params]
+            flat = move_gradients(params, numels, sum(numels))
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            self._pending.append((key, work, flat, params))
 
     def gather(self, key: int) -> None:
         """(Parameters are whole on every replica: nothing to gather.)"""
@@ -51,22 +52,22 @@ class GradientAverager:
     def wait_gathered(self, key: int) -> bool:
         return False
 
-    def finish(self, scale: float) -> list[tuple[int, float, float]]:
-        """Wait for every started bucket; its sum times `scale` becomes `.grad` (views of the reduced buffer).
-        Returns each bucket's wait (key, start, end) in `time.perf_counter()` seconds."""
+    def wait(self) -> list[tuple[int, float, float]]:
+        """Wait for every started reduction (bounded); each one's wait (key, start, end), in
+        `time.perf_counter()` seconds."""
+        return wait_all(self._pending, self.timeout, "all-reduce")
+
+    def finish(self, scale: float) -> None:
+        """After `wait`: each started bucket's sum times `scale` becomes `.grad` (views of the reduced buffer)."""
+        self.wait()  # (at once when waited for)
         pending, self._pending = self._pending, []
-        waited = []
-        for key, work, flat in pending:
-            start = time.perf_counter()
-            wait_replicas(work, self.timeout, f"the data-parallel gradient all-reduce of stage {key}")
-            waited.append((key, start, time.perf_counter()))
+        for _, _, flat, params in pending:
             flat.mul_(scale)
             offset = 0
-            for p in self.buckets[key]:
+            for p in params:
                 n = p.numel()
                 p.grad = flat[offset:offset + n].view_as(p)
                 offset += n
-        return waited
 
     def settle(self) -> None:
         """(Nothing to do once the gradients are final: they are in `.grad`.)"""

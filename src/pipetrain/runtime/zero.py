@@ -211,21 +211,22 @@ class ShardedGradients:
             p.data = empty
         bucket.buffer = None
 
-    def finish(self, scale: float) -> list[tuple[int, float, float]]:
-        """Wait for every started bucket; write its reduced gradients times `scale` into `.grad` as unsharded
+    def wait(self) -> list[tuple[int, float, float]]:
+        """Wait for every started reduction (bounded); each one's wait (key, start, end), in
+        `time.perf_counter()` seconds."""
+        return wait_all(self._pending, self.timeout, "all-reduce" if self.mode == "optimizer" else "reduce-scatter")
+
+    def finish(self, scale: float) -> None:
+        """After `wait`: write each started bucket's reduced gradients times `scale` into `.grad` as unsharded
         data parallelism does (shard="optimizer"), or add this replica's range of them to the pieces'
-        gradients (shard="gradients"). Returns each bucket's wait (key, start, end), `time.perf_counter()`."""
-        how = "all-reduce" if self.mode == "optimizer" else "reduce-scatter"
+        gradients (shard="gradients" | "params")."""
+        self.wait()  # (at once when waited for)
         pending, self._pending = self._pending, []
         if pending and not self.has_optimizer:  # (an optimizer of the parameters would never see a gradient)
             raise RuntimeError(f"shard={self.mode!r}: build the optimizer with pipe.optimizer(make), which steps "
                                "on this replica's shard of the parameters and gathers the others' after each step; "
                                "an optimizer over pipe.parameters() would not train them")
-        waited = []
-        for key, work, buffer in pending:
-            start = time.perf_counter()
-            wait_replicas(work, self.timeout, f"the data-parallel gradient {how} of stage {key}")
-            waited.append((key, start, time.perf_counter()))
+        for key, _, buffer in pending:
             bucket = self.buckets[key]
             if self.mode == "optimizer":
                 flat = buffer.mul_(scale)
@@ -241,7 +242,6 @@ class ShardedGradients:
                     piece.master.grad = grad  # (a view: the reduced range is kept, nothing more)
                 else:
                     piece.master.grad.add_(grad)
-        return waited
 
     def settle(self) -> None:
         """After a synced step's gradients are final (`.grad` restored after its window): for
@@ -336,6 +336,16 @@ class ShardedGradients:
                 optimizer.state[piece.master] = {
                     k: v.reshape(-1)[piece.start:piece.stop].clone() if _like_param(k, v, piece.shape) else v
                     for k, v in state.items()}
+
+
+def wait_all(pending: Sequence[tuple], timeout: float, how: str) -> list[tuple[int, float, float]]:
+    """Wait for each (key, work, ...) of `pending` (bounded); each one's wait (key, start, end)."""
+    waited = []
+    for key, work, *_ in pending:
+        start = time.perf_counter()
+        wait_replicas(work, timeout, f"the data-parallel gradient {how} of stage {key}")
+        waited.append((key, start, time.perf_counter()))
+    return waited
 
 
 def move_gradients(params: Sequence[nn.Parameter], numels: Sequence[int], length: int) -> torch.Tensor:

@@ -24,11 +24,13 @@ from .base import Schedule, ScheduleError, _replace
 
 def with_collectives(schedule: Schedule, *, reduce: bool = True, gather: bool = False) -> Schedule:
     """`schedule` (compute-only or lowered) with a REDUCE per stage after its last weight gradient (`reduce`,
-    when it has a backward) and a GATHER per stage at the start (`gather`). A schedule that already holds
-    collectives keeps its own (`check` proves their places)."""
-    if any(a.op.is_collective for acts in schedule.actions for a in acts):
+    when it has a backward) and a GATHER per stage at the start (`gather`). A kind the schedule already holds
+    is kept as placed (`check` proves the places); only a missing kind is added."""
+    held = {a.op for acts in schedule.actions for a in acts if a.op.is_collective}
+    reduce = reduce and schedule.has_backward and Op.REDUCE not in held
+    gather = gather and Op.GATHER not in held
+    if not reduce and not gather:
         return schedule
-    reduce = reduce and schedule.has_backward
     actions = []
     for acts in schedule.actions:
         acts = list(acts)

@@ -360,6 +360,7 @@ class Trainer:
                 self.train_data.load_state_dict(data_state)
         except (ckpt.CheckpointError, ConfigError, OSError) as err:
             error = err
+            self.pipe.reshard()  # (shard="params": whatever was loaded part-way is dropped)
         fail_together(error, rank=self.global_rank, world_size=self.pipe.world_size * self.pipe.dp_size,
                       sum_all=self.pipe.all_reduce, what="resuming from the checkpoint", tell=True)
         if path is None:
