@@ -84,6 +84,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.count_tokens = count_tokens
         self.skipped_steps = 0
+        self.pipe.unshard()  # (shard="params": a stepped pipeline holds released parameters; groups read shapes)
         params = list(self.pipe.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
