@@ -36,7 +36,7 @@ from functools import cache
 from ..schedule import Costs, build, names, simulate
 from ..schedule.placement import looped, vshape
 from ..schedule.registry import options, refusal
-from .memory import RankMemory, best_shard, rank_memory
+from .memory import RankMemory, best_shard, first_rank_memory
 from .specs import ClusterSpec, ModelSpec
 
 MAX_STAGES_PER_RANK = 4
@@ -188,7 +188,7 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: b
     limit = cluster.memory * (1 - cluster.memory_reserved)
 
     def memory_of(shard: str) -> float:
-        return _memory(model, cluster, c, peak_in_flight, math.ceil(model.layers / stages), shard)
+        return _rank_memory(model, cluster, c, peak_in_flight, math.ceil(model.layers / stages), shard).peak
 
     shard = "none" if c.dp == 1 else c.shard or best_shard(c.dp, lambda s: memory_of(s) <= limit)
     memory = memory_of(shard)
@@ -284,20 +284,10 @@ def predicted_memory(model: ModelSpec, *, pp: int, dp: int, microbatch_size: int
     return _rank_memory(model, cluster, c, peaks[0], math.ceil(model.layers / (pp * stages_per_rank)), shard)
 
 
-def _memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int, shard: str) -> float:
-    return _rank_memory(model, cluster, c, peak_in_flight, blocks_per_stage, shard).peak
-
-
 def _rank_memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int, shard: str) -> RankMemory:
-    """The fullest rank's memory (the first stage's, holding the embedding): `memory.rank_memory`."""
-    stage = (blocks_per_stage * model.layer_params() + model.embedding_params()) / c.tp
-    params = stage + (c.v - 1) * blocks_per_stage * model.layer_params() / c.tp
-    width = 2.0 if cluster.dtype == "fp32" else 1.0  # (the activation model counts bf16's bytes)
-    act = peak_in_flight * blocks_per_stage * model.layer_activation_bytes(c.b * model.seq, c.tp, c.recompute)
-    if c.recompute:
-        act += model.layer_activation_bytes(c.b * model.seq, c.tp, False)  # one block recomputed at a time
-    logits = c.b * model.seq * model.vocab * 4 / c.tp  # fp32 logits of one microbatch on the last stage
-    return rank_memory(params, stage, width * act + logits, dp=c.dp, shard=shard, backend=cluster.backend)
+    return first_rank_memory(model, cluster, tp=c.tp, dp=c.dp, stages_per_rank=c.v, microbatch_size=c.b,
+                             recompute=c.recompute, peak_in_flight=peak_in_flight, blocks_per_stage=blocks_per_stage,
+                             shard=shard)
 
 
 # --- the schedule: simulated (exact) or estimated from a short simulation (screening) ---------------
