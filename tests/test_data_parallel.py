@@ -21,7 +21,8 @@ def test_dp2_pp2_gradients_equal_single_process_on_the_global_batch(schedule, ti
         assert r["got"], f"rank {rank} holds no parameters"
         for name, grad in r["got"].items():
             expected = r["expected"][name]
-            err = ((grad - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+            # (a key bias's gradient is zero up to rounding, softmax ignoring a shift of every key: floor 1e-6)
+            err = ((grad - expected).norm() / expected.norm().clamp_min(1e-6)).item()
             assert err <= 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
             covered.add(name)
         # the loss is the global batch's (the mean over replicas), on every rank

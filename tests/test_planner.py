@@ -209,9 +209,14 @@ def test_pipetrain_plan_prints_a_command_the_trainer_takes(capsys, monkeypatch):
     assert main(flags) == 2
     err = capsys.readouterr().err
     assert "launch it under torchrun" in err and "bad configuration" not in err
-    # a plan the runtime cannot run yet says so
-    assert main(["plan", "--model", "llama3-70b", "--cluster", "h100-16k", "--gpus", "512", "--tp", "8",
+    # a plan with tensor parallel runs it: the command says --tp, and the trainer lays out dp x pp x tp
+    assert main(["plan", "--model", "gpt-8x256", "--cluster", "h100-16k", "--gpus", "16", "--tp", "2",
                  "--top", "1", "--json"]) == 0
     best = json.loads(capsys.readouterr().out)["plans"][0]
-    assert best["tp"] == 8 and "--hf PATH/TO/llama3-70b" in best["command"]
-    assert any("tensor parallelism is not in the runtime yet" in note for note in best["notes"])
+    assert best["tp"] == 2 and " --tp 2" in best["command"]
+    assert not any("tensor" in note for note in best["notes"])
+    flags = best["command"].split(" -m pipetrain ")[1].split()
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert "launch it under torchrun" in err and "bad configuration" not in err

@@ -23,7 +23,8 @@ def assert_matches_reference(results_by_rank, world):
             grads.update(results_by_rank[r][key]["grads"])
         assert grads.keys() == ref["grads"].keys(), f"{key}: every parameter is owned by exactly one rank"
         for name, want in ref["grads"].items():
-            err = (grads[name] - want).norm() / want.norm().clamp_min(1e-12)
+            # (a key bias's gradient is zero up to rounding, softmax ignoring a shift of every key: floor 1e-6)
+            err = (grads[name] - want).norm() / want.norm().clamp_min(1e-6)
             assert err <= 1e-5, f"{key}: grad {name} relative error {err:.2e}"
 
 

@@ -65,7 +65,7 @@ def test_global_clipping_equals_single_process(tied):
         grads.update(r["grads"])
     for i, layer in enumerate(model):
         for n, p in layer.named_parameters():
-            err = (grads[(i, n)] - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
+            err = (grads[(i, n)] - p.grad).norm() / p.grad.norm().clamp_min(1e-6)
             assert err < 1e-5, (i, n, err.item())
     if tied:
         assert torch.equal(grads[(0, "tok.weight")], grads[(len(model) - 1, "proj.weight")])
@@ -108,7 +108,7 @@ def test_accumulation_equals_the_mean_over_the_batches():
     grads = {**results[0], **results[1]}
     for i, layer in enumerate(layers):
         for n, p in layer.named_parameters():
-            assert ((grads[(i, n)] - p.grad).norm() / p.grad.norm()) < 1e-5
+            assert ((grads[(i, n)] - p.grad).norm() / p.grad.norm().clamp_min(1e-6)) < 1e-5  # (key bias: ~0)
 
 
 def test_bf16_autocast_keeps_fp32_master_weights():
@@ -327,4 +327,4 @@ def test_trainer_token_mean_with_aux_losses_counts_each_window_up_front():
     changes = {**results[0][1], **results[1][1]}
     for (i, name), want in ref["grads"].items():
         got = changes[f"{i}.{name}"]
-        assert (got - want).norm() / want.norm().clamp_min(1e-12) < 1e-5, (i, name)
+        assert (got - want).norm() / want.norm().clamp_min(1e-6) < 1e-5, (i, name)

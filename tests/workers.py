@@ -14,6 +14,7 @@ from torch import nn
 import pipetrain as pt
 from pipetrain import spawn
 from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
+from pipetrain.runtime.tensor_parallel import whole
 
 STEPS = 5  # optimizer steps per exactness scenario: the loss curve checks updates, step 0 the gradients
 _RNG_LOCK = threading.Lock()  # in-process ranks are threads sharing torch's global RNG
@@ -229,7 +230,7 @@ def _small_corpus():
 def trainer_run(rank: int, world: int, settings: dict) -> dict:
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     history = trainer.fit()
-    params = {(i, n): p.detach().clone() for i, layer in trainer.pipe.layers.items()
+    params = {(i, n): whole(p.detach()).clone() for i, layer in trainer.pipe.layers.items()
               for n, p in layer.named_parameters()}
     return {"losses": [r["loss"] for r in history], "params": params, "history": history, "final": trainer.final_loss}
 

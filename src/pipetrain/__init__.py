@@ -27,6 +27,7 @@ _LAZY = {
     "DistTransport": "pipetrain.runtime.comm",
     "InProcessHub": "pipetrain.runtime.comm",
     "InProcessTransport": "pipetrain.runtime.comm",
+    "Split": "pipetrain.runtime.tensor_parallel",
 }
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from .pipeline.pipeline import Pipeline
     from .runtime.aux_loss import add_aux_loss, collect_aux_losses
     from .runtime.comm import CommError, DistTransport, InProcessHub, InProcessTransport
+    from .runtime.tensor_parallel import Split
     from .runtime.values import BadValueError
     from .train.config import ConfigError, TrainConfig
     from .train.runs import trainer_from_config
@@ -51,7 +53,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "Action", "BadValueError", "BalanceError", "CommError", "ConfigError", "Costs", "DistTransport", "InProcessHub",
-    "InProcessTransport", "Op", "Pipeline", "PipelinePlan", "Schedule", "ScheduleError", "SimResult", "Timeline",
+    "InProcessTransport", "Op", "Pipeline", "PipelinePlan", "Schedule", "ScheduleError", "SimResult", "Split",
+    "Timeline",
     "TrainConfig", "Trainer", "add_aux_loss", "collect_aux_losses", "partition", "plan_pipeline", "rank_partition",
     "schedules", "simulate", "trainer_from_config", "data",
 ]

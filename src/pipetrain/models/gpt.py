@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..flops import training_flops_per_token
+from ..runtime.tensor_parallel import Split, require_divisible
 from .common import assemble, document_mask, init_normal, split_inputs
 
 RESIDUAL = ("proj.weight", "out.weight")  # scaled at initialization (the head's proj too, as before)
@@ -62,6 +63,10 @@ class Embedding(nn.Module):
     def init_weights(self) -> None:
         init_normal(self, self.n_layers, RESIDUAL)
 
+    def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
+        require_divisible(tp, "the GPT", vocab_size=self.tok.num_embeddings)
+        return {"tok": Split.EMBEDDING}  # (the positions' table stays whole)
+
     def forward(self, inputs: torch.Tensor | dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids (b, t) -> (b, t, d); or, for packed documents, {"input_ids", "position_ids"} -> ((b, t, d),
         positions (b, t)), the positions going on to the blocks' document mask."""
@@ -83,9 +88,11 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.fc = nn.Linear(cfg.d_model, cfg.ffn)
@@ -96,6 +103,12 @@ class Block(nn.Module):
 
     def init_weights(self) -> None:
         init_normal(self, self.n_layers, RESIDUAL)
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
+        """Megatron's split: each tp rank runs n_heads / tp heads and ffn / tp of the MLP."""
+        require_divisible(tp, "the GPT", n_heads=self.n_heads, d_ff=self.fc.out_features)
+        return {"q": Split.COLUMNS, "k": Split.COLUMNS, "v": Split.COLUMNS, "proj": Split.ROWS,
+                "fc": Split.COLUMNS, "out": Split.ROWS}
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
         """(b, t, d) -> (b, t, d), causal; or (hidden, positions) -> the same pair, attending within documents."""
@@ -116,11 +129,12 @@ class Block(nn.Module):
         return self._block(x, attend)
 
     def _block(self, x: torch.Tensor, attend) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # each (b, t, d)
-        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        h = self.ln1(x)
+        # (b, h, t, hd) each; h = this rank's heads (n_heads / tp under tensor parallel)
+        q, k, v = (proj(h).view(b, t, -1, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
         y = attend(q, k, v)  # (b, h, t, hd)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, -1)))
         return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))  # (b, t, d)
 
 
@@ -135,6 +149,10 @@ class Head(nn.Module):
 
     def init_weights(self) -> None:
         init_normal(self, self.n_layers, RESIDUAL)
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
+        require_divisible(tp, "the GPT", vocab_size=self.proj.out_features)
+        return {"proj": Split.HEAD}
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.proj(self.ln(x[0] if isinstance(x, tuple) else x))
@@ -163,7 +181,7 @@ def gpt_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
 
 
 def flops_per_token(cfg: GPTConfig) -> float:
-    """Training FLOPs per token, by pipetrain.flops's convention (the planner's): qkv, proj and the MLP's two
+    """Training FLOPs per token, by pipetrain.flops's convention (the planner's): q, k, v, proj and the MLP's two
     matmuls per block, attention in full, the head."""
     d, f = cfg.d_model, cfg.ffn
     return training_flops_per_token(layers=cfg.n_layers, matmul_params=3 * d * d + d * d + 2 * d * f,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.tensor_parallel import Split, require_divisible
 from .hf_checkpoint import load_weights, save_pretrained
 
 __all__ = ["SUPPORTED", "causal_lm_loss", "from_hf", "load_weights", "save_pretrained"]
@@ -69,6 +70,9 @@ class _HFLayer(nn.Module):
             if module is not self:
                 self._init_module(module)
 
+    def _divisible(self, tp: int, **sizes: int) -> None:
+        require_divisible(tp, type(self.config).__name__, **sizes)
+
 
 class Embedding(_HFLayer):
     """inputs {"input_ids" (b, t), ["attention_mask" (b, t)], ["position_ids" (b, t)]} (or the ids alone)
@@ -94,6 +98,10 @@ class Embedding(_HFLayer):
         out["position_ids"] = positions.expand(ids.shape[0], -1).contiguous()  # (b, t): split with the batch
         return out
 
+    def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
+        self._divisible(tp, vocab_size=self.embed_tokens.num_embeddings)
+        return {"embed_tokens": Split.EMBEDDING}
+
     def forward_cached(self, ids: torch.Tensor, cache) -> dict:
         """Generation (pipetrain.generation.kv_cache): the new tokens (b, t); positions come from the cache."""
         return {"hidden_states": self.embed_tokens(ids)}
@@ -112,6 +120,25 @@ class DecoderLayer(_HFLayer):
         self.attention_type = types[index] if types else "sliding_attention" if sliding else "full_attention"
         accepted = inspect.signature(layer.forward).parameters  # the cache's keyword, renamed across versions
         self.cache_keyword = next((k for k in ("cache", "past_key_values", "past_key_value") if k in accepted), None)
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
+        """The model's own `base_model_tp_plan` (transformers' names: colwise, rowwise, and a per-head norm's
+        replicated_with_grad_allreduce), for this layer."""
+        config = self.config
+        self._divisible(tp, num_attention_heads=config.num_attention_heads,
+                        num_key_value_heads=config.num_key_value_heads, intermediate_size=config.intermediate_size)
+        known = {"colwise": Split.COLUMNS, "rowwise": Split.ROWS, "replicated_with_grad_allreduce": Split.GRAD_SUM}
+        plan = {}
+        for key, style in (getattr(config, "base_model_tp_plan", None) or {}).items():
+            if not key.startswith("layers.*."):
+                continue
+            if style not in known:
+                raise ValueError(f"{type(config).__name__}'s tensor-parallel plan splits {key} as {style!r}, which "
+                                 f"pipetrain does not run (it runs {', '.join(known)}): use tp=1 for this model")
+            plan["layer." + key[len("layers.*."):]] = known[style]
+        if not plan:
+            raise ValueError(f"{type(config).__name__} has no base_model_tp_plan for its decoder layers: use tp=1")
+        return plan
 
     def forward(self, x: dict) -> dict:
         hidden = x["hidden_states"]
@@ -141,6 +168,10 @@ class NormHead(_HFLayer):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
+        self._divisible(tp, vocab_size=self.lm_head.out_features)
+        return {"lm_head": Split.HEAD}
 
     def forward(self, x: dict) -> torch.Tensor:
         return self.lm_head(self.norm(x["hidden_states"]))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.comm import fail_together
+from ..runtime.tensor_parallel import local, part_like, whole
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -58,8 +59,8 @@ def _load(pipe, directory: Path) -> None:
         if value.shape != tensor.shape:
             raise ValueError(f"{name} has shape {tuple(value.shape)} in {files[name]} but {tuple(tensor.shape)} in "
                              "the model: the checkpoint is of another configuration")
-        with torch.no_grad():
-            tensor.copy_(value)
+        with torch.no_grad():  # (split by tensor parallel: this rank's part)
+            local(tensor).copy_(part_like(value, tensor, split=False))
         done.add(id(tensor))
     if missing:
         raise KeyError(f"{len(missing)} tensors of rank {pipe.rank}'s layers are not in the checkpoint in {directory}, "
@@ -73,7 +74,8 @@ COMPANIONS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 
 def save_pretrained(pipe, directory: str | Path, *, source: str | Path | None = None) -> None:
     """Write the pipeline's weights as a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained`
-    loads: each pipeline rank (of the first replica) writes its own shard, rank 0 the index and config.json
+    loads: each pipeline rank (of the first replica; tensor-parallel ranks gather their split tensors and the
+    first writes them) writes its own shard, rank 0 the index and config.json
     (and, from the `source` model folder, its generation config and tokenizer files: `COMPANIONS`).
     Call it on every rank; it returns once the directory is complete. `directory` must be on a filesystem
     every rank sees. If it fails on any rank, it raises on every rank."""
@@ -87,7 +89,7 @@ def save_pretrained(pipe, directory: str | Path, *, source: str | Path | None = 
         error = err
     _raise_everywhere(pipe, error, "save_pretrained (writing the shards)")
     try:
-        if pipe.dp_rank == 0 and pipe.rank == 0:
+        if pipe.dp_rank == 0 and pipe.rank == 0 and pipe.tp_rank == 0:
             _write_index(directory, [_shard(r, pipe.world_size) for r in range(pipe.world_size)])
             config = copy.deepcopy(next(iter(pipe.layers.values())).config)
             config.dtype = next(p.dtype for p in pipe.parameters() if p.is_floating_point())
@@ -109,7 +111,9 @@ def _write_shard(pipe, directory: Path) -> None:
     for names, tensor in _tensors(pipe):
         if id(tensor) not in seen and id(tensor) not in copies:  # a tied weight: saved once, by its first use
             seen.add(id(tensor))
-            tensors[names[0]] = tensor.detach().to("cpu").contiguous()
+            tensors[names[0]] = whole(tensor.detach()).to("cpu").contiguous()  # (collective over tp)
+    if pipe.tp_rank != 0:
+        return
     directory.mkdir(parents=True, exist_ok=True)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     save_file(tensors, str(directory / _shard(pipe.rank, pipe.world_size)),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..flops import training_flops_per_token
+from ..runtime.tensor_parallel import Split, require_divisible
 from .common import assemble, document_mask, init_normal, split_inputs
 
 RESIDUAL = ("wo.weight", "w_down.weight")  # the projections into the residual stream
@@ -76,6 +77,10 @@ class Embedding(nn.Module):
         idx, positions = split_inputs(inputs)
         return self.tok(idx) if positions is None else (self.tok(idx), positions)
 
+    def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
+        require_divisible(tp, "the Llama", vocab_size=self.tok.num_embeddings)
+        return {"tok": Split.EMBEDDING}
+
     def forward_cached(self, idx: torch.Tensor, cache) -> torch.Tensor:
         """Generation (kv_cache.py): positions enter in attention."""
         return self.tok(idx)
@@ -104,6 +109,14 @@ class Block(nn.Module):
         init_normal(self, self.n_layers, RESIDUAL)
         self.inv_freq.copy_(_inv_freq(self.head_dim, self.theta))
 
+    def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
+        """Megatron's split: each tp rank runs n_heads / tp query heads with their kv_heads / tp key/value heads,
+        and ffn / tp of the MLP."""
+        require_divisible(tp, "the Llama", n_heads=self.n_heads, n_kv_heads=self.kv_heads,
+                          d_ff=self.w_gate.out_features)
+        return {"wq": Split.COLUMNS, "wk": Split.COLUMNS, "wv": Split.COLUMNS, "wo": Split.ROWS,
+                "w_gate": Split.COLUMNS, "w_up": Split.COLUMNS, "w_down": Split.ROWS}
+
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
         """(b, t, d) -> (b, t, d), causal; or (hidden, positions) -> the same pair, RoPE at each token's position
         in its document and attention within documents."""
@@ -131,9 +144,10 @@ class Block(nn.Module):
     def _block(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         b, t, _ = x.shape
         h = self.attn_norm(x)
-        q = self.wq(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
-        k = self.wk(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, hd)
-        v = self.wv(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        # this rank's heads (n_heads / tp and kv_heads / tp under tensor parallel)
+        q = self.wq(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
+        k = self.wk(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, hd)
+        v = self.wv(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         angles = positions.float()[..., None] * self.inv_freq.float()  # (..., t, hd/2)
         cos, sin = (f(torch.cat([angles, angles], dim=-1)).to(q.dtype) for f in (torch.cos, torch.sin))  # (..., t, hd)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -154,6 +168,10 @@ class Head(nn.Module):
 
     def init_weights(self) -> None:
         init_normal(self, self.n_layers, RESIDUAL)
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
+        require_divisible(tp, "the Llama", vocab_size=self.proj.out_features)
+        return {"proj": Split.HEAD}
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.proj(self.norm(x[0] if isinstance(x, tuple) else x))

@@ -6,6 +6,7 @@ whatever `schedule=` was given (a Schedule, a name, a plan) into the schedule an
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -98,9 +99,9 @@ def _measured_together(layers, sample, measure_layers, mesh, transport, num_rank
                        timeout) -> tuple[list[float], float, int, int]:
     """(per-layer F, I, W, transfer seconds, pipeline ranks, this rank), measured on rank 0, the same on every
     rank."""
-    group, dp_group = groups_of(mesh, transport)
+    groups = groups_of(mesh, transport)
     # (a pipeline's own transport is built for the schedule chosen here: measure over a plain one)
-    probe = transport if transport is not None else DistTransport(group, split_directions=False)
+    probe = transport if transport is not None else DistTransport(groups.pp, split_directions=False)
     if num_ranks is not None and num_ranks != probe.world_size:
         raise ValueError(f"num_ranks={num_ranks}, but the pipeline has {probe.world_size} ranks; leave num_ranks "
                          "out on the pipeline's ranks")
@@ -118,10 +119,13 @@ def _measured_together(layers, sample, measure_layers, mesh, transport, num_rank
     def measure() -> list[float]:
         return [*measure_layers(), comm]
 
-    def sum_all(values: torch.Tensor) -> torch.Tensor:  # (NCCL: on the GPU)
-        return sum_over(dp_group, probe.all_reduce(values.to(getattr(probe, "device", "cpu")), timeout), timeout)
+    def sum_all(values: torch.Tensor) -> torch.Tensor:  # (NCCL: on the GPU); over the replicas too (dp and tp)
+        values = probe.all_reduce(values.to(getattr(probe, "device", "cpu")), timeout)
+        for group in groups.replicas:
+            sum_over(group, values, timeout)
+        return values
 
-    replicas = dist.get_world_size(dp_group) if dp_group is not None else 1
+    replicas = math.prod(dist.get_world_size(g) for g in groups.replicas)
     measured = measured_on_rank_0(measure, 3 * len(layers) + 1, rank=probe.rank, world_size=probe.world_size,
                                   sum_all=sum_all, replicas=replicas,
                                   what='timing the layers on `sample` for plan_pipeline (schedule="auto")')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,19 +53,38 @@ def splits_backward(schedule: Schedule) -> bool:
     return any(a.op is Op.W for acts in schedule.actions for a in acts)
 
 
-def groups_of(mesh: DeviceMesh | None, transport: Transport | None
-              ) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
-    """The (pipeline, data-parallel) process groups: a DeviceMesh's dimensions "pp" and "dp" (if any); none
-    without a mesh (the default group, or the in-process `transport`'s ranks)."""
+@dataclass(frozen=True)
+class Groups:
+    """A rank's process groups from a DeviceMesh: its pipeline ("pp"), its data-parallel replicas ("dp") and
+    its tensor-parallel group as a 1-d mesh ("tp"); None where the mesh has no such dimension (or no mesh)."""
+
+    pp: dist.ProcessGroup | None = None
+    dp: dist.ProcessGroup | None = None
+    tp: DeviceMesh | None = None
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size() if self.tp is not None else 1
+
+    @property
+    def replicas(self) -> list[dist.ProcessGroup]:
+        """The groups over which the ranks hold the same pipeline position (dp, then tp)."""
+        return [g for g in (self.dp, self.tp.get_group() if self.tp is not None else None) if g is not None]
+
+
+def groups_of(mesh: DeviceMesh | None, transport: Transport | None) -> Groups:
+    """The process groups of a DeviceMesh with dimensions "pp" and optionally "dp" and "tp"; none without a
+    mesh (the default group, or the in-process `transport`'s ranks)."""
     if mesh is None:
-        return None, None
+        return Groups()
     if transport is not None:
         raise ValueError("pass either mesh= or transport=, not both")
     names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
-    if "pp" not in names or not set(names) <= {"dp", "pp"}:
-        raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', got {names}: e.g. "
-                         "init_device_mesh('cpu', (dp, pp), mesh_dim_names=('dp', 'pp'))")
-    return mesh.get_group("pp"), (mesh.get_group("dp") if "dp" in names else None)
+    if "pp" not in names or not set(names) <= {"dp", "pp", "tp"}:
+        raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp' and 'tp', got {names}: e.g. "
+                         "init_device_mesh('cpu', (dp, pp, tp), mesh_dim_names=('dp', 'pp', 'tp'))")
+    tp = mesh["tp"] if "tp" in names and mesh["tp"].size() > 1 else None
+    return Groups(mesh.get_group("pp"), mesh.get_group("dp") if "dp" in names else None, tp)
 
 
 def check_shard(shard: str, dp_group) -> None:

@@ -9,9 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..runtime.data_parallel import sum_over
+from ..runtime.tensor_parallel import is_sharded, load_whole_state, local, part_like, whole_like, whole_state
+
 
 class RankParameters:
-    """A mixin of `Pipeline`: needs `stages`, `layer_ranges`, `_ties`, `_averager`, `shard` and `dp_group`."""
+    """A mixin of `Pipeline`: needs `stages`, `layer_ranges`, `_ties`, `_averager`, `shard`, `dp_group`, `tp_mesh`,
+    `device` and `timeout`."""
 
     @property
     def layers(self) -> dict[int, nn.Module]:
@@ -41,19 +45,21 @@ class RankParameters:
         return (p for p in self.parameters() if id(p) not in copies)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's layers' state, keyed `"{layer index}.{name}"` (as `nn.Sequential(*layers)`). With
-        shard="params", collective over the replicas (`unshard`)."""
+        """This rank's layers' state, keyed `"{layer index}.{name}"` (as `nn.Sequential(*layers)`), whole: with
+        tensor parallel, split tensors are gathered (collective over tp); with shard="params", collective over
+        the replicas (`unshard`)."""
         self.unshard()
-        return {f"{i}.{k}": v for i, layer in self.layers.items() for k, v in layer.state_dict().items()}
+        return {f"{i}.{k}": v for i, layer in self.layers.items() for k, v in whole_state(layer).items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load this rank's layers from a state dict keyed `"{layer index}.{name}"` (more keys may be given:
-        the whole model's state dict loads on every rank). With shard="params", collective over the replicas."""
+        the whole model's state dict loads on every rank; tensor-parallel ranks keep their parts of it). With
+        shard="params", collective over the replicas."""
         self.unshard()
         try:
             for i, layer in self.layers.items():
                 prefix = f"{i}."
-                layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+                load_whole_state(layer, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         except BaseException:
             self.reshard()  # (a part-way load: the next use gathers the shards' values, all old)
             raise
@@ -118,18 +124,20 @@ class RankParameters:
     def gradient_sum_of_squares(self) -> float:
         """This rank's part of the squared global gradient norm: summed over every rank of the job (e.g. with
         `all_reduce`) it is the norm's square, each weight counted once (tied weights too)."""
-        total = torch.zeros((), dtype=torch.float64)
         if self._shards:
             copies = self._ties.copies()
-            grads = [pc.master.grad for pc in self._shards.pieces() if id(pc.param) not in copies]
+            grads = [(pc.master.grad, pc.param) for pc in self._shards.pieces() if id(pc.param) not in copies]
             replicas = 1  # each replica holds its own range
         else:
-            grads = [p.grad for p in self.owned_parameters()]
+            grads = [(p.grad, p) for p in self.owned_parameters()]
             replicas = self.dp_size  # every replica holds the same reduced gradients
-        for g in grads:
-            if g is not None:
-                total += g.detach().double().pow(2).sum().cpu()
-        return float(total) / replicas
+        whole, split = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for g, p in grads:
+            if g is not None:  # (split by tensor parallel: summed over tp; whole ones, the same there, once)
+                (split if is_sharded(p) else whole).add_(local(g).detach().double().pow(2).sum().cpu())
+        if self.tp_mesh is not None:
+            split = sum_over(self.tp_mesh.get_group(), split.to(self.device), self.timeout, "a tensor-parallel sum")
+        return (float(whole) + float(split)) / replicas
 
     def zero_grad(self) -> None:
         """Drop this rank's gradients (the parameters' and, when sharded, their pieces')."""
@@ -140,17 +148,26 @@ class RankParameters:
                 piece.master.grad = None
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
-        """`{id(parameter): state}` for this rank's parameters, as an unsharded optimizer holds it. Sharded:
-        collective over the replicas (every replica's pieces are gathered, on every replica)."""
+        """`{id(parameter): state}` for this rank's parameters, as an unsharded optimizer of the whole model
+        holds it. Sharded: collective over the replicas (replica 0 gets every replica's pieces). Tensor
+        parallel: collective over tp (each split state whole)."""
         shards = self._shards
         if shards is None:
-            return {id(p): optimizer.state[p] for g in optimizer.param_groups for p in g["params"]
-                    if p in optimizer.state}
-        return shards.full_state(optimizer)
+            states = {id(p): optimizer.state[p] for g in optimizer.param_groups for p in g["params"]
+                      if p in optimizer.state}
+        else:
+            states = shards.full_state(optimizer)
+        if self.tp_mesh is None:
+            return states
+        return {id(p): {k: whole_like(v, p) for k, v in states[id(p)].items()}
+                for p in self.parameters() if id(p) in states}  # (the same order on every tp rank)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, states: dict[int, dict[str, Any]]) -> None:
         """Put `states` (`{id(parameter): state}`, as `optimizer_state` gives) into `optimizer`."""
         shards = self._shards
+        if self.tp_mesh is not None:  # this rank's parts: DTensors as the parameters, or a shard's plain slices
+            states = {id(p): {k: part_like(v, p, split=shards is None) for k, v in states[id(p)].items()}
+                      for p in self.parameters() if id(p) in states}
         if shards is None:
             by_id = {id(p): p for p in self.parameters()}
             for key, state in states.items():

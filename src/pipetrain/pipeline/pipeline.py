@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..runtime.comm import DistTransport, InProcessTransport, Transport
+from ..runtime.comm import DistTransport, InProcessTransport, Transport, wait_replicas
 from ..runtime.data_parallel import TIED, averager_for, sum_over
 from ..runtime.executor import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
 from ..runtime.stage import LossWeights, Stage
+from ..runtime.tensor_parallel import parallelize
 from ..runtime.ties import TiedWeights
-from ..runtime.values import flatten, shape_key, split_batch, to_device
 from ..runtime.window import Window
 from ..schedule import Action, Event, Op, Schedule, Timeline, lower, with_collectives
 from ..schedule.lowering import PREFETCH, message_order
@@ -23,6 +23,7 @@ from .auto_plan import PipelinePlan, plan_pipeline, schedule_to_run
 from .balance import Balance, resolve_balance
 from .checks import check_shard, checked_schedule, groups_of, splits_backward
 from .materialize import materialize
+from .microbatches import step_microbatches
 from .parameters import RankParameters
 from .profile import time_costs
 from .rank0_measure import measured_on_rank_0
@@ -53,12 +54,14 @@ class Pipeline(RankParameters):
             `(loss_sum, count)` for an exact token mean over the whole batch (see `step`).
         balance: layers per stage, or how to compute it: "uniform", "params", or "time" (profiles each
             layer on rank 0 with `sample`, one microbatch of input, and shares the result).
-        mesh: the ranks, as a DeviceMesh with dimensions named "pp" and optionally "dp", e.g.
-            `init_device_mesh("cpu", (dp, pp), mesh_dim_names=("dp", "pp"))`: "pp" is this pipeline's ranks,
-            "dp" this rank's data-parallel replicas (the same pipeline position in the other pipelines), over
-            which each stage's gradients are summed as soon as its last backward finishes; `step()` then takes
-            this replica's share of the global batch. Default: every rank of the default process group is
-            one pipeline.
+        mesh: the ranks, as a DeviceMesh with dimensions named "pp" and optionally "dp" and "tp", e.g.
+            `init_device_mesh("cpu", (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))`: "pp" is this pipeline's
+            ranks, "dp" this rank's data-parallel replicas (the same pipeline position in the other pipelines),
+            over which each stage's gradients are summed as soon as its last backward finishes (`step()` then
+            takes this replica's share of the global batch); "tp" the ranks that split each of its layers by the
+            layer's `tensor_parallel_plan` (runtime/tensor_parallel.py; they pass the same batch and hold the
+            same activations between layers). Default: every rank of the default process group is one
+            pipeline.
         shard: with replicas ("dp"), "optimizer" (ZeRO-1), "gradients" (ZeRO-2) or "params" (ZeRO-3): each
             replica's optimizer owns 1/dp of every stage's parameters; build it with `pipe.optimizer(make)`
             (see `RankParameters.optimizer`). "gradients" also reduce-scatters each stage's gradients when its
@@ -89,7 +92,8 @@ class Pipeline(RankParameters):
                  prefetch: int = PREFETCH, precision: str = "fp32", seed: int = 0,
                  num_microbatches: int | None = None, shard: str = "none") -> None:
         layers = list(layers)
-        group, dp_group = groups_of(mesh, transport)
+        groups = groups_of(mesh, transport)
+        dp_group = groups.dp
         check_shard(shard, dp_group)
         # what to run: a Schedule, a name, a PipelinePlan (schedule and split) or "auto" (planned here)
         if isinstance(schedule, str) and schedule == "auto":
@@ -97,10 +101,10 @@ class Pipeline(RankParameters):
                                      mesh=mesh, transport=transport, timeout=timeout)
         schedule, balance = schedule_to_run(schedule, balance, num_microbatches=num_microbatches,
                                             num_ranks=lambda: transport.world_size if transport is not None
-                                            else _group_size(group))
+                                            else _group_size(groups.pp))
         self.schedule = schedule = checked_schedule(schedule, layers, timeout, precision, balance, sample)
         self.timeout = float(timeout)
-        self.transport = transport or DistTransport(group, torch.device(device) if device is not None else None,
+        self.transport = transport or DistTransport(groups.pp, torch.device(device) if device is not None else None,
                                                     pairs=list(message_order(schedule)),
                                                     split_directions=split_directions)
         if self.transport.world_size != schedule.num_ranks:
@@ -111,6 +115,10 @@ class Pipeline(RankParameters):
         self.dp_group = dp_group
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
+        self.tp_mesh = groups.tp  # this rank's tensor-parallel group (a 1-d DeviceMesh), or None
+        self.tp_size = groups.tp_size
+        self.tp_rank = groups.tp.get_local_rank() if groups.tp is not None else 0
+        self._replica_groups = groups.replicas
         self.device = torch.device(device) if device is not None else self.transport.device
         # split
         self.balance = resolve_balance(balance, layers, schedule,
@@ -274,12 +282,21 @@ class Pipeline(RankParameters):
         """Ranks in this pipeline (one replica)."""
         return self.transport.world_size
 
+    @property
+    def job_size(self) -> int:
+        """Ranks of the job: this pipeline's, times its data-parallel replicas, times its tensor-parallel ranks."""
+        return self.world_size * self.dp_size * self.tp_size
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a small tensor (on any device) over every rank of the job: this pipeline's ranks, then the
-        replicas. In place; returns it."""
+        """Sum a small tensor (on any device) over this pipeline's ranks, then its data-parallel replicas; then
+        the largest over the tensor-parallel group, whose ranks hold the same values (each gets the sum once) or
+        raise flags of their own (a failure, a time limit: every rank sees them). In place; returns it."""
         moved = tensor.to(self.transport.device)
         self.transport.all_reduce(moved, self.timeout)
         sum_over(self.dp_group, moved, self.timeout)
+        if self.tp_mesh is not None:
+            wait_replicas(dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=self.tp_mesh.get_group(), async_op=True),
+                          self.timeout, "a tensor-parallel all-reduce")
         if moved is not tensor:
             tensor.copy_(moved)
         return tensor
@@ -302,47 +319,20 @@ class Pipeline(RankParameters):
             raise ValueError(f"checkpoint lists stages {unknown}, but the stages are 0..{num_stages - 1}")
         mine = {i: layers[i] for s in self.schedule.stages_of(self.rank) for i in self.layer_ranges[s]}
         self._ties.materialized(materialize(mine, self.device, seed))
-        return {s: Stage(s, num_stages, [layers[i].to(self.device) for i in self.layer_ranges[s]],
+        for layer in mine.values():
+            layer.to(self.device)
+        if self.tp_mesh is not None:
+            parallelize(mine, layers, self.tp_mesh)
+        return {s: Stage(s, num_stages, [layers[i] for i in self.layer_ranges[s]],
                          first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
                          autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device,
                          split_backward=splits_backward(self.schedule))
                 for s in self.schedule.stages_of(self.rank)}
 
     def _microbatches(self, inputs, targets, microbatches, *, grad: bool):
-        """This step's microbatches (inputs on the first stage's device, targets on the last's) and the
-        shape key of each, the same on every rank."""
-        m = self.schedule.num_microbatches
-        me = f"rank {self.rank}"
-        if microbatches is not None:
-            if inputs is not None or targets is not None:
-                raise ValueError("pass either inputs/targets or microbatches=, not both")
-            pairs = list(microbatches)
-            if len(pairs) != m or not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
-                raise ValueError(f"microbatches must be {m} (inputs, targets) pairs, one per microbatch of the "
-                                 f"schedule, got {len(pairs)} items")
-            xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
-            if any(x is None for x in xs):
-                raise ValueError(f"{me}: a microbatch has inputs None; pass the same microbatches on every rank")
-            ys = None if all(y is None for y in ys) else ys
-        else:
-            if inputs is None:
-                raise ValueError(f"{me}: step() got inputs=None; pass the same batch on every rank (each rank "
-                                 "uses the microbatches' shapes to know the shapes between stages)")
-            xs = split_batch(inputs, m, "inputs")
-            ys = split_batch(targets, m, "targets") if targets is not None else None
-            if ys is not None and _rows(inputs) != _rows(targets):
-                raise ValueError(f"inputs have {_rows(inputs)} rows but targets {_rows(targets)} (dim 0): they must "
-                                 "hold the same samples")
-        last = self.schedule.num_stages - 1
-        if last in self.stages and (ys is None or any(y is None for y in ys)):
-            raise ValueError(f"{me} runs stage {last} and needs `targets`, got None: pass the same batch to step() "
-                             "on every rank")
-        keys = [(shape_key(x), grad, self._training) for x in xs]
-        if 0 in self.stages:
-            xs = [to_device(x, self.device) for x in xs]
-        if last in self.stages:
-            ys = [to_device(y, self.device) for y in ys]
-        return xs, ys, keys
+        return step_microbatches(inputs, targets, microbatches, num_microbatches=self.schedule.num_microbatches,
+                                 rank=self.rank, stages=self.stages, last=self.schedule.num_stages - 1,
+                                 device=self.device, key=(grad, self._training))
 
     def _finish(self, result: RankStep) -> torch.Tensor:
         """Sum the ranks' partial losses over the pipeline and the replicas; record the step's loss."""
@@ -365,9 +355,15 @@ class Pipeline(RankParameters):
 
     def _shared_time_costs(self, layers: list[nn.Module], sample) -> list[float]:
         """Rank 0 measures (raise `timeout` for a large model); every rank partitions with its numbers so all
-        agree on the split (the mean over replicas with data parallelism)."""
+        agree on the split (the mean over replicas with data or tensor parallelism)."""
+        def sum_all(values: torch.Tensor) -> torch.Tensor:  # over the pipeline and its replicas (dp and tp)
+            values = self.transport.all_reduce(values.to(self.transport.device), self.timeout)
+            for group in self._replica_groups:
+                sum_over(group, values, self.timeout)
+            return values
+
         return measured_on_rank_0(lambda: time_costs(layers, sample), len(layers), rank=self.rank,
-                                  world_size=self.world_size, sum_all=self.all_reduce, replicas=self.dp_size,
+                                  world_size=self.world_size, sum_all=sum_all, replicas=self.dp_size * self.tp_size,
                                   what='timing the layers on `sample` for balance="time"')
 
 
@@ -378,6 +374,3 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
                            "torch.distributed.init_process_group() first (or pass an in-process transport)")
     return dist.get_world_size(group)
 
-
-def _rows(tree) -> int:
-    return flatten(tree)[0][0].shape[0]

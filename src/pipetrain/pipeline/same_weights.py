@@ -22,8 +22,8 @@ def fingerprint(layer: nn.Module) -> tuple[float, float, float]:
     for p in layer.parameters():
         if p.is_meta:
             return 0.0, 0.0, 0.0
-        local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor: this rank's shard
-        flat = local.detach().reshape(-1)
+        whole = p.full_tensor() if hasattr(p, "full_tensor") else p  # split by tensor parallel: collective over tp
+        flat = whole.detach().reshape(-1)
         sample = torch.nan_to_num(flat[::max(1, flat.numel() // SAMPLES)][:SAMPLES].double().cpu())
         total += float(sample.sum())
         weighted += float((sample * torch.arange(1, sample.numel() + 1, dtype=torch.float64)).sum())

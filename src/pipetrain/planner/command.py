@@ -36,6 +36,5 @@ def train_command(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> tuple[s
     if plan.recompute:
         flags.append("--activation-checkpointing")
     if plan.tp > 1:
-        notes.append(f"tp {plan.tp}: tensor parallelism is not in the runtime yet, so this plan cannot run as "
-                     f"planned; pin --tp 1 to plan what runs today")
+        flags.append(f"--tp {plan.tp}")
     return f"{launch} -m pipetrain train {' '.join(flags)}", notes

@@ -18,6 +18,7 @@ from torch import nn
 from ..schedule.actions import Action, finishes_weights
 from .comm import wait_replicas
 from .stage import Stage
+from .tensor_parallel import local, set_grad
 from .zero import ShardedGradients, move_gradients, wait_all
 
 TIED = -1  # the gradient bucket of weights tied across ranks
@@ -41,7 +42,7 @@ class GradientAverager:
         for p in self.buckets.get(key, ()):
             kinds.setdefault((p.dtype, p.device), []).append(p)
         for params in kinds.values():
-            numels = [p.numel() for p in params]
+            numels = [local(p).numel() for p in params]  # (under tensor parallel: this rank's slices)
             flat = move_gradients(params, numels, sum(numels))
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             self._pending.append((key, work, flat, params))
@@ -65,8 +66,8 @@ class GradientAverager:
             flat.mul_(scale)
             offset = 0
             for p in params:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p)
+                n = local(p).numel()
+                set_grad(p, flat[offset:offset + n].view_as(local(p)))
                 offset += n
 
     def settle(self) -> None:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tensor_parallel import is_dtensor
+
 
 class Deferral:
     """One stage's switch: while `pending` is a list (during I), linears append their W work to it."""
@@ -40,6 +42,8 @@ def defer_linears(modules: Iterable[nn.Module]) -> Deferral | None:
     for module in modules:
         if type(module) is not nn.Linear:  # subclasses may compute differently
             continue
+        if is_dtensor(module.weight):  # tensor parallel: DTensor's hooks redistribute around the product, and
+            continue  # autograd's own I / W split (split_backward.py) keeps them in the graph
         params = [p for p in (module.weight, module.bias) if p is not None]
         if any(owners[id(p)] > 1 for p in params):  # shared (tied) weights keep autograd's path
             continue

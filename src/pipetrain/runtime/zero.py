@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .comm import wait_replicas
+from .tensor_parallel import local, set_grad
 
 SHARD_MODES = ("none", "optimizer", "gradients", "params")
 # torch 2.13 renamed the tensor forms of these collectives (the old names warn); older torch has only those
@@ -103,27 +104,28 @@ class ShardedGradients:
             raise ValueError(f"shard={self.mode!r} keeps each stage's parameters in one buffer, but a stage holds "
                              f"parameters of {sorted(map(str, kinds))}: give a stage's parameters one dtype and "
                              "device, or shard='none'")
-        size = sum(p.numel() for p in params)
+        shapes = [local(p).shape for p in params]  # (under tensor parallel: this rank's slices)
+        size = sum(math.prod(shape) for shape in shapes)
         shard = math.ceil(size / self.size)
         buffer = torch.zeros(shard * self.size, dtype=params[0].dtype, device=params[0].device)
         lo, hi = self.rank * shard, (self.rank + 1) * shard
         at = 0
-        for p in params:
-            view = buffer[at:at + p.numel()]
-            view.copy_(p.detach().reshape(-1))
-            p.data = view.view_as(p)  # (the same Parameter, now stored in the bucket's buffer)
-            at += p.numel()
+        for p, shape in zip(params, shapes, strict=True):
+            view = buffer[at:at + math.prod(shape)]
+            view.copy_(local(p).detach().reshape(-1))
+            local(p).data = view.view(shape)  # (the same Parameter, now stored in the bucket's buffer)
+            at += view.numel()
         # ZeRO-3's range lives apart from the buffer, which is released between steps
         own = buffer[lo:hi].clone() if self.mode == "params" else None
         mine = own if own is not None else buffer[lo:hi]
         pieces, at = [], 0
-        for p in params:
-            start, stop = max(lo, at), min(hi, at + p.numel())
+        for p, shape in zip(params, shapes, strict=True):
+            start, stop = max(lo, at), min(hi, at + math.prod(shape))
             if start < stop:
                 pieces.append(Piece(p, start - at, stop - at, start - lo, nn.Parameter(mine[start - lo:stop - lo]),
-                                    p.shape))
-            at += p.numel()
-        return _Bucket(params, [p.shape for p in params], size, shard, pieces, buffer, own)
+                                    shape))
+            at += math.prod(shape)
+        return _Bucket(params, shapes, size, shard, pieces, buffer, own)
 
     # --- gradients ---------------------------------------------------------------------------------------
     def reduce(self, key: int) -> None:
@@ -196,7 +198,7 @@ class ShardedGradients:
         buffer = torch.empty(bucket.shard * self.size, dtype=bucket.own.dtype, device=bucket.own.device)
         at = 0
         for p, shape, n in zip(bucket.params, bucket.shapes, bucket.numels(), strict=True):
-            p.data = buffer[at:at + n].view(shape)  # (filled when the gather is waited for)
+            local(p).data = buffer[at:at + n].view(shape)  # (filled when the gather is waited for)
             at += n
         bucket.buffer = buffer
         bucket.gathering = _all_gather(buffer, bucket.own, group=self.group, async_op=True)
@@ -208,7 +210,7 @@ class ShardedGradients:
             bucket.gathering = None
         empty = bucket.own.new_empty(0)
         for p in bucket.params:
-            p.data = empty
+            local(p).data = empty
         bucket.buffer = None
 
     def wait(self) -> list[tuple[int, float, float]]:
@@ -231,8 +233,8 @@ class ShardedGradients:
             if self.mode == "optimizer":
                 flat = buffer.mul_(scale)
                 at = 0
-                for p, n in zip(bucket.params, bucket.numels(), strict=True):
-                    p.grad = flat[at:at + n].view_as(p)  # (views: the reduced buffer is the gradient)
+                for p, shape, n in zip(bucket.params, bucket.shapes, bucket.numels(), strict=True):
+                    set_grad(p, flat[at:at + n].view(shape))  # (views: the reduced buffer is the gradient)
                     at += n
                 continue  # (the pieces' gradients are views of .grad: `settle`)
             mine = self._mine(bucket, buffer).mul_(scale).clone()  # (only this range is kept, `buffer` goes)
@@ -250,9 +252,9 @@ class ShardedGradients:
             return
         for piece in self.pieces():
             p = piece.param
-            if p.grad is not None and not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
-            piece.master.grad = None if p.grad is None else p.grad.view(-1)[piece.start:piece.stop]
+            if p.grad is not None and not local(p.grad).is_contiguous():
+                set_grad(p, local(p.grad).contiguous())
+            piece.master.grad = None if p.grad is None else local(p.grad).view(-1)[piece.start:piece.stop]
 
     def abandon(self) -> None:
         """After a failed step: forget started reductions (the step's gradients are not used)."""
@@ -359,7 +361,7 @@ def move_gradients(params: Sequence[nn.Parameter], numels: Sequence[int], length
         if p.grad is None:
             region.zero_()
         else:
-            region.copy_(p.grad.reshape(-1))
+            region.copy_(local(p.grad).reshape(-1))
             p.grad = None
         at += n
     flat[at:].zero_()

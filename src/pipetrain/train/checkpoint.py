@@ -28,6 +28,8 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from ..runtime.tensor_parallel import load_whole_state, whole_state
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the file and what to do."""
@@ -71,14 +73,20 @@ def prune(root: Path, keep: int) -> list[Path]:
     return removed
 
 
-def write_shards(tmp: Path, rank: int, layers: dict[int, nn.Module], state_of: dict[int, dict]) -> None:
-    """This rank's part: one file per layer it holds (None: its layers have no parameters) with its weights
-    and their optimizer state (`state_of`: {id(parameter): state}, as `Pipeline.optimizer_state` gives),
-    and its RNG state."""
+def layer_shards(layers: dict[int, nn.Module], state_of: dict[int, dict]) -> dict[int, dict]:
+    """{layer index: {"model": its state dict, "optimizer": {parameter name: state}}} of `layers`, whole
+    (`state_of`: {id(parameter): state}, as `Pipeline.optimizer_state` gives). Collective over the
+    tensor-parallel group: split weights are gathered."""
+    return {index: {"model": _own_storage(whole_state(layer)),
+                    "optimizer": {name: state_of[id(p)] for name, p in layer.named_parameters() if id(p) in state_of}}
+            for index, layer in layers.items()}
+
+
+def write_shards(tmp: Path, rank: int, shards: dict[int, dict]) -> None:
+    """This rank's part: one file per layer it writes (`layer_shards`) and its RNG state."""
     tmp.mkdir(parents=True, exist_ok=True)
-    for index, layer in layers.items():
-        opt = {name: state_of[id(p)] for name, p in layer.named_parameters() if id(p) in state_of}
-        _atomic_save({"model": _own_storage(layer.state_dict()), "optimizer": opt}, tmp / f"layer_{index:04d}.pt")
+    for index, shard in shards.items():
+        _atomic_save(shard, tmp / f"layer_{index:04d}.pt")
     _atomic_save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
     _sync_dir(tmp)
 
@@ -149,7 +157,7 @@ def load_layers(path: Path, layers: dict[int, nn.Module]) -> dict[int, dict]:
         shard = _load(shard_path, "the checkpoint has fewer layers than this model (resume with the same model "
                                   "configuration)")
         try:
-            layer.load_state_dict(shard["model"])
+            load_whole_state(layer, shard["model"])  # (tensor parallel: each rank keeps its part)
         except (KeyError, RuntimeError) as err:
             raise CheckpointError(f"{shard_path} does not fit layer {index} ({type(layer).__name__}): "
                                   f"{str(err).splitlines()[0][:300]}") from None

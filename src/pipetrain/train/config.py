@@ -46,7 +46,8 @@ class TrainConfig:
     stages_per_rank: int | None = None
     microbatches: int = 4
     batch_size: int = 16  # sequences per step over all replicas (each replica: batch_size / dp, in microbatches)
-    dp: int = 1  # data-parallel replicas of the pipeline; pipeline ranks = world size / dp
+    dp: int = 1  # data-parallel replicas of the pipeline; pipeline ranks = world size / (dp x tp)
+    tp: int = 1  # tensor-parallel ranks splitting each layer (models with a tensor_parallel_plan)
     shard: str = "none"  # over the replicas, 1/dp per rank: "optimizer" (ZeRO-1), "gradients" (2), "params" (3)
     accumulation: int = 1  # pipeline steps per optimizer step
     balance: str = "params"
@@ -95,8 +96,11 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "checkpoint_every", "sample_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not isinstance(self.dp, int) or self.dp < 1:
-            raise ConfigError(f"dp must be a positive integer, got {self.dp!r}")
+        for name in ("dp", "tp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.tp > 1 and self.tie_embeddings:
+            raise ConfigError(f"tp={self.tp} does not split tied embeddings yet: drop tie_embeddings or use tp=1")
         if self.batch_size % (self.dp * self.microbatches):
             replicas = f"dp={self.dp} replicas x " if self.dp > 1 else ""
             raise ConfigError(f"batch_size={self.batch_size} does not split into {replicas}microbatches="
@@ -204,8 +208,8 @@ def warmup_cosine(step: int, *, warmup: int, total: int, lr: float, min_lr: floa
 
 
 def process_layout(config: TrainConfig, mesh, transport, device) -> tuple:
-    """(mesh, pipeline ranks): the (dp, pp) DeviceMesh for config.dp > 1 (built over the whole world unless
-    given), else `mesh` (None for one pipeline), and how many ranks a pipeline has."""
+    """(mesh, pipeline ranks): the (dp, pp[, tp]) DeviceMesh for config.dp or config.tp > 1 (built over the whole
+    world unless given), else `mesh` (None for one pipeline), and how many ranks a pipeline has."""
     mesh = _mesh_for(config, mesh, transport, device)
     return mesh, (mesh["pp"].size() if mesh is not None else _world_size(transport))
 
@@ -213,27 +217,38 @@ def process_layout(config: TrainConfig, mesh, transport, device) -> tuple:
 def _mesh_for(config: TrainConfig, mesh, transport, device):
     if mesh is not None:
         names = tuple(mesh.mesh_dim_names or ())
-        dp = mesh["dp"].size() if "dp" in names else 1
-        if dp != config.dp:
-            raise ConfigError(f"dp={config.dp}, but the mesh given has {dp} data-parallel replicas")
+        for name in ("dp", "tp"):
+            size = mesh[name].size() if name in names else 1
+            if size != getattr(config, name):
+                raise ConfigError(f"{name}={getattr(config, name)}, but the mesh given has {size} along {name!r}")
         return mesh
-    if config.dp == 1:
+    if config.dp == 1 and config.tp == 1:
         return None
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     if transport is not None:
-        raise ConfigError(f"dp={config.dp} lays out the whole torch.distributed world; pass no transport")
+        raise ConfigError(f"dp={config.dp} x tp={config.tp} lays out the whole torch.distributed world; pass no "
+                          "transport")
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: launch with torchrun")
     world = dist.get_world_size()
-    if world % config.dp:
-        raise ConfigError(f"dp={config.dp} does not divide the {world} ranks: launch a multiple of {config.dp} "
-                          "processes (pipeline ranks = world size / dp)")
+    _check_divides(config, world)
     import torch
 
     kind = torch.device(device).type if device is not None else "cpu"
-    return init_device_mesh(kind, (config.dp, world // config.dp), mesh_dim_names=("dp", "pp"))
+    if config.tp == 1:
+        return init_device_mesh(kind, (config.dp, world // config.dp), mesh_dim_names=("dp", "pp"))
+    shape = (config.dp, world // (config.dp * config.tp), config.tp)
+    return init_device_mesh(kind, shape, mesh_dim_names=("dp", "pp", "tp"))
+
+
+def _check_divides(config: TrainConfig, world: int) -> None:
+    replicas = config.dp * config.tp
+    if world % replicas:
+        names = f"dp={config.dp} x tp={config.tp}" if config.tp > 1 else f"dp={config.dp}"
+        raise ConfigError(f"{names} does not divide the {world} ranks: launch a multiple of {replicas} processes "
+                          "(pipeline ranks = world size / (dp x tp))")
 
 
 def _world_size(transport) -> int:
@@ -289,9 +304,8 @@ def check_hf_architecture(config: TrainConfig, hf_config) -> None:
 
 def check_fits(config: TrainConfig, world_size: int) -> None:
     """ConfigError if the model has fewer pipeline layers than the launch has stages, in the user's terms."""
-    if config.dp < 1 or world_size % config.dp:
-        raise ConfigError(f"dp={config.dp} does not divide the {world_size} launched processes")
-    ranks = world_size // config.dp
+    _check_divides(config, world_size)
+    ranks = world_size // (config.dp * config.tp)
     per_rank = config.stages_per_rank or default_stages_per_rank(config.schedule)
     stages = ranks * per_rank
     if config.hf is not None:

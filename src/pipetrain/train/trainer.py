@@ -17,9 +17,11 @@ from torch import nn
 from ..pipeline.pipeline import Pipeline
 from ..planner.calibrate import measure_peak_flops
 from ..runtime.comm import Transport, fail_together
+from ..runtime.tensor_parallel import local
 from ..runtime.values import flatten
 from ..schedule import build as build_schedule
 from . import checkpoint as ckpt
+from . import report
 from .config import ConfigError, NonFiniteError, TrainConfig, process_layout, warmup_cosine
 from .loader import BatchSource, share
 from .metrics import JsonlWriter, peak_memory_bytes, plot_losses
@@ -74,8 +76,8 @@ class Trainer:
                                                                                device, mesh)
         if isinstance(model, Pipeline) and loss_fn is not None:
             raise ConfigError("the Pipeline given has its own loss_fn; pass loss_fn only with a list of layers")
-        if self.pipe.dp_size != config.dp:
-            raise ConfigError(f"dp={config.dp}, but the pipeline has {self.pipe.dp_size} data-parallel replicas")
+        if (given := (self.pipe.dp_size, self.pipe.tp_size)) != (config.dp, config.tp):
+            raise ConfigError(f"(dp, tp) = {(config.dp, config.tp)}, but the pipeline given has {given}")
         if self.pipe.shard != config.shard:
             raise ConfigError(f"shard={config.shard!r}, but the pipeline given shards {self.pipe.shard!r}")
         self.global_rank = self.pipe.rank if transport is not None or not torch.distributed.is_initialized() \
@@ -101,7 +103,7 @@ class Trainer:
         self.peak_flops = None
         if flops_per_token is not None:  # every rank's measured matmul peak, summed over the job
             peak = torch.tensor([measure_peak_flops(self.pipe.device)], dtype=torch.float64)
-            self.peak_flops = float(self.pipe.all_reduce(peak)[0])
+            self.peak_flops = float(self.pipe.all_reduce(peak)[0]) * self.pipe.tp_size  # (tp ranks: the largest)
         if config.resume:
             self.load()
 
@@ -251,9 +253,9 @@ class Trainer:
             board = SummaryWriter(cfg.tensorboard)
         bar = progress_bar(cfg, self.step) if lead else None
         self._fit_start = time.perf_counter()
-        size = sum(p.numel() for p in self.pipe.parameters())
+        size = sum(local(p).numel() for p in self.pipe.parameters())  # (tensor parallel: this rank's part)
         self._say(f"training {self.model_info.get('name', 'a model')} ({size:,} parameters on global rank 0) on "
-                  f"{self._layout()}: schedule {self.pipe.schedule.name}, "
+                  f"{report.layout(self.pipe)}: schedule {self.pipe.schedule.name}, "
                   f"{self.pipe.schedule.num_microbatches} microbatches")
         if self.step == 0 and self.eval_set:
             first = self.evaluate()
@@ -285,11 +287,12 @@ class Trainer:
                 if closable is not None:
                     closable.close()
         if lead:
-            for line in summary_lines(self.history, final if self.eval_set else None,
-                                      time.perf_counter() - self._fit_start, self._layout(), self.skipped_steps):
+            elapsed = time.perf_counter() - self._fit_start
+            for line in summary_lines(self.history, final if self.eval_set else None, elapsed, report.layout(self.pipe),
+                                      self.skipped_steps):
                 self._say(line)
             if cfg.plot and self.history:
-                plot_losses(self.history, cfg.plot, title=f"{self.pipe.schedule.name}, {self._layout()}")
+                plot_losses(self.history, cfg.plot, title=f"{self.pipe.schedule.name}, {report.layout(self.pipe)}")
                 self._say(f"loss curve: {cfg.plot}")
         return self.history
 
@@ -319,15 +322,16 @@ class Trainer:
         # first one writes the layers
         states = self.pipe.optimizer_state(self.optimizer) if self.optimizer else {}
         self.pipe.unshard()  # (shard="params": the replicas' ranges gathered into whole weights)
-        ckpt.write_shards(tmp, self.global_rank, self.pipe.layers if self.pipe.dp_rank == 0 else {}, states)
+        shards = ckpt.layer_shards(self.pipe.layers, states) if self.pipe.dp_rank == 0 else {}  # (tp: gathered)
+        ckpt.write_shards(tmp, self.global_rank, shards if self.pipe.tp_rank == 0 else {})
         if self.global_rank == 0:
             ckpt.write_data_state(tmp, self.train_data.state_dict())
         self._barrier()  # every shard is on disk before rank 0 publishes
         path = None
         if self.global_rank == 0:
             manifest = {
-                "format": 2, "step": self.step, "world_size": self.pipe.world_size * self.pipe.dp_size,
-                "dp": self.pipe.dp_size, "pp": self.pipe.world_size, "num_layers": self.num_layers,
+                "format": 2, "step": self.step, "world_size": self.pipe.job_size, "dp": self.pipe.dp_size,
+                "pp": self.pipe.world_size, "tp": self.pipe.tp_size, "num_layers": self.num_layers,
                 "model": self.model_info,
                 "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "extra"},
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -362,7 +366,7 @@ class Trainer:
         except (ckpt.CheckpointError, ConfigError, OSError) as err:
             error = err
             self.pipe.reshard()  # (shard="params": whatever was loaded part-way is dropped)
-        fail_together(error, rank=self.global_rank, world_size=self.pipe.world_size * self.pipe.dp_size,
+        fail_together(error, rank=self.global_rank, world_size=self.pipe.job_size,
                       sum_all=self.pipe.all_reduce, what="resuming from the checkpoint", tell=True)
         if path is None:
             self._say(f"no checkpoint in {self.config.checkpoint_dir}: starting from step 0")
@@ -371,8 +375,8 @@ class Trainer:
             self.scheduler.load_state_dict(manifest["scheduler"])
             for group, lr in zip(self.optimizer.param_groups, manifest["scheduler"]["_last_lr"], strict=False):
                 group["lr"] = lr
-        same_layout = manifest["world_size"] == self.pipe.world_size * self.pipe.dp_size and \
-            manifest.get("dp", 1) == self.pipe.dp_size
+        same_layout = (manifest["world_size"], manifest.get("dp", 1), manifest.get("tp", 1)) == (
+            self.pipe.job_size, self.pipe.dp_size, self.pipe.tp_size)
         if not same_layout or not ckpt.load_rng(path, self.global_rank):
             torch.manual_seed(self.config.seed * 1_000_003 + manifest["step"] * 101 + self.global_rank)
         self.step = manifest["step"]
@@ -382,10 +386,6 @@ class Trainer:
     # --- helpers -------------------------------------------------------------------------------------
     def _barrier(self) -> None:
         self.pipe.all_reduce(torch.zeros(1, dtype=torch.float64))
-
-    def _layout(self) -> str:
-        world, dp = self.pipe.world_size, self.pipe.dp_size
-        return f"dp {dp} x pp {world} ranks" if dp > 1 else f"{world} ranks"
 
     def _say(self, text: str) -> None:
         if self.global_rank == 0:

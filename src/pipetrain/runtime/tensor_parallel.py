@@ -1,0 +1,185 @@
+"""Tensor parallel inside a stage: each layer's plan (which linears split by columns, by rows, by vocabulary)
+applied with torch's DTensor `parallelize_module`, and the local views of its parameters the rest of the
+runtime works on.
+
+A layer declares its plan with `tensor_parallel_plan(tp) -> {submodule name: Split}` (the reference GPT and
+Llama and the `from_hf` adapters do). Activations between layers, and so between stages, stay whole on every
+rank of the tp group (each sends its copy to the same tp coordinate of the next stage):
+
+    COLUMNS   y_local = x @ W[rows of this rank]^T         x (b, t, d) whole   -> y (b, t, out / tp)
+    ROWS      y = all_reduce(x_local @ W[:, cols]^T)       x (b, t, in / tp)   -> y (b, t, d) whole
+    EMBEDDING y = all_reduce(E[ids of this rank's rows])   ids (b, t)          -> (b, t, d) whole
+    HEAD      logits = all_gather(x @ W[vocab rows]^T)     x (b, t, d)         -> (b, t, vocab) whole
+    GRAD_SUM  a parameter kept whole whose gradient each rank computes from its own heads only (a per-head
+              norm): summed over the tp group in backward
+
+Parameters a plan does not name stay ordinary (replicated) tensors with the same gradient on every rank.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class Split(enum.Enum):
+    COLUMNS = "columns"
+    ROWS = "rows"
+    EMBEDDING = "embedding"
+    HEAD = "head"
+    GRAD_SUM = "grad_sum"
+
+
+def require_divisible(tp: int, model: str, **sizes: int) -> None:
+    """ValueError unless `tp` divides each of `sizes` (heads, key/value heads, vocabulary, ...)."""
+    bad = {name: n for name, n in sizes.items() if n % tp}
+    if bad:
+        listed = ", ".join(f"{name}={n}" for name, n in bad.items())
+        raise ValueError(f"tensor parallel tp={tp} must divide {listed} of {model}: each tp rank holds whole heads "
+                         f"and an equal part of the vocabulary; choose a tp that divides them (CLI: --tp)")
+
+
+def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], mesh) -> None:
+    """Split each of `layers` (this rank's, by index; whole, initialized alike on every tp rank) over the 1-d
+    tp `mesh` by its `tensor_parallel_plan`. Each rank keeps its own slice of the weights it built (no
+    communication). ValueError if no layer of the model has a plan (tp would only repeat the work)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    tp = mesh.size()
+    if not any(hasattr(layer, "tensor_parallel_plan") for layer in all_layers):
+        raise ValueError(f"tensor parallel (tp={tp}) needs layers that declare how they split, "
+                         "`tensor_parallel_plan(tp) -> {submodule: pipetrain.Split}` (the reference GPT and Llama and "
+                         "from_hf layers do); none of these layers does: use tp=1 or add the method")
+    owner: dict[int, int] = {}
+    for i, layer in enumerate(all_layers):
+        for p in layer.parameters():
+            if owner.setdefault(id(p), i) != i:
+                raise ValueError(f"layers {owner[id(p)]} and {i} share a parameter (tied weights, e.g. tied "
+                                 f"embeddings); tensor parallel (tp={tp}) does not split a tied weight yet: untie it "
+                                 "(tie_embeddings=False) or use tp=1")
+    group = mesh.get_group()
+    for layer in layers.values():
+        plan = layer.tensor_parallel_plan(tp) if hasattr(layer, "tensor_parallel_plan") else {}
+        styles = {}
+        for name, split in plan.items():
+            if split is Split.GRAD_SUM:
+                for p in layer.get_submodule(name).parameters():
+                    p.register_hook(_summed_over(group))
+            else:
+                styles[name] = _style(split)
+        if styles:
+            parallelize_module(layer, mesh, styles)
+        for p in layer.parameters():
+            if is_dtensor(p):
+                p.register_hook(_placed_like(p))
+
+
+def _placed_like(param: nn.Parameter):
+    """A gradient hook giving `param`'s gradient its own placement: DTensor's embedding backward returns the
+    whole (replicated) gradient of a vocabulary-split table, which would then accumulate into a `.grad` of
+    another shape than this rank's slice (redistributing a replicated one to a slice is local)."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if tuple(grad.placements) == tuple(param.placements):
+            return grad
+        return grad.redistribute(param.device_mesh, param.placements)
+
+    return hook
+
+
+def _style(split: Split):
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    style = {Split.COLUMNS: lambda: ColwiseParallel(),
+             Split.ROWS: lambda: RowwiseParallel(),
+             Split.EMBEDDING: lambda: RowwiseParallel(input_layouts=Replicate()),
+             Split.HEAD: lambda: ColwiseParallel(output_layouts=Replicate())}[split]()
+    style.src_data_rank = None  # every rank built the same whole weight: each keeps its slice, no broadcast
+    return style
+
+
+def _summed_over(group):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()  # (autograd's own buffer is not ours to write)
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    return hook
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (a parameter or gradient of a tensor-parallel layer: split, or replicated)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor of which each tp rank holds another part (a row-split linear's bias is a
+    replicated DTensor: the same on every tp rank)."""
+    return is_dtensor(t) and any(placement.is_shard() for placement in t.placements)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's own tensor of `t`: its slice for a DTensor (the very tensor it holds, so writes and `.data`
+    assignments reach the DTensor), `t` itself otherwise."""
+    if not is_dtensor(t):
+        return t
+    # the DTensor's own attribute: to_local() of a Parameter wraps it anew (torch 2.13), and a `.data`
+    # assignment to the wrapper would not reach the DTensor (FSDP2 reaches it the same way)
+    return t._local_tensor
+
+
+def set_grad(param: nn.Parameter, grad: torch.Tensor | None) -> None:
+    """`param.grad = grad`, where `grad` is this rank's own part (wrapped as a DTensor like `param`'s)."""
+    if grad is not None and is_dtensor(param):
+        from torch.distributed.tensor import DTensor
+
+        grad = DTensor.from_local(grad, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                  stride=param.stride())
+    param.grad = grad
+
+
+# --- whole tensors (checkpoints, exports) and this rank's parts of them ---------------------------------------
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (an all-gather: collective over its tp group); `t` itself otherwise."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def whole_like(value: Any, param: nn.Parameter) -> Any:
+    """An optimizer state value of `param`, whole: a DTensor's full tensor, or a plain tensor shaped like
+    `param`'s own slice (a sharded optimizer's) read as that slice (collective over tp); other values as they
+    are."""
+    if is_dtensor(value):
+        return value.full_tensor()
+    if is_dtensor(param) and isinstance(value, torch.Tensor) and value.dim() and value.shape == local(param).shape:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                  stride=param.stride()).full_tensor()
+    return value
+
+
+def part_like(value: Any, param: nn.Parameter, *, split: bool = True) -> Any:
+    """This rank's part of a whole `value` shaped like the split `param` (no communication): a DTensor placed
+    like it, or with `split=False` its plain slice; other values as they are."""
+    if not (is_dtensor(param) and isinstance(value, torch.Tensor) and value.dim() and value.shape == param.shape):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    part = distribute_tensor(value.to(local(param).device), param.device_mesh, param.placements, src_data_rank=None)
+    return part if split else part.to_local()
+
+
+def whole_state(module: nn.Module) -> dict[str, Any]:
+    """`module.state_dict()` with split tensors whole (collective over tp)."""
+    return {k: whole(v) if isinstance(v, torch.Tensor) else v for k, v in module.state_dict().items()}
+
+
+def load_whole_state(module: nn.Module, state: dict[str, Any]) -> None:
+    """`module.load_state_dict(state)` from whole tensors: each split one keeps this rank's part."""
+    current = module.state_dict()
+    module.load_state_dict({k: part_like(v, current[k]) if k in current else v for k, v in state.items()})

@@ -1,0 +1,135 @@
+"""Tensor-parallel scenarios run on every spawned gloo rank: dp x pp x tp against one process."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import pipetrain as pt
+from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
+from pipetrain.models.llama import LlamaConfig, build_llama
+
+STEPS = 3  # optimizer steps: step 0 checks the gradients, the loss curve the updates (AdamW on DTensors)
+
+
+def tiny_hf(family: str):
+    """A 4-layer random model from transformers (Llama, or Qwen3 with its per-head q/k norms) as (layers, loss_fn)."""
+    import transformers
+
+    from pipetrain.models.hf import from_hf
+
+    size = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+    if family == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**size, head_dim=8))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**size))
+    return from_hf(model)
+
+
+def build(model: str):
+    """(layers, loss_fn), the same on every rank after seeding."""
+    torch.manual_seed(0)
+    if model == "gpt":
+        return build_gpt(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=4, n_heads=2)), gpt_loss
+    if model == "llama":
+        cfg = LlamaConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=4, n_heads=4, n_kv_heads=2)
+        return build_llama(cfg), gpt_loss
+    return tiny_hf(model.removeprefix("hf-"))
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def tensor_parallel_scenario(rank: int, world: int, dp: int, tp: int, schedule: str, model: str,
+                             shard: str = "none") -> dict:
+    """A dp x pp x tp pipeline trained STEPS steps on the global batch's share of each replica; returns the
+    first step's gradients (whole; none under ZeRO-2/3, which keep only the optimizer's shards), the losses, the
+    trained parameters (whole), and the same from single-process training."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    pp = world // (dp * tp)
+    mesh = init_device_mesh("cpu", (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
+    layers, loss_fn = build(model)
+    reference, _ = build(model)
+    sched = pt.schedules.build(schedule, num_ranks=pp, num_microbatches=2 * pp)
+    m = sched.num_microbatches
+    torch.manual_seed(1)
+    batches = [(torch.randint(0, 64, (2 * m * dp, 8)), torch.randint(0, 64, (2 * m * dp, 8))) for _ in range(STEPS)]
+    inputs = (lambda ids: {"input_ids": ids}) if model.startswith("hf-") else (lambda ids: ids)
+
+    ref = nn.Sequential(*reference)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    ref_losses, ref_grads = [], None
+    for step, (x, y) in enumerate(batches):
+        loss = loss_fn(ref(inputs(x)), y)
+        if isinstance(loss, tuple):
+            loss = loss[0] / loss[1]
+        loss.backward()
+        ref_losses.append(loss.item())
+        if step == 0:
+            ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, mesh=mesh, timeout=60, shard=shard)
+    opt = pipe.optimizer(lambda groups: torch.optim.AdamW(groups, lr=1e-2))
+    names = {id(p): n for n, p in nn.Sequential(*layers).named_parameters()}
+    losses, grads = [], None
+    for step, (x, y) in enumerate(batches):
+        share = slice(pipe.dp_rank * 2 * m, (pipe.dp_rank + 1) * 2 * m)
+        losses.append(pipe.step(inputs(x[share]), y[share]))
+        if step == 0:
+            grads = {names[id(p)]: whole(p.grad) for p in pipe.parameters() if p.grad is not None}  # (ZeRO-2/3: none)
+            norm = float(pipe.all_reduce(torch.tensor([pipe.gradient_sum_of_squares()], dtype=torch.float64))[0])
+        opt.step()
+        opt.zero_grad()
+    split = sorted(names[id(p)] for p in pipe.parameters() if hasattr(p, "full_tensor"))
+    # generation on the same stages (the KV cache holds this rank's heads) against greedy decoding in one process
+    prompts = [batches[0][0][0, :5], batches[0][0][1, :3]]
+    generated = [t.tolist() for t in pipe.generate(prompts, 4)]
+    greedy = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = prompt[None]
+            for _ in range(4):
+                ids = torch.cat([ids, ref(inputs(ids))[:, -1:].argmax(-1)], dim=1)
+            greedy.append(ids[0, len(prompt):].tolist())
+    pipe.unshard()
+    trained = {names[id(p)]: whole(p.detach()) for p in pipe.parameters()}
+    ref_params = dict(ref.named_parameters())
+    return {"grads": grads, "expected": {n: ref_grads[n] for n in grads}, "losses": losses, "params": trained,
+            "reference_params": {n: ref_params[n].detach() for n in trained},
+            "reference_losses": ref_losses, "all_names": sorted(ref_grads), "split": split, "norm": norm,
+            "generated": generated, "greedy": greedy,
+            "reference_norm": sum(float(g.double().pow(2).sum()) for g in ref_grads.values()),
+            "coords": (pipe.dp_rank, pipe.rank, pipe.tp_mesh.get_local_rank() if pipe.tp_mesh else 0)}
+
+
+def tp_cases(rank: int, world: int, cases: list[tuple], refusals: bool = False) -> dict:
+    """`tensor_parallel_scenario` for each (dp, tp, schedule, model, shard) of `cases`, one after another on the
+    same ranks; with `refusals`, also the errors of layouts tensor parallel refuses (each raised on every rank)."""
+    out = {"cases": [tensor_parallel_scenario(rank, world, *case) for case in cases], "errors": {}}
+    if refusals:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (1, world // 2, 2), mesh_dim_names=("dp", "pp", "tp"))
+        for name, cfg in {"heads": GPTConfig(vocab_size=64, seq_len=8, d_model=12, n_layers=2, n_heads=3),
+                          "vocab": GPTConfig(vocab_size=63, seq_len=8, d_model=16, n_layers=2, n_heads=2),
+                          "tied": GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=2, n_heads=2,
+                                            tie_embeddings=True)}.items():
+            torch.manual_seed(0)
+            try:
+                pt.Pipeline(build_gpt(cfg), schedule="1f1b", num_microbatches=2, loss_fn=gpt_loss, mesh=mesh,
+                            timeout=30)
+            except ValueError as err:
+                out["errors"][name] = str(err)
+        torch.manual_seed(0)
+        plain = [nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh()]  # (no layer says how to split)
+        try:
+            pt.Pipeline(plain, schedule="1f1b", num_microbatches=2, loss_fn=nn.functional.mse_loss, mesh=mesh,
+                        timeout=30)
+        except ValueError as err:
+            out["errors"]["no plan"] = str(err)
+    return out
