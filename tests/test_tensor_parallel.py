@@ -45,8 +45,8 @@ def check_equal_to_one_process(results: dict, cases: list[tuple]) -> None:
             assert r["generated"] == r["greedy"], case  # the trained model, decoded with sharded KV heads
 
 
-PP_TP = [(1, 2, "1f1b", "gpt"), (1, 2, "zbv", "llama"), (1, 2, "interleaved-1f1b", "hf-llama"),
-         (1, 2, "1f1b", "hf-qwen3")]  # (Qwen3's per-head norms: their gradients summed over tp)
+PP_TP = [(1, 2, schedule, model) for model in ("gpt", "hf-llama") for schedule in ("1f1b", "zbv", "interleaved-1f1b")]
+PP_TP += [(1, 2, "dualpipev", "llama"), (1, 2, "1f1b", "hf-qwen3")]  # (Qwen3's per-head norms: summed over tp)
 
 
 def test_pp2_tp2_equals_one_process_and_refuses_what_it_cannot_split():
