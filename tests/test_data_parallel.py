@@ -143,10 +143,12 @@ def test_sharded_optimizer_gradients_and_params_equal_unsharded_and_checkpoints_
         # half, but for the padding of each bucket to a multiple of dp (a few elements x 2 states)
         assert abs(zero1[rank]["state_bytes"] - ref[rank]["state_bytes"] / 2) <= 256, \
             (rank, zero1[rank]["state_bytes"], ref[rank]["state_bytes"])
-    # the checkpoint holds each layer's own weights and state (not the stage buffer its weights are views of)
+    # the checkpoint holds each weight and its state once (not the stage buffer its weights are views of, nor
+    # one copy per replica: DCP writes a tensor several ranks hold once)
     numel = sum(t.numel() for r in ref.values() for t in r["params"].values()) // 2  # (replicas hold copies)
-    written = sum(f.stat().st_size for f in (tmp_path / "z1" / "step_00000003").glob("layer_*.pt"))
-    assert written < 1.05 * numel * 4 * 3 + 16384, (written, numel)  # weights, exp_avg, exp_avg_sq (+ pickling)
+    written = sum(f.stat().st_size for f in (tmp_path / "z1" / "step_00000003").glob("*.distcp"))
+    # weights, exp_avg, exp_avg_sq (+ DCP's per-tensor headers: 17% on this tiny model's ~300 tensors)
+    assert numel * 4 * 3 < written < 1.25 * numel * 4 * 3, (written, numel)
     zero3 = run_processes(4, trainer_state_bytes, {**settings, "shard": "params",
                                                    "resume": str(tmp_path / "z1" / "step_00000003")})
     assert zero3[0]["losses"] == pytest.approx(ref[0]["losses"][3:], rel=1e-5)

@@ -79,8 +79,9 @@ def test_a_plan_names_what_tp_must_divide():
 
 def test_trainer_tp2_equals_one_pipeline_and_checkpoints_reshard_across_tp(tmp_path):
     # pp 2 x tp 2 trains as pp 2 alone (same losses, clipped gradient norms, weights); its step-3 checkpoint
-    # (split weights and AdamW state gathered whole) resumes at pp 2 without tp, and a pp 2 checkpoint resumes
-    # at pp 1 x tp 2: each goes on as the uninterrupted run
+    # (torch.distributed.checkpoint: split weights written as their parts) resumes at pp 2 without tp, at pp 4
+    # and on ZBV's V stage map, and a pp 2 checkpoint resumes at pp 1 x tp 2: each goes on as the
+    # uninterrupted run
     from workers import trainer_run
 
     base = {"preset": "tiny", "steps": 5, "microbatches": 2, "batch_size": 8, "log_every": 100,
@@ -93,8 +94,14 @@ def test_trainer_tp2_equals_one_pipeline_and_checkpoints_reshard_across_tp(tmp_p
     assert all(r["grad_norm"] > base["grad_clip"] for r in tp[0]["history"]), "the test must actually clip"
     for rank in range(4):
         assert tp[rank]["losses"] == tp[0]["losses"]  # every rank reports the same numbers
-    resumed = run_processes(2, trainer_run, {**base, "checkpoint_dir": str(tmp_path / "tp2"), "resume": True})
+    saved = str(tmp_path / "tp2" / "step_00000003")
+    resumed = run_processes(2, trainer_run, {**base, "resume": saved})
     assert resumed[0]["losses"] == pytest.approx(one[0]["losses"][3:], rel=1e-5)
+    # ... at pp 4, and on a V schedule (ZBV: stages 0 and 3 on rank 0), from the same torch.distributed.checkpoint
+    wider = run_processes(4, trainer_run, {**base, "resume": saved, "microbatches": 4})  # (1F1B on 4: 4 needed)
+    assert wider[0]["losses"] == pytest.approx(one[0]["losses"][3:], rel=1e-5)
+    v_shaped = run_processes(2, trainer_run, {**base, "resume": saved, "schedule": "zbv"})
+    assert v_shaped[0]["losses"] == pytest.approx(one[0]["losses"][3:], rel=1e-5)
     widened = run_processes(2, trainer_run, {**base, "tp": 2, "resume": str(tmp_path / "pp2" / "step_00000003")})
     assert widened[0]["losses"] == pytest.approx(one[0]["losses"][3:], rel=1e-5)
     for rank in range(2):

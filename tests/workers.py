@@ -373,21 +373,22 @@ def dp_time_balance(rank: int, world: int) -> list[int]:
 
 
 def trainer_crash_in_save(rank: int, world: int, settings: dict, crash_step: int) -> dict:
-    """Rank 1 is SIGKILLed in the middle of writing its shard of the step-`crash_step` checkpoint, leaving a
+    """Rank 1 is SIGKILLed in the middle of writing its part of the step-`crash_step` checkpoint, leaving a
     torn file behind, as a node failure during a save would; rank 0 must fail fast, not hang."""
-    from pipetrain.train import checkpoint as ckpt
+    from pipetrain.train import distributed_checkpoint as dist_ckpt
 
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
     if rank == 1:
-        original = ckpt._atomic_save
+        original = dist_ckpt.save
 
-        def dying_save(obj, path):
+        def dying_save(directory, *args, **kwargs):
             if trainer.step == crash_step:
-                path.with_suffix(path.suffix + ".tmp").write_bytes(b"half a shard")
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / "__1_0.distcp").write_bytes(b"half a shard")
                 os.kill(os.getpid(), signal.SIGKILL)
-            original(obj, path)
+            return original(directory, *args, **kwargs)
 
-        ckpt._atomic_save = dying_save
+        dist_ckpt.save = dying_save
     try:
         trainer.fit()
     except pt.CommError as err:
@@ -583,3 +584,29 @@ def mixed_dtype_replicas(rank: int, world: int) -> dict:
     mine.load_state_dict(model.state_dict())
     nn.functional.mse_loss(mine(x), y).backward()
     return {"averaged": averaged, "mine": {n: p.grad for n, p in mine.named_parameters()}}
+
+
+def trainer_saves_format_2(rank: int, world: int, settings: dict, directory: str) -> list:
+    """Train, then write the checkpoint as pipetrain wrote it before torch.distributed.checkpoint (format 2:
+    a file per layer with its weights and AdamW state, a file per rank with its RNG, data.pt, the manifest)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings), corpus=_small_corpus())
+    history = trainer.fit()
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    states = trainer.pipe.optimizer_state(trainer.optimizer)
+    for index, layer in trainer.pipe.layers.items():
+        opt = {name: states[id(p)] for name, p in layer.named_parameters() if id(p) in states}
+        torch.save({"model": layer.state_dict(), "optimizer": opt}, path / f"layer_{index:04d}.pt")
+    torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save(trainer.train_data.state_dict(), path / "data.pt")
+        config = {k: v for k, v in dataclasses.asdict(trainer.config).items() if k != "extra"}
+        (path / "manifest.json").write_text(json.dumps({
+            "format": 2, "step": trainer.step, "world_size": world, "dp": 1, "pp": world,
+            "num_layers": trainer.num_layers, "model": trainer.model_info, "config": config,
+            "scheduler": trainer.scheduler.state_dict()}))
+    return [r["loss"] for r in history]

@@ -1,19 +1,19 @@
-"""Checkpoints: one shard per layer (weights + optimizer state) and a manifest, written atomically.
+"""Checkpoint directories: a manifest, atomic publishing, `latest`, pruning; and the reader of pipetrain's
+own earlier format (format 2). What a checkpoint holds is written by `distributed_checkpoint` (DCP).
 
-    DIR/step_00000010/manifest.json   step, config, layer count, model description, LR scheduler
-    DIR/step_00000010/layer_0003.pt   {"model": layer state_dict, "optimizer": {param name: AdamW state}}
-    DIR/step_00000010/rng_rank0.pt    each rank's torch RNG state
-    DIR/step_00000010/data.pt         where the batch source is (batches drawn, its own state)
+    DIR/step_00000010/manifest.json   format, step, layout (dp, pp, tp), config, layer count, model description
+    DIR/step_00000010/.metadata, __0_0.distcp, ...   torch.distributed.checkpoint's files (format 3)
     DIR/latest                        the name of the newest complete checkpoint
 
-Shards are keyed by layer index, so a run resumes on any number of pipeline ranks: each rank loads the
-layers its new stages hold. Every rank writes into DIR/.tmp-step_00000010 (each file under a temporary name,
-flushed to disk, then renamed); after all have finished, rank 0 writes the manifest, renames the directory
-into place and then rewrites `latest` (atomic renames, the directory entries flushed too), so a crash or a
-kill mid-save leaves the last complete checkpoint intact. `prune` keeps the newest K.
+Every rank writes into DIR/.tmp-step_00000010; after all have finished, rank 0 writes the manifest (under a
+temporary name, flushed to disk, then renamed), renames the directory into place and then rewrites `latest`
+(atomic renames, the directory entries flushed too), so a crash or a kill mid-save leaves the last complete
+checkpoint intact. `prune` keeps the newest K.
 
-Reading checks what it reads and names the file: a truncated or garbage shard, a broken manifest, a
-`latest` naming nothing raise `CheckpointError` (the trainer makes every rank raise it, see `Trainer.load`).
+Format 2 (read only, for runs saved before DCP): `layer_0003.pt` per layer ({"model": state dict,
+"optimizer": {param name: state}}), `rng_rank0.pt` per rank, `data.pt`. Reading checks what it reads and
+names the file: a truncated or garbage shard, a broken manifest, a `latest` naming nothing raise
+`CheckpointError` (the trainer makes every rank raise it, see `Trainer.load`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from ..runtime.tensor_parallel import load_whole_state, whole_state
+from ..runtime.tensor_parallel import load_whole_state
 
 
 class CheckpointError(ValueError):
@@ -71,31 +71,6 @@ def prune(root: Path, keep: int) -> list[Path]:
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
-
-
-def layer_shards(layers: dict[int, nn.Module], state_of: dict[int, dict]) -> dict[int, dict]:
-    """{layer index: {"model": its state dict, "optimizer": {parameter name: state}}} of `layers`, whole
-    (`state_of`: {id(parameter): state}, as `Pipeline.optimizer_state` gives). Collective over the
-    tensor-parallel group: split weights are gathered."""
-    return {index: {"model": _own_storage(whole_state(layer)),
-                    "optimizer": {name: state_of[id(p)] for name, p in layer.named_parameters() if id(p) in state_of}}
-            for index, layer in layers.items()}
-
-
-def write_shards(tmp: Path, rank: int, shards: dict[int, dict]) -> None:
-    """This rank's part: one file per layer it writes (`layer_shards`) and its RNG state."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    for index, shard in shards.items():
-        _atomic_save(shard, tmp / f"layer_{index:04d}.pt")
-    _atomic_save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
-    _sync_dir(tmp)
-
-
-def _own_storage(state: dict) -> dict:
-    """`state` with every tensor that is a view of a larger storage copied out: torch.save writes a view's
-    whole storage (with shard= each stage's parameters are views of one buffer)."""
-    return {k: v.clone() if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() > v.nbytes else v
-            for k, v in state.items()}
 
 
 def discard(tmp: Path) -> None:
@@ -148,6 +123,15 @@ def _load(file: Path, what: str) -> dict:
     return loaded
 
 
+def load_format_2(path: Path, pipe, optimizer: torch.optim.Optimizer | None, train_data) -> None:
+    """Resume `pipe`, `optimizer` and the batch source from a checkpoint of this earlier format."""
+    states = load_layers(path, pipe.layers)
+    pipe.adopt_parameters()
+    if optimizer is not None:
+        pipe.load_optimizer_state(optimizer, states)
+    train_data.load_state_dict(read_data_state(path))
+
+
 def load_layers(path: Path, layers: dict[int, nn.Module]) -> dict[int, dict]:
     """Load the given layers' weights from a checkpoint directory; return their optimizer state,
     {id(parameter): state} (for `Pipeline.load_optimizer_state`)."""
@@ -168,10 +152,6 @@ def load_layers(path: Path, layers: dict[int, nn.Module]) -> dict[int, dict]:
     return states
 
 
-def write_data_state(tmp: Path, state: dict) -> None:
-    _atomic_save(state, tmp / "data.pt")
-
-
 def read_data_state(path: Path) -> dict:
     return _load(path / "data.pt", "the checkpoint has no data position")
 
@@ -183,10 +163,6 @@ def load_rng(path: Path, rank: int) -> bool:
         return False
     torch.set_rng_state(_load(file, "")["torch"])
     return True
-
-
-def _atomic_save(obj, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -21,6 +21,7 @@ from ..runtime.tensor_parallel import local
 from ..runtime.values import flatten
 from ..schedule import build as build_schedule
 from . import checkpoint as ckpt
+from . import distributed_checkpoint as dist_ckpt
 from . import report
 from .config import ConfigError, NonFiniteError, TrainConfig, process_layout, warmup_cosine
 from .loader import BatchSource, share
@@ -318,23 +319,17 @@ class Trainer:
         if self.global_rank == 0:
             ckpt.discard(tmp)  # what an interrupted save of this step left behind
         self._barrier()
-        # replicas hold the same weights and optimizer state (sharded: gathered here from all of them), the
-        # first one writes the layers
-        states = self.pipe.optimizer_state(self.optimizer) if self.optimizer else {}
-        self.pipe.unshard()  # (shard="params": the replicas' ranges gathered into whole weights)
-        shards = ckpt.layer_shards(self.pipe.layers, states) if self.pipe.dp_rank == 0 else {}  # (tp: gathered)
-        ckpt.write_shards(tmp, self.global_rank, shards if self.pipe.tp_rank == 0 else {})
-        if self.global_rank == 0:
-            ckpt.write_data_state(tmp, self.train_data.state_dict())
+        trainer_state = {"step": self.step, "data": self.train_data.state_dict(),
+                         "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+        dist_ckpt.save(tmp, self.pipe, self.optimizer, trainer_state, self.global_rank)  # (DCP: collective)
         self._barrier()  # every shard is on disk before rank 0 publishes
         path = None
         if self.global_rank == 0:
             manifest = {
-                "format": 2, "step": self.step, "world_size": self.pipe.job_size, "dp": self.pipe.dp_size,
-                "pp": self.pipe.world_size, "tp": self.pipe.tp_size, "num_layers": self.num_layers,
-                "model": self.model_info,
+                "format": dist_ckpt.FORMAT, "step": self.step, "world_size": self.pipe.job_size,
+                "dp": self.pipe.dp_size, "pp": self.pipe.world_size, "tp": self.pipe.tp_size,
+                "num_layers": self.num_layers, "model": self.model_info,
                 "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "extra"},
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             }
             path = ckpt.publish(root, tmp, self.step, manifest)
             if self.config.keep_last:
@@ -347,7 +342,7 @@ class Trainer:
         number of ranks. False if there is none yet. Every rank reads and checks its part before the first
         step, and all agree: if any rank finds the checkpoint damaged or of another model, every rank raises
         with that rank's one-line error (naming the file)."""
-        error, path, manifest = None, None, None
+        error, path, manifest, req = None, None, None, None
         self.pipe.unshard()  # (shard="params": loading writes whole weights; each replica then takes its range)
         try:
             resume = self.config.resume
@@ -357,12 +352,12 @@ class Trainer:
                 if manifest["model"] != self.model_info:
                     raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds "
                                       f"{self.model_info}: resume with the same model settings")
-                states = ckpt.load_layers(path, self.pipe.layers)
-                self.pipe.adopt_parameters()
-                if self.optimizer:
-                    self.pipe.load_optimizer_state(self.optimizer, states)
-                data_state = ckpt.read_data_state(path)
-                self.train_data.load_state_dict(data_state)
+                same_layout = (manifest["world_size"], manifest.get("dp", 1), manifest.get("tp", 1)) == (
+                    self.pipe.job_size, self.pipe.dp_size, self.pipe.tp_size)
+                if manifest.get("format", 2) >= dist_ckpt.FORMAT:  # (read after every rank has checked its part)
+                    req = dist_ckpt.request(path, self.pipe, self.global_rank, same_layout=same_layout)
+                else:  # pipetrain's own format of earlier runs (one file per layer): read, not written
+                    ckpt.load_format_2(path, self.pipe, self.optimizer, self.train_data)
         except (ckpt.CheckpointError, ConfigError, OSError) as err:
             error = err
             self.pipe.reshard()  # (shard="params": whatever was loaded part-way is dropped)
@@ -371,15 +366,18 @@ class Trainer:
         if path is None:
             self._say(f"no checkpoint in {self.config.checkpoint_dir}: starting from step 0")
             return False
-        if self.scheduler and manifest["scheduler"]:
-            self.scheduler.load_state_dict(manifest["scheduler"])
-            for group, lr in zip(self.optimizer.param_groups, manifest["scheduler"]["_last_lr"], strict=False):
+        trainer_state = manifest  # (format 2: the manifest holds the step and the LR scheduler)
+        if req is not None:  # (DCP: collective; a failure on any rank raises on every rank)
+            trainer_state = dist_ckpt.load(req, self.pipe, self.optimizer, self.global_rank)
+            self.train_data.load_state_dict(trainer_state["data"])
+        if self.scheduler and trainer_state["scheduler"]:
+            self.scheduler.load_state_dict(trainer_state["scheduler"])
+            for group, lr in zip(self.optimizer.param_groups, trainer_state["scheduler"]["_last_lr"], strict=False):
                 group["lr"] = lr
-        same_layout = (manifest["world_size"], manifest.get("dp", 1), manifest.get("tp", 1)) == (
-            self.pipe.job_size, self.pipe.dp_size, self.pipe.tp_size)
-        if not same_layout or not ckpt.load_rng(path, self.global_rank):
+        restored = req.rng is not None if req is not None else same_layout and ckpt.load_rng(path, self.global_rank)
+        if not restored:  # (another layout: a seed of its own for each rank)
             torch.manual_seed(self.config.seed * 1_000_003 + manifest["step"] * 101 + self.global_rank)
-        self.step = manifest["step"]
+        self.step = trainer_state["step"]
         self._say(f"resumed from {path} at step {self.step}")
         return True
 
