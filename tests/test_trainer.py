@@ -35,7 +35,9 @@ def _params(results):
 
 
 def test_resume_is_exact(tmp_path):
-    # (resuming on another layout: test_data_parallel.py, dp 2 x pp 2 -> pp 3)
+    # (resuming on another layout: test_data_parallel.py, dp 2 x pp 2 -> pp 3; test_tensor_parallel.py)
+    from workers import trainer_saves_format_2
+
     straight = run_processes(2, trainer_run, BASE)
     ck = str(tmp_path / "ck")
     first = run_processes(2, trainer_run, {**BASE, "checkpoint_dir": ck, "stop_at_step": 5})
@@ -44,13 +46,7 @@ def test_resume_is_exact(tmp_path):
     want = _params(straight)
     got = _params(resumed)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-
-
-def test_a_checkpoint_of_the_earlier_format_still_resumes(tmp_path):
     # runs saved before torch.distributed.checkpoint (a .pt file per layer) resume, and go on exactly
-    from workers import trainer_saves_format_2
-
-    straight = run_processes(2, trainer_run, BASE)
     old = str(tmp_path / "old")
     first = run_processes(2, trainer_saves_format_2, {**BASE, "stop_at_step": 5}, old)
     assert sorted(p.name for p in (tmp_path / "old").glob("*.pt"))[:2] == ["data.pt", "layer_0000.pt"]

@@ -43,7 +43,7 @@ def whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_parallel_scenario(rank: int, world: int, dp: int, tp: int, schedule: str, model: str,
-                             shard: str = "none") -> dict:
+                             shard: str = "none", export: str | None = None) -> dict:
     """A dp x pp x tp pipeline trained STEPS steps on the global batch's share of each replica; returns the
     first step's gradients (whole; none under ZeRO-2/3, which keep only the optimizer's shards), the losses, the
     trained parameters (whole), and the same from single-process training."""
@@ -96,21 +96,34 @@ def tensor_parallel_scenario(rank: int, world: int, dp: int, tp: int, schedule: 
             for _ in range(4):
                 ids = torch.cat([ids, ref(inputs(ids))[:, -1:].argmax(-1)], dim=1)
             greedy.append(ids[0, len(prompt):].tolist())
+    exported = None
+    if export is not None and model.startswith("hf-"):  # HF safetensors from the split (and sharded) run
+        import transformers
+
+        from pipetrain.models.hf import save_pretrained
+
+        save_pretrained(pipe, export)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(export)
+        with torch.no_grad():
+            x = batches[0][0]
+            exported = (loaded(input_ids=x).logits - ref(inputs(x))).abs().max().item()
     pipe.unshard()
     trained = {names[id(p)]: whole(p.detach()) for p in pipe.parameters()}
     ref_params = dict(ref.named_parameters())
     return {"grads": grads, "expected": {n: ref_grads[n] for n in grads}, "losses": losses, "params": trained,
             "reference_params": {n: ref_params[n].detach() for n in trained},
             "reference_losses": ref_losses, "all_names": sorted(ref_grads), "split": split, "norm": norm,
-            "generated": generated, "greedy": greedy,
+            "generated": generated, "greedy": greedy, "exported": exported,
             "reference_norm": sum(float(g.double().pow(2).sum()) for g in ref_grads.values()),
             "coords": (pipe.dp_rank, pipe.rank, pipe.tp_mesh.get_local_rank() if pipe.tp_mesh else 0)}
 
 
-def tp_cases(rank: int, world: int, cases: list[tuple], refusals: bool = False) -> dict:
-    """`tensor_parallel_scenario` for each (dp, tp, schedule, model, shard) of `cases`, one after another on the
-    same ranks; with `refusals`, also the errors of layouts tensor parallel refuses (each raised on every rank)."""
-    out = {"cases": [tensor_parallel_scenario(rank, world, *case) for case in cases], "errors": {}}
+def tp_cases(rank: int, world: int, cases: list[tuple], export: str, refusals: bool = False) -> dict:
+    """`tensor_parallel_scenario` for each (dp, tp, schedule, model[, shard]) of `cases`, one after another on
+    the same ranks (HF models exported under `export`); with `refusals`, also the errors of layouts tensor
+    parallel refuses (each raised on every rank)."""
+    out = {"cases": [tensor_parallel_scenario(rank, world, *case, **({"shard": "none"} if len(case) == 4 else {}),
+                                              export=f"{export}/{i}") for i, case in enumerate(cases)], "errors": {}}
     if refusals:
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -245,7 +245,7 @@ def trainer_state_bytes(rank: int, world: int, settings: dict) -> dict:
     released = released and all(p.numel() == 0 for p in trainer.pipe.parameters())
     gathers = sorted(str(e.action) for e in trainer.pipe.last_step.comms if e.action.op is pt.Op.GATHER)
     trainer.pipe.unshard()  # (shard="params": the parameters are whole only in steps)
-    params = {(i, n): p.detach().clone() for i, layer in trainer.pipe.layers.items()
+    params = {(i, n): whole(p.detach()).clone() for i, layer in trainer.pipe.layers.items()
               for n, p in layer.named_parameters()}
     state = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor) and v.dim())
