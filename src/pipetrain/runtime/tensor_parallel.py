@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .values import flatten, unflatten
+
 
 class Split(enum.Enum):
     COLUMNS = "columns"
@@ -77,6 +79,17 @@ def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], me
         for p in layer.parameters():
             if is_dtensor(p):
                 p.register_hook(_placed_like(p))
+        for name in styles:  # (on the split modules: generation calls a layer's forward_cached, not the layer)
+            layer.get_submodule(name).register_forward_hook(_waited)
+
+
+def _waited(module: nn.Module, args, output):
+    """A split module's output with DTensor's asynchronous collectives waited for: one whose result is read
+    only in part (generation's logits) would otherwise stay unwaited, which torch warns about at exit."""
+    leaves, spec = flatten(output, what="a layer's output")
+    if not any(hasattr(t, "trigger_wait") for t in leaves):
+        return output
+    return unflatten([t.trigger_wait() if hasattr(t, "trigger_wait") else t for t in leaves], spec)
 
 
 def _placed_like(param: nn.Parameter):
