@@ -84,8 +84,11 @@ def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], me
 
 
 def _waited(module: nn.Module, args, output):
-    """A split module's output with DTensor's asynchronous collectives waited for: one whose result is read
-    only in part (generation's logits) would otherwise stay unwaited, which torch warns about at exit."""
+    """Without autograd (generation, evaluation), a split module's output with DTensor's asynchronous
+    collectives waited for: one whose result is read only in part (generation's logits) would otherwise stay
+    unwaited, which torch warns about at exit."""
+    if torch.is_grad_enabled():  # (waiting unwraps the tensor, out of autograd's graph; training reads it all)
+        return output
     leaves, spec = flatten(output, what="a layer's output")
     if not any(hasattr(t, "trigger_wait") for t in leaves):
         return output
