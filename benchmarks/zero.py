@@ -4,6 +4,7 @@ and how much of the gradient reduction stays exposed.
 
     python benchmarks/zero.py                     # a GPT of 8 blocks x 512 (25 M parameters), 6 steps each
     python benchmarks/zero.py --layers 4 --d-model 256 --steps 4 --json
+    python benchmarks/zero.py --tp 2 --layers 4 --d-model 256 --steps 4   # dp 2 x pp 2 x tp 2: 8 ranks
 
 Each mode runs in fresh spawned gloo processes (4 ranks, 1 thread each) through `pt.Trainer` with AdamW.
 Per rank: the optimizer state's bytes, the resident memory before the model was built and at its peak
@@ -42,6 +43,7 @@ import pipetrain as pt  # noqa: E402
 from pipetrain.planner.plan import predicted_memory  # noqa: E402
 from pipetrain.planner.specs import ModelSpec  # noqa: E402
 from pipetrain.runtime.host_memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD  # noqa: E402
+from pipetrain.runtime.tensor_parallel import local  # noqa: E402
 from pipetrain.spawn import run_processes  # noqa: E402
 
 MODES = ("none", "optimizer", "gradients", "params")
@@ -83,8 +85,9 @@ def zero_rank(rank: int, world: int, settings: dict) -> dict:
     built = _rss_now()  # (torch, the data, the model's weights: before any step)
     _step_peak_from_here()  # (what building the trainer held for a moment is not the steps')
     pipe = trainer.pipe
-    params = sum(p.numel() for p in pipe.parameters())  # (before the first step: ZeRO-3 releases them after)
-    sizes = [sum(p.numel() for p in stage.module.parameters() if p.requires_grad) for stage in pipe.stages.values()]
+    params = sum(local(p).numel() for p in pipe.parameters())  # (before the first step: ZeRO-3 releases them)
+    sizes = [sum(local(p).numel() for p in stage.module.parameters() if p.requires_grad)  # (tp: this rank's part)
+             for stage in pipe.stages.values()]
     times, losses, exposed = [], [], []
     for _ in range(settings["steps"]):
         start = time.perf_counter()
@@ -92,7 +95,7 @@ def zero_rank(rank: int, world: int, settings: dict) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(record["loss"])
         exposed.append(sum(w.duration for w in pipe.last_step.waits if w.action.op is pt.Op.REDUCE))
-    state = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
+    state = sum(local(v).numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor) and v.dim())
     info = trainer.model_info
     return {"model": {k: info[k] for k in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len")},
@@ -126,20 +129,21 @@ def _reductions_alone(pipe: pt.Pipeline, sizes: list[int], shard: str) -> float:
 
 
 def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int = 8, microbatches: int = 4,
-            schedule: str = "1f1b") -> dict:
-    base = {"preset": "small", "layers": layers, "d_model": d_model, "heads": 8, "seq_len": 64, "dp": 2,
+            schedule: str = "1f1b", tp: int = 1) -> dict:
+    base = {"preset": "small", "layers": layers, "d_model": d_model, "heads": 8, "seq_len": 64, "dp": 2, "tp": tp,
             "batch_size": batch_size, "microbatches": microbatches, "schedule": schedule, "steps": steps,
             "eval_batches": 1, "log_every": 1000, "progress": False, "warmup": 1, "timeout": 600}
     rows = {}
     for mode in MODES:
-        out = run_processes(4, zero_rank, {**base, "shard": mode}, timeout=3600)
-        rows[mode] = [out[r] for r in range(4)]
+        out = run_processes(4 * tp, zero_rank, {**base, "shard": mode}, timeout=3600)
+        rows[mode] = [out[r] for r in range(4 * tp)]
     model = rows["none"][0]["model"]
     spec = ModelSpec("benchmark", model["n_layers"], model["d_model"], model["n_heads"], 4 * model["d_model"],
                      model["vocab_size"], model["seq_len"], gated_mlp=False, global_batch=batch_size)
     predicted = {mode: predicted_memory(spec, pp=2, dp=2, microbatch_size=batch_size // (2 * microbatches),
                                         microbatches=microbatches, schedule=schedule, shard=mode, precision="fp32",
-                                        backend="gloo", stages_per_rank=rows["none"][0]["stages_per_rank"]).peak
+                                        backend="gloo", stages_per_rank=rows["none"][0]["stages_per_rank"],
+                                        tp=tp).peak
                  for mode in MODES}
     same = all(max(abs(a - b) for a, b in zip(rows[m][0]["losses"], rows["none"][0]["losses"], strict=True))
                < 1e-4 for m in MODES)
@@ -164,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--schedule", default="1f1b")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (dp 2 x pp 2 x tp: 4 x tp ranks)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    result = measure(args.layers, args.d_model, args.steps, schedule=args.schedule)
+    result = measure(args.layers, args.d_model, args.steps, schedule=args.schedule, tp=args.tp)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"{result['model']}, dp 2 x pp 2 ({args.schedule}), 4 gloo ranks; same losses: {result['same_losses']}")
+    layout = f"dp 2 x pp 2 x tp {args.tp}" if args.tp > 1 else "dp 2 x pp 2"
+    print(f"{result['model']}, {layout} ({args.schedule}), {4 * args.tp} gloo ranks; same losses: "
+          f"{result['same_losses']}")
     print(f"{'shard':<10} {'rank':>4} {'params M':>9} {'opt state MiB':>14} {'peak RSS MiB':>13} "
           f"{'added MiB':>10} {'between steps':>14} {'steps/s':>8} {'reduce exposed / alone ms':>26}")
     for mode, rs in result["ranks"].items():
