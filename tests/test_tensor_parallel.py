@@ -59,6 +59,7 @@ def test_pp2_tp2_equals_one_process_and_refuses_what_it_cannot_split(tmp_path):
         assert "tp=2 must divide n_heads=3 of the GPT" in errors["heads"], rank
         assert "vocab_size=63" in errors["vocab"], rank
         assert "tied weights" in errors["tied"] and "tie_embeddings=False" in errors["tied"], rank
+        assert "tie_word_embeddings false" in errors["hf tied"], rank  # (on the meta device, tied across ranks)
         assert "tensor_parallel_plan" in errors["no plan"], rank
 
 

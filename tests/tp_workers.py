@@ -138,6 +138,18 @@ def tp_cases(rank: int, world: int, cases: list[tuple], export: str, refusals: b
                             timeout=30)
             except ValueError as err:
                 out["errors"][name] = str(err)
+        import transformers
+
+        from pipetrain.models.hf import from_hf
+
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        with torch.device("meta"):  # (each rank materializes only its layers: the tie is across ranks)
+            layers, loss_fn = from_hf(transformers.LlamaForCausalLM(config))
+        try:
+            pt.Pipeline(layers, schedule="1f1b", num_microbatches=2, loss_fn=loss_fn, mesh=mesh, timeout=30)
+        except ValueError as err:
+            out["errors"]["hf tied"] = str(err)
         torch.manual_seed(0)
         plain = [nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh()]  # (no layer says how to split)
         try:

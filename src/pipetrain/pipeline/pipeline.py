@@ -322,7 +322,7 @@ class Pipeline(RankParameters):
         for layer in mine.values():
             layer.to(self.device)
         if self.tp_mesh is not None:
-            parallelize(mine, layers, self.tp_mesh)
+            parallelize(mine, layers, self.tp_mesh, self.timeout, tied=bool(self._ties))
         return {s: Stage(s, num_stages, [layers[i] for i in self.layer_ranges[s]],
                          first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
                          autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device,

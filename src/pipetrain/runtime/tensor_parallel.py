@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .comm import wait_replicas
 from .values import flatten, unflatten
 
 
@@ -46,10 +47,13 @@ def require_divisible(tp: int, model: str, **sizes: int) -> None:
                          f"and an equal part of the vocabulary; choose a tp that divides them (CLI: --tp)")
 
 
-def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], mesh) -> None:
+def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], mesh, timeout: float,
+                tied: bool = False) -> None:
     """Split each of `layers` (this rank's, by index; whole, initialized alike on every tp rank) over the 1-d
     tp `mesh` by its `tensor_parallel_plan`. Each rank keeps its own slice of the weights it built (no
-    communication). ValueError if no layer of the model has a plan (tp would only repeat the work)."""
+    communication). Every layer's plan is made (and checked) on every rank first, so a tp that does not
+    divide a layer fails on every rank alike. ValueError if no layer of the model has a plan (tp would only
+    repeat the work) or a weight is tied between layers (`tied`: across ranks)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     tp = mesh.size()
@@ -61,17 +65,21 @@ def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], me
     for i, layer in enumerate(all_layers):
         for p in layer.parameters():
             if owner.setdefault(id(p), i) != i:
-                raise ValueError(f"layers {owner[id(p)]} and {i} share a parameter (tied weights, e.g. tied "
-                                 f"embeddings); tensor parallel (tp={tp}) does not split a tied weight yet: untie it "
-                                 "(tie_embeddings=False) or use tp=1")
+                tied = True
+    if tied:
+        raise ValueError(f"a weight is shared by two layers (tied weights, e.g. embeddings); tensor parallel "
+                         f"(tp={tp}) does not split a tied weight yet: untie it (GPTConfig/LlamaConfig "
+                         "tie_embeddings=False; a Hugging Face model: tie_word_embeddings false in its config.json) "
+                         "or use tp=1")
+    plans = [layer.tensor_parallel_plan(tp) if hasattr(layer, "tensor_parallel_plan") else {}
+             for layer in all_layers]
     group = mesh.get_group()
-    for layer in layers.values():
-        plan = layer.tensor_parallel_plan(tp) if hasattr(layer, "tensor_parallel_plan") else {}
+    for i, layer in layers.items():
         styles = {}
-        for name, split in plan.items():
+        for name, split in plans[i].items():
             if split is Split.GRAD_SUM:
                 for p in layer.get_submodule(name).parameters():
-                    p.register_hook(_summed_over(group))
+                    p.register_hook(_summed_over(group, timeout))
             else:
                 styles[name] = _style(split)
         if styles:
@@ -119,10 +127,11 @@ def _style(split: Split):
     return style
 
 
-def _summed_over(group):
+def _summed_over(group, timeout: float):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()  # (autograd's own buffer is not ours to write)
-        dist.all_reduce(grad, group=group)
+        wait_replicas(dist.all_reduce(grad, group=group, async_op=True), timeout,
+                      "the tensor-parallel sum of a whole parameter's gradient")
         return grad
 
     return hook

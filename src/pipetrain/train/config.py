@@ -276,6 +276,9 @@ def check_hf_model(config: TrainConfig):
     except (ValueError, KeyError, OSError) as err:  # an unknown model_type, a broken config.json
         raise ConfigError(f"{path / 'config.json'}: transformers cannot read it: {err}") from None
     check_hf_architecture(config, hf_config)
+    if config.tp > 1 and getattr(hf_config, "tie_word_embeddings", False):
+        raise ConfigError(f"tp={config.tp} does not split tied embeddings yet, and the model in {config.hf} ties them "
+                          "(tie_word_embeddings in config.json): use tp=1")
     if hf_config.vocab_size < 256 and not config.data:
         raise ConfigError(f"the model in {config.hf} has a vocabulary of {hf_config.vocab_size} tokens; the "
                           "built-in corpus is bytes, which needs >= 256")

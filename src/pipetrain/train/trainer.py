@@ -83,6 +83,9 @@ class Trainer:
             raise ConfigError(f"shard={config.shard!r}, but the pipeline given shards {self.pipe.shard!r}")
         self.global_rank = self.pipe.rank if transport is not None or not torch.distributed.is_initialized() \
             else torch.distributed.get_rank()
+        if config.checkpoint_dir and self.pipe.world_size > 1 and not torch.distributed.is_initialized():
+            raise ConfigError("checkpoints are written by torch.distributed.checkpoint, which in-process ranks "
+                              "(threads) cannot use: launch with torchrun, or leave checkpoint_dir out")
         self.model_info = model_info if model_info is not None else {"num_layers": self.num_layers}
         self.flops_per_token = flops_per_token
         self.count_tokens = count_tokens
@@ -375,8 +378,9 @@ class Trainer:
             for group, lr in zip(self.optimizer.param_groups, trainer_state["scheduler"]["_last_lr"], strict=False):
                 group["lr"] = lr
         restored = req.rng is not None if req is not None else same_layout and ckpt.load_rng(path, self.global_rank)
-        if not restored:  # (another layout: a seed of its own for each rank)
-            torch.manual_seed(self.config.seed * 1_000_003 + manifest["step"] * 101 + self.global_rank)
+        if not restored:  # (another layout: a seed of its own for each rank, one for all of a tp group)
+            position = self.pipe.dp_rank * self.pipe.world_size + self.pipe.rank
+            torch.manual_seed(self.config.seed * 1_000_003 + trainer_state["step"] * 101 + position)
         self.step = trainer_state["step"]
         self._say(f"resumed from {path} at step {self.step}")
         return True
