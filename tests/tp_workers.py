@@ -27,11 +27,17 @@ def tiny_hf(family: str):
     return from_hf(model)
 
 
+def plain_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A loss_fn pipetrain does not know (not a pt.CrossEntropy): it reads the logits whole."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def build(model: str):
     """(layers, loss_fn), the same on every rank after seeding."""
     torch.manual_seed(0)
-    if model == "gpt":
-        return build_gpt(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=4, n_heads=2)), gpt_loss
+    if model.startswith("gpt"):
+        gpt = build_gpt(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=4, n_heads=2))
+        return gpt, plain_loss if model == "gpt-plain" else gpt_loss
     if model == "llama":
         cfg = LlamaConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=4, n_heads=4, n_kv_heads=2)
         return build_llama(cfg), gpt_loss
@@ -57,6 +63,8 @@ def tensor_parallel_scenario(rank: int, world: int, dp: int, tp: int, schedule: 
     m = sched.num_microbatches
     torch.manual_seed(1)
     batches = [(torch.randint(0, 64, (2 * m * dp, 8)), torch.randint(0, 64, (2 * m * dp, 8))) for _ in range(STEPS)]
+    for _, y in batches if model.startswith("hf-") else []:  # (a token mean: exact over microbatches)
+        y[::3, 1] = -100  # tokens no loss is taken on
     inputs = (lambda ids: {"input_ids": ids}) if model.startswith("hf-") else (lambda ids: ids)
 
     ref = nn.Sequential(*reference)
@@ -157,4 +165,35 @@ def tp_cases(rank: int, world: int, cases: list[tuple], export: str, refusals: b
                         timeout=30)
         except ValueError as err:
             out["errors"]["no plan"] = str(err)
+        out["cross_entropy"] = split_cross_entropy_errors(rank, world)
     return out
+
+
+def split_cross_entropy_errors(rank: int, world: int) -> list[float]:
+    """The vocabulary-split cross-entropy over all `world` ranks (each holding vocab / world of the logits)
+    against F.cross_entropy on the whole logits, for targets in every part, ignored rows (all of a row set,
+    too), shifted HF labels and bf16 logits: the largest relative error of each case's loss and gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    errors = []
+    for case, (loss_fn, dtype) in enumerate([(pt.CrossEntropy(), torch.float32),
+                                             (pt.CrossEntropy(token_mean=False), torch.float32),
+                                             (pt.CrossEntropy(shift=True), torch.bfloat16),
+                                             (pt.CrossEntropy(ignore_index=3), torch.float64)]):
+        torch.manual_seed(case)
+        logits = (torch.randn(3, 5, 8 * world) * 4).to(dtype).requires_grad_()
+        targets = torch.randint(0, 8 * world, (3, 5))
+        targets[0, :2] = loss_fn.ignore_index
+        targets[1] = torch.arange(5) * world  # (in every part)
+        want = loss_fn(logits, targets)
+        want_loss = want[0] / want[1] if isinstance(want, tuple) else want
+        (want_grad,) = torch.autograd.grad(want_loss, logits)
+        part = distribute_tensor(logits.detach(), mesh, [Shard(-1)], src_data_rank=None).requires_grad_()
+        got = loss_fn(part, targets, timeout=30)
+        got_loss = got[0] / got[1] if isinstance(got, tuple) else got
+        (got_grad,) = torch.autograd.grad(got_loss, part)
+        errors.append(max(abs(got_loss.item() - want_loss.item()) / abs(want_loss.item()),
+                          ((got_grad.full_tensor() - want_grad).norm() / want_grad.norm()).item()))
+    return errors

@@ -24,6 +24,7 @@ _LAZY = {
     "collect_aux_losses": "pipetrain.runtime.aux_loss",
     "BadValueError": "pipetrain.runtime.values",
     "CommError": "pipetrain.runtime.comm",
+    "CrossEntropy": "pipetrain.runtime.cross_entropy",
     "DistTransport": "pipetrain.runtime.comm",
     "InProcessHub": "pipetrain.runtime.comm",
     "InProcessTransport": "pipetrain.runtime.comm",
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .pipeline.pipeline import Pipeline
     from .runtime.aux_loss import add_aux_loss, collect_aux_losses
     from .runtime.comm import CommError, DistTransport, InProcessHub, InProcessTransport
+    from .runtime.cross_entropy import CrossEntropy
     from .runtime.tensor_parallel import Split
     from .runtime.values import BadValueError
     from .train.config import ConfigError, TrainConfig
@@ -52,9 +54,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Action", "BadValueError", "BalanceError", "CommError", "ConfigError", "Costs", "DistTransport", "InProcessHub",
-    "InProcessTransport", "Op", "Pipeline", "PipelinePlan", "Schedule", "ScheduleError", "SimResult", "Split",
-    "Timeline",
+    "Action", "BadValueError", "BalanceError", "CommError", "ConfigError", "Costs", "CrossEntropy", "DistTransport",
+    "InProcessHub", "InProcessTransport", "Op", "Pipeline", "PipelinePlan", "Schedule", "ScheduleError", "SimResult",
+    "Split", "Timeline",
     "TrainConfig", "Trainer", "add_aux_loss", "collect_aux_losses", "partition", "plan_pipeline", "rank_partition",
     "schedules", "simulate", "trainer_from_config", "data",
 ]

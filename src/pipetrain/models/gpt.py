@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..flops import training_flops_per_token
+from ..runtime.cross_entropy import CrossEntropy
 from ..runtime.tensor_parallel import Split, require_divisible
 from .common import assemble, document_mask, init_normal, split_inputs
 
@@ -168,16 +169,12 @@ def build_gpt(cfg: GPTConfig) -> list[nn.Module]:
     return assemble(Embedding(cfg), [Block(cfg) for _ in range(cfg.n_layers)], Head(cfg), tie=cfg.tie_embeddings)
 
 
-def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits (b, t, vocab), targets (b, t)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+gpt_loss = CrossEntropy(token_mean=False)
+"""Mean next-token cross-entropy: logits (b, t, vocab), targets (b, t)."""
 
-
-def gpt_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum, count) of next-token cross-entropy, -100 targets ignored: a token mean over the whole batch
-    (packed rows with a document mask have a different count in each row). logits (b, t, vocab), targets (b, t)."""
-    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-    return loss_sum, (targets != -100).sum()
+gpt_loss_sum = CrossEntropy()
+"""(loss sum, count) of next-token cross-entropy, -100 targets ignored: a token mean over the whole batch
+(packed rows with a document mask have a different count in each row). logits (b, t, vocab), targets (b, t)."""
 
 
 def flops_per_token(cfg: GPTConfig) -> float:

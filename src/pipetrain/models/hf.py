@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.cross_entropy import CrossEntropy
 from ..runtime.tensor_parallel import Split, require_divisible
 from .hf_checkpoint import load_weights, save_pretrained
 
@@ -50,13 +50,9 @@ def from_hf(model: nn.Module) -> tuple[list[nn.Module], Callable[[torch.Tensor, 
     return layers, causal_lm_loss
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's causal-LM loss as `(loss_sum, count)`: position i predicts labels[:, i + 1]; -100 is ignored.
-    logits (b, t, vocab), labels (b, t)."""
-    shifted = labels[:, 1:]
-    loss_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), shifted.flatten(), ignore_index=-100,
-                               reduction="sum")
-    return loss_sum, (shifted != -100).sum()
+causal_lm_loss = CrossEntropy(shift=True)
+"""HF's causal-LM loss as `(loss_sum, count)`: position i predicts labels[:, i + 1]; -100 is ignored.
+logits (b, t, vocab), labels (b, t)."""
 
 
 class _HFLayer(nn.Module):

@@ -326,7 +326,7 @@ class Pipeline(RankParameters):
         return {s: Stage(s, num_stages, [layers[i] for i in self.layer_ranges[s]],
                          first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
                          autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device,
-                         split_backward=splits_backward(self.schedule))
+                         split_backward=splits_backward(self.schedule), timeout=self.timeout)
                 for s in self.schedule.stages_of(self.rank)}
 
     def _microbatches(self, inputs, targets, microbatches, *, grad: bool):

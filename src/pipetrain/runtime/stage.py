@@ -12,9 +12,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .aux_loss import collect_aux_losses
+from .cross_entropy import CrossEntropy
 from .deferred_linear import apply_weight_grads, defer_linears
 from .host_memory import keep_freed_memory
 from .split_backward import backward_input, backward_weight
+from .tensor_parallel import gathered, whole
 from .values import Packet, Signature, flatten, unflatten
 
 
@@ -54,8 +56,9 @@ class Stage:
     def __init__(self, index: int, num_stages: int, layers: Sequence[nn.Module], *, first_layer: int = 0,
                  loss_fn: Callable[[Any, Any], Any] | None = None, checkpoint: bool = False,
                  autocast: torch.dtype | None = None, device: torch.device | None = None,
-                 split_backward: bool = False) -> None:
+                 split_backward: bool = False, timeout: float = 1800.0) -> None:
         self.index = index
+        self.timeout = timeout  # seconds, for a vocabulary-split cross-entropy's collectives
         self.num_stages = num_stages
         self.layers = list(layers)
         self.first_layer = first_layer
@@ -112,6 +115,7 @@ class Stage:
                 self._cache[mb] = _Saved(inputs, [objective] if objective.requires_grad else [], 0)
             return None
         leaves, spec = flatten(out, what=f"the output of stage {self.index}")
+        leaves = [whole(t) for t in leaves]  # (a tensor-parallel head's logits, split by vocabulary)
         signature = Signature.of(leaves, spec)
         if grad:
             outputs = [t for t in leaves if t.requires_grad]
@@ -130,7 +134,10 @@ class Stage:
 
     def _loss(self, out, target) -> tuple[torch.Tensor, torch.Tensor | None]:
         """loss_fn's result as (loss, None) for a mean or (loss_sum, count) for a pair."""
-        result = self.loss_fn(out, target)
+        if isinstance(self.loss_fn, CrossEntropy):  # computes from a tensor-parallel head's parts itself
+            result = self.loss_fn(out, target, timeout=self.timeout)
+        else:
+            result = self.loss_fn(gathered(out), target)
         count = None
         if isinstance(result, tuple | list):
             if len(result) != 2:

@@ -9,7 +9,9 @@ rank of the tp group (each sends its copy to the same tp coordinate of the next 
     COLUMNS   y_local = x @ W[rows of this rank]^T         x (b, t, d) whole   -> y (b, t, out / tp)
     ROWS      y = all_reduce(x_local @ W[:, cols]^T)       x (b, t, in / tp)   -> y (b, t, d) whole
     EMBEDDING y = all_reduce(E[ids of this rank's rows])   ids (b, t)          -> (b, t, d) whole
-    HEAD      logits = all_gather(x @ W[vocab rows]^T)     x (b, t, d)         -> (b, t, vocab) whole
+    HEAD      logits_local = x @ W[vocab rows]^T          x (b, t, d)         -> (b, t, vocab / tp), a DTensor
+              split by vocabulary: a `CrossEntropy` loss computes from the parts, any other loss_fn, a later
+              stage, generation's sampling and evaluation get them whole (an all-gather)
     GRAD_SUM  a parameter kept whole whose gradient each rank computes from its own heads only (a per-head
               norm): summed over the tp group in backward
 
@@ -88,7 +90,8 @@ def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], me
             if is_dtensor(p):
                 p.register_hook(_placed_like(p))
         for name in styles:  # (on the split modules: generation calls a layer's forward_cached, not the layer)
-            layer.get_submodule(name).register_forward_hook(_waited)
+            head = plans[i][name] is Split.HEAD
+            layer.get_submodule(name).register_forward_hook(_whole_without_grad if head else _waited)
 
 
 def _waited(module: nn.Module, args, output):
@@ -101,6 +104,20 @@ def _waited(module: nn.Module, args, output):
     if not any(hasattr(t, "trigger_wait") for t in leaves):
         return output
     return unflatten([t.trigger_wait() if hasattr(t, "trigger_wait") else t for t in leaves], spec)
+
+
+def _whole_without_grad(module: nn.Module, args, output):
+    """Without autograd (generation's sampling, evaluation), a split head's logits whole."""
+    return _waited(module, args, gathered(output)) if not torch.is_grad_enabled() else output
+
+
+def gathered(value: Any) -> Any:
+    """`value` (a pytree) with each DTensor leaf whole (collective over its tp group): a split head's logits
+    for a loss_fn or layer that reads them whole."""
+    leaves, spec = flatten(value, what="a layer's output")
+    if not any(is_dtensor(t) for t in leaves):
+        return value
+    return unflatten([whole(t) for t in leaves], spec)
 
 
 def _placed_like(param: nn.Parameter):
@@ -116,13 +133,13 @@ def _placed_like(param: nn.Parameter):
 
 
 def _style(split: Split):
-    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     style = {Split.COLUMNS: lambda: ColwiseParallel(),
              Split.ROWS: lambda: RowwiseParallel(),
              Split.EMBEDDING: lambda: RowwiseParallel(input_layouts=Replicate()),
-             Split.HEAD: lambda: ColwiseParallel(output_layouts=Replicate())}[split]()
+             Split.HEAD: lambda: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}[split]()
     style.src_data_rank = None  # every rank built the same whole weight: each keeps its slice, no broadcast
     return style
 

@@ -1,0 +1,88 @@
+"""Next-token cross-entropy as a loss pipetrain knows, so it can compute it from logits split by vocabulary.
+
+`CrossEntropy` is an ordinary `loss_fn` (`(logits, targets) -> mean` or `(loss_sum, count)`). Given the
+logits of a tensor-parallel head, which each tp rank holds for its own slice of the vocabulary (a DTensor
+sharded on the last dimension), it computes the same loss without gathering them: Megatron's
+vocabulary-parallel cross-entropy, the softmax's max and sum combined over the ranks the online-softmax way
+
+    loss_i = log(sum_r sum_v exp(z_iv - m_i)) - (z_i,target - m_i),   m_i = max_r max_v z_iv
+
+so no rank holds, or sends, whole logits. Any other `loss_fn` is given the logits whole (an all-gather).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .comm import wait_replicas
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """`loss_fn(logits (..., vocab), targets (...))`: next-token cross-entropy with `ignore_index` targets
+    left out. `token_mean=True` returns `(loss_sum, count)`, so the pipeline takes the exact token mean over
+    the whole batch; False, the mean over the microbatch's counted tokens. `shift=True` takes Hugging Face's
+    labels: position i predicts targets[:, i + 1]."""
+
+    ignore_index: int = -100
+    token_mean: bool = True
+    shift: bool = False
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, timeout: float = 1800.0):
+        """`timeout` bounds the collectives of vocabulary-split logits (seconds)."""
+        split = hasattr(logits, "device_mesh")  # a DTensor: a tensor-parallel head's parts, by vocabulary
+        if split:
+            start = logits.device_mesh.get_local_rank() * (logits.shape[-1] // logits.device_mesh.size())
+            group = logits.device_mesh.get_group()
+            logits = logits.to_local()
+        if self.shift:
+            logits, targets = logits[:, :-1], targets[:, 1:]
+        logits, targets = logits.flatten(0, -2).float(), targets.flatten()
+        if split:
+            loss_sum = _SplitCrossEntropy.apply(logits, targets, start, self.ignore_index, group, timeout).sum()
+        else:
+            loss_sum = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum")
+        count = (targets != self.ignore_index).sum()
+        return (loss_sum, count) if self.token_mean else loss_sum / count
+
+
+def split_statistics(logits: torch.Tensor, targets: torch.Tensor, start: int,
+                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One vocabulary part's share of each row: (its max, the target's logit where the target falls in this
+    part else 0, whether it does). logits (n, part) float for tokens start .. start + part, targets (n,)."""
+    index = targets - start
+    inside = (index >= 0) & (index < logits.shape[-1]) & (targets != ignore_index)
+    target_logit = logits.gather(1, index.clamp(0, logits.shape[-1] - 1)[:, None])[:, 0] * inside
+    return logits.max(dim=-1).values, target_logit, inside
+
+
+class _SplitCrossEntropy(torch.autograd.Function):
+    """Per-token losses (n,) from this rank's part of the logits (n, part); 0 where the target is ignored.
+    Backward gives this part's gradient, softmax - one-hot, with no communication."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, start, ignore_index, group, timeout):
+        most, target_logit, inside = split_statistics(logits, targets, start, ignore_index)
+        _all_reduce(most, dist.ReduceOp.MAX, group, timeout)
+        exp = (logits - most[:, None]).exp()
+        sums = torch.stack([exp.sum(dim=-1), target_logit - most * inside])
+        _all_reduce(sums, dist.ReduceOp.SUM, group, timeout)
+        counted = targets != ignore_index
+        ctx.save_for_backward(exp.div_(sums[0][:, None]), targets - start, inside, counted)
+        return (sums[0].log() - sums[1]) * counted
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, index, inside, counted = ctx.saved_tensors
+        rows = inside.nonzero()[:, 0]
+        softmax[rows, index[rows]] -= 1
+        return softmax.mul_((grad * counted)[:, None]), None, None, None, None, None
+
+
+def _all_reduce(t: torch.Tensor, op, group, timeout: float) -> None:
+    wait_replicas(dist.all_reduce(t, op=op, group=group, async_op=True), timeout,
+                  "the vocabulary-split cross-entropy over the tensor-parallel group")
