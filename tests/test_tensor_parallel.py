@@ -67,7 +67,8 @@ def test_pp2_tp2_equals_one_process_and_refuses_what_it_cannot_split(tmp_path):
         assert max(r["cross_entropy"]) < 1e-5, (rank, r["cross_entropy"])
 
 
-DP_PP_TP = [(2, 2, "1f1b", "gpt-plain", "none"),  # (a loss_fn not pt.CrossEntropy: the head's logits gathered) (2, 2, "zbv", "llama", "optimizer"),
+# (gpt-plain: a loss_fn not pt.CrossEntropy, given the head's logits gathered)
+DP_PP_TP = [(2, 2, "1f1b", "gpt-plain", "none"), (2, 2, "zbv", "llama", "optimizer"),
             (2, 2, "interleaved-1f1b", "hf-llama", "gradients"), (2, 2, "1f1b", "llama", "params")]
 
 

@@ -6,7 +6,6 @@ whatever `schedule=` was given (a Schedule, a name, a plan) into the schedule an
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,14 +15,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..runtime.comm import DistTransport, Transport, wait_or_raise
-from ..runtime.data_parallel import sum_over
 from ..schedule import Schedule, build, names
 from ..schedule.choose import Candidate, rank_schedules
 from .balance import Balance
 from .checks import groups_of
 from .materialize import refuse_meta
 from .profile import boundary_bytes, phase_costs, transfer_time
-from .rank0_measure import measured_on_rank_0
+from .rank0_measure import measured_on_pipeline_rank_0
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -119,16 +117,9 @@ def _measured_together(layers, sample, measure_layers, mesh, transport, num_rank
     def measure() -> list[float]:
         return [*measure_layers(), comm]
 
-    def sum_all(values: torch.Tensor) -> torch.Tensor:  # (NCCL: on the GPU); over the replicas too (dp and tp)
-        values = probe.all_reduce(values.to(getattr(probe, "device", "cpu")), timeout)
-        for group in groups.replicas:
-            sum_over(group, values, timeout)
-        return values
-
-    replicas = math.prod(dist.get_world_size(g) for g in groups.replicas)
-    measured = measured_on_rank_0(measure, 3 * len(layers) + 1, rank=probe.rank, world_size=probe.world_size,
-                                  sum_all=sum_all, replicas=replicas,
-                                  what='timing the layers on `sample` for plan_pipeline (schedule="auto")')
+    measured = measured_on_pipeline_rank_0(measure, 3 * len(layers) + 1, transport=probe,
+                                           replica_groups=groups.replicas, timeout=timeout,
+                                           what='timing the layers on `sample` for plan_pipeline (schedule="auto")')
     return measured[:-1], measured[-1], probe.world_size, probe.rank
 
 

@@ -26,7 +26,7 @@ from .materialize import materialize
 from .microbatches import step_microbatches
 from .parameters import RankParameters
 from .profile import time_costs
-from .rank0_measure import measured_on_rank_0
+from .rank0_measure import measured_on_pipeline_rank_0
 from .same_weights import check_same_weights
 from .step_collectives import check_step_collectives
 
@@ -356,15 +356,9 @@ class Pipeline(RankParameters):
     def _shared_time_costs(self, layers: list[nn.Module], sample) -> list[float]:
         """Rank 0 measures (raise `timeout` for a large model); every rank partitions with its numbers so all
         agree on the split (the mean over replicas with data or tensor parallelism)."""
-        def sum_all(values: torch.Tensor) -> torch.Tensor:  # over the pipeline and its replicas (dp and tp)
-            values = self.transport.all_reduce(values.to(self.transport.device), self.timeout)
-            for group in self._replica_groups:
-                sum_over(group, values, self.timeout)
-            return values
-
-        return measured_on_rank_0(lambda: time_costs(layers, sample), len(layers), rank=self.rank,
-                                  world_size=self.world_size, sum_all=sum_all, replicas=self.dp_size * self.tp_size,
-                                  what='timing the layers on `sample` for balance="time"')
+        return measured_on_pipeline_rank_0(lambda: time_costs(layers, sample), len(layers), transport=self.transport,
+                                           replica_groups=self._replica_groups, timeout=self.timeout,
+                                           what='timing the layers on `sample` for balance="time"')
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:

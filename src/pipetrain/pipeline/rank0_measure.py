@@ -3,11 +3,14 @@ same numbers, and so that a failure while measuring stops every rank at once."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..runtime.comm import fail_together
+from ..runtime.data_parallel import sum_over
 
 
 def measured_on_rank_0(measure: Callable[[], Sequence[float]], size: int, *, rank: int, world_size: int,
@@ -27,3 +30,18 @@ def measured_on_rank_0(measure: Callable[[], Sequence[float]], size: int, *, ran
             failure = err
     values = fail_together(failure, rank=rank, world_size=world_size, sum_all=sum_all, what=what, payload=values)
     return (values / replicas).tolist()
+
+
+def measured_on_pipeline_rank_0(measure: Callable[[], Sequence[float]], size: int, *, transport,
+                                replica_groups: Sequence, timeout: float, what: str) -> list[float]:
+    """`measured_on_rank_0` over a pipeline's `transport` and the process groups of its replicas (data and
+    tensor parallel copies, whose pipeline ranks 0 each measure): the numbers are summed over the pipeline
+    (on its device: NCCL's on the GPU), then over each replica group, and averaged over the replicas."""
+    def sum_all(values: torch.Tensor) -> torch.Tensor:
+        values = transport.all_reduce(values.to(getattr(transport, "device", "cpu")), timeout)
+        for group in replica_groups:
+            sum_over(group, values, timeout)
+        return values
+
+    return measured_on_rank_0(measure, size, rank=transport.rank, world_size=transport.world_size, sum_all=sum_all,
+                              replicas=math.prod(dist.get_world_size(g) for g in replica_groups), what=what)

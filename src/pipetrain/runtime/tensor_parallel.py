@@ -177,12 +177,15 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def set_grad(param: nn.Parameter, grad: torch.Tensor | None) -> None:
     """`param.grad = grad`, where `grad` is this rank's own part (wrapped as a DTensor like `param`'s)."""
-    if grad is not None and is_dtensor(param):
-        from torch.distributed.tensor import DTensor
+    param.grad = _placed_as(grad, param) if grad is not None and is_dtensor(param) else grad
 
-        grad = DTensor.from_local(grad, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                  stride=param.stride())
-    param.grad = grad
+
+def _placed_as(part: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """`part` (this rank's slice) as a DTensor placed like the DTensor `param`."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(part, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
 
 
 # --- whole tensors (checkpoints, exports) and this rank's parts of them ---------------------------------------
@@ -198,10 +201,7 @@ def whole_like(value: Any, param: nn.Parameter) -> Any:
     if is_dtensor(value):
         return value.full_tensor()
     if is_dtensor(param) and isinstance(value, torch.Tensor) and value.dim() and value.shape == local(param).shape:
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                  stride=param.stride()).full_tensor()
+        return _placed_as(value, param).full_tensor()
     return value
 
 
