@@ -89,6 +89,8 @@ class Collectives(Protocol):
 
     def wait_gathered(self, stage: int) -> bool: ...
 
+    def before_backward(self, stage: int) -> None: ...
+
 
 @dataclass
 class _Incoming:
@@ -245,6 +247,8 @@ class Executor:
                 self._post_known_deferred()
         elif action.op in (Op.B, Op.I):
             grads = self._input(needs, action) if needs is not None else None
+            if st.reductions is not None:  # (gradients accumulate into the buffer their reduction reads)
+                st.reductions.before_backward(s)
             start = st.now()
             grads_in = stage.backward(mb, grads) if action.op is Op.B else stage.backward_input(mb, grads)
             if s > 0:

@@ -93,6 +93,7 @@ class ShardedGradients:
         self.buckets = {key: b for key, b in self.buckets.items() if b.params}
         self.needs = {stage: {k for k in keys if k in self.buckets} for stage, keys in (needs or {}).items()}
         self._pending: list[tuple[int, object, torch.Tensor]] = []
+        self._attached: dict[int, torch.Tensor | None] = {}  # this step's gradient buffers, by bucket
         self.has_optimizer = False  # set by `Pipeline.optimizer`: the pieces' optimizer exists
 
     def _layout(self, params: list[nn.Parameter]) -> _Bucket:
@@ -128,6 +129,13 @@ class ShardedGradients:
         return _Bucket(params, shapes, size, shard, pieces, buffer, own)
 
     # --- gradients ---------------------------------------------------------------------------------------
+    def before_backward(self, stage: int) -> None:
+        """Before stage `stage`'s backward: its bucket's gradients go straight into the buffer its
+        reduction reads (`attach_gradients`), once per step."""
+        bucket = self.buckets.get(stage)
+        if bucket is not None and stage not in self._attached:
+            self._attached[stage] = attach_gradients(bucket.params, bucket.numels(), bucket.shard * self.size)
+
     def reduce(self, key: int) -> None:
         """Begin reducing bucket `key` over the replicas (asynchronous). A missing gradient counts as zeros."""
         bucket = self.buckets.get(key)
@@ -135,7 +143,7 @@ class ShardedGradients:
             return
         if self.mode == "params":  # (the stage's last use of its parameters this step is done: free them
             self._release(bucket)  # before the gradients' buffer is made)
-        flat = move_gradients(bucket.params, bucket.numels(), bucket.shard * self.size)
+        flat = move_gradients(bucket.params, bucket.numels(), bucket.shard * self.size, self._attached.pop(key, None))
         if self.mode == "optimizer":
             work = dist.all_reduce(flat, group=self.group, async_op=True)
         else:  # in place: this replica's range of `flat` receives its sum
@@ -259,6 +267,7 @@ class ShardedGradients:
     def abandon(self) -> None:
         """After a failed step: forget started reductions (the step's gradients are not used)."""
         self._pending.clear()
+        self._attached.clear()
 
     # --- the optimizer's side ----------------------------------------------------------------------------
     def pieces(self) -> list[Piece]:
@@ -350,21 +359,44 @@ def wait_all(pending: Sequence[tuple], timeout: float, how: str) -> list[tuple[i
     return waited
 
 
-def move_gradients(params: Sequence[nn.Parameter], numels: Sequence[int], length: int) -> torch.Tensor:
-    """A new flat buffer of `length` elements holding the parameters' gradients end to end (zeros for a
-    missing one and past their end). Each gradient moves in and is dropped at once, so the full gradients
-    are held once: the buffer's pages are touched as they fill while the gradients' go."""
-    flat = torch.empty(length, dtype=params[0].dtype, device=params[0].device)
+def attach_gradients(params: Sequence[nn.Parameter], numels: Sequence[int], length: int) -> torch.Tensor | None:
+    """Before a stage's first backward of a step: a zeroed flat buffer of `length` elements whose views
+    become the parameters' `.grad`, so autograd (and W's deferred products) accumulate into it in place and
+    the reduction reads it without a copy: a GPU's allocator would otherwise hold the gradients twice while
+    they move into a new buffer. None, and nothing done, if one of them already has a gradient (an
+    accumulation window's, a tied weight's from another stage)."""
+    if any(p.grad is not None for p in params):
+        return None
+    flat = torch.zeros(length, dtype=params[0].dtype, device=params[0].device)
+    at = 0
+    for p, n in zip(params, numels, strict=True):
+        set_grad(p, flat[at:at + n].view(local(p).shape))
+        at += n
+    return flat
+
+
+def move_gradients(params: Sequence[nn.Parameter], numels: Sequence[int], length: int,
+                   flat: torch.Tensor | None = None) -> torch.Tensor:
+    """The flat buffer of `length` elements holding the parameters' gradients end to end (zeros for a
+    missing one and past their end): `flat` from `attach_gradients`, where they already are (a gradient
+    that is no longer its view is copied in), or a new one. The parameters' `.grad` are dropped. Each
+    gradient moves in and is dropped at once, so on the CPU the buffer's pages are touched as the gradients'
+    go."""
+    fresh = flat is None
+    if fresh:
+        flat = torch.empty(length, dtype=params[0].dtype, device=params[0].device)
     at = 0
     for p, n in zip(params, numels, strict=True):
         region = flat[at:at + n]
-        if p.grad is None:
+        grad = None if p.grad is None else local(p.grad)
+        if grad is None:
             region.zero_()
-        else:
-            region.copy_(local(p.grad).reshape(-1))
-            p.grad = None
+        elif grad.data_ptr() != region.data_ptr() or grad.numel() != n:
+            region.copy_(grad.reshape(-1))
+        p.grad = None
         at += n
-    flat[at:].zero_()
+    if fresh:
+        flat[at:].zero_()
     return flat
 
 
