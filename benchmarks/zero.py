@@ -14,9 +14,12 @@ step, where ZeRO-3 holds only its shards), and the median step time after the fi
 the optimizer state). All modes must give the same losses.
 
 Planner: the peak the planner's memory model predicts for the first stage's rank (`predicted_memory`, gloo,
-fp32), next to what was measured of the same: the peak resident memory during the steps (VmHWM, reset once
-the trainer was built) less the memory then (torch, the data, the weights), plus the weights (ZeRO-3: and
-its own range of them).
+fp32), next to what was measured of the same: the weights and optimizer state live when the last step
+began, plus the most that the tensors allocated during that step held at once (torch.profiler's allocation
+events): what a GPU's allocator reports as max_memory_allocated, less the training data (on a GPU it stays
+on the host). Resident memory is not the measure: malloc keeps freed blocks of under
+1 MiB (activations at these sizes) and the arenas of other threads, and it grew ~4 MiB a step here with
+constant live tensors (malloc_trim gave it back).
 
 Exposed reduction: the median over steps of the time the step waited on its stages' reductions after their
 REDUCE actions launched them (`pipe.last_step.waits`), next to the time the same collectives take alone
@@ -53,16 +56,6 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (KiB on Linux)
 
 
-def _step_peak_from_here() -> None:
-    """Reset the process's peak resident memory (Linux), so the next `_step_peak` is of what follows."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _step_peak() -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
-    return int(line.split()[1]) * 1024
-
-
 def _rss_now() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -77,33 +70,69 @@ def _track_live_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
 
 
+def _unique_bytes(tensors) -> int:
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            storage = local(t).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _live_peak(step, model_bytes: int) -> int:
+    """`model_bytes` (weights and optimizer state, live when `step()` begins) plus the most the tensors
+    allocated during `step()` held at once: the allocator's events in torch.profiler's memory profile."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
+                     if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns)
+    held = most = 0
+    for event in events:  # (frees are negative sizes)
+        held += event.extra_fields.alloc_size
+        most = max(most, held)
+    return model_bytes + most
+
+
 def zero_rank(rank: int, world: int, settings: dict) -> dict:
     torch.set_num_threads(1)
     _track_live_memory()
     before = _rss()
     trainer = pt.trainer_from_config(pt.TrainConfig.from_dict(settings))
     built = _rss_now()  # (torch, the data, the model's weights: before any step)
-    _step_peak_from_here()  # (what building the trainer held for a moment is not the steps')
     pipe = trainer.pipe
     params = sum(local(p).numel() for p in pipe.parameters())  # (before the first step: ZeRO-3 releases them)
     sizes = [sum(local(p).numel() for p in stage.module.parameters() if p.requires_grad)  # (tp: this rank's part)
              for stage in pipe.stages.values()]
     times, losses, exposed = [], [], []
-    for _ in range(settings["steps"]):
+    for _ in range(settings["steps"] - 1):
         start = time.perf_counter()
         record = trainer.train_step()
         times.append(time.perf_counter() - start)
         losses.append(record["loss"])
         exposed.append(sum(w.duration for w in pipe.last_step.waits if w.action.op is pt.Op.REDUCE))
+    optimizer = trainer.optimizer
+    model_bytes = _unique_bytes([*pipe.parameters(), *(p for g in optimizer.param_groups for p in g["params"]),
+                                 *(v for s in optimizer.state.values() for v in s.values())])
+    records = []
+    live_peak = _live_peak(lambda: records.append(trainer.train_step()), model_bytes)  # (the last step, profiled)
+    losses.append(records[0]["loss"])
     state = sum(local(v).numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor) and v.dim())
     info = trainer.model_info
     return {"model": {k: info[k] for k in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len")},
             "stages_per_rank": pipe.schedule.stages_per_rank,
-            "weights": sum(sizes) * 4, "losses": losses, "step_time": statistics.median(times[1:]),
+            "losses": losses, "step_time": statistics.median(times[1:]),
             "state_bytes": state,
-            "rss_before": before, "rss_built": built, "rss_peak": _rss(), "steps_peak": _step_peak(),
-            "rss_between": _rss_now(), "params": params,
+            "rss_before": before, "rss_built": built, "rss_peak": _rss(),
+            "rss_between": _rss_now(), "params": params, "live_peak": live_peak,
             "exposed": statistics.median(exposed[1:]), "alone": _reductions_alone(pipe, sizes, settings["shard"])}
 
 
@@ -147,15 +176,12 @@ def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int
                  for mode in MODES}
     same = all(max(abs(a - b) for a, b in zip(rows[m][0]["losses"], rows["none"][0]["losses"], strict=True))
                < 1e-4 for m in MODES)
-    def measured(r: dict, mode: str) -> float:  # (the model's part of the peak, as the planner counts it)
-        return r["steps_peak"] - r["rss_built"] + r["weights"] * (1.5 if mode == "params" else 1.0)
-
     return {"model": f"gpt {layers} x {d_model}", "settings": base, "same_losses": same,
             "planner_MiB": {mode: {"predicted": predicted[mode] / 2**20,
-                                   "measured": measured(rows[mode][0], mode) / 2**20} for mode in MODES}, "ranks": {
+                                   "measured": rows[mode][0]["live_peak"] / 2**20} for mode in MODES}, "ranks": {
         mode: [{"state_MiB": r["state_bytes"] / 2**20, "rss_before_MiB": r["rss_before"] / 2**20,
                 "rss_peak_MiB": r["rss_peak"] / 2**20, "rss_between_steps_MiB": r["rss_between"] / 2**20,
-                "rss_built_MiB": r["rss_built"] / 2**20,
+                "rss_built_MiB": r["rss_built"] / 2**20, "live_peak_MiB": r["live_peak"] / 2**20,
                 "added_MiB": (r["rss_peak"] - r["rss_before"]) / 2**20,
                 "params_M": r["params"] / 1e6, "steps_per_s": 1 / r["step_time"],
                 "reduce_exposed_ms": 1e3 * r["exposed"], "reduce_alone_ms": 1e3 * r["alone"]} for r in rs]
@@ -185,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode:<10} {rank:>4} {r['params_M']:>9.2f} {r['state_MiB']:>14.1f} {r['rss_peak_MiB']:>13.0f} "
                   f"{r['added_MiB']:>10.0f} {r['rss_between_steps_MiB']:>14.0f} {r['steps_per_s']:>8.3f} "
                   f"{r['reduce_exposed_ms']:>13.1f} / {r['reduce_alone_ms']:<10.1f}")
-    print("\nthe planner's memory model, rank 0 (predicted; measured: the steps' peak RSS - RSS once built + its "
-          "weights):")
+    print("\nthe planner's memory model, rank 0 (predicted; measured: weights + optimizer state + the most the "
+          "last step's tensors held at once):")
     for mode, both in result["planner_MiB"].items():
         print(f"{mode:<10} predicted {both['predicted']:6.1f} MiB, measured {both['measured']:6.1f} MiB "
               f"({both['predicted'] / both['measured'] - 1:+.0%})")

@@ -4,10 +4,11 @@ The runtime keeps fp32 parameters (bf16 is autocast: matmuls in bf16, weights an
 AdamW's two fp32 moments (1/dp of them under any shard mode). A rank's memory peaks at one of these moments
 of a step (bytes per parameter; "stage": of its largest stage):
 
-    activations: weights + optimizer state + the activations of the microbatches in flight (their peak,
-        before the first backward makes any gradient)
-    reduction: weights + state + gradients (whole: autograd makes them) + what the reduction of a stage adds
-        as it starts: none and optimizer, nothing (gradients move into its buffer, freed one by one);
+    backward: weights + optimizer state + the activations of the microbatches in flight (their peak) + the
+        gradients: a stage's first backward comes with the most microbatches in flight (1F1B: right after
+        the warmup's forwards), and its gradients' buffer exists from then on
+    reduction: weights + state + gradients (whole) + what the reduction of a stage adds as it starts: none
+        and optimizer, nothing (the gradients accumulated in the buffer the reduction reads);
         gradients, the kept range (+4/dp stage); params, the range too, but the stage's weights are released
         first (-4 + 4/dp stage)
     optimizer step: weights, gradients (1/dp under gradients | params), state, and the all-gather of the
@@ -58,7 +59,7 @@ def rank_memory(params: float, largest_stage: float, activations: float, *, dp: 
     grads_after = grads / dp if mode in ("gradients", "params") else grads
     weights_after = own if mode == "params" else weights
     gather_after = copy if mode in ("optimizer", "gradients") else 0.0
-    moments = {"activations": weights + own + state + activations,
+    moments = {"backward": weights + own + state + grads + activations,
                "reduction": weights + own + state + grads + moment,
                "optimizer step": weights_after + grads_after + state + gather_after}
     if mode == "params":
