@@ -158,11 +158,13 @@ def test_sharded_optimizer_gradients_and_params_equal_unsharded_and_checkpoints_
             assert torch.allclose(zero3[rank]["params"][name], want, rtol=1e-5, atol=1e-6), (rank, name)
         assert zero3[rank]["released"], "between steps ZeRO-3's parameters hold no data"
         assert zero3[rank]["gathers"] == sorted(f"{s}GATHER" for s in zero3[rank]["stages"])
-    # ... and at pp 1 x tp 2 (every layer on both ranks, split in two; tied embeddings untied for tp)
+    # ... and at pp 1 x tp 2 with sequence parallelism (every layer on both ranks, split in two; tied
+    # embeddings untied for tp)
     untied = {**BASE, "dp": 2, "tie_embeddings": False}
     ref = run_processes(4, trainer_state_bytes, {**untied, "checkpoint_dir": str(tmp_path / "u"),
                                                  "checkpoint_every": 3, "shard": "optimizer"})
-    split = run_processes(2, trainer_state_bytes, {**BASE, "tp": 2, "resume": str(tmp_path / "u" / "step_00000003")})
+    split = run_processes(2, trainer_state_bytes, {**BASE, "tp": 2, "sequence_parallel": True,
+                                                   "resume": str(tmp_path / "u" / "step_00000003")})
     assert split[0]["losses"] == pytest.approx(ref[0]["losses"][3:], rel=1e-5)
     accumulated = {**settings, "accumulation": 2, "steps": 3, "schedule": "1f1b"}  # (tied across ranks: own bucket)
     ref = run_processes(4, trainer_state_bytes, accumulated)

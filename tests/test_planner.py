@@ -213,8 +213,8 @@ def test_pipetrain_plan_prints_a_command_the_trainer_takes(capsys, monkeypatch):
     assert main(["plan", "--model", "gpt-8x256", "--cluster", "h100-16k", "--gpus", "16", "--tp", "2",
                  "--top", "1", "--json"]) == 0
     best = json.loads(capsys.readouterr().out)["plans"][0]
-    assert best["tp"] == 2 and " --tp 2" in best["command"]
-    assert any("without sequence parallelism" in note and "1.3x" in note for note in best["notes"])
+    assert best["tp"] == 2 and " --tp 2 --sequence-parallel" in best["command"]  # (as the plan's memory assumes)
+    assert not any("sequence parallelism" in note for note in best["notes"])
     flags = best["command"].split(" -m pipetrain ")[1].split()
     monkeypatch.setenv("WORLD_SIZE", "16")
     assert main(flags) == 2

@@ -43,6 +43,8 @@ def check_equal_to_one_process(results: dict, cases: list[tuple]) -> None:
         assert sorted(r["coords"] for r in runs.values()) == sorted(
             (d, p, t) for d in range(dp) for p in range(len(runs) // (dp * tp)) for t in range(tp))
         for r in runs.values():
+            # between the split layers, each tp rank holds its part of the sequence with sequence parallelism
+            assert r["lengths"] in ([], [8 // tp] if case[3].endswith("-sp") else [8]), (case, r["lengths"])
             assert r["norm"] == pytest.approx(r["reference_norm"], rel=1e-5), case
             assert r["generated"] == r["greedy"], case  # the trained model, decoded with sharded KV heads
             if case[3].startswith("hf-"):  # exported as HF safetensors, transformers loads the trained model
@@ -51,6 +53,7 @@ def check_equal_to_one_process(results: dict, cases: list[tuple]) -> None:
 
 PP_TP = [(1, 2, schedule, model) for model in ("gpt", "hf-llama") for schedule in ("1f1b", "zbv", "interleaved-1f1b")]
 PP_TP += [(1, 2, "dualpipev", "llama"), (1, 2, "1f1b", "hf-qwen3")]  # (Qwen3's per-head norms: summed over tp)
+PP_TP += [(1, 2, "1f1b", "gpt-sp"), (1, 2, "zbv", "llama-sp")]  # sequence parallel (the Llama checkpointed)
 
 
 def test_pp2_tp2_equals_one_process_and_refuses_what_it_cannot_split(tmp_path):
@@ -63,13 +66,14 @@ def test_pp2_tp2_equals_one_process_and_refuses_what_it_cannot_split(tmp_path):
         assert "tied weights" in errors["tied"] and "tie_embeddings=False" in errors["tied"], rank
         assert "tie_word_embeddings false" in errors["hf tied"], rank  # (on the meta device, tied across ranks)
         assert "tensor_parallel_plan" in errors["no plan"], rank
+        assert "sequence parallelism needs layers" in errors["hf sequence"], rank
         # the vocabulary-split cross-entropy (each of 4 ranks a quarter of the logits) equals F.cross_entropy
         assert max(r["cross_entropy"]) < 1e-5, (rank, r["cross_entropy"])
 
 
 # (gpt-plain: a loss_fn not pt.CrossEntropy, given the head's logits gathered)
 DP_PP_TP = [(2, 2, "1f1b", "gpt-plain", "none"), (2, 2, "zbv", "llama", "optimizer"),
-            (2, 2, "interleaved-1f1b", "hf-llama", "gradients"), (2, 2, "1f1b", "llama", "params")]
+            (2, 2, "interleaved-1f1b", "hf-llama", "gradients"), (2, 2, "1f1b", "llama-sp", "params")]
 
 
 def test_dp2_pp2_tp2_equals_one_process_with_every_shard_mode(tmp_path):
@@ -82,7 +86,7 @@ def test_a_plan_names_what_tp_must_divide():
         Block(GPTConfig(d_model=12, n_heads=6, d_ff=6)).tensor_parallel_plan(4)
     with pytest.raises(ValueError, match=r"n_kv_heads=1 of the Llama"):
         LlamaBlock(LlamaConfig(d_model=16, n_heads=4, n_kv_heads=1)).tensor_parallel_plan(2)
-    assert set(Block(GPTConfig()).tensor_parallel_plan(2)) == {"q", "k", "v", "proj", "fc", "out"}
+    assert set(Block(GPTConfig()).tensor_parallel_plan(2)) == {"q", "k", "v", "proj", "fc", "out", "ln1", "ln2"}
 
 
 def test_trainer_tp2_equals_one_pipeline_and_checkpoints_reshard_across_tp(tmp_path):
@@ -112,3 +116,12 @@ def test_trainer_tp2_equals_one_pipeline_and_checkpoints_reshard_across_tp(tmp_p
     got = {k: v for r in v_shaped.values() for k, v in r["params"].items()}
     assert got.keys() == want.keys()
     assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6) for k in want)
+
+
+def test_sequence_parallel_is_refused_where_it_cannot_split():
+    from pipetrain.train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="it needs tp > 1"):
+        TrainConfig(preset="tiny", sequence_parallel=True).validate()
+    with pytest.raises(ConfigError, match="seq_len=9 is not a multiple of it"):
+        TrainConfig(preset="tiny", tp=2, seq_len=9, sequence_parallel=True).validate()

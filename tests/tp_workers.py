@@ -38,7 +38,7 @@ def build(model: str):
     if model.startswith("gpt"):
         gpt = build_gpt(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=4, n_heads=2))
         return gpt, plain_loss if model == "gpt-plain" else gpt_loss
-    if model == "llama":
+    if model.startswith("llama"):
         cfg = LlamaConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=4, n_heads=4, n_kv_heads=2)
         return build_llama(cfg), gpt_loss
     return tiny_hf(model.removeprefix("hf-"))
@@ -46,6 +46,11 @@ def build(model: str):
 
 def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _hidden(x):
+    """A block's hidden states: the tensor itself, or the first of (hidden, positions), or HF's dict's."""
+    return x["hidden_states"] if isinstance(x, dict) else x[0] if isinstance(x, tuple) else x
 
 
 def tensor_parallel_scenario(rank: int, world: int, dp: int, tp: int, schedule: str, model: str,
@@ -81,8 +86,14 @@ def tensor_parallel_scenario(rank: int, world: int, dp: int, tp: int, schedule: 
         ref_opt.step()
         ref_opt.zero_grad()
 
-    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, mesh=mesh, timeout=60, shard=shard)
+    # "-sp": sequence parallelism (the Llama's with activation checkpointing: recomputed split by sequence)
+    pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, mesh=mesh, timeout=60, shard=shard,
+                       sequence_parallel=model.endswith("-sp"), checkpoint=model == "llama-sp")
     opt = pipe.optimizer(lambda groups: torch.optim.AdamW(groups, lr=1e-2))
+    lengths = set()  # the sequence lengths the blocks' inputs have in training (sequence parallel: t / tp)
+    for i, layer in pipe.layers.items():
+        if 0 < i < len(layers) - 1:
+            layer.register_forward_pre_hook(lambda m, args: lengths.add(_hidden(args[0]).shape[1]))
     names = {id(p): n for n, p in nn.Sequential(*layers).named_parameters()}
     losses, grads = [], None
     for step, (x, y) in enumerate(batches):
@@ -94,6 +105,7 @@ def tensor_parallel_scenario(rank: int, world: int, dp: int, tp: int, schedule: 
         opt.step()
         opt.zero_grad()
     split = sorted(names[id(p)] for p in pipe.parameters() if hasattr(p, "full_tensor"))
+    lengths, trained_lengths = set(), sorted(lengths)
     # generation on the same stages (the KV cache holds this rank's heads) against greedy decoding in one process
     prompts = [batches[0][0][0, :5], batches[0][0][1, :3]]
     generated = [t.tolist() for t in pipe.generate(prompts, 4)]
@@ -123,6 +135,7 @@ def tensor_parallel_scenario(rank: int, world: int, dp: int, tp: int, schedule: 
             "reference_losses": ref_losses, "all_names": sorted(ref_grads), "split": split, "norm": norm,
             "generated": generated, "greedy": greedy, "exported": exported,
             "reference_norm": sum(float(g.double().pow(2).sum()) for g in ref_grads.values()),
+            "lengths": trained_lengths,
             "coords": (pipe.dp_rank, pipe.rank, pipe.tp_mesh.get_local_rank() if pipe.tp_mesh else 0)}
 
 
@@ -158,6 +171,13 @@ def tp_cases(rank: int, world: int, cases: list[tuple], export: str, refusals: b
             pt.Pipeline(layers, schedule="1f1b", num_microbatches=2, loss_fn=loss_fn, mesh=mesh, timeout=30)
         except ValueError as err:
             out["errors"]["hf tied"] = str(err)
+        config.tie_word_embeddings = False
+        layers, loss_fn = from_hf(transformers.LlamaForCausalLM(config))
+        try:
+            pt.Pipeline(layers, schedule="1f1b", num_microbatches=2, loss_fn=loss_fn, mesh=mesh, timeout=30,
+                        sequence_parallel=True)
+        except ValueError as err:
+            out["errors"]["hf sequence"] = str(err)
         torch.manual_seed(0)
         plain = [nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh()]  # (no layer says how to split)
         try:

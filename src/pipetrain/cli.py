@@ -206,7 +206,7 @@ def _train(args: argparse.Namespace) -> int:
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             values[flag.replace("-", "_")] = value
-    for flag in ("activation_checkpointing", "tie_embeddings", "document_mask"):
+    for flag in ("activation_checkpointing", "tie_embeddings", "document_mask", "sequence_parallel"):
         if getattr(args, flag):
             values[flag] = True
     for flag in ("data", "eval_data"):
@@ -373,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the latest checkpoint in --checkpoint-dir, or from the checkpoint PATH")
     train.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--tie-embeddings", action="store_true", help="the output head reuses the token embedding")
+    train.add_argument("--sequence-parallel", action="store_true",
+                       help="with --tp: activations between the split layers and stages split by sequence")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on rank 0 (default: when stdout is a terminal)")
     train.add_argument("--log-file", help="also write rank 0's output to this file")

@@ -66,7 +66,8 @@ class Embedding(nn.Module):
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
         require_divisible(tp, "the GPT", vocab_size=self.tok.num_embeddings)
-        return {"tok": Split.EMBEDDING}  # (the positions' table stays whole)
+        # (the positions' table stays whole; with sequence parallelism the output leaves split by sequence)
+        return {"tok": Split.EMBEDDING, "": Split.SCATTER}
 
     def forward(self, inputs: torch.Tensor | dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids (b, t) -> (b, t, d); or, for packed documents, {"input_ids", "position_ids"} -> ((b, t, d),
@@ -109,7 +110,7 @@ class Block(nn.Module):
         """Megatron's split: each tp rank runs n_heads / tp heads and ffn / tp of the MLP."""
         require_divisible(tp, "the GPT", n_heads=self.n_heads, d_ff=self.fc.out_features)
         return {"q": Split.COLUMNS, "k": Split.COLUMNS, "v": Split.COLUMNS, "proj": Split.ROWS,
-                "fc": Split.COLUMNS, "out": Split.ROWS}
+                "fc": Split.COLUMNS, "out": Split.ROWS, "ln1": Split.SEQUENCE, "ln2": Split.SEQUENCE}
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
         """(b, t, d) -> (b, t, d), causal; or (hidden, positions) -> the same pair, attending within documents."""
@@ -130,8 +131,8 @@ class Block(nn.Module):
         return self._block(x, attend)
 
     def _block(self, x: torch.Tensor, attend) -> torch.Tensor:
-        b, t, _ = x.shape
-        h = self.ln1(x)
+        h = self.ln1(x)  # (whole: under sequence parallelism x is this rank's part of the sequence)
+        b, t, _ = h.shape
         # (b, h, t, hd) each; h = this rank's heads (n_heads / tp under tensor parallel)
         q, k, v = (proj(h).view(b, t, -1, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
         y = attend(q, k, v)  # (b, h, t, hd)
@@ -153,7 +154,7 @@ class Head(nn.Module):
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
         require_divisible(tp, "the GPT", vocab_size=self.proj.out_features)
-        return {"proj": Split.HEAD}
+        return {"proj": Split.HEAD, "ln": Split.SEQUENCE}
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.proj(self.ln(x[0] if isinstance(x, tuple) else x))

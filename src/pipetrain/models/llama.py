@@ -79,7 +79,7 @@ class Embedding(nn.Module):
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
         require_divisible(tp, "the Llama", vocab_size=self.tok.num_embeddings)
-        return {"tok": Split.EMBEDDING}
+        return {"tok": Split.EMBEDDING, "": Split.SCATTER}  # (sequence parallelism: the output leaves split)
 
     def forward_cached(self, idx: torch.Tensor, cache) -> torch.Tensor:
         """Generation (kv_cache.py): positions enter in attention."""
@@ -115,7 +115,8 @@ class Block(nn.Module):
         require_divisible(tp, "the Llama", n_heads=self.n_heads, n_kv_heads=self.kv_heads,
                           d_ff=self.w_gate.out_features)
         return {"wq": Split.COLUMNS, "wk": Split.COLUMNS, "wv": Split.COLUMNS, "wo": Split.ROWS,
-                "w_gate": Split.COLUMNS, "w_up": Split.COLUMNS, "w_down": Split.ROWS}
+                "w_gate": Split.COLUMNS, "w_up": Split.COLUMNS, "w_down": Split.ROWS,
+                "attn_norm": Split.SEQUENCE, "ffn_norm": Split.SEQUENCE}
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
         """(b, t, d) -> (b, t, d), causal; or (hidden, positions) -> the same pair, RoPE at each token's position
@@ -125,8 +126,7 @@ class Block(nn.Module):
             mask = document_mask(positions)  # (b, 1, t, t)
             out = self._block(h, positions[:, None], lambda q, k, v: self._attention(q, k, v, attn_mask=mask))
             return out, positions
-        positions = torch.arange(x.shape[1], device=x.device)  # (t,)
-        return self._block(x, positions, lambda q, k, v: self._attention(q, k, v, is_causal=True))
+        return self._block(x, None, lambda q, k, v: self._attention(q, k, v, is_causal=True))
 
     def forward_cached(self, x: torch.Tensor, cache) -> torch.Tensor:
         """Generation (kv_cache.py): RoPE at each token's own position; the cache keeps the kv_heads."""
@@ -141,9 +141,12 @@ class Block(nn.Module):
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         return F.scaled_dot_product_attention(q, k, v, **sdpa)  # (b, heads, t, hd)
 
-    def _block(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        b, t, _ = x.shape
-        h = self.attn_norm(x)
+    def _block(self, x: torch.Tensor, positions: torch.Tensor | None, attend) -> torch.Tensor:
+        """`positions` None: 0 .. t - 1."""
+        h = self.attn_norm(x)  # (whole: under sequence parallelism x is this rank's part of the sequence)
+        b, t, _ = h.shape
+        if positions is None:
+            positions = torch.arange(t, device=h.device)  # (t,)
         # this rank's heads (n_heads / tp and kv_heads / tp under tensor parallel)
         q = self.wq(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
         k = self.wk(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, kv_heads, t, hd)
@@ -171,7 +174,7 @@ class Head(nn.Module):
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
         require_divisible(tp, "the Llama", vocab_size=self.proj.out_features)
-        return {"proj": Split.HEAD}
+        return {"proj": Split.HEAD, "norm": Split.SEQUENCE}
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.proj(self.norm(x[0] if isinstance(x, tuple) else x))

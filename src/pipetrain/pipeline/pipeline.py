@@ -67,6 +67,10 @@ class Pipeline(RankParameters):
             (see `RankParameters.optimizer`). "gradients" also reduce-scatters each stage's gradients when its
             last B or W is done and frees the full ones; "params" also releases the parameters between steps
             (each stage's GATHER brings them back; `unshard()` for use outside a step). Default "none".
+        sequence_parallel: with "tp", Megatron's sequence parallelism: between the split modules, and between
+            stages, each tp rank holds its part of the sequence (norms, residuals, dropout: 1/tp of their
+            activations; the row-split linears reduce-scatter, the norms all-gather). Needs layers whose plans
+            mark it (the reference GPT and Llama) and a sequence length tp divides.
         device: where this rank's layers run (default: cuda:current for NCCL, else CPU).
         transport: instead of a process group, a transport (e.g. `InProcessHub(n).transport(rank)`).
         timeout: seconds any transfer may wait before the step fails naming the action and peer.
@@ -90,7 +94,7 @@ class Pipeline(RankParameters):
                  device: torch.device | str | None = None, transport: Transport | None = None, timeout: float = 60.0,
                  sample: Any = None, split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
                  prefetch: int = PREFETCH, precision: str = "fp32", seed: int = 0,
-                 num_microbatches: int | None = None, shard: str = "none") -> None:
+                 num_microbatches: int | None = None, shard: str = "none", sequence_parallel: bool = False) -> None:
         layers = list(layers)
         groups = groups_of(mesh, transport)
         dp_group = groups.dp
@@ -119,6 +123,10 @@ class Pipeline(RankParameters):
         self.tp_size = groups.tp_size
         self.tp_rank = groups.tp.get_local_rank() if groups.tp is not None else 0
         self._replica_groups = groups.replicas
+        if sequence_parallel and self.tp_size == 1:
+            raise ValueError("sequence_parallel=True splits activations over the tensor-parallel ranks: give a mesh "
+                             "with a \"tp\" dimension of 2 or more (CLI: --tp), or leave it off")
+        self.sequence_parallel = sequence_parallel
         self.device = torch.device(device) if device is not None else self.transport.device
         # split
         self.balance = resolve_balance(balance, layers, schedule,
@@ -322,11 +330,13 @@ class Pipeline(RankParameters):
         for layer in mine.values():
             layer.to(self.device)
         if self.tp_mesh is not None:
-            parallelize(mine, layers, self.tp_mesh, self.timeout, tied=bool(self._ties))
+            parallelize(mine, layers, self.tp_mesh, self.timeout, tied=bool(self._ties),
+                        sequence_parallel=self.sequence_parallel)
         return {s: Stage(s, num_stages, [layers[i] for i in self.layer_ranges[s]],
                          first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
                          autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device,
-                         split_backward=splits_backward(self.schedule), timeout=self.timeout)
+                         split_backward=splits_backward(self.schedule), timeout=self.timeout,
+                         sequence_parallel=self.sequence_parallel)
                 for s in self.schedule.stages_of(self.rank)}
 
     def _microbatches(self, inputs, targets, microbatches, *, grad: bool):

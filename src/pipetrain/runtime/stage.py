@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from .cross_entropy import CrossEntropy
 from .deferred_linear import apply_weight_grads, defer_linears
 from .host_memory import keep_freed_memory
 from .split_backward import backward_input, backward_weight
-from .tensor_parallel import gathered, whole
+from .tensor_parallel import gathered, sequence_split, whole
 from .values import Packet, Signature, flatten, unflatten
 
 
@@ -30,6 +30,20 @@ class LossWeights:
 
 
 UNWEIGHTED = LossWeights()
+
+
+def _split_by_sequence(method):
+    """A Stage method run with the activations split by sequence when the stage is (forward, backward and a
+    checkpointed forward's recomputation in it)."""
+    @wraps(method)
+    def run(self, *args, **kwargs):
+        if not self.sequence_parallel:
+            return method(self, *args, **kwargs)
+        with sequence_split(True):
+            return method(self, *args, **kwargs)
+
+    return run
+
 
 @dataclass
 class _Saved:
@@ -56,8 +70,9 @@ class Stage:
     def __init__(self, index: int, num_stages: int, layers: Sequence[nn.Module], *, first_layer: int = 0,
                  loss_fn: Callable[[Any, Any], Any] | None = None, checkpoint: bool = False,
                  autocast: torch.dtype | None = None, device: torch.device | None = None,
-                 split_backward: bool = False, timeout: float = 1800.0) -> None:
+                 split_backward: bool = False, timeout: float = 1800.0, sequence_parallel: bool = False) -> None:
         self.index = index
+        self.sequence_parallel = sequence_parallel  # (tensor parallel: activations split by sequence)
         self.timeout = timeout  # seconds, for a vocabulary-split cross-entropy's collectives
         self.num_stages = num_stages
         self.layers = list(layers)
@@ -84,6 +99,7 @@ class Stage:
         return self.index == self.num_stages - 1
 
     # --- forward -------------------------------------------------------------------------------------
+    @_split_by_sequence
     def forward(self, mb: int, x: Packet | Any, *, target: Any = None, weights: LossWeights = UNWEIGHTED,
                 grad: bool = True) -> Packet | None:
         """Run the layers on microbatch `mb`; return the output to pass on (None on the last stage)."""
@@ -163,11 +179,13 @@ class Stage:
                                f"{saved.seeded} outputs that carry one")
         return saved, saved.outputs, given + [None] * (len(saved.outputs) - saved.seeded)
 
+    @_split_by_sequence
     def backward(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Back-propagate microbatch `mb`; free its cache; return the gradients of the input leaves that
         carry one (in leaf order)."""
         return _backward(*self._roots(mb, grads))
 
+    @_split_by_sequence
     def backward_input(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """I: the input leaves' gradients; what W needs stays until `backward_weight(mb)`."""
         saved, outputs, seeds = self._roots(mb, grads)
@@ -183,6 +201,7 @@ class Stage:
         self._weight_work[mb] = partial(apply_weight_grads, pending)
         return grads_in
 
+    @_split_by_sequence
     def backward_weight(self, mb: int) -> None:
         """W: accumulate this microbatch's weight gradients and free what I kept."""
         self._weight_work.pop(mb)()

@@ -15,13 +15,28 @@ rank of the tp group (each sends its copy to the same tp coordinate of the next 
     GRAD_SUM  a parameter kept whole whose gradient each rank computes from its own heads only (a per-head
               norm): summed over the tp group in backward
 
+With sequence parallelism (Megatron's; `Pipeline(sequence_parallel=True)`) the activations between the
+split modules, and between stages, are each rank's part of the sequence, (b, t / tp, d), not whole:
+
+    SCATTER   the module's output leaves as this rank's part of the sequence (of its first tensor: the
+              hidden states); in backward the parts' gradients are all-gathered. Where the split begins:
+              the embedding layer
+    SEQUENCE  a module (a norm) that runs on this rank's part and hands on the whole sequence (an all-gather),
+              its weights' gradients summed over tp; without sequence parallelism, a whole module
+    ROWS      then reduce-scatters its output into sequence parts instead of all-reducing it
+
+so norms, residuals and dropout hold 1/tp of the activations. Generation runs without it (whole
+activations; its new tokens are too few to split).
+
 Parameters a plan does not name stay ordinary (replicated) tensors with the same gradient on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -38,6 +53,22 @@ class Split(enum.Enum):
     EMBEDDING = "embedding"
     HEAD = "head"
     GRAD_SUM = "grad_sum"
+    SEQUENCE = "sequence"
+    SCATTER = "scatter"
+
+
+_SEQUENCE_SPLIT = contextvars.ContextVar("sequence_split", default=False)
+
+
+@contextlib.contextmanager
+def sequence_split(active: bool) -> Iterator[None]:
+    """Within: the activations are split by sequence (a stage's forward and backward under sequence
+    parallelism); outside (generation), whole."""
+    token = _SEQUENCE_SPLIT.set(active)
+    try:
+        yield
+    finally:
+        _SEQUENCE_SPLIT.reset(token)
 
 
 def require_divisible(tp: int, model: str, **sizes: int) -> None:
@@ -50,12 +81,13 @@ def require_divisible(tp: int, model: str, **sizes: int) -> None:
 
 
 def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], mesh, timeout: float,
-                tied: bool = False) -> None:
+                tied: bool = False, sequence_parallel: bool = False) -> None:
     """Split each of `layers` (this rank's, by index; whole, initialized alike on every tp rank) over the 1-d
     tp `mesh` by its `tensor_parallel_plan`. Each rank keeps its own slice of the weights it built (no
     communication). Every layer's plan is made (and checked) on every rank first, so a tp that does not
     divide a layer fails on every rank alike. ValueError if no layer of the model has a plan (tp would only
-    repeat the work) or a weight is tied between layers (`tied`: across ranks)."""
+    repeat the work), a weight is tied between layers (`tied`: across ranks), or `sequence_parallel` is asked
+    of layers whose plans do not say where the sequence splits."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     tp = mesh.size()
@@ -75,6 +107,10 @@ def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], me
                          "or use tp=1")
     plans = [layer.tensor_parallel_plan(tp) if hasattr(layer, "tensor_parallel_plan") else {}
              for layer in all_layers]
+    if sequence_parallel and not any(split is Split.SCATTER for plan in plans for split in plan.values()):
+        raise ValueError("sequence parallelism needs layers whose tensor_parallel_plan marks where the sequence "
+                         "splits (Split.SCATTER on the embedding, Split.SEQUENCE on the norms: the reference GPT and "
+                         "Llama do); these layers' plans do not (from_hf layers: not yet): leave it off")
     group = mesh.get_group()
     for i, layer in layers.items():
         styles = {}
@@ -82,8 +118,11 @@ def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], me
             if split is Split.GRAD_SUM:
                 for p in layer.get_submodule(name).parameters():
                     p.register_hook(_summed_over(group, timeout))
-            else:
-                styles[name] = _style(split)
+            elif split is Split.SCATTER:
+                if sequence_parallel:
+                    layer.get_submodule(name).register_forward_hook(_scattered(mesh))
+            elif split is not Split.SEQUENCE or sequence_parallel:
+                styles[name] = _style(split, sequence_parallel)
         if styles:
             parallelize_module(layer, mesh, styles)
         for p in layer.parameters():
@@ -132,16 +171,73 @@ def _placed_like(param: nn.Parameter):
     return hook
 
 
-def _style(split: Split):
+def _style(split: Split, sequence_parallel: bool = False):
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     style = {Split.COLUMNS: lambda: ColwiseParallel(),
-             Split.ROWS: lambda: RowwiseParallel(),
+             Split.ROWS: lambda: _rows_by_sequence()() if sequence_parallel else RowwiseParallel(),
+             Split.SEQUENCE: lambda: _sequence_norm()(),
              Split.EMBEDDING: lambda: RowwiseParallel(input_layouts=Replicate()),
              Split.HEAD: lambda: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}[split]()
     style.src_data_rank = None  # every rank built the same whole weight: each keeps its slice, no broadcast
     return style
+
+
+def _rows_by_sequence():
+    """RowwiseParallel whose partial sums are reduce-scattered into sequence parts while the activations
+    are split (`sequence_split`), all-reduced whole otherwise (generation)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    class RowsBySequence(RowwiseParallel):
+        @staticmethod
+        def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+            layout = (Shard(1),) if _SEQUENCE_SPLIT.get() else (Replicate(),)
+            return outputs.redistribute(placements=layout, async_op=True).to_local()
+
+    return RowsBySequence
+
+
+def _sequence_norm():
+    """torch's SequenceParallel (the module on this rank's part of the sequence, its weights replicated,
+    their gradients summed over tp), handing on the whole sequence (an all-gather); outside
+    `sequence_split`, the module on whole activations."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    class SequenceNorm(SequenceParallel):
+        @staticmethod
+        def _prepare_input_fn(sequence_sharding, mod, inputs, device_mesh):
+            layout = sequence_sharding if _SEQUENCE_SPLIT.get() else (Replicate(),)
+            return DTensor.from_local(inputs[0], device_mesh, layout, run_check=False)
+
+        @staticmethod
+        def _prepare_output_fn(use_local_output, mod, outputs, device_mesh):
+            return outputs.redistribute(placements=(Replicate(),), async_op=True).to_local()
+
+    return SequenceNorm
+
+
+def _scattered(mesh):
+    """A forward hook: while the activations are split by sequence, the module's first output tensor (the
+    hidden states, (b, t, ...) alike on every tp rank) leaves as this rank's part of the sequence."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def hook(module: nn.Module, args, output):
+        if not _SEQUENCE_SPLIT.get():
+            return output
+        leaves, spec = flatten(output, what="a layer's output")
+        hidden = leaves[0]
+        if hidden.dim() < 2 or hidden.shape[1] % mesh.size():
+            raise ValueError(f"sequence parallelism splits the sequence over tp={mesh.size()} ranks, but "
+                             f"{type(module).__name__}'s output has shape {tuple(hidden.shape)}: use a sequence "
+                             "length that tp divides, or leave sequence parallelism off")
+        whole_hidden = DTensor.from_local(hidden, mesh, (Replicate(),), run_check=False)
+        leaves[0] = whole_hidden.redistribute(placements=(Shard(1),)).to_local()
+        return unflatten(leaves, spec)
+
+    return hook
 
 
 def _summed_over(group, timeout: float):

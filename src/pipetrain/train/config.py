@@ -48,6 +48,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per step over all replicas (each replica: batch_size / dp, in microbatches)
     dp: int = 1  # data-parallel replicas of the pipeline; pipeline ranks = world size / (dp x tp)
     tp: int = 1  # tensor-parallel ranks splitting each layer (models with a tensor_parallel_plan)
+    sequence_parallel: bool = False  # with tp: activations split by sequence between split layers and stages
     shard: str = "none"  # over the replicas, 1/dp per rank: "optimizer" (ZeRO-1), "gradients" (2), "params" (3)
     accumulation: int = 1  # pipeline steps per optimizer step
     balance: str = "params"
@@ -101,6 +102,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.tp > 1 and self.tie_embeddings:
             raise ConfigError(f"tp={self.tp} does not split tied embeddings yet: drop tie_embeddings or use tp=1")
+        if self.sequence_parallel and (self.tp == 1 or self.hf is not None):
+            raise ConfigError("sequence_parallel splits the activations over the tensor-parallel ranks of the "
+                              "reference GPT and Llama: it needs tp > 1 and no hf model (from_hf layers do not yet)")
+        if self.sequence_parallel and self.model_config().seq_len % self.tp:
+            raise ConfigError(f"sequence_parallel splits each sequence over tp={self.tp} ranks, but seq_len="
+                              f"{self.model_config().seq_len} is not a multiple of it: choose a seq_len tp divides")
         if self.batch_size % (self.dp * self.microbatches):
             replicas = f"dp={self.dp} replicas x " if self.dp > 1 else ""
             raise ConfigError(f"batch_size={self.batch_size} does not split into {replicas}microbatches="

@@ -130,7 +130,7 @@ class Trainer:
         return Pipeline(layers, schedule=schedule, loss_fn=loss_fn, balance=cfg.balance, device=device,
                         transport=transport, timeout=cfg.timeout, sample=sample,
                         checkpoint=cfg.activation_checkpointing, precision=cfg.precision, mesh=mesh,
-                        seed=cfg.seed, shard=cfg.shard)
+                        seed=cfg.seed, shard=cfg.shard, sequence_parallel=cfg.sequence_parallel)
 
     # --- one optimizer step --------------------------------------------------------------------------
     def train_step(self, *, stop_after: float | None = None) -> dict:
