@@ -158,8 +158,9 @@ def _reductions_alone(pipe: pt.Pipeline, sizes: list[int], shard: str) -> float:
 
 
 def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int = 8, microbatches: int = 4,
-            schedule: str = "1f1b", tp: int = 1) -> dict:
-    base = {"preset": "small", "layers": layers, "d_model": d_model, "heads": 8, "seq_len": 64, "dp": 2, "tp": tp,
+            schedule: str = "1f1b", tp: int = 1, sequence_parallel: bool = False, seq_len: int = 64) -> dict:
+    base = {"preset": "small", "layers": layers, "d_model": d_model, "heads": 8, "seq_len": seq_len, "dp": 2, "tp": tp,
+            "sequence_parallel": sequence_parallel,
             "batch_size": batch_size, "microbatches": microbatches, "schedule": schedule, "steps": steps,
             "eval_batches": 1, "log_every": 1000, "progress": False, "warmup": 1, "timeout": 600}
     rows = {}
@@ -172,7 +173,7 @@ def measure(layers: int = 8, d_model: int = 512, steps: int = 6, batch_size: int
     predicted = {mode: predicted_memory(spec, pp=2, dp=2, microbatch_size=batch_size // (2 * microbatches),
                                         microbatches=microbatches, schedule=schedule, shard=mode, precision="fp32",
                                         backend="gloo", stages_per_rank=rows["none"][0]["stages_per_rank"],
-                                        tp=tp).peak
+                                        tp=tp, sequence_parallel=sequence_parallel).peak
                  for mode in MODES}
     same = all(max(abs(a - b) for a, b in zip(rows[m][0]["losses"], rows["none"][0]["losses"], strict=True))
                < 1e-4 for m in MODES)
@@ -195,13 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--schedule", default="1f1b")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (dp 2 x pp 2 x tp: 4 x tp ranks)")
+    p.add_argument("--sequence-parallel", action="store_true", help="with --tp: activations split by sequence")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (activations grow with it)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    result = measure(args.layers, args.d_model, args.steps, schedule=args.schedule, tp=args.tp)
+    result = measure(args.layers, args.d_model, args.steps, schedule=args.schedule, tp=args.tp,
+                     sequence_parallel=args.sequence_parallel, seq_len=args.seq_len)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     layout = f"dp 2 x pp 2 x tp {args.tp}" if args.tp > 1 else "dp 2 x pp 2"
+    layout += " with sequence parallelism" if args.sequence_parallel else ""
     print(f"{result['model']}, {layout} ({args.schedule}), {4 * args.tp} gloo ranks; same losses: "
           f"{result['same_losses']}")
     print(f"{'shard':<10} {'rank':>4} {'params M':>9} {'opt state MiB':>14} {'peak RSS MiB':>13} "

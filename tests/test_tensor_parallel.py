@@ -91,9 +91,9 @@ def test_a_plan_names_what_tp_must_divide():
 
 def test_trainer_tp2_equals_one_pipeline_and_checkpoints_reshard_across_tp(tmp_path):
     # pp 2 x tp 2 trains as pp 2 alone (same losses, clipped gradient norms, weights); its step-3 checkpoint
-    # (torch.distributed.checkpoint: split weights written as their parts) resumes at pp 4 and at pp 2
-    # without tp on ZBV's V stage map, each going on as the uninterrupted run (a dp 2 x pp 2 ZeRO-1 checkpoint
-    # resuming at pp 1 x tp 2: test_data_parallel.py)
+    # (torch.distributed.checkpoint: split weights and their optimizer state written as their parts) resumes
+    # at pp 4, at pp 1 x tp 2 and at pp 2 without tp on ZBV's V stage map, each going on as the uninterrupted
+    # run (a dp 2 x pp 2 ZeRO-1 checkpoint resuming at pp 1 x tp 2: test_data_parallel.py)
     from workers import trainer_run
 
     base = {"preset": "tiny", "steps": 5, "microbatches": 2, "batch_size": 8, "log_every": 100,
@@ -110,6 +110,8 @@ def test_trainer_tp2_equals_one_pipeline_and_checkpoints_reshard_across_tp(tmp_p
     # ... at pp 4, and at pp 2 on a V schedule (ZBV: stages 0 and 3 on rank 0), from the same DCP checkpoint
     wider = run_processes(4, trainer_run, {**base, "resume": saved, "microbatches": 4})  # (1F1B on 4: 4 needed)
     assert wider[0]["losses"] == pytest.approx(one[0]["losses"][3:], rel=1e-5)
+    parts = run_processes(2, trainer_run, {**base, "resume": saved, "tp": 2})  # (pp 1 x tp 2: parts read as parts)
+    assert parts[0]["losses"] == pytest.approx(one[0]["losses"][3:], rel=1e-5)
     v_shaped = run_processes(2, trainer_run, {**base, "resume": saved, "schedule": "zbv"})
     assert v_shaped[0]["losses"] == pytest.approx(one[0]["losses"][3:], rel=1e-5)
     want = {k: v for r in one.values() for k, v in r["params"].items()}

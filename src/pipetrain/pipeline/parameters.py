@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..runtime.data_parallel import sum_over
-from ..runtime.tensor_parallel import is_sharded, load_whole_state, local, part_like, whole_like, whole_state
+from ..runtime.tensor_parallel import as_part, is_sharded, load_whole_state, local, part_like, whole_like, whole_state
 
 
 class RankParameters:
@@ -147,10 +147,11 @@ class RankParameters:
             for piece in self._shards.pieces():
                 piece.master.grad = None
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, *, whole: bool = True) -> dict[int, dict[str, Any]]:
         """`{id(parameter): state}` for this rank's parameters, as an unsharded optimizer of the whole model
         holds it. Sharded: collective over the replicas (replica 0 gets every replica's pieces). Tensor
-        parallel: collective over tp (each split state whole)."""
+        parallel: each split state whole (collective over tp), or with `whole=False` this rank's part as a
+        DTensor placed like its parameter (what a distributed checkpoint writes)."""
         shards = self._shards
         if shards is None:
             states = {id(p): optimizer.state[p] for g in optimizer.param_groups for p in g["params"]
@@ -159,7 +160,8 @@ class RankParameters:
             states = shards.full_state(optimizer)
         if self.tp_mesh is None:
             return states
-        return {id(p): {k: whole_like(v, p) for k, v in states[id(p)].items()}
+        convert = whole_like if whole else as_part
+        return {id(p): {k: convert(v, p) for k, v in states[id(p)].items()}
                 for p in self.parameters() if id(p) in states}  # (the same order on every tp rank)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, states: dict[int, dict[str, Any]]) -> None:

@@ -274,20 +274,23 @@ def _dp_time(model, cluster, c) -> float:
 
 def predicted_memory(model: ModelSpec, *, pp: int, dp: int, microbatch_size: int, microbatches: int, schedule: str,
                      shard: str, precision: str = "bf16", backend: str = "nccl", stages_per_rank: int = 1,
-                     tp: int = 1, recompute: bool = False) -> RankMemory:
+                     tp: int = 1, recompute: bool = False, sequence_parallel: bool = True) -> RankMemory:
     """The memory the plan model predicts for the fullest rank of a layout (the first stage's: it holds the
-    embedding), by what holds it: to set beside a measured run."""
+    embedding), by what holds it: to set beside a measured run (`sequence_parallel`: with tp, whether it ran
+    with it; the plans assume it)."""
     c = _Candidate(tp, pp, dp, stages_per_rank, microbatch_size, microbatches, schedule, recompute, shard)
     peaks = [s.peak_activations for s in simulate(_build(schedule, pp, microbatches, stages_per_rank, None)).per_rank]
     cluster = ClusterSpec("predicted", tp * pp * dp, {precision: 1.0}, 0.0, 1, 1.0, 1.0, dtype=precision,
                           backend=backend)
-    return _rank_memory(model, cluster, c, peaks[0], math.ceil(model.layers / (pp * stages_per_rank)), shard)
+    return _rank_memory(model, cluster, c, peaks[0], math.ceil(model.layers / (pp * stages_per_rank)), shard,
+                        sequence_parallel)
 
 
-def _rank_memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int, shard: str) -> RankMemory:
+def _rank_memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int, shard: str,
+                 sequence_parallel: bool = True) -> RankMemory:
     return first_rank_memory(model, cluster, tp=c.tp, dp=c.dp, stages_per_rank=c.v, microbatch_size=c.b,
                              recompute=c.recompute, peak_in_flight=peak_in_flight, blocks_per_stage=blocks_per_stage,
-                             shard=shard)
+                             shard=shard, sequence_parallel=sequence_parallel)
 
 
 # --- the schedule: simulated (exact) or estimated from a short simulation (screening) ---------------

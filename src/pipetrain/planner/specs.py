@@ -69,14 +69,16 @@ class ModelSpec:
         """The matmul weights of one block (its parameters without the norms' 4 x hidden)."""
         return self.layer_params() - 4 * self.hidden
 
-    def layer_activation_bytes(self, tokens: int, tp: int, recompute: bool) -> float:
+    def layer_activation_bytes(self, tokens: int, tp: int, recompute: bool, sequence_parallel: bool = True) -> float:
         """Activations one block keeps per microbatch from F until its backward, in bf16:
         34 bytes per token and hidden unit with flash attention and sequence parallelism over `tp`
-        (Korthikanti et al. 2022, without the s^2 score term); with full recomputation only the block
-        input (2 bytes per token and hidden unit) stays."""
+        (Korthikanti et al. 2022, without the s^2 score term), 10 + 24 / tp without it (norms, residuals and
+        dropout whole on every tp rank); with full recomputation only the block input (2 bytes per token and
+        hidden unit, split by sequence or not) stays."""
+        split = tp if sequence_parallel else 1
         if recompute:
-            return 2.0 * tokens * self.hidden / tp
-        return 34.0 * tokens * self.hidden / tp
+            return 2.0 * tokens * self.hidden / split
+        return (34.0 / tp if sequence_parallel else 10.0 + 24.0 / tp) * tokens * self.hidden
 
 
 @dataclass(frozen=True)

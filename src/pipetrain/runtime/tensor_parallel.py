@@ -290,20 +290,25 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
-def whole_like(value: Any, param: nn.Parameter) -> Any:
-    """An optimizer state value of `param`, whole: a DTensor's full tensor, or a plain tensor shaped like
-    `param`'s own slice (a sharded optimizer's) read as that slice (collective over tp); other values as they
-    are."""
-    if is_dtensor(value):
-        return value.full_tensor()
-    if is_dtensor(param) and isinstance(value, torch.Tensor) and value.dim() and value.shape == local(param).shape:
-        return _placed_as(value, param).full_tensor()
+def as_part(value: Any, param: nn.Parameter) -> Any:
+    """An optimizer state value of `param` as this rank's part of it: a DTensor placed like the split `param`
+    (a sharded optimizer's plain slice wrapped; no communication); other values as they are."""
+    if is_dtensor(param) and isinstance(value, torch.Tensor) and not is_dtensor(value) and value.dim() and \
+            value.shape == local(param).shape:
+        return _placed_as(value, param)
     return value
+
+
+def whole_like(value: Any, param: nn.Parameter) -> Any:
+    """An optimizer state value of `param`, whole (collective over tp for a part); other values as they are."""
+    return whole(as_part(value, param))
 
 
 def part_like(value: Any, param: nn.Parameter, *, split: bool = True) -> Any:
     """This rank's part of a whole `value` shaped like the split `param` (no communication): a DTensor placed
     like it, or with `split=False` its plain slice; other values as they are."""
+    if is_dtensor(value):  # (read as this rank's part already)
+        return value if split else local(value)
     if not (is_dtensor(param) and isinstance(value, torch.Tensor) and value.dim() and value.shape == param.shape):
         return value
     from torch.distributed.tensor import distribute_tensor

@@ -2,8 +2,9 @@
 global layer index, so a run resumes at any dp, pp, tp, shard mode or schedule (looped or V stage maps).
 
     model.{layer}.{name}              a layer's tensor (split by tensor parallel: DCP writes each rank's part)
-    optim.{layer}.{name}.{key}        its optimizer state, whole per parameter (a sharded optimizer's pieces
-                                      gathered to replica 0, as `Pipeline.optimizer_state` gives it)
+    optim.{layer}.{name}.{key}        its optimizer state, per parameter as the parameter is split (tp: each
+                                      rank's part; a sharded optimizer's pieces gathered to replica 0, as
+                                      `Pipeline.optimizer_state(whole=False)` gives it)
     rng.{global rank}                 each rank's torch RNG state (restored on the same layout only)
     trainer                           step, LR scheduler and the data loader's position (one object)
 
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..runtime.tensor_parallel import as_part, is_dtensor, local
 from .checkpoint import CheckpointError
 
 FORMAT = 3
@@ -32,7 +34,7 @@ def save(directory: Path, pipe, optimizer: torch.optim.Optimizer | None, trainer
     """Write this rank's part of a checkpoint into `directory` (collective over every rank of the job)."""
     import torch.distributed.checkpoint as dcp
 
-    states = pipe.optimizer_state(optimizer) if optimizer is not None else {}
+    states = pipe.optimizer_state(optimizer, whole=False) if optimizer is not None else {}
     pipe.unshard()  # (shard="params": the replicas' ranges gathered into whole weights)
     packed = io.BytesIO()  # (one object: DCP would flatten a dict into keys of its own)
     torch.save(trainer_state, packed)
@@ -82,8 +84,10 @@ def request(directory: Path, pipe, rank: int, *, same_layout: bool) -> LoadReque
             for key in (k for k in saved if k.startswith(prefix) and "." not in k[len(prefix):]):
                 meta = saved[key]
                 optim.setdefault(id(p), {})[key[len(prefix):]] = key
-                state[key] = (torch.empty(meta.size, dtype=meta.properties.dtype)
-                              if isinstance(meta, TensorStorageMetadata) else None)
+                state[key] = None
+                if isinstance(meta, TensorStorageMetadata):  # (split like its parameter: only this rank's part)
+                    state[key] = as_part(torch.empty(local(p).shape if meta.size == p.shape else meta.size,
+                                                     dtype=meta.properties.dtype), p)
     rng = f"rng.{rank}" if same_layout and f"rng.{rank}" in saved else None
     if rng is not None:
         state[rng] = torch.empty(saved[rng].size, dtype=torch.uint8)
@@ -147,8 +151,13 @@ def _to(value: Any, param: torch.Tensor) -> Any:
 
 
 def _own_storage(value: Any) -> Any:
-    """A view of a larger storage copied out (with shard= a stage's parameters are views of one buffer)."""
-    if isinstance(value, torch.Tensor) and not hasattr(value, "device_mesh") and \
-            value.untyped_storage().nbytes() > value.nbytes:
-        return value.clone()
-    return value
+    """A view of a larger storage copied out (with shard= a stage's parameters are views of one buffer; a
+    DTensor's part too)."""
+    if not isinstance(value, torch.Tensor) or local(value).untyped_storage().nbytes() <= local(value).nbytes:
+        return value
+    if is_dtensor(value):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local(value).clone(), value.device_mesh, value.placements, run_check=False,
+                                  shape=value.shape, stride=value.stride())
+    return value.clone()
