@@ -184,6 +184,12 @@ def test_a_stages_reduce_launches_as_soon_as_its_weight_gradients_are_complete()
         def wait_gathered(self, stage):
             return False
 
+        def before_backward(self, stage):  # (before each backward: its gradients' buffer, once per step)
+            if stage not in prepared[self.rank]:
+                prepared[self.rank].append(stage)
+
+    prepared: dict[int, list] = {0: [], 1: []}
+
     def rank_main(rank: int) -> None:
         sched = pt.schedules.build("interleaved-1f1b", num_ranks=world, num_microbatches=m)
         pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, transport=hub.transport(rank), timeout=30)
@@ -203,6 +209,7 @@ def test_a_stages_reduce_launches_as_soon_as_its_weight_gradients_are_complete()
     assert (s2, s0) == (2, 0) and at2 < at0 == total  # stage 2 launched with actions still to run
     assert [s for s, _ in done[1][:-1]] == [3, 1]
     assert launched == {0: ["2REDUCE", "0REDUCE"], 1: ["3REDUCE", "1REDUCE"]}  # (in the step's timeline too)
+    assert prepared == {0: [2, 0], 1: [3, 1]}  # each stage's buffer before its first backward
 
 
 def test_split_backward_names_the_torch_it_needs(monkeypatch):

@@ -17,9 +17,10 @@ from torch import nn
 
 from ..schedule.actions import Action, finishes_weights
 from .comm import wait_replicas
+from .gradient_buffer import attach_gradients, move_gradients
 from .stage import Stage
 from .tensor_parallel import local, set_grad
-from .zero import ShardedGradients, attach_gradients, move_gradients, wait_all
+from .zero import ShardedGradients, wait_all
 
 TIED = -1  # the gradient bucket of weights tied across ranks
 
