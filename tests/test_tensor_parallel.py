@@ -128,3 +128,5 @@ def test_sequence_parallel_is_refused_where_it_cannot_split():
         TrainConfig(preset="tiny", sequence_parallel=True).validate()
     with pytest.raises(ConfigError, match="seq_len=9 is not a multiple of it"):
         TrainConfig(preset="tiny", tp=2, seq_len=9, sequence_parallel=True).validate()
+    with pytest.raises(ConfigError, match="sequence_parallel with dropout"):
+        TrainConfig(preset="tiny", tp=2, dropout=0.1, sequence_parallel=True).validate()

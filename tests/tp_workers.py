@@ -196,8 +196,13 @@ def split_cross_entropy_errors(rank: int, world: int) -> list[float]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    from pipetrain.runtime import cross_entropy
+
     mesh = init_device_mesh("cpu", (world,))
     errors = []
+    split_calls = []
+    split = cross_entropy._SplitCrossEntropy.apply
+    cross_entropy._SplitCrossEntropy.apply = lambda *args: split_calls.append(1) or split(*args)
     for case, (loss_fn, dtype) in enumerate([(pt.CrossEntropy(), torch.float32),
                                              (pt.CrossEntropy(token_mean=False), torch.float32),
                                              (pt.CrossEntropy(shift=True), torch.bfloat16),
@@ -213,7 +218,17 @@ def split_cross_entropy_errors(rank: int, world: int) -> list[float]:
         part = distribute_tensor(logits.detach(), mesh, [Shard(-1)], src_data_rank=None).requires_grad_()
         got = loss_fn(part, targets, timeout=30)
         got_loss = got[0] / got[1] if isinstance(got, tuple) else got
-        (got_grad,) = torch.autograd.grad(got_loss, part)
+        (got_grad,) = torch.autograd.grad(got_loss, part, retain_graph=True)
+        (again,) = torch.autograd.grad(got_loss, part)  # (a second backward of the same graph: the same)
         errors.append(max(abs(got_loss.item() - want_loss.item()) / abs(want_loss.item()),
-                          ((got_grad.full_tensor() - want_grad).norm() / want_grad.norm()).item()))
+                          ((got_grad.full_tensor() - want_grad).norm() / want_grad.norm()).item(),
+                          ((again.full_tensor() - want_grad).norm() / want_grad.norm()).item()))
+    errors.append(0.0 if len(split_calls) == 4 else float("inf"))  # (each case computed from the parts)
+    cross_entropy._SplitCrossEntropy.apply = split
+    try:  # a target outside the vocabulary: an error on every rank, as F.cross_entropy raises
+        pt.CrossEntropy()(part, torch.full((3, 5), 8 * world), timeout=30)
+    except ValueError as err:
+        errors.append(0.0 if "targets must be in [0," in str(err) else float("inf"))
+    else:
+        errors.append(float("inf"))
     return errors

@@ -37,12 +37,14 @@ def train_command(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> tuple[s
         flags.append("--activation-checkpointing")
     if plan.tp > 1:
         flags.append(f"--tp {plan.tp}")
-        if model.name in PRESETS:  # (the plan assumes Megatron's sequence parallelism; the reference models have it)
-            flags.append("--sequence-parallel")
+        if model.name in PRESETS and model.seq % plan.tp == 0:  # (the plan assumes Megatron's sequence
+            flags.append("--sequence-parallel")                 # parallelism; the reference models have it)
         else:
             # Korthikanti et al., per token and hidden unit with flash attention: 10 + 24 / tp bytes kept per block
             # without sequence parallelism, 34 / tp with it; recomputation keeps each block's input, 2 / tp with it
             more = plan.tp if plan.recompute else (10 + 24 / plan.tp) / (34 / plan.tp)
-            notes.append(f"tp {plan.tp}: from_hf layers split without sequence parallelism (activations between "
-                         f"blocks stay whole), which holds {more:.1f}x the activation memory this plan assumes")
+            why = "from_hf layers split" if model.name not in PRESETS else \
+                f"seq {model.seq} is not a multiple of it, so the layers split"
+            notes.append(f"tp {plan.tp}: {why} without sequence parallelism (activations between blocks stay "
+                         f"whole), which holds {more:.1f}x the activation memory this plan assumes")
     return f"{launch} -m pipetrain train {' '.join(flags)}", notes

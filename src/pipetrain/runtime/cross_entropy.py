@@ -34,15 +34,21 @@ class CrossEntropy:
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, timeout: float = 1800.0):
         """`timeout` bounds the collectives of vocabulary-split logits (seconds)."""
-        split = hasattr(logits, "device_mesh")  # a DTensor: a tensor-parallel head's parts, by vocabulary
+        split = _evenly_split_by_vocabulary(logits)  # a tensor-parallel head's parts
         if split:
             start = logits.device_mesh.get_local_rank() * (logits.shape[-1] // logits.device_mesh.size())
             group = logits.device_mesh.get_group()
             logits = logits.to_local()
+        elif hasattr(logits, "full_tensor"):  # (a DTensor split otherwise: whole)
+            logits = logits.full_tensor()
         if self.shift:
             logits, targets = logits[:, :-1], targets[:, 1:]
         logits, targets = logits.flatten(0, -2).float(), targets.flatten()
         if split:
+            vocab = logits.shape[-1] * group.size()
+            if (((targets < 0) | (targets >= vocab)) & (targets != self.ignore_index)).any():  # (as F's raises)
+                raise ValueError(f"cross-entropy targets must be in [0, {vocab}) or ignore_index="
+                                 f"{self.ignore_index}; got {targets.min().item()} .. {targets.max().item()}")
             loss_sum = _SplitCrossEntropy.apply(logits, targets, start, self.ignore_index, group, timeout).sum()
         else:
             loss_sum = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum")
@@ -78,9 +84,20 @@ class _SplitCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         softmax, index, inside, counted = ctx.saved_tensors
+        scale = grad * counted
+        grad_logits = softmax * scale[:, None]  # (a new tensor: a graph kept for a second backward still works)
         rows = inside.nonzero()[:, 0]
-        softmax[rows, index[rows]] -= 1
-        return softmax.mul_((grad * counted)[:, None]), None, None, None, None, None
+        grad_logits[rows, index[rows]] -= scale[rows]
+        return grad_logits, None, None, None, None, None
+
+
+def _evenly_split_by_vocabulary(logits: torch.Tensor) -> bool:
+    """Whether `logits` is a DTensor each rank of its (1-d) mesh holds an equal part of, by vocabulary."""
+    if not hasattr(logits, "device_mesh"):
+        return False
+    mesh, placements = logits.device_mesh, tuple(logits.placements)
+    return mesh.ndim == 1 and placements[0].is_shard() and placements[0].dim in (-1, logits.dim() - 1) and \
+        logits.shape[-1] % mesh.size() == 0
 
 
 def _all_reduce(t: torch.Tensor, op, group, timeout: float) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial, wraps
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from .cross_entropy import CrossEntropy
 from .deferred_linear import apply_weight_grads, defer_linears
 from .host_memory import keep_freed_memory
 from .split_backward import backward_input, backward_weight
-from .tensor_parallel import gathered, sequence_split, whole
+from .tensor_parallel import SequenceSplit, gathered, whole
 from .values import Packet, Signature, flatten, unflatten
 
 
@@ -30,19 +31,6 @@ class LossWeights:
 
 
 UNWEIGHTED = LossWeights()
-
-
-def _split_by_sequence(method):
-    """A Stage method run with the activations split by sequence when the stage is (forward, backward and a
-    checkpointed forward's recomputation in it)."""
-    @wraps(method)
-    def run(self, *args, **kwargs):
-        if not self.sequence_parallel:
-            return method(self, *args, **kwargs)
-        with sequence_split(True):
-            return method(self, *args, **kwargs)
-
-    return run
 
 
 @dataclass
@@ -99,13 +87,16 @@ class Stage:
         return self.index == self.num_stages - 1
 
     # --- forward -------------------------------------------------------------------------------------
-    @_split_by_sequence
     def forward(self, mb: int, x: Packet | Any, *, target: Any = None, weights: LossWeights = UNWEIGHTED,
                 grad: bool = True) -> Packet | None:
-        """Run the layers on microbatch `mb`; return the output to pass on (None on the last stage)."""
-        if self.autocast is None:
+        """Run the layers on microbatch `mb`; return the output to pass on (None on the last stage). Backward
+        needs no context: autocast and sequence parallelism are recorded in the graph."""
+        if self.autocast is None and not self.sequence_parallel:
             return self._forward(mb, x, target, weights, grad)
-        with torch.autocast(self.device_type, dtype=self.autocast):
+        with contextlib.ExitStack() as contexts:
+            if self.autocast is not None:
+                contexts.enter_context(torch.autocast(self.device_type, dtype=self.autocast))
+            contexts.enter_context(SequenceSplit(self.sequence_parallel))
             return self._forward(mb, x, target, weights, grad)
 
     def _forward(self, mb: int, x, target, weights: LossWeights, grad: bool) -> Packet | None:
@@ -116,7 +107,8 @@ class Stage:
             inputs = [t for t in leaves if t.requires_grad]
             x = unflatten(leaves, x.signature.spec)
         with torch.set_grad_enabled(grad), collect_aux_losses() as aux:
-            out = checkpoint(self._run, x, use_reentrant=False) if self.checkpoint and grad else self._run(x)
+            out = checkpoint(self._run, x, use_reentrant=False, context_fn=self._recomputation_context) \
+                if self.checkpoint and grad else self._run(x)
             if self.is_last:
                 loss, count = self._loss(out, target)
         if aux:
@@ -140,6 +132,12 @@ class Stage:
                 outputs.append(aux_objective)
             self._cache[mb] = _Saved(inputs, outputs, seeded)
         return Packet([t.detach() for t in leaves], signature)
+
+    def _recomputation_context(self):
+        """(forward, recomputation) contexts of a checkpointed forward: the recomputation, in backward, splits
+        by sequence as the forward did (on CUDA it runs on autograd's own thread, which the forward's context
+        does not reach)."""
+        return contextlib.nullcontext(), SequenceSplit(self.sequence_parallel)
 
     def _run(self, x):
         for i, layer in enumerate(self.layers):
@@ -179,13 +177,11 @@ class Stage:
                                f"{saved.seeded} outputs that carry one")
         return saved, saved.outputs, given + [None] * (len(saved.outputs) - saved.seeded)
 
-    @_split_by_sequence
     def backward(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Back-propagate microbatch `mb`; free its cache; return the gradients of the input leaves that
         carry one (in leaf order)."""
         return _backward(*self._roots(mb, grads))
 
-    @_split_by_sequence
     def backward_input(self, mb: int, grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """I: the input leaves' gradients; what W needs stays until `backward_weight(mb)`."""
         saved, outputs, seeds = self._roots(mb, grads)
@@ -201,7 +197,6 @@ class Stage:
         self._weight_work[mb] = partial(apply_weight_grads, pending)
         return grads_in
 
-    @_split_by_sequence
     def backward_weight(self, mb: int) -> None:
         """W: accumulate this microbatch's weight gradients and free what I kept."""
         self._weight_work.pop(mb)()

@@ -33,10 +33,9 @@ Parameters a plan does not name stay ordinary (replicated) tensors with the same
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -60,15 +59,20 @@ class Split(enum.Enum):
 _SEQUENCE_SPLIT = contextvars.ContextVar("sequence_split", default=False)
 
 
-@contextlib.contextmanager
-def sequence_split(active: bool) -> Iterator[None]:
-    """Within: the activations are split by sequence (a stage's forward and backward under sequence
-    parallelism); outside (generation), whole."""
-    token = _SEQUENCE_SPLIT.set(active)
-    try:
-        yield
-    finally:
-        _SEQUENCE_SPLIT.reset(token)
+class SequenceSplit:
+    """A context within which the activations are split by sequence (`active`: a stage's forward under
+    sequence parallelism, and a checkpointed forward's recomputation); outside it (generation), whole.
+    Reusable and reentrant: a recomputation may run more than once (split backward's I, then W)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_SEQUENCE_SPLIT.set(self.active))
+
+    def __exit__(self, *exc) -> None:
+        _SEQUENCE_SPLIT.reset(self._tokens.pop())
 
 
 def require_divisible(tp: int, model: str, **sizes: int) -> None:
@@ -111,6 +115,10 @@ def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], me
         raise ValueError("sequence parallelism needs layers whose tensor_parallel_plan marks where the sequence "
                          "splits (Split.SCATTER on the embedding, Split.SEQUENCE on the norms: the reference GPT and "
                          "Llama do); these layers' plans do not (from_hf layers: not yet): leave it off")
+    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for layer in all_layers for m in layer.modules())
+    if sequence_parallel and dropout:
+        raise ValueError("sequence parallelism with dropout: the tp ranks draw alike, so each part of the sequence "
+                         "would repeat the others' masks; use dropout 0 or leave sequence parallelism off")
     group = mesh.get_group()
     for i, layer in layers.items():
         styles = {}
@@ -186,7 +194,7 @@ def _style(split: Split, sequence_parallel: bool = False):
 
 def _rows_by_sequence():
     """RowwiseParallel whose partial sums are reduce-scattered into sequence parts while the activations
-    are split (`sequence_split`), all-reduced whole otherwise (generation)."""
+    are split (`SequenceSplit`), all-reduced whole otherwise (generation)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import RowwiseParallel
 
@@ -202,7 +210,7 @@ def _rows_by_sequence():
 def _sequence_norm():
     """torch's SequenceParallel (the module on this rank's part of the sequence, its weights replicated,
     their gradients summed over tp), handing on the whole sequence (an all-gather); outside
-    `sequence_split`, the module on whole activations."""
+    `SequenceSplit`, the module on whole activations."""
     from torch.distributed.tensor import DTensor, Replicate
     from torch.distributed.tensor.parallel import SequenceParallel
 

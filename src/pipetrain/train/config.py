@@ -105,6 +105,9 @@ class TrainConfig:
         if self.sequence_parallel and (self.tp == 1 or self.hf is not None):
             raise ConfigError("sequence_parallel splits the activations over the tensor-parallel ranks of the "
                               "reference GPT and Llama: it needs tp > 1 and no hf model (from_hf layers do not yet)")
+        if self.sequence_parallel and self.dropout:
+            raise ConfigError("sequence_parallel with dropout: the tp ranks draw alike, so each part of the sequence "
+                              "would repeat the others' masks; use dropout 0")
         if self.sequence_parallel and self.model_config().seq_len % self.tp:
             raise ConfigError(f"sequence_parallel splits each sequence over tp={self.tp} ranks, but seq_len="
                               f"{self.model_config().seq_len} is not a multiple of it: choose a seq_len tp divides")
