@@ -45,10 +45,7 @@ class CrossEntropy:
             logits, targets = logits[:, :-1], targets[:, 1:]
         logits, targets = logits.flatten(0, -2).float(), targets.flatten()
         if split:
-            vocab = logits.shape[-1] * group.size()
-            if (((targets < 0) | (targets >= vocab)) & (targets != self.ignore_index)).any():  # (as F's raises)
-                raise ValueError(f"cross-entropy targets must be in [0, {vocab}) or ignore_index="
-                                 f"{self.ignore_index}; got {targets.min().item()} .. {targets.max().item()}")
+            _check_targets(targets, logits.shape[-1] * group.size(), self.ignore_index)
             loss_sum = _SplitCrossEntropy.apply(logits, targets, start, self.ignore_index, group, timeout).sum()
         else:
             loss_sum = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum")
@@ -89,6 +86,17 @@ class _SplitCrossEntropy(torch.autograd.Function):
         rows = inside.nonzero()[:, 0]
         grad_logits[rows, index[rows]] -= scale[rows]
         return grad_logits, None, None, None, None, None
+
+
+def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """ValueError for a target outside [0, vocab) that is not `ignore_index`, as F.cross_entropy raises (a
+    part would count it with a target logit of 0). On a GPU a device-side assert: no wait per microbatch."""
+    valid = (((targets >= 0) & (targets < vocab)) | (targets == ignore_index)).all()
+    message = f"cross-entropy targets must be in [0, {vocab}) or ignore_index={ignore_index}"
+    if targets.is_cuda:
+        torch._assert_async(valid, message)
+    elif not valid:
+        raise ValueError(f"{message}; got {targets.min().item()} .. {targets.max().item()}")
 
 
 def _evenly_split_by_vocabulary(logits: torch.Tensor) -> bool:
