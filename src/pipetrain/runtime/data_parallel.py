@@ -35,27 +35,20 @@ class GradientAverager:
         self.buckets = {key: [p for p in params if p.requires_grad] for key, params in buckets.items()}
         self.timeout = timeout
         self._pending: list[tuple[int, object, torch.Tensor, list[nn.Parameter]]] = []
+        self._kinds = {key: _by_kind(params) for key, params in self.buckets.items()}
         self._attached: dict[int, list[torch.Tensor | None]] = {}  # this step's gradient buffers, by bucket
-
-    def _kinds(self, key: int) -> list[tuple[list[nn.Parameter], list[int]]]:
-        """Bucket `key`'s parameters by dtype and device (one buffer each), with their sizes (under tensor
-        parallel: this rank's slices)."""
-        kinds: dict[tuple, list[nn.Parameter]] = {}
-        for p in self.buckets.get(key, ()):
-            kinds.setdefault((p.dtype, p.device), []).append(p)
-        return [(params, [local(p).numel() for p in params]) for params in kinds.values()]
 
     def before_backward(self, stage: int) -> None:
         """Before stage `stage`'s backward: its gradients go straight into the buffers its reduction reads
         (`attach_gradients`), once per step."""
         if stage in self.buckets and stage not in self._attached:
             self._attached[stage] = [attach_gradients(params, numels, sum(numels))
-                                     for params, numels in self._kinds(stage)]
+                                     for params, numels in self._kinds[stage]]
 
     def reduce(self, key: int) -> None:
         """Begin summing bucket `key` over the replicas (asynchronous; one buffer per dtype and device of its
         parameters). A missing gradient counts as zeros."""
-        kinds = self._kinds(key)
+        kinds = self._kinds.get(key, [])
         attached = self._attached.pop(key, [None] * len(kinds))
         for (params, numels), flat in zip(kinds, attached, strict=True):
             flat = move_gradients(params, numels, sum(numels), flat)
@@ -92,6 +85,15 @@ class GradientAverager:
         """After a failed step: forget started reductions (the step's gradients are not used)."""
         self._pending.clear()
         self._attached.clear()
+
+
+def _by_kind(params: list[nn.Parameter]) -> list[tuple[list[nn.Parameter], list[int]]]:
+    """`params` by dtype and device (one buffer each), with their sizes (under tensor parallel: this rank's
+    slices)."""
+    kinds: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        kinds.setdefault((p.dtype, p.device), []).append(p)
+    return [(group, [local(p).numel() for p in group]) for group in kinds.values()]
 
 
 def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequence[nn.Parameter],

@@ -281,15 +281,15 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def set_grad(param: nn.Parameter, grad: torch.Tensor | None) -> None:
     """`param.grad = grad`, where `grad` is this rank's own part (wrapped as a DTensor like `param`'s)."""
-    param.grad = _placed_as(grad, param) if grad is not None and is_dtensor(param) else grad
+    param.grad = placed_as(grad, param) if grad is not None and is_dtensor(param) else grad
 
 
-def _placed_as(part: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-    """`part` (this rank's slice) as a DTensor placed like the DTensor `param`."""
+def placed_as(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`part` (this rank's slice) as a DTensor placed like the DTensor `like` (a parameter, or a state)."""
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(part, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride())
+    return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
 
 
 # --- whole tensors (checkpoints, exports) and this rank's parts of them ---------------------------------------
@@ -303,7 +303,7 @@ def as_part(value: Any, param: nn.Parameter) -> Any:
     (a sharded optimizer's plain slice wrapped; no communication); other values as they are."""
     if is_dtensor(param) and isinstance(value, torch.Tensor) and not is_dtensor(value) and value.dim() and \
             value.shape == local(param).shape:
-        return _placed_as(value, param)
+        return placed_as(value, param)
     return value
 
 

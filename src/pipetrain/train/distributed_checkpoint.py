@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..runtime.tensor_parallel import as_part, is_dtensor, local
+from ..runtime.tensor_parallel import as_part, is_dtensor, local, placed_as
 from .checkpoint import CheckpointError
 
 FORMAT = 3
@@ -155,9 +155,4 @@ def _own_storage(value: Any) -> Any:
     DTensor's part too)."""
     if not isinstance(value, torch.Tensor) or local(value).untyped_storage().nbytes() <= local(value).nbytes:
         return value
-    if is_dtensor(value):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(local(value).clone(), value.device_mesh, value.placements, run_check=False,
-                                  shape=value.shape, stride=value.stride())
-    return value.clone()
+    return placed_as(local(value).clone(), value) if is_dtensor(value) else value.clone()
