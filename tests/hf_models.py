@@ -25,8 +25,11 @@ FAMILIES = {  # name -> (class, config): 6 decoder layers, so 8 layers fill 4 ra
 
 
 def build(family: str, *, meta: bool = False):
-    """The family's model, the same weights in every process (seed 0), or on the meta device."""
-    name, config = FAMILIES[family]
+    """The family's model (a key of FAMILIES, or a class name of hf_families), the same weights in every
+    process (seed 0), or on the meta device."""
+    from hf_families import config_of
+
+    name, config = FAMILIES[family] if family in FAMILIES else (family, config_of(family))
     cls = getattr(transformers, name)
     if meta:
         with torch.device("meta"):
@@ -90,12 +93,15 @@ def exactness(rank: int, world: int, families: list[str], pads: list[str]) -> di
 def meta_load_and_save(rank: int, world: int, family: str, source: str, out: str) -> dict:
     """Build on meta, load this rank's tensors from `source`, train one step (SGD), save_pretrained to `out`;
     the gradients against HF's full model loaded in this process, and the held-out loss after the step."""
+    import hf_families
+
     pipe = _pipeline(build(family, meta=True), world)
     load_weights(pipe, source)
     inputs, labels = batch("left")
-    loss = pipe.step(inputs, labels)
-    full = getattr(transformers, FAMILIES[family][0]).from_pretrained(source)
-    ref_loss, ref_grads = reference(full, inputs, labels)
+    loss = pipe.step(inputs, labels, num_tokens=(labels[:, 1:] != -100).sum().item())
+    loss += pipe.last_step.aux_loss  # an MoE's router loss (0 for the others)
+    full = transformers.AutoModelForCausalLM.from_pretrained(source)
+    ref_loss, ref_grads = hf_families.reference(full, inputs, labels, world)  # (1F1B: world microbatches)
     grad_errors = errors(pipeline_grads(pipe), ref_grads)
     torch.optim.SGD(pipe.parameters(), lr=0.5).step()
     save_pretrained(pipe, out)

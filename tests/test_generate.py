@@ -75,14 +75,20 @@ def test_log_probabilities_are_those_of_a_plain_forward():
 
 @pytest.mark.parametrize("family,schedule,world,eos,chunk", [("llama", "1f1b", 4, 73, 16), ("mistral", "zbv", 2, 73, 3),
                                                               ("qwen2-tied", "1f1b", 2, 66, 16),
-                                                              ("qwen3", "interleaved-1f1b", 2, 56, 16)])
+                                                              ("qwen3", "interleaved-1f1b", 2, 56, 16),
+                                                              ("GPT2LMHeadModel", "1f1b", 2, 72, 16),
+                                                              ("Gemma3ForCausalLM", "zbv", 2, 33, 3),
+                                                              ("MixtralForCausalLM", "1f1b", 2, 15, 16)])
 def test_hf_models_generate_what_hf_generate_does(family, schedule, world, eos, chunk):
-    """HF's generate, greedy, one prompt at a time, stopping at `eos` (which some prompts reach); the tied
-    model in 2 gloo processes (its embedding and head on different ranks: a tie across ranks needs
-    processes), the others on in-process ranks; Mistral's window of 4 prefilled 3 tokens per pass."""
+    """HF's generate, greedy, one prompt at a time, stopping at `eos` (which some prompts reach); tied
+    models in 2 gloo processes (embedding and head on different ranks: a tie across ranks needs
+    processes), the others on in-process ranks; Mistral's and Gemma 3's windows of 4 prefilled 3 tokens per
+    pass; GPT-2's learned positions, Gemma 3's soft-capped logits, Mixtral's experts."""
     want = gw.hf_reference(family, 10, eos)
     assert any(t[-1] == eos for t in want) and any(eos not in t for t in want)
-    run = run_processes if family.endswith("tied") else run_threads
+    import hf_models
+
+    run = run_processes if hf_models.build(family, meta=True).config.tie_word_embeddings else run_threads
     results = run(world, gw.hf_generate, family, schedule, dict(max_new_tokens=10, eos_token_id=eos,
                                                                  prefill_chunk=chunk))
     for r in results.values() if isinstance(results, dict) else results:

@@ -20,6 +20,7 @@ import torch
 
 from ..runtime.comm import fail_together
 from ..runtime.tensor_parallel import local, part_like, whole
+from .hf_conversion import Reader, stored
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -46,18 +47,20 @@ def load_weights(pipe, directory: str | Path) -> None:
 
 def _load(pipe, directory: Path) -> None:
     files = _files_by_name(directory)
+    reader = None
     done: set[int] = set()
     missing = []
     for names, tensor in _tensors(pipe):
         if id(tensor) in done:
             continue
-        name = next((n for n in names if n in files), None)
+        reader = reader or Reader(_model(pipe), list(files), lambda n: _read(files[n], n))
+        name = next((n for n in names if n in reader), None)  # (stored as is, or in the form HF converts)
         if name is None:
             missing.append(names[0])
             continue
-        value = _read(files[name], name)
+        value = reader(name)
         if value.shape != tensor.shape:
-            raise ValueError(f"{name} has shape {tuple(value.shape)} in {files[name]} but {tuple(tensor.shape)} in "
+            raise ValueError(f"{name} has shape {tuple(value.shape)} in {directory} but {tuple(tensor.shape)} in "
                              "the model: the checkpoint is of another configuration")
         with torch.no_grad():  # (split by tensor parallel: this rank's part)
             local(tensor).copy_(part_like(value, tensor, split=False))
@@ -114,10 +117,16 @@ def _write_shard(pipe, directory: Path) -> None:
             tensors[names[0]] = whole(tensor.detach()).to("cpu").contiguous()  # (collective over tp)
     if pipe.tp_rank != 0:
         return
+    tensors = stored(_model(pipe), tensors)  # (as save_pretrained writes them: e.g. an MoE's experts one by one)
     directory.mkdir(parents=True, exist_ok=True)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     save_file(tensors, str(directory / _shard(pipe.rank, pipe.world_size)),
               metadata={"format": "pt", "size": str(size)})
+
+
+def _model(pipe):
+    """The transformers model this rank's layers came from (its class and config name its conversions)."""
+    return next(iter(pipe.layers.values())).hf_model
 
 
 def _tensors(pipe) -> Iterator[tuple[list[str], torch.Tensor]]:

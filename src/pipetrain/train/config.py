@@ -299,18 +299,16 @@ def check_hf_model(config: TrainConfig):
     return hf_config
 
 
-_HF_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}  # the model_type of each class in models.hf.SUPPORTED
-
-
 def check_hf_architecture(config: TrainConfig, hf_config) -> None:
     """ConfigError, from config.json alone (before any weight is read), if pipetrain cannot split the model."""
-    from ..models.hf import SUPPORTED
+    from ..models.hf_layout import NOT_YET, SUPPORTED, supported_model_types
 
     architectures = list(getattr(hf_config, "architectures", None) or [])
     model_type = getattr(hf_config, "model_type", None)
-    if set(architectures) & set(SUPPORTED) or (not architectures and model_type in _HF_MODEL_TYPES):
+    if set(architectures) & set(SUPPORTED) or (not architectures and model_type in supported_model_types()):
         return
-    raise ConfigError(f"the model in {config.hf} is {', '.join(architectures) or model_type!s} (config.json); "
+    why = next((f": {a} {NOT_YET[a]}" for a in architectures if a in NOT_YET), "")
+    raise ConfigError(f"the model in {config.hf} is {', '.join(architectures) or model_type!s} (config.json){why}; "
                       f"pipetrain trains {', '.join(SUPPORTED)} from a Hugging Face folder (for other models, "
                       "write the layers yourself: see the guide's 'any model' page)")
 
