@@ -61,12 +61,15 @@ def test_train_errors_found_before_launching_are_one_line_naming_the_fix(tmp_pat
 
     check_fits(TrainConfig(layers=1, dp=2), world_size=4)  # 2 stages per replica: fine
     # an HF folder holding a model pipetrain cannot split: said from config.json, before any weight is read
-    from transformers import GPT2Config
+    from transformers import GPTBigCodeConfig
 
-    GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=300, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path)
+    config = GPTBigCodeConfig(n_layer=2, n_embd=16, n_head=2, vocab_size=300, bos_token_id=0, eos_token_id=0)
+    config.architectures = ["GPTBigCodeForCausalLM"]
+    config.save_pretrained(tmp_path)
     assert main(["train", "--hf", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is gpt2 (config.json); pipetrain trains LlamaForCausalLM" in err, err
+    why = "is GPTBigCodeForCausalLM (config.json): GPTBigCodeForCausalLM has GPT-2's parts with another attention"
+    assert err.count("\n") == 1 and why in err and "pipetrain trains LlamaForCausalLM" in err, err
 
 
 def test_console_script_is_installed():

@@ -161,6 +161,9 @@ _TRAIN_FLAGS = {
     "batch-size": (int, "sequences per step over all replicas (each replica takes batch-size / dp)"),
     "dp": (int, "data-parallel replicas of the pipeline (pipeline ranks = world size / (dp x tp))"),
     "tp": (int, "tensor-parallel ranks splitting each layer (heads, MLP, vocabulary) of a stage"),
+    "pp": (int, "pipeline ranks (then dp = world size / (pp x tp)); default world size / (dp x tp)"),
+    "ep": (int, "expert-parallel ranks splitting each MoE layer's experts (they are dp replicas: ep divides dp)"),
+    "expert-capacity": (float, "experts' capacity factor, e.g. 1.25 (tokens over it dropped); default dropless"),
     "shard": (str, "over the dp replicas: none, optimizer (ZeRO-1), gradients (ZeRO-2) or params (ZeRO-3)"),
     "accumulation": (int, "pipeline steps per optimizer step"),
     "balance": (str, "uniform, params or time"),
@@ -192,7 +195,7 @@ _TRAIN_FLAGS = {
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    from .train.config import ConfigError, TrainConfig, check_fits
+    from .train.config import ConfigError, TrainConfig, check_fits, resolve_pp
 
     values: dict = {}
     if args.config:
@@ -220,6 +223,8 @@ def _train(args: argparse.Namespace) -> int:
     if config.hf and not config.save_pretrained and config.checkpoint_dir:
         config.save_pretrained = os.path.join(config.checkpoint_dir, "hf")  # the trained model, as HF loads it
     try:  # before any process group work (one line per rank: torchrun stops the others at the first exit)
+        if "WORLD_SIZE" in os.environ:
+            config = resolve_pp(config, int(os.environ["WORLD_SIZE"]))
         config.validate()
         if "WORLD_SIZE" in os.environ:
             check_fits(config, int(os.environ["WORLD_SIZE"]))

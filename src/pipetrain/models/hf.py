@@ -163,6 +163,14 @@ class DecoderLayer(_HFLayer):
             raise ValueError(f"{type(config).__name__} has no base_model_tp_plan for its decoder layers: use tp=1")
         return plan
 
+    def expert_parallel_plan(self) -> list[str]:
+        """The experts modules of this layer, by the model's own `base_model_ep_plan` ("ep_dispatch_experts")."""
+        plan = getattr(self.config, "base_model_ep_plan", None) or {}
+        paths = ["layer." + key[len("layers.*."):] for key, style in plan.items()
+                 if key.startswith("layers.*.") and style == "ep_dispatch_experts"]
+        found = {name for name, _ in self.named_modules()}
+        return [path for path in paths if path in found]  # (a dense layer of an MoE model has none)
+
     def forward(self, x: dict) -> dict:
         hidden = x["hidden_states"]
         mask, rotary = self.masks.get(hidden, x.get("attention_mask"), x["position_ids"], self.attention_type)

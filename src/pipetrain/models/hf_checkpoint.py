@@ -86,7 +86,7 @@ def save_pretrained(pipe, directory: str | Path, *, source: str | Path | None = 
     error = None
     pipe.unshard()  # (shard="params": whole parameters, gathered from the replicas)
     try:
-        if pipe.dp_rank == 0:
+        if pipe.dp_rank < pipe.ep_size:  # the first replica (with its ep peers, which gather their experts)
             _write_shard(pipe, directory)
     except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
         error = err
@@ -114,8 +114,8 @@ def _write_shard(pipe, directory: Path) -> None:
     for names, tensor in _tensors(pipe):
         if id(tensor) not in seen and id(tensor) not in copies:  # a tied weight: saved once, by its first use
             seen.add(id(tensor))
-            tensors[names[0]] = whole(tensor.detach()).to("cpu").contiguous()  # (collective over tp)
-    if pipe.tp_rank != 0:
+            tensors[names[0]] = whole(tensor.detach()).to("cpu").contiguous()  # (collective over tp or ep)
+    if pipe.tp_rank != 0 or pipe.dp_rank != 0:
         return
     tensors = stored(_model(pipe), tensors)  # (as save_pretrained writes them: e.g. an MoE's experts one by one)
     directory.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,9 @@ from torch import nn
 from ..flops import training_flops_per_token
 from ..runtime.tensor_parallel import Split, require_divisible
 from .common import assemble, document_mask, init_normal, split_inputs
+from .moe import MoEFeedForward
 
-RESIDUAL = ("wo.weight", "w_down.weight")  # the projections into the residual stream
+RESIDUAL = ("wo.weight", "w_down.weight", "experts.down")  # the projections into the residual stream
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    n_experts: int = 0  # > 0: each block's feed-forward is a mixture of this many experts (models/moe.py)
+    top_k: int = 2  # experts per token
+    d_expert: int | None = None  # an expert's hidden size (default: ffn / top_k, the dense FLOPs per token)
+    aux_coef: float = 0.01  # the load-balancing loss's weight
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"):
@@ -39,6 +44,8 @@ class LlamaConfig:
                              "(RoPE rotates pairs)")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
 
     @property
     def kv_heads(self) -> int:
@@ -52,11 +59,18 @@ class LlamaConfig:
     def ffn(self) -> int:
         return self.d_ff or 32 * math.ceil(8 * self.d_model / 3 / 32)
 
+    @property
+    def expert_ffn(self) -> int:
+        return self.d_expert or max(1, self.ffn // self.top_k)
+
 
 PRESETS: dict[str, LlamaConfig] = {
     "llama-tiny": LlamaConfig(seq_len=64, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2),
     "llama-small": LlamaConfig(seq_len=64, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),
     "llama-8x256": LlamaConfig(seq_len=128, d_model=256, n_layers=8, n_heads=8, n_kv_heads=4),
+    "llama-moe-tiny": LlamaConfig(seq_len=64, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2),
+    "llama-moe-8x256": LlamaConfig(seq_len=128, d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, n_experts=8,
+                                   top_k=2),
 }
 
 
@@ -100,9 +114,12 @@ class Block(nn.Module):
         self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
         self.ffn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.w_gate = nn.Linear(d, cfg.ffn, bias=False)
-        self.w_up = nn.Linear(d, cfg.ffn, bias=False)
-        self.w_down = nn.Linear(cfg.ffn, d, bias=False)
+        if cfg.n_experts:
+            self.moe = MoEFeedForward(d, cfg.n_experts, cfg.top_k, cfg.expert_ffn, cfg.aux_coef)
+        else:
+            self.w_gate = nn.Linear(d, cfg.ffn, bias=False)
+            self.w_up = nn.Linear(d, cfg.ffn, bias=False)
+            self.w_down = nn.Linear(cfg.ffn, d, bias=False)
         self.register_buffer("inv_freq", _inv_freq(hd, self.theta), persistent=False)
 
     def init_weights(self) -> None:
@@ -112,11 +129,18 @@ class Block(nn.Module):
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
         """Megatron's split: each tp rank runs n_heads / tp query heads with their kv_heads / tp key/value heads,
         and ffn / tp of the MLP."""
+        if hasattr(self, "moe"):  # (the experts run whole on each tp rank; expert parallel splits them)
+            require_divisible(tp, "the Llama", n_heads=self.n_heads, n_kv_heads=self.kv_heads)
+            return {"wq": Split.COLUMNS, "wk": Split.COLUMNS, "wv": Split.COLUMNS, "wo": Split.ROWS}
         require_divisible(tp, "the Llama", n_heads=self.n_heads, n_kv_heads=self.kv_heads,
                           d_ff=self.w_gate.out_features)
         return {"wq": Split.COLUMNS, "wk": Split.COLUMNS, "wv": Split.COLUMNS, "wo": Split.ROWS,
                 "w_gate": Split.COLUMNS, "w_up": Split.COLUMNS, "w_down": Split.ROWS,
                 "attn_norm": Split.SEQUENCE, "ffn_norm": Split.SEQUENCE}
+
+    def expert_parallel_plan(self) -> list[str]:
+        """The submodules holding experts (runtime/expert_parallel.py)."""
+        return ["moe.experts"] if hasattr(self, "moe") else []
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
         """(b, t, d) -> (b, t, d), causal; or (hidden, positions) -> the same pair, RoPE at each token's position
@@ -157,6 +181,8 @@ class Block(nn.Module):
         y = attend(q, k, v)  # (b, heads, t, hd)
         x = x + self.wo(y.transpose(1, 2).reshape(b, t, -1))
         h = self.ffn_norm(x)
+        if hasattr(self, "moe"):
+            return x + self.moe(h)
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))  # (b, t, d)
 
 
@@ -193,8 +219,9 @@ def build_llama(cfg: LlamaConfig) -> list[nn.Module]:
 def flops_per_token(cfg: LlamaConfig) -> float:
     """Training FLOPs per token, by pipetrain.flops's convention (the planner's): q, o, grouped k, v and the
     gated MLP's three matmuls per block, attention in full, the head."""
-    d, f, kv = cfg.d_model, cfg.ffn, cfg.kv_heads * cfg.head_dim
-    return training_flops_per_token(layers=cfg.n_layers, matmul_params=2 * d * d + 2 * d * kv + 3 * d * f,
+    d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
+    ffn = 3 * d * cfg.ffn if not cfg.n_experts else 3 * d * cfg.expert_ffn * cfg.top_k + d * cfg.n_experts  # active
+    return training_flops_per_token(layers=cfg.n_layers, matmul_params=2 * d * d + 2 * d * kv + ffn,
                                     seq=cfg.seq_len, hidden=d, vocab=cfg.vocab_size)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,16 +56,24 @@ def splits_backward(schedule: Schedule) -> bool:
 
 @dataclass(frozen=True)
 class Groups:
-    """A rank's process groups from a DeviceMesh: its pipeline ("pp"), its data-parallel replicas ("dp") and
-    its tensor-parallel group as a 1-d mesh ("tp"); None where the mesh has no such dimension (or no mesh)."""
+    """A rank's process groups from a DeviceMesh: its pipeline ("pp"), its data-parallel replicas ("dp", and
+    "ep" whose ranks are replicas too), its tensor-parallel group as a 1-d mesh ("tp"), its expert-parallel
+    group as a 1-d mesh ("ep") and the replicas holding the same experts (`expert_dp`: "dp" alone); None
+    where the mesh has no such dimension (or no mesh)."""
 
     pp: dist.ProcessGroup | None = None
     dp: dist.ProcessGroup | None = None
     tp: DeviceMesh | None = None
+    ep: DeviceMesh | None = None
+    expert_dp: dist.ProcessGroup | None = None
 
     @property
     def tp_size(self) -> int:
         return self.tp.size() if self.tp is not None else 1
+
+    @property
+    def ep_size(self) -> int:
+        return self.ep.size() if self.ep is not None else 1
 
     @property
     def replicas(self) -> list[dist.ProcessGroup]:
@@ -73,18 +82,37 @@ class Groups:
 
 
 def groups_of(mesh: DeviceMesh | None, transport: Transport | None) -> Groups:
-    """The process groups of a DeviceMesh with dimensions "pp" and optionally "dp" and "tp"; none without a
-    mesh (the default group, or the in-process `transport`'s ranks)."""
+    """The process groups of a DeviceMesh with dimensions "pp" and optionally "dp", "ep" and "tp"; none
+    without a mesh (the default group, or the in-process `transport`'s ranks). With "ep", the data-parallel
+    group is "dp" and "ep" together (collective over the job: every rank makes every such group)."""
     if mesh is None:
         return Groups()
     if transport is not None:
         raise ValueError("pass either mesh= or transport=, not both")
     names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
-    if "pp" not in names or not set(names) <= {"dp", "pp", "tp"}:
-        raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp' and 'tp', got {names}: e.g. "
-                         "init_device_mesh('cpu', (dp, pp, tp), mesh_dim_names=('dp', 'pp', 'tp'))")
+    if "pp" not in names or not set(names) <= {"dp", "ep", "pp", "tp"}:
+        raise ValueError(f"mesh dimensions must be named 'pp' and optionally 'dp', 'ep' and 'tp', got {names}: "
+                         "e.g. init_device_mesh('cpu', (dp, ep, pp, tp), mesh_dim_names=('dp', 'ep', 'pp', 'tp'))")
     tp = mesh["tp"] if "tp" in names and mesh["tp"].size() > 1 else None
-    return Groups(mesh.get_group("pp"), mesh.get_group("dp") if "dp" in names else None, tp)
+    dp = mesh.get_group("dp") if "dp" in names else None
+    if "ep" not in names or mesh["ep"].size() == 1:
+        return Groups(mesh.get_group("pp"), dp, tp)
+    lead = [names.index(n) for n in ("dp", "ep") if n in names]
+    replicas = mesh.mesh.movedim(lead, list(range(len(lead))))  # (dp, ep, ...) or (ep, ...)
+    enumeration = replicas.reshape(math.prod(replicas.shape[:len(lead)]), -1).T.tolist()  # per pp, tp position
+    both, _ = dist.new_subgroups_by_enumeration(enumeration)
+    expert_dp = dp if dp is not None and mesh["dp"].size() > 1 else None
+    return Groups(mesh.get_group("pp"), both, tp, mesh["ep"], expert_dp)
+
+
+def check_expert_parallel(ep: int, *, shard: str, tp: int) -> None:
+    """ValueError for what expert parallel does not compose with yet."""
+    if ep > 1 and shard != "none":
+        raise ValueError(f"expert parallel (ep={ep}) with shard={shard!r}: the sharded optimizer does not split "
+                         "experts yet; use shard='none' with ep, or ep=1")
+    if ep > 1 and tp > 1:
+        raise ValueError(f"expert parallel (ep={ep}) with tensor parallel (tp={tp}) is not supported yet: use one "
+                         "of them")
 
 
 def check_shard(shard: str, dp_group) -> None:

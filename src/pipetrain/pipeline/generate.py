@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ..generation.passes import PREFILL_CHUNK, RankPasses, checked_prompts
 from ..generation.sampling import Sampling
@@ -118,3 +119,11 @@ def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tupl
         raise ValueError(f"generate() got different prompts or settings on {rank_name(pipe.transport, differ[0])} "
                          f"than on {rank_name(pipe.transport, pipe.rank)}: call it on every rank with the same "
                          "arguments")
+    if pipe.ep_mesh is not None:  # its replicas route each other's tokens: every pass must be the same on each
+        mine = table[pipe.rank].to(pipe.transport.device)
+        peers = torch.zeros(pipe.ep_size * len(mine), dtype=mine.dtype, device=mine.device)
+        dist.all_gather_into_tensor(peers, mine, group=pipe.ep_mesh.get_group())
+        if not all(torch.equal(row, mine) for row in peers.view(pipe.ep_size, -1)):
+            raise ValueError("generate() got different prompts or settings on the expert-parallel ranks (ep="
+                             f"{pipe.ep_size}): they send each other their tokens, so give every replica in an ep "
+                             "group the same prompts")

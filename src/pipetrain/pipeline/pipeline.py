@@ -13,6 +13,7 @@ from torch import nn
 from ..runtime.comm import DistTransport, InProcessTransport, Transport, wait_replicas
 from ..runtime.data_parallel import TIED, averager_for, sum_over
 from ..runtime.executor import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
+from ..runtime.expert_parallel import parallelize_experts
 from ..runtime.stage import LossWeights, Stage
 from ..runtime.tensor_parallel import parallelize
 from ..runtime.ties import TiedWeights
@@ -21,7 +22,7 @@ from ..schedule import Action, Event, Op, Schedule, Timeline, lower, with_collec
 from ..schedule.lowering import PREFETCH, message_order
 from .auto_plan import PipelinePlan, plan_pipeline, schedule_to_run
 from .balance import Balance, resolve_balance
-from .checks import check_shard, checked_schedule, groups_of, splits_backward
+from .checks import check_expert_parallel, check_shard, checked_schedule, groups_of, splits_backward
 from .materialize import materialize
 from .microbatches import step_microbatches
 from .parameters import RankParameters
@@ -60,8 +61,11 @@ class Pipeline(RankParameters):
             over which each stage's gradients are summed as soon as its last backward finishes (`step()` then
             takes this replica's share of the global batch); "tp" the ranks that split each of its layers by the
             layer's `tensor_parallel_plan` (runtime/tensor_parallel.py; they pass the same batch and hold the
-            same activations between layers). Default: every rank of the default process group is one
-            pipeline.
+            same activations between layers); "ep", after "dp", ranks that are data-parallel replicas too
+            (each its own share of the batch) and split each MoE layer's experts, as its
+            `expert_parallel_plan` names them, sending tokens to their experts with all-to-all
+            (runtime/expert_parallel.py), e.g. `mesh_dim_names=("dp", "ep", "pp")`. Default: every rank of the
+            default process group is one pipeline.
         shard: with replicas ("dp"), "optimizer" (ZeRO-1), "gradients" (ZeRO-2) or "params" (ZeRO-3): each
             replica's optimizer owns 1/dp of every stage's parameters; build it with `pipe.optimizer(make)`
             (see `RankParameters.optimizer`). "gradients" also reduce-scatters each stage's gradients when its
@@ -82,6 +86,9 @@ class Pipeline(RankParameters):
             posted receive holds its buffer from then on).
         precision: "fp32", or "bf16" to run forwards (and their recomputation) under bf16 autocast; the
             parameters, their gradients and the optimizer stay fp32.
+        expert_capacity: a capacity factor for the experts (e.g. 1.25): each rank sends an expert at most
+            ceil(factor * pairs / experts) of its (token, expert) pairs per call and drops the rest (their
+            weight's share of the token's output is 0). Default None: dropless.
         seed: layers built on the meta device (`with torch.device("meta"): ...`) get storage on this rank
             only for its own stages, initialized by their `init_weights()` (or each submodule's
             `reset_parameters()`) under a seed made of `seed` and the layer's index: the same weights
@@ -94,7 +101,8 @@ class Pipeline(RankParameters):
                  device: torch.device | str | None = None, transport: Transport | None = None, timeout: float = 60.0,
                  sample: Any = None, split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
                  prefetch: int = PREFETCH, precision: str = "fp32", seed: int = 0,
-                 num_microbatches: int | None = None, shard: str = "none", sequence_parallel: bool = False) -> None:
+                 num_microbatches: int | None = None, shard: str = "none", sequence_parallel: bool = False,
+                 expert_capacity: float | None = None) -> None:
         layers = list(layers)
         groups = groups_of(mesh, transport)
         dp_group = groups.dp
@@ -127,6 +135,10 @@ class Pipeline(RankParameters):
             raise ValueError("sequence_parallel=True splits activations over the tensor-parallel ranks: give a mesh "
                              "with a \"tp\" dimension of 2 or more (CLI: --tp), or leave it off")
         self.sequence_parallel = sequence_parallel
+        self.ep_mesh = groups.ep  # this rank's expert-parallel group (a 1-d DeviceMesh), or None
+        self.ep_size = groups.ep_size
+        self.expert_capacity = expert_capacity
+        check_expert_parallel(self.ep_size, shard=shard, tp=self.tp_size)
         self.device = torch.device(device) if device is not None else self.transport.device
         # split
         self.balance = resolve_balance(balance, layers, schedule,
@@ -155,7 +167,7 @@ class Pipeline(RankParameters):
                 raise ValueError("dp_group needs torch.distributed ranks; in-process ranks have no data parallelism")
             identity = (self.rank, schedule.name, schedule.num_microbatches, tuple(self.balance), shard)
             self._averager = averager_for(self.stages, self._train_actions, self._ties.params, dp_group,
-                                          self.timeout, identity, shard)
+                                          self.timeout, identity, shard, expert_group=groups.expert_dp)
         check_step_collectives(self._train_actions, self.transport, dp_group, self._ties)
         self._training = True
         self._window: Window | None = None
@@ -332,6 +344,8 @@ class Pipeline(RankParameters):
         if self.tp_mesh is not None:
             parallelize(mine, layers, self.tp_mesh, self.timeout, tied=bool(self._ties),
                         sequence_parallel=self.sequence_parallel)
+        if self.ep_mesh is not None or self.expert_capacity is not None:
+            parallelize_experts(mine, layers, self.ep_mesh, self.expert_capacity)
         return {s: Stage(s, num_stages, [layers[i] for i in self.layer_ranges[s]],
                          first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
                          autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device,

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..schedule.actions import Action, finishes_weights
 from .comm import wait_replicas
+from .expert_parallel import is_expert_parallel
 from .gradient_buffer import attach_gradients, move_gradients
 from .stage import Stage
 from .tensor_parallel import local, set_grad
@@ -27,14 +28,20 @@ TIED = -1  # the gradient bucket of weights tied across ranks
 
 class GradientAverager:
     """Averages gradients of parameter buckets over `group` (the replicas of this pipeline position): the
-    executor's `Collectives` (REDUCE launches `reduce`; there is nothing to gather)."""
+    executor's `Collectives` (REDUCE launches `reduce`; there is nothing to gather).
 
-    def __init__(self, group: dist.ProcessGroup, buckets: dict[int, list[nn.Parameter]], timeout: float) -> None:
+    Expert weights split over an "ep" group (`expert_parallel`) are summed over `expert_group` only (the
+    replicas that hold the same experts; None: there are none): their gradients already hold every ep
+    rank's tokens. Both sums are then scaled alike."""
+
+    def __init__(self, group: dist.ProcessGroup, buckets: dict[int, list[nn.Parameter]], timeout: float,
+                 expert_group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
         self.buckets = {key: [p for p in params if p.requires_grad] for key, params in buckets.items()}
         self.timeout = timeout
         self._pending: list[tuple[int, object, torch.Tensor, list[nn.Parameter]]] = []
+        self._groups = {False: group, True: expert_group}
         self._kinds = {key: _by_kind(params) for key, params in self.buckets.items()}
         self._attached: dict[int, list[torch.Tensor | None]] = {}  # this step's gradient buffers, by bucket
 
@@ -43,16 +50,17 @@ class GradientAverager:
         (`attach_gradients`), once per step."""
         if stage in self.buckets and stage not in self._attached:
             self._attached[stage] = [attach_gradients(params, numels, sum(numels))
-                                     for params, numels in self._kinds[stage]]
+                                     for params, numels, _ in self._kinds[stage]]
 
     def reduce(self, key: int) -> None:
         """Begin summing bucket `key` over the replicas (asynchronous; one buffer per dtype and device of its
         parameters). A missing gradient counts as zeros."""
         kinds = self._kinds.get(key, [])
         attached = self._attached.pop(key, [None] * len(kinds))
-        for (params, numels), flat in zip(kinds, attached, strict=True):
+        for (params, numels, experts), flat in zip(kinds, attached, strict=True):
             flat = move_gradients(params, numels, sum(numels), flat)
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            group = self._groups[experts]
+            work = dist.all_reduce(flat, group=group, async_op=True) if group is not None else None
             self._pending.append((key, work, flat, params))
 
     def gather(self, key: int) -> None:
@@ -87,17 +95,18 @@ class GradientAverager:
         self._attached.clear()
 
 
-def _by_kind(params: list[nn.Parameter]) -> list[tuple[list[nn.Parameter], list[int]]]:
-    """`params` by dtype and device (one buffer each), with their sizes (under tensor parallel: this rank's
-    slices)."""
+def _by_kind(params: list[nn.Parameter]) -> list[tuple[list[nn.Parameter], list[int], bool]]:
+    """`params` by dtype, device and whether they are experts split over "ep" (one buffer each), with their
+    sizes (split by tensor or expert parallel: this rank's slices)."""
     kinds: dict[tuple, list[nn.Parameter]] = {}
     for p in params:
-        kinds.setdefault((p.dtype, p.device), []).append(p)
-    return [(group, [local(p).numel() for p in group]) for group in kinds.values()]
+        kinds.setdefault((p.dtype, p.device, is_expert_parallel(p)), []).append(p)
+    return [(group, [local(p).numel() for p in group], key[2]) for key, group in kinds.items()]
 
 
 def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequence[nn.Parameter],
-                 dp_group: dist.ProcessGroup, timeout: float, identity: tuple, shard: str = "none"):
+                 dp_group: dist.ProcessGroup, timeout: float, identity: tuple, shard: str = "none",
+                 expert_group: dist.ProcessGroup | None = None):
     """The replicas' gradient reduction: a GradientAverager, or for shard="optimizer" | "gradients" | "params"
     a `zero.ShardedGradients`. One bucket per stage, each parameter in the bucket of the last of its stages
     to finish its weight gradients (a weight shared by two stages of this rank), tied weights in their own
@@ -124,7 +133,7 @@ def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequ
     for key, p in params.items():
         buckets.setdefault(bucket_of[key], []).append(p)
     if shard == "none":
-        return GradientAverager(dp_group, buckets, timeout)
+        return GradientAverager(dp_group, buckets, timeout, expert_group)
     needs = {s: {bucket_of[id(p)] for p in stage.module.parameters()} for s, stage in stages.items()}
     return ShardedGradients(dp_group, buckets, timeout, shard, needs)
 

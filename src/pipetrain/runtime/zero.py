@@ -355,7 +355,8 @@ def wait_all(pending: Sequence[tuple], timeout: float, how: str) -> list[tuple[i
     waited = []
     for key, work, *_ in pending:
         start = time.perf_counter()
-        wait_replicas(work, timeout, f"the data-parallel gradient {how} of stage {key}")
+        if work is not None:  # (None: nothing to reduce, e.g. experts held by no other replica)
+            wait_replicas(work, timeout, f"the data-parallel gradient {how} of stage {key}")
         waited.append((key, start, time.perf_counter()))
     return waited
 

@@ -48,6 +48,9 @@ class TrainConfig:
     batch_size: int = 16  # sequences per step over all replicas (each replica: batch_size / dp, in microbatches)
     dp: int = 1  # data-parallel replicas of the pipeline; pipeline ranks = world size / (dp x tp)
     tp: int = 1  # tensor-parallel ranks splitting each layer (models with a tensor_parallel_plan)
+    pp: int | None = None  # pipeline ranks; given, dp = world size / (pp x tp) (resolve_pp at launch)
+    ep: int = 1  # expert-parallel ranks splitting each MoE layer's experts: they are dp replicas (ep divides dp)
+    expert_capacity: float | None = None  # experts' capacity factor (tokens over it dropped); None: dropless
     sequence_parallel: bool = False  # with tp: activations split by sequence between split layers and stages
     shard: str = "none"  # over the replicas, 1/dp per rank: "optimizer" (ZeRO-1), "gradients" (2), "params" (3)
     accumulation: int = 1  # pipeline steps per optimizer step
@@ -97,9 +100,10 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "checkpoint_every", "sample_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        for name in ("dp", "tp"):
+        for name in ("dp", "tp", "ep"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        self._check_experts()
         if self.tp > 1 and self.tie_embeddings:
             raise ConfigError(f"tp={self.tp} does not split tied embeddings yet: drop tie_embeddings or use tp=1")
         if self.sequence_parallel and (self.tp == 1 or self.hf is not None):
@@ -158,6 +162,23 @@ class TrainConfig:
             self.model_config()
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
+
+    def _check_experts(self) -> None:
+        if self.pp is not None and (not isinstance(self.pp, int) or self.pp < 1):
+            raise ConfigError(f"pp must be a positive integer, got {self.pp!r}")
+        if self.dp % self.ep:
+            raise ConfigError(f"ep={self.ep} borrows its ranks from data parallel, but dp={self.dp} is not a multiple "
+                              f"of it: launch dp = world size / (pp x tp) a multiple of {self.ep} (e.g. --dp "
+                              f"{self.ep * max(1, self.dp // self.ep)}, or --pp so that it is)")
+        if self.ep > 1 and self.shard != "none":
+            raise ConfigError(f"ep={self.ep} with shard={self.shard!r}: the sharded optimizer does not split experts "
+                              "yet; use shard none with ep")
+        if self.ep > 1 and self.tp > 1:
+            raise ConfigError(f"ep={self.ep} with tp={self.tp}: expert and tensor parallel together are not "
+                              "supported yet; use one of them")
+        if self.expert_capacity is not None and not self.expert_capacity > 0:
+            raise ConfigError(f"expert_capacity must be > 0 (e.g. 1.25) or unset (dropless), got "
+                              f"{self.expert_capacity!r}")
 
     def _check_data(self) -> None:
         """The data settings, before any process-group work: files there, a tokenizer in the model folder."""
@@ -227,10 +248,11 @@ def process_layout(config: TrainConfig, mesh, transport, device) -> tuple:
 def _mesh_for(config: TrainConfig, mesh, transport, device):
     if mesh is not None:
         names = tuple(mesh.mesh_dim_names or ())
-        for name in ("dp", "tp"):
-            size = mesh[name].size() if name in names else 1
+        sizes = {name: mesh[name].size() if name in names else 1 for name in ("dp", "ep", "tp")}
+        for name, size in (("dp", sizes["dp"] * sizes["ep"]), ("ep", sizes["ep"]), ("tp", sizes["tp"])):
             if size != getattr(config, name):
-                raise ConfigError(f"{name}={getattr(config, name)}, but the mesh given has {size} along {name!r}")
+                raise ConfigError(f"{name}={getattr(config, name)}, but the mesh given has {size} along {name!r}"
+                                  + (" (dp counts the ep ranks too)" if name == "dp" and sizes["ep"] > 1 else ""))
         return mesh
     if config.dp == 1 and config.tp == 1:
         return None
@@ -247,10 +269,23 @@ def _mesh_for(config: TrainConfig, mesh, transport, device):
     import torch
 
     kind = torch.device(device).type if device is not None else "cpu"
-    if config.tp == 1:
-        return init_device_mesh(kind, (config.dp, world // config.dp), mesh_dim_names=("dp", "pp"))
-    shape = (config.dp, world // (config.dp * config.tp), config.tp)
-    return init_device_mesh(kind, shape, mesh_dim_names=("dp", "pp", "tp"))
+    shape = {"dp": config.dp // config.ep, "ep": config.ep, "pp": world // (config.dp * config.tp), "tp": config.tp}
+    names = tuple(n for n in shape if n == "pp" or (n == "dp" and config.ep == 1) or shape[n] > 1)
+    return init_device_mesh(kind, tuple(shape[n] for n in names), mesh_dim_names=names)
+
+
+def resolve_pp(config: TrainConfig, world: int) -> TrainConfig:
+    """With `pp` given, the config with dp = world / (pp x tp) (ConfigError if they do not fit the world)."""
+    if config.pp is None:
+        return config
+    if world % (config.pp * config.tp):
+        raise ConfigError(f"pp={config.pp} x tp={config.tp} does not divide the {world} ranks: launch a multiple "
+                          f"of {config.pp * config.tp} processes")
+    dp = world // (config.pp * config.tp)
+    if config.dp not in (1, dp):
+        raise ConfigError(f"dp={config.dp} and pp={config.pp} x tp={config.tp} do not make the {world} ranks: give "
+                          "one of dp and pp")
+    return dataclasses.replace(config, dp=dp)
 
 
 def _check_divides(config: TrainConfig, world: int) -> None:

@@ -90,7 +90,10 @@ class _Stdout(logging.StreamHandler):
 
 
 def layout(pipe) -> str:
-    """How a pipeline's ranks are laid out, e.g. "4 ranks", "dp 2 x pp 2 ranks", "pp 2 x tp 2 ranks"."""
-    sizes = (("dp", pipe.dp_size), ("pp", pipe.world_size), ("tp", pipe.tp_size))
-    dims = [f"{name} {size}" for name, size in sizes if size > 1 or name == "pp"]
+    """How a pipeline's ranks are laid out, e.g. "4 ranks", "dp 2 x pp 2 ranks", "pp 2 x tp 2 ranks", "dp 2 (ep 2)
+    x pp 2 ranks" (the ep ranks are data-parallel replicas)."""
+    ep = getattr(pipe, "ep_size", 1)
+    sizes = ((f"dp {pipe.dp_size} (ep {ep})" if ep > 1 else "dp", pipe.dp_size), ("pp", pipe.world_size),
+             ("tp", pipe.tp_size))
+    dims = [name if name.startswith("dp ") else f"{name} {size}" for name, size in sizes if size > 1 or name == "pp"]
     return f"{' x '.join(dims)} ranks" if len(dims) > 1 else f"{pipe.world_size} ranks"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..pipeline.pipeline import Pipeline
@@ -23,7 +24,7 @@ from ..schedule import build as build_schedule
 from . import checkpoint as ckpt
 from . import distributed_checkpoint as dist_ckpt
 from . import report
-from .config import ConfigError, NonFiniteError, TrainConfig, process_layout, warmup_cosine
+from .config import ConfigError, NonFiniteError, TrainConfig, process_layout, resolve_pp, warmup_cosine
 from .loader import BatchSource, share
 from .metrics import JsonlWriter, peak_memory_bytes, plot_losses
 from .report import ensure_log_handler, format_record, logger, perplexity, progress_bar, summary_lines, tqdm_logging
@@ -65,6 +66,8 @@ class Trainer:
                  transport: Transport | None = None, device: torch.device | str | None = None,
                  mesh: DeviceMesh | None = None) -> None:
         config = config or TrainConfig()
+        if config.pp is not None and transport is None and mesh is None and dist.is_initialized():
+            config = resolve_pp(config, dist.get_world_size())
         config.validate()
         ensure_log_handler()
         self.config = config
@@ -130,7 +133,8 @@ class Trainer:
         return Pipeline(layers, schedule=schedule, loss_fn=loss_fn, balance=cfg.balance, device=device,
                         transport=transport, timeout=cfg.timeout, sample=sample,
                         checkpoint=cfg.activation_checkpointing, precision=cfg.precision, mesh=mesh,
-                        seed=cfg.seed, shard=cfg.shard, sequence_parallel=cfg.sequence_parallel)
+                        seed=cfg.seed, shard=cfg.shard, sequence_parallel=cfg.sequence_parallel,
+                        expert_capacity=cfg.expert_capacity)
 
     # --- one optimizer step --------------------------------------------------------------------------
     def train_step(self, *, stop_after: float | None = None) -> dict:

@@ -1,0 +1,97 @@
+"""Expert parallel inside the pipeline: experts split over "ep" ranks (data-parallel replicas too), tokens
+sent with all-to-all; loss and every gradient equal one process running all experts."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ep_workers import bad_layout, exactness
+from workers import SCHEDULES, run_processes
+
+TOL = 1e-5
+
+
+def _check(results, cases):
+    for case in cases:
+        seen = set()
+        for rank_results in results.values():
+            loss, ref_loss, errors, _, _ = rank_results[case]
+            assert loss == pytest.approx(ref_loss, rel=TOL), case
+            worst = max(errors, key=errors.get)
+            assert errors[worst] <= TOL, f"{case}: {worst} off by {errors[worst]:.1e}"
+            seen |= set(errors)
+        assert any("experts" in n for n in seen), case
+
+
+def test_reference_moe_pp2_ep2_equals_one_process_on_every_schedule():
+    """Dropless on every schedule; with a capacity factor of 0.75 (pairs dropped), as one process drops them."""
+    cases = [("llama-moe", s, None) for s in SCHEDULES] + [("llama-moe", "1f1b", 0.75)]
+    results = run_processes(4, exactness, cases, (1, 2, 2), timeout=400)
+    _check(results, cases)
+    assert {r[cases[0]][3:] for r in results.values()} == {(2, 2)}  # ep 2; both ep ranks are replicas
+
+
+def test_hf_mixtral_and_qwen3_moe_dp2_ep2_pp2_equal_one_process():
+    """8 ranks: two replicas of an ep 2 x pp 2 pipeline (the experts' gradients summed over dp only)."""
+    pytest.importorskip("transformers")
+    cases = [("MixtralForCausalLM", "1f1b", None), ("MixtralForCausalLM", "zbv", None),
+             ("Qwen3MoeForCausalLM", "dualpipev", None)]
+    results = run_processes(8, exactness, cases, (2, 2, 2), timeout=400)
+    _check(results, cases)
+    assert {r[cases[0]][3:] for r in results.values()} == {(2, 4)}
+
+
+@pytest.mark.parametrize("case, world, message", [
+    ("experts", 3, r"expert parallel ep=3 must divide the number of experts, 4 in layer 1 \(moe.experts\)"),
+    ("dense", 2, r"expert parallel \(ep=2\) or an expert capacity needs layers with experts"),
+])
+def test_a_model_that_does_not_fit_ep_fails_on_every_rank_at_once(case, world, message):
+    results = run_processes(world, bad_layout, case, timeout=120)
+    for said in results.values():
+        assert re.search(message, said), said
+        assert float(said.rsplit("(", 1)[1].split()[0]) < 10
+
+
+def test_train_cli_trains_a_tiny_qwen3_moe_with_ep2_pp2_resumes_samples_and_saves(tmp_path):
+    """`pipetrain train --hf DIR --ep 2 --pp 2` on 4 ranks: the router loss reported, a checkpoint resumed
+    (experts as DTensor parts), a sample generated through the experts' all-to-all, the trained model loaded
+    back by transformers with the held-out loss the run reported."""
+    transformers = pytest.importorskip("transformers")
+    from pipetrain.train.data import CausalLMBatches, load_corpus
+
+    config = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=16, output_router_logits=True,
+                                         router_aux_loss_coef=0.01, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "source")
+    launch = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "4", "-m", "pipetrain",
+              "train", "--hf", str(tmp_path / "source"), "--ep", "2", "--pp", "2", "--steps", "4", "--batch-size", "8",
+              "--microbatches", "2", "--seq-len", "32", "--eval-batches", "2", "--log-every", "1", "--lr", "3e-3",
+              "--checkpoint-dir", str(tmp_path / "ck"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*launch, "--stop-at-step", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "on dp 2 (ep 2) x pp 2 ranks" in first.stdout and re.search(r"\| aux 0\.0\d+ \|", first.stdout)
+    again = subprocess.run([*launch, "--resume", "--sample-tokens", "8"], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "generated: " in again.stdout
+    trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "hf")
+    trained.config.output_router_logits = False  # (the held-out loss is the cross-entropy alone)
+    batches = CausalLMBatches(load_corpus().val, batch_size=8, seq_len=32, seed=1)
+    with torch.no_grad():
+        want = sum(trained(**x, labels=y).loss.item() for x, y in (batches.next() for _ in range(2))) / 2
+    after = float(re.search(r"held-out loss (\S+) \(perplexity", again.stdout.split("summary")[1]).group(1))
+    assert after == pytest.approx(want, abs=2e-4)
+
+
+def test_ep_that_does_not_fit_is_refused_before_launch(capsys):
+    from pipetrain.cli import main
+
+    assert main(["train", "--preset", "llama-moe-tiny", "--ep", "3", "--dp", "2"]) == 2
+    assert "ep=3 borrows its ranks from data parallel, but dp=2 is not a multiple of it" in capsys.readouterr().err
