@@ -220,3 +220,41 @@ def test_pipetrain_plan_prints_a_command_the_trainer_takes(capsys, monkeypatch):
     assert main(flags) == 2
     err = capsys.readouterr().err
     assert "launch it under torchrun" in err and "bad configuration" not in err
+
+
+def test_mixtures_of_experts_have_their_published_sizes_and_active_weights():
+    ds = MODELS["deepseek-v3"]
+    assert ds.params() == pytest.approx(671e9, rel=0.01) and ds.active_params() == pytest.approx(37e9, rel=0.03)
+    qwen = MODELS["qwen3-235b-a22b"]
+    assert qwen.params() == pytest.approx(235e9, rel=0.01) and qwen.active_params() == pytest.approx(22e9, rel=0.03)
+    assert MODELS["grok-moe"].params() == pytest.approx(314e9, rel=0.02)
+    # FLOPs count the weights a token goes through: 6 x active matmul weights + attention
+    assert ds.flops_per_token() < 6 * ds.active_params() * 1.2
+    assert ds.layer_matmul_params() < ds.layer_params() / 10
+
+
+def test_expert_parallel_in_the_search_and_the_memory_model():
+    """DeepSeek-V3 on 2048 H800 at pp 16: its experts fit only split over ep ranks; each rank holds 1/ep of
+    them; the all-to-all costs more once the ep group leaves the node; dense models plan ep 1."""
+    from pipetrain.planner.memory import first_rank_memory
+    from pipetrain.planner.plan import _a2a_time
+
+    model, cluster = MODELS["deepseek-v3"], CLUSTERS["h800-2k"]
+    pins = dict(pp=16, tp=1, schedule="1f1b", microbatch_size=1, stages_per_rank=1)
+    best = plan(model, cluster, top=3, **pins)
+    assert all(p.ep > 1 and p.dp % p.ep == 0 and p.shard == "none" for p in best)
+    assert all(p.memory_per_device <= cluster.memory * 0.9 for p in best)
+    with pytest.raises(ValueError, match="no plan fits in 80 GB"):
+        plan(model, cluster, ep=1, top=1, **pins)
+    kw = dict(tp=1, dp=64, stages_per_rank=1, microbatch_size=1, recompute=True, peak_in_flight=16,
+              blocks_per_stage=4, shard="none")
+    weights = {ep: first_rank_memory(model, cluster, ep=ep, **kw).moments["optimizer step"] for ep in (8, 16)}
+    experts = 4 * model.layer_expert_params()
+    assert weights[8] - weights[16] == pytest.approx(16 * experts * (1 / 8 - 1 / 16), rel=1e-9)  # fp32 w, g, AdamW
+    inside, across = (_a2a_time(model, cluster, _Candidate(1, pp, 128, 1, 1, 120, "1f1b", True, None, 8), 4096)
+                      for pp in (1, 16))
+    assert 0 < inside < across
+    assert {p.ep for p in plan(MODELS["llama3-8b"], CLUSTERS["h100-16k"], devices=64, pp=2, top=3)} == {1}
+    command = main(["plan", "--model", "deepseek-v3", "--cluster", "h800-2k", "--pp", "16", "--tp", "1",
+                    "--schedule", "1f1b", "--microbatch-size", "1", "--stages-per-rank", "1", "--top", "1"])
+    assert command == 0

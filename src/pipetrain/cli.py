@@ -92,7 +92,7 @@ def _plan(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         plans = plan(model, cluster, devices=args.gpus, tp=args.tp, pp=args.pp, dp=args.dp, schedule=args.schedule,
                      microbatch_size=args.microbatch_size, stages_per_rank=args.stages_per_rank, shard=args.shard,
-                     top=args.top)
+                     ep=args.ep, top=args.top)
         seconds = time.perf_counter() - start
     except (SpecError, ValueError) as err:
         _to_stderr(f"pipetrain plan: {err}")
@@ -107,12 +107,16 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     n = model.params()
     size = f"{n / 1e12:.2f}T" if n >= 1e12 else f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    active = model.active_params()
+    size += f", {active / 1e9:.1f}B active" if model.moe else ""
     print(f"{model.name} ({size} parameters, global batch {model.global_batch} x {model.seq} "
           f"tokens) on {cluster.name}: {args.gpus or cluster.devices} devices, {cluster.notes}")
-    print(f"{'#':>2} {'devices':>7} {'tp':>3} {'pp':>4} {'dp':>5} {'v':>2} {'mb':>3} {'M':>5} {'schedule':17s} "
-          f"{'recomp':6s} {'shard':9s} {'step':>9} {'tokens/s':>11} {'MFU':>6} {'bubble':>7} {'memory':>9}")
+    print(f"{'#':>2} {'devices':>7} {'tp':>3} {'pp':>4} {'dp':>5} {'ep':>4} {'v':>2} {'mb':>3} {'M':>5} "
+          f"{'schedule':17s} {'recomp':6s} {'shard':9s} {'step':>9} {'tokens/s':>11} {'MFU':>6} {'bubble':>7} "
+          f"{'memory':>9}")
     for i, p in enumerate(plans, 1):
-        print(f"{i:>2} {p.devices:>7} {p.tp:>3} {p.pp:>4} {p.dp:>5} {p.stages_per_rank:>2} {p.microbatch_size:>3} "
+        print(f"{i:>2} {p.devices:>7} {p.tp:>3} {p.pp:>4} {p.dp:>5} {p.ep:>4} {p.stages_per_rank:>2} "
+              f"{p.microbatch_size:>3} "
               f"{p.microbatches:>5} {p.schedule:17s} {'yes' if p.recompute else 'no':6s} {p.shard:9s} "
               f"{_seconds(p.step_time):>9} "
               f"{p.tokens_per_s:>11.4g} {p.mfu:>6.1%} {p.bubble_fraction:>7.1%} {p.memory_per_device / 2**30:>7.1f}Gi")
@@ -408,13 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "microbatches and schedule for a model on a cluster; predict step time, tokens/s, MFU, "
                         "bubble and memory per device. Pinned values restrict the search.")
     pl.add_argument("--model", required=True, help="llama3-8b, llama3-70b, llama3-405b, dense-1t, dense-10t, "
-                    "gpt-8x256, gpt-16x512, or a TOML file")
-    pl.add_argument("--cluster", required=True, help="h100-16k, a100-3k, gb300-220k, local (this machine, "
+                    "deepseek-v3, grok-moe, qwen3-235b-a22b, gpt-8x256, gpt-16x512, or a TOML file")
+    pl.add_argument("--cluster", required=True, help="h100-16k, a100-3k, h800-2k, gb300-220k, local (this machine, "
                     "measured), or a TOML file")
     pl.add_argument("--gpus", type=_positive_int, help="devices to use (default: the whole cluster)")
     pl.add_argument("--tp", type=_positive_int, help="tensor-parallel degree")
     pl.add_argument("--pp", type=_positive_int, help="pipeline-parallel degree")
     pl.add_argument("--dp", type=_positive_int, help="data-parallel degree")
+    pl.add_argument("--ep", type=_positive_int, help="expert-parallel degree (MoE models; ep ranks are dp replicas)")
     pl.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv"])
     pl.add_argument("--microbatch-size", type=_positive_int, help="sequences per microbatch")
     pl.add_argument("--global-batch", type=_positive_int, help="sequences per optimizer step (default: the model's)")

@@ -69,11 +69,14 @@ def rank_memory(params: float, largest_stage: float, activations: float, *, dp: 
 
 def first_rank_memory(model: ModelSpec, cluster: ClusterSpec, *, tp: int, dp: int, stages_per_rank: int,
                       microbatch_size: int, recompute: bool, peak_in_flight: float, blocks_per_stage: int,
-                      shard: str, sequence_parallel: bool = True) -> RankMemory:
+                      shard: str, sequence_parallel: bool = True, ep: int = 1) -> RankMemory:
     """The fullest rank's memory (the first stage's: it holds the embedding) for a model's plan, holding
-    `peak_in_flight` microbatches' activations at once: `rank_memory` of its parameters and activations."""
-    stage = (blocks_per_stage * model.layer_params() + model.embedding_params()) / tp
-    params = stage + (stages_per_rank - 1) * blocks_per_stage * model.layer_params() / tp
+    `peak_in_flight` microbatches' activations at once: `rank_memory` of its parameters and activations.
+    With expert parallel, each rank holds 1/ep of the routed experts (the rest 1/tp)."""
+    experts = model.layer_expert_params()
+    block = (model.layer_params() - experts) / tp + experts / ep
+    stage = blocks_per_stage * block + model.embedding_params() / tp
+    params = stage + (stages_per_rank - 1) * blocks_per_stage * block
     width = 2.0 if cluster.dtype == "fp32" else 1.0  # (the activation model counts bf16's bytes)
     tokens = microbatch_size * model.seq
     act = peak_in_flight * blocks_per_stage * model.layer_activation_bytes(tokens, tp, recompute, sequence_parallel)

@@ -63,6 +63,7 @@ class Plan:
     pipeline_time: float
     simulated: bool  # False: the screening estimate only
     shard: str = "none"  # over the dp replicas: none, optimizer (ZeRO-1), gradients (ZeRO-2), params (ZeRO-3)
+    ep: int = 1  # expert parallel: ranks (of the dp replicas) splitting each MoE block's experts
 
     @property
     def devices(self) -> int:
@@ -83,6 +84,7 @@ class _Candidate:
     schedule: str
     recompute: bool
     shard: str | None = None  # pinned; None: the first that fits
+    ep: int = 1
 
 
 RANKED = 10  # plans simulated however few are asked for (plus the margin): one ranking for every `top`
@@ -91,7 +93,7 @@ RANKED = 10  # plans simulated however few are asked for (plus the margin): one 
 def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, tp: int | None = None,
          pp: int | None = None, dp: int | None = None, schedule: str | None = None,
          microbatch_size: int | None = None, stages_per_rank: int | None = None, shard: str | None = None,
-         top: int = 10, margin: int = 5) -> list[Plan]:
+         ep: int | None = None, top: int = 10, margin: int = 5) -> list[Plan]:
     """The `top` best plans, fastest first, every one simulated in full (exact schedule, per-stage costs).
     Pinned arguments restrict the search. The best `max(top, RANKED) + margin` screened estimates are
     simulated and re-ranked (an estimate is within a few percent of its simulation), so any `top` up to
@@ -103,7 +105,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, 
         raise ValueError(f"schedule {schedule!r} is not one of the registered schedules {names()}")
     candidates = [dataclasses.replace(c, shard=shard)
                   for c in _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size)
-                  if stages_per_rank is None or c.v == stages_per_rank]
+                  if (stages_per_rank is None or c.v == stages_per_rank) and (ep is None or c.ep == ep)]
     if not candidates:
         raise ValueError(_why_none(model, cluster, devices, tp, pp, dp, microbatch_size))
     screened = [p for p in (_evaluate(model, cluster, c, exact=False) for c in candidates) if p is not None]
@@ -112,7 +114,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, 
                          f"{model.name} needs more devices, more pipeline or tensor parallelism")
     screened.sort(key=lambda p: (p.step_time, p.devices))
     exact = [_evaluate(model, cluster, _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size,
-                                                  p.microbatches, p.schedule, p.recompute, shard), exact=True)
+                                                  p.microbatches, p.schedule, p.recompute, shard, p.ep), exact=True)
              for p in screened[:max(top, RANKED) + margin]]
     return sorted([p for p in exact if p is not None], key=lambda p: (p.step_time, p.devices))[:top]
 
@@ -155,7 +157,16 @@ def _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size):
                         if p * v > model.layers or refusal(name, num_ranks=p, num_microbatches=m, stages_per_rank=v):
                             continue
                         for recompute in (False, True):
-                            yield _Candidate(t, p, d, v, b, m, name, recompute)
+                            for e in _expert_parallel(model, t, d):
+                                yield _Candidate(t, p, d, v, b, m, name, recompute, None, e)
+
+
+def _expert_parallel(model: ModelSpec, tp: int, dp: int) -> list[int]:
+    """The ep sizes tried: 1, and for an MoE without tensor parallel (the runtime does not compose them yet) the
+    powers of two that divide both dp (ep ranks are replicas) and the experts."""
+    if not model.moe or tp > 1:
+        return [1]
+    return [e for e in (1, 2, 4, 8, 16, 32, 64, 128, 256) if dp % e == 0 and model.experts % e == 0]
 
 
 def _searched() -> list[str]:
@@ -190,7 +201,9 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: b
     def memory_of(shard: str) -> float:
         return _rank_memory(model, cluster, c, peak_in_flight, math.ceil(model.layers / stages), shard).peak
 
-    shard = "none" if c.dp == 1 else c.shard or best_shard(c.dp, lambda s: memory_of(s) <= limit)
+    if c.ep > 1 and c.shard not in (None, "none"):
+        return None  # (the runtime does not shard an optimizer over experts yet)
+    shard = "none" if c.dp == 1 or c.ep > 1 else c.shard or best_shard(c.dp, lambda s: memory_of(s) <= limit)
     memory = memory_of(shard)
     if memory > limit:
         return None
@@ -201,7 +214,7 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: b
     mfu = tokens_per_s * model.flops_per_token() / (c.tp * c.pp * c.dp * cluster.peak)
     hfu = mfu * (4 / 3 if c.recompute else 1.0)
     return Plan(c.tp, c.pp, c.dp, c.v, c.b, c.m, c.schedule, c.recompute, step, tokens_per_s, mfu, hfu, bubble,
-                memory, compute, dp_time, pipeline_time, exact, shard)
+                memory, compute, dp_time, pipeline_time, exact, shard, c.ep)
 
 
 def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs:
@@ -210,14 +223,18 @@ def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs
     rate = cluster.peak * cluster.achievable * c.tp
     stages = c.pp * c.v
     blocks = _blocks_per_stage(model.layers, stages)
-    f_block = model.layer_forward_flops(tokens) / rate + _tp_time(model, cluster, c, tokens)
+    compute_block = model.layer_forward_flops(tokens) / rate
+    comm_block = _tp_time(model, cluster, c, tokens) + _a2a_time(model, cluster, c, tokens)
     # the last stage also holds the head (and loss), the first the embedding (no FLOPs to speak of)
-    f = [n * f_block for n in blocks]
-    f[-1] += model.head_forward_flops(tokens) / rate
-    i_cost = [x * (2 if c.recompute else 1) for x in f]
+    compute = [n * compute_block for n in blocks]
+    compute[-1] += model.head_forward_flops(tokens) / rate
+    comm = [n * comm_block for n in blocks]
+    f = [x + y for x, y in zip(compute, comm, strict=True)]
+    # I: the input gradients' matmuls (as much as F's) and the same communication backwards; W: matmuls only
+    i_cost = [x * (2 if c.recompute else 1) + y * (2 if c.recompute else 1) for x, y in zip(compute, comm, strict=True)]
     act_bytes = tokens * model.hidden * 2 / c.tp  # bf16, sequence-parallel
     latency, bandwidth = _p2p_link(cluster, c)
-    return Costs(f=f, b=i_cost, w=list(f), comm=latency + act_bytes / bandwidth)
+    return Costs(f=f, b=i_cost, w=compute, comm=latency + act_bytes / bandwidth)
 
 
 @cache
@@ -254,6 +271,22 @@ def _tp_time(model, cluster, c, tokens) -> float:
     return 2 * (2 * (c.tp - 1) / c.tp * volume / cluster.domain_bandwidth + 2 * (c.tp - 1) * cluster.domain_latency)
 
 
+def _a2a_time(model, cluster, c, tokens) -> float:
+    """Forward expert-parallel communication of one block (averaged over the blocks): the dispatch and the
+    combine all-to-alls, each token's hidden state (bf16) to and from its top_k experts, the (ep - 1) / ep of
+    them on other ranks; inside the fast domain if the ep group's devices are (the runtime's mesh is
+    (dp / ep, ep, pp, tp): ep x pp x tp consecutive devices), else over the NIC. Not overlapped (as the runtime
+    runs it today)."""
+    if c.ep == 1 or not model.moe:
+        return 0.0
+    moe_share = (model.layers - model.dense_layers) / model.layers
+    volume = tokens * model.top_k * model.hidden * 2 * (c.ep - 1) / c.ep
+    fast = c.ep * c.pp * c.tp <= cluster.domain
+    bandwidth, latency = (cluster.domain_bandwidth, cluster.domain_latency) if fast else (cluster.nic_bandwidth,
+                                                                                         cluster.nic_latency)
+    return moe_share * 2 * (volume / bandwidth + (c.ep - 1) * latency)
+
+
 def _p2p_link(cluster, c) -> tuple[float, float]:
     """(latency, bandwidth) between neighbouring pipeline ranks: inside a fast domain if one pipeline's
     devices (tp x pp, placed first) fit in it, else over the NIC."""
@@ -265,20 +298,26 @@ def _p2p_link(cluster, c) -> tuple[float, float]:
 def _dp_time(model, cluster, c) -> float:
     if c.dp == 1:
         return 0.0
-    # the first stage's gradients (bf16), reduce-scatter + all-gather of the updated weights, ring over NICs
-    first_stage = (model.layers / (c.pp * c.v) * model.layer_params() + model.embedding_params()) / c.tp
-    volume = first_stage * 2
+    # the first stage's gradients (bf16), reduce-scatter + all-gather of the updated weights, ring over NICs;
+    # experts split over ep are reduced over the dp / ep replicas that hold the same ones
+    blocks = model.layers / (c.pp * c.v)
+    experts = blocks * model.layer_expert_params() if c.ep > 1 else 0.0
+    first_stage = (blocks * model.layer_params() - experts + model.embedding_params()) / c.tp
     bandwidth = cluster.nic_bandwidth if c.tp * c.pp * c.dp > cluster.domain else cluster.domain_bandwidth
-    return 2 * (c.dp - 1) / c.dp * volume / bandwidth + 2 * (c.dp - 1) * cluster.nic_latency
+
+    def ring(volume: float, n: int) -> float:
+        return 2 * (n - 1) / n * volume / bandwidth + 2 * (n - 1) * cluster.nic_latency if n > 1 else 0.0
+
+    return ring(first_stage * 2, c.dp) + ring(experts / c.ep * 2, c.dp // c.ep)
 
 
 def predicted_memory(model: ModelSpec, *, pp: int, dp: int, microbatch_size: int, microbatches: int, schedule: str,
                      shard: str, precision: str = "bf16", backend: str = "nccl", stages_per_rank: int = 1,
-                     tp: int = 1, recompute: bool = False, sequence_parallel: bool = True) -> RankMemory:
+                     tp: int = 1, recompute: bool = False, sequence_parallel: bool = True, ep: int = 1) -> RankMemory:
     """The memory the plan model predicts for the fullest rank of a layout (the first stage's: it holds the
     embedding), by what holds it: to set beside a measured run (`sequence_parallel`: with tp, whether it ran
     with it; the plans assume it)."""
-    c = _Candidate(tp, pp, dp, stages_per_rank, microbatch_size, microbatches, schedule, recompute, shard)
+    c = _Candidate(tp, pp, dp, stages_per_rank, microbatch_size, microbatches, schedule, recompute, shard, ep)
     peaks = [s.peak_activations for s in simulate(_build(schedule, pp, microbatches, stages_per_rank, None)).per_rank]
     cluster = ClusterSpec("predicted", tp * pp * dp, {precision: 1.0}, 0.0, 1, 1.0, 1.0, dtype=precision,
                           backend=backend)
@@ -290,7 +329,7 @@ def _rank_memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int
                  sequence_parallel: bool = True) -> RankMemory:
     return first_rank_memory(model, cluster, tp=c.tp, dp=c.dp, stages_per_rank=c.v, microbatch_size=c.b,
                              recompute=c.recompute, peak_in_flight=peak_in_flight, blocks_per_stage=blocks_per_stage,
-                             shard=shard, sequence_parallel=sequence_parallel)
+                             shard=shard, sequence_parallel=sequence_parallel, ep=c.ep)
 
 
 # --- the schedule: simulated (exact) or estimated from a short simulation (screening) ---------------
@@ -379,7 +418,7 @@ def timeline_of(model: ModelSpec, cluster: ClusterSpec, p: Plan, max_microbatche
     while m < p.microbatches and refusal(p.schedule, num_ranks=p.pp, num_microbatches=m,
                                          stages_per_rank=p.stages_per_rank):
         m = min(p.microbatches, m + p.pp)  # the fewest microbatches the schedule takes (e.g. 1f1b: pp)
-    c = _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size, m, p.schedule, p.recompute)
+    c = _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size, m, p.schedule, p.recompute, ep=p.ep)
     costs = _stage_costs(model, cluster, c)
     return simulate(_build(c.schedule, c.pp, m, c.v, costs), costs).timeline
 
@@ -399,4 +438,7 @@ def plan_assumptions(cluster: ClusterSpec) -> list[str]:
         "tensor parallel within a fast domain only, its all-reduces not overlapped; pipeline transfers inside "
         "the domain if a pipeline's devices fit in it, else over the NIC",
         "data parallel: the first stage's gradient reduce-scatter + all-gather is exposed, the rest overlaps",
+        "mixture of experts: MFU counts the active weights (attention, router, shared and top-k experts); expert "
+        "parallel (ep ranks of the dp replicas, tp 1, no optimizer sharding: as the runtime runs it) splits the "
+        "routed experts, its dispatch and combine all-to-alls (forward and backward) are not overlapped",
     ]

@@ -17,7 +17,12 @@ class SpecError(ValueError):
 @dataclass(frozen=True)
 class ModelSpec:
     """A decoder-only transformer: `layers` blocks of attention (grouped-query when kv_heads < heads)
-    and an MLP (gated, as in Llama, or plain GELU), token embedding in front, norm + head at the end."""
+    and an MLP (gated, as in Llama, or plain GELU), token embedding in front, norm + head at the end.
+
+    A mixture of experts (`experts` > 0): each block's MLP is `experts` routed experts of hidden size
+    `expert_ffn`, `top_k` per token, plus `shared_experts` every token runs and a router; the first
+    `dense_layers` blocks keep a dense MLP of `ffn` (DeepSeek-V3: 3). `attention_params` overrides the
+    attention's matmul weights per block (multi-head latent attention has its own shapes)."""
 
     name: str
     layers: int
@@ -30,6 +35,12 @@ class ModelSpec:
     gated_mlp: bool = True  # three ffn matrices (SwiGLU) instead of two
     global_batch: int = 1024  # sequences per optimizer step
     tied_embeddings: bool = False
+    experts: int = 0
+    top_k: int = 0
+    expert_ffn: int = 0
+    shared_experts: int = 0
+    dense_layers: int = 0
+    attention_params: int | None = None
 
     @property
     def kv(self) -> int:
@@ -39,12 +50,30 @@ class ModelSpec:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    def layer_params(self) -> int:
-        """Parameters of one transformer block (weights; biases and norms are negligible and counted)."""
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+    def _attention(self) -> int:
         h, kv_dim = self.hidden, self.kv * self.head_dim
-        attention = h * (h + 2 * kv_dim) + h * h
-        mlp = (3 if self.gated_mlp else 2) * h * self.ffn
-        return attention + mlp + 4 * h
+        return self.attention_params or h * (h + 2 * kv_dim) + h * h
+
+    def _mlp(self, width: int) -> int:
+        return (3 if self.gated_mlp else 2) * self.hidden * width
+
+    def _moe_blocks(self) -> int:
+        return self.layers - self.dense_layers if self.moe else 0
+
+    def layer_expert_params(self) -> float:
+        """The routed experts' weights per block, averaged over the blocks (split by expert parallel)."""
+        return self._moe_blocks() * self.experts * self._mlp(self.expert_ffn) / self.layers
+
+    def layer_params(self) -> float:
+        """Parameters of one block, averaged over the blocks (weights; biases and norms are negligible and
+        counted): with experts, all of them (`layer_expert_params` of which are routed experts)."""
+        dense = (self.layers - self._moe_blocks()) * self._mlp(self.ffn)
+        shared = self._moe_blocks() * (self.shared_experts * self._mlp(self.expert_ffn) + self.hidden * self.experts)
+        return self._attention() + (dense + shared) / self.layers + self.layer_expert_params() + 4 * self.hidden
 
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
@@ -65,9 +94,17 @@ class ModelSpec:
         return training_flops_per_token(layers=self.layers, matmul_params=self.layer_matmul_params(), seq=self.seq,
                                         hidden=self.hidden, vocab=self.vocab)
 
-    def layer_matmul_params(self) -> int:
-        """The matmul weights of one block (its parameters without the norms' 4 x hidden)."""
-        return self.layer_params() - 4 * self.hidden
+    def layer_matmul_params(self) -> float:
+        """The matmul weights one token goes through in a block (averaged over the blocks): all of them in a
+        dense model; the attention, router, shared and top_k routed experts of an MoE (its active weights)."""
+        if not self.moe:
+            return self.layer_params() - 4 * self.hidden
+        routed = self.layer_expert_params() * self.top_k / self.experts
+        return self.layer_params() - 4 * self.hidden - self.layer_expert_params() + routed
+
+    def active_params(self) -> float:
+        """Parameters one token goes through (an MoE's "activated" count; all of a dense model's)."""
+        return self.params() - self.layers * (self.layer_params() - 4 * self.hidden - self.layer_matmul_params())
 
     def layer_activation_bytes(self, tokens: int, tp: int, recompute: bool, sequence_parallel: bool = True) -> float:
         """Activations one block keeps per microbatch from F until its backward, in bf16:
@@ -121,6 +158,23 @@ MODELS: dict[str, ModelSpec] = {
     # a 10T dense configuration (ours): 12 L h^2 ~ 10T with h = 65536, L = 192
     "dense-10t": ModelSpec("dense-10t", 192, 65536, 512, 4 * 65536, 131072, 8192, gated_mlp=False,
                            global_batch=8192),
+    # DeepSeek-V3 (DeepSeek-AI 2024, config_671B.json): 61 blocks, the first 3 dense (ffn 18432), then 256 routed
+    # experts (top 8) of 2048 and one shared; multi-head latent attention (q rank 1536, kv rank 512, 128 heads of
+    # 128 + 64 rope dims): 187.1M weights per block; batch 15360 x 4096 tokens; 671B parameters, 37B active
+    # (the multi-token-prediction module is left out)
+    "deepseek-v3": ModelSpec("deepseek-v3", 61, 7168, 128, 18432, 129280, 4096, global_batch=15360, experts=256,
+                             top_k=8, expert_ffn=2048, shared_experts=1, dense_layers=3,
+                             attention_params=7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256
+                             + 128 * 128 * 7168),
+    # a Grok-like MoE (Grok-1's open weights: 64 blocks, h 6144, 48 heads with 8 KV heads, 8 experts of 32768,
+    # top 2; 314B parameters); the batch is ours
+    "grok-moe": ModelSpec("grok-moe", 64, 6144, 48, 32768, 131072, 8192, kv_heads=8, global_batch=1024, experts=8,
+                          top_k=2, expert_ffn=32768),
+    # Qwen3-235B-A22B: 94 blocks, h 4096, 64 heads of 128 (4 KV heads), 128 experts of 1536, top 8; batch 2048
+    # (Megatron-Core's MoE model zoo runs it so on 256 H100)
+    "qwen3-235b-a22b": ModelSpec("qwen3-235b-a22b", 94, 4096, 64, 12288, 151936, 4096, kv_heads=4, global_batch=2048,
+                                 experts=128, top_k=8, expert_ffn=1536,
+                                 attention_params=4096 * 64 * 128 * 2 + 2 * 4096 * 4 * 128),
 }
 
 CLUSTERS: dict[str, ClusterSpec] = {
@@ -132,6 +186,10 @@ CLUSTERS: dict[str, ClusterSpec] = {
     # achievable 0.8: large bf16 GEMMs run at ~250 TFLOP/s
     "a100-3k": ClusterSpec("a100-3k", 3072, {"bf16": 312 * _T, "fp32": 19.5 * _T}, 80 * _G, 8, 300 * _G, 25 * _G,
                            achievable=0.8, notes="A100 SXM 80 GB, 8 per node, 200 Gb/s HDR per GPU (Selene)"),
+    # H800 (DeepSeek-V3's 2048): H100's compute and memory, NVLink cut to 160 GB/s per direction as DeepSeek
+    # reports it, one 400 Gb/s InfiniBand NIC per GPU (50 GB/s)
+    "h800-2k": ClusterSpec("h800-2k", 2048, {"bf16": 989 * _T, "fp32": 67 * _T}, 80 * _G, 8, 160 * _G, 50 * _G,
+                           achievable=0.75, notes="H800 SXM, 8 per node (NVLink 160 GB/s), 400 Gb/s IB per GPU"),
     # GB300 NVL72: ~2.5 PFLOP/s dense bf16 and 288 GB per GPU, 72 per NVLink domain at 900 GB/s per
     # direction, one 800 Gb/s NIC per GPU; achievable 0.7 (assumed, as for H100 at launch)
     "gb300-220k": ClusterSpec("gb300-220k", 220_000, {"bf16": 2500 * _T, "fp32": 80 * _T}, 288 * _G, 72,
