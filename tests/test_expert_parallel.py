@@ -56,10 +56,10 @@ def test_a_model_that_does_not_fit_ep_fails_on_every_rank_at_once(case, world, m
         assert float(said.rsplit("(", 1)[1].split()[0]) < 10
 
 
-def test_train_cli_trains_a_tiny_qwen3_moe_with_ep2_pp2_resumes_samples_and_saves(tmp_path):
-    """`pipetrain train --hf DIR --ep 2 --pp 2` on 4 ranks: the router loss reported, a checkpoint resumed
-    (experts as DTensor parts), a sample generated through the experts' all-to-all, the trained model loaded
-    back by transformers with the held-out loss the run reported."""
+def test_train_cli_trains_a_tiny_qwen3_moe_with_ep2_pp2_resharding_its_checkpoint(tmp_path):
+    """`pipetrain train --hf DIR`: 2 steps on 2 ranks (pp 2, every expert on each), then resumed with `--ep 2
+    --pp 2` on 4 (the checkpoint's experts resharded over ep), a sample generated through the experts'
+    all-to-all, the trained model loaded back by transformers with the held-out loss the run reported."""
     transformers = pytest.importorskip("transformers")
     from pipetrain.train.data import CausalLMBatches, load_corpus
 
@@ -69,18 +69,21 @@ def test_train_cli_trains_a_tiny_qwen3_moe_with_ep2_pp2_resumes_samples_and_save
                                          router_aux_loss_coef=0.01, max_position_embeddings=128)
     torch.manual_seed(0)
     transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "source")
-    launch = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "4", "-m", "pipetrain",
-              "train", "--hf", str(tmp_path / "source"), "--ep", "2", "--pp", "2", "--steps", "4", "--batch-size", "8",
-              "--microbatches", "2", "--seq-len", "32", "--eval-batches", "2", "--log-every", "1", "--lr", "3e-3",
-              "--checkpoint-dir", str(tmp_path / "ck"), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([*launch, "--stop-at-step", "2"], capture_output=True, text=True, timeout=300, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "on dp 2 (ep 2) x pp 2 ranks" in first.stdout and re.search(r"\| aux 0\.0\d+ \|", first.stdout)
-    again = subprocess.run([*launch, "--resume", "--sample-tokens", "8"], capture_output=True, text=True,
-                           timeout=300, env=env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stdout and "generated: " in again.stdout
+
+    def launch(ranks: int, *flags: str) -> subprocess.CompletedProcess:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(ranks), "-m",
+               "pipetrain", "train", "--hf", str(tmp_path / "source"), "--pp", "2", "--steps", "4", "--batch-size",
+               "8", "--microbatches", "2", "--seq-len", "32", "--eval-batches", "2", "--log-every", "1", "--lr",
+               "3e-3", "--checkpoint-dir", str(tmp_path / "ck"), "--no-progress", *flags]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    first = launch(2, "--stop-at-step", "2")
+    assert re.search(r"\| aux 0\.0\d+ \|", first.stdout)  # the router loss, reported beside the cross-entropy
+    again = launch(4, "--ep", "2", "--resume", "--sample-tokens", "8")
+    assert "on dp 2 (ep 2) x pp 2 ranks" in again.stdout and "generated: " in again.stdout
+    assert "resumed from" in again.stdout
     trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "hf")
     trained.config.output_router_logits = False  # (the held-out loss is the cross-entropy alone)
     batches = CausalLMBatches(load_corpus().val, batch_size=8, seq_len=32, seed=1)
