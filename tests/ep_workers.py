@@ -84,8 +84,10 @@ def exactness(rank: int, world: int, cases: list[tuple[str, str, float | None]],
         m = 2 * pp
         ref_loss, ref_grads = reference(name, dp * ep, m, capacity)
         layers, loss_fn = model(name)
-        sched = pt.schedules.build(schedule, num_ranks=pp, num_microbatches=m)
-        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, mesh=mesh, timeout=60, expert_capacity=capacity)
+        checkpoint = schedule.endswith("+checkpoint")  # activation checkpointing: F's all-to-alls again in B
+        sched = pt.schedules.build(schedule.removesuffix("+checkpoint"), num_ranks=pp, num_microbatches=m)
+        pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, mesh=mesh, timeout=60, expert_capacity=capacity,
+                           checkpoint=checkpoint)
         inputs, targets, count = batch(name)
         share = torch.arange(len(targets)).tensor_split(pipe.dp_size)[pipe.dp_rank]
         loss = pipe.step(rows(inputs, share), targets[share], num_tokens=count) + pipe.last_step.aux_loss

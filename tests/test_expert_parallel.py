@@ -28,11 +28,15 @@ def _check(results, cases):
 
 
 def test_reference_moe_pp2_ep2_equals_one_process_on_every_schedule():
-    """Dropless on every schedule; with a capacity factor of 0.75 (pairs dropped), as one process drops them."""
-    cases = [("llama-moe", s, None) for s in SCHEDULES] + [("llama-moe", "1f1b", 0.75)]
+    """Dropless on every schedule; with activation checkpointing (the recomputed forward's all-to-alls run
+    inside backward) on ZBV and DualPipeV (split backward); with a capacity factor of 0.75 (pairs dropped),
+    as one process drops them."""
+    cases = [("llama-moe", s, None) for s in (*SCHEDULES, "zbv+checkpoint", "dualpipev+checkpoint")]
+    cases += [("llama-moe", "1f1b", 0.75)]
     results = run_processes(4, exactness, cases, (1, 2, 2), timeout=400)
     _check(results, cases)
     assert {r[cases[0]][3:] for r in results.values()} == {(2, 2)}  # ep 2; both ep ranks are replicas
+    assert abs(results[0][cases[-1]][0] - results[0][("llama-moe", "1f1b", None)][0]) > 1e-6  # pairs were dropped
 
 
 def test_hf_mixtral_and_qwen3_moe_dp2_ep2_pp2_equal_one_process():
