@@ -84,3 +84,16 @@ def test_generation_benchmark_compares_with_one_process_and_draws_the_timeline(m
     assert set(r["tokens_per_s"]) == {"pipeline", "single_1_thread", "single_2_threads", "single_1_thread_groups"}
     assert len(r["idle_per_rank"]) == 2 and r["speedup_vs_1_thread"] > 0 and r["grouping_cost"] > 0
     assert (tmp_path / "gen.png").stat().st_size > 10_000
+
+
+def test_moe_all_to_all_benchmark_times_every_exchange(capsys):
+    import moe_all_to_all
+
+    assert moe_all_to_all.main(["--pp", "1", "--layers", "2", "--d-model", "64", "--seq", "16", "--microbatches", "2",
+                                "--microbatch-size", "1", "--steps", "2", "--json"]) == 0
+    ranks = json.loads(capsys.readouterr().out)["ranks"]
+    for r in ranks.values():
+        # per block and microbatch: the counts, the dispatch and the combine forward, their two backward
+        assert r["calls"] == 2 * 2 * 5
+        assert 0 < r["all_to_all"] < r["step"] and 0 < r["share"] < 1 and r["cpu"] > 0
+    assert ranks["0"]["losses"] == ranks["1"]["losses"]
