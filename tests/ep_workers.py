@@ -114,3 +114,32 @@ def bad_layout(rank: int, world: int, case: str) -> str:
     except ValueError as err:
         return f"{err} ({time.monotonic() - start:.1f} s)"
     return "no error"
+
+
+def generate_on_ep(rank: int, world: int, same: bool) -> dict:
+    """Greedy generation on a (1, 2, 1) mesh (ep 2, one stage): the same prompts on both ep ranks, or one
+    prompt that differs; the tokens, or what was raised."""
+    mesh = init_device_mesh("cpu", (1, 2, 1), mesh_dim_names=("dp", "ep", "pp"))
+    pipe = pt.Pipeline(model("llama-moe")[0], schedule="1f1b", num_microbatches=1, loss_fn=gpt_loss_sum, mesh=mesh,
+                       timeout=30)
+    prompts = [torch.arange(5) + (rank if not same else 0), torch.arange(3) * 2]
+    try:
+        return {"tokens": [t.tolist() for t in pipe.generate(prompts, max_new_tokens=4)]}
+    except ValueError as err:
+        return {"error": str(err)}
+
+
+def generate_in_one_process() -> list[list[int]]:
+    """The same greedy decoding as a plain loop over the whole model (all experts), without a cache."""
+    layers = model("llama-moe")[0]
+    out = []
+    for prompt in (torch.arange(5), torch.arange(3) * 2):
+        ids = prompt[None]
+        for _ in range(4):
+            x = ids
+            with torch.no_grad():
+                for layer in layers:
+                    x = layer(x)
+            ids = torch.cat([ids, x[:, -1].argmax(-1, keepdim=True)], dim=1)
+        out.append(ids[0, len(prompt):].tolist())
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ep_workers import bad_layout, exactness
+from ep_workers import bad_layout, exactness, generate_in_one_process, generate_on_ep
 from workers import SCHEDULES, run_processes
 
 TOL = 1e-5
@@ -79,7 +79,8 @@ def test_train_cli_trains_a_tiny_qwen3_moe_with_ep2_pp2_resharding_its_checkpoin
                "pipetrain", "train", "--hf", str(tmp_path / "source"), "--pp", "2", "--steps", "4", "--batch-size",
                "8", "--microbatches", "2", "--seq-len", "32", "--eval-batches", "2", "--log-every", "1", "--lr",
                "3e-3", "--checkpoint-dir", str(tmp_path / "ck"), "--no-progress", *flags]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
@@ -102,3 +103,13 @@ def test_ep_that_does_not_fit_is_refused_before_launch(capsys):
 
     assert main(["train", "--preset", "llama-moe-tiny", "--ep", "3", "--dp", "2"]) == 2
     assert "ep=3 borrows its ranks from data parallel, but dp=2 is not a multiple of it" in capsys.readouterr().err
+
+
+def test_generation_on_ep_ranks_equals_one_process_and_refuses_different_prompts():
+    """Greedy tokens through the experts' all-to-all equal a plain loop over all experts; prompts that differ
+    between the ep ranks (their passes would not match) fail on both at once. (Regression: with one token a
+    pass, a rank's experts received no token at all, and the reference experts' reshape of 0 rows failed.)"""
+    want = generate_in_one_process()
+    assert [r["tokens"] for r in run_processes(2, generate_on_ep, True, timeout=120).values()] == [want, want]
+    for r in run_processes(2, generate_on_ep, False, timeout=120).values():
+        assert "different prompts or settings on the expert-parallel ranks (ep=2)" in r["error"]

@@ -38,7 +38,7 @@ class Experts(nn.Module):
             if len(rows):
                 gate, up = F.linear(x[rows // k], self.gate_up[e]).chunk(2, dim=-1)  # (r, d_expert) each
                 out[rows] = F.linear(F.silu(gate) * up, self.down[e])  # (r, d)
-        return (out.view(n, k, -1) * weights[..., None].to(out.dtype)).sum(1)
+        return (out.view(n, k, x.shape[-1]) * weights[..., None].to(out.dtype)).sum(1)  # (no token: (0, d))
 
 
 class MoEFeedForward(nn.Module):

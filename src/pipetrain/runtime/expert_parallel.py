@@ -156,7 +156,7 @@ def dispatch_combine(local_experts: Callable[[torch.Tensor, torch.Tensor], torch
         back = torch.empty_like(out).index_copy(0, routing.regroup, out)  # (r, d) peer-major again
         back = all_to_all(back, routing.sent, routing.received, group)  # (m, d) by expert
     pairs = back.new_zeros(n * k, back.shape[-1]).index_copy(0, routing.order, back)  # dropped pairs: 0
-    return (pairs.view(n, k, -1) * weights[..., None].to(pairs.dtype)).sum(1).to(x.dtype)
+    return (pairs.view(n, k, x.shape[-1]) * weights[..., None].to(pairs.dtype)).sum(1).to(x.dtype)
 
 
 def is_expert_parallel(param: torch.Tensor) -> bool:
