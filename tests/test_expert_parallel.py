@@ -39,12 +39,12 @@ def test_reference_moe_pp2_ep2_equals_one_process_on_every_schedule():
     assert abs(results[0][cases[-1]][0] - results[0][("llama-moe", "1f1b", None)][0]) > 1e-6  # pairs were dropped
 
 
-def test_hf_mixtral_and_qwen3_moe_dp2_ep2_pp2_equal_one_process():
-    """8 ranks: two replicas of an ep 2 x pp 2 pipeline (the experts' gradients summed over dp only)."""
+def test_hf_mixtral_and_qwen3_moe_dp2_ep2_equal_one_process():
+    """4 ranks: two replicas of an ep 2 pipeline (the experts' gradients summed over dp only, the rest over
+    dp x ep)."""
     pytest.importorskip("transformers")
-    cases = [("MixtralForCausalLM", "1f1b", None), ("MixtralForCausalLM", "zbv", None),
-             ("Qwen3MoeForCausalLM", "dualpipev", None)]
-    results = run_processes(8, exactness, cases, (2, 2, 2), timeout=400)
+    cases = [("MixtralForCausalLM", "1f1b", None), ("Qwen3MoeForCausalLM", "gpipe", None)]
+    results = run_processes(4, exactness, cases, (2, 2, 1), timeout=400)
     _check(results, cases)
     assert {r[cases[0]][3:] for r in results.values()} == {(2, 4)}
 
@@ -110,6 +110,7 @@ def test_generation_on_ep_ranks_equals_one_process_and_refuses_different_prompts
     between the ep ranks (their passes would not match) fail on both at once. (Regression: with one token a
     pass, a rank's experts received no token at all, and the reference experts' reshape of 0 rows failed.)"""
     want = generate_in_one_process()
-    assert [r["tokens"] for r in run_processes(2, generate_on_ep, True, timeout=120).values()] == [want, want]
-    for r in run_processes(2, generate_on_ep, False, timeout=120).values():
+    results = run_processes(2, generate_on_ep, timeout=120)
+    assert [r["tokens"] for r in results.values()] == [want, want]
+    for r in results.values():
         assert "different prompts or settings on the expert-parallel ranks (ep=2)" in r["error"]

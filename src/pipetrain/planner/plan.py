@@ -223,18 +223,17 @@ def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs
     rate = cluster.peak * cluster.achievable * c.tp
     stages = c.pp * c.v
     blocks = _blocks_per_stage(model.layers, stages)
-    compute_block = model.layer_forward_flops(tokens) / rate
-    comm_block = _tp_time(model, cluster, c, tokens) + _a2a_time(model, cluster, c, tokens)
+    f_block = model.layer_forward_flops(tokens) / rate + _tp_time(model, cluster, c, tokens)
     # the last stage also holds the head (and loss), the first the embedding (no FLOPs to speak of)
-    compute = [n * compute_block for n in blocks]
-    compute[-1] += model.head_forward_flops(tokens) / rate
-    comm = [n * comm_block for n in blocks]
-    f = [x + y for x, y in zip(compute, comm, strict=True)]
-    # I: the input gradients' matmuls (as much as F's) and the same communication backwards; W: matmuls only
-    i_cost = [x * (2 if c.recompute else 1) + y * (2 if c.recompute else 1) for x, y in zip(compute, comm, strict=True)]
+    w = [n * f_block for n in blocks]
+    w[-1] += model.head_forward_flops(tokens) / rate
+    # an MoE's all-to-alls: in F, and again in I (the gradients go back the same way), not in W
+    a2a = [n * _a2a_time(model, cluster, c, tokens) for n in blocks]
+    f = [x + y for x, y in zip(w, a2a, strict=True)]
+    i_cost = [x * (2 if c.recompute else 1) for x in f]
     act_bytes = tokens * model.hidden * 2 / c.tp  # bf16, sequence-parallel
     latency, bandwidth = _p2p_link(cluster, c)
-    return Costs(f=f, b=i_cost, w=compute, comm=latency + act_bytes / bandwidth)
+    return Costs(f=f, b=i_cost, w=w, comm=latency + act_bytes / bandwidth)
 
 
 @cache
