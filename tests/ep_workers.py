@@ -91,7 +91,9 @@ def exactness(rank: int, world: int, cases: list[tuple[str, str, float | None]],
         inputs, targets, count = batch(name)
         share = torch.arange(len(targets)).tensor_split(pipe.dp_size)[pipe.dp_rank]
         loss = pipe.step(rows(inputs, share), targets[share], num_tokens=count) + pipe.last_step.aux_loss
-        errors = {}
+        norm2 = float(pipe.all_reduce(torch.tensor([pipe.gradient_sum_of_squares()], dtype=torch.float64))[0])
+        ref_norm2 = sum(float(g.double().pow(2).sum()) for g in ref_grads.values())
+        errors = {"(global gradient norm)": abs(norm2 / ref_norm2 - 1)}  # what the trainer clips by
         for index, layer in sorted(pipe.layers.items()):
             for n, p in named_parameters(index, layer):
                 g = whole(p.grad)  # (collective over ep for an expert weight: the same order on its ep peers)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..runtime.data_parallel import sum_over
+from ..runtime.expert_parallel import is_expert_parallel
 from ..runtime.tensor_parallel import as_part, is_sharded, load_whole_state, local, part_like, whole_like, whole_state
 
 
@@ -131,13 +132,17 @@ class RankParameters:
         else:
             grads = [(p.grad, p) for p in self.owned_parameters()]
             replicas = self.dp_size  # every replica holds the same reduced gradients
-        whole, split = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        whole, split, experts = (torch.zeros((), dtype=torch.float64) for _ in range(3))
         for g, p in grads:
             if g is not None:  # (split by tensor parallel: summed over tp; whole ones, the same there, once)
-                (split if is_sharded(p) else whole).add_(local(g).detach().double().pow(2).sum().cpu())
+                into = experts if is_expert_parallel(p) else split if is_sharded(p) else whole
+                into.add_(local(g).detach().double().pow(2).sum().cpu())
         if self.tp_mesh is not None:
             split = sum_over(self.tp_mesh.get_group(), split.to(self.device), self.timeout, "a tensor-parallel sum")
-        return (float(whole) + float(split)) / replicas
+        # an expert's part differs between the ep ranks (each holds its experts): the job's sum counts each
+        # part once per replica that holds the same experts, dp / ep of them
+        holders = max(1, replicas // getattr(self, "ep_size", 1))
+        return (float(whole) + float(split)) / replicas + float(experts) / holders
 
     def zero_grad(self) -> None:
         """Drop this rank's gradients (the parameters' and, when sharded, their pieces')."""
