@@ -334,7 +334,7 @@ class Trainer:
         if self.global_rank == 0:
             manifest = {
                 "format": dist_ckpt.FORMAT, "step": self.step, "world_size": self.pipe.job_size,
-                "dp": self.pipe.dp_size, "pp": self.pipe.world_size, "tp": self.pipe.tp_size,
+                "dp": self.pipe.dp_size, "pp": self.pipe.world_size, "tp": self.pipe.tp_size, "ep": self.pipe.ep_size,
                 "num_layers": self.num_layers, "model": self.model_info,
                 "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "extra"},
             }
@@ -359,8 +359,8 @@ class Trainer:
                 if manifest["model"] != self.model_info:
                     raise ConfigError(f"{path} holds a model {manifest['model']}, but this run builds "
                                       f"{self.model_info}: resume with the same model settings")
-                same_layout = (manifest["world_size"], manifest.get("dp", 1), manifest.get("tp", 1)) == (
-                    self.pipe.job_size, self.pipe.dp_size, self.pipe.tp_size)
+                same_layout = tuple(manifest.get(k, 1) for k in ("world_size", "dp", "tp", "ep")) == (
+                    self.pipe.job_size, self.pipe.dp_size, self.pipe.tp_size, self.pipe.ep_size)
                 if manifest.get("format", 2) >= dist_ckpt.FORMAT:  # (read after every rank has checked its part)
                     req = dist_ckpt.request(path, self.pipe, self.global_rank, same_layout=same_layout)
                 else:  # pipetrain's own format of earlier runs (one file per layer): read, not written
