@@ -113,6 +113,11 @@ class ExpertParallel:
         if self.num_experts % self.ep:
             raise ValueError(f"expert parallel ep={self.ep} must divide the number of experts, "
                              f"{self.num_experts} in {type(module).__name__}: choose ep among its divisors")
+        per_expert = [n for n, p in module.named_parameters(recurse=False) if p.dim() < 3 and p.shape[:1] == (
+            self.num_experts,)]
+        if mesh is not None and per_expert:
+            raise ValueError(f"{type(module).__name__} holds per-expert parameters {per_expert} that are not 3-d; "
+                             "expert parallel splits 3-d expert weights only: use ep=1 for this model")
         self.names = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3] if mesh is not None else []
         for name in self.names:
             whole = getattr(module, name)
@@ -153,6 +158,8 @@ def dispatch_combine(local_experts: Callable[[torch.Tensor, torch.Tensor], torch
     else:
         got = all_to_all(tokens, routing.received, routing.sent, group)[routing.regroup]  # (r, d) by expert
         out = local_experts(got, local_expert)  # (r, d)
+        if got.requires_grad and not out.requires_grad:  # no token here: keep the backward all-to-alls on every rank
+            out = out + 0.0 * got
         back = torch.empty_like(out).index_copy(0, routing.regroup, out)  # (r, d) peer-major again
         back = all_to_all(back, routing.sent, routing.received, group)  # (m, d) by expert
     pairs = back.new_zeros(n * k, back.shape[-1]).index_copy(0, routing.order, back)  # dropped pairs: 0
