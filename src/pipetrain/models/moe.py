@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.aux_loss import add_aux_loss
+from ..runtime.expert_parallel import dispatch_combine
 from .load_balance import balance_loss, router_sums
 
 
@@ -28,17 +29,18 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (n, d), chosen (n, k) expert ids, weights (n, k) -> (n, d): each expert runs once, on its tokens."""
-        n, k = chosen.shape
-        flat = chosen.reshape(-1)  # (n k,)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=len(self.gate_up)).tolist()
-        out = x.new_zeros(n * k, x.shape[-1])
-        for e, rows in enumerate(order.split(counts)):  # rows: the (token, choice) pairs of expert e
-            if len(rows):
-                gate, up = F.linear(x[rows // k], self.gate_up[e]).chunk(2, dim=-1)  # (r, d_expert) each
-                out[rows] = F.linear(F.silu(gate) * up, self.down[e])  # (r, d)
-        return (out.view(n, k, x.shape[-1]) * weights[..., None].to(out.dtype)).sum(1)  # (no token: (0, d))
+        """x (n, d), chosen (n, k) expert ids, weights (n, k) -> (n, d): each expert runs once, on its tokens
+        (the pairs sorted by expert and combined back by `dispatch_combine`, as expert parallel does)."""
+        return dispatch_combine(self.grouped, x, chosen, weights, num_experts=len(self.gate_up))
+
+    def grouped(self, tokens: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """tokens (r, d) sorted by their expert (r,) -> each through its expert, (r, d)."""
+        counts = torch.bincount(expert, minlength=len(self.gate_up)).tolist()
+        outs = []
+        for e, rows in enumerate(tokens.split(counts)):
+            gate, up = F.linear(rows, self.gate_up[e]).chunk(2, dim=-1)  # (r_e, d_expert) each
+            outs.append(F.linear(F.silu(gate) * up, self.down[e]))  # (r_e, d)
+        return torch.cat(outs) if outs else tokens.new_zeros(0, tokens.shape[-1])
 
 
 class MoEFeedForward(nn.Module):

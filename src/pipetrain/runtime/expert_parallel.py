@@ -105,14 +105,7 @@ class ExpertParallel:
         self.ep, self.capacity_factor = mesh.size() if mesh is not None else 1, capacity_factor
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"the experts' capacity factor must be > 0 (e.g. 1.25), got {capacity_factor}")
-        experts = [p for p in module.parameters(recurse=False) if p.dim() == 3]
-        self.num_experts = experts[0].shape[0] if experts else 0
-        if not experts or any(p.shape[0] != self.num_experts for p in experts):
-            raise ValueError(f"{type(module).__name__} is named as an experts module but does not hold its experts "
-                             "as 3-d parameters (E, ...) with one E")
-        if self.num_experts % self.ep:
-            raise ValueError(f"expert parallel ep={self.ep} must divide the number of experts, "
-                             f"{self.num_experts} in {type(module).__name__}: choose ep among its divisors")
+        self.num_experts = count_experts(module, self.ep, type(module).__name__)
         per_expert = [n for n, p in module.named_parameters(recurse=False) if p.dim() < 3 and p.shape[:1] == (
             self.num_experts,)]
         if mesh is not None and per_expert:
@@ -166,6 +159,19 @@ def dispatch_combine(local_experts: Callable[[torch.Tensor, torch.Tensor], torch
     return (pairs.view(n, k, x.shape[-1]) * weights[..., None].to(pairs.dtype)).sum(1).to(x.dtype)
 
 
+def count_experts(module: nn.Module, ep: int, where: str) -> int:
+    """The number of experts E of an experts module (its 3-d parameters' first dimension), checked: ValueError
+    unless it holds its experts so and ep divides E."""
+    experts = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+    if not experts or any(p.shape[0] != experts[0].shape[0] for p in experts):
+        raise ValueError(f"{where}: {type(module).__name__} is named as an experts module but does not hold its "
+                         "experts as 3-d parameters (E, ...) with one E")
+    if experts[0].shape[0] % ep:
+        raise ValueError(f"expert parallel ep={ep} must divide the number of experts, {experts[0].shape[0]} in "
+                         f"{where}: choose ep among its divisors")
+    return experts[0].shape[0]
+
+
 def is_expert_parallel(param: torch.Tensor) -> bool:
     """Whether `param` is an expert weight split over an "ep" mesh (its gradient holds every ep rank's tokens)."""
     mesh = getattr(param, "device_mesh", None)
@@ -186,10 +192,7 @@ def parallelize_experts(layers: Mapping[int, nn.Module], all_layers: list[nn.Mod
                          "from_hf MoE models do); none of these layers has experts: use ep=1")
     for i, plan in enumerate(plans):
         for path in plan:
-            experts = [p for p in all_layers[i].get_submodule(path).parameters(recurse=False) if p.dim() == 3]
-            if experts and experts[0].shape[0] % ep:
-                raise ValueError(f"expert parallel ep={ep} must divide the number of experts, {experts[0].shape[0]} "
-                                 f"in layer {i} ({path}): choose ep among its divisors")
+            count_experts(all_layers[i].get_submodule(path), ep, f"layer {i} ({path})")
     for i, layer in layers.items():
         for path in plans[i]:
             ExpertParallel(layer.get_submodule(path), mesh, capacity_factor=capacity_factor)
