@@ -92,6 +92,15 @@ def _shared(pipe, rows: list[list], dtype: torch.dtype, width: int) -> list[torc
     return [table[i, 1:1 + int(table[i, 0])].clone() for i in range(n)]
 
 
+def _differs_over(mesh, fingerprint: list, device) -> bool:
+    """Whether the ranks of the 1-d `mesh` hold different fingerprints (an all-gather every rank of it makes
+    before anything can raise, so none waits on another that has raised)."""
+    mine = torch.tensor(fingerprint, dtype=torch.float64, device=device)  # (exact: every entry < 2**53)
+    peers = torch.zeros(mesh.size() * len(mine), dtype=mine.dtype, device=device)
+    dist.all_gather_into_tensor(peers, mine, group=mesh.get_group())
+    return not all(torch.equal(row, mine) for row in peers.view(mesh.size(), -1))
+
+
 def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tuple) -> None:
     """Fail on every rank, before any generation traffic, if a rank's layers cannot generate or the ranks
     were given different prompts or settings (one all-reduce, `fail_together`)."""
@@ -102,8 +111,10 @@ def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tupl
         error = TypeError(f"{rank_name(pipe.transport, pipe.rank)}: layers {names} have no forward_cached(x, cache): "
                           "every layer must implement the cache protocol to generate (pipetrain.generation.kv_cache; "
                           "the reference GPT and Llama and from_hf layers do)")
+    tokens = zlib.crc32(b"".join(p.detach().to("cpu", torch.int64).numpy().tobytes() for p in prompts))
     fingerprint = [len(prompts), sum(len(p) for p in prompts), sum(int(p.sum()) % 1_000_003 for p in prompts),
-                   max_new_tokens, zlib.crc32(repr(settings).encode())]
+                   max_new_tokens, zlib.crc32(repr(settings).encode()), tokens]
+    ep_differs = pipe.ep_mesh is not None and _differs_over(pipe.ep_mesh, fingerprint, pipe.transport.device)
     world = pipe.transport.world_size
     table = torch.zeros(world, len(fingerprint), dtype=torch.float64)  # (exact: every entry < 2**53)
     table[pipe.rank] = torch.tensor(fingerprint, dtype=torch.float64)
@@ -119,11 +130,7 @@ def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tupl
         raise ValueError(f"generate() got different prompts or settings on {rank_name(pipe.transport, differ[0])} "
                          f"than on {rank_name(pipe.transport, pipe.rank)}: call it on every rank with the same "
                          "arguments")
-    if pipe.ep_mesh is not None:  # its replicas route each other's tokens: every pass must be the same on each
-        mine = table[pipe.rank].to(pipe.transport.device)
-        peers = torch.zeros(pipe.ep_size * len(mine), dtype=mine.dtype, device=mine.device)
-        dist.all_gather_into_tensor(peers, mine, group=pipe.ep_mesh.get_group())
-        if not all(torch.equal(row, mine) for row in peers.view(pipe.ep_size, -1)):
-            raise ValueError("generate() got different prompts or settings on the expert-parallel ranks (ep="
+    if ep_differs:  # its replicas route each other's tokens: every pass must be the same on each
+        raise ValueError("generate() got different prompts or settings on the expert-parallel ranks (ep="
                              f"{pipe.ep_size}): they send each other their tokens, so give every replica in an ep "
                              "group the same prompts")
