@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..runtime.comm import fail_together
 from ..runtime.tensor_parallel import local, part_like, whole
@@ -86,7 +87,7 @@ def save_pretrained(pipe, directory: str | Path, *, source: str | Path | None = 
     error = None
     pipe.unshard()  # (shard="params": whole parameters, gathered from the replicas)
     try:
-        if pipe.dp_rank < pipe.ep_size:  # the first replica (with its ep peers, which gather their experts)
+        if _first_replica(pipe):  # (with its ep peers, which gather their experts)
             _write_shard(pipe, directory)
     except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
         error = err
@@ -115,13 +116,21 @@ def _write_shard(pipe, directory: Path) -> None:
         if id(tensor) not in seen and id(tensor) not in copies:  # a tied weight: saved once, by its first use
             seen.add(id(tensor))
             tensors[names[0]] = whole(tensor.detach()).to("cpu").contiguous()  # (collective over tp or ep)
-    if pipe.tp_rank != 0 or pipe.dp_rank != 0:
-        return
+    if pipe.tp_rank != 0 or (pipe.ep_mesh is not None and pipe.ep_mesh.get_local_rank() != 0):
+        return  # (one writer per pipeline rank of the first replica)
     tensors = stored(_model(pipe), tensors)  # (as save_pretrained writes them: e.g. an MoE's experts one by one)
     directory.mkdir(parents=True, exist_ok=True)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     save_file(tensors, str(directory / _shard(pipe.rank, pipe.world_size)),
               metadata={"format": "pt", "size": str(size)})
+
+
+def _first_replica(pipe) -> bool:
+    """Whether this rank is in the first replica, or with expert parallel in the first ep group (its ep ranks
+    are replicas too): by the mesh's coordinates, not by the order of the ranks."""
+    if pipe.ep_mesh is None:
+        return pipe.dp_rank == 0
+    return pipe.expert_dp_group is None or dist.get_rank(pipe.expert_dp_group) == 0
 
 
 def _model(pipe):

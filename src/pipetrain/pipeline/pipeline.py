@@ -137,6 +137,7 @@ class Pipeline(RankParameters):
         self.sequence_parallel = sequence_parallel
         self.ep_mesh = groups.ep  # this rank's expert-parallel group (a 1-d DeviceMesh), or None
         self.ep_size = groups.ep_size
+        self.expert_dp_group = groups.expert_dp  # the replicas holding this rank's experts ("dp" alone), or None
         self.expert_capacity = expert_capacity
         check_expert_parallel(self.ep_size, shard=shard, tp=self.tp_size)
         self.device = torch.device(device) if device is not None else self.transport.device
