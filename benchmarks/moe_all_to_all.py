@@ -1,17 +1,18 @@
-"""Expert parallel's all-to-all: how much of a training step it takes, on ep 2 x pp 2 (4 gloo ranks) or pp 1.
+"""Expert parallel's all-to-all, exposed and overlapped: a training step with and without overlapped pairs.
 
-    python benchmarks/moe_all_to_all.py                          # llama-moe-8x256 (8 blocks x 256, 8 experts)
-    python benchmarks/moe_all_to_all.py --layers 4 --steps 4 --json
-    python benchmarks/moe_all_to_all.py --pp 1 --layers 4                # ep 2 alone: 2 ranks, a core each
+    python benchmarks/moe_all_to_all.py --pp 1                  # ep 2 alone: 2 ranks, a core each (the goal)
+    python benchmarks/moe_all_to_all.py                          # ep 2 x pp 2 (4 ranks on this machine's 2 cores)
+    python benchmarks/moe_all_to_all.py --schedule dualpipev --layers 4 --steps 4 --json
 
-Each rank trains the reference Llama with 8 experts per block (top 2) through `pt.Pipeline` on a
-(dp 1, ep 2, pp 2) mesh; the all-to-alls are timed where they happen (each blocking
-`torch.distributed.all_to_all_single` of the dispatch, the combine and their backward, wall time inside the
-call), next to the step. Per rank: the median step time after the first, the all-to-all time of that step
-and its share, how many all-to-alls a step makes, and the CPU time the process spent in the step (all its
-threads): with more ranks than cores, time one rank waits is time another computes, so only the cores left
-idle can be won back. This is the time that overlapping them with another
-microbatch's compute could hide: the measurement before that work.
+Each rank trains the reference Llama with 8 experts per block (top 2) through `pt.Pipeline` on a (dp 1, ep 2,
+pp) mesh, twice over: the schedule as built ("before") and with `overlap=True` ("after": forwards paired with
+backwards of other microbatches, each pair's two lanes taking turns at their all-to-alls). The two pipelines
+(the same weights, the same batches) take turns step by step, so both see the same machine. Per rank and
+configuration: the median step time (after the first step of each), the exposed all-to-all time of that step
+(`Pipeline.last_step.all_to_all`: the time a compute action stood waiting on an all-to-all that no other work
+hid; without pairs, every all-to-all's whole wait), its share of the step, and the CPU seconds the process
+spent in the step (all its threads): with more ranks than cores, one rank's wait is another's compute, and only
+idle cores can be won back.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pipetrain.spawn import run_processes  # noqa: E402
 
+CONFIGS = ("before", "after")
+
 
 def rank_main(rank: int, world: int, settings: dict) -> dict:
     import torch
@@ -38,45 +41,53 @@ def rank_main(rank: int, world: int, settings: dict) -> dict:
     from pipetrain.models.gpt import gpt_loss_sum
     from pipetrain.models.llama import LlamaConfig, build_llama
 
-    spent = {"seconds": 0.0, "calls": 0}
-    blocking = dist.all_to_all_single
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return blocking(*args, **kwargs)
-        finally:
-            spent["seconds"] += time.perf_counter() - start
-            spent["calls"] += 1
-
-    dist.all_to_all_single = timed  # (expert_parallel calls it through the module: every exchange is timed)
     cfg = LlamaConfig(seq_len=settings["seq"], d_model=settings["d_model"], n_layers=settings["layers"], n_heads=8,
                       n_kv_heads=4, n_experts=8, top_k=2)
-    torch.manual_seed(0)
-    layers = build_llama(cfg)
     mesh = init_device_mesh("cpu", (1, 2, world // 2), mesh_dim_names=("dp", "ep", "pp"))
-    pipe = pt.Pipeline(layers, schedule=settings["schedule"], num_microbatches=settings["microbatches"],
-                       loss_fn=gpt_loss_sum, mesh=mesh, timeout=120)
-    opt = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
+    pipes, optimizers = {}, {}
+    for config in CONFIGS:
+        torch.manual_seed(0)
+        pipes[config] = pipe = pt.Pipeline(build_llama(cfg), schedule=settings["schedule"],
+                                           num_microbatches=settings["microbatches"], loss_fn=gpt_loss_sum, mesh=mesh,
+                                           timeout=120, overlap=config == "after")
+        optimizers[config] = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
     rows = settings["microbatches"] * settings["microbatch_size"]
-    steps, comm, losses, cpu = [], [], [], []
+    measured = {config: {"step": [], "exposed": [], "cpu": [], "losses": []} for config in CONFIGS}
     for step in range(settings["steps"]):
-        g = torch.Generator().manual_seed(1000 * step + pipe.dp_rank)  # each replica its own rows
+        g = torch.Generator().manual_seed(1000 * step + pipes["before"].dp_rank)  # each replica its own rows
         ids = torch.randint(0, cfg.vocab_size, (rows, cfg.seq_len + 1), generator=g)
-        spent["seconds"], spent["calls"] = 0.0, 0
-        dist.barrier()
-        start, busy = time.perf_counter(), time.process_time()
-        losses.append(pipe.step(ids[:, :-1], ids[:, 1:], num_tokens=2 * ids[:, 1:].numel()))
-        opt.step()
-        opt.zero_grad()
-        steps.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - busy)  # this process's CPU seconds (all its threads, gloo's too)
-        comm.append((spent["seconds"], spent["calls"]))
-    later = slice(1, None) if len(steps) > 1 else slice(None)
-    step_time = statistics.median(steps[later])
-    a2a = statistics.median(s for s, _ in comm[later])
-    return {"step": step_time, "all_to_all": a2a, "share": a2a / step_time, "calls": comm[-1][1],
-            "cpu": statistics.median(cpu[later]), "losses": losses}
+        for config in (CONFIGS if step % 2 == 0 else CONFIGS[::-1]):  # (each goes first every other step)
+            pipe, m = pipes[config], measured[config]
+            dist.barrier()
+            start, busy = time.perf_counter(), time.process_time()
+            m["losses"].append(pipe.step(ids[:, :-1], ids[:, 1:], num_tokens=2 * ids[:, 1:].numel()))
+            optimizers[config].step()
+            optimizers[config].zero_grad()
+            m["step"].append(time.perf_counter() - start)
+            m["cpu"].append(time.process_time() - busy)  # this process's CPU seconds (all its threads, gloo's too)
+            m["exposed"].append(sum(e.duration for e in pipe.last_step.all_to_all))
+    out = {}
+    for config, m in measured.items():
+        later = slice(1, None) if len(m["step"]) > 1 else slice(None)
+        step_time, exposed = statistics.median(m["step"][later]), statistics.median(m["exposed"][later])
+        out[config] = {"step": step_time, "exposed": exposed, "share": exposed / step_time,
+                       "cpu": statistics.median(m["cpu"][later]), "losses": m["losses"],
+                       "pairs": sum(a.paired for a in pipes[config].schedule.actions[pipes[config].rank])}
+    return out
+
+
+def summary(results: dict) -> dict:
+    """Over the ranks, per configuration: the median step, exposed all-to-all and cores kept busy; and
+    after / before of each."""
+    out = {}
+    for config in CONFIGS:
+        ranks = [r[config] for r in results.values()]
+        step = statistics.median(r["step"] for r in ranks)
+        out[config] = {"step": step, "exposed": statistics.median(r["exposed"] for r in ranks),
+                       "busy_cores": sum(r["cpu"] for r in ranks) / step}
+    out["exposed_after_over_before"] = out["after"]["exposed"] / out["before"]["exposed"]
+    out["step_after_over_before"] = out["after"]["step"] / out["before"]["step"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,20 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = {"layers": args.layers, "d_model": args.d_model, "seq": args.seq, "microbatches": args.microbatches,
                 "microbatch_size": args.microbatch_size, "schedule": args.schedule, "steps": args.steps}
-    results = run_processes(2 * args.pp, rank_main, settings, timeout=900)
+    results = run_processes(2 * args.pp, rank_main, settings, timeout=1800)
+    total = summary(results)
     if args.json:
-        print(json.dumps({"settings": settings, "ranks": results}))
+        print(json.dumps({"settings": settings, "ranks": results, "summary": total}))
         return 0
     print(f"llama MoE {args.layers} x {args.d_model}, 8 experts (top 2), seq {args.seq}, {args.microbatches} x "
           f"{args.microbatch_size} rows per replica, {args.schedule}; ep 2 x pp {args.pp} ({2 * args.pp} gloo ranks, 1 "
-          "thread each)")
-    print(f"{'rank':>4} {'step':>9} {'all-to-all':>11} {'share':>7} {'calls':>6} {'CPU':>9}")
+          f"thread each); before: as built, after: overlap=True")
+    print(f"{'rank':>4} {'config':>7} {'pairs':>5} {'step':>9} {'exposed all-to-all':>19} {'share':>7} {'CPU':>9}")
     for rank, r in sorted(results.items()):
-        print(f"{rank:>4} {r['step'] * 1e3:>7.1f}ms {r['all_to_all'] * 1e3:>9.1f}ms {r['share']:>7.1%} {r['calls']:>6} "
-              f"{r['cpu'] * 1e3:>7.1f}ms")
-    busy = sum(r["cpu"] for r in results.values()) / statistics.median(r["step"] for r in results.values())
-    print(f"the {len(results)} ranks kept {busy:.2f} of this machine's {os.cpu_count()} cores busy through a step "
-          "(CPU seconds over wall seconds): what an overlap can win is the idle rest")
+        for config in CONFIGS:
+            c = r[config]
+            print(f"{rank:>4} {config:>7} {c['pairs']:>5} {c['step'] * 1e3:>7.1f}ms {c['exposed'] * 1e3:>17.1f}ms "
+                  f"{c['share']:>7.1%} {c['cpu'] * 1e3:>7.1f}ms")
+    for config in CONFIGS:
+        c = total[config]
+        print(f"{config}: step {c['step'] * 1e3:.1f} ms, exposed all-to-all {c['exposed'] * 1e3:.1f} ms, "
+              f"{c['busy_cores']:.2f} of {os.cpu_count()} cores busy")
+    print(f"after / before: exposed all-to-all {total['exposed_after_over_before']:.0%}, step "
+          f"{total['step_after_over_before']:.1%}")
     return 0
 
 

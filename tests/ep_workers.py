@@ -84,10 +84,12 @@ def exactness(rank: int, world: int, cases: list[tuple[str, str, float | None]],
         m = 2 * pp
         ref_loss, ref_grads = reference(name, dp * ep, m, capacity)
         layers, loss_fn = model(name)
-        checkpoint = schedule.endswith("+checkpoint")  # activation checkpointing: F's all-to-alls again in B
-        sched = pt.schedules.build(schedule.removesuffix("+checkpoint"), num_ranks=pp, num_microbatches=m)
+        base, *options = schedule.split("+")  # +checkpoint: F's all-to-alls again in B; +overlap: paired F and B
+        sched = pt.schedules.build(base, num_ranks=pp, num_microbatches=m)
         pipe = pt.Pipeline(layers, schedule=sched, loss_fn=loss_fn, mesh=mesh, timeout=60, expert_capacity=capacity,
-                           checkpoint=checkpoint)
+                           checkpoint="checkpoint" in options, overlap="overlap" in options)
+        if "overlap" in options:
+            pipe._lanes.exchange = _logged(pipe._lanes.exchange, order := [])
         inputs, targets, count = batch(name)
         share = torch.arange(len(targets)).tensor_split(pipe.dp_size)[pipe.dp_rank]
         loss = pipe.step(rows(inputs, share), targets[share], num_tokens=count) + pipe.last_step.aux_loss
@@ -98,8 +100,18 @@ def exactness(rank: int, world: int, cases: list[tuple[str, str, float | None]],
             for n, p in named_parameters(index, layer):
                 g = whole(p.grad)  # (collective over ep for an expert weight: the same order on its ep peers)
                 errors[n] = ((g - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)).item()
-        results[name, schedule, capacity] = (loss, ref_loss, errors, pipe.ep_size, pipe.dp_size)
+        pairs = sum(a.paired for a in pipe.schedule.actions[pipe.rank])
+        results[name, schedule, capacity] = (loss, ref_loss, errors, pipe.ep_size, pipe.dp_size,
+                                             order if "overlap" in options else None, pairs)
     return results
+
+
+def _logged(exchange, order: list):
+    """`Lanes.exchange` that also records, in launch order, which lane launched what."""
+    def logged(launch, what):
+        order.append((exchange.__self__._turn, what))
+        return exchange(launch, what)
+    return logged
 
 
 def bad_layout(rank: int, world: int, case: str) -> str:

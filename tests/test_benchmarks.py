@@ -86,14 +86,19 @@ def test_generation_benchmark_compares_with_one_process_and_draws_the_timeline(m
     assert (tmp_path / "gen.png").stat().st_size > 10_000
 
 
-def test_moe_all_to_all_benchmark_times_every_exchange(capsys):
+def test_moe_all_to_all_benchmark_measures_the_exposed_exchanges_with_and_without_overlap(capsys):
     import moe_all_to_all
 
-    assert moe_all_to_all.main(["--pp", "1", "--layers", "2", "--d-model", "64", "--seq", "16", "--microbatches", "2",
+    assert moe_all_to_all.main(["--pp", "1", "--layers", "2", "--d-model", "64", "--seq", "16", "--microbatches", "3",
                                 "--microbatch-size", "1", "--steps", "2", "--json"]) == 0
-    ranks = json.loads(capsys.readouterr().out)["ranks"]
+    out = json.loads(capsys.readouterr().out)
+    ranks = out["ranks"]
     for r in ranks.values():
-        # per block and microbatch: the counts, the dispatch and the combine forward, their two backward
-        assert r["calls"] == 2 * 2 * 5
-        assert 0 < r["all_to_all"] < r["step"] and 0 < r["share"] < 1 and r["cpu"] > 0
-    assert ranks["0"]["losses"] == ranks["1"]["losses"]
+        assert r["before"]["pairs"] == 0 and r["after"]["pairs"] == 2  # 0F0 0B0 +0F1 0B1 +0F2 0B2
+        for c in (r["before"], r["after"]):
+            assert 0 < c["exposed"] < c["step"] and 0 < c["share"] < 1 and c["cpu"] > 0
+        # the same weights and batches: overlapped pairs compute the same step
+        assert r["after"]["losses"] == pytest.approx(r["before"]["losses"], rel=1e-6)
+    assert ranks["0"]["before"]["losses"] == ranks["1"]["before"]["losses"]
+    total = out["summary"]
+    assert total["exposed_after_over_before"] == pytest.approx(total["after"]["exposed"] / total["before"]["exposed"])

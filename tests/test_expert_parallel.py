@@ -19,7 +19,7 @@ def _check(results, cases):
     for case in cases:
         seen = set()
         for rank_results in results.values():
-            loss, ref_loss, errors, _, _ = rank_results[case]
+            loss, ref_loss, errors = rank_results[case][:3]
             assert loss == pytest.approx(ref_loss, rel=TOL), case
             worst = max(errors, key=errors.get)
             assert errors[worst] <= TOL, f"{case}: {worst} off by {errors[worst]:.1e}"
@@ -30,13 +30,22 @@ def _check(results, cases):
 def test_reference_moe_pp2_ep2_equals_one_process_on_every_schedule():
     """Dropless on every schedule; with activation checkpointing (the recomputed forward's all-to-alls run
     inside backward) on ZBV and DualPipeV (split backward); with a capacity factor of 0.75 (pairs dropped),
-    as one process drops them."""
-    cases = [("llama-moe", s, None) for s in (*SCHEDULES, "zbv+checkpoint", "dualpipev+checkpoint")]
+    as one process drops them; with overlapped pairs (forward and backward taking turns at their all-to-alls)
+    on DualPipeV, interleaved 1F1B and ZBV with activation checkpointing, every rank launching them in one
+    order."""
+    overlapped = ("dualpipev+overlap", "interleaved-1f1b+overlap", "zbv+checkpoint+overlap")
+    cases = [("llama-moe", s, None) for s in (*SCHEDULES, "zbv+checkpoint", "dualpipev+checkpoint", *overlapped)]
     cases += [("llama-moe", "1f1b", 0.75)]
     results = run_processes(4, exactness, cases, (1, 2, 2), timeout=400)
     _check(results, cases)
-    assert {r[cases[0]][3:] for r in results.values()} == {(2, 2)}  # ep 2; both ep ranks are replicas
+    assert {r[cases[0]][3:5] for r in results.values()} == {(2, 2)}  # ep 2; both ep ranks are replicas
     assert abs(results[0][cases[-1]][0] - results[0][("llama-moe", "1f1b", None)][0]) > 1e-6  # pairs were dropped
+    for case in [("llama-moe", s, None) for s in overlapped]:
+        lanes = {lane for r in results.values() for lane, _ in r[case][5]}
+        assert lanes == {0, 1, None}, case  # both lanes of a pair exchanged (and actions outside pairs)
+        for rank in (0, 1):  # ep peers: ranks 0 and 2, 1 and 3 (the mesh's pp dimension is the last)
+            assert results[rank][case][6] > 0, case  # pairs
+            assert results[rank][case][5] == results[rank + 2][case][5], case  # the same launches, in one order
 
 
 def test_hf_mixtral_and_qwen3_moe_dp2_ep2_equal_one_process():
@@ -46,7 +55,7 @@ def test_hf_mixtral_and_qwen3_moe_dp2_ep2_equal_one_process():
     cases = [("MixtralForCausalLM", "1f1b", None), ("Qwen3MoeForCausalLM", "gpipe", None)]
     results = run_processes(4, exactness, cases, (2, 2, 1), timeout=400)
     _check(results, cases)
-    assert {r[cases[0]][3:] for r in results.values()} == {(2, 4)}
+    assert {r[cases[0]][3:5] for r in results.values()} == {(2, 4)}
 
 
 @pytest.mark.parametrize("case, world, message", [
@@ -62,8 +71,9 @@ def test_a_model_that_does_not_fit_ep_fails_on_every_rank_at_once(case, world, m
 
 def test_train_cli_trains_a_tiny_qwen3_moe_with_ep2_pp2_resharding_its_checkpoint(tmp_path):
     """`pipetrain train --hf DIR`: 2 steps on 2 ranks (pp 2, every expert on each), then resumed with `--ep 2
-    --pp 2` on 4 (the checkpoint's experts resharded over ep), a sample generated through the experts'
-    all-to-all, the trained model loaded back by transformers with the held-out loss the run reported."""
+    --pp 2` on 4 (the checkpoint's experts resharded over ep) on DualPipeV with overlapped pairs, a sample
+    generated through the experts' all-to-all, the trained model loaded back by transformers with the held-out
+    loss the run reported."""
     transformers = pytest.importorskip("transformers")
     from pipetrain.train.data import CausalLMBatches, load_corpus
 
@@ -86,8 +96,10 @@ def test_train_cli_trains_a_tiny_qwen3_moe_with_ep2_pp2_resharding_its_checkpoin
 
     first = launch(2, "--stop-at-step", "2")
     assert re.search(r"\| aux 0\.0\d+ \|", first.stdout)  # the router loss, reported beside the cross-entropy
-    again = launch(4, "--ep", "2", "--resume", "--sample-tokens", "8")
+    again = launch(4, "--ep", "2", "--resume", "--sample-tokens", "8", "--schedule", "dualpipev", "--microbatches",
+                   "4", "--overlap")
     assert "on dp 2 (ep 2) x pp 2 ranks" in again.stdout and "generated: " in again.stdout
+    assert "schedule dualpipev+overlap" in again.stdout  # forwards paired with backwards (--overlap)
     assert "resumed from" in again.stdout
     trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "hf")
     trained.config.output_router_logits = False  # (the held-out loss is the cross-entropy alone)

@@ -20,11 +20,15 @@ def _simulate(args: argparse.Namespace) -> int:
     except ValueError as err:
         _to_stderr(f"pipetrain simulate: {err}")
         return 2
+    costs = Costs(f=args.cost_f, b=args.cost_b, w=args.cost_w, comm=args.cost_comm, reduce=args.cost_reduce,
+                  gather=args.cost_gather, all_to_all=args.cost_a2a)
+    if args.overlap:  # forwards paired with backwards where the simulation says the step gets faster
+        sched = schedules.overlap(sched, costs)
     collectives = args.cost_reduce > 0 or args.cost_gather > 0
     if collectives:  # data parallel: each stage's collectives, placed as the runtime places them
         sched = schedules.with_collectives(sched, reduce=args.cost_reduce > 0, gather=args.cost_gather > 0)
-    result = simulate(sched, Costs(f=args.cost_f, b=args.cost_b, w=args.cost_w, comm=args.cost_comm,
-                                   reduce=args.cost_reduce, gather=args.cost_gather))
+    result = simulate(sched, costs)
+    a2a = args.cost_a2a > 0
     title = f"{args.schedule}: {sched.num_ranks} ranks, {sched.num_microbatches} microbatches"
     if args.png:
         from .viz import save
@@ -41,7 +45,8 @@ def _simulate(args: argparse.Namespace) -> int:
             "bubble_fraction": result.bubble_fraction,
             "per_rank": [{"rank": s.rank, "busy_time": s.busy_time, "bubble_fraction": s.bubble_fraction,
                           "peak_activations": s.peak_activations,
-                          **({"exposed_collectives": s.exposed_collectives} if collectives else {})}
+                          **({"exposed_collectives": s.exposed_collectives} if collectives else {}),
+                          **({"exposed_all_to_all": s.exposed_all_to_all} if a2a else {})}
                          for s in result.per_rank],
         }))
         return 0
@@ -52,6 +57,7 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"\nstep time {result.step_time:g}, bubble fraction {result.bubble_fraction:.4f}")
     for s in result.per_rank:
         exposed = f", exposed collectives {s.exposed_collectives:g}" if collectives else ""
+        exposed += f", exposed all-to-all {s.exposed_all_to_all:g}" if a2a else ""
         print(f"  rank {s.rank}: busy {s.busy_time:g}, bubble {s.bubble_fraction:.4f}, "
               f"peak activations {s.peak_activations}{exposed}")
     return 0
@@ -213,7 +219,7 @@ def _train(args: argparse.Namespace) -> int:
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             values[flag.replace("-", "_")] = value
-    for flag in ("activation_checkpointing", "tie_embeddings", "document_mask", "sequence_parallel"):
+    for flag in ("activation_checkpointing", "tie_embeddings", "document_mask", "sequence_parallel", "overlap"):
         if getattr(args, flag):
             values[flag] = True
     for flag in ("data", "eval_data"):
@@ -384,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tie-embeddings", action="store_true", help="the output head reuses the token embedding")
     train.add_argument("--sequence-parallel", action="store_true",
                        help="with --tp: activations between the split layers and stages split by sequence")
+    train.add_argument("--overlap", action="store_true",
+                       help="with --ep: run forwards and backwards in pairs that hide each other's all-to-alls")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on rank 0 (default: when stdout is a terminal)")
     train.add_argument("--log-file", help="also write rank 0's output to this file")
@@ -403,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="data parallel: one stage's gradient reduction (adds a REDUCE per stage after its last B/W)")
     sim.add_argument("--cost-gather", type=_non_negative, default=0.0,
                      help="shard=params: one stage's parameter all-gather (adds a GATHER per stage at the start)")
+    sim.add_argument("--cost-a2a", type=_non_negative, default=0.0,
+                     help="expert parallel: the all-to-alls inside one F, and again inside one B or I")
+    sim.add_argument("--overlap", action="store_true",
+                     help="pair forwards with backwards where that is faster (the pairs hide each other's all-to-alls)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.add_argument("--png", metavar="FILE", help="draw the timeline (.png or .svg; needs matplotlib)")
     sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (one cost unit = 1 ms)")

@@ -27,13 +27,15 @@ def _pyplot():
 
 def draw(timeline: Timeline, ax, *, title: str = "", unit: str = "", label_blocks: bool = True) -> None:
     """Draw a timeline on a matplotlib axis: blocks coloured by op (a rank's later stages lighter),
-    microbatch numbers, idle left blank, waits (measured timelines) as hatched slivers."""
+    microbatch numbers, idle left blank, waits (measured timelines) as hatched slivers, an overlapped pair's two
+    actions as half-height blocks one above the other, all-to-all waits nothing hid as dark slivers."""
     step = timeline.step_time() or 1.0
     local = {}  # (rank, stage) -> 0 for a rank's first stage, 1 for its second, ...: later stages lighter
     for r in range(timeline.num_ranks):
         for i, s in enumerate(sorted({e.action.stage for e in timeline.events
                                       if e.rank == r and e.action.op.is_compute})):
             local[(r, s)] = i
+    paired = {(e.rank, e.start) for e in timeline.events if e.action.paired}
     for e in timeline.events:
         y = timeline.num_ranks - 1 - e.rank
         if e.action.op.is_comm:  # posting a send or receive: a thin grey sliver on the rank's row
@@ -43,11 +45,16 @@ def draw(timeline: Timeline, ax, *, title: str = "", unit: str = "", label_block
             ax.barh(y + 0.45, e.duration, left=e.start, height=0.1, color=COLORS[e.action.op], linewidth=0)
             continue
         alpha = 1.0 if local[(e.rank, e.action.stage)] == 0 else 0.55
-        ax.barh(y, e.duration, left=e.start, height=0.8, color=COLORS[e.action.op], alpha=alpha,
-                edgecolor="white", linewidth=0.5)
+        half = (e.rank, e.start) in paired  # an overlapped pair: its two actions share the row, one above the other
+        offset = (-0.2 if e.action.paired else 0.2) if half else 0.0
+        ax.barh(y + offset, e.duration, left=e.start, height=0.4 if half else 0.8, color=COLORS[e.action.op],
+                alpha=alpha, edgecolor="white", linewidth=0.5)
         if label_blocks and e.duration > step / 60 and e.action.op.is_compute:
-            ax.text(e.start + e.duration / 2, y, str(e.action.mb), ha="center", va="center", fontsize=7,
+            ax.text(e.start + e.duration / 2, y + offset, str(e.action.mb), ha="center", va="center", fontsize=7,
                     color="white")
+    for e in timeline.all_to_all:  # all-to-all waits nothing hid: a dark sliver along the bottom of the row
+        ax.barh(timeline.num_ranks - 1 - e.rank - 0.35, e.duration, left=e.start, height=0.1, color="black",
+                linewidth=0)
     _frame(ax, timeline, step, unit)
     stats = timeline.per_rank()
     bubble = sum(s.bubble_fraction for s in stats) / len(stats)
@@ -98,7 +105,8 @@ def _scaled(timeline: Timeline, factor: float) -> Timeline:
         return tuple(Event(e.rank, e.action, e.start * factor, e.end * factor) for e in events)
 
     steps = tuple(t * factor for t in timeline.step_times) if timeline.step_times is not None else None
-    return Timeline(timeline.num_ranks, scale(timeline.events), scale(timeline.waits), steps)
+    return Timeline(timeline.num_ranks, scale(timeline.events), scale(timeline.waits), steps,
+                    scale(timeline.all_to_all))
 
 
 def _legend(fig, timeline: Timeline) -> None:

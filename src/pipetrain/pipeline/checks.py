@@ -105,8 +105,12 @@ def groups_of(mesh: DeviceMesh | None, transport: Transport | None) -> Groups:
     return Groups(mesh.get_group("pp"), both, tp, mesh["ep"], expert_dp)
 
 
-def check_expert_parallel(ep: int, *, shard: str, tp: int) -> None:
-    """ValueError for what expert parallel does not compose with yet."""
+def check_expert_parallel(ep: int, *, shard: str, tp: int, overlap: bool = False) -> None:
+    """ValueError for what expert parallel does not compose with yet, and an overlap with nothing to hide."""
+    if overlap and ep == 1:
+        raise ValueError("overlap=True pairs forwards with backwards to hide expert parallel's all-to-alls behind "
+                         "compute; with ep=1 there are none: give a mesh with an \"ep\" dimension of 2 or more "
+                         "(CLI: --ep), or leave overlap off")
     if ep > 1 and shard != "none":
         raise ValueError(f"expert parallel (ep={ep}) with shard={shard!r}: the sharded optimizer does not split "
                          "experts yet; use shard='none' with ep, or ep=1")

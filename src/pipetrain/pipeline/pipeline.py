@@ -14,12 +14,14 @@ from ..runtime.comm import DistTransport, InProcessTransport, Transport, wait_re
 from ..runtime.data_parallel import TIED, averager_for, sum_over
 from ..runtime.executor import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
 from ..runtime.expert_parallel import parallelize_experts
+from ..runtime.overlap import Lanes
 from ..runtime.stage import LossWeights, Stage
 from ..runtime.tensor_parallel import parallelize
 from ..runtime.ties import TiedWeights
 from ..runtime.window import Window
 from ..schedule import Action, Event, Op, Schedule, Timeline, lower, with_collectives
 from ..schedule.lowering import PREFETCH, message_order
+from ..schedule.overlap import overlap as overlap_pairs
 from .auto_plan import PipelinePlan, plan_pipeline, schedule_to_run
 from .balance import Balance, resolve_balance
 from .checks import check_expert_parallel, check_shard, checked_schedule, groups_of, splits_backward
@@ -89,6 +91,10 @@ class Pipeline(RankParameters):
         expert_capacity: a capacity factor for the experts (e.g. 1.25): each rank sends an expert at most
             ceil(factor * pairs / experts) of its (token, expert) pairs per call and drops the rest (their
             weight's share of the token's output is 0). Default None: dropless.
+        overlap: with "ep", pair forwards with backwards of other microbatches (`pipetrain.schedules.overlap`,
+            where the simulation says the step gets faster) and run each pair as two lanes taking turns at
+            their all-to-alls, so one lane's all-to-all is in flight while the other computes
+            (runtime/overlap.py). A schedule given with pairs (`+1B0`) runs them either way.
         seed: layers built on the meta device (`with torch.device("meta"): ...`) get storage on this rank
             only for its own stages, initialized by their `init_weights()` (or each submodule's
             `reset_parameters()`) under a seed made of `seed` and the layer's index: the same weights
@@ -102,9 +108,10 @@ class Pipeline(RankParameters):
                  sample: Any = None, split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
                  prefetch: int = PREFETCH, precision: str = "fp32", seed: int = 0,
                  num_microbatches: int | None = None, shard: str = "none", sequence_parallel: bool = False,
-                 expert_capacity: float | None = None) -> None:
+                 expert_capacity: float | None = None, overlap: bool = False) -> None:
         layers = list(layers)
         groups = groups_of(mesh, transport)
+        check_expert_parallel(groups.ep_size, shard=shard, tp=groups.tp_size, overlap=overlap)
         dp_group = groups.dp
         check_shard(shard, dp_group)
         # what to run: a Schedule, a name, a PipelinePlan (schedule and split) or "auto" (planned here)
@@ -114,6 +121,8 @@ class Pipeline(RankParameters):
         schedule, balance = schedule_to_run(schedule, balance, num_microbatches=num_microbatches,
                                             num_ranks=lambda: transport.world_size if transport is not None
                                             else _group_size(groups.pp))
+        if overlap and not any(a.paired for acts in schedule.actions for a in acts):
+            schedule = overlap_pairs(schedule.compute_only())
         self.schedule = schedule = checked_schedule(schedule, layers, timeout, precision, balance, sample)
         self.timeout = float(timeout)
         self.transport = transport or DistTransport(groups.pp, torch.device(device) if device is not None else None,
@@ -139,8 +148,8 @@ class Pipeline(RankParameters):
         self.ep_size = groups.ep_size
         self.expert_dp_group = groups.expert_dp  # the replicas holding this rank's experts ("dp" alone), or None
         self.expert_capacity = expert_capacity
-        check_expert_parallel(self.ep_size, shard=shard, tp=self.tp_size)
         self.device = torch.device(device) if device is not None else self.transport.device
+        self._lanes = Lanes(self.timeout, self.device)  # overlapped pairs' turns, and every all-to-all's wait
         # split
         self.balance = resolve_balance(balance, layers, schedule,
                                        measured_costs=lambda: self._shared_time_costs(layers, sample))
@@ -160,7 +169,7 @@ class Pipeline(RankParameters):
         self._train_actions = lower(train, prefetch=prefetch).actions[self.rank]
         self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
-                                  transport=self.transport, timeout=self.timeout)
+                                  transport=self.transport, timeout=self.timeout, lanes=self._lanes)
         self.shard = shard
         self._averager = None
         if self.dp_size > 1:
@@ -346,7 +355,7 @@ class Pipeline(RankParameters):
             parallelize(mine, layers, self.tp_mesh, self.timeout, tied=bool(self._ties),
                         sequence_parallel=self.sequence_parallel)
         if self.ep_mesh is not None or self.expert_capacity is not None:
-            parallelize_experts(mine, layers, self.ep_mesh, self.expert_capacity)
+            parallelize_experts(mine, layers, self.ep_mesh, self.expert_capacity, self._lanes)
         return {s: Stage(s, num_stages, [layers[i] for i in self.layer_ranges[s]],
                          first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
                          autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -27,6 +28,7 @@ from ..schedule.actions import (
 )
 from ..schedule.timeline import Event, Timeline
 from .comm import CommError, Transport, abort_others, rank_name, refuse_if_stopped
+from .overlap import FORWARD, Lanes
 from .stage import UNWEIGHTED, LossWeights, Stage
 from .values import Packet, Signature, batch_check, describe_key, flatten, unflatten
 from .wire import HEADER_BYTES, MIN_CAPACITY, Link, Posted, Wire, envelope_size, unpack
@@ -48,6 +50,7 @@ class RankStep:
     step_time: float
     t0: float  # time.perf_counter() at the start of the step (one clock for all processes of a host)
     comms: tuple[Event, ...] = ()  # SEND/RECV postings
+    all_to_all: tuple[Event, ...] = ()  # waits on all-to-alls inside compute that nothing hid (`Lanes.stalls`)
     aux_loss: float = 0.0  # the auxiliary losses' weighted sum (1/M per microbatch, mean over replicas)
     token_mean: bool = False  # loss_fn returned (loss_sum, count): `loss` is the step's token mean
     tokens: float = 0.0  # the count behind `loss` over every replica (a token mean), or M x replicas
@@ -129,6 +132,7 @@ class _StepState:
     events: list[Event] = field(default_factory=list)
     comms: list[Event] = field(default_factory=list)
     waits: list[Event] = field(default_factory=list)
+    all_to_all: list[Event] = field(default_factory=list)
     partials: torch.Tensor | None = None
 
     def now(self) -> float:
@@ -147,8 +151,9 @@ class Executor:
     """
 
     def __init__(self, *, rank: int, stage_to_rank: Sequence[int], stages: dict[int, Stage],
-                 transport: Transport, timeout: float) -> None:
+                 transport: Transport, timeout: float, lanes: Lanes | None = None) -> None:
         self.rank = rank
+        self.lanes = lanes if lanes is not None else Lanes(timeout, transport.device)  # overlapped pairs
         self.stage_to_rank = tuple(stage_to_rank)
         self.num_stages = len(self.stage_to_rank)
         self.stages = stages
@@ -175,7 +180,7 @@ class Executor:
             stage.losses.clear()
             stage.aux.clear()
         return RankStep(self.rank, math.nan, tuple(st.events), tuple(st.waits), st.now(), st.t0, tuple(st.comms),
-                        partials=st.partials)
+                        tuple(st.all_to_all), partials=st.partials)
 
     def run_passes(self, actions: Sequence[Action], passes: Passes, *, history: int) -> RankStep:
         """Run one generate call's lowered circulation actions (P/D), each pass computed by `passes`. Each
@@ -193,9 +198,14 @@ class Executor:
     def _execute(self, st: _StepState, actions: Sequence[Action]) -> None:
         refuse_if_stopped(self.transport)
         self._step = st
+        self.lanes.stalls.clear()
         try:
-            for action in actions:
-                if action.op.is_comm:
+            for i, action in enumerate(actions):
+                if action.paired:  # (ran with the action before it)
+                    continue
+                if i + 1 < len(actions) and actions[i + 1].paired:
+                    self._compute_pair(action, actions[i + 1])
+                elif action.op.is_comm:
                     start = st.now()
                     if action.op is Op.SEND_F or action.op is Op.SEND_B or action.op is Op.SEND_P:
                         self._send(action)
@@ -231,6 +241,31 @@ class Executor:
 
     # --- compute -------------------------------------------------------------------------------------
     def _compute(self, action: Action) -> None:
+        st = self._step
+        run = self._prepare(action)
+        start = st.now()
+        self._keep(action, run())
+        st.events.append(Event(self.rank, action, start, st.now()))
+        self._stalls((action, action))
+        self.wire.reap()
+
+    def _compute_pair(self, first: Action, second: Action) -> None:
+        """An overlapped pair (`schedule.overlap`): both inputs first, then the forward here and the backward on
+        the lanes' thread, taking turns at their all-to-alls (`Lanes`); both results leave afterwards."""
+        st = self._step
+        forward, backward = (first, second) if first.op is Op.F else (second, first)
+        runs = {forward: self._prepare(forward), backward: self._prepare(backward)}
+        start = st.now()
+        results = self.lanes.run(runs[forward], runs[backward], forward_first=first is forward)
+        end = st.now()
+        for action, result in zip((forward, backward), results, strict=True):
+            self._keep(action, result)
+        st.events += [Event(self.rank, first, start, end), Event(self.rank, second, start, end)]
+        self._stalls((forward, backward))
+        self.wire.reap()
+
+    def _prepare(self, action: Action) -> Callable[[], Any]:
+        """Bring a compute action's input (received or local) and return its computation."""
         st, s, mb = self._step, action.stage, action.mb
         stage = self.stages[s]
         needs = received_input(action, self.num_stages)
@@ -239,25 +274,34 @@ class Executor:
             target = st.targets[mb] if stage.is_last and st.targets is not None else None
             start = st.now()
             if st.collectives is not None and st.collectives.wait_gathered(s):
-                st.waits.append(Event(self.rank, Action(s, Op.GATHER, 0), start, start := st.now()))
-            out = stage.forward(mb, x, target=target, weights=st.weights, grad=st.grad)
-            if out is not None:
-                st.outputs[(s, mb)] = out.signature
-                st.local[produces(action)] = out
-                self._post_known_deferred()
-        elif action.op in (Op.B, Op.I):
+                st.waits.append(Event(self.rank, Action(s, Op.GATHER, 0), start, st.now()))
+            return partial(stage.forward, mb, x, target=target, weights=st.weights, grad=st.grad)
+        if action.op is Op.B or action.op is Op.I:
             grads = self._input(needs, action) if needs is not None else None
             if st.reductions is not None:  # (gradients accumulate into the buffer their reduction reads)
                 st.reductions.before_backward(s)
-            start = st.now()
-            grads_in = stage.backward(mb, grads) if action.op is Op.B else stage.backward_input(mb, grads)
-            if s > 0:
-                st.local[produces(action)] = grads_in
-        else:
-            start = st.now()
-            stage.backward_weight(mb)
-        st.events.append(Event(self.rank, action, start, st.now()))
-        self.wire.reap()
+            return partial(stage.backward if action.op is Op.B else stage.backward_input, mb, grads)
+        return partial(stage.backward_weight, mb)
+
+    def _keep(self, action: Action, result: Any) -> None:
+        """Keep what a compute action produced for the transfer or local use that takes it."""
+        st = self._step
+        if action.op is Op.F:
+            if result is not None:
+                st.outputs[(action.stage, action.mb)] = result.signature
+                st.local[produces(action)] = result
+                self._post_known_deferred()
+        elif (action.op is Op.B or action.op is Op.I) and action.stage > 0:
+            st.local[produces(action)] = result
+
+    def _stalls(self, lanes: tuple[Action, Action]) -> None:
+        """The all-to-all waits the last compute recorded, as events of the action that waited (by lane:
+        forward, backward; outside a pair both are the one action)."""
+        st = self._step
+        for lane, start, end in self.lanes.stalls:
+            action = lanes[lane if lane is not None else FORWARD]
+            st.all_to_all.append(Event(self.rank, action, start - st.t0, end - st.t0))
+        self.lanes.stalls.clear()
 
     def _input(self, value: Value, action: Action) -> Packet | list[torch.Tensor]:
         """A compute action's input from another stage: passed locally on this rank, or received."""
@@ -451,14 +495,14 @@ def gather_timeline(step: RankStep, transport: Transport, timeout: float, dst: i
     """Every rank's measured `step` as one Timeline on rank `dst` (None elsewhere); collective. Two sums over
     the ranks: the row counts, then the rows, each rank filling its own slice of a zero matrix."""
     rows = [[e.action.stage, _OPS.index(e.action.op), e.action.mb, e.action.round, e.start + step.t0,
-             e.end + step.t0, kind]
-            for kind, events in ((0, step.events + step.comms), (1, step.waits)) for e in events]
+             e.end + step.t0, kind, e.action.paired]
+            for kind, events in ((0, step.events + step.comms), (1, step.waits), (2, step.all_to_all)) for e in events]
     world = transport.world_size
     head = torch.zeros(world, 3, dtype=torch.float64, device=transport.device)
     head[transport.rank] = torch.tensor([len(rows), step.step_time, step.t0], dtype=torch.float64)
     transport.all_reduce(head, timeout)
     counts = [int(n) for n in head[:, 0].tolist()]
-    body = torch.zeros(sum(counts), 7, dtype=torch.float64, device=transport.device)
+    body = torch.zeros(sum(counts), 8, dtype=torch.float64, device=transport.device)
     first = sum(counts[:transport.rank])
     if rows:
         body[first:first + len(rows)] = torch.tensor(rows, dtype=torch.float64)
@@ -467,10 +511,11 @@ def gather_timeline(step: RankStep, transport: Transport, timeout: float, dst: i
         return None
     origin = float(head[:, 2].min())
     step_times = [float(t0 + length - origin) for _, length, t0 in head.tolist()]
-    events, waits = [], []
+    kinds: tuple[list[Event], list[Event], list[Event]] = ([], [], [])  # events, waits, all-to-all waits
     for r, (start, n) in enumerate(zip([sum(counts[:r]) for r in range(world)], counts, strict=True)):
-        for stage, op, mb, round_, begin, end, kind in body[start:start + n].tolist():
-            event = Event(r, Action(int(stage), _OPS[int(op)], int(mb), int(round_)), begin - origin, end - origin)
-            (waits if kind else events).append(event)
-    return Timeline(world, tuple(sorted(events, key=lambda e: (e.rank, e.start, e.end))),
-                    tuple(sorted(waits, key=lambda e: (e.rank, e.start))), tuple(step_times))
+        for stage, op, mb, round_, begin, end, kind, paired in body[start:start + n].tolist():
+            action = Action(int(stage), _OPS[int(op)], int(mb), int(round_), bool(paired))
+            kinds[int(kind)].append(Event(r, action, begin - origin, end - origin))
+    return Timeline(world, tuple(sorted(kinds[0], key=lambda e: (e.rank, e.start, e.end))),
+                    tuple(sorted(kinds[1], key=lambda e: (e.rank, e.start))), tuple(step_times),
+                    tuple(sorted(kinds[2], key=lambda e: (e.rank, e.start))))

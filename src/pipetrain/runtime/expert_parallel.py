@@ -30,27 +30,36 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .overlap import Lanes
+
+DEFAULT_TIMEOUT = 60.0  # seconds an all-to-all may wait outside a Pipeline (which passes its own)
 
 class _AllToAll(torch.autograd.Function):
     """`all_to_all_single` with uneven splits; its backward is the reverse all-to-all."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, received: list[int], sent: list[int], group) -> torch.Tensor:
-        ctx.received, ctx.sent, ctx.group = received, sent, group
-        out = x.new_empty((sum(received), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), received, sent, group=group)
-        return out
+    def forward(ctx, x: torch.Tensor, received: list[int], sent: list[int], group, lanes: Lanes) -> torch.Tensor:
+        ctx.received, ctx.sent, ctx.group, ctx.lanes = received, sent, group, lanes
+        return _exchange(x, received, sent, group, lanes)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        back = grad.new_empty((sum(ctx.sent), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), ctx.sent, ctx.received, group=ctx.group)
-        return back, None, None, None
+        return _exchange(grad, ctx.sent, ctx.received, ctx.group, ctx.lanes), None, None, None, None
 
 
-def all_to_all(x: torch.Tensor, received: list[int], sent: list[int], group) -> torch.Tensor:
+def _exchange(x: torch.Tensor, received: list[int], sent: list[int], group, lanes: Lanes) -> torch.Tensor:
+    """One uneven all-to-all, launched and waited for through `lanes` (an overlapped pair's other lane runs
+    meanwhile; the wait is bounded)."""
+    out = x.new_empty((sum(received), *x.shape[1:]))
+    x = x.contiguous()
+    lanes.exchange(lambda: dist.all_to_all_single(out, x, received, sent, group=group, async_op=True),
+                   "an expert-parallel all-to-all")
+    return out
+
+
+def all_to_all(x: torch.Tensor, received: list[int], sent: list[int], group, lanes: Lanes) -> torch.Tensor:
     """Send x's rows in pieces of `sent` to the group's ranks, get pieces of `received` (differentiable)."""
-    return _AllToAll.apply(x, received, sent, group)
+    return _AllToAll.apply(x, received, sent, group, lanes)
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,8 @@ def capacity(num_pairs: int, num_experts: int, factor: float) -> int:
     return math.ceil(factor * num_pairs / num_experts)
 
 
-def route(chosen: torch.Tensor, num_experts: int, ep: int, group, capacity_factor: float | None
-          ) -> tuple[Routing, torch.Tensor, torch.Tensor]:
+def route(chosen: torch.Tensor, num_experts: int, ep: int, group, capacity_factor: float | None,
+          lanes: Lanes | None = None) -> tuple[Routing, torch.Tensor, torch.Tensor]:
     """Steps 1-2: (routing, the local expert of each received row in `regroup` order, its tokens' source
     index into the sorted pairs). `chosen` (n, k) in [0, num_experts)."""
     flat = chosen.reshape(-1)  # (n * k,)
@@ -85,8 +94,10 @@ def route(chosen: torch.Tensor, num_experts: int, ep: int, group, capacity_facto
     sent_per_expert = counts.view(ep, local)  # (ep, E / ep)
     if ep == 1:
         return Routing(order, [len(order)], [len(order)], None), flat[order], order
-    received_per_expert = torch.empty_like(sent_per_expert)
-    dist.all_to_all_single(received_per_expert, sent_per_expert, group=group)  # (ep, E / ep): from each peer
+    received_per_expert = torch.empty_like(sent_per_expert)  # (ep, E / ep): from each peer
+    (lanes or Lanes(DEFAULT_TIMEOUT)).exchange(
+        lambda: dist.all_to_all_single(received_per_expert, sent_per_expert, group=group, async_op=True),
+        "the token counts of an expert-parallel all-to-all")
     both = torch.stack([sent_per_expert.sum(1), received_per_expert.sum(1)]).tolist()  # (one host sync)
     expert_of_row = torch.repeat_interleave(torch.arange(local, device=flat.device).repeat(ep),
                                             received_per_expert.reshape(-1))  # (r,) peer-major, then expert
@@ -98,10 +109,12 @@ class ExpertParallel:
     """Splits one experts module's E experts over the 1-d DeviceMesh `mesh` ("ep") and routes its calls; with
     mesh None, only routes them (one rank: the capacity factor's drops, as ep ranks would make them)."""
 
-    def __init__(self, module: nn.Module, mesh=None, *, capacity_factor: float | None = None) -> None:
+    def __init__(self, module: nn.Module, mesh=None, *, capacity_factor: float | None = None,
+                 lanes: Lanes | None = None) -> None:
         from torch.distributed.tensor import Shard, distribute_tensor
 
         self.mesh, self.group = mesh, mesh.get_group() if mesh is not None else None
+        self.lanes = lanes if lanes is not None else Lanes(DEFAULT_TIMEOUT)  # (a Pipeline's: its pairs, timeout)
         self.ep, self.capacity_factor = mesh.size() if mesh is not None else 1, capacity_factor
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"the experts' capacity factor must be > 0 (e.g. 1.25), got {capacity_factor}")
@@ -134,27 +147,31 @@ class ExpertParallel:
                 module._parameters.update(swapped)
 
         return dispatch_combine(local_experts, x, chosen, weights, num_experts=self.num_experts, ep=self.ep,
-                                group=self.group, capacity_factor=self.capacity_factor)
+                                group=self.group, capacity_factor=self.capacity_factor, lanes=self.lanes)
 
 
 def dispatch_combine(local_experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
                      chosen: torch.Tensor, weights: torch.Tensor, *, num_experts: int, ep: int = 1, group=None,
-                     capacity_factor: float | None = None) -> torch.Tensor:
+                     capacity_factor: float | None = None, lanes: Lanes | None = None) -> torch.Tensor:
     """Steps 1-5 for x (n, d), chosen (n, k), weights (n, k) -> (n, d); `local_experts(tokens (r, d), expert
     (r,) in [0, E / ep)) -> (r, d)` runs this rank's experts on the tokens it received, grouped by expert.
-    With ep 1 (no group), the same routing in one process: a capacity factor drops the same pairs."""
+    With ep 1 (no group), the same routing in one process: a capacity factor drops the same pairs. The
+    all-to-alls go through `lanes` (an overlapped pair's turns, bounded waits; default: a timeout of 60 s)."""
     n, k = chosen.shape
-    routing, local_expert, order = route(chosen, num_experts, ep, group, capacity_factor)
+    lanes = lanes if lanes is not None else Lanes(DEFAULT_TIMEOUT)
+    routing, local_expert, order = route(chosen, num_experts, ep, group, capacity_factor, lanes)
     tokens = x[order // k]  # (m, d) by expert
     if routing.regroup is None:
         back = local_experts(tokens, local_expert)  # (m, d)
     else:
-        got = all_to_all(tokens, routing.received, routing.sent, group)[routing.regroup]  # (r, d) by expert
+        got = all_to_all(tokens, routing.received, routing.sent, group, lanes)[routing.regroup]  # (r, d) by expert
         out = local_experts(got, local_expert)  # (r, d)
+        if out.requires_grad:  # a third turn in backward, as the forward makes three all-to-alls (`pause`)
+            out.register_hook(lambda grad: lanes.pause())
         if got.requires_grad and not out.requires_grad:  # no token here: keep the backward all-to-alls on every rank
             out = out + 0.0 * got
         back = torch.empty_like(out).index_copy(0, routing.regroup, out)  # (r, d) peer-major again
-        back = all_to_all(back, routing.sent, routing.received, group)  # (m, d) by expert
+        back = all_to_all(back, routing.sent, routing.received, group, lanes)  # (m, d) by expert
     pairs = back.new_zeros(n * k, back.shape[-1]).index_copy(0, routing.order, back)  # dropped pairs: 0
     return (pairs.view(n, k, x.shape[-1]) * weights[..., None].to(pairs.dtype)).sum(1).to(x.dtype)
 
@@ -179,7 +196,7 @@ def is_expert_parallel(param: torch.Tensor) -> bool:
 
 
 def parallelize_experts(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], mesh,
-                        capacity_factor: float | None = None) -> None:
+                        capacity_factor: float | None = None, lanes: Lanes | None = None) -> None:
     """Split the experts of each of `layers` (this rank's, by index) over the 1-d "ep" `mesh` (None: route
     them in place, for a capacity factor alone), as each layer's `expert_parallel_plan() -> [submodule]` names
     them (the reference Llama's MoE blocks and from_hf MoE layers do). Every layer's plan is checked on every
@@ -195,4 +212,4 @@ def parallelize_experts(layers: Mapping[int, nn.Module], all_layers: list[nn.Mod
             count_experts(all_layers[i].get_submodule(path), ep, f"layer {i} ({path})")
     for i, layer in layers.items():
         for path in plans[i]:
-            ExpertParallel(layer.get_submodule(path), mesh, capacity_factor=capacity_factor)
+            ExpertParallel(layer.get_submodule(path), mesh, capacity_factor=capacity_factor, lanes=lanes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
@@ -45,12 +45,13 @@ class Op(enum.Enum):
 _COMPUTE = frozenset({"F", "B", "I", "W", "P", "D"})
 _COLLECTIVES = frozenset({"REDUCE", "GATHER"})
 _TRANSFERS = frozenset({"SEND_F", "RECV_F", "SEND_B", "RECV_B", "SEND_P", "RECV_P"})
+_PAIRABLE = frozenset({"F", "B", "I"})  # what an overlapped pair holds: a forward and a backward
 SENDS = frozenset({"SEND_F", "SEND_B", "SEND_P"})  # Op values: `action.op._value_ in SENDS`
 RECVS = frozenset({"RECV_F", "RECV_B", "RECV_P"})
 _ROUNDS = frozenset({"P", "D", "SEND_P", "RECV_P"})  # the generation ops, whose actions have a round
 
 
-_ACTION_RE = re.compile(r"^(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|SEND_P|RECV_P|F|B|I|W|P|D)(\d+)(?:@(\d+))?|"
+_ACTION_RE = re.compile(r"^(\+?)(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|SEND_P|RECV_P|F|B|I|W|P|D)(\d+)(?:@(\d+))?|"
                         r"(REDUCE|GATHER))$")
 
 
@@ -60,14 +61,21 @@ class Action:
 
     Generation's actions run group `mb` of sequences through `stage` in `round` (its prefill pieces, then
     one round per new token) and print with it: `1D3@7` is stage 1 decoding group 3 in round 7. A stage's
-    collectives concern all its microbatches (`mb` 0) and print without one: `1REDUCE`, `1GATHER`."""
+    collectives concern all its microbatches (`mb` 0) and print without one: `1REDUCE`, `1GATHER`.
+
+    `paired` (printed `+1B0`): the action runs together with the compute action right before it, a forward
+    with a backward (B or I) of another microbatch, taking turns at their all-to-alls (`overlap`). It says how
+    the action runs, not what it computes: a paired action equals (and hashes as) the same action unpaired."""
 
     stage: int
     op: Op
     mb: int
     round: int = 0
+    paired: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
+        if self.paired:
+            return f"+{self.stage}{self.op.value}{self.mb}"
         if self.op._value_ in _COLLECTIVES:
             return f"{self.stage}{self.op.value}"
         if self.op._value_ in _ROUNDS:
@@ -84,15 +92,21 @@ class Action:
             raise ValueError(
                 f"cannot parse action {text!r}: expected {{stage}}{{op}}{{microbatch}} such as '1F0', "
                 f"'3I7' or '2SEND_F0', {{stage}}{{op}}{{group}}@{{round}} such as '1D3@7', or "
-                f"{{stage}}{{collective}} such as '1REDUCE' (ops: {', '.join(op.value for op in Op)})"
+                f"{{stage}}{{collective}} such as '1REDUCE', each paired with the action before it by a leading '+' "
+                f"('+1B0') (ops: {', '.join(op.value for op in Op)})"
             )
-        if match.group(5) is not None:
-            return Action(int(match.group(1)), Op(match.group(5)), 0)
-        op, rounds = Op(match.group(2)), match.group(4)
+        paired = match.group(1) == "+"
+        if match.group(6) is not None:
+            if paired:
+                raise ValueError(f"cannot parse action {text!r}: a collective does not pair with another action")
+            return Action(int(match.group(2)), Op(match.group(6)), 0)
+        op, rounds = Op(match.group(3)), match.group(5)
         if (rounds is not None) != (op._value_ in _ROUNDS):
             raise ValueError(f"cannot parse action {text!r}: generation ops ({', '.join(sorted(_ROUNDS))}) and only "
                              "they take a round, written @round (e.g. '1D3@7')")
-        return Action(int(match.group(1)), op, int(match.group(3)), int(rounds or 0))
+        if paired and op._value_ not in _PAIRABLE:
+            raise ValueError(f"cannot parse action {text!r}: only F, B and I pair with the action before them ('+')")
+        return Action(int(match.group(2)), op, int(match.group(4)), int(rounds or 0), paired)
 
 
 def F(stage: int, mb: int) -> Action:  # noqa: N802 - reads like the printed form

@@ -58,7 +58,8 @@ class Schedule:
 
     def forward_only(self) -> Schedule:
         """The forward actions alone, in the same order: an evaluation schedule (no gradients)."""
-        actions = tuple(tuple(a for a in acts if a.op is Op.F) for acts in self.compute_only().actions)
+        actions = tuple(tuple(Action(a.stage, a.op, a.mb) for a in acts if a.op is Op.F)  # (unpaired)
+                        for acts in self.compute_only().actions)
         return _replace(self, name=f"{self.name}/forward", actions=actions, lowered=False)
 
     def __str__(self) -> str:

@@ -8,6 +8,7 @@ from .actions import SENDS, Op, consumer, message_of
 from .base import Schedule, ScheduleError
 from .collectives import check_collectives
 from .lowering import lower, message_order
+from .overlap import check_pairs
 
 
 def check(schedule: Schedule) -> Schedule:
@@ -16,7 +17,8 @@ def check(schedule: Schedule) -> Schedule:
 
     Proves that every stage runs F, then B (or I then W), exactly once for every microbatch on the rank
     that owns it, that every transfer has one SEND and one RECV posted in the same order on both ranks, that
-    data-parallel collectives (REDUCE, GATHER) sit where they may (`check_collectives`),
+    data-parallel collectives (REDUCE, GATHER) sit where they may (`check_collectives`), that overlapped
+    pairs are a forward and a backward that may run together (`check_pairs`),
     and that the lowered order cannot deadlock (by running it on the dataflow model of `simulate`).
     A schedule with no backward actions at all is a forward-only (evaluation) schedule.
     """
@@ -25,6 +27,7 @@ def check(schedule: Schedule) -> Schedule:
     _check_placement(schedule)
     _check_counts(schedule)
     check_collectives(schedule)
+    check_pairs(schedule)
     if schedule.lowered:
         _check_transfers(schedule)
     lowered = lower(schedule)

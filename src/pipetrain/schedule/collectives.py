@@ -38,6 +38,8 @@ def with_collectives(schedule: Schedule, *, reduce: bool = True, gather: bool = 
             last = {a.stage: i for i, a in enumerate(acts) if finishes_weights(a)}
             for stage, i in sorted(last.items(), key=lambda item: -item[1]):
                 j = i + 1
+                if j < len(acts) and acts[j].paired:  # (after the pair it runs in)
+                    j += 1
                 while j < len(acts) and acts[j].op._value_ == "SEND_B" and acts[j].stage == stage:
                     j += 1  # (after the last send upstream: the peer is not kept waiting by the launch)
                 acts.insert(j, Action(stage, Op.REDUCE, 0))

@@ -158,6 +158,9 @@ class _ResampledCosts:
         overhead = self.samples.overhead[self.schedule.stage_to_rank[action.stage]]
         return self.rng.choice(values) + overhead if values else 0.0
 
+    def exchange(self, action: Action) -> float:
+        return 0.0  # (a measured action's duration holds its all-to-alls)
+
 
 def compare(schedule: Schedule, measured: Timeline | Sequence[Timeline], *, samples: int = 30,
             seed: int = 0) -> Comparison:

@@ -22,6 +22,8 @@ def format_timeline(timeline, *, unit: float = 1.0, num_ranks: int | None = None
             continue
         first, last = round(e.start / unit), round(e.end / unit)
         label = str(e.action)
+        if e.action.paired and first in rows[e.rank]:  # an overlapped pair: one block, `0B0+0F2`
+            label = rows[e.rank][first] + label
         width = max(width, len(label))
         for cell in range(first, max(last, first + 1)):
             rows[e.rank][cell] = label if cell == first else "="
@@ -83,11 +85,13 @@ def load_csv(path: str | Path) -> Schedule:
 
 
 def timeline_to_json(timeline: Timeline, schedule: Schedule | None = None) -> dict:
-    """A JSON-ready dict: events and waits as [rank, action, start, end], plus the schedule as CSV."""
+    """A JSON-ready dict: events, waits and exposed all-to-all waits as [rank, action, start, end], plus the
+    schedule as CSV."""
     out = {
         "num_ranks": timeline.num_ranks,
         "events": [[e.rank, str(e.action), e.start, e.end] for e in timeline.events],
         "waits": [[e.rank, str(e.action), e.start, e.end] for e in timeline.waits],
+        "all_to_all": [[e.rank, str(e.action), e.start, e.end] for e in timeline.all_to_all],
         "step_times": list(timeline.step_times) if timeline.step_times is not None else None,
     }
     if schedule is not None:
@@ -100,7 +104,8 @@ def timeline_from_json(data: dict) -> tuple[Timeline, Schedule | None]:
         return tuple(Event(int(r), Action.parse(a), float(s), float(e)) for r, a, s, e in rows)
 
     timeline = Timeline(int(data["num_ranks"]), events(data["events"]), events(data.get("waits", [])),
-                        tuple(data["step_times"]) if data.get("step_times") is not None else None)
+                        tuple(data["step_times"]) if data.get("step_times") is not None else None,
+                        events(data.get("all_to_all", [])))
     return timeline, (loads_csv(data["schedule"]) if data.get("schedule") else None)
 
 
@@ -151,6 +156,9 @@ def chrome_trace(timeline: Timeline, *, time_unit: float = 1.0) -> dict:
     for e in timeline.waits:
         trace.append({"name": f"wait ({e.action})", "cat": "wait", "ph": "X", "pid": e.rank, "tid": 1,
                       "ts": e.start * scale, "dur": (e.end - e.start) * scale})
+    for e in timeline.all_to_all:
+        trace.append({"name": f"all-to-all wait ({e.action})", "cat": "all-to-all", "ph": "X", "pid": e.rank,
+                      "tid": 4, "ts": e.start * scale, "dur": (e.end - e.start) * scale})
     return {"traceEvents": trace, "displayTimeUnit": "ms"}
 
 

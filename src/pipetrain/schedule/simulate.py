@@ -23,6 +23,9 @@ class Costs:
     `post` is the time a rank itself spends posting one SEND or RECV (the transport's call overhead).
     `reduce` and `gather` (per stage, like `f`) are the times of a stage's REDUCE and GATHER collectives,
     which run beside the rank's compute (one collective at a time per rank).
+    `all_to_all` (per stage) is the time of the all-to-alls inside one F, and again inside one B or I (expert
+    parallel's dispatch and combine, and their backward): waited for alone, hidden behind the other lane's
+    compute in an overlapped pair (`pair_time`).
     """
 
     f: PerStage = 1.0
@@ -32,8 +35,17 @@ class Costs:
     post: float = 0.0
     reduce: PerStage = 0.0
     gather: PerStage = 0.0
+    all_to_all: PerStage = 0.0
+
+    def exchange(self, action: Action) -> float:
+        """The all-to-all time inside a compute action (F, B, I; none in W or generation)."""
+        if action.op is Op.F or action.op is Op.B or action.op is Op.I:
+            a2a = self.all_to_all
+            return float(a2a) if isinstance(a2a, int | float) else float(a2a[action.stage])
+        return 0.0
 
     def of(self, action: Action) -> float:
+        """The compute time of an action (without its all-to-alls), or a posting's or collective's time."""
         def pick(cost: PerStage) -> float:
             return float(cost) if isinstance(cost, int | float) else float(cost[action.stage])
 
@@ -52,6 +64,14 @@ class Costs:
         return self.post
 
 
+def pair_time(compute: tuple[float, float], exchange: tuple[float, float]) -> tuple[float, tuple[float, float]]:
+    """An overlapped pair's time and each lane's exposed all-to-all: the lanes take turns, so each lane's
+    all-to-all hides behind the other's compute and shows only where it is longer (taken spread evenly over the
+    lane's turns): each lane exposes max(0, its exchange - the other's compute)."""
+    exposed = (max(0.0, exchange[0] - compute[1]), max(0.0, exchange[1] - compute[0]))
+    return compute[0] + compute[1] + exposed[0] + exposed[1], exposed
+
+
 @dataclass(frozen=True)
 class SimResult:
     schedule: Schedule  # the lowered schedule that was simulated
@@ -64,14 +84,16 @@ class SimResult:
 def simulate(schedule: Schedule, costs: Costs | None = None) -> SimResult:
     """Run the lowered action lists on a model clock and summarize the resulting timeline."""
     lowered = lower(schedule)
-    events, waits = run_dataflow(lowered, costs or Costs())
-    timeline = Timeline(lowered.num_ranks, tuple(events), tuple(waits))
+    exposed: list[Event] = []
+    events, waits = run_dataflow(lowered, costs or Costs(), exposed)
+    timeline = Timeline(lowered.num_ranks, tuple(events), tuple(waits), all_to_all=tuple(exposed))
     per_rank = timeline.per_rank()
     bubble = sum(s.bubble_fraction for s in per_rank) / len(per_rank)
     return SimResult(lowered, timeline, timeline.step_time(), bubble, per_rank)
 
 
-def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Event]]:
+def run_dataflow(lowered: Schedule, costs: Costs, exposed: list[Event] | None = None,
+                 ) -> tuple[list[Event], list[Event]]:
     """Execute a lowered schedule on a model clock; raise ScheduleError on misorder or deadlock.
 
     SEND and RECV post a transfer, which takes the rank `post` (often zero). A message is in flight from
@@ -128,8 +150,9 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
                 else:
                     last_reduce[r] = a
             else:
+                unit = (a, acts[pos[r] + 1]) if pos[r] + 1 < len(acts) and acts[pos[r] + 1].paired else (a,)
                 start, missing = clock[r], None
-                for value in consumes(a, num_stages):
+                for value in (v for x in unit for v in consumes(x, num_stages)):
                     if rank_of[value.stage] == r:
                         if value not in done:
                             raise fail(r, f"needs {describe(value)}, which this rank has not computed yet")
@@ -148,16 +171,29 @@ def run_dataflow(lowered: Schedule, costs: Costs) -> tuple[list[Event], list[Eve
                     break
                 if start > clock[r]:
                     waits.append(Event(r, a, clock[r], start))
-                if a.stage in gathers and a.op is Op.F:
-                    if a.stage not in gathered:
-                        raise fail(r, f"runs before {a.stage}GATHER: the stage's parameters are not gathered")
-                    if gathered[a.stage] > start:
-                        waits.append(Event(r, Action(a.stage, Op.GATHER, 0), start, gathered[a.stage]))
-                        start = gathered[a.stage]
-                end = start + costs.of(a)
-                done[produces(a)] = end
+                for x in unit:
+                    if x.stage in gathers and x.op is Op.F:
+                        if x.stage not in gathered:
+                            raise fail(r, f"runs before {x.stage}GATHER: the stage's parameters are not gathered")
+                        if gathered[x.stage] > start:
+                            waits.append(Event(r, Action(x.stage, Op.GATHER, 0), start, gathered[x.stage]))
+                            start = gathered[x.stage]
+                if len(unit) == 1:
+                    exchanges = (costs.exchange(a),)
+                    length = costs.of(a) + exchanges[0]
+                else:
+                    length, exchanges = pair_time((costs.of(a), costs.of(unit[1])),
+                                                  (costs.exchange(a), costs.exchange(unit[1])))
+                end = start + length
+                at = end - sum(exchanges)
+                for x, shown in zip(unit, exchanges, strict=True):
+                    done[produces(x)] = end
+                    events.append(Event(r, x, start, end))
+                    if shown > 0 and exposed is not None:
+                        exposed.append(Event(r, x, at, at + shown))
+                        at += shown
                 clock[r] = end
-                events.append(Event(r, a, start, end))
+                pos[r] += len(unit) - 1
             pos[r] += 1
         else:
             blocked_on.pop(r, None)

@@ -28,18 +28,22 @@ class RankStats:
     bubble_fraction: float  # 1 - busy_time / step_time
     peak_activations: int  # most (stage, microbatch) activations held at once
     exposed_collectives: float = 0.0  # time waiting on REDUCE / GATHER collectives (not hidden behind compute)
+    exposed_all_to_all: float = 0.0  # time compute stood waiting on its all-to-alls (not hidden by a pair's lane)
 
 
 @dataclass(frozen=True)
 class Timeline:
     """Events of one step on every rank, simulated or measured: compute actions, and SEND/RECV postings
     where they take time. Measured timelines also have waits: the time a compute action spent waiting
-    for its input to arrive, and waits on a collective's completion. Busy time counts compute actions only."""
+    for its input to arrive, and waits on a collective's completion. Busy time counts compute actions only,
+    once where an overlapped pair's two run together. `all_to_all`: the stretches inside compute actions spent
+    waiting on all-to-alls that no other work hid (expert parallel), attributed to the waiting action."""
 
     num_ranks: int
     events: tuple[Event, ...]
     waits: tuple[Event, ...] = ()
     step_times: tuple[float, ...] | None = None  # per rank, when measured; else the last end
+    all_to_all: tuple[Event, ...] = ()
 
     def step_time(self) -> float:
         if self.step_times is not None:
@@ -48,27 +52,39 @@ class Timeline:
 
     def per_rank(self) -> list[RankStats]:
         step = self.step_time()
-        busy = [0.0] * self.num_ranks
         by_rank: list[list[Event]] = [[] for _ in range(self.num_ranks)]
         for e in self.events:
             if e.action.op.is_compute:
-                busy[e.rank] += e.duration
                 by_rank[e.rank].append(e)
         exposed = [0.0] * self.num_ranks
         for w in self.waits:
             if w.action.op.is_collective:
                 exposed[w.rank] += w.duration
+        exchanges = [0.0] * self.num_ranks
+        for e in self.all_to_all:
+            exchanges[e.rank] += e.duration
         stats = []
         for rank in range(self.num_ranks):
-            ordered = sorted(by_rank[rank], key=lambda e: (e.start, e.end))
-            bubble = 1.0 - busy[rank] / step if step > 0 else 0.0
-            stats.append(RankStats(rank, busy[rank], bubble, peak_activations([e.action for e in ordered]),
-                                   exposed[rank]))
+            ordered = sorted(by_rank[rank], key=lambda e: (e.start, e.end, e.action.op is not Op.F))
+            busy = _covered(ordered)
+            bubble = 1.0 - busy / step if step > 0 else 0.0
+            stats.append(RankStats(rank, busy, bubble, peak_activations([e.action for e in ordered]),
+                                   exposed[rank], exchanges[rank]))
         return stats
 
     def bubble_fraction(self) -> float:
         stats = self.per_rank()
         return sum(s.bubble_fraction for s in stats) / len(stats) if stats else 0.0
+
+
+def _covered(ordered: list[Event]) -> float:
+    """The time covered by events sorted by start (an overlapped pair's two events count once)."""
+    total, reach = 0.0, float("-inf")
+    for e in ordered:
+        if e.end > reach:
+            total += e.end - max(e.start, reach)
+            reach = e.end
+    return total
 
 
 def peak_activations(actions: list[Action]) -> int:

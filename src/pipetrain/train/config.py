@@ -52,6 +52,7 @@ class TrainConfig:
     ep: int = 1  # expert-parallel ranks splitting each MoE layer's experts: they are dp replicas (ep divides dp)
     expert_capacity: float | None = None  # experts' capacity factor (tokens over it dropped); None: dropless
     sequence_parallel: bool = False  # with tp: activations split by sequence between split layers and stages
+    overlap: bool = False  # with ep: forwards paired with backwards, hiding each other's all-to-alls
     shard: str = "none"  # over the replicas, 1/dp per rank: "optimizer" (ZeRO-1), "gradients" (2), "params" (3)
     accumulation: int = 1  # pipeline steps per optimizer step
     balance: str = "params"
@@ -179,6 +180,9 @@ class TrainConfig:
         if self.expert_capacity is not None and not self.expert_capacity > 0:
             raise ConfigError(f"expert_capacity must be > 0 (e.g. 1.25) or unset (dropless), got "
                               f"{self.expert_capacity!r}")
+        if self.overlap and self.ep == 1:
+            raise ConfigError("overlap pairs forwards with backwards to hide expert parallel's all-to-alls; with "
+                              "ep=1 there are none: add --ep 2 (or more), or drop --overlap")
 
     def _check_data(self) -> None:
         """The data settings, before any process-group work: files there, a tokenizer in the model folder."""

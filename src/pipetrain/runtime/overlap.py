@@ -1,0 +1,163 @@
+"""An overlapped pair's two lanes: a forward and a backward of one rank taking turns at their all-to-alls.
+
+`Lanes.run(forward, backward)` runs the forward on the calling thread and the backward on the lanes' own
+thread, one at a time (a baton): the lane whose action comes first in the schedule starts; a lane that has
+launched an all-to-all (`exchange`) hands over and waits for it only when it gets the turn back, so the
+exchange is in flight while the other lane computes (DualPipe's overlapped forward-backward chunks, in eager
+PyTorch). Every rank hands over at the same points (its lanes run the same code on the same schedule), so
+the all-to-alls launch in one order on every rank: no two ranks wait on each other's other collective
+(Megatron-LM#1810), and NCCL's communicators see the same sequence everywhere. Each lane keeps its own
+random-number state across turns (a forward's dropout draws what it would alone); after the pair the global
+state is the forward's, as if the two had run one after the other. Outside a pair an exchange waits at once.
+
+Every wait on another rank is bounded: an all-to-all by `timeout` (on NCCL by the process group's timeout, the
+host not waiting for the device), so a lane waiting for its turn gets it back or learns the other lane failed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .comm import CommError, DistWork, bounded_wait
+
+FORWARD, BACKWARD = 0, 1
+
+
+class Lanes:
+    """One rank's lanes (and the bounded wait of every all-to-all it makes). `stalls` collects, as
+    (lane, start, end) in `time.perf_counter()` seconds, the waits on an all-to-all that nothing hid: the
+    lane is FORWARD or BACKWARD inside a pair, None outside one."""
+
+    def __init__(self, timeout: float, device: torch.device | None = None) -> None:
+        self.timeout = float(timeout)
+        self.device = device or torch.device("cpu")
+        self.stalls: list[tuple[int | None, float, float]] = []
+        self._turn: int | None = None  # the lane that runs (None: no pair)
+        self._live = [False, False]
+        self._rng: list[tuple | None] = [None, None]
+        self._failed: BaseException | None = None
+        self._turns = threading.Condition()
+        self._jobs: queue.SimpleQueue | None = None
+
+    # --- inside a lane -------------------------------------------------------------------------------
+    def exchange(self, launch: Callable[[], object], what: str) -> None:
+        """Launch a collective (`launch() -> Work`, async), let the other lane run until it hands back, then wait
+        for the collective (bounded), recording the time this lane stood still."""
+        start = time.perf_counter()
+        work = launch()
+        lane = self._turn
+        if lane is not None and self._live[1 - lane]:
+            self.stalls.append((lane, start, time.perf_counter()))  # (the launch)
+            self._hand_over(lane)
+            start = time.perf_counter()
+        if self.device.type == "cuda":  # the compute stream waits for NCCL's; the host goes on (NCCL's watchdog
+            work.wait()  # bounds the collective by the process group's timeout)
+        else:
+            me = f"global rank {dist.get_rank()}" if dist.is_initialized() else "this rank"
+            bounded_wait(DistWork(work), self.timeout, me=me, them="its peers in the collective", what=what)
+        self.stalls.append((lane, start, time.perf_counter()))
+
+    def pause(self) -> None:
+        """Inside a pair's lane, give the other lane a turn without a collective of one's own (a point that
+        evens out the two lanes' turns: a backward has fewer all-to-alls than its forward); else nothing."""
+        lane = self._turn
+        if lane is not None and self._live[1 - lane]:
+            self._hand_over(lane)
+
+    def _hand_over(self, lane: int) -> None:
+        """Give the turn to the other lane, if it is still running, and wait to get it back."""
+        with self._turns:
+            other = 1 - lane
+            if not self._live[other]:
+                return
+            self._rng[lane] = _rng_state(self.device)
+            self._turn = other
+            self._turns.notify_all()
+            self._await(lane)
+        _set_rng_state(self._rng[lane], self.device)
+
+    def _await(self, lane: int) -> None:
+        """(holding the condition) Wait for `lane`'s turn (the other lane computes, or waits a bounded time);
+        raise if the other lane failed."""
+        self._turns.wait_for(lambda: self._turn == lane or self._failed is not None)
+        if self._failed is not None and self._turn != lane:
+            raise CommError(f"the {_NAMES[1 - lane]} lane of this overlapped pair failed") from self._failed
+
+    # --- the pair ------------------------------------------------------------------------------------
+    def run(self, forward: Callable[[], object], backward: Callable[[], object], *, forward_first: bool,
+            ) -> tuple[object, object]:
+        """Run an overlapped pair: `forward()` here and `backward()` on the lanes' thread, the one that comes
+        first in the schedule starting; return both results, or raise the first lane's error."""
+        if self._turn is not None:
+            raise RuntimeError("an overlapped pair is already running on this rank")
+        results: list[object] = [None, None]
+        done = threading.Event()
+        start_state = _rng_state(self.device)
+        self._rng = [start_state, start_state]
+        self._live, self._failed = [True, True], None
+        self._turn = FORWARD if forward_first else BACKWARD
+        self._lane_thread().put((backward, results, done))
+        try:
+            self._lane(FORWARD, forward, results)
+            done.wait()  # (its waits on other ranks are bounded)
+        finally:
+            forward_state = self._rng[FORWARD]
+            with self._turns:
+                self._turn = None
+        _set_rng_state(forward_state, self.device)
+        if self._failed is not None:
+            raise self._failed
+        return results[FORWARD], results[BACKWARD]
+
+    def _lane(self, lane: int, work: Callable[[], object], results: list) -> None:
+        try:
+            with self._turns:
+                self._await(lane)
+            _set_rng_state(self._rng[lane], self.device)
+            results[lane] = work()
+        except BaseException as err:
+            with self._turns:
+                self._failed = self._failed or err
+        finally:
+            with self._turns:
+                if self._failed is None or self._turn == lane:
+                    self._rng[lane] = _rng_state(self.device)
+                self._live[lane] = False
+                self._turn = 1 - lane if self._live[1 - lane] else lane
+                self._turns.notify_all()
+
+    def _lane_thread(self) -> queue.SimpleQueue:
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(self._jobs,), name="pipetrain-backward-lane",
+                             daemon=True).start()
+        return self._jobs
+
+    def _serve(self, jobs: queue.SimpleQueue) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while True:
+            backward, results, done = jobs.get()
+            try:
+                self._lane(BACKWARD, backward, results)
+            finally:
+                done.set()
+
+
+_NAMES = ("forward", "backward")
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
