@@ -37,9 +37,10 @@ class Experts(nn.Module):
         """tokens (r, d) sorted by their expert (r,) -> each through its expert, (r, d)."""
         counts = torch.bincount(expert, minlength=len(self.gate_up)).tolist()
         outs = []
-        for e, rows in enumerate(tokens.split(counts)):
-            gate, up = F.linear(rows, self.gate_up[e]).chunk(2, dim=-1)  # (r_e, d_expert) each
-            outs.append(F.linear(F.silu(gate) * up, self.down[e]))  # (r_e, d)
+        gate_ups, downs = self.gate_up.unbind(0), self.down.unbind(0)  # (one gradient tensor each, not one per expert)
+        for rows, gate_up, down in zip(tokens.split(counts), gate_ups, downs, strict=True):
+            gate, up = F.linear(rows, gate_up).chunk(2, dim=-1)  # (r_e, d_expert) each
+            outs.append(F.linear(F.silu(gate) * up, down))  # (r_e, d)
         return torch.cat(outs) if outs else tokens.new_zeros(0, tokens.shape[-1])
 
 
