@@ -256,7 +256,7 @@ class Executor:
         forward, backward = (first, second) if first.op is Op.F else (second, first)
         runs = {forward: self._prepare(forward), backward: self._prepare(backward)}
         start = st.now()
-        results = self.lanes.run(runs[forward], runs[backward], forward_first=first is forward)
+        results = self.lanes.run(runs[forward], runs[backward])
         end = st.now()
         for action, result in zip((forward, backward), results, strict=True):
             self._keep(action, result)

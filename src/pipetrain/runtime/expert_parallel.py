@@ -158,7 +158,8 @@ def dispatch_combine(local_experts: Callable[[torch.Tensor, torch.Tensor], torch
     With ep 1 (no group), the same routing in one process: a capacity factor drops the same pairs. The
     all-to-alls go through `lanes` (an overlapped pair's turns, bounded waits; default: a timeout of 60 s)."""
     n, k = chosen.shape
-    lanes = lanes if lanes is not None else Lanes(DEFAULT_TIMEOUT)
+    if lanes is None and ep > 1:
+        lanes = Lanes(DEFAULT_TIMEOUT)
     routing, local_expert, order = route(chosen, num_experts, ep, group, capacity_factor, lanes)
     tokens = x[order // k]  # (m, d) by expert
     if routing.regroup is None:
@@ -166,10 +167,10 @@ def dispatch_combine(local_experts: Callable[[torch.Tensor, torch.Tensor], torch
     else:
         got = all_to_all(tokens, routing.received, routing.sent, group, lanes)[routing.regroup]  # (r, d) by expert
         out = local_experts(got, local_expert)  # (r, d)
-        if out.requires_grad:  # a third turn in backward, as the forward makes three all-to-alls (`pause`)
-            out.register_hook(lambda grad: lanes.pause())
         if got.requires_grad and not out.requires_grad:  # no token here: keep the backward all-to-alls on every rank
             out = out + 0.0 * got
+        if out.requires_grad:  # a third turn in backward, as the forward makes three all-to-alls (`Lanes.pause`):
+            out.register_hook(lambda grad: lanes.pause())  # on every rank alike, or the launch orders would differ
         back = torch.empty_like(out).index_copy(0, routing.regroup, out)  # (r, d) peer-major again
         back = all_to_all(back, routing.sent, routing.received, group, lanes)  # (m, d) by expert
     pairs = back.new_zeros(n * k, back.shape[-1]).index_copy(0, routing.order, back)  # dropped pairs: 0

@@ -1,7 +1,7 @@
 """An overlapped pair's two lanes: a forward and a backward of one rank taking turns at their all-to-alls.
 
 `Lanes.run(forward, backward)` runs the forward on the calling thread and the backward on the lanes' own
-thread, one at a time (a baton): the lane whose action comes first in the schedule starts; a lane that has
+thread, one at a time (a baton): the backward starts; a lane that has
 launched an all-to-all (`exchange`) hands over and waits for it only when it gets the turn back, so the
 exchange is in flight while the other lane computes (DualPipe's overlapped forward-backward chunks, in eager
 PyTorch). Every rank hands over at the same points (its lanes run the same code on the same schedule), so
@@ -90,10 +90,15 @@ class Lanes:
             raise CommError(f"the {_NAMES[1 - lane]} lane of this overlapped pair failed") from self._failed
 
     # --- the pair ------------------------------------------------------------------------------------
-    def run(self, forward: Callable[[], object], backward: Callable[[], object], *, forward_first: bool,
-            ) -> tuple[object, object]:
-        """Run an overlapped pair: `forward()` here and `backward()` on the lanes' thread, the one that comes
-        first in the schedule starting; return both results, or raise the first lane's error."""
+    def run(self, forward: Callable[[], object], backward: Callable[[], object]) -> tuple[object, object]:
+        """Run an overlapped pair: `forward()` here and `backward()` on the lanes' thread, the backward first;
+        return both results, or raise the first lane's error.
+
+        The backward starts so the turns fall well: per MoE layer a forward hands over after its counts, its
+        dispatch and its combine, a backward after its combine's backward, at the start of its experts'
+        backward (`pause`) and after its dispatch's backward; started so, each lane's all-to-all is in flight
+        while the other runs its attention or its experts, but for the counts (behind the regrouping of the
+        backward's tokens)."""
         if self._turn is not None:
             raise RuntimeError("an overlapped pair is already running on this rank")
         results: list[object] = [None, None]
@@ -101,7 +106,7 @@ class Lanes:
         start_state = _rng_state(self.device)
         self._rng = [start_state, start_state]
         self._live, self._failed = [True, True], None
-        self._turn = FORWARD if forward_first else BACKWARD
+        self._turn = BACKWARD
         self._lane_thread().put((backward, results, done))
         try:
             self._lane(FORWARD, forward, results)
