@@ -115,6 +115,9 @@ def test_ep_that_does_not_fit_is_refused_before_launch(capsys):
 
     assert main(["train", "--preset", "llama-moe-tiny", "--ep", "3", "--dp", "2"]) == 2
     assert "ep=3 borrows its ranks from data parallel, but dp=2 is not a multiple of it" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--ep", "2", "--dp", "2"]) == 2  # a dense preset
+    assert "ep splits or caps a mixture of experts' experts, but preset 'tiny' has none: use a MoE preset " \
+           "(llama-moe-8x256, llama-moe-tiny)" in capsys.readouterr().err
 
 
 def test_generation_on_ep_ranks_equals_one_process_and_refuses_different_prompts():

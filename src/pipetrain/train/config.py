@@ -180,6 +180,11 @@ class TrainConfig:
         if self.expert_capacity is not None and not self.expert_capacity > 0:
             raise ConfigError(f"expert_capacity must be > 0 (e.g. 1.25) or unset (dropless), got "
                               f"{self.expert_capacity!r}")
+        wants = "ep" if self.ep > 1 else "expert_capacity" if self.expert_capacity is not None else None
+        if wants and self.hf is None and self.preset in PRESETS and not getattr(PRESETS[self.preset], "n_experts", 0):
+            moe = sorted(name for name, preset in PRESETS.items() if getattr(preset, "n_experts", 0))
+            raise ConfigError(f"{wants} splits or caps a mixture of experts' experts, but preset {self.preset!r} has "
+                              f"none: use a MoE preset ({', '.join(moe)}) or an --hf MoE model, or drop {wants}")
         if self.overlap and self.ep == 1:
             raise ConfigError("overlap pairs forwards with backwards to hide expert parallel's all-to-alls; with "
                               "ep=1 there are none: add --ep 2 (or more), or drop --overlap")
