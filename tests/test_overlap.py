@@ -13,6 +13,7 @@ import pipetrain as pt
 from pipetrain.runtime.overlap import BACKWARD, FORWARD, Lanes
 from pipetrain.schedule import Action, Costs, Op, ScheduleError, check, format_timeline, lower, simulate
 from pipetrain.schedule.base import Schedule
+from pipetrain.schedule.compare import compare
 from pipetrain.schedule.io import timeline_from_json, timeline_to_json
 from pipetrain.schedule.overlap import overlap, pairable
 
@@ -90,7 +91,10 @@ def test_one_rank_1f1b_pairs_each_backward_with_the_next_forward_and_hides_their
     drawn = format_timeline(result.timeline, unit=0.5)
     assert "0B0+0F1" in drawn
     back, _ = timeline_from_json(timeline_to_json(result.timeline))
-    assert back == result.timeline
+    assert back == result.timeline and [str(e.action) for e in back.events] == [str(e.action)
+                                                                                for e in result.timeline.events]
+    with pytest.raises(ValueError, match="overlapped pairs"):  # a pair's duration is not two actions' costs
+        compare(paired, result.timeline)
 
 
 def test_dualpipev_pairs_its_steady_forward_and_backward_of_the_two_stages():
@@ -162,16 +166,23 @@ def test_each_lane_draws_the_random_numbers_it_would_draw_alone_and_the_forward_
     assert torch.equal(torch.rand(1), after_alone)  # as if the forward ran after the backward, which drew apart
 
 
-def test_a_failing_lane_fails_the_pair_after_the_other_lane_ends():
+def test_a_failing_lane_fails_the_pair_and_the_other_lane_launches_nothing_more():
     lanes, log = Lanes(timeout=5), []
+    launched = []
 
     def failing():
         lanes.exchange(_Done, "a test exchange")
         raise RuntimeError("backward broke")
 
+    def forward():
+        for i in range(3):
+            log.append(f"F{i}")
+            lanes.exchange(lambda i=i: launched.append(i) or _Done(), "a test exchange")
+        log.append("F-end")
+
     with pytest.raises(RuntimeError, match="backward broke"):
-        lanes.run(_lane(lanes, "F", 3, log), failing)
-    assert log[-1] == "F-end"
+        lanes.run(forward, failing)
+    assert log == ["F0"] and launched == [0]  # it stopped where it got the turn back: nothing more launched
     assert lanes.run(lambda: 1, lambda: 2) == (1, 2)  # the lanes are usable again
     assert threading.active_count() < 50
 

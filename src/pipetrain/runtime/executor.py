@@ -26,7 +26,7 @@ from ..schedule.actions import (
     received_input,
     shaped_like,
 )
-from ..schedule.timeline import Event, Timeline
+from ..schedule.timeline import Event, Timeline, covered_time
 from .comm import CommError, Transport, abort_others, rank_name, refuse_if_stopped
 from .overlap import FORWARD, Lanes
 from .stage import UNWEIGHTED, LossWeights, Stage
@@ -58,7 +58,8 @@ class RankStep:
 
     @property
     def busy_time(self) -> float:
-        return sum(e.duration for e in self.events)
+        """Time in compute actions (an overlapped pair's two counted once)."""
+        return covered_time(sorted(self.events, key=lambda e: (e.start, e.end)))
 
     @property
     def bubble_fraction(self) -> float:
@@ -200,10 +201,16 @@ class Executor:
         self._step = st
         self.lanes.stalls.clear()
         try:
+            paired_with_previous = False
             for i, action in enumerate(actions):
-                if action.paired:  # (ran with the action before it)
+                if action.paired:
+                    if not paired_with_previous:
+                        raise ValueError(f"{action} pairs with the action before it, which must be a compute action "
+                                         "of its own: check the schedule (`pipetrain.schedules.check`)")
+                    paired_with_previous = False
                     continue
-                if i + 1 < len(actions) and actions[i + 1].paired:
+                paired_with_previous = i + 1 < len(actions) and actions[i + 1].paired and action.op.is_compute
+                if paired_with_previous:
                     self._compute_pair(action, actions[i + 1])
                 elif action.op.is_comm:
                     start = st.now()

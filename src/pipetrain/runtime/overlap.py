@@ -36,7 +36,10 @@ class Lanes:
 
     def __init__(self, timeout: float, device: torch.device | None = None) -> None:
         self.timeout = float(timeout)
-        self.device = device or torch.device("cpu")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cuda" and device.index is None:  # (the lane thread sets it: it needs an index)
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.stalls: list[tuple[int | None, float, float]] = []
         self._turn: int | None = None  # the lane that runs (None: no pair)
         self._live = [False, False]
@@ -49,9 +52,11 @@ class Lanes:
     def exchange(self, launch: Callable[[], object], what: str) -> None:
         """Launch a collective (`launch() -> Work`, async), let the other lane run until it hands back, then wait
         for the collective (bounded), recording the time this lane stood still."""
+        lane = self._turn
+        if lane is not None and self._failed is not None:  # (no collective after the other lane failed)
+            raise CommError(f"the {_NAMES[1 - lane]} lane of this overlapped pair failed") from self._failed
         start = time.perf_counter()
         work = launch()
-        lane = self._turn
         if lane is not None and self._live[1 - lane]:
             self.stalls.append((lane, start, time.perf_counter()))  # (the launch)
             self._hand_over(lane)
@@ -86,7 +91,7 @@ class Lanes:
         """(holding the condition) Wait for `lane`'s turn (the other lane computes, or waits a bounded time);
         raise if the other lane failed."""
         self._turns.wait_for(lambda: self._turn == lane or self._failed is not None)
-        if self._failed is not None and self._turn != lane:
+        if self._failed is not None:  # the other lane failed: this one stops too (its peers are told by the step)
             raise CommError(f"the {_NAMES[1 - lane]} lane of this overlapped pair failed") from self._failed
 
     # --- the pair ------------------------------------------------------------------------------------
@@ -124,15 +129,16 @@ class Lanes:
         try:
             with self._turns:
                 self._await(lane)
+            if lane == BACKWARD and self.device.type == "cuda":  # (the lane thread's own current device)
+                torch.cuda.set_device(self.device)
             _set_rng_state(self._rng[lane], self.device)
             results[lane] = work()
+            self._rng[lane] = _rng_state(self.device)
         except BaseException as err:
             with self._turns:
                 self._failed = self._failed or err
         finally:
             with self._turns:
-                if self._failed is None or self._turn == lane:
-                    self._rng[lane] = _rng_state(self.device)
                 self._live[lane] = False
                 self._turn = 1 - lane if self._live[1 - lane] else lane
                 self._turns.notify_all()
@@ -145,8 +151,6 @@ class Lanes:
         return self._jobs
 
     def _serve(self, jobs: queue.SimpleQueue) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         while True:
             backward, results, done = jobs.get()
             try:

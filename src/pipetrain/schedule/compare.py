@@ -66,6 +66,10 @@ class _Samples:
 
     @staticmethod
     def collect(steps: Sequence[Timeline]) -> _Samples:
+        if any(e.action.paired for step in steps for e in step.events):
+            raise ValueError("this timeline runs overlapped pairs (`+0F1`): a pair's two actions share one measured "
+                             "duration, so per-action costs cannot be fitted from it; measure the schedule without "
+                             "overlap, and simulate it paired with those costs")
         ranks = steps[0].num_ranks
         durations: dict[tuple[int, Op], list[float]] = {}
         posts: list[float] = []

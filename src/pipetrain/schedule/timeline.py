@@ -66,7 +66,7 @@ class Timeline:
         stats = []
         for rank in range(self.num_ranks):
             ordered = sorted(by_rank[rank], key=lambda e: (e.start, e.end, e.action.op is not Op.F))
-            busy = _covered(ordered)
+            busy = covered_time(ordered)
             bubble = 1.0 - busy / step if step > 0 else 0.0
             stats.append(RankStats(rank, busy, bubble, peak_activations([e.action for e in ordered]),
                                    exposed[rank], exchanges[rank]))
@@ -77,7 +77,7 @@ class Timeline:
         return sum(s.bubble_fraction for s in stats) / len(stats) if stats else 0.0
 
 
-def _covered(ordered: list[Event]) -> float:
+def covered_time(ordered: list[Event]) -> float:
     """The time covered by events sorted by start (an overlapped pair's two events count once)."""
     total, reach = 0.0, float("-inf")
     for e in ordered:
