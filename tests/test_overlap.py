@@ -184,7 +184,25 @@ def test_a_failing_lane_fails_the_pair_and_the_other_lane_launches_nothing_more(
         lanes.run(forward, failing)
     assert log == ["F0"] and launched == [0]  # it stopped where it got the turn back: nothing more launched
     assert lanes.run(lambda: 1, lambda: 2) == (1, 2)  # the lanes are usable again
-    assert threading.active_count() < 50
+
+
+def test_the_backward_lane_thread_ends_with_its_lanes():
+    import gc
+
+    def lane_threads():
+        return sum(t.name == "pipetrain-backward-lane" for t in threading.enumerate())
+
+    before = lane_threads()
+    lanes = Lanes(timeout=5)
+    lanes.run(lambda: 1, lambda: 2)
+    assert lane_threads() == before + 1
+    del lanes
+    gc.collect()
+    for _ in range(100):
+        if lane_threads() == before:
+            break
+        threading.Event().wait(0.01)
+    assert lane_threads() == before
 
 
 def test_overlap_without_expert_parallel_is_refused_with_the_fix(capsys):

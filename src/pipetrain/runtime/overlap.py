@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -144,19 +145,23 @@ class Lanes:
                 self._turns.notify_all()
 
     def _lane_thread(self) -> queue.SimpleQueue:
+        """The backward lane's thread, started at the first pair; it ends when these lanes are collected."""
         if self._jobs is None:
             self._jobs = queue.SimpleQueue()
-            threading.Thread(target=self._serve, args=(self._jobs,), name="pipetrain-backward-lane",
+            threading.Thread(target=_serve, args=(self._jobs, weakref.ref(self)), name="pipetrain-backward-lane",
                              daemon=True).start()
+            weakref.finalize(self, self._jobs.put, None)
         return self._jobs
 
-    def _serve(self, jobs: queue.SimpleQueue) -> None:
-        while True:
-            backward, results, done = jobs.get()
-            try:
-                self._lane(BACKWARD, backward, results)
-            finally:
-                done.set()
+
+def _serve(jobs: queue.SimpleQueue, lanes: weakref.ref) -> None:
+    """Run backward lanes until the Lanes object is gone (a None job)."""
+    while (job := jobs.get()) is not None:
+        backward, results, done = job
+        try:
+            lanes()._lane(BACKWARD, backward, results)
+        finally:
+            done.set()
 
 
 _NAMES = ("forward", "backward")
