@@ -113,13 +113,15 @@ def test_collectives_go_after_the_pair_their_last_backward_runs_in():
     check(with_reduce)
 
 
-def test_the_simulate_command_pairs_and_reports_the_exposed_all_to_all(capsys):
+def test_the_simulate_command_pairs_reports_and_draws_the_exposed_all_to_all(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
     from pipetrain.cli import main
 
     assert main(["simulate", "--schedule", "1f1b", "--ranks", "1", "--microbatches", "4", "--cost-a2a", "0.5",
-                 "--overlap"]) == 0
+                 "--overlap", "--png", str(tmp_path / "pairs.png")]) == 0
     out = capsys.readouterr().out
     assert "1f1b+overlap" in out and "0B0 +0F1" in out and "exposed all-to-all 1" in out
+    assert (tmp_path / "pairs.png").stat().st_size > 10_000
 
 
 # --- the lanes ---------------------------------------------------------------------------------------

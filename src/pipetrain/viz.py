@@ -116,6 +116,8 @@ def _legend(fig, timeline: Timeline) -> None:
     handles = [mpatches.Patch(color=COLORS[op], label=LABELS[op]) for op in ops]
     if any(e.action.op.is_comm for e in timeline.events):
         handles.append(mpatches.Patch(color="#777777", label="posting send/recv"))
+    if timeline.all_to_all:
+        handles.append(mpatches.Patch(color="black", label="all-to-all wait (exposed)"))
     _legend_below(fig, handles, waits=bool(timeline.waits), bottom=0.06)
 
 
