@@ -150,7 +150,8 @@ class Lanes:
             self._jobs = queue.SimpleQueue()
             threading.Thread(target=_serve, args=(self._jobs, weakref.ref(self)), name="pipetrain-backward-lane",
                              daemon=True).start()
-            weakref.finalize(self, self._jobs.put, None)
+            # (not at interpreter exit: a daemon thread woken while Python finalizes can abort the process)
+            weakref.finalize(self, self._jobs.put, None).atexit = False
         return self._jobs
 
 
