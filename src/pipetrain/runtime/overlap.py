@@ -1,11 +1,11 @@
 """An overlapped pair's two lanes: a forward and a backward of one rank taking turns at their all-to-alls.
 
 `Lanes.run(forward, backward)` runs the forward on the calling thread and the backward on the lanes' own
-thread, one at a time (a baton): the backward starts; a lane that has
-launched an all-to-all (`exchange`) hands over and waits for it only when it gets the turn back, so the
-exchange is in flight while the other lane computes (DualPipe's overlapped forward-backward chunks, in eager
-PyTorch). Every rank hands over at the same points (its lanes run the same code on the same schedule), so
-the all-to-alls launch in one order on every rank: no two ranks wait on each other's other collective
+thread, one at a time (a baton), the backward first: a lane that has launched an all-to-all (`exchange`)
+hands over and waits for it only when it gets the turn back, so the exchange is in flight while the other
+lane computes (DualPipe's overlapped forward-backward chunks, in eager PyTorch). Every rank hands over at
+the same points (its lanes run the same code on the same schedule), so the all-to-alls launch in one order
+on every rank: no two ranks wait on each other's other collective
 (Megatron-LM#1810), and NCCL's communicators see the same sequence everywhere. Each lane keeps its own
 random-number state across turns (a forward's dropout draws what it would alone); after the pair the global
 state is the forward's, as if the two had run one after the other. Outside a pair an exchange waits at once.
