@@ -5,10 +5,10 @@ thread, one at a time (a baton), the backward first: a lane that has launched an
 hands over and waits for it only when it gets the turn back, so the exchange is in flight while the other
 lane computes (DualPipe's overlapped forward-backward chunks, in eager PyTorch). Every rank hands over at
 the same points (its lanes run the same code on the same schedule), so the all-to-alls launch in one order
-on every rank: no two ranks wait on each other's other collective
-(Megatron-LM#1810), and NCCL's communicators see the same sequence everywhere. Each lane keeps its own
-random-number state across turns (a forward's dropout draws what it would alone); after the pair the global
-state is the forward's, as if the two had run one after the other. Outside a pair an exchange waits at once.
+on every rank: no two ranks wait on each other's other collective (Megatron-LM#1810), and NCCL's
+communicators see the same sequence everywhere. Each lane keeps its own random-number state across turns (a
+forward's dropout draws what it would alone); after the pair the global state is the forward's, as if the
+two had run one after the other. Outside a pair an exchange waits at once.
 
 Every wait on another rank is bounded: an all-to-all by `timeout` (on NCCL by the process group's timeout, the
 host not waiting for the device), so a lane waiting for its turn gets it back or learns the other lane failed.
