@@ -78,9 +78,10 @@ def capacity(num_pairs: int, num_experts: int, factor: float) -> int:
 
 
 def route(chosen: torch.Tensor, num_experts: int, ep: int, group, capacity_factor: float | None,
-          lanes: Lanes | None = None) -> tuple[Routing, torch.Tensor, torch.Tensor]:
+          lanes: Lanes | None) -> tuple[Routing, torch.Tensor, torch.Tensor]:
     """Steps 1-2: (routing, the local expert of each received row in `regroup` order, its tokens' source
-    index into the sorted pairs). `chosen` (n, k) in [0, num_experts)."""
+    index into the sorted pairs). `chosen` (n, k) in [0, num_experts); the counts' all-to-all (ep > 1) goes
+    through `lanes`."""
     flat = chosen.reshape(-1)  # (n * k,)
     order = torch.argsort(flat, stable=True)  # pairs by expert, token order kept within one
     counts = torch.bincount(flat, minlength=num_experts)  # (E,)
@@ -95,7 +96,7 @@ def route(chosen: torch.Tensor, num_experts: int, ep: int, group, capacity_facto
     if ep == 1:
         return Routing(order, [len(order)], [len(order)], None), flat[order], order
     received_per_expert = torch.empty_like(sent_per_expert)  # (ep, E / ep): from each peer
-    (lanes or Lanes(DEFAULT_TIMEOUT)).exchange(
+    lanes.exchange(
         lambda: dist.all_to_all_single(received_per_expert, sent_per_expert, group=group, async_op=True),
         "the token counts of an expert-parallel all-to-all")
     both = torch.stack([sent_per_expert.sum(1), received_per_expert.sum(1)]).tolist()  # (one host sync)

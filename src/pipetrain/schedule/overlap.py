@@ -101,8 +101,7 @@ def _greedy(acts: tuple[Action, ...], num_stages: int, forward_first: bool) -> s
     chosen: set[int] = set()
     i = 0
     while i + 1 < len(acts):
-        x, y = acts[i], acts[i + 1]
-        if x.op.is_compute and y.op.is_compute and (x.op is Op.F) == forward_first and pairable(x, y, num_stages):
+        if (acts[i].op is Op.F) == forward_first and _may_pair(acts, i, num_stages):
             chosen.add(i + 1)
             i += 2
         else:
@@ -119,5 +118,9 @@ def _with_pairs(schedule: Schedule, chosen: list[set[int]]) -> Schedule:
 def _candidates(plain: Schedule) -> list[tuple[int, int]]:
     """(index of the second action, rank) of every adjacent pair that may run together, by position."""
     return sorted((i + 1, rank) for rank, acts in enumerate(plain.actions) for i in range(len(acts) - 1)
-                  if acts[i].op.is_compute and acts[i + 1].op.is_compute
-                  and pairable(acts[i], acts[i + 1], plain.num_stages))
+                  if _may_pair(acts, i, plain.num_stages))
+
+
+def _may_pair(acts: tuple[Action, ...], i: int, num_stages: int) -> bool:
+    """Whether compute actions i and i + 1 of one rank may run as a pair."""
+    return acts[i].op.is_compute and acts[i + 1].op.is_compute and pairable(acts[i], acts[i + 1], num_stages)

@@ -40,28 +40,30 @@ class Costs:
     def exchange(self, action: Action) -> float:
         """The all-to-all time inside a compute action (F, B, I; none in W or generation)."""
         if action.op is Op.F or action.op is Op.B or action.op is Op.I:
-            a2a = self.all_to_all
-            return float(a2a) if isinstance(a2a, int | float) else float(a2a[action.stage])
+            return _at(self.all_to_all, action.stage)
         return 0.0
 
     def of(self, action: Action) -> float:
         """The compute time of an action (without its all-to-alls), or a posting's or collective's time."""
-        def pick(cost: PerStage) -> float:
-            return float(cost) if isinstance(cost, int | float) else float(cost[action.stage])
-
+        s = action.stage
         if action.op is Op.F or action.op is Op.P or action.op is Op.D:  # a generation pass: a forward
-            return pick(self.f)
+            return _at(self.f, s)
         if action.op is Op.I:
-            return pick(self.b)
+            return _at(self.b, s)
         if action.op is Op.W:
-            return pick(self.w)
+            return _at(self.w, s)
         if action.op is Op.B:
-            return pick(self.b) + pick(self.w)
+            return _at(self.b, s) + _at(self.w, s)
         if action.op is Op.REDUCE:
-            return pick(self.reduce)
+            return _at(self.reduce, s)
         if action.op is Op.GATHER:
-            return pick(self.gather)
+            return _at(self.gather, s)
         return self.post
+
+
+def _at(cost: PerStage, stage: int) -> float:
+    """One stage's cost: the number itself, or the sequence's entry for the stage."""
+    return float(cost) if isinstance(cost, int | float) else float(cost[stage])
 
 
 def pair_time(compute: tuple[float, float], exchange: tuple[float, float]) -> tuple[float, tuple[float, float]]:
