@@ -50,12 +50,15 @@ def test_reference_moe_pp2_ep2_equals_one_process_on_every_schedule():
 
 def test_hf_mixtral_and_qwen3_moe_dp2_ep2_equal_one_process():
     """4 ranks: two replicas of an ep 2 pipeline (the experts' gradients summed over dp only, the rest over
-    dp x ep)."""
+    dp x ep); Mixtral's also with overlapped pairs (transformers' experts module run on its local experts in two
+    pieces, each split off its weights)."""
     pytest.importorskip("transformers")
-    cases = [("MixtralForCausalLM", "1f1b", None), ("Qwen3MoeForCausalLM", "gpipe", None)]
+    cases = [("MixtralForCausalLM", "1f1b", None), ("Qwen3MoeForCausalLM", "gpipe", None),
+             ("MixtralForCausalLM", "1f1b+overlap", None)]
     results = run_processes(4, exactness, cases, (2, 2, 1), timeout=400)
     _check(results, cases)
     assert {r[cases[0]][3:5] for r in results.values()} == {(2, 4)}
+    assert all(r[cases[-1]][6] > 0 for r in results.values())  # pairs ran
 
 
 @pytest.mark.parametrize("case, world, message", [

@@ -212,3 +212,44 @@ def test_overlap_without_expert_parallel_is_refused_with_the_fix(capsys):
         check_expert_parallel(1, shard="none", tp=1, overlap=True)
     assert main(["train", "--preset", "llama-moe-tiny", "--overlap"]) == 2
     assert "add --ep 2 (or more), or drop --overlap" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows", [[3, 0, 4, 1], [0, 0, 0, 0], [5, 0, 0, 0]])
+def test_paired_experts_run_in_two_pieces_with_the_backward_turn_between_them(rows):
+    """Under pairs each layer's local experts run in two pieces (about half the rows each, cut between two
+    experts): values and gradients as one call, and the backward gives the forward its third turn once, after the
+    second piece's backward and before the first's, also where no token came (every rank must hand over alike)."""
+    from pipetrain.runtime.expert_parallel import _experts_in_halves
+
+    torch.manual_seed(0)
+    weight = torch.randn(len(rows), 3, 3, requires_grad=True)
+    expert = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))  # sorted, as received
+    events = []
+
+    def local_experts(tokens, ids, piece=None):
+        first = 0 if piece is None or piece[1] == 0 else piece[0]
+        last = len(rows) if piece is None or piece[1] == 1 else piece[0]
+        assert ((ids >= first) & (ids < last)).all()  # each piece holds its own experts only
+        out = torch.einsum("rd,rde->re", tokens, weight[ids])
+        if out.requires_grad and piece is not None:
+            out.register_hook(lambda grad: events.append(f"piece {piece[1]}"))
+        return out
+
+    class Lanes:
+        def pause(self):
+            events.append("pause")
+
+    tokens = torch.randn(len(expert), 3, requires_grad=True)
+    whole = local_experts(tokens, expert)
+    want = torch.autograd.grad(whole.pow(2).sum(), (tokens, weight), allow_unused=True, materialize_grads=True)
+    got = _experts_in_halves(local_experts, tokens, expert, Lanes())
+    assert torch.allclose(got, whole)
+    for g, w in zip(torch.autograd.grad(got.pow(2).sum(), (tokens, weight), materialize_grads=True), want,
+                    strict=True):
+        assert torch.allclose(g, w)
+    assert events.count("pause") == 1
+    assert [e for e in events if e.startswith("piece")] == [e for e in ("piece 1", "piece 0") if e in events]
+    if "piece 1" in events:
+        assert events.index("piece 1") < events.index("pause")
+    if "piece 0" in events:
+        assert events.index("pause") < events.index("piece 0")

@@ -39,6 +39,8 @@ class Experts(nn.Module):
         outs = []
         gate_ups, downs = self.gate_up.unbind(0), self.down.unbind(0)  # (one gradient tensor each, not one per expert)
         for rows, gate_up, down in zip(tokens.split(counts), gate_ups, downs, strict=True):
+            if not len(rows):  # (an expert without tokens: nothing to run)
+                continue
             gate, up = F.linear(rows, gate_up).chunk(2, dim=-1)  # (r_e, d_expert) each
             outs.append(F.linear(F.silu(gate) * up, down))  # (r_e, d)
         return torch.cat(outs) if outs else tokens.new_zeros(0, tokens.shape[-1])

@@ -150,6 +150,7 @@ class Pipeline(RankParameters):
         self.expert_capacity = expert_capacity
         self.device = torch.device(device) if device is not None else self.transport.device
         self._lanes = Lanes(self.timeout, self.device)  # overlapped pairs' turns, and every all-to-all's wait
+        self._lanes.paired = any(a.paired for acts in schedule.actions for a in acts)
         # split
         self.balance = resolve_balance(balance, layers, schedule,
                                        measured_costs=lambda: self._shared_time_costs(layers, sample))

@@ -137,15 +137,32 @@ class ExpertParallel:
 
     def __call__(self, module: nn.Module, inner: Callable, x: torch.Tensor, chosen: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
-        def local_experts(tokens: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        local_count = self.num_experts // self.ep
+        pieces: dict[str, tuple[torch.Tensor, ...]] = {}  # this call's local experts, in one or two pieces
+
+        def local_experts(tokens: torch.Tensor, expert: torch.Tensor, piece: tuple[int, int] | None = None):
+            """The module's own forward on its local experts (gradients reach the DTensors); `piece` (cut, 0 or 1):
+            only experts [0, cut) or [cut, E / ep), the tensors split once per call (one gradient each, not two)."""
+            cut, which = piece if piece is not None else (local_count, 0)
+            first, last = (0, cut) if which == 0 else (cut, local_count)
+            if first == last:  # (no expert in this piece, so no token either)
+                return tokens.new_zeros(0, tokens.shape[-1])
+            if not pieces:
+                for name in self.names:
+                    part = module._parameters[name].to_local()  # (differentiable)
+                    pieces[name] = part.split([cut, local_count - cut]) if 0 < cut < local_count else (part, part)
             swapped = {name: module._parameters[name] for name in self.names}
-            try:  # the module's own forward on its local experts (their local tensors; gradients reach the DTensors)
-                for name, param in swapped.items():
-                    module._parameters[name] = param.to_local()  # (differentiable)
+            try:
+                for name in self.names:
+                    module._parameters[name] = pieces[name][which]
+                if hasattr(module, "num_experts"):
+                    module.num_experts = last - first
                 ones = torch.ones(len(tokens), 1, dtype=weights.dtype, device=weights.device)
-                return inner(tokens, expert[:, None], ones)
+                return inner(tokens, (expert - first)[:, None], ones)
             finally:
                 module._parameters.update(swapped)
+                if hasattr(module, "num_experts"):
+                    module.num_experts = local_count
 
         return dispatch_combine(local_experts, x, chosen, weights, num_experts=self.num_experts, ep=self.ep,
                                 group=self.group, capacity_factor=self.capacity_factor, lanes=self.lanes)
@@ -155,9 +172,11 @@ def dispatch_combine(local_experts: Callable[[torch.Tensor, torch.Tensor], torch
                      chosen: torch.Tensor, weights: torch.Tensor, *, num_experts: int, ep: int = 1, group=None,
                      capacity_factor: float | None = None, lanes: Lanes | None = None) -> torch.Tensor:
     """Steps 1-5 for x (n, d), chosen (n, k), weights (n, k) -> (n, d); `local_experts(tokens (r, d), expert
-    (r,) in [0, E / ep)) -> (r, d)` runs this rank's experts on the tokens it received, grouped by expert.
-    With ep 1 (no group), the same routing in one process: a capacity factor drops the same pairs. The
-    all-to-alls go through `lanes` (an overlapped pair's turns, bounded waits; default: a timeout of 60 s)."""
+    (r,) in [0, E / ep)) -> (r, d)` runs this rank's experts on the tokens it received, grouped by expert
+    (under overlapped pairs twice, `local_experts(tokens, expert, (cut, 0 or 1))`: the experts [0, cut), then
+    [cut, E / ep); `_experts_in_halves`). With ep 1 (no group), the same routing in one process: a capacity
+    factor drops the same pairs. The all-to-alls go through `lanes` (an overlapped pair's turns, bounded waits;
+    default: a timeout of 60 s)."""
     n, k = chosen.shape
     if lanes is None and ep > 1:
         lanes = Lanes(DEFAULT_TIMEOUT)
@@ -167,15 +186,44 @@ def dispatch_combine(local_experts: Callable[[torch.Tensor, torch.Tensor], torch
         back = local_experts(tokens, local_expert)  # (m, d)
     else:
         got = all_to_all(tokens, routing.received, routing.sent, group, lanes)[routing.regroup]  # (r, d) by expert
-        out = local_experts(got, local_expert)  # (r, d)
-        if got.requires_grad and not out.requires_grad:  # no token here: keep the backward all-to-alls on every rank
-            out = out + 0.0 * got
-        if out.requires_grad:  # a third turn in backward, as the forward makes three all-to-alls (`Lanes.pause`):
-            out.register_hook(lambda grad: lanes.pause())  # on every rank alike, or the launch orders would differ
+        out = _experts_in_halves(local_experts, got, local_expert, lanes) if lanes.paired and got.requires_grad \
+            else _linked(local_experts(got, local_expert), got)  # (r, d)
         back = torch.empty_like(out).index_copy(0, routing.regroup, out)  # (r, d) peer-major again
         back = all_to_all(back, routing.sent, routing.received, group, lanes)  # (m, d) by expert
     pairs = back.new_zeros(n * k, back.shape[-1]).index_copy(0, routing.order, back)  # dropped pairs: 0
     return (pairs.view(n, k, x.shape[-1]) * weights[..., None].to(pairs.dtype)).sum(1).to(x.dtype)
+
+
+def _linked(out: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The experts' output, its gradient reaching `tokens` even where no token came (an empty output made without
+    them): the backward all-to-alls then run on every rank."""
+    return out + 0.0 * tokens if tokens.requires_grad and out.grad_fn is None else out
+
+
+def _experts_in_halves(local_experts: Callable, got: torch.Tensor, local_expert: torch.Tensor,
+                       lanes: Lanes) -> torch.Tensor:
+    """The local experts in two pieces, [0, cut) then [cut, E / ep), about half the rows each, with the backward
+    lane's third turn (`Lanes.pause`) between the two pieces' backward: the forward makes three all-to-alls per
+    layer to the backward's two, and so the forward's token counts are in flight while half the experts' backward
+    runs. The second piece's input is taken after the first piece's output, so its pre-hook runs right after its
+    own backward (autograd runs the newest ready node first), before the first piece's; on every rank alike (it
+    runs where no token came too), or the ranks' all-to-alls would launch in different orders."""
+    half = _expert_boundary(local_expert, len(got) // 2)
+    cut = int(local_expert[half]) if half < len(got) else int(local_expert[-1]) + 1 if len(got) else 0
+    head = got[:half]
+    first = _linked(local_experts(head, local_expert[:half], (cut, 0)), head)
+    rest = got[half:]
+    rest.register_hook(lambda grad: lanes.pause())
+    return torch.cat([first, _linked(local_experts(rest, local_expert[half:], (cut, 1)), rest)])
+
+
+def _expert_boundary(expert: torch.Tensor, row: int) -> int:
+    """The start or end of the run of `expert` (sorted) holding `row`, whichever is nearer: a split there runs
+    each expert once."""
+    if row >= len(expert):
+        return len(expert)
+    start, end = (int(torch.searchsorted(expert, expert[row], right=right)) for right in (False, True))
+    return start if row - start <= end - row else end
 
 
 def count_experts(module: nn.Module, ep: int, where: str) -> int:

@@ -42,6 +42,7 @@ class Lanes:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.stalls: list[tuple[int | None, float, float]] = []
+        self.paired = False  # whether pairs will run (each layer's experts then run in two pieces: `pause`)
         self._turn: int | None = None  # the lane that runs (None: no pair)
         self._live = [False, False]
         self._rng: list[tuple | None] = [None, None]
@@ -101,10 +102,9 @@ class Lanes:
         return both results, or raise the first lane's error.
 
         The backward starts so the turns fall well: per MoE layer a forward hands over after its counts, its
-        dispatch and its combine, a backward after its combine's backward, at the start of its experts'
-        backward (`pause`) and after its dispatch's backward; started so, each lane's all-to-all is in flight
-        while the other runs its attention or its experts, but for the counts (behind the regrouping of the
-        backward's tokens)."""
+        dispatch and its combine, a backward after its combine's backward, halfway through its experts'
+        backward (`pause`: the experts run in two pieces under pairs) and after its dispatch's backward; started
+        so, each lane's all-to-all is in flight while the other runs its attention or (half) its experts."""
         if self._turn is not None:
             raise RuntimeError("an overlapped pair is already running on this rank")
         results: list[object] = [None, None]
