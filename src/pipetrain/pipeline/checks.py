@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -97,10 +96,8 @@ def groups_of(mesh: DeviceMesh | None, transport: Transport | None) -> Groups:
     dp = mesh.get_group("dp") if "dp" in names else None
     if "ep" not in names or mesh["ep"].size() == 1:
         return Groups(mesh.get_group("pp"), dp, tp)
-    lead = [names.index(n) for n in ("dp", "ep") if n in names]
-    replicas = mesh.mesh.movedim(lead, list(range(len(lead))))  # (dp, ep, ...) or (ep, ...)
-    enumeration = replicas.reshape(math.prod(replicas.shape[:len(lead)]), -1).T.tolist()  # per pp, tp position
-    both, _ = dist.new_subgroups_by_enumeration(enumeration)
+    # dp and ep flattened into one group (as torchtitan's meshes do): made once per mesh, reused by later Pipelines
+    both = mesh["dp", "ep"]._flatten("dp_ep").get_group() if "dp" in names else mesh.get_group("ep")
     expert_dp = dp if dp is not None and mesh["dp"].size() > 1 else None
     return Groups(mesh.get_group("pp"), both, tp, mesh["ep"], expert_dp)
 
