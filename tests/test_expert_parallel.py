@@ -132,3 +132,39 @@ def test_generation_on_ep_ranks_equals_one_process_and_refuses_different_prompts
     assert [r["tokens"] for r in results.values()] == [want, want]
     for r in results.values():
         assert "different prompts or settings on the expert-parallel ranks (ep=2)" in r["error"]
+
+
+def test_each_layer_is_made_then_split_so_a_rank_never_holds_every_layers_experts():
+    """`materialize(..., then=split)`: a layer's experts taken out by `then` (ep keeping 1/ep) are let go
+    before the next layer is made, and the weights are those made without `then`."""
+    import weakref
+
+    from torch import nn
+
+    from pipetrain.models.llama import LlamaConfig, build_llama
+    from pipetrain.pipeline.materialize import materialize
+
+    cfg = LlamaConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=3, n_heads=2, n_experts=4, top_k=2)
+    whole = {}
+    for then in (None, "split"):
+        with torch.device("meta"):
+            layers = build_llama(cfg)
+        taken = []
+
+        def split(i, layer, taken=taken):
+            assert all(ref() is None for ref in taken), "an earlier layer's whole experts are still held"
+            experts = layer.moe.experts if hasattr(layer, "moe") else None
+            if experts is not None:
+                taken.append(weakref.ref(experts.gate_up))
+                experts.gate_up = nn.Parameter(experts.gate_up.detach()[:2].clone())  # (as ep 2 keeps its half)
+
+        made = materialize(dict(enumerate(layers)), torch.device("cpu"), 0, then=split if then else None)
+        state = {f"{i}.{k}": v for i, layer in enumerate(layers) for k, v in layer.state_dict().items()}
+        if then is None:
+            whole = state
+            continue
+        assert len(taken) == cfg.n_layers and all(ref() is None for ref in taken)  # (`made` holds none of them)
+        assert made
+        for key, value in state.items():
+            want = whole[key][:2] if key.endswith("experts.gate_up") else whole[key]
+            assert torch.equal(value, want), key

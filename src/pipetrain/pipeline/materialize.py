@@ -4,7 +4,7 @@ parameters kept shared, and an initialization that depends only on a seed and th
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -29,18 +29,23 @@ def refuse_meta(layers: list[nn.Module], what: str, fix: str) -> None:
         raise ValueError(f"{what} runs every layer to time it, and layers on the meta device cannot run: {fix}")
 
 
-def materialize(layers: Mapping[int, nn.Module], device: torch.device, seed: int) -> dict[int, torch.Tensor]:
+def materialize(layers: Mapping[int, nn.Module], device: torch.device, seed: int,
+                then: Callable[[int, nn.Module], None] | None = None) -> dict[int, torch.Tensor]:
     """Give the meta tensors of `layers` (index -> layer, this rank's) storage on `device`, then initialize
     each such layer under a random seed made of `seed` and its index, so any split of the model over ranks
     starts from the same weights. A tensor shared by two layers (tied weights) stays one tensor, initialized
     by the first layer that uses it. Returns {id(meta tensor): its replacement}.
 
+    One layer at a time, each followed by `then(index, layer)` (e.g. keeping 1/ep of its experts): a tensor
+    `then` takes out of the layer is let go at once, so the rank never holds more than one layer whole.
+
     A layer initializes itself with `init_weights()` if it has one, else every submodule's
     `reset_parameters()`; a layer with parameters or buffers that neither covers is refused."""
     replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the meta tensor stays referenced: ids stay unique
-    made = sorted(i for i, layer in layers.items() if on_meta(layer, i))
-    for i in made:
-        for module in layers[i].modules():
+    done: set[int] = set()  # tensors an earlier layer initialized
+    for i in sorted(i for i, layer in layers.items() if on_meta(layer, i)):
+        layer = layers[i]
+        for module in layer.modules():
             for table in (module._parameters, module._buffers):
                 for name, t in table.items():
                     if t is not None and t.is_meta:
@@ -50,9 +55,6 @@ def materialize(layers: Mapping[int, nn.Module], device: torch.device, seed: int
                                 real = nn.Parameter(real, requires_grad=t.requires_grad)
                             replaced[id(t)] = (t, real)
                         table[name] = replaced[id(t)][1]
-    done: set[int] = set()  # tensors an earlier layer initialized
-    for i in made:
-        layer = layers[i]
         tensors = [*layer.parameters(), *layer.buffers()]
         kept = [(t, t.detach().clone()) for t in tensors if id(t) in done]
         with torch.no_grad(), _seeded(seed, i, device):
@@ -60,6 +62,12 @@ def materialize(layers: Mapping[int, nn.Module], device: torch.device, seed: int
             for t, value in kept:
                 t.copy_(value)
         done.update(id(t) for t in tensors)
+        if then is not None:
+            then(i, layer)
+            gone = {id(t) for t in tensors} - {id(t) for t in (*layer.parameters(), *layer.buffers())}
+            for key in [key for key, (_, real) in replaced.items() if id(real) in gone]:
+                del replaced[key]  # (taken out by `then`: its storage goes with this layer's turn)
+            done -= gone  # (and its id may come back with another tensor)
     return {key: real for key, (_, real) in replaced.items()}
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..runtime.comm import DistTransport, InProcessTransport, Transport, wait_replicas
 from ..runtime.data_parallel import TIED, averager_for, sum_over
 from ..runtime.executor import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
-from ..runtime.expert_parallel import parallelize_experts
+from ..runtime.expert_parallel import expert_splitter
 from ..runtime.overlap import Lanes
 from ..runtime.stage import LossWeights, Stage
 from ..runtime.tensor_parallel import parallelize
@@ -349,14 +349,23 @@ class Pipeline(RankParameters):
         if unknown:
             raise ValueError(f"checkpoint lists stages {unknown}, but the stages are 0..{num_stages - 1}")
         mine = {i: layers[i] for s in self.schedule.stages_of(self.rank) for i in self.layer_ranges[s]}
-        self._ties.materialized(materialize(mine, self.device, seed))
+        split = None  # experts: each layer's split as it is made (a rank never holds all its layers' experts)
+        if self.ep_mesh is not None or self.expert_capacity is not None:
+            split = expert_splitter(layers, self.ep_mesh, self.expert_capacity, self._lanes)
+        made: set[int] = set()
+
+        def split_made(i: int, layer: nn.Module) -> None:
+            split(i, layer)
+            made.add(i)
+
+        self._ties.materialized(materialize(mine, self.device, seed, then=split_made if split else None))
         for layer in mine.values():
             layer.to(self.device)
         if self.tp_mesh is not None:
             parallelize(mine, layers, self.tp_mesh, self.timeout, tied=bool(self._ties),
                         sequence_parallel=self.sequence_parallel)
-        if self.ep_mesh is not None or self.expert_capacity is not None:
-            parallelize_experts(mine, layers, self.ep_mesh, self.expert_capacity, self._lanes)
+        for i in sorted(set(mine) - made) if split is not None else ():  # (layers given real)
+            split(i, mine[i])
         return {s: Stage(s, num_stages, [layers[i] for i in self.layer_ranges[s]],
                          first_layer=self.layer_ranges[s].start, loss_fn=loss_fn, checkpoint=s in checkpointed,
                          autocast=torch.bfloat16 if precision == "bf16" else None, device=self.device,

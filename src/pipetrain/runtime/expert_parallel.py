@@ -248,9 +248,18 @@ def is_expert_parallel(param: torch.Tensor) -> bool:
 def parallelize_experts(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], mesh,
                         capacity_factor: float | None = None, lanes: Lanes | None = None) -> None:
     """Split the experts of each of `layers` (this rank's, by index) over the 1-d "ep" `mesh` (None: route
-    them in place, for a capacity factor alone), as each layer's `expert_parallel_plan() -> [submodule]` names
-    them (the reference Llama's MoE blocks and from_hf MoE layers do). Every layer's plan is checked on every
-    rank first, so an ep that does not divide a layer's experts fails on every rank alike."""
+    them in place, for a capacity factor alone); see `expert_splitter`."""
+    split = expert_splitter(all_layers, mesh, capacity_factor, lanes)
+    for i, layer in layers.items():
+        split(i, layer)
+
+
+def expert_splitter(all_layers: list[nn.Module], mesh, capacity_factor: float | None = None,
+                    lanes: Lanes | None = None) -> Callable[[int, nn.Module], None]:
+    """`split(index, layer)`, which splits the experts of `layer` (the model's layer `index`) over the 1-d "ep"
+    `mesh` (None: routes them in place, for a capacity factor alone), as each layer's `expert_parallel_plan() ->
+    [submodule]` names them (the reference Llama's MoE blocks and from_hf MoE layers do). Every layer's plan is
+    checked here, on every rank, so an ep that does not divide a layer's experts fails on every rank alike."""
     ep = mesh.size() if mesh is not None else 1
     plans = [layer.expert_parallel_plan() if hasattr(layer, "expert_parallel_plan") else [] for layer in all_layers]
     if not any(plans):
@@ -260,6 +269,9 @@ def parallelize_experts(layers: Mapping[int, nn.Module], all_layers: list[nn.Mod
     for i, plan in enumerate(plans):
         for path in plan:
             count_experts(all_layers[i].get_submodule(path), ep, f"layer {i} ({path})")
-    for i, layer in layers.items():
-        for path in plans[i]:
+
+    def split(index: int, layer: nn.Module) -> None:
+        for path in plans[index]:
             ExpertParallel(layer.get_submodule(path), mesh, capacity_factor=capacity_factor, lanes=lanes)
+
+    return split
