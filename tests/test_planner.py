@@ -258,3 +258,25 @@ def test_expert_parallel_in_the_search_and_the_memory_model():
     command = main(["plan", "--model", "deepseek-v3", "--cluster", "h800-2k", "--pp", "16", "--tp", "1",
                     "--schedule", "1f1b", "--microbatch-size", "1", "--stages-per-rank", "1", "--top", "1"])
     assert command == 0
+
+
+def test_an_moe_block_keeps_its_routed_copies_and_its_experts_run_whole_on_every_tp_rank():
+    """An MoE block's activations: the dense block's with its MLP's 19 bytes per token and hidden unit replaced
+    by the routed copies and the experts' intermediates (DeepSeek-V3: ~4x the dense MLP's); under tp the MoE
+    MLP's FLOPs are not divided (the runtime runs the experts whole on each tp rank)."""
+    from pipetrain.planner.plan import _stage_costs, _tp_time
+
+    ds, tokens = MODELS["deepseek-v3"], 4096
+    h, moe_blocks = ds.hidden, ds.layers - ds.dense_layers
+    mlp = (2 * h + 8 * h * 8 + 8 * 2048 * (8 + 1) + 8 * 256) * tokens  # top 8 of 256, one shared, ffn 2048
+    dense = 34 * h * tokens
+    want = (3 * dense + moe_blocks * (dense - 19 * h * tokens + mlp)) / ds.layers
+    assert ds.layer_activation_bytes(tokens, 1, False) == pytest.approx(want)
+    assert mlp > 4 * 19 * h * tokens
+    assert MODELS["llama3-8b"].layer_activation_bytes(tokens, 2, False) == 17 * MODELS["llama3-8b"].hidden * tokens
+    cluster = CLUSTERS["h800-2k"]
+    c = _Candidate(2, 4, 8, 1, 1, 8, "1f1b", False, None, 1)  # tp 2, pp 4: 16 blocks on the first stage
+    rate, whole = cluster.peak * cluster.achievable, ds.layer_moe_forward_flops(ds.seq)
+    assert 0.3 < whole / ds.layer_forward_flops(ds.seq) < 1  # (most of a block's FLOPs are its experts')
+    f_block = (ds.layer_forward_flops(ds.seq) - whole) / (2 * rate) + whole / rate + _tp_time(ds, cluster, c, ds.seq)
+    assert _stage_costs(ds, cluster, c).w[0] == pytest.approx(16 * f_block)

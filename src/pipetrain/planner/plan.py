@@ -223,7 +223,9 @@ def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs
     rate = cluster.peak * cluster.achievable * c.tp
     stages = c.pp * c.v
     blocks = _blocks_per_stage(model.layers, stages)
-    f_block = model.layer_forward_flops(tokens) / rate + _tp_time(model, cluster, c, tokens)
+    whole = model.layer_moe_forward_flops(tokens) if c.tp > 1 else 0.0  # (experts run whole on every tp rank)
+    f_block = (model.layer_forward_flops(tokens) - whole) / rate + whole / (rate / c.tp) + _tp_time(
+        model, cluster, c, tokens)
     # the last stage also holds the head (and loss), the first the embedding (no FLOPs to speak of)
     w = [n * f_block for n in blocks]
     w[-1] += model.head_forward_flops(tokens) / rate
@@ -439,5 +441,7 @@ def plan_assumptions(cluster: ClusterSpec) -> list[str]:
         "data parallel: the first stage's gradient reduce-scatter + all-gather is exposed, the rest overlaps",
         "mixture of experts: MFU counts the active weights (attention, router, shared and top-k experts); expert "
         "parallel (ep ranks of the dp replicas, tp 1, no optimizer sharding: as the runtime runs it) splits the "
-        "routed experts, its dispatch and combine all-to-alls (forward and backward) are not overlapped",
+        "routed experts, its dispatch and combine all-to-alls (forward and backward) are not overlapped (the "
+        "runtime's overlap is not modelled); with tp > 1 the MoE MLP runs whole on every tp rank (its FLOPs and "
+        "activations not split); an MoE block keeps its routed tokens' copies and its experts' intermediates",
     ]

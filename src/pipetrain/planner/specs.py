@@ -107,15 +107,40 @@ class ModelSpec:
         return self.params() - self.layers * (self.layer_params() - 4 * self.hidden - self.layer_matmul_params())
 
     def layer_activation_bytes(self, tokens: int, tp: int, recompute: bool, sequence_parallel: bool = True) -> float:
-        """Activations one block keeps per microbatch from F until its backward, in bf16:
-        34 bytes per token and hidden unit with flash attention and sequence parallelism over `tp`
+        """Activations one block keeps per microbatch from F until its backward, in bf16 (averaged over the
+        blocks): 34 bytes per token and hidden unit with flash attention and sequence parallelism over `tp`
         (Korthikanti et al. 2022, without the s^2 score term), 10 + 24 / tp without it (norms, residuals and
         dropout whole on every tp rank); with full recomputation only the block input (2 bytes per token and
-        hidden unit, split by sequence or not) stays."""
+        hidden unit, split by sequence or not) stays. An MoE block keeps `moe_mlp_activation_bytes` in place
+        of its MLP's 19 (split by tp or not: 3 + 16 / tp)."""
         split = tp if sequence_parallel else 1
         if recompute:
             return 2.0 * tokens * self.hidden / split
-        return (34.0 / tp if sequence_parallel else 10.0 + 24.0 / tp) * tokens * self.hidden
+        dense = (34.0 / tp if sequence_parallel else 10.0 + 24.0 / tp) * tokens * self.hidden
+        if not self.moe:
+            return dense
+        mlp = (19.0 / tp if sequence_parallel else 3.0 + 16.0 / tp) * tokens * self.hidden
+        moe = dense - mlp + self.moe_mlp_activation_bytes(tokens)
+        return (self.dense_layers * dense + self._moe_blocks() * moe) / self.layers
+
+    def moe_mlp_activation_bytes(self, tokens: int) -> float:
+        """What an MoE block's MLP keeps for its backward, bf16, whole on every tp rank (the runtime runs the
+        experts whole there): its input (2 bytes per hidden unit); per routed pair the token sent, received,
+        its expert's output and the combined copy (4 x 2); per expert run (top_k routed and the shared ones)
+        the gated MLP's gate and up, the activation and the product (4 x 2 per expert hidden unit); the
+        router's logits and probabilities (fp32)."""
+        h = self.hidden
+        per_token = 2 * h + 8 * h * self.top_k + 8 * self.expert_ffn * (self.top_k + self.shared_experts)
+        return tokens * (per_token + 8 * self.experts)
+
+    def layer_moe_forward_flops(self, tokens: int) -> float:
+        """Forward FLOPs of one block's MoE MLP (router, shared and top_k routed experts), averaged over the
+        blocks: what tensor parallelism does not split (the runtime runs the experts whole on each tp rank)."""
+        if not self.moe:
+            return 0.0
+        active = self.top_k + self.shared_experts
+        per_block = 2 * (active * self._mlp(self.expert_ffn) + self.hidden * self.experts)
+        return tokens * per_block * self._moe_blocks() / self.layers
 
 
 @dataclass(frozen=True)
