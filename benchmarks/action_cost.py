@@ -1,7 +1,7 @@
 """The runtime's own cost per action and per message, on a pipeline that computes almost nothing.
 
     python benchmarks/action_cost.py                     # 16 x Linear(64, 64), 1-row microbatches, M = 64, 2 ranks
-    python benchmarks/action_cost.py --layers 32 --microbatches 128 --json
+    python benchmarks/action_cost.py --layers 32 --microbatches 128 --runs 5 --json
 
 Each of 2 gloo ranks (one thread each) holds half of `--layers` Linear(d, d) layers and trains them with 1F1B
 on microbatches of one row, in pipetrain and in torch.distributed.pipelining (`Schedule1F1B`), the two taking
@@ -125,30 +125,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microbatches", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="fresh process pairs (this machine's runs differ more "
+                        "than its steps)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.layers % 2:
         parser.error("--layers must be even (two ranks, half each)")
     settings = vars(args).copy()
-    results = run_processes(2, rank_main, settings, timeout=1800)
+    runs = [run_processes(2, rank_main, settings, timeout=1800) for _ in range(args.runs)]
+    ratios = [_ratio(results) for results in runs]
     if args.json:
-        print(json.dumps({"settings": settings, "ranks": results}))
+        print(json.dumps({"settings": settings, "runs": runs, "ratios": ratios}))
         return 0
     print(f"{args.layers} x Linear({args.width}, {args.width}), 1-row microbatches, M = {args.microbatches}, 1F1B, "
           f"2 gloo ranks (1 thread each); medians of {args.steps} steps, the libraries taking turns")
-    print(f"{'rank':>4} {'library':>9} {'step':>9} {'work':>8} {'per action':>11}   pipetrain's timeline: per action "
-          "inside + between, per message posting + waiting")
-    for rank, r in sorted(results.items()):
-        for library in LIBRARIES:
-            c = r[library]
-            parts = ("   " + " + ".join(f"{c[k] * 1e6:.0f}" for k in ("inside", "between")) + " us, "
-                     + " + ".join(f"{c[k] * 1e6:.0f}" for k in ("posting", "waiting")) + " us") if "inside" in c else ""
-            print(f"{rank:>4} {library:>9} {c['step'] * 1e3:>7.1f}ms {r['work'] * 1e3:>6.1f}ms "
-                  f"{c['per_action'] * 1e6:>9.0f}us{parts}")
-    ratio = statistics.mean(r["pipetrain"]["per_action"] / r["torch"]["per_action"] for r in results.values())
-    print(f"pipetrain / torch, runtime per action: {ratio:.2f}")
+    print(f"{'run':>3} {'rank':>4} {'library':>9} {'step':>9} {'work':>8} {'per action':>11}   pipetrain's timeline: "
+          "per action inside + between, per message posting + waiting")
+    for n, results in enumerate(runs, 1):
+        for rank, r in sorted(results.items()):
+            for library in LIBRARIES:
+                c = r[library]
+                parts = ("   " + " + ".join(f"{c[k] * 1e6:.0f}" for k in ("inside", "between")) + " us, "
+                         + " + ".join(f"{c[k] * 1e6:.0f}" for k in ("posting", "waiting")) + " us"
+                         ) if "inside" in c else ""
+                print(f"{n:>3} {rank:>4} {library:>9} {c['step'] * 1e3:>7.1f}ms {r['work'] * 1e3:>6.1f}ms "
+                      f"{c['per_action'] * 1e6:>9.0f}us{parts}")
+    print(f"pipetrain / torch, runtime per action: {statistics.median(ratios):.2f} (median of {len(ratios)} runs, "
+          f"each in fresh processes: {', '.join(f'{x:.2f}' for x in ratios)})")
     return 0
 
+
+def _ratio(results: dict) -> float:
+    """pipetrain's runtime per action over torch's, the mean over the ranks."""
+    return statistics.mean(r["pipetrain"]["per_action"] / r["torch"]["per_action"] for r in results.values())
 
 if __name__ == "__main__":
     sys.exit(main())

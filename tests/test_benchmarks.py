@@ -108,14 +108,16 @@ def test_action_cost_benchmark_times_both_libraries_on_the_same_thin_pipeline(ca
     import action_cost
 
     assert action_cost.main(["--layers", "4", "--width", "8", "--microbatches", "4", "--steps", "2", "--warmup", "1",
-                             "--json"]) == 0
+                             "--runs", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for r in out["ranks"].values():
+    ranks = out["runs"][0]
+    assert out["ratios"] == [pytest.approx(action_cost._ratio(ranks))]
+    for r in ranks.values():
         assert r["actions"] == r["messages"] == 8 and r["work"] > 0
         for library in ("pipetrain", "torch"):
             assert r[library]["step"] > r["work"] and r[library]["per_action"] > 0
         parts = [r["pipetrain"][k] for k in ("inside", "between", "posting", "waiting")]
         assert all(p == p for p in parts) and r["pipetrain"]["posting"] > 0  # (the timeline's own figures)
-    last = out["ranks"]["1"]
+    last = ranks["1"]
     # the same layers, weights and rows: the same loss (torch's on the last rank)
     assert last["torch"]["losses"] == pytest.approx(last["pipetrain"]["losses"], rel=1e-5)
