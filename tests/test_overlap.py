@@ -242,7 +242,7 @@ def test_paired_experts_run_in_two_pieces_with_the_backward_turn_between_them(ro
     tokens = torch.randn(len(expert), 3, requires_grad=True)
     whole = local_experts(tokens, expert)
     want = torch.autograd.grad(whole.pow(2).sum(), (tokens, weight), allow_unused=True, materialize_grads=True)
-    got = _experts_in_halves(local_experts, tokens, expert, Lanes())
+    got = _experts_in_halves(local_experts, tokens, expert, len(rows), Lanes())
     assert torch.allclose(got, whole)
     for g, w in zip(torch.autograd.grad(got.pow(2).sum(), (tokens, weight), materialize_grads=True), want,
                     strict=True):

@@ -186,8 +186,8 @@ def dispatch_combine(local_experts: Callable[[torch.Tensor, torch.Tensor], torch
         back = local_experts(tokens, local_expert)  # (m, d)
     else:
         got = all_to_all(tokens, routing.received, routing.sent, group, lanes)[routing.regroup]  # (r, d) by expert
-        out = _experts_in_halves(local_experts, got, local_expert, lanes) if lanes.paired and got.requires_grad \
-            else _linked(local_experts(got, local_expert), got)  # (r, d)
+        out = _experts_in_halves(local_experts, got, local_expert, num_experts // ep, lanes) \
+            if lanes.paired and got.requires_grad else _linked(local_experts(got, local_expert), got)  # (r, d)
         back = torch.empty_like(out).index_copy(0, routing.regroup, out)  # (r, d) peer-major again
         back = all_to_all(back, routing.sent, routing.received, group, lanes)  # (m, d) by expert
     pairs = back.new_zeros(n * k, back.shape[-1]).index_copy(0, routing.order, back)  # dropped pairs: 0
@@ -200,7 +200,7 @@ def _linked(out: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return out + 0.0 * tokens if tokens.requires_grad and out.grad_fn is None else out
 
 
-def _experts_in_halves(local_experts: Callable, got: torch.Tensor, local_expert: torch.Tensor,
+def _experts_in_halves(local_experts: Callable, got: torch.Tensor, local_expert: torch.Tensor, local_count: int,
                        lanes: Lanes) -> torch.Tensor:
     """The local experts in two pieces, [0, cut) then [cut, E / ep), about half the rows each, with the backward
     lane's third turn (`Lanes.pause`) between the two pieces' backward: the forward makes three all-to-alls per
@@ -208,22 +208,14 @@ def _experts_in_halves(local_experts: Callable, got: torch.Tensor, local_expert:
     runs. The second piece's input is taken after the first piece's output, so its pre-hook runs right after its
     own backward (autograd runs the newest ready node first), before the first piece's; on every rank alike (it
     runs where no token came too), or the ranks' all-to-alls would launch in different orders."""
-    half = _expert_boundary(local_expert, len(got) // 2)
-    cut = int(local_expert[half]) if half < len(got) else int(local_expert[-1]) + 1 if len(got) else 0
+    starts = [0, *torch.bincount(local_expert, minlength=local_count).cumsum(0).tolist()]  # each expert's first row
+    cut = min(range(local_count + 1), key=lambda e: abs(starts[e] - len(got) // 2))  # the expert boundary nearest
+    half = starts[cut]  # half the rows: each expert runs once
     head = got[:half]
     first = _linked(local_experts(head, local_expert[:half], (cut, 0)), head)
     rest = got[half:]
     rest.register_hook(lambda grad: lanes.pause())
     return torch.cat([first, _linked(local_experts(rest, local_expert[half:], (cut, 1)), rest)])
-
-
-def _expert_boundary(expert: torch.Tensor, row: int) -> int:
-    """The start or end of the run of `expert` (sorted) holding `row`, whichever is nearer: a split there runs
-    each expert once."""
-    if row >= len(expert):
-        return len(expert)
-    start, end = (int(torch.searchsorted(expert, expert[row], right=right)) for right in (False, True))
-    return start if row - start <= end - row else end
 
 
 def count_experts(module: nn.Module, ep: int, where: str) -> int:
