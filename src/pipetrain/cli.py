@@ -21,7 +21,9 @@ def _simulate(args: argparse.Namespace) -> int:
         _to_stderr(f"pipetrain simulate: {err}")
         return 2
     costs = Costs(f=args.cost_f, b=args.cost_b, w=args.cost_w, comm=args.cost_comm, reduce=args.cost_reduce,
-                  gather=args.cost_gather, all_to_all=args.cost_a2a)
+                  gather=args.cost_gather, all_to_all=args.cost_a2a, s=args.cost_s, t=args.cost_t)
+    if args.vocab_parallel:  # every rank's S and T passes, placed for these costs
+        sched = schedules.with_vocabulary(sched, costs)
     if args.overlap:  # forwards paired with backwards where the simulation says the step gets faster
         sched = schedules.overlap(sched, costs)
     collectives = args.cost_reduce > 0 or args.cost_gather > 0
@@ -413,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shard=params: one stage's parameter all-gather (adds a GATHER per stage at the start)")
     sim.add_argument("--cost-a2a", type=_non_negative, default=0.0,
                      help="expert parallel: the all-to-alls inside one F, and again inside one B or I")
+    sim.add_argument("--vocab-parallel", action="store_true",
+                     help="vocabulary parallelism: every rank's S and T passes of the split output layer placed in")
+    sim.add_argument("--cost-s", type=_non_negative, default=1.0,
+                     help="vocabulary parallel: one rank's S (its shard's logits) per microbatch")
+    sim.add_argument("--cost-t", type=_non_negative, default=2.0,
+                     help="vocabulary parallel: one rank's T (its shard's backward) per microbatch")
     sim.add_argument("--overlap", action="store_true",
                      help="pair forwards with backwards where that is faster (the pairs hide each other's all-to-alls)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")

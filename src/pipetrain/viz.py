@@ -8,10 +8,10 @@ from .schedule.actions import Op
 from .schedule.timeline import Timeline
 
 COLORS = {Op.F: "#4C78A8", Op.B: "#E45756", Op.I: "#F58518", Op.W: "#54A24B", Op.P: "#72B7B2", Op.D: "#B279A2",
-          Op.REDUCE: "#9D755D", Op.GATHER: "#BAB0AC"}
+          Op.REDUCE: "#9D755D", Op.GATHER: "#BAB0AC", Op.S: "#EECA3B", Op.T: "#9467BD"}
 LABELS = {Op.F: "F forward", Op.B: "B backward", Op.I: "I input grad", Op.W: "W weight grad",
           Op.P: "P prefill pass", Op.D: "D decode pass", Op.REDUCE: "REDUCE gradients (dp)",
-          Op.GATHER: "GATHER parameters (dp)"}
+          Op.GATHER: "GATHER parameters (dp)", Op.S: "S vocabulary logits", Op.T: "T vocabulary backward"}
 
 
 def _pyplot():
@@ -33,7 +33,7 @@ def draw(timeline: Timeline, ax, *, title: str = "", unit: str = "", label_block
     local = {}  # (rank, stage) -> 0 for a rank's first stage, 1 for its second, ...: later stages lighter
     for r in range(timeline.num_ranks):
         for i, s in enumerate(sorted({e.action.stage for e in timeline.events
-                                      if e.rank == r and e.action.op.is_compute})):
+                                      if e.rank == r and e.action.op.is_compute and e.action.op not in (Op.S, Op.T)})):
             local[(r, s)] = i
     paired = {(e.rank, e.start) for e in timeline.events if e.action.paired}
     for e in timeline.events:
@@ -44,7 +44,7 @@ def draw(timeline: Timeline, ax, *, title: str = "", unit: str = "", label_block
         if e.action.op.is_collective:  # beside the compute: a thin band along the top of the rank's row
             ax.barh(y + 0.45, e.duration, left=e.start, height=0.1, color=COLORS[e.action.op], linewidth=0)
             continue
-        alpha = 1.0 if local[(e.rank, e.action.stage)] == 0 else 0.55
+        alpha = 1.0 if local.get((e.rank, e.action.stage), 0) == 0 else 0.55  # (a vocabulary shard's: full)
         half = (e.rank, e.start) in paired  # an overlapped pair: its two actions share the row, one above the other
         offset = (-0.2 if e.action.paired else 0.2) if half else 0.0
         ax.barh(y + offset, e.duration, left=e.start, height=0.4 if half else 0.8, color=COLORS[e.action.op],

@@ -156,6 +156,10 @@ class Head(nn.Module):
         require_divisible(tp, "the GPT", vocab_size=self.proj.out_features)
         return {"proj": Split.HEAD, "ln": Split.SEQUENCE}
 
+    def vocabulary_parallel_plan(self) -> str:
+        """The projection vocabulary parallelism splits over the pipeline ranks (applied last in forward)."""
+        return "proj"
+
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.proj(self.ln(x[0] if isinstance(x, tuple) else x))
 

@@ -202,6 +202,10 @@ class Head(nn.Module):
         require_divisible(tp, "the Llama", vocab_size=self.proj.out_features)
         return {"proj": Split.HEAD, "norm": Split.SEQUENCE}
 
+    def vocabulary_parallel_plan(self) -> str:
+        """The projection vocabulary parallelism splits over the pipeline ranks (applied last in forward)."""
+        return "proj"
+
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.proj(self.norm(x[0] if isinstance(x, tuple) else x))
 

@@ -13,9 +13,10 @@ from ..runtime.values import flatten, shape_key, split_batch, to_device
 
 def step_microbatches(inputs: Any, targets: Any, microbatches: Sequence[tuple[Any, Any]] | None, *,
                       num_microbatches: int, rank: int, stages, last: int, device: torch.device,
-                      key: tuple) -> tuple[list, list | None, list]:
+                      key: tuple, targets_everywhere: bool = False) -> tuple[list, list | None, list]:
     """(inputs, targets, shape keys) of each microbatch: inputs on the first stage's device, targets on the
-    last's (`stages`: this rank's), keys `(shape, *key)`, the same on every rank."""
+    last's (`stages`: this rank's; every rank's with `targets_everywhere`: vocabulary parallelism), keys
+    `(shape, *key)`, the same on every rank."""
     m = num_microbatches
     me = f"rank {rank}"
     if microbatches is not None:
@@ -38,13 +39,14 @@ def step_microbatches(inputs: Any, targets: Any, microbatches: Sequence[tuple[An
         if ys is not None and _rows(inputs) != _rows(targets):
             raise ValueError(f"inputs have {_rows(inputs)} rows but targets {_rows(targets)} (dim 0): they must "
                              "hold the same samples")
-    if last in stages and (ys is None or any(y is None for y in ys)):
-        raise ValueError(f"{me} runs stage {last} and needs `targets`, got None: pass the same batch to step() "
-                         "on every rank")
+    needs_targets = last in stages or targets_everywhere
+    if needs_targets and (ys is None or any(y is None for y in ys)):
+        why = f"runs stage {last}" if last in stages else "holds a vocabulary shard (vocab_parallel)"
+        raise ValueError(f"{me} {why} and needs `targets`, got None: pass the same batch to step() on every rank")
     keys = [(shape_key(x), *key) for x in xs]
     if 0 in stages:
         xs = [to_device(x, device) for x in xs]
-    if last in stages:
+    if needs_targets:
         ys = [to_device(y, device) for y in ys]
     return xs, ys, keys
 

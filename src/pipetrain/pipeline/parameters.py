@@ -15,14 +15,18 @@ from ..runtime.tensor_parallel import as_part, is_sharded, load_whole_state, loc
 
 
 class RankParameters:
-    """A mixin of `Pipeline`: needs `stages`, `layer_ranges`, `_ties`, `_averager`, `shard`, `dp_group`, `tp_mesh`,
-    `device` and `timeout`."""
+    """A mixin of `Pipeline`: needs `stages`, `layer_ranges`, `_extra_layers`, `_ties`, `_averager`, `shard`,
+    `dp_group`, `tp_mesh`, `device` and `timeout`."""
+
+    _extra_layers: dict[int, nn.Module] = {}  # (never mutated: each Pipeline sets its own)
 
     @property
     def layers(self) -> dict[int, nn.Module]:
-        """This rank's layers, by their index in the full list of layers."""
-        return {i: layer for s, stage in self.stages.items()
+        """This rank's layers, by their index in the full list of layers (with vocabulary parallelism, on a rank
+        without the last stage, the last layer's projection shard alone)."""
+        mine = {i: layer for s, stage in self.stages.items()
                 for i, layer in zip(self.layer_ranges[s], stage.layers, strict=True)}
+        return mine | self._extra_layers
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of this rank's stages, each once (what this rank's optimizer should own, through

@@ -32,6 +32,7 @@ from .profile import time_costs
 from .rank0_measure import measured_on_pipeline_rank_0
 from .same_weights import check_same_weights
 from .step_collectives import check_step_collectives
+from .vocabulary import check_vocabulary_parallel, schedule_with_vocabulary, vocabulary_costs, vocabulary_shard
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -108,9 +109,12 @@ class Pipeline(RankParameters):
                  sample: Any = None, split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
                  prefetch: int = PREFETCH, precision: str = "fp32", seed: int = 0,
                  num_microbatches: int | None = None, shard: str = "none", sequence_parallel: bool = False,
-                 expert_capacity: float | None = None, overlap: bool = False) -> None:
+                 expert_capacity: float | None = None, overlap: bool = False, vocab_parallel: bool = False) -> None:
         layers = list(layers)
         groups = groups_of(mesh, transport)
+        projection = check_vocabulary_parallel(
+            layers, loss_fn, transport=transport, tp=groups.tp_size, ep=groups.ep_size,
+            dp=_group_size(groups.dp) if groups.dp is not None else 1) if vocab_parallel else None
         check_expert_parallel(groups.ep_size, shard=shard, tp=groups.tp_size, overlap=overlap)
         dp_group = groups.dp
         check_shard(shard, dp_group)
@@ -127,7 +131,7 @@ class Pipeline(RankParameters):
         self.timeout = float(timeout)
         self.transport = transport or DistTransport(groups.pp, torch.device(device) if device is not None else None,
                                                     pairs=list(message_order(schedule)),
-                                                    split_directions=split_directions)
+                                                    split_directions=split_directions, vocabulary=vocab_parallel)
         if self.transport.world_size != schedule.num_ranks:
             raise ValueError(f"schedule {schedule.name!r} is for {schedule.num_ranks} ranks but the process group "
                              f"has {self.transport.world_size}: build the schedule with num_ranks="
@@ -154,6 +158,9 @@ class Pipeline(RankParameters):
         # split
         self.balance = resolve_balance(balance, layers, schedule,
                                        measured_costs=lambda: self._shared_time_costs(layers, sample))
+        if projection is not None:  # every rank's S and T passes, placed for the split's costs
+            schedule = self.schedule = schedule_with_vocabulary(schedule, vocabulary_costs(
+                layers, self.balance, projection, schedule.num_ranks))
         starts = [sum(self.balance[:s]) for s in range(schedule.num_stages + 1)]
         self.layer_ranges = {s: range(starts[s], starts[s + 1]) for s in range(schedule.num_stages)}
         # place
@@ -162,7 +169,12 @@ class Pipeline(RankParameters):
         if self._ties and isinstance(self.transport, InProcessTransport):
             raise ValueError("a parameter is shared by layers on different ranks (tied weights); in-process ranks "
                              "share one Python object for it, so run such a model in separate processes")
-        self.stages = self._place(layers, loss_fn, checkpoint, precision, seed)
+        self.stages = self._place(layers, None if projection else loss_fn, checkpoint, precision, seed)
+        self._vocabulary, self._extra_layers = vocabulary_shard(
+            layers, projection, holds_head=schedule.num_stages - 1 in self.stages, pp_group=groups.pp,
+            device=self.device, seed=seed, loss_fn=loss_fn, transport=self.transport,
+            root=schedule.stage_to_rank[-1], timeout=self.timeout,
+            autocast=torch.bfloat16 if precision == "bf16" else None) if projection else (None, {})
         check_same_weights(layers, self.transport, self.timeout)  # after every check one rank may fail alone
         self._ties.share_values(self.transport, self.timeout)
         # hand over to one executor
@@ -170,7 +182,8 @@ class Pipeline(RankParameters):
         self._train_actions = lower(train, prefetch=prefetch).actions[self.rank]
         self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
-                                  transport=self.transport, timeout=self.timeout, lanes=self._lanes)
+                                  transport=self.transport, timeout=self.timeout, lanes=self._lanes,
+                                  vocabulary=self._vocabulary)
         self.shard = shard
         self._averager = None
         if self.dp_size > 1:
@@ -376,6 +389,7 @@ class Pipeline(RankParameters):
     def _microbatches(self, inputs, targets, microbatches, *, grad: bool):
         return step_microbatches(inputs, targets, microbatches, num_microbatches=self.schedule.num_microbatches,
                                  rank=self.rank, stages=self.stages, last=self.schedule.num_stages - 1,
+                                 targets_everywhere=self._vocabulary is not None,
                                  device=self.device, key=(grad, self._training))
 
     def _finish(self, result: RankStep) -> torch.Tensor:

@@ -109,7 +109,8 @@ class DistTransport:
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None,
-                 *, pairs: list[tuple[int, int]] = (), split_directions: bool | None = None) -> None:
+                 *, pairs: list[tuple[int, int]] = (), split_directions: bool | None = None,
+                 vocabulary: bool = False) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: launch with torchrun and call "
                                "torch.distributed.init_process_group() first (or pass an in-process transport)")
@@ -130,27 +131,31 @@ class DistTransport:
         self._owned: list[str] = []
         self._group: str | None = None
         self._direction_groups: dict[tuple[int, int], str] = {}
+        self.vocabulary_groups: list[str] = []  # vocabulary parallelism's collectives, one group per kind
         if self.world_size > 1:
             split = split_directions if split_directions is not None else self.backend == "nccl"
-            self._create_groups(sorted(set(pairs)) if split else [])
+            self._create_groups(sorted(set(pairs)) if split else [], vocabulary)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self._failure_key = f"pipetrain/failure/{attempt}/{self._group}"
 
-    def _create_groups(self, pairs: list[tuple[int, int]]) -> None:
-        """This pipeline's own group, and one per direction of each rank pair in `pairs`. Creating groups is
-        collective over the default group: every rank gathers every pipeline's (global ranks, pairs) and all
-        ranks create the groups in one global order (so their names, too, are the same everywhere)."""
+    def _create_groups(self, pairs: list[tuple[int, int]], vocabulary: bool) -> None:
+        """This pipeline's own group (and with `vocabulary` three more over its ranks), and one per direction of
+        each rank pair in `pairs`. Creating groups is collective over the default group: every rank gathers
+        every pipeline's (global ranks, pairs) and all ranks create the groups in one global order (so their
+        names, too, are the same everywhere)."""
         mine = [(self.global_ranks[src], self.global_ranks[dst]) for src, dst in pairs]
         everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (self.global_ranks, mine))
+        dist.all_gather_object(everyone, (self.global_ranks, mine, vocabulary))
         me = self.global_ranks[self.rank]
-        for ranks in sorted({tuple(sorted(ranks)) for ranks, _ in everyone}):  # non-members get a non-group handle
-            group = dist.new_group(list(ranks))
+        extra = 3 if any(v for _, _, v in everyone) else 0
+        for ranks in sorted({tuple(sorted(ranks)) for ranks, _, _ in everyone}):  # non-members: a non-group handle
+            group, *more = [dist.new_group(list(ranks)) for _ in range(1 + extra)]
             if me in ranks and ranks == tuple(sorted(self.global_ranks)):
                 self._group = group.group_name
-                self._owned.append(group.group_name)
+                self.vocabulary_groups = [g.group_name for g in more]
+                self._owned += [group.group_name, *self.vocabulary_groups]
         to_local = {g: r for r, g in enumerate(self.global_ranks)}
-        for src, dst in sorted({pair for _, pipeline_pairs in everyone for pair in pipeline_pairs}):
+        for src, dst in sorted({pair for _, pipeline_pairs, _ in everyone for pair in pipeline_pairs}):
             group = dist.new_group(sorted((src, dst)))
             if me in (src, dst) and (src, dst) in mine:
                 self._direction_groups[(to_local[src], to_local[dst])] = group.group_name
@@ -167,6 +172,14 @@ class DistTransport:
 
     def _group_for(self, src: int, dst: int) -> dist.ProcessGroup | None:
         return self._resolve(self._direction_groups.get((src, dst), self._group))
+
+    def group(self, name: str) -> dist.ProcessGroup:
+        """One of this transport's own groups by name (e.g. `vocabulary_groups`), as the collectives take it."""
+        return self._resolve(name)
+
+    def track(self, work) -> DistWork:
+        """A request on one of this transport's groups, waited for as the transfers are (released on `abort`)."""
+        return self._track(work)
 
     def _track(self, work) -> DistWork:
         wrapped = DistWork(work, self)

@@ -45,7 +45,7 @@ class CrossEntropy:
             logits, targets = logits[:, :-1], targets[:, 1:]
         logits, targets = logits.flatten(0, -2).float(), targets.flatten()
         if split:
-            _check_targets(targets, logits.shape[-1] * group.size(), self.ignore_index)
+            check_targets(targets, logits.shape[-1] * group.size(), self.ignore_index)
             loss_sum = _SplitCrossEntropy.apply(logits, targets, start, self.ignore_index, group, timeout).sum()
         else:
             loss_sum = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum")
@@ -88,7 +88,7 @@ class _SplitCrossEntropy(torch.autograd.Function):
         return grad_logits, None, None, None, None, None
 
 
-def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """ValueError for a target outside [0, vocab) that is not `ignore_index`, as F.cross_entropy raises (a
     part would count it with a target logit of 0). On a GPU a device-side assert: no wait per microbatch."""
     valid = (((targets >= 0) & (targets < vocab)) | (targets == ignore_index)).all()

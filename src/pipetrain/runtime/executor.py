@@ -31,6 +31,7 @@ from .comm import CommError, Transport, abort_others, rank_name, refuse_if_stopp
 from .overlap import FORWARD, Lanes
 from .stage import UNWEIGHTED, LossWeights, Stage
 from .values import Packet, Signature, batch_check, describe_key, flatten, unflatten
+from .vocabulary import VocabularyShard
 from .wire import HEADER_BYTES, MIN_CAPACITY, Link, Posted, Wire, envelope_size, unpack
 
 _OPS = list(Op)
@@ -152,8 +153,10 @@ class Executor:
     """
 
     def __init__(self, *, rank: int, stage_to_rank: Sequence[int], stages: dict[int, Stage],
-                 transport: Transport, timeout: float, lanes: Lanes | None = None) -> None:
+                 transport: Transport, timeout: float, lanes: Lanes | None = None,
+                 vocabulary: VocabularyShard | None = None) -> None:
         self.rank = rank
+        self.vocabulary = vocabulary  # this rank's shard of a vocabulary-parallel head (its S and T actions)
         self.lanes = lanes if lanes is not None else Lanes(timeout, transport.device)  # overlapped pairs
         self.stage_to_rank = tuple(stage_to_rank)
         self.num_stages = len(self.stage_to_rank)
@@ -180,6 +183,8 @@ class Executor:
         for stage in self.stages.values():
             stage.losses.clear()
             stage.aux.clear()
+        if self.vocabulary is not None:
+            self.vocabulary.losses.clear()
         return RankStep(self.rank, math.nan, tuple(st.events), tuple(st.waits), st.now(), st.t0, tuple(st.comms),
                         tuple(st.all_to_all), partials=st.partials)
 
@@ -236,10 +241,14 @@ class Executor:
             if st.passes is not None:
                 self._close_links()
             self.wire.wait_sends()
+            if self.vocabulary is not None and st.passes is None:
+                self.vocabulary.finish()
             st.partials = self._partials() if st.passes is None else None
         except BaseException as err:
             for stage in self.stages.values():
                 stage.clear()
+            if self.vocabulary is not None:
+                self.vocabulary.clear()
             self.wire.sends.clear()
             abort_others(self.transport, self.rank, err)
             raise
@@ -283,8 +292,14 @@ class Executor:
             if st.collectives is not None and st.collectives.wait_gathered(s):
                 st.waits.append(Event(self.rank, Action(s, Op.GATHER, 0), start, st.now()))
             return partial(stage.forward, mb, x, target=target, weights=st.weights, grad=st.grad)
+        if action.op is Op.S:
+            return partial(self.vocabulary.forward, mb, st.targets[mb], grad=st.grad)
+        if action.op is Op.T:
+            return partial(self.vocabulary.backward, mb, st.weights)
         if action.op is Op.B or action.op is Op.I:
             grads = self._input(needs, action) if needs is not None else None
+            if needs is None and self.vocabulary is not None and stage.is_last:
+                grads = [self.vocabulary.output_gradient(mb)]
             if st.reductions is not None:  # (gradients accumulate into the buffer their reduction reads)
                 st.reductions.before_backward(s)
             return partial(stage.backward if action.op is Op.B else stage.backward_input, mb, grads)
@@ -294,7 +309,9 @@ class Executor:
         """Keep what a compute action produced for the transfer or local use that takes it."""
         st = self._step
         if action.op is Op.F:
-            if result is not None:
+            if result is not None and self.vocabulary is not None and action.stage == self.num_stages - 1:
+                self.vocabulary.send_hidden(action.mb, _hidden_state(result, action))
+            elif result is not None:
                 st.outputs[(action.stage, action.mb)] = result.signature
                 st.local[produces(action)] = result
                 self._post_known_deferred()
@@ -481,8 +498,9 @@ class Executor:
         """This rank's share of the step's loss and auxiliary losses, summed over ranks by the pipeline."""
         out = torch.zeros(5, dtype=torch.float64)
         last = self.stages.get(self.num_stages - 1)
-        if last is not None and last.losses:
-            results = [last.losses[m] for m in range(len(self._step.inputs))]
+        losses = self.vocabulary.losses if self.vocabulary is not None else last.losses if last is not None else {}
+        if losses:
+            results = [losses[m] for m in range(len(self._step.inputs))]
             pairs = sum(count is not None for _, count in results)
             if pairs not in (0, len(results)):
                 raise ValueError("loss_fn returned a mean for some microbatches and a (loss_sum, count) pair for "
@@ -496,6 +514,14 @@ class Executor:
             out[AUX_SUM] = torch.stack(aux).sum()
             out[AUX_LOSSES] = len(aux)
         return out.to(self.device)
+
+
+def _hidden_state(result: Packet, action: Action) -> torch.Tensor:
+    """The last stage's output as a vocabulary-parallel head takes it: one floating tensor."""
+    if len(result.leaves) != 1 or not result.leaves[0].is_floating_point():
+        raise ValueError(f"{action}: with vocabulary parallelism the last stage's output is the head's hidden state, "
+                         f"one floating tensor (*targets.shape, d); got {result.signature.describe()}")
+    return result.leaves[0]
 
 
 def gather_timeline(step: RankStep, transport: Transport, timeout: float, dst: int = 0) -> Timeline | None:

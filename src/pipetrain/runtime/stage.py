@@ -86,6 +86,11 @@ class Stage:
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
 
+    @property
+    def computes_loss(self) -> bool:
+        """The last stage, unless vocabulary parallelism takes its output (no `loss_fn`: it passes it on)."""
+        return self.is_last and self.loss_fn is not None
+
     # --- forward -------------------------------------------------------------------------------------
     def forward(self, mb: int, x: Packet | Any, *, target: Any = None, weights: LossWeights = UNWEIGHTED,
                 grad: bool = True) -> Packet | None:
@@ -109,12 +114,12 @@ class Stage:
         with torch.set_grad_enabled(grad), collect_aux_losses() as aux:
             out = checkpoint(self._run, x, use_reentrant=False, context_fn=self._recomputation_context) \
                 if self.checkpoint and grad else self._run(x)
-            if self.is_last:
+            if self.computes_loss:
                 loss, count = self._loss(out, target)
         if aux:
             self.aux[mb] = torch.stack([a.detach().float() for a in aux]).sum()
         aux_objective = sum(a.float() for a in aux) * weights.aux if aux and grad else None
-        if self.is_last:
+        if self.computes_loss:
             self.losses[mb] = (loss.detach(), count)
             if grad:
                 objective = loss * (weights.mean if count is None else weights.total)

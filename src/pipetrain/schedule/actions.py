@@ -1,4 +1,4 @@
-"""Actions (`1F0`, `3I7`, `2SEND_F0`, `1D3@7`) and the data dependencies between them, defined once."""
+"""Actions (`1F0`, `3I7`, `2SEND_F0`, `1D3@7`, `0S5`) and the data dependencies between them, defined once."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import NamedTuple
 
 
 class Op(enum.Enum):
-    """What an action does. F/B/I/W train and P/D generate (compute); SEND_*/RECV_* move one value between ranks
-    (transfers); REDUCE and GATHER are a stage's data-parallel collectives over its replicas (`collectives`)."""
+    """What an action does. F/B/I/W train and P/D generate (compute); S/T are a vocabulary shard's passes
+    (compute, `vocabulary`); SEND_*/RECV_* move one value between ranks (transfers); REDUCE and GATHER are a
+    stage's data-parallel collectives over its replicas (`collectives`)."""
 
     F = "F"  # forward of one stage on one microbatch
     B = "B"  # full backward (input and weight gradients)
@@ -26,6 +27,8 @@ class Op(enum.Enum):
     RECV_P = "RECV_P"  # receive this stage's generation input (from stage - 1, or from the last stage)
     REDUCE = "REDUCE"  # launch the reduction of the stage's weight gradients over its data-parallel replicas
     GATHER = "GATHER"  # launch the all-gather of the stage's parameters from their shards (shard="params")
+    S = "S"  # vocabulary parallel: one shard's logits of one microbatch and their softmax statistics
+    T = "T"  # vocabulary parallel: one shard's backward (its weight gradient, its part of the output gradient)
 
     # (the simulator asks these millions of times: string lookups, not enum hashing)
     @property
@@ -42,16 +45,17 @@ class Op(enum.Enum):
         return self._value_ in _COLLECTIVES
 
 
-_COMPUTE = frozenset({"F", "B", "I", "W", "P", "D"})
+_COMPUTE = frozenset({"F", "B", "I", "W", "P", "D", "S", "T"})
 _COLLECTIVES = frozenset({"REDUCE", "GATHER"})
 _TRANSFERS = frozenset({"SEND_F", "RECV_F", "SEND_B", "RECV_B", "SEND_P", "RECV_P"})
 _PAIRABLE = frozenset({"F", "B", "I"})  # what an overlapped pair holds: a forward and a backward
 SENDS = frozenset({"SEND_F", "SEND_B", "SEND_P"})  # Op values: `action.op._value_ in SENDS`
 RECVS = frozenset({"RECV_F", "RECV_B", "RECV_P"})
 _ROUNDS = frozenset({"P", "D", "SEND_P", "RECV_P"})  # the generation ops, whose actions have a round
+VOCABULARY = frozenset({"S", "T"})  # a vocabulary shard's ops: `action.stage` is the shard, which is its rank
 
 
-_ACTION_RE = re.compile(r"^(\+?)(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|SEND_P|RECV_P|F|B|I|W|P|D)(\d+)(?:@(\d+))?|"
+_ACTION_RE = re.compile(r"^(\+?)(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|SEND_P|RECV_P|F|B|I|W|P|D|S|T)(\d+)(?:@(\d+))?|"
                         r"(REDUCE|GATHER))$")
 
 
@@ -62,6 +66,9 @@ class Action:
     Generation's actions run group `mb` of sequences through `stage` in `round` (its prefill pieces, then
     one round per new token) and print with it: `1D3@7` is stage 1 decoding group 3 in round 7. A stage's
     collectives concern all its microbatches (`mb` 0) and print without one: `1REDUCE`, `1GATHER`.
+
+    Vocabulary parallelism's passes (`vocabulary`) print with their shard, which is also their rank: `0S5` is
+    shard 0's logits of microbatch 5, `1T5` shard 1's backward of it.
 
     `paired` (printed `+1B0`): the action runs together with the compute action right before it, a forward
     with a backward (B or I) of another microbatch, taking turns at their all-to-alls (`overlap`). It says how
@@ -155,6 +162,10 @@ def D(stage: int, group: int, round: int) -> Action:  # noqa: N802, A002
 #   round. It consumes PASS(s-1, g, t) when s > 0; at stage 0 a D consumes the last stage's PASS of round
 #   t-1 (a P takes a piece of the prompts instead); and every pass after round 0 consumes its own stage's
 #   PASS(s, g, t-1), which stands for the KV cache that pass extended.
+# Vocabulary parallelism (`vocabulary`): the last stage's output goes to every rank, where shard r's S(r, m)
+#   computes its logits and produces STATS(r, m), their softmax statistics; T(r, m) consumes every shard's
+#   STATS(., m) and produces VGRAD(r, m), its part of the gradient of the last stage's output; the last stage's B
+#   or I consumes every VGRAD(., m). These values cross ranks in collectives (`by_collective`), not transfers.
 
 
 class Kind(str, enum.Enum):
@@ -164,6 +175,8 @@ class Kind(str, enum.Enum):
     GRAD = "grad"  # the gradient of a stage's input
     WGRAD = "wgrad"  # a stage's weight gradients for one microbatch
     PASS = "pass"  # a generation pass's output (hidden states, or the last stage's picked tokens)
+    STATS = "stats"  # a vocabulary shard's softmax statistics for one microbatch (its max, sum and target logit)
+    VGRAD = "vgrad"  # a vocabulary shard's part of the gradient of the last stage's output
 
 
 class Value(NamedTuple):
@@ -178,8 +191,9 @@ class Value(NamedTuple):
         return describe(self)
 
 
-ACT, GRAD, WGRAD, PASS = Kind.ACT, Kind.GRAD, Kind.WGRAD, Kind.PASS
-_PRODUCES = {"F": ACT, "B": GRAD, "I": GRAD, "W": WGRAD, "P": PASS, "D": PASS}
+ACT, GRAD, WGRAD, PASS, STATS, VGRAD = Kind.ACT, Kind.GRAD, Kind.WGRAD, Kind.PASS, Kind.STATS, Kind.VGRAD
+_PRODUCES = {"F": ACT, "B": GRAD, "I": GRAD, "W": WGRAD, "P": PASS, "D": PASS, "S": STATS, "T": VGRAD}
+_SHARD_KINDS = frozenset({STATS, VGRAD})  # values whose `stage` is a vocabulary shard (= its rank)
 
 
 _new = tuple.__new__  # _new(Value, (kind, stage, mb, round)) is Value(kind, stage, mb, round) without its
@@ -190,15 +204,22 @@ def produces(action: Action) -> Value:
     return _new(Value, (_PRODUCES[action.op._value_], action.stage, action.mb, action.round))
 
 
-def consumes(action: Action, num_stages: int) -> list[Value]:
-    """Every value `action` needs: its data input (`received_input`) and what it needs from its own stage."""
+def consumes(action: Action, num_stages: int, shards: int = 0) -> list[Value]:
+    """Every value `action` needs: its data input (`received_input`) and what it needs from its own stage.
+    `shards`: the schedule's vocabulary shards (`Schedule.vocabulary_shards`; 0 without vocabulary passes)."""
     s, m, op = action.stage, action.mb, action.op
     if op is Op.F:
         return [_new(Value, (ACT, s - 1, m, 0))] if s > 0 else []
     if op is Op.B or op is Op.I:
         if s < num_stages - 1:
             return [_new(Value, (ACT, s, m, 0)), _new(Value, (GRAD, s + 1, m, 0))]
-        return [_new(Value, (ACT, s, m, 0))]
+        return [_new(Value, (ACT, s, m, 0))] + [_new(Value, (VGRAD, r, m, 0)) for r in range(shards)]
+    if op is Op.S:
+        return [_new(Value, (ACT, num_stages - 1, m, 0))]
+    if op is Op.T:
+        if not shards:
+            raise ValueError(f"{action} is a vocabulary pass: pass consumes() the schedule's vocabulary_shards")
+        return [_new(Value, (STATS, r, m, 0)) for r in range(shards)]
     if op is Op.W:
         return [_new(Value, (GRAD, s, m, 0))]
     if op is Op.P or op is Op.D:
@@ -211,9 +232,27 @@ def consumes(action: Action, num_stages: int) -> list[Value]:
     raise ValueError(f"{action} is not a compute action")
 
 
+def rank_of_value(value: Value, stage_to_rank: tuple[int, ...]) -> int:
+    """The rank that produces `value`: its stage's, or for a vocabulary shard's value the shard's own."""
+    return value.stage if value.kind in _SHARD_KINDS else stage_to_rank[value.stage]
+
+
+def rank_of_action(action: Action, stage_to_rank: tuple[int, ...]) -> int:
+    """The rank that runs `action`: its stage's, or for a vocabulary pass its shard's own."""
+    return action.stage if action.op._value_ in VOCABULARY else stage_to_rank[action.stage]
+
+
+def by_collective(value: Value, action: Action) -> bool:
+    """Whether `value` reaches `action` on another rank through vocabulary parallelism's collectives (the last
+    stage's output broadcast to every S, the statistics gathered for every T, the shards' output gradients
+    summed for the last stage's backward) rather than a SEND/RECV transfer."""
+    return value.kind in _SHARD_KINDS or action.op is Op.S
+
+
 def received_input(action: Action, num_stages: int) -> Value | None:
     """The value a compute action computes on, from another stage or (generation) another round: F: the
-    previous stage's output; B and I: the next stage's input gradient; P and D: the previous stage's pass,
+    previous stage's output; B and I: the next stage's input gradient; S: the last stage's output; P and D:
+    the previous stage's pass,
     and at stage 0 a D's the last stage's tokens of the round before. None: the first stage's F (the
     microbatch) and P (the prompts), the last stage's B, every W."""
     s, op = action.stage, action.op
@@ -221,6 +260,8 @@ def received_input(action: Action, num_stages: int) -> Value | None:
         return _new(Value, (ACT, s - 1, action.mb, 0)) if s > 0 else None
     if op is Op.B or op is Op.I:
         return _new(Value, (GRAD, s + 1, action.mb, 0)) if s < num_stages - 1 else None
+    if op is Op.S:
+        return _new(Value, (ACT, num_stages - 1, action.mb, 0))
     if op is Op.P or op is Op.D:
         if s > 0:
             return _new(Value, (PASS, s - 1, action.mb, action.round))
@@ -247,6 +288,10 @@ def describe(value: Value) -> str:
         return f"the input gradient of stage {stage} for microbatch {mb} ({stage}B{mb} or {stage}I{mb})"
     if kind is PASS:
         return f"the output of stage {stage} for group {mb} in round {t} ({stage}P{mb}@{t} or {stage}D{mb}@{t})"
+    if kind is STATS:
+        return f"the softmax statistics of vocabulary shard {stage} for microbatch {mb} ({stage}S{mb})"
+    if kind is VGRAD:
+        return f"vocabulary shard {stage}'s part of the last stage's output gradient for microbatch {mb} ({stage}T{mb})"
     return f"the weight gradient of stage {stage} for microbatch {mb} ({stage}W{mb})"
 
 
@@ -269,8 +314,9 @@ _SENT = {"SEND_F": ACT, "SEND_B": GRAD, "SEND_P": PASS}
 
 def consumer(value: Value, num_stages: int) -> tuple[int, int] | None:
     """The other stage that consumes a value, and in which round: ACT goes down, GRAD goes up (round 0);
-    a PASS goes down, the last stage's back to stage 0 for the next round; WGRAD stays (None). The stage may
-    be out of range: the last stage's ACT and the first stage's GRAD go nowhere."""
+    a PASS goes down, the last stage's back to stage 0 for the next round; WGRAD stays (None), and a vocabulary
+    shard's values go by collectives (None). The stage may be out of range: the last stage's ACT (but to the
+    vocabulary passes) and the first stage's GRAD go nowhere."""
     kind, s, _, t = value
     if kind is ACT:
         return s + 1, 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .actions import Action, Op
+from .actions import VOCABULARY, Action, Op
 
 
 class ScheduleError(ValueError):
@@ -29,6 +29,7 @@ class Schedule:
     actions: tuple[tuple[Action, ...], ...]
     lowered: bool = False
     _stages_of: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+    _shards: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "actions", tuple(tuple(a) for a in self.actions))
@@ -38,6 +39,8 @@ class Schedule:
             if 0 <= rank < self.num_ranks:
                 stages_of[rank].append(stage)
         object.__setattr__(self, "_stages_of", tuple(tuple(s) for s in stages_of))
+        vocabulary = any(a.op._value_ in VOCABULARY for acts in self.actions for a in acts)
+        object.__setattr__(self, "_shards", self.num_ranks if vocabulary else 0)
 
     @property
     def num_stages(self) -> int:
@@ -46,6 +49,11 @@ class Schedule:
     def stages_of(self, rank: int) -> tuple[int, ...]:
         """The stages a rank owns, in stage order."""
         return self._stages_of[rank]
+
+    @property
+    def vocabulary_shards(self) -> int:
+        """How many vocabulary shards its S and T passes run (one per rank; 0: no vocabulary parallelism)."""
+        return self._shards
 
     @property
     def has_backward(self) -> bool:
@@ -57,8 +65,9 @@ class Schedule:
         return _replace(self, actions=actions, lowered=False)
 
     def forward_only(self) -> Schedule:
-        """The forward actions alone, in the same order: an evaluation schedule (no gradients)."""
-        actions = tuple(tuple(Action(a.stage, a.op, a.mb) for a in acts if a.op is Op.F)  # (unpaired)
+        """The forward actions alone (F, and S with vocabulary parallelism), in the same order: an evaluation
+        schedule (no gradients)."""
+        actions = tuple(tuple(Action(a.stage, a.op, a.mb) for a in acts if a.op is Op.F or a.op is Op.S)  # unpaired
                         for acts in self.compute_only().actions)
         return _replace(self, name=f"{self.name}/forward", actions=actions, lowered=False)
 

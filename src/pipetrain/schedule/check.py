@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from .actions import SENDS, Op, consumer, message_of
+from .actions import SENDS, VOCABULARY, Op, consumer, message_of
 from .base import Schedule, ScheduleError
 from .collectives import check_collectives
 from .lowering import lower, message_order
@@ -51,6 +51,11 @@ def _check_placement(s: Schedule) -> None:
             if not 0 <= a.stage < s.num_stages or not 0 <= a.mb < s.num_microbatches:
                 raise ScheduleError(f"rank {rank}, step {step}: {a} is out of range "
                                     f"({s.num_stages} stages, {s.num_microbatches} microbatches)")
+            if a.op._value_ in VOCABULARY:
+                if a.stage != rank:
+                    raise ScheduleError(f"rank {rank}, step {step}: {a} is vocabulary shard {a.stage}'s pass; "
+                                        f"shard r runs on rank r, so rank {rank} runs {rank}{a.op.value}{a.mb}")
+                continue
             if s.stage_to_rank[a.stage] != rank:
                 raise ScheduleError(f"rank {rank}, step {step}: {a} belongs to stage {a.stage}, which runs on "
                                     f"rank {s.stage_to_rank[a.stage]}")
@@ -64,6 +69,8 @@ def _check_counts(s: Schedule) -> None:
         return _check_rounds(s)
     counts = Counter((a.stage, a.op, a.mb) for acts in s.actions for a in acts if a.op.is_compute)
     backward = s.has_backward
+    if s.vocabulary_shards:
+        _check_vocabulary(s, counts, backward)
     for stage in range(s.num_stages):
         for mb in range(s.num_microbatches):
             n = {op: counts[(stage, op, mb)] for op in (Op.F, Op.B, Op.I, Op.W)}
@@ -78,6 +85,25 @@ def _check_counts(s: Schedule) -> None:
             if n[Op.B] + n[Op.I] != 1:
                 raise ScheduleError(f"{where}: backward runs {n[Op.B] + n[Op.I]} times "
                                     f"(B: {n[Op.B]}, I: {n[Op.I]}); it must run exactly once, as B or as I+W")
+
+
+def _check_vocabulary(s: Schedule, counts: Counter, backward: bool) -> None:
+    """Every rank runs its shard's S once per microbatch (and T, with a backward), each kind in microbatch order:
+    their collectives over the pipeline's ranks match by order."""
+    for rank, acts in enumerate(s.actions):
+        for op in (Op.S, Op.T) if backward else (Op.S,):
+            for mb in range(s.num_microbatches):
+                if counts[(rank, op, mb)] != 1:
+                    passes = "S and T" if backward else "S"
+                    raise ScheduleError(f"rank {rank}: vocabulary pass {rank}{op.value}{mb} runs "
+                                        f"{counts[(rank, op, mb)]} times; every rank runs its shard's {passes} once "
+                                        "for every microbatch (`with_vocabulary` places them)")
+            order = [a.mb for a in acts if a.op is op]
+            if order != sorted(order):
+                raise ScheduleError(f"rank {rank}: its {op.value} passes run microbatches {order}; they must run in "
+                                    "microbatch order on every rank (their collectives match by order)")
+        if not backward and counts[(rank, Op.T, 0)]:
+            raise ScheduleError(f"rank {rank}: a T pass in a schedule without backward")
 
 
 def _check_rounds(s: Schedule) -> None:

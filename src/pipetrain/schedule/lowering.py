@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .actions import PASS, Action, Value, consumer, consumes, produces, recv_action_for, send_action_for
+from .actions import (
+    PASS,
+    Action,
+    Value,
+    by_collective,
+    consumer,
+    consumes,
+    produces,
+    recv_action_for,
+    send_action_for,
+)
 from .base import Schedule, _replace
 
 
@@ -126,7 +136,9 @@ def _remote_needs(rank: int, acts: tuple[Action, ...], schedule: Schedule) -> li
     for action in acts:
         remote = []
         if action.op.is_compute:
-            for value in consumes(action, schedule.num_stages):
+            for value in consumes(action, schedule.num_stages, schedule.vocabulary_shards):
+                if by_collective(value, action):  # (vocabulary parallelism's collectives: no transfer)
+                    continue
                 if 0 <= value.stage < schedule.num_stages and schedule.stage_to_rank[value.stage] != rank:
                     remote.append(value)
         needs.append(remote)

@@ -6,7 +6,19 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .actions import RECVS, SENDS, Action, Op, Value, consumes, describe, message_of, produces
+from .actions import (
+    RECVS,
+    SENDS,
+    Action,
+    Op,
+    Value,
+    by_collective,
+    consumes,
+    describe,
+    message_of,
+    produces,
+    rank_of_value,
+)
 from .base import Schedule, ScheduleError, format_table
 from .lowering import lower
 from .timeline import Event, RankStats, Timeline
@@ -26,6 +38,8 @@ class Costs:
     `all_to_all` (per stage) is the time of the all-to-alls inside one F, and again inside one B or I (expert
     parallel's dispatch and combine, and their backward): waited for alone, hidden behind the other lane's
     compute in an overlapped pair (`pair_time`).
+    `s` and `t` are the times of one vocabulary shard's S and T for one microbatch (vocabulary parallelism:
+    its logits and softmax statistics; its backward); `comm` is also the time of their collectives.
     """
 
     f: PerStage = 1.0
@@ -36,6 +50,8 @@ class Costs:
     reduce: PerStage = 0.0
     gather: PerStage = 0.0
     all_to_all: PerStage = 0.0
+    s: float = 1.0
+    t: float = 2.0
 
     def exchange(self, action: Action) -> float:
         """The all-to-all time inside a compute action (F, B, I; none in W or generation)."""
@@ -54,6 +70,10 @@ class Costs:
             return _at(self.w, s)
         if action.op is Op.B:
             return _at(self.b, s) + _at(self.w, s)
+        if action.op is Op.S:
+            return self.s
+        if action.op is Op.T:
+            return self.t
         if action.op is Op.REDUCE:
             return _at(self.reduce, s)
         if action.op is Op.GATHER:
@@ -105,9 +125,11 @@ def run_dataflow(lowered: Schedule, costs: Costs, exposed: list[Event] | None = 
     deadlocked. A collective (REDUCE, GATHER) runs on its rank's collective lane from the later of its launch
     and the lane's previous collective, beside the compute (its replicas run the same actions, so they are
     taken to launch it at the same time); a stage's F waits for its GATHER, and the rank's step ends when its
-    last REDUCE does. Waits on collectives are waits of the collective's action. Returns the events and waits.
+    last REDUCE does. Waits on collectives are waits of the collective's action. A value that vocabulary
+    parallelism's collectives carry (`by_collective`) arrives `comm` after it is computed. Returns the events
+    and waits.
     """
-    num_stages, rank_of = lowered.num_stages, lowered.stage_to_rank
+    num_stages, rank_of, shards = lowered.num_stages, lowered.stage_to_rank, lowered.vocabulary_shards
     pos = [0] * lowered.num_ranks
     clock = [0.0] * lowered.num_ranks
     lane = [0.0] * lowered.num_ranks  # when each rank's collective lane is free
@@ -154,19 +176,27 @@ def run_dataflow(lowered: Schedule, costs: Costs, exposed: list[Event] | None = 
             else:
                 unit = (a, acts[pos[r] + 1]) if pos[r] + 1 < len(acts) and acts[pos[r] + 1].paired else (a,)
                 start, missing = clock[r], None
-                for value in (v for x in unit for v in consumes(x, num_stages)):
-                    if rank_of[value.stage] == r:
-                        if value not in done:
-                            raise fail(r, f"needs {describe(value)}, which this rank has not computed yet")
-                        start = max(start, done[value])
-                    elif (r, value) not in posted:
-                        raise fail(r, f"needs {describe(value)} from rank {rank_of[value.stage]} "
-                                      "but no RECV for it was posted before")
-                    elif value not in sent:
-                        missing = value
+                for x in unit:
+                    for value in consumes(x, num_stages, shards):
+                        if rank_of_value(value, rank_of) == r:
+                            if value not in done:
+                                raise fail(r, f"needs {describe(value)}, which this rank has not computed yet")
+                            start = max(start, done[value])
+                        elif by_collective(value, x):
+                            if value not in done:
+                                missing = value
+                                break
+                            start = max(start, done[value] + costs.comm)
+                        elif (r, value) not in posted:
+                            raise fail(r, f"needs {describe(value)} from rank {rank_of[value.stage]} "
+                                          "but no RECV for it was posted before")
+                        elif value not in sent:
+                            missing = value
+                            break
+                        else:
+                            start = max(start, max(sent[value], posted[(r, value)]) + costs.comm)
+                    if missing is not None:
                         break
-                    else:
-                        start = max(start, max(sent[value], posted[(r, value)]) + costs.comm)
                 if missing is not None:
                     blocked_on[r] = missing
                     waiting[missing].append(r)
@@ -189,7 +219,9 @@ def run_dataflow(lowered: Schedule, costs: Costs, exposed: list[Event] | None = 
                 end = start + length
                 at = end - sum(exchanges)
                 for x, shown in zip(unit, exchanges, strict=True):
-                    done[produces(x)] = end
+                    done[value := produces(x)] = end
+                    if shards and value in waiting:  # (a rank waits on a vocabulary collective's value)
+                        ready.extend(waiting.pop(value))
                     events.append(Event(r, x, start, end))
                     if shown > 0 and exposed is not None:
                         exposed.append(Event(r, x, at, at + shown))
@@ -207,7 +239,7 @@ def run_dataflow(lowered: Schedule, costs: Costs, exposed: list[Event] | None = 
         lines = []
         for r in stuck:
             value = blocked_on[r]
-            peer = rank_of[value.stage]
+            peer = rank_of_value(value, rank_of)
             peer_at = (f"stuck at {lowered.actions[peer][pos[peer]]}" if pos[peer] < len(lowered.actions[peer])
                        else "finished without sending it")
             lines.append(f"  rank {r} waits at {lowered.actions[r][pos[r]]} for {describe(value)} "

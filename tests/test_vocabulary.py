@@ -1,0 +1,122 @@
+"""Vocabulary parallelism: S and T passes placed into every registered schedule (checked, simulated, refused
+where misplaced), and on spawned gloo ranks loss and gradients equal to one process for the reference GPT and
+Llama at 2 and 4 ranks, every schedule; the layouts it refuses, each with a clear error."""
+
+import pytest
+import torch
+from vocab_workers import VOCAB, vocabulary_scenario
+from workers import run_processes
+
+import pipetrain as pt
+from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
+from pipetrain.schedule import Action, Costs, Op, Schedule, ScheduleError, check, simulate, with_vocabulary
+
+
+def test_vocabulary_actions_print_with_their_shard_and_parse_back():
+    for text in ("0S5", "3T12"):
+        assert str(Action.parse(text)) == text
+    assert Action.parse("1T5") == Action(1, Op.T, 5)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_every_registered_schedule_gets_its_passes_placed_checked_and_simulated(ranks):
+    costs = Costs(s=0.5, t=1.0, comm=0.02)
+    for name in pt.schedules.names():
+        base = pt.schedules.build(name, num_ranks=ranks, num_microbatches=2 * ranks)
+        placed = with_vocabulary(base, costs)
+        check(placed)
+        assert placed.vocabulary_shards == ranks and placed.name == f"{name}/vocabulary"
+        for rank, acts in enumerate(placed.actions):
+            for op in (Op.S, Op.T):  # each kind once per microbatch, in microbatch order, on every rank
+                assert [a for a in acts if a.op is op] == [Action(rank, op, m) for m in range(2 * ranks)], name
+            assert [a for a in acts if a.op._value_ in "FBIW"] != [], name
+        assert sorted(map(str, (a for acts in placed.actions for a in acts if a.op._value_ in "FBIW"))) == \
+            sorted(map(str, (a for acts in base.actions for a in acts))), name  # the schedule's own actions, all
+        evaluation = placed.forward_only()
+        check(evaluation)
+        assert {a.op for acts in evaluation.actions for a in acts} == {Op.F, Op.S}
+        assert simulate(placed, costs).step_time > 0
+
+
+def test_placing_the_passes_beats_the_head_on_the_last_stage_when_the_head_is_heavy():
+    """A head 63% of the compute (gpt-8x256-v32k's): split over 2 ranks, DualPipeV simulates within a few percent
+    of perfect balance; whole on the last stage it cannot pass 0.8."""
+    ranks, m, head = 2, 8, 10.0  # 4 stages of 1.5 per microbatch each (f + b + w) against a head of 10 (x 3)
+    base = pt.schedules.build("dualpipev", num_ranks=ranks, num_microbatches=m)
+    per_stage = 0.5
+    placed = with_vocabulary(base, Costs(f=per_stage, b=per_stage, w=per_stage, s=head / ranks, t=2 * head / ranks))
+    work = m * (base.num_stages * 3 * per_stage + 3 * head) / ranks  # every rank's share
+    split = simulate(placed, Costs(f=per_stage, b=per_stage, w=per_stage, s=head / ranks, t=2 * head / ranks))
+    assert work / split.step_time > 0.93
+    whole = [per_stage] * (base.num_stages - 1) + [per_stage + head]
+    at_last = simulate(base, Costs(f=whole, b=whole, w=whole))
+    assert work / at_last.step_time < 0.8
+
+
+def _schedule(rows: list[str], ranks_stages: tuple[int, ...] = (0, 1)) -> Schedule:
+    return Schedule("hand", len(rows), 1, 1, ranks_stages, [[Action.parse(a) for a in row.split()] for row in rows])
+
+
+@pytest.mark.parametrize(("rows", "match"), [
+    (["0F0 0B0 1S0 0T0", "1F0 1S0 1T0 1B0"], "vocabulary shard 1's pass"),  # another rank's shard
+    (["0F0 0S0 0B0", "1F0 1S0 1T0 1B0"], "0T0 runs 0 times"),
+    (["0F0 0T0 0S0 0B0", "1F0 1S0 1T0 1B0"], "not computed yet"),  # its own statistics after it
+    (["0T0 0F0 0S0 0B0", "1F0 1S0 1T0 1B0"], "not computed yet"),
+    (["0F0 0S0 0B0 0T0", "1F0 1S0 1T0 1B0"], "deadlock"),  # the last stage's B waits for shard 0's T
+])
+def test_misplaced_vocabulary_passes_are_refused(rows, match):
+    with pytest.raises(ScheduleError, match=match):
+        check(_schedule(rows))
+
+
+def test_vocabulary_passes_in_the_wrong_microbatch_order_are_refused():
+    rows = ["0F0 0F1 0S1 0S0 0T0 0T1 0B0 0B1", "1F0 1F1 1S0 1S1 1T0 1T1 1B0 1B1"]
+    with pytest.raises(ScheduleError, match=r"run microbatches \[1, 0\]"):
+        check(Schedule("hand", 2, 2, 1, (0, 1), [[Action.parse(a) for a in row.split()] for row in rows]))
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    # (a key bias's gradient is zero up to rounding, softmax ignoring a shift of every key: floor 1e-6)
+    return ((got - want).norm() / want.norm().clamp_min(1e-6)).item()
+
+
+def check_equal(results: dict) -> None:
+    for rank, cases in results.items():
+        for case, r in cases.items():
+            assert r["loss"] == pytest.approx(r["want"], rel=1e-5), (case, rank)
+            assert r["evaluated"] == pytest.approx(r["want"], rel=1e-5), (case, rank)
+            for key, grad in r["grads"].items():
+                assert relative_error(grad, r["ref_grads"][key]) <= 1e-5, (case, rank, key)
+    for case in results[0]:  # every weight has its gradient on some rank, the head's projection on all
+        held = {key for cases in results.values() for key in cases[case]["grads"]}
+        assert held == set(results[0][case]["ref_grads"]), case
+        head = max(i for i, _ in held)
+        assert all((head, "proj.weight") in cases[case]["grads"] for cases in results.values()), case
+
+
+def test_two_ranks_equal_one_process():
+    check_equal(run_processes(2, vocabulary_scenario, [("gpt", "1f1b", 4), ("llama", "zbv", 4)], timeout=200))
+
+
+def test_four_ranks_equal_one_process_on_every_schedule():
+    cases = [("gpt", "1f1b", 4), ("llama", "interleaved-1f1b", 8), ("gpt", "zb-h1", 4), ("llama", "dualpipev", 8),
+             ("gpt", "zb-auto", 4), ("llama", "gpipe", 4), ("gpt", "zbv", 8), ("llama", "looped-bfs", 8)]
+    check_equal(run_processes(4, vocabulary_scenario, cases, timeout=300))
+
+
+def test_what_vocab_parallel_cannot_split_is_refused_before_any_communication():
+    layers = build_gpt(GPTConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=2, n_heads=2))
+    hub = pt.InProcessHub(2)
+    cases = [
+        (dict(loss_fn=lambda out, y: out.mean()), "pass loss_fn=pipetrain.CrossEntropy"),
+        (dict(loss_fn=gpt_loss, transport=hub.transport(0)), "needs torch.distributed ranks"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            pt.Pipeline(layers, schedule="1f1b", num_microbatches=2, vocab_parallel=True, **kwargs)
+    with pytest.raises(ValueError, match="has no vocabulary_parallel_plan"):
+        pt.Pipeline([*layers[:-1], torch.nn.Linear(16, VOCAB)], schedule="1f1b", num_microbatches=2, loss_fn=gpt_loss,
+                    vocab_parallel=True)
+    tied = build_gpt(GPTConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True))
+    with pytest.raises(ValueError, match="tied embeddings"):
+        pt.Pipeline(tied, schedule="1f1b", num_microbatches=2, loss_fn=gpt_loss, vocab_parallel=True)

@@ -1,0 +1,53 @@
+"""Vocabulary-parallel scenarios run on every spawned gloo rank: loss and gradients against one process."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import pipetrain as pt
+from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss, gpt_loss_sum
+from pipetrain.models.llama import LlamaConfig, build_llama
+
+VOCAB = 37  # (uneven shards over 2 and 4 ranks)
+
+
+def build(model: str):
+    """(layers, loss_fn), the same on every rank after seeding."""
+    torch.manual_seed(0)
+    if model == "gpt":
+        return build_gpt(GPTConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=6, n_heads=2)), gpt_loss
+    cfg = LlamaConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=6, n_heads=4, n_kv_heads=2)
+    return build_llama(cfg), gpt_loss_sum
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def vocabulary_scenario(rank: int, world: int, cases: list[tuple[str, str, int]]) -> dict:
+    """Each case (model, schedule, microbatches): one step on a vocabulary-parallel pipeline and on one process;
+    returns per case the two losses, every gradient this rank holds (whole) and the single process's, an
+    evaluation's loss, and the placed schedule's text."""
+    out = {}
+    for model, schedule, m in cases:
+        layers, loss_fn = build(model)
+        reference, _ = build(model)
+        torch.manual_seed(1)
+        x, y = torch.randint(0, VOCAB, (2 * m, 8)), torch.randint(0, VOCAB, (2 * m, 8))
+        y[::3, 2] = -100  # ignored tokens: the token mean counts the rest
+        pipe = pt.Pipeline(layers, schedule=schedule, num_microbatches=m, loss_fn=loss_fn, vocab_parallel=True)
+        loss = pipe.step(x, y)
+        grads = {(i, n): whole(p.grad).clone() for i, layer in pipe.layers.items() for n, p in layer.named_parameters()}
+        evaluated = pipe.evaluate(x, y)
+        ref = nn.Sequential(*reference)
+        if model == "gpt":  # a mean over microbatches of each one's token mean
+            want = sum(loss_fn(ref(xs), ys) for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True)) / m
+        else:
+            total, count = loss_fn(ref(x), y)
+            want = total / count
+        want.backward()
+        ref_grads = {(i, n): p.grad.clone() for i, layer in enumerate(reference) for n, p in layer.named_parameters()}
+        out[(model, schedule)] = dict(loss=loss, want=want.item(), evaluated=evaluated, grads=grads,
+                                      ref_grads=ref_grads, schedule=str(pipe.schedule))
+    return out
