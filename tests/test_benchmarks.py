@@ -121,3 +121,20 @@ def test_action_cost_benchmark_times_both_libraries_on_the_same_thin_pipeline(ca
     last = ranks["1"]
     # the same layers, weights and rows: the same loss (torch's on the last rank)
     assert last["torch"]["losses"] == pytest.approx(last["pipetrain"]["losses"], rel=1e-5)
+
+
+def test_vocabulary_benchmark_times_every_contender_and_reports_the_goals_figures(capsys):
+    import vocabulary
+
+    assert vocabulary.main(["--vocab", "512", "--width", "32", "--layers", "4", "--batch-size", "8",
+                            "--microbatches", "4", "--rounds", "1", "--vocab-schedules", "1f1b", "dualpipev",
+                            "--whole-schedules", "1f1b", "--json"]) == 0
+    (out,) = json.loads(capsys.readouterr().out)
+    steps = out["steps_ms"]
+    assert set(steps) == {"vocab 1f1b", "vocab dualpipev", "pipetrain 1f1b", "torch 1f1b", "one process"}
+    assert all(t > 0 for t in steps.values()) and out["best"] in ("vocab 1f1b", "vocab dualpipev")
+    assert out["vs_one_process"] == pytest.approx(steps["one process"] / steps[out["best"]], rel=0.01)
+    assert out["vs_torch"] == pytest.approx(steps["torch 1f1b"] / steps[out["best"]], rel=0.01)
+    assert 0 < out["efficiency"] <= 1 and 0 < out["efficiency_whole"] <= 1
+    assert set(out["peak_mib"]) == {out["best"], "pipetrain 1f1b"}
+    assert all(len(mib) == 2 and min(mib) > 0 for mib in out["peak_mib"].values())

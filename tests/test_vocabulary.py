@@ -91,11 +91,13 @@ def check_equal(results: dict) -> None:
         held = {key for cases in results.values() for key in cases[case]["grads"]}
         assert held == set(results[0][case]["ref_grads"]), case
         head = max(i for i, _ in held)
-        assert all((head, "proj.weight") in cases[case]["grads"] for cases in results.values()), case
+        projection = (head, "lm_head.weight" if case[0].startswith("hf-") else "proj.weight")
+        assert all(projection in cases[case]["grads"] for cases in results.values()), case
 
 
 def test_two_ranks_equal_one_process():
-    check_equal(run_processes(2, vocabulary_scenario, [("gpt", "1f1b", 4), ("llama", "zbv", 4)], timeout=200))
+    cases = [("gpt", "1f1b", 4), ("llama", "zbv", 4), ("hf-llama", "dualpipev", 4), ("hf-qwen2", "zb-h1", 4)]
+    check_equal(run_processes(2, vocabulary_scenario, cases, timeout=200))
 
 
 def test_four_ranks_equal_one_process_on_every_schedule():
@@ -120,3 +122,33 @@ def test_what_vocab_parallel_cannot_split_is_refused_before_any_communication():
     tied = build_gpt(GPTConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True))
     with pytest.raises(ValueError, match="tied embeddings"):
         pt.Pipeline(tied, schedule="1f1b", num_microbatches=2, loss_fn=gpt_loss, vocab_parallel=True)
+
+
+def test_the_trainer_trains_with_vocab_parallel_as_without_and_resumes_exactly(tmp_path):
+    from workers import trainer_run
+
+    base = {"preset": "tiny", "steps": 6, "microbatches": 4, "batch_size": 8, "log_every": 100, "eval_batches": 1,
+            "seed": 3, "progress": False, "warmup": 2}
+    plain = run_processes(2, trainer_run, base)
+    straight = run_processes(2, trainer_run, {**base, "vocab_parallel": True})
+    assert straight[0]["losses"] == pytest.approx(plain[0]["losses"], rel=1e-5)
+    assert straight[0]["final"] == pytest.approx(plain[0]["final"], rel=1e-5)
+    ck = str(tmp_path / "ck")
+    first = run_processes(2, trainer_run, {**base, "vocab_parallel": True, "checkpoint_dir": ck, "stop_at_step": 3})
+    resumed = run_processes(2, trainer_run, {**base, "vocab_parallel": True, "checkpoint_dir": ck, "resume": True})
+    assert first[0]["losses"] + resumed[0]["losses"] == straight[0]["losses"]  # bit for bit
+    for rank in (0, 1):  # the head's projection, whole on every rank, trained alike
+        key = (max(i for i, _ in plain[1]["params"]), "proj.weight")  # (the head: the last layer)
+        assert torch.equal(resumed[rank]["params"][key], straight[rank]["params"][key])
+        assert relative_error(straight[rank]["params"][key], plain[1]["params"][key]) < 1e-4
+
+
+def test_balance_by_params_leaves_the_split_projection_out_of_the_last_stage():
+    from pipetrain.pipeline.balance import resolve_balance
+
+    with torch.device("meta"):
+        layers = build_gpt(GPTConfig(vocab_size=32768, seq_len=128, d_model=256, n_layers=8, n_heads=8))
+    schedule = pt.schedules.build("1f1b", num_ranks=2, num_microbatches=4)
+    whole = resolve_balance("params", layers, schedule, measured_costs=list)
+    split = resolve_balance("params", layers, schedule, measured_costs=list, projection="proj")
+    assert whole == [9, 1] and split == [5, 5]  # the head whole outweighs 8 blocks; without its projection, nothing

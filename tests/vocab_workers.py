@@ -12,9 +12,25 @@ from pipetrain.models.llama import LlamaConfig, build_llama
 VOCAB = 37  # (uneven shards over 2 and 4 ranks)
 
 
+def tiny_hf(family: str, **overrides):
+    """A random 4-layer model from transformers (Llama or Qwen2) as (layers, loss_fn): from_hf's layers and its
+    shifted, token-mean cross-entropy."""
+    import transformers
+
+    from pipetrain.models.hf import from_hf
+
+    size = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False) | overrides
+    config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    return from_hf(model(config(**size)))
+
+
 def build(model: str):
     """(layers, loss_fn), the same on every rank after seeding."""
     torch.manual_seed(0)
+    if model.startswith("hf-"):
+        return tiny_hf(model.removeprefix("hf-"))
     if model == "gpt":
         return build_gpt(GPTConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=6, n_heads=2)), gpt_loss
     cfg = LlamaConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=6, n_heads=4, n_kv_heads=2)
@@ -37,6 +53,8 @@ def vocabulary_scenario(rank: int, world: int, cases: list[tuple[str, str, int]]
         x, y = torch.randint(0, VOCAB, (2 * m, 8)), torch.randint(0, VOCAB, (2 * m, 8))
         y[::3, 2] = -100  # ignored tokens: the token mean counts the rest
         pipe = pt.Pipeline(layers, schedule=schedule, num_microbatches=m, loss_fn=loss_fn, vocab_parallel=True)
+        inputs = (lambda ids: {"input_ids": ids}) if model.startswith("hf-") else (lambda ids: ids)
+        x = inputs(x)
         loss = pipe.step(x, y)
         grads = {(i, n): whole(p.grad).clone() for i, layer in pipe.layers.items() for n, p in layer.named_parameters()}
         evaluated = pipe.evaluate(x, y)

@@ -221,7 +221,8 @@ def _train(args: argparse.Namespace) -> int:
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             values[flag.replace("-", "_")] = value
-    for flag in ("activation_checkpointing", "tie_embeddings", "document_mask", "sequence_parallel", "overlap"):
+    for flag in ("activation_checkpointing", "tie_embeddings", "document_mask", "sequence_parallel", "overlap",
+                 "vocab_parallel"):
         if getattr(args, flag):
             values[flag] = True
     for flag in ("data", "eval_data"):
@@ -394,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --tp: activations between the split layers and stages split by sequence")
     train.add_argument("--overlap", action="store_true",
                        help="with --ep: run forwards and backwards in pairs that hide each other's all-to-alls")
+    train.add_argument("--vocab-parallel", action="store_true",
+                       help="split the output head and its cross-entropy by vocabulary over the pipeline ranks")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on rank 0 (default: when stdout is a terminal)")
     train.add_argument("--log-file", help="also write rank 0's output to this file")

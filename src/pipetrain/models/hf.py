@@ -225,6 +225,15 @@ class NormHead(_HFLayer):
         self._divisible(tp, vocab_size=self.lm_head.out_features)
         return {"lm_head": Split.HEAD}
 
+    def vocabulary_parallel_plan(self) -> str:
+        """The projection vocabulary parallelism splits over the pipeline ranks: lm_head, applied last unless the
+        model scales or caps its logits after it."""
+        if self.logit_divisor != 1.0 or self.logit_softcap is not None:
+            raise ValueError("vocab_parallel=True splits lm_head, which must be the head's last operation; this "
+                             "model scales or caps its logits after it (logit divisor or softcap): leave "
+                             "vocab_parallel off for it")
+        return "lm_head"
+
     def forward(self, x: dict) -> torch.Tensor:
         if self.balance is not None and "router_sums" in x:
             add_aux_loss(self.balance * balance_loss(x["router_sums"]))

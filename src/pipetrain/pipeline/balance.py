@@ -15,16 +15,23 @@ Balance = str | Sequence[int]
 
 
 def resolve_balance(balance: Balance, layers: Sequence[nn.Module], schedule: Schedule, *,
-                    measured_costs: Callable[[], list[float]]) -> list[int]:
+                    measured_costs: Callable[[], list[float]], projection: str | None = None) -> list[int]:
     """The layer count of each stage. `measured_costs()` gives the per-layer times for balance="time"
-    (measured once and shared, so that every rank splits alike). A named balance is split by `named_split`."""
+    (measured once and shared, so that every rank splits alike). A named balance is split by `named_split`.
+    `projection` (vocabulary parallelism): the last layer's projection, which runs on every rank, not on the
+    last stage: "params" and "time" leave its share of the last layer's parameters out of that layer's cost."""
     num_stages = schedule.num_stages
     if isinstance(balance, str):
         sources = {"uniform": lambda: uniform_costs(layers), "params": lambda: param_costs(layers),
                    "time": measured_costs}
         if balance not in sources:
             raise ValueError(f'balance must be "uniform", "params", "time" or a list of layer counts, got {balance!r}')
-        return named_split(sources[balance](), schedule)
+        costs = list(sources[balance]())
+        if projection is not None and balance != "uniform":
+            head = [p.numel() for p in layers[-1].parameters()]
+            split = sum(p.numel() for p in getattr(layers[-1], projection).parameters())
+            costs[-1] *= 1 - split / max(sum(head), 1)
+        return named_split(costs, schedule)
     counts = list(balance)
     if (len(counts) != num_stages or any(not isinstance(n, int) or n < 1 for n in counts)
             or sum(counts) != len(layers)):

@@ -157,7 +157,8 @@ class Pipeline(RankParameters):
         self._lanes.paired = any(a.paired for acts in schedule.actions for a in acts)
         # split
         self.balance = resolve_balance(balance, layers, schedule,
-                                       measured_costs=lambda: self._shared_time_costs(layers, sample))
+                                       measured_costs=lambda: self._shared_time_costs(layers, sample),
+                                       projection=projection)
         if projection is not None:  # every rank's S and T passes, placed for the split's costs
             schedule = self.schedule = schedule_with_vocabulary(schedule, vocabulary_costs(
                 layers, self.balance, projection, schedule.num_ranks))

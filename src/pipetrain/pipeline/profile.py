@@ -20,8 +20,17 @@ def uniform_costs(layers: Sequence[nn.Module]) -> list[float]:
 
 
 def param_costs(layers: Sequence[nn.Module]) -> list[float]:
-    """Number of parameters of each layer (shared parameters counted in every layer that uses them)."""
-    return [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
+    """Number of parameters of each layer that its compute multiplies (shared parameters counted in every
+    layer that uses them): an `nn.Embedding`'s table is looked up, not multiplied, and counts only where
+    another module of the layer uses it too (a tied head)."""
+    costs = []
+    for layer in layers:
+        looked_up = {id(m.weight) for m in layer.modules() if isinstance(m, nn.Embedding)}
+        multiplied = {id(p) for m in layer.modules() if not isinstance(m, nn.Embedding)
+                      for p in m.parameters(recurse=False)}
+        costs.append(float(sum(p.numel() for p in layer.parameters()
+                               if id(p) not in looked_up or id(p) in multiplied)))
+    return costs
 
 
 def time_costs(layers: Sequence[nn.Module], sample: Any, *, repeats: int = 5,

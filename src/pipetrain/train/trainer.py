@@ -134,7 +134,7 @@ class Trainer:
                         transport=transport, timeout=cfg.timeout, sample=sample,
                         checkpoint=cfg.activation_checkpointing, precision=cfg.precision, mesh=mesh,
                         seed=cfg.seed, shard=cfg.shard, sequence_parallel=cfg.sequence_parallel,
-                        expert_capacity=cfg.expert_capacity, overlap=cfg.overlap)
+                        expert_capacity=cfg.expert_capacity, overlap=cfg.overlap, vocab_parallel=cfg.vocab_parallel)
 
     # --- one optimizer step --------------------------------------------------------------------------
     def train_step(self, *, stop_after: float | None = None) -> dict:
