@@ -13,7 +13,7 @@ from pipetrain.schedule import Action, Costs, Op, Schedule, ScheduleError, check
 
 
 def test_vocabulary_actions_print_with_their_shard_and_parse_back():
-    for text in ("0S5", "3T12"):
+    for text in ("0S5", "3T12", "1E0", "2G7"):
         assert str(Action.parse(text)) == text
     assert Action.parse("1T5") == Action(1, Op.T, 5)
 
@@ -27,14 +27,14 @@ def test_every_registered_schedule_gets_its_passes_placed_checked_and_simulated(
         check(placed)
         assert placed.vocabulary_shards == ranks and placed.name == f"{name}/vocabulary"
         for rank, acts in enumerate(placed.actions):
-            for op in (Op.S, Op.T):  # each kind once per microbatch, in microbatch order, on every rank
+            for op in (Op.E, Op.S, Op.T, Op.G):  # each kind once per microbatch, in microbatch order, everywhere
                 assert [a for a in acts if a.op is op] == [Action(rank, op, m) for m in range(2 * ranks)], name
             assert [a for a in acts if a.op._value_ in "FBIW"] != [], name
         assert sorted(map(str, (a for acts in placed.actions for a in acts if a.op._value_ in "FBIW"))) == \
             sorted(map(str, (a for acts in base.actions for a in acts))), name  # the schedule's own actions, all
         evaluation = placed.forward_only()
         check(evaluation)
-        assert {a.op for acts in evaluation.actions for a in acts} == {Op.F, Op.S}
+        assert {a.op for acts in evaluation.actions for a in acts} == {Op.E, Op.F, Op.S}
         assert simulate(placed, costs).step_time > 0
 
 
@@ -58,11 +58,13 @@ def _schedule(rows: list[str], ranks_stages: tuple[int, ...] = (0, 1)) -> Schedu
 
 
 @pytest.mark.parametrize(("rows", "match"), [
-    (["0F0 0B0 1S0 0T0", "1F0 1S0 1T0 1B0"], "vocabulary shard 1's pass"),  # another rank's shard
-    (["0F0 0S0 0B0", "1F0 1S0 1T0 1B0"], "0T0 runs 0 times"),
-    (["0F0 0T0 0S0 0B0", "1F0 1S0 1T0 1B0"], "not computed yet"),  # its own statistics after it
-    (["0T0 0F0 0S0 0B0", "1F0 1S0 1T0 1B0"], "not computed yet"),
-    (["0F0 0S0 0B0 0T0", "1F0 1S0 1T0 1B0"], "deadlock"),  # the last stage's B waits for shard 0's T
+    (["0E0 0F0 0B0 1S0 0T0 0G0", "1E0 1F0 1S0 1T0 1B0 1G0"], "vocabulary shard 1's pass"),  # another rank's shard
+    (["0E0 0F0 0S0 0B0 0G0", "1E0 1F0 1S0 1T0 1B0 1G0"], "0T0 runs 0 times"),
+    (["0E0 0F0 0S0 0T0 0B0", "1E0 1F0 1S0 1T0 1B0 1G0"], "0G0 runs 0 times"),
+    (["0E0 0F0 0T0 0S0 0B0 0G0", "1E0 1F0 1S0 1T0 1B0 1G0"], "not computed yet"),  # its statistics after it
+    (["0E0 0F0 0S0 0B0 0T0 0G0", "1E0 1F0 1S0 1T0 1B0 1G0"], "deadlock"),  # the last B waits for shard 0's T
+    (["0F0 0E0 0S0 0T0 0B0 0G0", "1E0 1F0 1S0 1T0 1B0 1G0"], "not computed yet"),  # the first F before its E
+    (["0E0 0F0 0S0 0T0 0B0 0G0", "1G0 1E0 1F0 1S0 1T0 1B0"], "deadlock"),  # G before the gradient it takes
 ])
 def test_misplaced_vocabulary_passes_are_refused(rows, match):
     with pytest.raises(ScheduleError, match=match):
@@ -70,7 +72,7 @@ def test_misplaced_vocabulary_passes_are_refused(rows, match):
 
 
 def test_vocabulary_passes_in_the_wrong_microbatch_order_are_refused():
-    rows = ["0F0 0F1 0S1 0S0 0T0 0T1 0B0 0B1", "1F0 1F1 1S0 1S1 1T0 1T1 1B0 1B1"]
+    rows = ["0E0 0E1 0F0 0F1 0S1 0S0 0T0 0T1 0B0 0B1 0G0 0G1", "1E0 1E1 1F0 1F1 1S0 1S1 1T0 1T1 1B0 1B1 1G0 1G1"]
     with pytest.raises(ScheduleError, match=r"run microbatches \[1, 0\]"):
         check(Schedule("hand", 2, 2, 1, (0, 1), [[Action.parse(a) for a in row.split()] for row in rows]))
 
@@ -96,13 +98,14 @@ def check_equal(results: dict) -> None:
 
 
 def test_two_ranks_equal_one_process():
-    cases = [("gpt", "1f1b", 4), ("llama", "zbv", 4), ("hf-llama", "dualpipev", 4), ("hf-qwen2", "zb-h1", 4)]
+    cases = [("gpt", "1f1b", 4), ("llama", "zbv", 4), ("hf-llama", "dualpipev", 4), ("hf-qwen2-tied", "zb-h1", 4),
+             ("gpt-tied", "interleaved-1f1b", 4)]
     check_equal(run_processes(2, vocabulary_scenario, cases, timeout=200))
 
 
 def test_four_ranks_equal_one_process_on_every_schedule():
-    cases = [("gpt", "1f1b", 4), ("llama", "interleaved-1f1b", 8), ("gpt", "zb-h1", 4), ("llama", "dualpipev", 8),
-             ("gpt", "zb-auto", 4), ("llama", "gpipe", 4), ("gpt", "zbv", 8), ("llama", "looped-bfs", 8)]
+    cases = [("gpt", "1f1b", 4), ("llama", "interleaved-1f1b", 8), ("gpt-tied", "zb-h1", 4), ("llama", "dualpipev", 8),
+             ("gpt", "zb-auto", 4), ("llama", "gpipe", 4), ("gpt-tied", "zbv", 8), ("hf-qwen2-tied", "looped-bfs", 8)]
     check_equal(run_processes(4, vocabulary_scenario, cases, timeout=300))
 
 
@@ -116,19 +119,23 @@ def test_what_vocab_parallel_cannot_split_is_refused_before_any_communication():
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             pt.Pipeline(layers, schedule="1f1b", num_microbatches=2, vocab_parallel=True, **kwargs)
-    with pytest.raises(ValueError, match="has no vocabulary_parallel_plan"):
+    with pytest.raises(ValueError, match="last layer's vocabulary table, but Linear has no vocabulary_parallel_plan"):
         pt.Pipeline([*layers[:-1], torch.nn.Linear(16, VOCAB)], schedule="1f1b", num_microbatches=2, loss_fn=gpt_loss,
                     vocab_parallel=True)
-    tied = build_gpt(GPTConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True))
-    with pytest.raises(ValueError, match="tied embeddings"):
-        pt.Pipeline(tied, schedule="1f1b", num_microbatches=2, loss_fn=gpt_loss, vocab_parallel=True)
+    other = build_gpt(GPTConfig(vocab_size=VOCAB + 1, seq_len=8, d_model=16, n_layers=2, n_heads=2))
+    with pytest.raises(ValueError, match=f"the embedding has {VOCAB} rows and the head {VOCAB + 1}"):
+        pt.Pipeline([*layers[:-1], other[-1]], schedule="1f1b", num_microbatches=2, loss_fn=gpt_loss,
+                    vocab_parallel=True)
+    with pytest.raises(ValueError, match="first layer's vocabulary table"):
+        pt.Pipeline([torch.nn.Identity(), *layers[1:]], schedule="1f1b", num_microbatches=2, loss_fn=gpt_loss,
+                    vocab_parallel=True)
 
 
 def test_the_trainer_trains_with_vocab_parallel_as_without_and_resumes_exactly(tmp_path):
     from workers import trainer_run
 
     base = {"preset": "tiny", "steps": 6, "microbatches": 4, "batch_size": 8, "log_every": 100, "eval_batches": 1,
-            "seed": 3, "progress": False, "warmup": 2}
+            "seed": 3, "progress": False, "warmup": 2, "tie_embeddings": True}
     plain = run_processes(2, trainer_run, base)
     straight = run_processes(2, trainer_run, {**base, "vocab_parallel": True})
     assert straight[0]["losses"] == pytest.approx(plain[0]["losses"], rel=1e-5)

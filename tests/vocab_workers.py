@@ -13,13 +13,13 @@ VOCAB = 37  # (uneven shards over 2 and 4 ranks)
 
 
 def tiny_hf(family: str, **overrides):
-    """A random 4-layer model from transformers (Llama or Qwen2) as (layers, loss_fn): from_hf's layers and its
+    """A random 6-layer model from transformers (Llama or Qwen2) as (layers, loss_fn): from_hf's layers and its
     shifted, token-mean cross-entropy."""
     import transformers
 
     from pipetrain.models.hf import from_hf
 
-    size = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+    size = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False) | overrides
     config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                      "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
@@ -30,9 +30,12 @@ def build(model: str):
     """(layers, loss_fn), the same on every rank after seeding."""
     torch.manual_seed(0)
     if model.startswith("hf-"):
-        return tiny_hf(model.removeprefix("hf-"))
-    if model == "gpt":
-        return build_gpt(GPTConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=6, n_heads=2)), gpt_loss
+        family, _, tied = model.removeprefix("hf-").partition("-")
+        return tiny_hf(family, tie_word_embeddings=tied == "tied")
+    if model.startswith("gpt"):
+        tied = model == "gpt-tied"
+        return build_gpt(GPTConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=6, n_heads=2,
+                                   tie_embeddings=tied)), gpt_loss
     cfg = LlamaConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=6, n_heads=4, n_kv_heads=2)
     return build_llama(cfg), gpt_loss_sum
 
@@ -59,7 +62,7 @@ def vocabulary_scenario(rank: int, world: int, cases: list[tuple[str, str, int]]
         grads = {(i, n): whole(p.grad).clone() for i, layer in pipe.layers.items() for n, p in layer.named_parameters()}
         evaluated = pipe.evaluate(x, y)
         ref = nn.Sequential(*reference)
-        if model == "gpt":  # a mean over microbatches of each one's token mean
+        if model.startswith("gpt"):  # a mean over microbatches of each one's token mean
             want = sum(loss_fn(ref(xs), ys) for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True)) / m
         else:
             total, count = loss_fn(ref(x), y)

@@ -69,6 +69,10 @@ class Embedding(nn.Module):
         # (the positions' table stays whole; with sequence parallelism the output leaves split by sequence)
         return {"tok": Split.EMBEDDING, "": Split.SCATTER}
 
+    def vocabulary_parallel_plan(self) -> str:
+        """The token table vocabulary parallelism splits over the pipeline ranks."""
+        return "tok"
+
     def forward(self, inputs: torch.Tensor | dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids (b, t) -> (b, t, d); or, for packed documents, {"input_ids", "position_ids"} -> ((b, t, d),
         positions (b, t)), the positions going on to the blocks' document mask."""

@@ -121,6 +121,10 @@ class Embedding(_HFLayer):
         self._divisible(tp, vocab_size=self.embed_tokens.num_embeddings)
         return {"embed_tokens": Split.EMBEDDING}
 
+    def vocabulary_parallel_plan(self) -> str:
+        """The token table vocabulary parallelism splits over the pipeline ranks."""
+        return "embed_tokens"
+
     def forward_cached(self, ids: torch.Tensor, cache) -> dict:
         """Generation (pipetrain.generation.kv_cache): the new tokens (b, t); positions come from the cache."""
         return {"hidden_states": self._embed(ids, cache.positions)}

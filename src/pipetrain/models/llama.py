@@ -95,6 +95,10 @@ class Embedding(nn.Module):
         require_divisible(tp, "the Llama", vocab_size=self.tok.num_embeddings)
         return {"tok": Split.EMBEDDING, "": Split.SCATTER}  # (sequence parallelism: the output leaves split)
 
+    def vocabulary_parallel_plan(self) -> str:
+        """The token table vocabulary parallelism splits over the pipeline ranks."""
+        return "tok"
+
     def forward_cached(self, idx: torch.Tensor, cache) -> torch.Tensor:
         """Generation (kv_cache.py): positions enter in attention."""
         return self.tok(idx)

@@ -26,7 +26,7 @@ class RankParameters:
         without the last stage, the last layer's projection shard alone)."""
         mine = {i: layer for s, stage in self.stages.items()
                 for i, layer in zip(self.layer_ranges[s], stage.layers, strict=True)}
-        return mine | self._extra_layers
+        return dict(sorted((mine | self._extra_layers).items()))
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of this rank's stages, each once (what this rank's optimizer should own, through

@@ -32,7 +32,13 @@ from .profile import time_costs
 from .rank0_measure import measured_on_pipeline_rank_0
 from .same_weights import check_same_weights
 from .step_collectives import check_step_collectives
-from .vocabulary import check_vocabulary_parallel, schedule_with_vocabulary, vocabulary_costs, vocabulary_shard
+from .vocabulary import (
+    check_vocabulary_parallel,
+    schedule_with_vocabulary,
+    vocabulary_costs,
+    vocabulary_shards,
+    vocabulary_tables,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -112,7 +118,7 @@ class Pipeline(RankParameters):
                  expert_capacity: float | None = None, overlap: bool = False, vocab_parallel: bool = False) -> None:
         layers = list(layers)
         groups = groups_of(mesh, transport)
-        projection = check_vocabulary_parallel(
+        vocabulary = check_vocabulary_parallel(
             layers, loss_fn, transport=transport, tp=groups.tp_size, ep=groups.ep_size,
             dp=_group_size(groups.dp) if groups.dp is not None else 1) if vocab_parallel else None
         check_expert_parallel(groups.ep_size, shard=shard, tp=groups.tp_size, overlap=overlap)
@@ -158,24 +164,24 @@ class Pipeline(RankParameters):
         # split
         self.balance = resolve_balance(balance, layers, schedule,
                                        measured_costs=lambda: self._shared_time_costs(layers, sample),
-                                       projection=projection)
-        if projection is not None:  # every rank's S and T passes, placed for the split's costs
+                                       projection=vocabulary.projection if vocabulary else None)
+        if vocabulary is not None:  # every rank's E, S, T and G passes, placed for the split's costs
             schedule = self.schedule = schedule_with_vocabulary(schedule, vocabulary_costs(
-                layers, self.balance, projection, schedule.num_ranks))
+                layers, self.balance, vocabulary, schedule.num_ranks))
         starts = [sum(self.balance[:s]) for s in range(schedule.num_stages + 1)]
         self.layer_ranges = {s: range(starts[s], starts[s + 1]) for s in range(schedule.num_stages)}
         # place
         rank_of_layer = {i: schedule.stage_to_rank[s] for s, r in self.layer_ranges.items() for i in r}
-        self._ties = TiedWeights(layers, rank_of_layer, self.rank)
+        self._ties = TiedWeights(layers, rank_of_layer, self.rank,
+                                 local=vocabulary_tables(layers, vocabulary) if vocabulary else set())
         if self._ties and isinstance(self.transport, InProcessTransport):
             raise ValueError("a parameter is shared by layers on different ranks (tied weights); in-process ranks "
                              "share one Python object for it, so run such a model in separate processes")
-        self.stages = self._place(layers, None if projection else loss_fn, checkpoint, precision, seed)
-        self._vocabulary, self._extra_layers = vocabulary_shard(
-            layers, projection, holds_head=schedule.num_stages - 1 in self.stages, pp_group=groups.pp,
-            device=self.device, seed=seed, loss_fn=loss_fn, transport=self.transport,
-            root=schedule.stage_to_rank[-1], timeout=self.timeout,
-            autocast=torch.bfloat16 if precision == "bf16" else None) if projection else (None, {})
+        self._vocabulary, self._embedding, self._extra_layers = vocabulary_shards(
+            layers, vocabulary, schedule, pp_group=groups.pp, device=self.device, seed=seed, loss_fn=loss_fn,
+            transport=self.transport, timeout=self.timeout,
+            autocast=torch.bfloat16 if precision == "bf16" else None) if vocabulary else (None, None, {})
+        self.stages = self._place(layers, None if vocabulary else loss_fn, checkpoint, precision, seed)
         check_same_weights(layers, self.transport, self.timeout)  # after every check one rank may fail alone
         self._ties.share_values(self.transport, self.timeout)
         # hand over to one executor
@@ -184,7 +190,7 @@ class Pipeline(RankParameters):
         self._eval_actions = lower(schedule.forward_only(), prefetch=prefetch).actions[self.rank]
         self._executor = Executor(rank=self.rank, stage_to_rank=schedule.stage_to_rank, stages=self.stages,
                                   transport=self.transport, timeout=self.timeout, lanes=self._lanes,
-                                  vocabulary=self._vocabulary)
+                                  vocabulary=self._vocabulary, embedding=self._embedding)
         self.shard = shard
         self._averager = None
         if self.dp_size > 1:
@@ -300,6 +306,9 @@ class Pipeline(RankParameters):
         `gather_timeline(of="generate")` then gives the call's measured timeline."""
         from .generate import generate
 
+        if self._vocabulary is not None:
+            raise ValueError("generate() on a vocab_parallel=True pipeline is not supported yet: generate with a "
+                             "pipeline of the same layers without vocab_parallel (load its state_dict)")
         done = generate(self, self._executor, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, eos_token_id=eos_token_id, seed=seed, num_groups=num_groups,
                         prefill_chunk=prefill_chunk, return_logprobs=return_logprobs)

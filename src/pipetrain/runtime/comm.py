@@ -139,7 +139,7 @@ class DistTransport:
         self._failure_key = f"pipetrain/failure/{attempt}/{self._group}"
 
     def _create_groups(self, pairs: list[tuple[int, int]], vocabulary: bool) -> None:
-        """This pipeline's own group (and with `vocabulary` three more over its ranks), and one per direction of
+        """This pipeline's own group (and with `vocabulary` five more over its ranks), and one per direction of
         each rank pair in `pairs`. Creating groups is collective over the default group: every rank gathers
         every pipeline's (global ranks, pairs) and all ranks create the groups in one global order (so their
         names, too, are the same everywhere)."""
@@ -147,7 +147,7 @@ class DistTransport:
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (self.global_ranks, mine, vocabulary))
         me = self.global_ranks[self.rank]
-        extra = 3 if any(v for _, _, v in everyone) else 0
+        extra = 5 if any(v for _, _, v in everyone) else 0  # (vocabulary parallelism's collectives)
         for ranks in sorted({tuple(sorted(ranks)) for ranks, _, _ in everyone}):  # non-members: a non-group handle
             group, *more = [dist.new_group(list(ranks)) for _ in range(1 + extra)]
             if me in ranks and ranks == tuple(sorted(self.global_ranks)):

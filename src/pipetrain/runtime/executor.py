@@ -32,6 +32,7 @@ from .overlap import FORWARD, Lanes
 from .stage import UNWEIGHTED, LossWeights, Stage
 from .values import Packet, Signature, batch_check, describe_key, flatten, unflatten
 from .vocabulary import VocabularyShard
+from .vocabulary_embedding import EmbeddingShard
 from .wire import HEADER_BYTES, MIN_CAPACITY, Link, Posted, Wire, envelope_size, unpack
 
 _OPS = list(Op)
@@ -154,9 +155,10 @@ class Executor:
 
     def __init__(self, *, rank: int, stage_to_rank: Sequence[int], stages: dict[int, Stage],
                  transport: Transport, timeout: float, lanes: Lanes | None = None,
-                 vocabulary: VocabularyShard | None = None) -> None:
+                 vocabulary: VocabularyShard | None = None, embedding: EmbeddingShard | None = None) -> None:
         self.rank = rank
         self.vocabulary = vocabulary  # this rank's shard of a vocabulary-parallel head (its S and T actions)
+        self.embedding = embedding  # and of the input embedding (its E and G actions)
         self.lanes = lanes if lanes is not None else Lanes(timeout, transport.device)  # overlapped pairs
         self.stage_to_rank = tuple(stage_to_rank)
         self.num_stages = len(self.stage_to_rank)
@@ -243,12 +245,14 @@ class Executor:
             self.wire.wait_sends()
             if self.vocabulary is not None and st.passes is None:
                 self.vocabulary.finish()
+                self.embedding.finish()
             st.partials = self._partials() if st.passes is None else None
         except BaseException as err:
             for stage in self.stages.values():
                 stage.clear()
             if self.vocabulary is not None:
                 self.vocabulary.clear()
+                self.embedding.clear()
             self.wire.sends.clear()
             abort_others(self.transport, self.rank, err)
             raise
@@ -291,7 +295,12 @@ class Executor:
             start = st.now()
             if st.collectives is not None and st.collectives.wait_gathered(s):
                 st.waits.append(Event(self.rank, Action(s, Op.GATHER, 0), start, st.now()))
-            return partial(stage.forward, mb, x, target=target, weights=st.weights, grad=st.grad)
+            extra = [self.embedding.first_input(mb, x, grad=st.grad)] if needs is None and self.embedding else []
+            return partial(stage.forward, mb, x, target=target, weights=st.weights, grad=st.grad, extra=extra)
+        if action.op is Op.E:
+            return partial(self.embedding.lookup, mb, st.inputs[mb])
+        if action.op is Op.G:
+            return partial(self.embedding.backward, mb, st.inputs[mb])
         if action.op is Op.S:
             return partial(self.vocabulary.forward, mb, st.targets[mb], grad=st.grad)
         if action.op is Op.T:
@@ -317,6 +326,8 @@ class Executor:
                 self._post_known_deferred()
         elif (action.op is Op.B or action.op is Op.I) and action.stage > 0:
             st.local[produces(action)] = result
+        elif (action.op is Op.B or action.op is Op.I) and self.embedding is not None:
+            self.embedding.send_gradient(action.mb, result[-1])  # (the first stage's input: the embedding)
 
     def _stalls(self, lanes: tuple[Action, Action]) -> None:
         """The all-to-all waits the last compute recorded, as events of the action that waited (by lane:

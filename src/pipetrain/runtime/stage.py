@@ -93,23 +93,25 @@ class Stage:
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(self, mb: int, x: Packet | Any, *, target: Any = None, weights: LossWeights = UNWEIGHTED,
-                grad: bool = True) -> Packet | None:
+                grad: bool = True, extra: Sequence[torch.Tensor] = ()) -> Packet | None:
         """Run the layers on microbatch `mb`; return the output to pass on (None on the last stage). Backward
-        needs no context: autocast and sequence parallelism are recorded in the graph."""
+        needs no context: autocast and sequence parallelism are recorded in the graph. `extra`: leaves the layers
+        reach otherwise (a vocabulary-parallel embedding's sum), whose gradients backward returns after the
+        input leaves'."""
         if self.autocast is None and not self.sequence_parallel:
-            return self._forward(mb, x, target, weights, grad)
+            return self._forward(mb, x, target, weights, grad, extra)
         with contextlib.ExitStack() as contexts:
             if self.autocast is not None:
                 contexts.enter_context(torch.autocast(self.device_type, dtype=self.autocast))
             contexts.enter_context(SequenceSplit(self.sequence_parallel))
-            return self._forward(mb, x, target, weights, grad)
+            return self._forward(mb, x, target, weights, grad, extra)
 
-    def _forward(self, mb: int, x, target, weights: LossWeights, grad: bool) -> Packet | None:
-        inputs: list[torch.Tensor] = []
+    def _forward(self, mb: int, x, target, weights: LossWeights, grad: bool, extra) -> Packet | None:
+        inputs: list[torch.Tensor] = [t for t in extra if t.requires_grad]
         if isinstance(x, Packet):  # fresh leaves: the ones that carry a gradient collect it here
             leaves = [t.detach().requires_grad_(grad and g) for t, (_, _, g) in zip(x.leaves, x.signature.leaves,
                                                                                   strict=True)]
-            inputs = [t for t in leaves if t.requires_grad]
+            inputs = [t for t in leaves if t.requires_grad] + inputs
             x = unflatten(leaves, x.signature.spec)
         with torch.set_grad_enabled(grad), collect_aux_losses() as aux:
             out = checkpoint(self._run, x, use_reentrant=False, context_fn=self._recomputation_context) \

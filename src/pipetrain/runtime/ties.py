@@ -23,11 +23,15 @@ class TiedWeights:
     of each accumulation window (a step that syncs gradients) each tied gradient gets the peer's contribution
     added, so both copies see the single-process gradient and stay equal under the same optimizer."""
 
-    def __init__(self, layers: Sequence[nn.Module], rank_of_layer: Mapping[int, int], rank: int) -> None:
+    def __init__(self, layers: Sequence[nn.Module], rank_of_layer: Mapping[int, int], rank: int, *,
+                 local: set[int] = frozenset()) -> None:
+        """`local`: ids of parameters every rank holds its own part of (vocabulary parallelism's tables): no tie."""
         first_use: dict[int, int] = {}
         self.ties: list[Tie] = []
         for i, layer in enumerate(layers):
             for p in layer.parameters():
+                if id(p) in local:
+                    continue
                 if id(p) not in first_use:
                     first_use[id(p)] = i
                     continue

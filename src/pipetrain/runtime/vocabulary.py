@@ -4,16 +4,16 @@ Every pipeline rank holds rows `start .. start + rows` of the output projection 
 DTensor sharded by rows over the pipeline's ranks). For each microbatch the last stage's output (the hidden
 state before the projection) is broadcast to every rank, and
 
-    S(r, m): logits z = h W_r^T (+ b_r) for the shard's rows, and per token their max, sum of exp(z - max) and the
-             target's logit where the target falls in the shard (`split_statistics`), all-gathered;
+    S(r, m): logits z = h W_r^T (+ b_r) for the shard's rows, and per token their log-sum-exp and the target's
+             logit where the target falls in the shard (else 0), all-gathered;
     T(r, m): from every shard's statistics the log-sum-exp and the loss, the gradient softmax - one-hot of the
              shard's logits, which gives the shard's weight gradient and its part of the hidden state's
              gradient, summed over the ranks (a reduce) into the last stage's backward.
 
-The statistics combine the online-softmax way (`lse = M + log sum_r s_r exp(m_r - M)`, M the max of the maxes), in
-rank order on every rank, so every rank computes the same loss; no rank holds or sends whole logits. The three
-collectives (broadcast, all-gather, reduce) each run in a group of their own, so each kind matches by
-microbatch order (`schedule.check`).
+The statistics combine the online-softmax way (`lse = log sum_r exp(lse_r)`, taken from the largest), in rank
+order on every rank, so every rank computes the same loss; no rank holds or sends whole logits. The input
+embedding is split the same way (vocabulary_embedding.py). Each kind of collective (`VocabularyCollectives`)
+runs in a group of its own, so each kind matches by microbatch order (`schedule.check`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .comm import Work, wait_or_raise
-from .cross_entropy import CrossEntropy, check_targets, split_statistics
+from .cross_entropy import CrossEntropy, check_targets
 from .stage import LossWeights
 from .tensor_parallel import local
 
-MAX, SUM, TARGET = range(3)  # rows of a shard's statistics
+LSE, TARGET = range(2)  # rows of a shard's statistics
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (renamed in torch 2.11)
 
 
@@ -69,26 +69,95 @@ class _Microbatch:
     hidden: torch.Tensor  # the last stage's output, a leaf collecting this shard's part of its gradient
     logits: torch.Tensor  # (n, rows) float, in the graph of `hidden` and the shard's weights
     targets: torch.Tensor  # (n,)
-    gathered: torch.Tensor  # (ranks x 3, n): every shard's statistics, once `gathering` is done
+    gathered: torch.Tensor  # (ranks x 2, n): every shard's statistics, once `gathering` is done
     gathering: Work
     sending: Work | None = None  # the root's broadcast of the hidden state
 
 
+class _All:
+    """Several requests as one; `then` runs once they are all done (the root's sum of a reduce)."""
+
+    def __init__(self, works: list[Work], then=None) -> None:
+        self.works, self.then = works, then
+
+    def wait(self, timeout: float) -> None:
+        for work in self.works:
+            work.wait(timeout)
+        if self.then is not None:
+            self.then, then = None, self.then
+            then()
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self.works)
+
+
+class VocabularyCollectives:
+    """Vocabulary parallelism's collectives over a pipeline's ranks, launched asynchronously, each kind in a group
+    of its own (`DistTransport(vocabulary=True)` makes them); every wait is bounded and names what it waited for.
+
+    Broadcasts and reduces are point-to-point messages to and from the root: a rank's wait then depends on the
+    root alone, as the schedule's dataflow says (a tree algorithm would also wait for ranks that relay, at
+    places of their own schedules). The reduce sums in rank order on the root."""
+
+    HIDDEN, STATISTICS, OUTPUT_GRADIENT, EMBEDDING, EMBEDDING_GRADIENT = range(5)  # the kinds, one group each
+
+    def __init__(self, transport, timeout: float) -> None:
+        self.transport = transport
+        self.timeout = timeout
+        self.rank, self.ranks, self.device = transport.rank, transport.world_size, transport.device
+        self._groups = list(transport.vocabulary_groups)
+
+    def broadcast(self, kind: int, tensor: torch.Tensor, root: int) -> Work:
+        """`root`'s `tensor` into every other rank's."""
+        if self.rank != root:
+            return self._launch(dist.irecv, kind, tensor, self._global(root))
+        return _All([self._launch(dist.isend, kind, tensor, self._global(r)) for r in range(self.ranks) if r != root])
+
+    def reduce(self, kind: int, tensor: torch.Tensor, root: int) -> Work:
+        """The sum over the ranks (in rank order) into `root`'s `tensor`, once its wait returns."""
+        if self.rank != root:
+            return self._launch(dist.isend, kind, tensor, self._global(root))
+        parts = [tensor if r == root else torch.empty_like(tensor) for r in range(self.ranks)]
+        works = [self._launch(dist.irecv, kind, part, self._global(r)) for r, part in enumerate(parts) if r != root]
+
+        def add() -> None:
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part
+            tensor.copy_(total)
+
+        return _All(works, add)
+
+    def all_gather(self, kind: int, out: torch.Tensor, tensor: torch.Tensor) -> Work:
+        """Every rank's `tensor` (n, ...) into `out` (ranks x n, ...), in rank order."""
+        return self._launch(_ALL_GATHER, kind, out, tensor)
+
+    def wait(self, work: Work, what: str) -> None:
+        wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=None, what=what)
+
+    def _global(self, rank: int) -> int:
+        return self.transport.global_ranks[rank]
+
+    def _launch(self, collective, kind: int, *args) -> Work:
+        group = self.transport.group(self._groups[kind])
+        if collective is dist.isend or collective is dist.irecv:
+            return self.transport.track(collective(*args, group=group))
+        return self.transport.track(collective(*args, group=group, async_op=True))
+
+
 class VocabularyShard:
     """This rank's S and T over its `projection` rows. `root` is the rank of the last stage (it broadcasts
-    the hidden states, receives the summed gradients and records the losses); `transport` a `DistTransport`
-    made with `vocabulary=True`; `loss` the pipeline's CrossEntropy (its ignore_index, token mean, shift)."""
+    the hidden states, receives the summed gradients and records the losses); `loss` the pipeline's
+    CrossEntropy (its ignore_index, token mean, shift)."""
 
-    def __init__(self, projection: VocabularyProjection, *, loss: CrossEntropy, transport, root: int,
-                 timeout: float, autocast: torch.dtype | None = None) -> None:
+    def __init__(self, projection: VocabularyProjection, *, loss: CrossEntropy, collectives: VocabularyCollectives,
+                 root: int, autocast: torch.dtype | None = None) -> None:
         self.projection = projection
         self.loss = loss
-        self.transport = transport
-        self.rank, self.ranks, self.root = transport.rank, transport.world_size, root
-        self.timeout = timeout
+        self.collectives = collectives
+        self.rank, self.ranks, self.root = collectives.rank, collectives.ranks, root
         self.autocast = autocast
-        self.device = transport.device
-        self._groups = list(transport.vocabulary_groups)
+        self.device = collectives.device
         self._hidden: dict[int, tuple[torch.Tensor, Work | None]] = {}  # mb -> the hidden state (root: sent)
         self._pending: dict[int, _Microbatch] = {}
         self._gradients: dict[int, tuple[torch.Tensor, Work]] = {}  # mb -> its summed output gradient (root)
@@ -99,12 +168,13 @@ class VocabularyShard:
     def send_hidden(self, mb: int, hidden: torch.Tensor) -> None:
         """The root, right after the last stage's forward of `mb`: broadcast its output to every rank."""
         hidden = hidden.detach().to(self.projection.weight.dtype).contiguous()
-        self._hidden[mb] = (hidden, self._collective(0, "broadcast", hidden))
+        self._hidden[mb] = (hidden, self.collectives.broadcast(VocabularyCollectives.HIDDEN, hidden, self.root))
 
     def _receive_hidden(self, mb: int, targets: torch.Tensor) -> torch.Tensor:
         dim = self.projection.weight.shape[1]
         hidden = torch.empty(*targets.shape, dim, dtype=self.projection.weight.dtype, device=self.device)
-        self._wait(self._collective(0, "broadcast", hidden), f"the last stage's output for microbatch {mb}")
+        self._wait(self.collectives.broadcast(VocabularyCollectives.HIDDEN, hidden, self.root),
+                   f"the last stage's output for microbatch {mb}")
         return hidden
 
     # --- S and T --------------------------------------------------------------------------------------
@@ -129,10 +199,13 @@ class VocabularyShard:
             bias = bias.to_local() if bias is not None else None
             logits = F.linear(x, weight.to_local(), bias).float()  # (n, rows)
         z = logits.detach()
-        most, target_logit, _ = split_statistics(z, y, self.projection.start, self.loss.ignore_index)
-        statistics = torch.stack([most, (z - most[:, None]).exp().sum(dim=-1), target_logit])  # (3, n)
-        gathered = torch.empty(self.ranks * 3, statistics.shape[1], dtype=statistics.dtype, device=self.device)
-        gathering = self._collective(1, "all_gather_into_tensor", gathered, statistics)
+        index = y - self.projection.start
+        inside = (index >= 0) & (index < z.shape[-1]) & (y != self.loss.ignore_index)
+        target_logit = z.gather(1, index.clamp(0, max(z.shape[-1] - 1, 0))[:, None])[:, 0] * inside if z.shape[-1] \
+            else z.new_zeros(z.shape[0])
+        statistics = torch.stack([torch.logsumexp(z, dim=-1), target_logit])  # (2, n); one pass over the logits
+        gathered = torch.empty(self.ranks * 2, statistics.shape[1], dtype=statistics.dtype, device=self.device)
+        gathering = self.collectives.all_gather(VocabularyCollectives.STATISTICS, gathered, statistics)
         self._pending[mb] = _Microbatch(hidden, logits if grad else z, y, gathered, gathering, sending)
 
     def backward(self, mb: int, weights: LossWeights) -> None:
@@ -143,13 +216,14 @@ class VocabularyShard:
         scale = (torch.full_like(lse, weights.total) if self.loss.token_mean
                  else torch.full_like(lse, weights.mean) / counted.sum())
         scale = scale * counted
-        grad_logits = (p.logits.detach() - lse[:, None]).exp_() * scale[:, None]
+        # softmax x scale, in the logits' own memory (the linear's backward does not read its output)
+        grad_logits = p.logits.detach().sub_(lse[:, None]).exp_().mul_(scale[:, None])
         index = p.targets - self.projection.start
         rows = ((index >= 0) & (index < grad_logits.shape[-1]) & counted).nonzero()[:, 0]
         grad_logits[rows, index[rows]] -= scale[rows]
         torch.autograd.backward(p.logits, grad_logits)
         grad = p.hidden.grad if p.hidden.grad is not None else torch.zeros_like(p.hidden)
-        work = self._collective(2, "reduce", grad, self.root)
+        work = self.collectives.reduce(VocabularyCollectives.OUTPUT_GRADIENT, grad, self.root)
         if self.rank == self.root:
             self._gradients[mb] = (grad, work)
         else:
@@ -166,9 +240,8 @@ class VocabularyShard:
         """Wait for every shard's statistics of `mb`: the log-sum-exp of each token's logits, and which tokens
         count; the root records the microbatch's loss."""
         self._wait(p.gathering, f"every shard's softmax statistics for microbatch {mb}")
-        g = p.gathered.view(self.ranks, 3, -1)
-        most = g[:, MAX].max(dim=0).values
-        lse = most + (g[:, SUM] * (g[:, MAX] - most).exp()).sum(dim=0).log()
+        g = p.gathered.view(self.ranks, 2, -1)
+        lse = torch.logsumexp(g[:, LSE], dim=0)
         counted = p.targets != self.loss.ignore_index
         if self.rank == self.root:
             loss_sum = ((lse - g[:, TARGET].sum(dim=0)) * counted).sum()
@@ -195,20 +268,8 @@ class VocabularyShard:
         self._gradients.clear()
         self._reducing.clear()
 
-    # --- collectives ----------------------------------------------------------------------------------
-    def _collective(self, kind: int, name: str, tensor: torch.Tensor, extra=None) -> Work:
-        """Launch one of the three collectives (0 broadcast, 1 all-gather, 2 reduce) on its own group."""
-        group = self.transport.group(self._groups[kind])
-        if name == "broadcast":
-            work = dist.broadcast(tensor, self.transport.global_ranks[self.root], group=group, async_op=True)
-        elif name == "reduce":
-            work = dist.reduce(tensor, self.transport.global_ranks[extra], group=group, async_op=True)
-        else:
-            work = _ALL_GATHER(tensor, extra, group=group, async_op=True)
-        return self.transport.track(work)
-
     def _wait(self, work: Work, what: str) -> None:
-        wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=None, what=what)
+        self.collectives.wait(work, what)
 
     def _wait_sent(self, p: _Microbatch) -> None:
         if p.sending is not None:

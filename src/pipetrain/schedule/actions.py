@@ -29,6 +29,8 @@ class Op(enum.Enum):
     GATHER = "GATHER"  # launch the all-gather of the stage's parameters from their shards (shard="params")
     S = "S"  # vocabulary parallel: one shard's logits of one microbatch and their softmax statistics
     T = "T"  # vocabulary parallel: one shard's backward (its weight gradient, its part of the output gradient)
+    E = "E"  # vocabulary parallel: one shard's part of the input embedding of one microbatch (its tokens' rows)
+    G = "G"  # vocabulary parallel: one shard's embedding gradient, from the gradient of the first stage's input
 
     # (the simulator asks these millions of times: string lookups, not enum hashing)
     @property
@@ -45,18 +47,18 @@ class Op(enum.Enum):
         return self._value_ in _COLLECTIVES
 
 
-_COMPUTE = frozenset({"F", "B", "I", "W", "P", "D", "S", "T"})
+_COMPUTE = frozenset({"F", "B", "I", "W", "P", "D", "S", "T", "E", "G"})
 _COLLECTIVES = frozenset({"REDUCE", "GATHER"})
 _TRANSFERS = frozenset({"SEND_F", "RECV_F", "SEND_B", "RECV_B", "SEND_P", "RECV_P"})
 _PAIRABLE = frozenset({"F", "B", "I"})  # what an overlapped pair holds: a forward and a backward
 SENDS = frozenset({"SEND_F", "SEND_B", "SEND_P"})  # Op values: `action.op._value_ in SENDS`
 RECVS = frozenset({"RECV_F", "RECV_B", "RECV_P"})
 _ROUNDS = frozenset({"P", "D", "SEND_P", "RECV_P"})  # the generation ops, whose actions have a round
-VOCABULARY = frozenset({"S", "T"})  # a vocabulary shard's ops: `action.stage` is the shard, which is its rank
+VOCABULARY = frozenset({"S", "T", "E", "G"})  # a vocabulary shard's ops: `action.stage` is the shard (its rank)
 
 
-_ACTION_RE = re.compile(r"^(\+?)(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|SEND_P|RECV_P|F|B|I|W|P|D|S|T)(\d+)(?:@(\d+))?|"
-                        r"(REDUCE|GATHER))$")
+_ACTION_RE = re.compile(r"^(\+?)(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|SEND_P|RECV_P|F|B|I|W|P|D|S|T|E|G)(\d+)"
+                        r"(?:@(\d+))?|(REDUCE|GATHER))$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,8 @@ class Action:
     collectives concern all its microbatches (`mb` 0) and print without one: `1REDUCE`, `1GATHER`.
 
     Vocabulary parallelism's passes (`vocabulary`) print with their shard, which is also their rank: `0S5` is
-    shard 0's logits of microbatch 5, `1T5` shard 1's backward of it.
+    shard 0's logits of microbatch 5, `1T5` shard 1's backward of it, `0E5` its part of the input embedding,
+    `0G5` that part's gradient.
 
     `paired` (printed `+1B0`): the action runs together with the compute action right before it, a forward
     with a backward (B or I) of another microbatch, taking turns at their all-to-alls (`overlap`). It says how
@@ -165,7 +168,10 @@ def D(stage: int, group: int, round: int) -> Action:  # noqa: N802, A002
 # Vocabulary parallelism (`vocabulary`): the last stage's output goes to every rank, where shard r's S(r, m)
 #   computes its logits and produces STATS(r, m), their softmax statistics; T(r, m) consumes every shard's
 #   STATS(., m) and produces VGRAD(r, m), its part of the gradient of the last stage's output; the last stage's B
-#   or I consumes every VGRAD(., m). These values cross ranks in collectives (`by_collective`), not transfers.
+#   or I consumes every VGRAD(., m). At the other end E(r, m) produces EMB(r, m), the shard's rows of the input
+#   embedding, the first stage's F consumes every EMB(., m), and G(r, m) consumes GRAD(0, m) (the gradient of
+#   the first stage's input, the embedding) and produces EGRAD(r, m), the shard's table gradient (it stays).
+#   These values cross ranks in collectives (`by_collective`), not transfers.
 
 
 class Kind(str, enum.Enum):
@@ -177,6 +183,8 @@ class Kind(str, enum.Enum):
     PASS = "pass"  # a generation pass's output (hidden states, or the last stage's picked tokens)
     STATS = "stats"  # a vocabulary shard's softmax statistics for one microbatch (its max, sum and target logit)
     VGRAD = "vgrad"  # a vocabulary shard's part of the gradient of the last stage's output
+    EMB = "emb"  # a vocabulary shard's part of one microbatch's input embedding
+    EGRAD = "egrad"  # a vocabulary shard's embedding-table gradient for one microbatch
 
 
 class Value(NamedTuple):
@@ -192,8 +200,10 @@ class Value(NamedTuple):
 
 
 ACT, GRAD, WGRAD, PASS, STATS, VGRAD = Kind.ACT, Kind.GRAD, Kind.WGRAD, Kind.PASS, Kind.STATS, Kind.VGRAD
-_PRODUCES = {"F": ACT, "B": GRAD, "I": GRAD, "W": WGRAD, "P": PASS, "D": PASS, "S": STATS, "T": VGRAD}
-_SHARD_KINDS = frozenset({STATS, VGRAD})  # values whose `stage` is a vocabulary shard (= its rank)
+EMB, EGRAD = Kind.EMB, Kind.EGRAD
+_PRODUCES = {"F": ACT, "B": GRAD, "I": GRAD, "W": WGRAD, "P": PASS, "D": PASS, "S": STATS, "T": VGRAD, "E": EMB,
+             "G": EGRAD}
+_SHARD_KINDS = frozenset({STATS, VGRAD, EMB, EGRAD})  # values whose `stage` is a vocabulary shard (= its rank)
 
 
 _new = tuple.__new__  # _new(Value, (kind, stage, mb, round)) is Value(kind, stage, mb, round) without its
@@ -209,7 +219,7 @@ def consumes(action: Action, num_stages: int, shards: int = 0) -> list[Value]:
     `shards`: the schedule's vocabulary shards (`Schedule.vocabulary_shards`; 0 without vocabulary passes)."""
     s, m, op = action.stage, action.mb, action.op
     if op is Op.F:
-        return [_new(Value, (ACT, s - 1, m, 0))] if s > 0 else []
+        return [_new(Value, (ACT, s - 1, m, 0))] if s > 0 else [_new(Value, (EMB, r, m, 0)) for r in range(shards)]
     if op is Op.B or op is Op.I:
         if s < num_stages - 1:
             return [_new(Value, (ACT, s, m, 0)), _new(Value, (GRAD, s + 1, m, 0))]
@@ -220,6 +230,10 @@ def consumes(action: Action, num_stages: int, shards: int = 0) -> list[Value]:
         if not shards:
             raise ValueError(f"{action} is a vocabulary pass: pass consumes() the schedule's vocabulary_shards")
         return [_new(Value, (STATS, r, m, 0)) for r in range(shards)]
+    if op is Op.E:
+        return []
+    if op is Op.G:
+        return [_new(Value, (GRAD, 0, m, 0))]
     if op is Op.W:
         return [_new(Value, (GRAD, s, m, 0))]
     if op is Op.P or op is Op.D:
@@ -246,13 +260,13 @@ def by_collective(value: Value, action: Action) -> bool:
     """Whether `value` reaches `action` on another rank through vocabulary parallelism's collectives (the last
     stage's output broadcast to every S, the statistics gathered for every T, the shards' output gradients
     summed for the last stage's backward) rather than a SEND/RECV transfer."""
-    return value.kind in _SHARD_KINDS or action.op is Op.S
+    return value.kind in _SHARD_KINDS or action.op is Op.S or action.op is Op.G
 
 
 def received_input(action: Action, num_stages: int) -> Value | None:
     """The value a compute action computes on, from another stage or (generation) another round: F: the
-    previous stage's output; B and I: the next stage's input gradient; S: the last stage's output; P and D:
-    the previous stage's pass,
+    previous stage's output; B and I: the next stage's input gradient; S: the last stage's output; G: the
+    first stage's input gradient; P and D: the previous stage's pass,
     and at stage 0 a D's the last stage's tokens of the round before. None: the first stage's F (the
     microbatch) and P (the prompts), the last stage's B, every W."""
     s, op = action.stage, action.op
@@ -262,6 +276,8 @@ def received_input(action: Action, num_stages: int) -> Value | None:
         return _new(Value, (GRAD, s + 1, action.mb, 0)) if s < num_stages - 1 else None
     if op is Op.S:
         return _new(Value, (ACT, num_stages - 1, action.mb, 0))
+    if op is Op.G:
+        return _new(Value, (GRAD, 0, action.mb, 0))
     if op is Op.P or op is Op.D:
         if s > 0:
             return _new(Value, (PASS, s - 1, action.mb, action.round))
@@ -292,6 +308,10 @@ def describe(value: Value) -> str:
         return f"the softmax statistics of vocabulary shard {stage} for microbatch {mb} ({stage}S{mb})"
     if kind is VGRAD:
         return f"vocabulary shard {stage}'s part of the last stage's output gradient for microbatch {mb} ({stage}T{mb})"
+    if kind is EMB:
+        return f"vocabulary shard {stage}'s part of the input embedding of microbatch {mb} ({stage}E{mb})"
+    if kind is EGRAD:
+        return f"vocabulary shard {stage}'s embedding gradient for microbatch {mb} ({stage}G{mb})"
     return f"the weight gradient of stage {stage} for microbatch {mb} ({stage}W{mb})"
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from .actions import VOCABULARY, Action, Op
 
+_FORWARD = (Op.F, Op.E, Op.S)  # what an evaluation runs
+
 
 class ScheduleError(ValueError):
     """A schedule that would run wrong or hang; the message names the rank, the action and the fix."""
@@ -65,9 +67,9 @@ class Schedule:
         return _replace(self, actions=actions, lowered=False)
 
     def forward_only(self) -> Schedule:
-        """The forward actions alone (F, and S with vocabulary parallelism), in the same order: an evaluation
-        schedule (no gradients)."""
-        actions = tuple(tuple(Action(a.stage, a.op, a.mb) for a in acts if a.op is Op.F or a.op is Op.S)  # unpaired
+        """The forward actions alone (F, and E and S with vocabulary parallelism), in the same order: an
+        evaluation schedule (no gradients)."""
+        actions = tuple(tuple(Action(a.stage, a.op, a.mb) for a in acts if a.op in _FORWARD)  # (unpaired)
                         for acts in self.compute_only().actions)
         return _replace(self, name=f"{self.name}/forward", actions=actions, lowered=False)
 

@@ -88,13 +88,13 @@ def _check_counts(s: Schedule) -> None:
 
 
 def _check_vocabulary(s: Schedule, counts: Counter, backward: bool) -> None:
-    """Every rank runs its shard's S once per microbatch (and T, with a backward), each kind in microbatch order:
-    their collectives over the pipeline's ranks match by order."""
+    """Every rank runs its shard's E and S once per microbatch (and T and G, with a backward), each kind in
+    microbatch order: their collectives over the pipeline's ranks match by order."""
     for rank, acts in enumerate(s.actions):
-        for op in (Op.S, Op.T) if backward else (Op.S,):
+        for op in (Op.E, Op.S, Op.T, Op.G) if backward else (Op.E, Op.S):
             for mb in range(s.num_microbatches):
                 if counts[(rank, op, mb)] != 1:
-                    passes = "S and T" if backward else "S"
+                    passes = "E, S, T and G" if backward else "E and S"
                     raise ScheduleError(f"rank {rank}: vocabulary pass {rank}{op.value}{mb} runs "
                                         f"{counts[(rank, op, mb)]} times; every rank runs its shard's {passes} once "
                                         "for every microbatch (`with_vocabulary` places them)")
@@ -102,8 +102,8 @@ def _check_vocabulary(s: Schedule, counts: Counter, backward: bool) -> None:
             if order != sorted(order):
                 raise ScheduleError(f"rank {rank}: its {op.value} passes run microbatches {order}; they must run in "
                                     "microbatch order on every rank (their collectives match by order)")
-        if not backward and counts[(rank, Op.T, 0)]:
-            raise ScheduleError(f"rank {rank}: a T pass in a schedule without backward")
+        if not backward and (counts[(rank, Op.T, 0)] or counts[(rank, Op.G, 0)]):
+            raise ScheduleError(f"rank {rank}: a T or G pass in a schedule without backward")
 
 
 def _check_rounds(s: Schedule) -> None:

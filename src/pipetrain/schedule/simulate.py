@@ -38,8 +38,9 @@ class Costs:
     `all_to_all` (per stage) is the time of the all-to-alls inside one F, and again inside one B or I (expert
     parallel's dispatch and combine, and their backward): waited for alone, hidden behind the other lane's
     compute in an overlapped pair (`pair_time`).
-    `s` and `t` are the times of one vocabulary shard's S and T for one microbatch (vocabulary parallelism:
-    its logits and softmax statistics; its backward); `comm` is also the time of their collectives.
+    `s`, `t`, `e` and `g` are the times of one vocabulary shard's S, T, E and G for one microbatch (vocabulary
+    parallelism: its logits and softmax statistics; their backward; its rows of the input embedding; their
+    gradient); `comm` is also the time of their collectives.
     """
 
     f: PerStage = 1.0
@@ -52,6 +53,8 @@ class Costs:
     all_to_all: PerStage = 0.0
     s: float = 1.0
     t: float = 2.0
+    e: float = 0.0
+    g: float = 0.0
 
     def exchange(self, action: Action) -> float:
         """The all-to-all time inside a compute action (F, B, I; none in W or generation)."""
@@ -74,6 +77,10 @@ class Costs:
             return self.s
         if action.op is Op.T:
             return self.t
+        if action.op is Op.E:
+            return self.e
+        if action.op is Op.G:
+            return self.g
         if action.op is Op.REDUCE:
             return _at(self.reduce, s)
         if action.op is Op.GATHER:
