@@ -87,6 +87,7 @@ def check_equal(results: dict) -> None:
         for case, r in cases.items():
             assert r["loss"] == pytest.approx(r["want"], rel=1e-5), (case, rank)
             assert r["evaluated"] == pytest.approx(r["want"], rel=1e-5), (case, rank)
+            assert r["generated"] == r["reference_generated"], (case, rank)
             for key, grad in r["grads"].items():
                 assert relative_error(grad, r["ref_grads"][key]) <= 1e-5, (case, rank, key)
     for case in results[0]:  # every weight has its gradient on some rank, the head's projection on all
@@ -109,12 +110,19 @@ def test_four_ranks_equal_one_process_on_every_schedule():
     check_equal(run_processes(4, vocabulary_scenario, cases, timeout=300))
 
 
+def test_data_parallel_replicas_of_vocabulary_parallel_pipelines_equal_one_process():
+    from vocab_workers import vocabulary_dp_scenario
+
+    check_equal(run_processes(4, vocabulary_dp_scenario, "zbv", timeout=200))
+
+
 def test_what_vocab_parallel_cannot_split_is_refused_before_any_communication():
     layers = build_gpt(GPTConfig(vocab_size=VOCAB, seq_len=8, d_model=16, n_layers=2, n_heads=2))
     hub = pt.InProcessHub(2)
     cases = [
         (dict(loss_fn=lambda out, y: out.mean()), "pass loss_fn=pipetrain.CrossEntropy"),
         (dict(loss_fn=gpt_loss, transport=hub.transport(0)), "needs torch.distributed ranks"),
+        (dict(loss_fn=gpt_loss, shard="optimizer"), "shard='optimizer' is not supported yet"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

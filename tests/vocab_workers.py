@@ -62,6 +62,11 @@ def vocabulary_scenario(rank: int, world: int, cases: list[tuple[str, str, int]]
         grads = {(i, n): whole(p.grad).clone() for i, layer in pipe.layers.items() for n, p in layer.named_parameters()}
         evaluated = pipe.evaluate(x, y)
         ref = nn.Sequential(*reference)
+        generated = reference_generated = None
+        if not model.startswith("hf-"):  # greedy decoding through the split tables, against one process's
+            prompts = [x[0, :3], x[1, :2]]
+            generated = [t.tolist() for t in pipe.generate(prompts, 4)]
+            reference_generated = [greedy(ref, prompt, 4) for prompt in prompts]
         if model.startswith("gpt"):  # a mean over microbatches of each one's token mean
             want = sum(loss_fn(ref(xs), ys) for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True)) / m
         else:
@@ -70,5 +75,37 @@ def vocabulary_scenario(rank: int, world: int, cases: list[tuple[str, str, int]]
         want.backward()
         ref_grads = {(i, n): p.grad.clone() for i, layer in enumerate(reference) for n, p in layer.named_parameters()}
         out[(model, schedule)] = dict(loss=loss, want=want.item(), evaluated=evaluated, grads=grads,
-                                      ref_grads=ref_grads, schedule=str(pipe.schedule))
+                                      ref_grads=ref_grads, schedule=str(pipe.schedule), generated=generated,
+                                      reference_generated=reference_generated)
     return out
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, prompt: torch.Tensor, new: int) -> list[int]:
+    """One process's greedy continuation: the whole sequence through the model, the last position's argmax."""
+    ids = prompt.tolist()
+    for _ in range(new):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def vocabulary_dp_scenario(rank: int, world: int, schedule: str) -> dict:
+    """dp 2 x pp 2, vocabulary parallel over each pipeline, each replica its half of the batch: one step's token
+    mean and gradients (summed over the replicas) against one process on the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "pp"))
+    layers, loss_fn = build("llama")
+    reference, _ = build("llama")
+    torch.manual_seed(1)
+    x, y = torch.randint(0, VOCAB, (8, 8)), torch.randint(0, VOCAB, (8, 8))
+    y[::3, 2] = -100
+    pipe = pt.Pipeline(layers, schedule=schedule, num_microbatches=2, loss_fn=loss_fn, mesh=mesh, vocab_parallel=True)
+    mine = slice(4 * mesh["dp"].get_local_rank(), 4 * mesh["dp"].get_local_rank() + 4)
+    loss = pipe.step(x[mine], y[mine])
+    grads = {(i, n): whole(p.grad).clone() for i, layer in pipe.layers.items() for n, p in layer.named_parameters()}
+    total, count = loss_fn(nn.Sequential(*reference)(x), y)
+    (total / count).backward()
+    ref_grads = {(i, n): p.grad.clone() for i, layer in enumerate(reference) for n, p in layer.named_parameters()}
+    return {("llama", schedule): dict(loss=loss, want=(total / count).item(), evaluated=pipe.evaluate(x[mine], y[mine]),
+                                      grads=grads, ref_grads=ref_grads, generated=None, reference_generated=None)}

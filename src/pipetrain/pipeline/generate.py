@@ -104,10 +104,12 @@ def _differs_over(mesh, fingerprint: list, device) -> bool:
 def agree(pipe, prompts: list[torch.Tensor], max_new_tokens: int, settings: tuple) -> None:
     """Fail on every rank, before any generation traffic, if a rank's layers cannot generate or the ranks
     were given different prompts or settings (one all-reduce, `fail_together`)."""
-    missing = [i for i, layer in pipe.layers.items() if not callable(getattr(layer, "forward_cached", None))]
+    run = {i: layer for s, stage in pipe.stages.items()  # (the layers its passes run: not a vocabulary shard's)
+           for i, layer in zip(pipe.layer_ranges[s], stage.layers, strict=True)}
+    missing = [i for i, layer in run.items() if not callable(getattr(layer, "forward_cached", None))]
     error = None
     if missing:
-        names = ", ".join(f"{i} ({type(pipe.layers[i]).__name__})" for i in missing)
+        names = ", ".join(f"{i} ({type(run[i]).__name__})" for i in missing)
         error = TypeError(f"{rank_name(pipe.transport, pipe.rank)}: layers {names} have no forward_cached(x, cache): "
                           "every layer must implement the cache protocol to generate (pipetrain.generation.kv_cache; "
                           "the reference GPT and Llama and from_hf layers do)")

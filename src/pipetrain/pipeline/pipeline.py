@@ -38,6 +38,7 @@ from .vocabulary import (
     vocabulary_costs,
     vocabulary_shards,
     vocabulary_tables,
+    whole_tables,
 )
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ class Pipeline(RankParameters):
         groups = groups_of(mesh, transport)
         vocabulary = check_vocabulary_parallel(
             layers, loss_fn, transport=transport, tp=groups.tp_size, ep=groups.ep_size,
-            dp=_group_size(groups.dp) if groups.dp is not None else 1) if vocab_parallel else None
+            shard=shard) if vocab_parallel else None
         check_expert_parallel(groups.ep_size, shard=shard, tp=groups.tp_size, overlap=overlap)
         dp_group = groups.dp
         check_shard(shard, dp_group)
@@ -197,7 +198,8 @@ class Pipeline(RankParameters):
             if isinstance(self.transport, InProcessTransport):
                 raise ValueError("dp_group needs torch.distributed ranks; in-process ranks have no data parallelism")
             identity = (self.rank, schedule.name, schedule.num_microbatches, tuple(self.balance), shard)
-            self._averager = averager_for(self.stages, self._train_actions, self._ties.params, dp_group,
+            tables = self._vocabulary.tables() + self._embedding.tables() if self._vocabulary else []
+            self._averager = averager_for(self.stages, self._train_actions, self._ties.params + tables, dp_group,
                                           self.timeout, identity, shard, expert_group=groups.expert_dp)
         check_step_collectives(self._train_actions, self.transport, dp_group, self._ties)
         self._training = True
@@ -306,12 +308,10 @@ class Pipeline(RankParameters):
         `gather_timeline(of="generate")` then gives the call's measured timeline."""
         from .generate import generate
 
-        if self._vocabulary is not None:
-            raise ValueError("generate() on a vocab_parallel=True pipeline is not supported yet: generate with a "
-                             "pipeline of the same layers without vocab_parallel (load its state_dict)")
-        done = generate(self, self._executor, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_token_id=eos_token_id, seed=seed, num_groups=num_groups,
-                        prefill_chunk=prefill_chunk, return_logprobs=return_logprobs)
+        with whole_tables(self._vocabulary, self._embedding):  # (vocab_parallel: the two tables whole meanwhile)
+            done = generate(self, self._executor, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, eos_token_id=eos_token_id, seed=seed, num_groups=num_groups,
+                            prefill_chunk=prefill_chunk, return_logprobs=return_logprobs)
         self.last_generation, self.last_generation_groups = done.step, done.groups
         return done.tokens if done.logprobs is None else (done.tokens, done.logprobs)
 

@@ -12,6 +12,7 @@ projection (the identity there), giving the hidden state. The schedule gets the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ class VocabularyPlan:
 
 
 def check_vocabulary_parallel(layers: Sequence[nn.Module], loss_fn, *, transport, tp: int, ep: int,
-                              dp: int) -> VocabularyPlan:
+                              shard: str) -> VocabularyPlan:
     """ValueError, naming the fix, unless `layers` and the layout can run vocabulary parallel; returns the names
     of the first layer's embedding and the last layer's projection."""
     embedding = _planned(layers[0], "first", nn.Embedding, "its nn.Embedding (vocab, d)")
@@ -55,10 +56,13 @@ def check_vocabulary_parallel(layers: Sequence[nn.Module], loss_fn, *, transport
                          f"{type(loss_fn).__name__}")
     if isinstance(transport, InProcessTransport):
         raise ValueError("vocab_parallel=True needs torch.distributed ranks (its collectives), not in-process ones")
-    for what, size in (("tensor parallel (tp)", tp), ("expert parallel (ep)", ep), ("data parallel (dp)", dp)):
+    for what, size in (("tensor parallel (tp)", tp), ("expert parallel (ep)", ep)):
         if size > 1:
             raise ValueError(f"vocab_parallel=True with {what}={size} is not supported yet: use vocab_parallel "
-                             "with pipeline ranks alone")
+                             "with pipeline and data-parallel ranks")
+    if shard != "none":
+        raise ValueError(f"vocab_parallel=True with shard={shard!r} is not supported yet: data-parallel replicas "
+                         "with vocab_parallel keep their optimizers whole (shard='none')")
     return VocabularyPlan(embedding, projection)
 
 
@@ -133,6 +137,26 @@ def vocabulary_shards(layers: Sequence[nn.Module], plan: VocabularyPlan, schedul
     return (VocabularyShard(projection, loss=loss_fn, collectives=collectives, root=schedule.stage_to_rank[-1],
                             autocast=autocast),
             EmbeddingShard(embedding, collectives=collectives, root=schedule.stage_to_rank[0]), extra)
+
+
+@contextlib.contextmanager
+def whole_tables(vocabulary: VocabularyShard | None, embedding: EmbeddingShard | None):
+    """Generation on a vocabulary-parallel pipeline: inside, the first layer's embedding and the last layer's
+    projection work whole (each table all-gathered once: collective over the pipeline's ranks), so the passes
+    decode as without vocabulary parallelism; after, the whole tables are let go."""
+    if vocabulary is None:
+        yield
+        return
+    projection, table = vocabulary.projection, embedding.embedding
+    with torch.no_grad():
+        weight = projection.weight.full_tensor()
+        bias = projection.bias.full_tensor() if projection.bias is not None else None
+        whole = weight if table.weight is projection.weight else table.weight.full_tensor()
+    projection.whole, table.whole = (weight, bias), whole
+    try:
+        yield
+    finally:
+        projection.whole = table.whole = None
 
 
 def _rows_of(tensor: torch.Tensor, start: int, rows: int, mesh, device: torch.device) -> nn.Parameter:

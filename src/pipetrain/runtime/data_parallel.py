@@ -109,8 +109,8 @@ def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequ
                  expert_group: dist.ProcessGroup | None = None):
     """The replicas' gradient reduction: a GradientAverager, or for shard="optimizer" | "gradients" | "params"
     a `zero.ShardedGradients`. One bucket per stage, each parameter in the bucket of the last of its stages
-    to finish its weight gradients (a weight shared by two stages of this rank), tied weights in their own
-    (`TIED`).
+    to finish its weight gradients (a weight shared by two stages of this rank), `tied` weights in their own
+    (`TIED`, reduced after the step: weights tied across ranks, and vocabulary parallelism's tables).
 
     `identity` (pipeline rank, schedule, microbatches, balance, shard) must be the same on every replica."""
     size = dist.get_world_size(dp_group)
@@ -129,6 +129,9 @@ def averager_for(stages: dict[int, Stage], actions: Sequence[Action], tied: Sequ
         for p in stages[s].module.parameters():
             bucket_of[id(p)] = TIED if id(p) in tied_ids else s
             params[id(p)] = p
+    for p in tied:  # (outside every stage: a vocabulary-parallel table's rows on a rank without its layer)
+        if id(p) not in params:
+            bucket_of[id(p)], params[id(p)] = TIED, p
     buckets: dict[int, list[nn.Parameter]] = {}
     for key, p in params.items():
         buckets.setdefault(bucket_of[key], []).append(p)

@@ -40,7 +40,8 @@ class VocabularyProjection(nn.Module):
     """A head's output projection, split by vocabulary over the pipeline ranks: `weight` (vocab, d) and `bias`
     are DTensors of which this rank holds rows `start .. start + rows`. Its forward is the identity: the
     head runs without it on the last stage (giving the hidden state), and `VocabularyShard` applies this rank's
-    rows to that hidden state on every rank."""
+    rows to that hidden state on every rank. Given the whole projection (`whole`: (weight, bias), for
+    generation) it applies it."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, start: int) -> None:
         super().__init__()
@@ -48,9 +49,10 @@ class VocabularyProjection(nn.Module):
         self.bias = bias
         self.start = start
         self.vocab = weight.shape[0]
+        self.whole: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
+        return hidden if self.whole is None else F.linear(hidden, *self.whole)
 
     def extra_repr(self) -> str:
         return f"vocab={self.vocab}, rows {self.start}..{self.start + local(self.weight).shape[0]} on this rank"
@@ -163,6 +165,10 @@ class VocabularyShard:
         self._gradients: dict[int, tuple[torch.Tensor, Work]] = {}  # mb -> its summed output gradient (root)
         self._reducing: list[Work] = []  # other ranks' reductions in flight
         self.losses: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # root: (loss, count) as a Stage's
+
+    def tables(self) -> list[nn.Parameter]:
+        """The shard's parameters (reduced over data-parallel replicas after the step)."""
+        return [p for p in (self.projection.weight, self.projection.bias) if p is not None]
 
     # --- the last stage's output --------------------------------------------------------------------
     def send_hidden(self, mb: int, hidden: torch.Tensor) -> None:

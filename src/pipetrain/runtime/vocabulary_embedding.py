@@ -80,6 +80,10 @@ class EmbeddingShard:
         self._sent: dict[int, tuple[torch.Tensor, Work | None]] = {}  # mb -> its input gradient (root: broadcast)
         self._given: dict[int, torch.Tensor] = {}  # mb -> the token ids the first stage's embedding was given
 
+    def tables(self) -> list[nn.Parameter]:
+        """The shard's parameters (reduced over data-parallel replicas after the step)."""
+        return [self.embedding.weight]
+
     def lookup(self, mb: int, inputs) -> None:
         """E: this shard's rows of microbatch `mb`'s tokens (zero elsewhere), summed into the first stage."""
         ids = token_ids(inputs).to(self.collectives.device)
