@@ -28,9 +28,7 @@ def resolve_balance(balance: Balance, layers: Sequence[nn.Module], schedule: Sch
             raise ValueError(f'balance must be "uniform", "params", "time" or a list of layer counts, got {balance!r}')
         costs = list(sources[balance]())
         if projection is not None and balance != "uniform":
-            head = [p.numel() for p in layers[-1].parameters()]
-            split = sum(p.numel() for p in getattr(layers[-1], projection).parameters())
-            costs[-1] *= 1 - split / max(sum(head), 1)
+            costs = without_projection(costs, layers, projection)
         return named_split(costs, schedule)
     counts = list(balance)
     if (len(counts) != num_stages or any(not isinstance(n, int) or n < 1 for n in counts)
@@ -38,6 +36,14 @@ def resolve_balance(balance: Balance, layers: Sequence[nn.Module], schedule: Sch
         raise BalanceError(f"balance {counts} must list {num_stages} positive layer counts (one per stage) "
                            f"summing to the {len(layers)} layers")
     return counts
+
+
+def without_projection(costs: Sequence[float], layers: Sequence[nn.Module], projection: str) -> list[float]:
+    """Per-layer `costs` without the last layer's `projection` (vocabulary parallelism runs it on every rank):
+    that layer's cost less the projection's share of its parameters."""
+    head = sum(p.numel() for p in layers[-1].parameters())
+    split = sum(p.numel() for p in getattr(layers[-1], projection).parameters())
+    return [*costs[:-1], costs[-1] * (1 - split / max(head, 1))]
 
 
 def named_split(costs: Sequence[float], schedule: Schedule) -> list[int]:

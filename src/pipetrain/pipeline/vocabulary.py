@@ -25,6 +25,7 @@ from ..runtime.cross_entropy import CrossEntropy
 from ..runtime.vocabulary import VocabularyCollectives, VocabularyProjection, VocabularyShard, shard_rows
 from ..runtime.vocabulary_embedding import EmbeddingShard, VocabularyEmbedding
 from ..schedule import Costs, Schedule, check, with_vocabulary
+from .balance import without_projection
 from .materialize import materialize, on_meta
 from .profile import param_costs
 
@@ -89,9 +90,9 @@ def vocabulary_costs(layers: Sequence[nn.Module], balance: list[int], plan: Voca
     """Costs for placing the passes: each stage's F, I and W its parameters (the head without its projection),
     S one rank's share of the projection and T twice that (a weight and an input gradient), E and G next to
     nothing (lookups)."""
-    costs = param_costs(layers)
+    costs = without_projection(param_costs(layers), layers, plan.projection)
+    costs[-1] = max(costs[-1], 1.0)
     rows = sum(p.numel() for p in getattr(layers[-1], plan.projection).parameters())
-    costs[-1] = max(costs[-1] - rows, 1.0)
     stages, start = [], 0
     for n in balance:
         stages.append(sum(costs[start:start + n]))
