@@ -4,8 +4,10 @@
     python benchmarks/action_cost.py --layers 32 --microbatches 128 --runs 5 --json
 
 Each of 2 gloo ranks (one thread each) holds half of `--layers` Linear(d, d) layers and trains them with 1F1B
-on microbatches of one row, in pipetrain and in torch.distributed.pipelining (`Schedule1F1B`), the two taking
-turns step by step in the same processes (the same weights, inputs and split). What the layers themselves
+on microbatches of one row, in pipetrain (its transfers over shared memory, as it runs on one host by
+default), in pipetrain over gloo's sockets (`pipetrain-gloo`: the same runtime, torch's transport) and in
+torch.distributed.pipelining (`Schedule1F1B`), the three taking turns step by step in the same processes
+(the same weights, inputs and split). What the layers themselves
 cost is measured apart, in the same processes and taking turns with the two: a plain loop running the rank's
 layers forward and backward on each microbatch (**work**). Per rank and library: the step (median), and
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pipetrain.spawn import run_processes  # noqa: E402
 
-LIBRARIES = ("pipetrain", "torch")
+LIBRARIES = ("pipetrain", "pipetrain-gloo", "torch")
 
 
 def _square_sum(out, target):
@@ -42,6 +44,7 @@ def rank_main(rank: int, world: int, settings: dict) -> dict:
     from torch.distributed import pipelining
 
     import pipetrain as pt
+    from pipetrain.runtime.dist_transport import DistTransport
 
     torch.set_num_threads(1)
     d, n, m = settings["width"], settings["layers"], settings["microbatches"]
@@ -51,14 +54,18 @@ def rank_main(rank: int, world: int, settings: dict) -> dict:
         return [nn.Linear(d, d) for _ in range(n)]
 
     x, y = torch.randn(m, d, generator=torch.Generator().manual_seed(1)), torch.zeros(m, d)
-    pipe = pt.Pipeline(build(), schedule="1f1b", num_microbatches=m, loss_fn=_square_sum, balance=[n // 2] * 2)
+    pipes = {"pipetrain": pt.Pipeline(build(), schedule="1f1b", num_microbatches=m, loss_fn=_square_sum,
+                                      balance=[n // 2] * 2),
+             "pipetrain-gloo": pt.Pipeline(build(), schedule="1f1b", num_microbatches=m, loss_fn=_square_sum,
+                                           balance=[n // 2] * 2, transport=DistTransport(shared_memory=False))}
     mine = nn.Sequential(*build()[rank * n // 2:(rank + 1) * n // 2])
     stage = pipelining.PipelineStage(mine, rank, world, torch.device("cpu"))
     schedule = pipelining.Schedule1F1B(stage, m, loss_fn=_square_sum)
 
     def run(library: str) -> float | None:
         """One step; its loss (torch's: on the last rank, the mean over microbatches)."""
-        if library == "pipetrain":
+        if library in pipes:
+            pipe = pipes[library]
             loss = pipe.step(x, y)
             for p in pipe.parameters():
                 p.grad = None
@@ -78,7 +85,7 @@ def rank_main(rank: int, world: int, settings: dict) -> dict:
         start = time.perf_counter()
         _work(mine, x)
         works.append(time.perf_counter() - start)
-        for library in (LIBRARIES if step % 2 == 0 else LIBRARIES[::-1]):
+        for library in LIBRARIES[step % 3:] + LIBRARIES[:step % 3]:  # (each library first in turn)
             torch.distributed.barrier()
             start = time.perf_counter()
             loss = run(library)
@@ -88,19 +95,20 @@ def rank_main(rank: int, world: int, settings: dict) -> dict:
             got = measured[library]
             got["step"].append(elapsed)
             got["losses"].append(loss)
-            if library == "pipetrain":
-                last = pipe.last_step
+            if library in pipes:
+                last = pipes[library].last_step
                 got["inside"].append(sum(e.duration for e in last.events))
                 got["comms"].append(sum(e.duration for e in last.comms))
                 got["waits"].append(sum(e.duration for e in last.waits))
     work = statistics.median(works[settings["warmup"]:])
-    measured["pipetrain"]["inside"] = [t - work for t in measured["pipetrain"]["inside"]]
+    for library in pipes:
+        measured[library]["inside"] = [t - work for t in measured[library]["inside"]]
     actions, messages = 2 * m, 2 * m  # an F and a B per microbatch; one activation or gradient each way
     out = {"work": work, "actions": actions, "messages": messages}
     for library, got in measured.items():
         step = statistics.median(got["step"])
         out[library] = {"step": step, "per_action": (step - work) / actions, "losses": got["losses"]}
-        if library == "pipetrain":  # its timeline: per action inside and between, per message posting and waiting
+        if library in pipes:  # its timeline: per action inside and between, per message posting and waiting
             parts = {k: statistics.median(got[k]) for k in ("inside", "comms", "waits")}
             out[library].update(inside=parts["inside"] / actions, posting=parts["comms"] / messages,
                                 waiting=parts["waits"] / messages,
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microbatches", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=3, help="fresh process pairs (this machine's runs differ more "
+    parser.add_argument("--runs", type=int, default=5, help="fresh process pairs (this machine's runs differ more "
                         "than its steps)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -134,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = vars(args).copy()
     runs = [run_processes(2, rank_main, settings, timeout=1800) for _ in range(args.runs)]
     ratios = [_ratio(results) for results in runs]
+    over_gloo = [_ratio(results, "pipetrain-gloo") for results in runs]
     if args.json:
-        print(json.dumps({"settings": settings, "runs": runs, "ratios": ratios}))
+        print(json.dumps({"settings": settings, "runs": runs, "ratios": ratios, "ratios_over_gloo": over_gloo}))
         return 0
     print(f"{args.layers} x Linear({args.width}, {args.width}), 1-row microbatches, M = {args.microbatches}, 1F1B, "
           f"2 gloo ranks (1 thread each); medians of {args.steps} steps, the libraries taking turns")
-    print(f"{'run':>3} {'rank':>4} {'library':>9} {'step':>9} {'work':>8} {'per action':>11}   pipetrain's timeline: "
+    print(f"{'run':>3} {'rank':>4} {'library':>14} {'step':>9} {'work':>8} {'per action':>11}   pipetrain's timeline: "
           "per action inside + between, per message posting + waiting")
     for n, results in enumerate(runs, 1):
         for rank, r in sorted(results.items()):
@@ -148,16 +157,18 @@ def main(argv: list[str] | None = None) -> int:
                 parts = ("   " + " + ".join(f"{c[k] * 1e6:.0f}" for k in ("inside", "between")) + " us, "
                          + " + ".join(f"{c[k] * 1e6:.0f}" for k in ("posting", "waiting")) + " us"
                          ) if "inside" in c else ""
-                print(f"{n:>3} {rank:>4} {library:>9} {c['step'] * 1e3:>7.1f}ms {r['work'] * 1e3:>6.1f}ms "
+                print(f"{n:>3} {rank:>4} {library:>14} {c['step'] * 1e3:>7.1f}ms {r['work'] * 1e3:>6.1f}ms "
                       f"{c['per_action'] * 1e6:>9.0f}us{parts}")
     print(f"pipetrain / torch, runtime per action: {statistics.median(ratios):.2f} (median of {len(ratios)} runs, "
           f"each in fresh processes: {', '.join(f'{x:.2f}' for x in ratios)})")
+    print(f"pipetrain over gloo / torch: {statistics.median(over_gloo):.2f} "
+          f"({', '.join(f'{x:.2f}' for x in over_gloo)}): the same runtime on torch's transport")
     return 0
 
 
-def _ratio(results: dict) -> float:
-    """pipetrain's runtime per action over torch's, the mean over the ranks."""
-    return statistics.mean(r["pipetrain"]["per_action"] / r["torch"]["per_action"] for r in results.values())
+def _ratio(results: dict, library: str = "pipetrain") -> float:
+    """`library`'s runtime per action over torch's, the mean over the ranks."""
+    return statistics.mean(r[library]["per_action"] / r["torch"]["per_action"] for r in results.values())
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -112,15 +112,18 @@ def test_action_cost_benchmark_times_both_libraries_on_the_same_thin_pipeline(ca
     out = json.loads(capsys.readouterr().out)
     ranks = out["runs"][0]
     assert out["ratios"] == [pytest.approx(action_cost._ratio(ranks))]
+    assert out["ratios_over_gloo"] == [pytest.approx(action_cost._ratio(ranks, "pipetrain-gloo"))]
     for r in ranks.values():
         assert r["actions"] == r["messages"] == 8 and r["work"] > 0
-        for library in ("pipetrain", "torch"):
+        for library in ("pipetrain", "pipetrain-gloo", "torch"):
             assert r[library]["step"] > r["work"] and r[library]["per_action"] > 0
-        parts = [r["pipetrain"][k] for k in ("inside", "between", "posting", "waiting")]
-        assert all(p == p for p in parts) and r["pipetrain"]["posting"] > 0  # (the timeline's own figures)
+        for library in ("pipetrain", "pipetrain-gloo"):
+            parts = [r[library][k] for k in ("inside", "between", "posting", "waiting")]
+            assert all(p == p for p in parts) and r[library]["posting"] > 0  # (the timeline's own figures)
     last = ranks["1"]
-    # the same layers, weights and rows: the same loss (torch's on the last rank)
+    # the same layers, weights and rows: the same loss (torch's on the last rank), over either transport
     assert last["torch"]["losses"] == pytest.approx(last["pipetrain"]["losses"], rel=1e-5)
+    assert last["pipetrain-gloo"]["losses"] == last["pipetrain"]["losses"]
 
 
 def test_vocabulary_benchmark_times_every_contender_and_reports_the_goals_figures(capsys):

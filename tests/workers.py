@@ -134,6 +134,7 @@ def uneven_zb_auto(world: int, num_microbatches: int, stages_per_rank: int) -> p
 
 def split_direction_scenario(rank: int, world: int) -> dict:
     """The NCCL communicator layout (one group per direction), exercised over gloo."""
+    os.environ["PIPETRAIN_SHARED_MEMORY"] = "0"  # (the communicators carry the transfers only over gloo)
     return {("gpt", "1f1b", 2 * world): train(rank, world, "1f1b", "gpt", 2 * world, split_directions=True)}
 
 

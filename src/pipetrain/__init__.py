@@ -25,9 +25,9 @@ _LAZY = {
     "BadValueError": "pipetrain.runtime.values",
     "CommError": "pipetrain.runtime.comm",
     "CrossEntropy": "pipetrain.runtime.cross_entropy",
-    "DistTransport": "pipetrain.runtime.comm",
-    "InProcessHub": "pipetrain.runtime.comm",
-    "InProcessTransport": "pipetrain.runtime.comm",
+    "DistTransport": "pipetrain.runtime.dist_transport",
+    "InProcessHub": "pipetrain.runtime.in_process",
+    "InProcessTransport": "pipetrain.runtime.in_process",
     "Split": "pipetrain.runtime.tensor_parallel",
 }
 
@@ -36,8 +36,10 @@ if TYPE_CHECKING:
     from .pipeline.auto_plan import PipelinePlan, plan_pipeline
     from .pipeline.pipeline import Pipeline
     from .runtime.aux_loss import add_aux_loss, collect_aux_losses
-    from .runtime.comm import CommError, DistTransport, InProcessHub, InProcessTransport
+    from .runtime.comm import CommError
     from .runtime.cross_entropy import CrossEntropy
+    from .runtime.dist_transport import DistTransport
+    from .runtime.in_process import InProcessHub, InProcessTransport
     from .runtime.tensor_parallel import Split
     from .runtime.values import BadValueError
     from .train.config import ConfigError, TrainConfig

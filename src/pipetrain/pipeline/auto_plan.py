@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..runtime.comm import DistTransport, Transport, wait_or_raise
+from ..runtime.comm import Transport, wait_or_raise
+from ..runtime.dist_transport import DistTransport
 from ..schedule import Schedule, build, names
 from ..schedule.choose import Candidate, rank_schedules
 from .balance import Balance

@@ -10,10 +10,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..runtime.comm import DistTransport, InProcessTransport, Transport, wait_replicas
+from ..runtime.comm import Transport, wait_replicas
 from ..runtime.data_parallel import TIED, averager_for, sum_over
+from ..runtime.dist_transport import DistTransport
 from ..runtime.executor import AUX_SUM, LOSS_COUNT, LOSS_SUM, PAIR_LOSSES, Executor, RankStep, gather_timeline
 from ..runtime.expert_parallel import expert_splitter
+from ..runtime.in_process import InProcessTransport
 from ..runtime.overlap import Lanes
 from ..runtime.stage import LossWeights, Stage
 from ..runtime.tensor_parallel import parallelize

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch.distributed as dist
 
-from ..runtime.comm import DistTransport, Transport
+from ..runtime.comm import Transport
+from ..runtime.dist_transport import DistTransport
 from ..runtime.ties import TiedWeights
 from ..schedule.actions import Action
 from ..schedule.collective_order import Call, check_collective_order

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..runtime.comm import InProcessTransport
 from ..runtime.cross_entropy import CrossEntropy
+from ..runtime.in_process import InProcessTransport
 from ..runtime.vocabulary import VocabularyCollectives, VocabularyProjection, VocabularyShard, shard_rows
 from ..runtime.vocabulary_embedding import EmbeddingShard, VocabularyEmbedding
 from ..schedule import Costs, Schedule, check, with_vocabulary

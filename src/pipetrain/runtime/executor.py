@@ -33,7 +33,7 @@ from .stage import UNWEIGHTED, LossWeights, Stage
 from .values import Packet, Signature, batch_check, describe_key, flatten, unflatten
 from .vocabulary import VocabularyShard
 from .vocabulary_embedding import EmbeddingShard
-from .wire import HEADER_BYTES, MIN_CAPACITY, Link, Posted, Wire, envelope_size, unpack
+from .wire import HEADER_BYTES, MIN_CAPACITY, Link, Posted, Wire, direct, envelope_size, unpack
 
 _OPS = list(Op)
 
@@ -350,8 +350,9 @@ class Executor:
         leaves = incoming.leaves
         if leaves is None:
             posted = incoming.posted
-            self.wire.wait(posted, what=describe(value), doing=f"{incoming.action} (needed by {action})")
-            leaves = unpack(posted.body, HEADER_BYTES, incoming.shapes)
+            if not posted.work.is_completed():  # (the words of a wait that may fail: only for one that waits)
+                self.wire.wait(posted, what=describe(value), doing=f"{incoming.action} (needed by {action})")
+            leaves = [posted.body] if direct(incoming.shapes) else unpack(posted.body, HEADER_BYTES, incoming.shapes)
         st.waits.append(Event(self.rank, action, start, st.now()))
         return Packet(leaves, incoming.signature) if value.kind is ACT else leaves
 
@@ -383,7 +384,7 @@ class Executor:
         start = st.now()
         link = st.links_in[self.stage_to_rank[value.stage]]
         while value not in st.arrived:
-            envelope = link.receive(what=describe(value), doing=str(action))
+            envelope = link.receive(what=describe(value), doing=action)
             if envelope is None:
                 raise CommError(f"{rank_name(self.transport, self.rank)}: {action} needs {describe(value)}, but "
                                 f"{rank_name(self.transport, link.peer)} closed its generation link before sending it")
@@ -450,7 +451,7 @@ class Executor:
                 raise CommError(f"{rank_name(self.transport, self.rank)}: {action} receives {describe(value)} "
                                 "before this rank computed the activation it belongs to; the schedule is invalid")
             header, body = self.wire.take(self.wire.post(peer, MIN_CAPACITY), what=f"the shapes of {describe(value)}",
-                                          doing=str(action))
+                                          doing=action)
             envelope = self.wire.open(peer, header, body)
             key = self._step.keys[value.mb]
             if envelope.batch and envelope.batch != batch_check(key):
@@ -462,7 +463,8 @@ class Executor:
             self._step.posted[value] = _Incoming(envelope.signature, action, leaves=envelope.leaves)
             return
         shapes = signature.leaves if value.kind is ACT else [signature.leaves[i] for i in signature.grad_leaves]
-        posted = self.wire.post(peer, envelope_size(shapes))
+        posted = (self.wire.post_leaf(peer, *shapes[0][:2]) if direct(shapes)
+                  else self.wire.post(peer, envelope_size(shapes)))
         self._step.posted[value] = _Incoming(signature, action, posted, shapes)
 
     def _send(self, action: Action) -> None:
@@ -479,17 +481,24 @@ class Executor:
                     signature = Signature.of(leaves, spec)
                 link = st.links_out[peer]
                 link.sent(self.wire.send(peer, value, leaves, signature=signature, keep=keep, capacity=link.capacity,
-                                         doing=str(action)))
+                                         doing=action))
             return
         payload = st.local.pop(value)
-        if isinstance(payload, Packet):
-            known = self._check_known(value, payload.signature, action)
-            self.wire.send(peer, value, payload.leaves, signature=payload.signature,
-                           capacity=None if known else MIN_CAPACITY,
-                           batch=0 if known else batch_check(self._step.keys[value.mb]), doing=str(action))
-            self._known[(value.stage, self._step.keys[value.mb])] = payload.signature  # (once it is sent)
-        else:
-            self.wire.send(peer, value, payload, doing=str(action))
+        if not isinstance(payload, Packet):  # a gradient: the receiver knows its shapes
+            if direct([(t.shape, t.dtype, False) for t in payload]):
+                self.wire.send_leaf(peer, payload[0], doing=action)
+            else:
+                self.wire.send(peer, value, payload, doing=action)
+            return
+        if self._check_known(value, payload.signature, action):
+            if direct(payload.signature.leaves):
+                self.wire.send_leaf(peer, payload.leaves[0], doing=action)
+            else:
+                self.wire.send(peer, value, payload.leaves, signature=payload.signature, doing=action)
+            return
+        self.wire.send(peer, value, payload.leaves, signature=payload.signature, capacity=MIN_CAPACITY,
+                       batch=batch_check(self._step.keys[value.mb]), doing=action)
+        self._known[(value.stage, self._step.keys[value.mb])] = payload.signature  # (once it is sent)
 
     def _check_known(self, value: Value, signature: Signature, action: Action) -> bool:
         """Whether the receiver knows this output's shapes (from an earlier microbatch of the same shape key)."""
@@ -516,7 +525,7 @@ class Executor:
             if pairs not in (0, len(results)):
                 raise ValueError("loss_fn returned a mean for some microbatches and a (loss_sum, count) pair for "
                                  "others; return the same kind for every microbatch")
-            values = torch.stack([loss.double().cpu() for loss, _ in results])
+            values = torch.stack([loss.float() for loss, _ in results]).double().cpu()  # (each exact in double)
             out[LOSS_SUM] = values.sum()
             out[LOSS_COUNT] = (sum(float(c) for _, c in results) if pairs else len(results))
             out[PAIR_LOSSES] = 1.0 if pairs else 0.0

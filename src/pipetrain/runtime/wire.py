@@ -11,7 +11,9 @@ The receiver posts a buffer of a size both ends agree on (the capacity): an enve
 sends its remainder as a second transfer, which the receiver posts as soon as the first has told it the
 total, before anything else on the link. Training knows its sizes: an activation whose shapes crossed the
 link before, and every gradient, is received exactly (one transfer, no header read); the first activation
-of a new shape is posted at `MIN_CAPACITY`. Generation's sizes depend on the data (a group shrinks when
+of a new shape is posted at `MIN_CAPACITY`. A value of one leaf whose shapes the receiver knows crosses
+as that leaf's own bytes, without an envelope (`direct`): the common case, a hidden state and its gradient.
+Generation's sizes depend on the data (a group shrinks when
 sequences finish), so each of its links keeps one receive posted ahead, at the largest of its last
 messages (`Link`), and every message says what it is. A sender gives each new structure (`Signature`) an
 id per link and sends its bytes once.
@@ -81,11 +83,11 @@ class Wire:
         self.me = rank_name(transport, transport.rank)
         self.sent_structures: dict[int, dict[Signature, int]] = {}  # peer -> structure -> id
         self.received_structures: dict[int, dict[int, Signature]] = {}  # peer -> id -> structure
-        self.sends: list[tuple[Work, torch.Tensor, str, int]] = []
+        self.sends: list[tuple[Work, torch.Tensor, object, int]] = []  # (work, buffer, what it is for, peer)
 
     # --- sending -------------------------------------------------------------------------------------
     def send(self, peer: int, value: Value, leaves: Sequence[torch.Tensor], *, signature: Signature | None = None,
-             keep: torch.Tensor | None = None, capacity: int | None = None, batch: int = 0, doing: str) -> int:
+             keep: torch.Tensor | None = None, capacity: int | None = None, batch: int = 0, doing: object) -> int:
         """Post `value`'s envelope to `peer`: its leaves, with `signature` (its id, and its bytes the first
         time) unless the receiver knows the shapes (a gradient), and `keep`. The first transfer is
         `capacity` bytes (None: the envelope's own size, which the receiver computes too); returns the size."""
@@ -120,6 +122,11 @@ class Wire:
             ids[signature] = sig_id
         return total
 
+    def send_leaf(self, peer: int, leaf: torch.Tensor, *, doing: object) -> None:
+        """A value of one leaf whose shapes the receiver knows (`direct`): its own bytes, no envelope, no copy."""
+        leaf = leaf.contiguous()  # (the stage's outputs and gradients come detached)
+        self.sends.append((self._post_send(leaf, peer, doing), leaf, doing, peer))
+
     def end(self, peer: int, capacity: int) -> None:
         """Close a generation link to `peer` (the receiver has `capacity` bytes posted for it)."""
         body = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
@@ -135,11 +142,11 @@ class Wire:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _post_send(self, tensor: torch.Tensor, peer: int, doing: str) -> Work:
+    def _post_send(self, tensor: torch.Tensor, peer: int, doing: object) -> Work:
         try:
             return self.transport.isend(tensor, peer)
         except CommError as err:  # a peer that closed its connection: say which action found out
-            raise posting_failed(self.transport, peer, "receive", err.__cause__ or err, doing=doing) from err
+            raise posting_failed(self.transport, peer, "receive", err.__cause__ or err, doing=str(doing)) from err
 
     def reap(self) -> None:
         """Drop finished sends so their buffers can be freed."""
@@ -149,7 +156,7 @@ class Wire:
     def wait_sends(self) -> None:
         for work, _, doing, peer in self.sends:
             wait_or_raise(work, timeout=self.timeout, transport=self.transport, peer=peer, what="the send",
-                          doing=doing)
+                          doing=str(doing))
         self.sends.clear()
 
     # --- receiving -----------------------------------------------------------------------------------
@@ -157,12 +164,17 @@ class Wire:
         body = torch.empty(capacity, dtype=torch.uint8, device=self.device)
         return Posted(self.transport.irecv(body, peer), body, peer)
 
-    def wait(self, posted: Posted, *, what: str, doing: str) -> None:
+    def post_leaf(self, peer: int, shape: tuple[int, ...], dtype: torch.dtype) -> Posted:
+        """The receive of a `send_leaf`: straight into the leaf (`Posted.body`)."""
+        leaf = torch.empty(shape, dtype=dtype, device=self.device)
+        return Posted(self.transport.irecv(leaf, peer), leaf, peer)
+
+    def wait(self, posted: Posted, *, what: str, doing: object) -> None:
         """Wait for a posted envelope of a size the receiver knew."""
         wait_or_raise(posted.work, timeout=self.timeout, transport=self.transport, peer=posted.peer, what=what,
                       doing=doing)
 
-    def take(self, posted: Posted, *, what: str, doing: str) -> tuple[list[int], torch.Tensor]:
+    def take(self, posted: Posted, *, what: str, doing: object) -> tuple[list[int], torch.Tensor]:
         """Wait for a posted envelope whose size the receiver did not know; receive its remainder if it is
         longer than the posted capacity. Returns its header and all its bytes."""
         self.wait(posted, what=what, doing=doing)
@@ -197,6 +209,11 @@ class Wire:
         return Envelope(Value(_KINDS[kind], stage, mb, t), unpack(body, at, shapes), signature, keep, batch)
 
 
+def direct(shapes: Shapes) -> bool:
+    """Whether a value of known `shapes` crosses as its one leaf's bytes (`Wire.send_leaf`), not an envelope."""
+    return len(shapes) == 1 and torch.Size(shapes[0][0]).numel() > 0
+
+
 def unpack(body: torch.Tensor, at: int, shapes: Shapes) -> list[torch.Tensor]:
     """The leaves of `shapes` laid out from byte `at` of `body`: views, no copy."""
     leaves = []
@@ -225,7 +242,7 @@ class Link:
     def sent(self, size: int) -> None:
         self.sizes.append(size)
 
-    def receive(self, *, what: str, doing: str) -> Envelope | None:
+    def receive(self, *, what: str, doing: object) -> Envelope | None:
         """The next envelope from the peer (None: the link's end); posts the receive of the one after it."""
         header, body = self.wire.take(self.posted, what=what, doing=doing)
         if header[0] == END:
