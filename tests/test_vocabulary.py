@@ -110,10 +110,20 @@ def test_four_ranks_equal_one_process_on_every_schedule():
     check_equal(run_processes(4, vocabulary_scenario, cases, timeout=300))
 
 
-def test_data_parallel_replicas_of_vocabulary_parallel_pipelines_equal_one_process():
+def test_data_parallel_replicas_of_vocabulary_parallel_pipelines_equal_one_process_sharded_or_not():
     from vocab_workers import vocabulary_dp_scenario
 
     check_equal(run_processes(4, vocabulary_dp_scenario, "zbv", timeout=200))
+
+
+def test_tensor_parallel_ranks_split_the_tables_further_and_stay_exact():
+    # pp 2 x tp 2: each table's rows over the 4 ranks (37 rows: uneven), statistics and sums combined over tp too;
+    # tied GPT (a tie between the tables is theirs, not tensor parallel's) and from_hf Llama included
+    cases = [("gpt", "1f1b", 4), ("llama", "zbv", 4), ("gpt-tied", "interleaved-1f1b", 4), ("hf-llama", "dualpipev", 4)]
+    results = run_processes(4, vocabulary_scenario, cases, 2, timeout=300)
+    check_equal(results)
+    rows = {rank: r[("gpt", "1f1b")]["rows"] for rank, r in results.items()}
+    assert rows == {0: 10, 1: 10, 2: 10, 3: 7}  # (pipeline rank-major: ranks 0 and 1 are pp rank 0's tp ranks)
 
 
 def test_what_vocab_parallel_cannot_split_is_refused_before_any_communication():
@@ -122,7 +132,7 @@ def test_what_vocab_parallel_cannot_split_is_refused_before_any_communication():
     cases = [
         (dict(loss_fn=lambda out, y: out.mean()), "pass loss_fn=pipetrain.CrossEntropy"),
         (dict(loss_fn=gpt_loss, transport=hub.transport(0)), "needs torch.distributed ranks"),
-        (dict(loss_fn=gpt_loss, shard="optimizer"), "shard='optimizer' is not supported yet"),
+        (dict(loss_fn=gpt_loss, shard="params"), "shard='params' is not supported yet"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

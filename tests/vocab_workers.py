@@ -44,18 +44,24 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def vocabulary_scenario(rank: int, world: int, cases: list[tuple[str, str, int]]) -> dict:
+def vocabulary_scenario(rank: int, world: int, cases: list[tuple[str, str, int]], tp: int = 1) -> dict:
     """Each case (model, schedule, microbatches): one step on a vocabulary-parallel pipeline and on one process;
     returns per case the two losses, every gradient this rank holds (whole) and the single process's, an
-    evaluation's loss, and the placed schedule's text."""
+    evaluation's loss, and the placed schedule's text. With `tp`, a (pp, tp) mesh: the tables split over all."""
     out = {}
+    mesh = None
+    if tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("pp", "tp"))
     for model, schedule, m in cases:
         layers, loss_fn = build(model)
         reference, _ = build(model)
         torch.manual_seed(1)
         x, y = torch.randint(0, VOCAB, (2 * m, 8)), torch.randint(0, VOCAB, (2 * m, 8))
         y[::3, 2] = -100  # ignored tokens: the token mean counts the rest
-        pipe = pt.Pipeline(layers, schedule=schedule, num_microbatches=m, loss_fn=loss_fn, vocab_parallel=True)
+        pipe = pt.Pipeline(layers, schedule=schedule, num_microbatches=m, loss_fn=loss_fn, vocab_parallel=True,
+                           mesh=mesh)
         inputs = (lambda ids: {"input_ids": ids}) if model.startswith("hf-") else (lambda ids: ids)
         x = inputs(x)
         loss = pipe.step(x, y)
@@ -74,10 +80,16 @@ def vocabulary_scenario(rank: int, world: int, cases: list[tuple[str, str, int]]
             want = total / count
         want.backward()
         ref_grads = {(i, n): p.grad.clone() for i, layer in enumerate(reference) for n, p in layer.named_parameters()}
-        out[(model, schedule)] = dict(loss=loss, want=want.item(), evaluated=evaluated, grads=grads,
+        rows = local_rows(pipe)
+        out[(model, schedule)] = dict(loss=loss, want=want.item(), evaluated=evaluated, grads=grads, rows=rows,
                                       ref_grads=ref_grads, schedule=str(pipe.schedule), generated=generated,
                                       reference_generated=reference_generated)
     return out
+
+
+def local_rows(pipe) -> int:
+    """The rows of the head's projection this rank holds."""
+    return pipe._vocabulary.projection.weight.to_local().shape[0]
 
 
 @torch.no_grad()
@@ -90,22 +102,37 @@ def greedy(model: nn.Module, prompt: torch.Tensor, new: int) -> list[int]:
 
 
 def vocabulary_dp_scenario(rank: int, world: int, schedule: str) -> dict:
-    """dp 2 x pp 2, vocabulary parallel over each pipeline, each replica its half of the batch: one step's token
-    mean and gradients (summed over the replicas) against one process on the whole batch."""
+    """dp 2 x pp 2, vocabulary parallel over each pipeline, each replica its half of the batch, against one process
+    on the whole batch: one step's token mean and gradients (summed over the replicas); then with ZeRO-2
+    (shard="gradients"), the weights after one SGD step (the tables' rows updated from their reduced pieces)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "pp"))
-    layers, loss_fn = build("llama")
-    reference, _ = build("llama")
     torch.manual_seed(1)
     x, y = torch.randint(0, VOCAB, (8, 8)), torch.randint(0, VOCAB, (8, 8))
     y[::3, 2] = -100
-    pipe = pt.Pipeline(layers, schedule=schedule, num_microbatches=2, loss_fn=loss_fn, mesh=mesh, vocab_parallel=True)
     mine = slice(4 * mesh["dp"].get_local_rank(), 4 * mesh["dp"].get_local_rank() + 4)
-    loss = pipe.step(x[mine], y[mine])
-    grads = {(i, n): whole(p.grad).clone() for i, layer in pipe.layers.items() for n, p in layer.named_parameters()}
-    total, count = loss_fn(nn.Sequential(*reference)(x), y)
-    (total / count).backward()
-    ref_grads = {(i, n): p.grad.clone() for i, layer in enumerate(reference) for n, p in layer.named_parameters()}
-    return {("llama", schedule): dict(loss=loss, want=(total / count).item(), evaluated=pipe.evaluate(x[mine], y[mine]),
-                                      grads=grads, ref_grads=ref_grads, generated=None, reference_generated=None)}
+    out = {}
+    for shard in ("none", "gradients"):
+        layers, loss_fn = build("llama")
+        reference, _ = build("llama")
+        pipe = pt.Pipeline(layers, schedule=schedule, num_microbatches=2, loss_fn=loss_fn, mesh=mesh,
+                           vocab_parallel=True, shard=shard)
+        optimizer = pipe.optimizer(lambda groups: torch.optim.SGD(groups, lr=0.5)) if shard != "none" else None
+        loss = pipe.step(x[mine], y[mine])
+        evaluated = pipe.evaluate(x[mine], y[mine])
+        total, count = loss_fn(nn.Sequential(*reference)(x), y)
+        (total / count).backward()
+        if optimizer is None:
+            got = {(i, n): whole(p.grad).clone() for i, layer in pipe.layers.items()
+                   for n, p in layer.named_parameters()}
+            want = {(i, n): p.grad.clone() for i, layer in enumerate(reference) for n, p in layer.named_parameters()}
+        else:  # (compared as the gradients are)
+            optimizer.step()
+            got = {(i, n): whole(p.detach()).clone() for i, layer in pipe.layers.items()
+                   for n, p in layer.named_parameters()}
+            want = {(i, n): (p - 0.5 * p.grad).detach() for i, layer in enumerate(reference)
+                    for n, p in layer.named_parameters()}
+        out[("llama", schedule, shard)] = dict(loss=loss, want=(total / count).item(), evaluated=evaluated, grads=got,
+                                               ref_grads=want, generated=None, reference_generated=None)
+    return out

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..flops import training_flops_per_token
 from ..runtime.cross_entropy import CrossEntropy
-from ..runtime.tensor_parallel import Split, require_divisible
+from ..runtime.tensor_parallel import Split, require_divisible, vocabulary_rows
 from .common import assemble, document_mask, init_normal, split_inputs
 
 RESIDUAL = ("proj.weight", "out.weight")  # scaled at initialization (the head's proj too, as before)
@@ -65,7 +65,7 @@ class Embedding(nn.Module):
         init_normal(self, self.n_layers, RESIDUAL)
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
-        require_divisible(tp, "the GPT", vocab_size=self.tok.num_embeddings)
+        require_divisible(tp, "the GPT", vocab_size=vocabulary_rows(self.tok))
         # (the positions' table stays whole; with sequence parallelism the output leaves split by sequence)
         return {"tok": Split.EMBEDDING, "": Split.SCATTER}
 
@@ -157,7 +157,7 @@ class Head(nn.Module):
         init_normal(self, self.n_layers, RESIDUAL)
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
-        require_divisible(tp, "the GPT", vocab_size=self.proj.out_features)
+        require_divisible(tp, "the GPT", vocab_size=vocabulary_rows(self.proj))
         return {"proj": Split.HEAD, "ln": Split.SEQUENCE}
 
     def vocabulary_parallel_plan(self) -> str:

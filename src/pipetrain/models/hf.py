@@ -21,7 +21,7 @@ from torch import nn
 
 from ..runtime.aux_loss import add_aux_loss
 from ..runtime.cross_entropy import CrossEntropy
-from ..runtime.tensor_parallel import Split, require_divisible
+from ..runtime.tensor_parallel import Split, require_divisible, vocabulary_rows
 from .hf_checkpoint import load_weights, save_pretrained
 from .hf_layout import NOT_YET, SUPPORTED, Layout, layout_of
 from .load_balance import add_sums, balance_loss, router_sums
@@ -75,7 +75,7 @@ class _HFLayer(nn.Module):
             if module is not self:
                 self.hf_model._init_weights(module)  # HF's initialization of one module
 
-    def _divisible(self, tp: int, **sizes: int) -> None:
+    def _divisible(self, tp: int, **sizes: int | None) -> None:
         require_divisible(tp, type(self.config).__name__, **sizes)
 
 
@@ -118,7 +118,7 @@ class Embedding(_HFLayer):
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
         if self.position_embeddings is not None:
             raise ValueError(f"{type(self.config).__name__} has no tensor-parallel plan in transformers: use tp=1")
-        self._divisible(tp, vocab_size=self.embed_tokens.num_embeddings)
+        self._divisible(tp, vocab_size=vocabulary_rows(self.embed_tokens))
         return {"embed_tokens": Split.EMBEDDING}
 
     def vocabulary_parallel_plan(self) -> str:
@@ -226,7 +226,7 @@ class NormHead(_HFLayer):
         self.balance = layout.router.coefficient if layout.router is not None else None
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
-        self._divisible(tp, vocab_size=self.lm_head.out_features)
+        self._divisible(tp, vocab_size=vocabulary_rows(self.lm_head))
         return {"lm_head": Split.HEAD}
 
     def vocabulary_parallel_plan(self) -> str:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..flops import training_flops_per_token
-from ..runtime.tensor_parallel import Split, require_divisible
+from ..runtime.tensor_parallel import Split, require_divisible, vocabulary_rows
 from .common import assemble, document_mask, init_normal, split_inputs
 from .moe import MoEFeedForward
 
@@ -92,7 +92,7 @@ class Embedding(nn.Module):
         return self.tok(idx) if positions is None else (self.tok(idx), positions)
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
-        require_divisible(tp, "the Llama", vocab_size=self.tok.num_embeddings)
+        require_divisible(tp, "the Llama", vocab_size=vocabulary_rows(self.tok))
         return {"tok": Split.EMBEDDING, "": Split.SCATTER}  # (sequence parallelism: the output leaves split)
 
     def vocabulary_parallel_plan(self) -> str:
@@ -203,7 +203,7 @@ class Head(nn.Module):
         init_normal(self, self.n_layers, RESIDUAL)
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, Split]:
-        require_divisible(tp, "the Llama", vocab_size=self.proj.out_features)
+        require_divisible(tp, "the Llama", vocab_size=vocabulary_rows(self.proj))
         return {"proj": Split.HEAD, "norm": Split.SEQUENCE}
 
     def vocabulary_parallel_plan(self) -> str:

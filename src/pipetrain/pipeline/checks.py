@@ -65,6 +65,12 @@ class Groups:
     tp: DeviceMesh | None = None
     ep: DeviceMesh | None = None
     expert_dp: dist.ProcessGroup | None = None
+    mesh: DeviceMesh | None = None
+
+    def pp_and_tp(self) -> DeviceMesh | None:
+        """With tp: the replica's pipeline and tp ranks as one dimension (pp-major; over which vocabulary parallelism
+        splits its tables). Made on first use, collectively over the job, then reused (torch keeps it by name)."""
+        return self.mesh["pp", "tp"]._flatten("pp_tp") if self.tp is not None else None
 
     @property
     def tp_size(self) -> int:
@@ -95,11 +101,11 @@ def groups_of(mesh: DeviceMesh | None, transport: Transport | None) -> Groups:
     tp = mesh["tp"] if "tp" in names and mesh["tp"].size() > 1 else None
     dp = mesh.get_group("dp") if "dp" in names else None
     if "ep" not in names or mesh["ep"].size() == 1:
-        return Groups(mesh.get_group("pp"), dp, tp)
+        return Groups(mesh.get_group("pp"), dp, tp, mesh=mesh)
     # dp and ep flattened into one group (as torchtitan's meshes do): made once per mesh, reused by later Pipelines
     both = mesh["dp", "ep"]._flatten("dp_ep").get_group() if "dp" in names else mesh.get_group("ep")
     expert_dp = dp if dp is not None and mesh["dp"].size() > 1 else None
-    return Groups(mesh.get_group("pp"), both, tp, mesh["ep"], expert_dp)
+    return Groups(mesh.get_group("pp"), both, tp, mesh["ep"], expert_dp, mesh)
 
 
 def check_expert_parallel(ep: int, *, shard: str, tp: int, overlap: bool = False) -> None:

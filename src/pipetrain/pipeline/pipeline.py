@@ -122,8 +122,8 @@ class Pipeline(RankParameters):
         layers = list(layers)
         groups = groups_of(mesh, transport)
         vocabulary = check_vocabulary_parallel(
-            layers, loss_fn, transport=transport, tp=groups.tp_size, ep=groups.ep_size,
-            shard=shard) if vocab_parallel else None
+            layers, loss_fn, transport=transport, tp=groups.tp_size, ep=groups.ep_size, shard=shard,
+            sequence_parallel=sequence_parallel) if vocab_parallel else None
         check_expert_parallel(groups.ep_size, shard=shard, tp=groups.tp_size, overlap=overlap)
         dp_group = groups.dp
         check_shard(shard, dp_group)
@@ -183,7 +183,8 @@ class Pipeline(RankParameters):
         self._vocabulary, self._embedding, self._extra_layers = vocabulary_shards(
             layers, vocabulary, schedule, pp_group=groups.pp, device=self.device, seed=seed, loss_fn=loss_fn,
             transport=self.transport, timeout=self.timeout,
-            autocast=torch.bfloat16 if precision == "bf16" else None) if vocabulary else (None, None, {})
+            autocast=torch.bfloat16 if precision == "bf16" else None, pp_tp=groups.pp_and_tp(),
+            tp_group=groups.tp.get_group() if groups.tp is not None else None) if vocabulary else (None, None, {})
         self.stages = self._place(layers, None if vocabulary else loss_fn, checkpoint, precision, seed)
         check_same_weights(layers, self.transport, self.timeout)  # after every check one rank may fail alone
         self._ties.share_values(self.transport, self.timeout)
@@ -387,8 +388,9 @@ class Pipeline(RankParameters):
         for layer in mine.values():
             layer.to(self.device)
         if self.tp_mesh is not None:
+            tables = self._vocabulary.tables() + self._embedding.tables() if self._vocabulary else []
             parallelize(mine, layers, self.tp_mesh, self.timeout, tied=bool(self._ties),
-                        sequence_parallel=self.sequence_parallel)
+                        sequence_parallel=self.sequence_parallel, vocabulary=frozenset(map(id, tables)))
         for i in sorted(set(mine) - made) if split is not None else ():  # (layers given real)
             split(i, mine[i])
         return {s: Stage(s, num_stages, [layers[i] for i in self.layer_ranges[s]],

@@ -37,7 +37,7 @@ class VocabularyPlan:
 
 
 def check_vocabulary_parallel(layers: Sequence[nn.Module], loss_fn, *, transport, tp: int, ep: int,
-                              shard: str) -> VocabularyPlan:
+                              shard: str, sequence_parallel: bool = False) -> VocabularyPlan:
     """ValueError, naming the fix, unless `layers` and the layout can run vocabulary parallel; returns the names
     of the first layer's embedding and the last layer's projection."""
     embedding = _planned(layers[0], "first", nn.Embedding, "its nn.Embedding (vocab, d)")
@@ -57,13 +57,15 @@ def check_vocabulary_parallel(layers: Sequence[nn.Module], loss_fn, *, transport
                          f"{type(loss_fn).__name__}")
     if isinstance(transport, InProcessTransport):
         raise ValueError("vocab_parallel=True needs torch.distributed ranks (its collectives), not in-process ones")
-    for what, size in (("tensor parallel (tp)", tp), ("expert parallel (ep)", ep)):
-        if size > 1:
-            raise ValueError(f"vocab_parallel=True with {what}={size} is not supported yet: use vocab_parallel "
-                             "with pipeline and data-parallel ranks")
-    if shard != "none":
-        raise ValueError(f"vocab_parallel=True with shard={shard!r} is not supported yet: data-parallel replicas "
-                         "with vocab_parallel keep their optimizers whole (shard='none')")
+    if ep > 1:
+        raise ValueError(f"vocab_parallel=True with expert parallel (ep={ep}) is not supported yet: use "
+                         "vocab_parallel with pipeline, tensor and data-parallel ranks")
+    if tp > 1 and sequence_parallel:
+        raise ValueError("vocab_parallel=True with sequence_parallel=True is not supported yet: the vocabulary "
+                         "passes take the last stage's whole hidden state; leave sequence parallelism off")
+    if shard == "params":
+        raise ValueError("vocab_parallel=True with shard='params' is not supported yet (the tables' passes run outside "
+                         "the stages that gather their weights): use shard='optimizer' or 'gradients'")
     return VocabularyPlan(embedding, projection)
 
 
@@ -110,9 +112,12 @@ def schedule_with_vocabulary(schedule: Schedule, costs: Costs) -> Schedule:
 
 def vocabulary_shards(layers: Sequence[nn.Module], plan: VocabularyPlan, schedule: Schedule, *, pp_group,
                       device: torch.device, seed: int, loss_fn: CrossEntropy, transport, timeout: float,
-                      autocast: torch.dtype | None) -> tuple[VocabularyShard, EmbeddingShard, dict[int, nn.Module]]:
+                      autocast: torch.dtype | None, pp_tp=None, tp_group=None
+                      ) -> tuple[VocabularyShard, EmbeddingShard, dict[int, nn.Module]]:
     """This rank's shards of the two tables and their passes' runners; and, for the end layers this rank does not
-    hold, the layer entries that name the shards' parameters ({layer index: `PartsOnly`})."""
+    hold, the layer entries that name the shards' parameters ({layer index: `PartsOnly`}). With tensor parallel
+    the rows split over the replica's pipeline and tp ranks together (`pp_tp`, one dimension, pp-major), and the
+    passes combine over `tp_group` too."""
     if transport.world_size < 2:
         raise ValueError("vocab_parallel=True splits the vocabulary over the pipeline ranks; this pipeline has one "
                          "rank: launch 2 or more, or leave vocab_parallel off")
@@ -120,7 +125,7 @@ def vocabulary_shards(layers: Sequence[nn.Module], plan: VocabularyPlan, schedul
     made = {i: layer for i, layer in ((0, first), (len(layers) - 1, last)) if on_meta(layer, i)}
     if made:  # (both in one call: a table they share is initialized by its first use, as in one process)
         materialize(made, device, seed)
-    mesh = _pipeline_mesh(pp_group, device)
+    mesh = pp_tp if pp_tp is not None else _pipeline_mesh(pp_group, device)
     table, head = getattr(first, plan.embedding), getattr(last, plan.projection)
     start, rows = shard_rows(table.num_embeddings, mesh.size(), mesh.get_local_rank())
     weight = _rows_of(head.weight, start, rows, mesh, device)
@@ -130,7 +135,7 @@ def vocabulary_shards(layers: Sequence[nn.Module], plan: VocabularyPlan, schedul
                                       if head.bias is not None else None, start)
     setattr(first, plan.embedding, embedding)
     setattr(last, plan.projection, projection)
-    collectives = VocabularyCollectives(transport, timeout)
+    collectives = VocabularyCollectives(transport, timeout, tp_group=tp_group)
     mine = {s for s in schedule.stages_of(transport.rank)}
     extra = {} if 0 in mine else {0: PartsOnly({plan.embedding: embedding})}
     if schedule.num_stages - 1 not in mine:

@@ -75,23 +75,32 @@ class SequenceSplit:
         _SEQUENCE_SPLIT.reset(self._tokens.pop())
 
 
-def require_divisible(tp: int, model: str, **sizes: int) -> None:
-    """ValueError unless `tp` divides each of `sizes` (heads, key/value heads, vocabulary, ...)."""
-    bad = {name: n for name, n in sizes.items() if n % tp}
+def require_divisible(tp: int, model: str, **sizes: int | None) -> None:
+    """ValueError unless `tp` divides each of `sizes` (heads, key/value heads, vocabulary, ...; None: no matter)."""
+    bad = {name: n for name, n in sizes.items() if n is not None and n % tp}
     if bad:
         listed = ", ".join(f"{name}={n}" for name, n in bad.items())
         raise ValueError(f"tensor parallel tp={tp} must divide {listed} of {model}: each tp rank holds whole heads "
                          f"and an equal part of the vocabulary; choose a tp that divides them (CLI: --tp)")
 
 
+def vocabulary_rows(module: nn.Module) -> int | None:
+    """A token table's or head's vocabulary, which tensor parallel splits: None once vocabulary parallelism has
+    split it (over the pipeline and tp ranks alike, however uneven)."""
+    return module.num_embeddings if isinstance(module, nn.Embedding) else \
+        module.out_features if isinstance(module, nn.Linear) else None
+
+
 def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], mesh, timeout: float,
-                tied: bool = False, sequence_parallel: bool = False) -> None:
+                tied: bool = False, sequence_parallel: bool = False, vocabulary: frozenset[int] = frozenset()) -> None:
     """Split each of `layers` (this rank's, by index; whole, initialized alike on every tp rank) over the 1-d
     tp `mesh` by its `tensor_parallel_plan`. Each rank keeps its own slice of the weights it built (no
     communication). Every layer's plan is made (and checked) on every rank first, so a tp that does not
     divide a layer fails on every rank alike. ValueError if no layer of the model has a plan (tp would only
     repeat the work), a weight is tied between layers (`tied`: across ranks), or `sequence_parallel` is asked
-    of layers whose plans do not say where the sequence splits."""
+    of layers whose plans do not say where the sequence splits. `vocabulary`: the ids of the tables vocabulary
+    parallelism splits (over the pipeline and tp ranks already): their modules leave the plans, and a tied table
+    among them is no tie here."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     tp = mesh.size()
@@ -102,15 +111,16 @@ def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], me
     owner: dict[int, int] = {}
     for i, layer in enumerate(all_layers):
         for p in layer.parameters():
-            if owner.setdefault(id(p), i) != i:
+            if owner.setdefault(id(p), i) != i and id(p) not in vocabulary:
                 tied = True
     if tied:
         raise ValueError(f"a weight is shared by two layers (tied weights, e.g. embeddings); tensor parallel "
                          f"(tp={tp}) does not split a tied weight yet: untie it (GPTConfig/LlamaConfig "
                          "tie_embeddings=False; a Hugging Face model: tie_word_embeddings false in its config.json) "
                          "or use tp=1")
-    plans = [layer.tensor_parallel_plan(tp) if hasattr(layer, "tensor_parallel_plan") else {}
-             for layer in all_layers]
+    plans = [{name: split for name, split in layer.tensor_parallel_plan(tp).items()
+              if not _split_already(layer.get_submodule(name), vocabulary)}
+             if hasattr(layer, "tensor_parallel_plan") else {} for layer in all_layers]
     if sequence_parallel and not any(split is Split.SCATTER for plan in plans for split in plan.values()):
         raise ValueError("sequence parallelism needs layers whose tensor_parallel_plan marks where the sequence "
                          "splits (Split.SCATTER on the embedding, Split.SEQUENCE on the norms: the reference GPT and "
@@ -139,6 +149,11 @@ def parallelize(layers: Mapping[int, nn.Module], all_layers: list[nn.Module], me
         for name in styles:  # (on the split modules: generation calls a layer's forward_cached, not the layer)
             head = plans[i][name] is Split.HEAD
             layer.get_submodule(name).register_forward_hook(_whole_without_grad if head else _waited)
+
+
+def _split_already(module: nn.Module, vocabulary: frozenset[int]) -> bool:
+    params = list(module.parameters())
+    return bool(params) and all(id(p) in vocabulary for p in params)
 
 
 def _waited(module: nn.Module, args, output):

@@ -11,7 +11,9 @@ state before the projection) is broadcast to every rank, and
              gradient, summed over the ranks (a reduce) into the last stage's backward.
 
 The statistics combine the online-softmax way (`lse = log sum_r exp(lse_r)`, taken from the largest), in rank
-order on every rank, so every rank computes the same loss; no rank holds or sends whole logits. The input
+order on every rank, so every rank computes the same loss; no rank holds or sends whole logits. With tensor
+parallel each pipeline rank's rows split again over its tp ranks: its statistics, its part of the output
+gradient and of the embedding are then combined over them too (`sum_over_tp`, `gather_over_tp`). The input
 embedding is split the same way (vocabulary_embedding.py). Each kind of collective (`VocabularyCollectives`)
 runs in a group of its own, so each kind matches by microbatch order (`schedule.check`).
 """
@@ -27,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import Work, wait_or_raise
+from .comm import Work, wait_or_raise, wait_replicas
 from .cross_entropy import CrossEntropy, check_targets
 from .stage import LossWeights
 from .tensor_parallel import local
@@ -103,11 +105,28 @@ class VocabularyCollectives:
 
     HIDDEN, STATISTICS, OUTPUT_GRADIENT, EMBEDDING, EMBEDDING_GRADIENT = range(5)  # the kinds, one group each
 
-    def __init__(self, transport, timeout: float) -> None:
+    def __init__(self, transport, timeout: float, tp_group: dist.ProcessGroup | None = None) -> None:
         self.transport = transport
         self.timeout = timeout
         self.rank, self.ranks, self.device = transport.rank, transport.world_size, transport.device
         self._groups = list(transport.vocabulary_groups)
+        self.tp_group = tp_group  # with tensor parallel: this rank's tp ranks, which hold the rest of its rows
+
+    def sum_over_tp(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """With tensor parallel, `tensor` summed over this rank's tp ranks (in place; they run the same passes in
+        the same order, so these meet as the tp layers' own collectives do)."""
+        if self.tp_group is not None:
+            wait_replicas(dist.all_reduce(tensor, group=self.tp_group, async_op=True), self.timeout, what)
+        return tensor
+
+    def gather_over_tp(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """With tensor parallel, every tp rank's `tensor` (n, ...) stacked (tp x n, ...), in tp rank order."""
+        if self.tp_group is None:
+            return tensor
+        out = torch.empty(dist.get_world_size(self.tp_group) * tensor.shape[0], *tensor.shape[1:],
+                          dtype=tensor.dtype, device=tensor.device)
+        wait_replicas(_ALL_GATHER(out, tensor.contiguous(), group=self.tp_group, async_op=True), self.timeout, what)
+        return out
 
     def broadcast(self, kind: int, tensor: torch.Tensor, root: int) -> Work:
         """`root`'s `tensor` into every other rank's."""
@@ -240,13 +259,16 @@ class VocabularyShard:
         """The root, at the last stage's backward of `mb`: the hidden state's gradient summed over the shards."""
         grad, work = self._gradients.pop(mb)
         self._wait(work, f"the shards' output gradients for microbatch {mb}")
-        return grad
+        return self.collectives.sum_over_tp(grad, f"the tp ranks' output gradients for microbatch {mb}")
 
     def _combine(self, mb: int, p: _Microbatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for every shard's statistics of `mb`: the log-sum-exp of each token's logits, and which tokens
         count; the root records the microbatch's loss."""
         self._wait(p.gathering, f"every shard's softmax statistics for microbatch {mb}")
         g = p.gathered.view(self.ranks, 2, -1)
+        combined = torch.stack([torch.logsumexp(g[:, LSE], dim=0), g[:, TARGET].sum(dim=0)])  # (this tp rank's)
+        g = self.collectives.gather_over_tp(combined, f"the tp ranks' softmax statistics for microbatch {mb}")
+        g = g.view(-1, 2, g.shape[-1])
         lse = torch.logsumexp(g[:, LSE], dim=0)
         counted = p.targets != self.loss.ignore_index
         if self.rank == self.root:

@@ -102,7 +102,8 @@ class EmbeddingShard:
         stage's input gradient), handed to the first layer's embedding for these token ids."""
         done = self._sums.pop(mb)
         self.collectives.wait(done.work, f"the shards' input embedding of microbatch {mb}")
-        leaf = done.embedding.requires_grad_(grad)
+        summed = self.collectives.sum_over_tp(done.embedding, f"the tp ranks' input embedding of microbatch {mb}")
+        leaf = summed.requires_grad_(grad)
         ids = token_ids(inputs)
         self.embedding.provide(ids, leaf)
         self._given[mb] = ids

@@ -186,10 +186,10 @@ class TrainConfig:
             moe = sorted(name for name, preset in PRESETS.items() if getattr(preset, "n_experts", 0))
             raise ConfigError(f"{wants} splits or caps a mixture of experts' experts, but preset {self.preset!r} has "
                               f"none: use a MoE preset ({', '.join(moe)}) or an --hf MoE model, or drop {wants}")
-        if self.vocab_parallel and (self.tp > 1 or self.ep > 1 or self.shard != "none"):
-            raise ConfigError("vocab_parallel splits the vocabulary over the pipeline ranks, with data-parallel "
-                              "replicas but not yet tp, ep or a shard mode: run with tp and ep 1 and shard none (or "
-                              "drop vocab_parallel)")
+        if self.vocab_parallel and (self.ep > 1 or self.shard == "params" or self.sequence_parallel):
+            raise ConfigError("vocab_parallel splits the vocabulary over the pipeline (and tp) ranks, with "
+                              "data-parallel replicas, but not yet with ep, shard params or sequence_parallel: drop "
+                              "them (or vocab_parallel)")
         if self.overlap and self.ep == 1:
             raise ConfigError("overlap pairs forwards with backwards to hide expert parallel's all-to-alls; with "
                               "ep=1 there are none: add --ep 2 (or more), or drop --overlap")
