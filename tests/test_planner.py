@@ -6,9 +6,9 @@ import time
 import pytest
 
 from pipetrain.cli import main
-from pipetrain.planner import CLUSTERS, MODELS, SpecError, cluster_from, model_from, plan
+from pipetrain.planner import CLUSTERS, MODELS, ModelSpec, SpecError, cluster_from, model_from, plan
 from pipetrain.planner.plan import _Candidate, _evaluate, _simulate
-from pipetrain.schedule import Costs, build, names, simulate
+from pipetrain.schedule import Costs, build, names, simulate, with_vocabulary
 from pipetrain.schedule.registry import options
 
 
@@ -280,3 +280,46 @@ def test_an_moe_block_keeps_its_routed_copies_and_its_experts_run_whole_on_every
     assert 0.3 < whole / ds.layer_forward_flops(ds.seq) < 1  # (most of a block's FLOPs are its experts')
     f_block = (ds.layer_forward_flops(ds.seq) - whole) / (2 * rate) + whole / rate + _tp_time(ds, cluster, c, ds.seq)
     assert _stage_costs(ds, cluster, c).w[0] == pytest.approx(16 * f_block)
+
+
+def test_vocabulary_parallel_in_the_search_the_memory_model_and_the_command(capsys, monkeypatch):
+    """A 128k vocabulary on 8 blocks of d 2048 (the head: 1.3 blocks' compute) on 2 ranks of a node: split by
+    vocabulary it plans faster than on the last stage; each rank holds 1/(pp x tp) of both tables instead of the
+    first stage the whole embedding; the plan's command runs it (without sequence parallelism, as its memory
+    assumes)."""
+    from pipetrain.planner.memory import first_rank_memory
+
+    model = ModelSpec("heavy-head", 8, 2048, 16, 8192, 128256, 4096, kv_heads=8, global_batch=64)
+    cluster = CLUSTERS["h100-16k"]
+    pins = dict(devices=2, pp=2, tp=1, dp=1, schedule="zbv", microbatch_size=1)
+    best = plan(model, cluster, top=1, **pins)[0]
+    whole = plan(model, cluster, top=1, vocab_parallel=False, **pins)[0]
+    assert best.vocab_parallel and not whole.vocab_parallel and best.step_time < 0.95 * whole.step_time
+    kw = dict(dp=1, stages_per_rank=1, microbatch_size=1, recompute=False, peak_in_flight=2, blocks_per_stage=4,
+              shard="none", sequence_parallel=False)
+    split = first_rank_memory(model, cluster, tp=2, vocab_shards=4, **kw).moments["optimizer step"]
+    alone = first_rank_memory(model, cluster, tp=2, **kw).moments["optimizer step"]
+    tables = 2 * model.embedding_params()
+    assert split - alone == pytest.approx(16 * (tables / 4 - model.embedding_params() / 2), rel=1e-9)
+    # the command: --vocab-parallel, no --sequence-parallel with tp; the trainer takes it
+    assert main(["plan", "--model", "gpt-8x256", "--cluster", "h100-16k", "--gpus", "16", "--tp", "2", "--pp", "4",
+                 "--vocab-parallel", "--top", "1", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["plans"][0]
+    assert planned["vocab_parallel"] and " --vocab-parallel" in planned["command"]
+    assert "--sequence-parallel" not in planned["command"]
+    flags = planned["command"].split(" -m pipetrain ")[1].split()
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert "launch it under torchrun" in err and "bad configuration" not in err
+
+
+@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("zbv", 2), ("interleaved-1f1b", 2)])
+def test_a_short_simulation_with_vocabulary_passes_extended_is_close_to_the_full_one(schedule, v):
+    costs = Costs(f=1.0, b=1.1, w=0.9, comm=0.1, s=0.4, t=0.8, e=0.01, g=0.01, collective=0.3)
+    p, m = 4, 40
+    full = simulate(with_vocabulary(build(schedule, num_ranks=p, num_microbatches=m, stages_per_rank=v), costs,
+                                    delays=(0,)), costs)
+    step, _, _ = _simulate(_Candidate(1, p, 1, v, 1, m, schedule, False, vocab=True), costs)
+    assert step == pytest.approx(full.step_time, rel=0.03)

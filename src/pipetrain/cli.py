@@ -100,7 +100,7 @@ def _plan(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         plans = plan(model, cluster, devices=args.gpus, tp=args.tp, pp=args.pp, dp=args.dp, schedule=args.schedule,
                      microbatch_size=args.microbatch_size, stages_per_rank=args.stages_per_rank, shard=args.shard,
-                     ep=args.ep, top=args.top)
+                     ep=args.ep, vocab_parallel=args.vocab_parallel, top=args.top)
         seconds = time.perf_counter() - start
     except (SpecError, ValueError) as err:
         _to_stderr(f"pipetrain plan: {err}")
@@ -120,13 +120,13 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"{model.name} ({size} parameters, global batch {model.global_batch} x {model.seq} "
           f"tokens) on {cluster.name}: {args.gpus or cluster.devices} devices, {cluster.notes}")
     print(f"{'#':>2} {'devices':>7} {'tp':>3} {'pp':>4} {'dp':>5} {'ep':>4} {'v':>2} {'mb':>3} {'M':>5} "
-          f"{'schedule':17s} {'recomp':6s} {'shard':9s} {'step':>9} {'tokens/s':>11} {'MFU':>6} {'bubble':>7} "
-          f"{'memory':>9}")
+          f"{'schedule':17s} {'recomp':6s} {'shard':9s} {'vocab':5s} {'step':>9} {'tokens/s':>11} {'MFU':>6} "
+          f"{'bubble':>7} {'memory':>9}")
     for i, p in enumerate(plans, 1):
         print(f"{i:>2} {p.devices:>7} {p.tp:>3} {p.pp:>4} {p.dp:>5} {p.ep:>4} {p.stages_per_rank:>2} "
               f"{p.microbatch_size:>3} "
               f"{p.microbatches:>5} {p.schedule:17s} {'yes' if p.recompute else 'no':6s} {p.shard:9s} "
-              f"{_seconds(p.step_time):>9} "
+              f"{'split' if p.vocab_parallel else 'whole':5s} {_seconds(p.step_time):>9} "
               f"{p.tokens_per_s:>11.4g} {p.mfu:>6.1%} {p.bubble_fraction:>7.1%} {p.memory_per_device / 2**30:>7.1f}Gi")
     print(f"\nplanned in {seconds:.1f}s; each plan listed was simulated in full")
     if plans:
@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--stages-per-rank", type=_positive_int, help="stages per rank (interleaved: 2, 3 or 4)")
     pl.add_argument("--shard", choices=["none", "optimizer", "gradients", "params"],
                     help="over the dp replicas (default: each plan's first that fits: optimizer, gradients, params)")
+    pl.add_argument("--vocab-parallel", action=argparse.BooleanOptionalAction, default=None,
+                    help="plan only with (or, --no-vocab-parallel, without) the embedding and head split by "
+                         "vocabulary over the pp x tp ranks (default: both searched)")
     pl.add_argument("--top", type=_positive_int, default=10, help="plans to list")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.add_argument("--png", metavar="FILE", help="draw the best plan's simulated timeline (needs matplotlib)")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .schedule.actions import Op
+from .schedule.actions import VOCABULARY, Op
 from .schedule.timeline import Timeline
 
 COLORS = {Op.F: "#4C78A8", Op.B: "#E45756", Op.I: "#F58518", Op.W: "#54A24B", Op.P: "#72B7B2", Op.D: "#B279A2",
-          Op.REDUCE: "#9D755D", Op.GATHER: "#BAB0AC", Op.S: "#EECA3B", Op.T: "#9467BD"}
+          Op.REDUCE: "#9D755D", Op.GATHER: "#BAB0AC", Op.S: "#EECA3B", Op.T: "#9467BD", Op.E: "#FF9DA6",
+          Op.G: "#8C564B"}
 LABELS = {Op.F: "F forward", Op.B: "B backward", Op.I: "I input grad", Op.W: "W weight grad",
           Op.P: "P prefill pass", Op.D: "D decode pass", Op.REDUCE: "REDUCE gradients (dp)",
-          Op.GATHER: "GATHER parameters (dp)", Op.S: "S vocabulary logits", Op.T: "T vocabulary backward"}
+          Op.GATHER: "GATHER parameters (dp)", Op.S: "S vocabulary logits", Op.T: "T vocabulary backward",
+          Op.E: "E vocabulary embedding", Op.G: "G vocabulary embedding grad"}
 
 
 def _pyplot():
@@ -33,7 +35,8 @@ def draw(timeline: Timeline, ax, *, title: str = "", unit: str = "", label_block
     local = {}  # (rank, stage) -> 0 for a rank's first stage, 1 for its second, ...: later stages lighter
     for r in range(timeline.num_ranks):
         for i, s in enumerate(sorted({e.action.stage for e in timeline.events
-                                      if e.rank == r and e.action.op.is_compute and e.action.op not in (Op.S, Op.T)})):
+                                      if e.rank == r and e.action.op.is_compute
+                                      and e.action.op._value_ not in VOCABULARY})):
             local[(r, s)] = i
     paired = {(e.rank, e.start) for e in timeline.events if e.action.paired}
     for e in timeline.events:

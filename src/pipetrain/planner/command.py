@@ -39,14 +39,20 @@ def train_command(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> tuple[s
         flags.append(f"--shard {plan.shard}")
     if plan.ep > 1:
         flags.append(f"--ep {plan.ep}")
+    if plan.vocab_parallel:
+        flags.append("--vocab-parallel")
     if model.name in NOT_FROM_HF:
         notes.append(f"{model.name}: {NOT_FROM_HF[model.name]}")
     if plan.recompute:
         flags.append("--activation-checkpointing")
     if plan.tp > 1:
         flags.append(f"--tp {plan.tp}")
-        if model.name in PRESETS and model.seq % plan.tp == 0:  # (the plan assumes Megatron's sequence
-            flags.append("--sequence-parallel")                 # parallelism; the reference models have it)
+        # the plan assumes Megatron's sequence parallelism (the reference models have it), except with
+        # vocabulary parallelism, which runs without it (and the plan's memory says so)
+        if plan.vocab_parallel:
+            pass
+        elif model.name in PRESETS and model.seq % plan.tp == 0:
+            flags.append("--sequence-parallel")
         else:
             # Korthikanti et al., per token and hidden unit with flash attention: 10 + 24 / tp bytes kept per block
             # without sequence parallelism, 34 / tp with it; recomputation keeps each block's input, 2 / tp with it

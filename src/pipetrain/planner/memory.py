@@ -69,26 +69,31 @@ def rank_memory(params: float, largest_stage: float, activations: float, *, dp: 
 
 def first_rank_memory(model: ModelSpec, cluster: ClusterSpec, *, tp: int, dp: int, stages_per_rank: int,
                       microbatch_size: int, recompute: bool, peak_in_flight: float, blocks_per_stage: int,
-                      shard: str, sequence_parallel: bool = True, ep: int = 1) -> RankMemory:
+                      shard: str, sequence_parallel: bool = True, ep: int = 1,
+                      vocab_shards: int = 0) -> RankMemory:
     """The fullest rank's memory (the first stage's: it holds the embedding) for a model's plan, holding
     `peak_in_flight` microbatches' activations at once: `rank_memory` of its parameters and activations.
-    With expert parallel, each rank holds 1/ep of the routed experts (the rest 1/tp)."""
+    With expert parallel, each rank holds 1/ep of the routed experts (the rest 1/tp). Vocabulary parallel over
+    `vocab_shards` ranks: each holds that share of the embedding and the head (one table if tied), and the
+    fp32 logits of its rows for the two microbatches between an S and its T."""
     experts = model.layer_expert_params()
     block = (model.layer_params() - experts) / tp + experts / ep
-    stage = blocks_per_stage * block + model.embedding_params() / tp
+    tables = model.embedding_params() * (1 if model.tied_embeddings else 2)
+    stage = blocks_per_stage * block + (tables / vocab_shards if vocab_shards else model.embedding_params() / tp)
     params = stage + (stages_per_rank - 1) * blocks_per_stage * block
     width = 2.0 if cluster.dtype == "fp32" else 1.0  # (the activation model counts bf16's bytes)
     tokens = microbatch_size * model.seq
     act = peak_in_flight * blocks_per_stage * model.layer_activation_bytes(tokens, tp, recompute, sequence_parallel)
     if recompute:
         act += model.layer_activation_bytes(tokens, tp, False, sequence_parallel)  # one block recomputed at a time
-    logits = tokens * model.vocab * 4 / tp  # fp32 logits of one microbatch on the last stage
+    logits = (2 * tokens * model.vocab * 4 / vocab_shards if vocab_shards  # (fp32: two microbatches' of its rows)
+              else tokens * model.vocab * 4 / tp)  # fp32 logits of one microbatch on the last stage
     return rank_memory(params, stage, width * act + logits, dp=dp, shard=shard, backend=cluster.backend)
 
 
-def best_shard(dp: int, fits) -> str:
-    """The shard mode a plan takes: none without replicas; else the first of optimizer, gradients, params
-    whose memory `fits(shard)` (they cost the same communication; optimizer if none fits)."""
+def best_shard(dp: int, fits, modes: tuple[str, ...] | None = None) -> str:
+    """The shard mode a plan takes: none without replicas; else the first of optimizer, gradients, params (or of
+    `modes`) whose memory `fits(shard)` (they cost the same communication; optimizer if none fits)."""
     if dp == 1:
         return "none"
-    return next((s for s in SHARD_MODES[1:] if fits(s)), "optimizer")
+    return next((s for s in modes or SHARD_MODES[1:] if fits(s)), "optimizer")

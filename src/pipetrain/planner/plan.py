@@ -10,6 +10,11 @@ The cost model (all per device):
 - compute: a block's forward FLOPs / (peak x achievable x tp); backward = 2 x forward, split evenly into
   I and W; recomputation adds one forward to the backward. The first stage also holds the embedding,
   the last the head and loss (counted as one block of head FLOPs);
+- vocabulary parallelism (`vocab_parallel`): the head and the embedding split by vocabulary over every pp x tp
+  rank instead: each rank's S (1/pp of the head's forward) and T (twice that) are placed into the schedule
+  (`schedule.with_vocabulary`); their collectives go to and from the root one rank after another, as the
+  runtime sends them (pp - 1 transfers of a hidden state each); it runs without sequence parallelism and
+  expert parallel, and with shard none, optimizer or gradients (as the runtime does);
 - tensor parallelism (within a fast domain only): per block two all-reduces of the block's activations
   in forward and two in backward (Megatron-LM with sequence parallelism: all-gather + reduce-scatter),
   ring cost 2 (t-1)/t x bytes / domain bandwidth, not overlapped;
@@ -33,7 +38,7 @@ import math
 from dataclasses import asdict, dataclass
 from functools import cache
 
-from ..schedule import Costs, build, names, simulate
+from ..schedule import Costs, build, names, simulate, with_vocabulary
 from ..schedule.placement import looped, vshape
 from ..schedule.registry import options, refusal
 from .memory import RankMemory, best_shard, first_rank_memory
@@ -64,6 +69,7 @@ class Plan:
     simulated: bool  # False: the screening estimate only
     shard: str = "none"  # over the dp replicas: none, optimizer (ZeRO-1), gradients (ZeRO-2), params (ZeRO-3)
     ep: int = 1  # expert parallel: ranks (of the dp replicas) splitting each MoE block's experts
+    vocab_parallel: bool = False  # the embedding and head split by vocabulary over the pp x tp ranks
 
     @property
     def devices(self) -> int:
@@ -85,6 +91,7 @@ class _Candidate:
     recompute: bool
     shard: str | None = None  # pinned; None: the first that fits
     ep: int = 1
+    vocab: bool = False
 
 
 RANKED = 10  # plans simulated however few are asked for (plus the margin): one ranking for every `top`
@@ -93,19 +100,21 @@ RANKED = 10  # plans simulated however few are asked for (plus the margin): one 
 def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, tp: int | None = None,
          pp: int | None = None, dp: int | None = None, schedule: str | None = None,
          microbatch_size: int | None = None, stages_per_rank: int | None = None, shard: str | None = None,
-         ep: int | None = None, top: int = 10, margin: int = 5) -> list[Plan]:
+         ep: int | None = None, vocab_parallel: bool | None = None, top: int = 10, margin: int = 5) -> list[Plan]:
     """The `top` best plans, fastest first, every one simulated in full (exact schedule, per-stage costs).
-    Pinned arguments restrict the search. The best `max(top, RANKED) + margin` screened estimates are
-    simulated and re-ranked (an estimate is within a few percent of its simulation), so any `top` up to
-    `RANKED` lists the first plans of one ranking: `top=5` is the default list's first five."""
+    Pinned arguments restrict the search (`vocab_parallel` None: with and without). The best
+    `max(top, RANKED) + margin` screened estimates are simulated and re-ranked (an estimate is within a few
+    percent of its simulation), so any `top` up to `RANKED` lists the first plans of one ranking: `top=5` is the
+    default list's first five."""
     devices = devices or cluster.devices
     if devices > cluster.devices:
         raise ValueError(f"{devices} devices asked, the cluster {cluster.name!r} has {cluster.devices}")
     if schedule is not None and schedule not in names():
         raise ValueError(f"schedule {schedule!r} is not one of the registered schedules {names()}")
     candidates = [dataclasses.replace(c, shard=shard)
-                  for c in _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size)
-                  if (stages_per_rank is None or c.v == stages_per_rank) and (ep is None or c.ep == ep)]
+                  for c in _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size, vocab_parallel)
+                  if (stages_per_rank is None or c.v == stages_per_rank) and (ep is None or c.ep == ep)
+                  and (vocab_parallel is None or c.vocab == vocab_parallel)]
     if not candidates:
         raise ValueError(_why_none(model, cluster, devices, tp, pp, dp, microbatch_size))
     screened = [p for p in (_evaluate(model, cluster, c, exact=False) for c in candidates) if p is not None]
@@ -114,7 +123,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, *, devices: int | None = None, 
                          f"{model.name} needs more devices, more pipeline or tensor parallelism")
     screened.sort(key=lambda p: (p.step_time, p.devices))
     exact = [_evaluate(model, cluster, _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size,
-                                                  p.microbatches, p.schedule, p.recompute, shard, p.ep), exact=True)
+                                                  p.microbatches, p.schedule, p.recompute, shard, p.ep,
+                                                  p.vocab_parallel), exact=True)
              for p in screened[:max(top, RANKED) + margin]]
     return sorted([p for p in exact if p is not None], key=lambda p: (p.step_time, p.devices))[:top]
 
@@ -123,7 +133,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size):
+def _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size, vocab_parallel=None):
     tps = [t for t in ([tp] if tp else (1, 2, 4, 8, 16, 32, 64))
            if t == 1 or (t <= cluster.domain and model.heads % t == 0 and model.kv % t == 0)]
     # a layout may leave some devices idle: dp must divide the global batch, so e.g. 220,000 devices
@@ -158,7 +168,21 @@ def _candidates(model, cluster, devices, tp, pp, dp, schedule, microbatch_size):
                             continue
                         for recompute in (False, True):
                             for e in _expert_parallel(model, t, d):
-                                yield _Candidate(t, p, d, v, b, m, name, recompute, None, e)
+                                for vocab in _vocabulary_options(model, p, v, e, vocab_parallel):
+                                    yield _Candidate(t, p, d, v, b, m, name, recompute, None, e, vocab)
+
+
+VOCAB_MIN_SHARE = 0.05  # of a stage's compute, the least head for which the search tries vocabulary parallelism
+
+
+def _vocabulary_options(model: ModelSpec, pp: int, v: int, ep: int, pinned: bool | None) -> tuple[bool, ...]:
+    """With and without vocabulary parallelism, where it can run (pp > 1, no expert parallel) and, unless pinned,
+    where the head is at least `VOCAB_MIN_SHARE` of a stage's compute (below, it could take at most that much
+    off the last stage)."""
+    if pp == 1 or ep > 1 or pinned is False:
+        return (False,)
+    stage = model.layers / (pp * v) * model.layer_forward_flops(1)
+    return (False, True) if pinned or model.head_forward_flops(1) >= VOCAB_MIN_SHARE * stage else (False,)
 
 
 def _expert_parallel(model: ModelSpec, tp: int, dp: int) -> list[int]:
@@ -194,16 +218,22 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: b
         stages_of = [[s for s in range(stages) if placement[s] == r] for r in range(c.pp)]
         busiest = max(range(c.pp), key=lambda r: sum(f[s] + i_cost[s] + w_cost[s] for s in stages_of[r]))
         mine = stages_of[busiest]
-        pipeline_time, bubble, peak_in_flight = _screen(c, *(sum(x[s] for s in mine) / len(mine)
-                                                          for x in (f, i_cost, w_cost)), costs.comm)
+        means = [sum(x[s] for s in mine) / len(mine) for x in (f, i_cost, w_cost)]
+        comm = costs.comm
+        if c.vocab:  # (a proxy, the plans kept are exact: each rank's S and T per microbatch spread over its
+            means[0] += costs.s / c.v  # stages, and the collectives that carry the hidden state out and its
+            means[1] += costs.t / c.v  # gradient back as one more transfer each way)
+            comm += costs.collective_time
+        pipeline_time, bubble, peak_in_flight = _screen(c, *means, comm)
     limit = cluster.memory * (1 - cluster.memory_reserved)
 
     def memory_of(shard: str) -> float:
         return _rank_memory(model, cluster, c, peak_in_flight, math.ceil(model.layers / stages), shard).peak
 
-    if c.ep > 1 and c.shard not in (None, "none"):
-        return None  # (the runtime does not shard an optimizer over experts yet)
-    shard = "none" if c.dp == 1 or c.ep > 1 else c.shard or best_shard(c.dp, lambda s: memory_of(s) <= limit)
+    if c.ep > 1 and c.shard not in (None, "none") or c.vocab and c.shard == "params":
+        return None  # (the runtime does not shard an optimizer over experts, nor gather split tables, yet)
+    shard = "none" if c.dp == 1 or c.ep > 1 else c.shard or best_shard(
+        c.dp, lambda s: memory_of(s) <= limit, modes=("optimizer", "gradients") if c.vocab else None)
     memory = memory_of(shard)
     if memory > limit:
         return None
@@ -214,7 +244,7 @@ def _evaluate(model: ModelSpec, cluster: ClusterSpec, c: _Candidate, *, exact: b
     mfu = tokens_per_s * model.flops_per_token() / (c.tp * c.pp * c.dp * cluster.peak)
     hfu = mfu * (4 / 3 if c.recompute else 1.0)
     return Plan(c.tp, c.pp, c.dp, c.v, c.b, c.m, c.schedule, c.recompute, step, tokens_per_s, mfu, hfu, bubble,
-                memory, compute, dp_time, pipeline_time, exact, shard, c.ep)
+                memory, compute, dp_time, pipeline_time, exact, shard, c.ep, c.vocab)
 
 
 def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs:
@@ -226,16 +256,26 @@ def _stage_costs(model: ModelSpec, cluster: ClusterSpec, c: _Candidate) -> Costs
     whole = model.layer_moe_forward_flops(tokens) if c.tp > 1 else 0.0  # (experts run whole on every tp rank)
     f_block = (model.layer_forward_flops(tokens) - whole) / rate + whole / (rate / c.tp) + _tp_time(
         model, cluster, c, tokens)
-    # the last stage also holds the head (and loss), the first the embedding (no FLOPs to speak of)
+    # the last stage also holds the head (and loss), the first the embedding (no FLOPs to speak of); split by
+    # vocabulary, every rank's S and T run 1/pp of the head (and 2/pp), each rank's E and G a lookup
     w = [n * f_block for n in blocks]
-    w[-1] += model.head_forward_flops(tokens) / rate
+    head = model.head_forward_flops(tokens) / rate
+    if not c.vocab:
+        w[-1] += head
     # an MoE's all-to-alls: in F, and again in I (the gradients go back the same way), not in W
     a2a = [n * _a2a_time(model, cluster, c, tokens) for n in blocks]
     f = [x + y for x, y in zip(w, a2a, strict=True)]
     i_cost = [x * (2 if c.recompute else 1) for x in f]
-    act_bytes = tokens * model.hidden * 2 / c.tp  # bf16, sequence-parallel
+    act_bytes = tokens * model.hidden * 2 / (1 if c.vocab else c.tp)  # bf16, sequence-parallel (vocab: whole)
     latency, bandwidth = _p2p_link(cluster, c)
-    return Costs(f=f, b=i_cost, w=w, comm=latency + act_bytes / bandwidth)
+    comm = latency + act_bytes / bandwidth
+    if not c.vocab:
+        return Costs(f=f, b=i_cost, w=w, comm=comm)
+    # the hidden state, its gradient, the embedding and its gradient: the root sends to (or takes from) the other
+    # pp - 1 ranks one after another, a hidden state each (fp32 gradients: twice bf16's bytes)
+    collective = (c.pp - 1) * (latency + 2 * act_bytes / bandwidth)
+    return Costs(f=f, b=i_cost, w=w, comm=comm, s=head / c.pp, t=2 * head / c.pp, e=0.0, g=0.0,
+                 collective=collective)
 
 
 @cache
@@ -304,12 +344,19 @@ def _dp_time(model, cluster, c) -> float:
     blocks = model.layers / (c.pp * c.v)
     experts = blocks * model.layer_expert_params() if c.ep > 1 else 0.0
     first_stage = (blocks * model.layer_params() - experts + model.embedding_params()) / c.tp
+    if c.vocab:  # (the rank's rows of both tables, reduced after the step, instead of the whole embedding)
+        first_stage += (_vocabulary_params(model) / c.pp - model.embedding_params()) / c.tp
     bandwidth = cluster.nic_bandwidth if c.tp * c.pp * c.dp > cluster.domain else cluster.domain_bandwidth
 
     def ring(volume: float, n: int) -> float:
         return 2 * (n - 1) / n * volume / bandwidth + 2 * (n - 1) * cluster.nic_latency if n > 1 else 0.0
 
     return ring(first_stage * 2, c.dp) + ring(experts / c.ep * 2, c.dp // c.ep)
+
+
+def _vocabulary_params(model: ModelSpec) -> float:
+    """The embedding's and the head's weights (one table if tied)."""
+    return model.embedding_params() * (1 if model.tied_embeddings else 2)
 
 
 def predicted_memory(model: ModelSpec, *, pp: int, dp: int, microbatch_size: int, microbatches: int, schedule: str,
@@ -330,7 +377,8 @@ def _rank_memory(model, cluster, c, peak_in_flight: float, blocks_per_stage: int
                  sequence_parallel: bool = True) -> RankMemory:
     return first_rank_memory(model, cluster, tp=c.tp, dp=c.dp, stages_per_rank=c.v, microbatch_size=c.b,
                              recompute=c.recompute, peak_in_flight=peak_in_flight, blocks_per_stage=blocks_per_stage,
-                             shard=shard, sequence_parallel=sequence_parallel, ep=c.ep)
+                             shard=shard, sequence_parallel=sequence_parallel and not c.vocab, ep=c.ep,
+                             vocab_shards=c.pp * c.tp if c.vocab else 0)
 
 
 # --- the schedule: simulated (exact) or estimated from a short simulation (screening) ---------------
@@ -350,7 +398,8 @@ def _simulate(c: _Candidate, costs: Costs) -> tuple[float, float, float]:
     m0, m1 = _short_m(c.pp, c.v, c.m)
     results = []
     for m in sorted({m0, m1}):
-        results.append((m, simulate(_build(c.schedule, c.pp, m, c.v, costs), costs)))
+        built = _build(c.schedule, c.pp, m, c.v, costs)
+        results.append((m, simulate(with_vocabulary(built, costs, delays=(0,)) if c.vocab else built, costs)))
     (ma, ra), (mb, rb) = results[0], results[-1]
 
     def slope(value) -> float:
@@ -371,10 +420,15 @@ def _simulate(c: _Candidate, costs: Costs) -> tuple[float, float, float]:
 def _screen(c: _Candidate, f: float, b: float, w: float, comm: float) -> tuple[float, float, float]:
     """Like _simulate, with uniform stage costs and at most 8 ranks: the part of the step beyond the
     work grows linearly with the ranks; measured at a short pipeline, scaled to `pp`. The cost ratios are
-    rounded to 2 decimals, so that layouts alike share one simulation (the plans kept are simulated in full)."""
+    rounded to 2 decimals, so that layouts alike share one simulation (the plans kept are simulated in full);
+    with vocabulary parallelism, whose collectives spread the transfer's ratio over decades, to 1 decimal and
+    the transfer's to a quarter of a power of two."""
     every = _holds_every_microbatch(c.schedule, c.v)
     p = min(c.pp, 8)
-    ratios = (round(b / f, 2), round(w / f, 2), round(comm / f, 2))
+    if c.vocab:
+        ratios = (round(b / f, 1), round(w / f, 1), 2 ** (round(4 * math.log2(max(comm / f, 1e-3))) / 4))
+    else:
+        ratios = (round(b / f, 2), round(w / f, 2), round(comm / f, 2))
     key = (c.schedule, p, c.v, *ratios)
     if key not in _SCREEN_CACHE:
         m = _accepted(c.schedule, p, c.v, max(2 * p, 4) * 2)
@@ -419,9 +473,11 @@ def timeline_of(model: ModelSpec, cluster: ClusterSpec, p: Plan, max_microbatche
     while m < p.microbatches and refusal(p.schedule, num_ranks=p.pp, num_microbatches=m,
                                          stages_per_rank=p.stages_per_rank):
         m = min(p.microbatches, m + p.pp)  # the fewest microbatches the schedule takes (e.g. 1f1b: pp)
-    c = _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size, m, p.schedule, p.recompute, ep=p.ep)
+    c = _Candidate(p.tp, p.pp, p.dp, p.stages_per_rank, p.microbatch_size, m, p.schedule, p.recompute, ep=p.ep,
+                   vocab=p.vocab_parallel)
     costs = _stage_costs(model, cluster, c)
-    return simulate(_build(c.schedule, c.pp, m, c.v, costs), costs).timeline
+    built = _build(c.schedule, c.pp, m, c.v, costs)
+    return simulate(with_vocabulary(built, costs) if c.vocab else built, costs).timeline
 
 
 def plan_assumptions(cluster: ClusterSpec) -> list[str]:
@@ -444,4 +500,7 @@ def plan_assumptions(cluster: ClusterSpec) -> list[str]:
         "routed experts, its dispatch and combine all-to-alls (forward and backward) are not overlapped (the "
         "runtime's overlap is not modelled); with tp > 1 the MoE MLP runs whole on every tp rank (its FLOPs and "
         "activations not split); an MoE block keeps its routed tokens' copies and its experts' intermediates",
+        "vocabulary parallel (vocab 'split'): each rank's S and T (1/pp of the head, and 2/pp) placed into the "
+        "schedule; each of their collectives takes pp - 1 transfers of a hidden state (point to point from and "
+        "to the root, as the runtime sends them); 1/(pp x tp) of both tables per rank; no sequence parallelism",
     ]

@@ -40,7 +40,7 @@ class Costs:
     compute in an overlapped pair (`pair_time`).
     `s`, `t`, `e` and `g` are the times of one vocabulary shard's S, T, E and G for one microbatch (vocabulary
     parallelism: its logits and softmax statistics; their backward; its rows of the input embedding; their
-    gradient); `comm` is also the time of their collectives.
+    gradient); `collective` the time their collectives take to bring a value (None: `comm`).
     """
 
     f: PerStage = 1.0
@@ -55,6 +55,11 @@ class Costs:
     t: float = 2.0
     e: float = 0.0
     g: float = 0.0
+    collective: float | None = None
+
+    @property
+    def collective_time(self) -> float:
+        return self.comm if self.collective is None else self.collective
 
     def exchange(self, action: Action) -> float:
         """The all-to-all time inside a compute action (F, B, I; none in W or generation)."""
@@ -193,7 +198,7 @@ def run_dataflow(lowered: Schedule, costs: Costs, exposed: list[Event] | None = 
                             if value not in done:
                                 missing = value
                                 break
-                            start = max(start, done[value] + costs.comm)
+                            start = max(start, done[value] + costs.collective_time)
                         elif (r, value) not in posted:
                             raise fail(r, f"needs {describe(value)} from rank {rank_of[value.stage]} "
                                           "but no RECV for it was posted before")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from .actions import VOCABULARY, Action, Op, consumes, produces, rank_of_value
+from .actions import VOCABULARY, Action, Op, by_collective, consumes, produces, rank_of_value
 from .base import Schedule, ScheduleError, _replace
 from .simulate import Costs, simulate
 
@@ -57,6 +57,21 @@ def with_vocabulary(schedule: Schedule, costs: Costs | None = None, *, delays: t
     return best[1]
 
 
+def _touched(action: Action, rank: int, rank_of, num_ranks: int) -> range | tuple[int, ...]:
+    """The ranks whose candidates `action`, just placed on `rank`, may change: its own, and those that consume
+    what it produced (every rank for the vocabulary passes' values, the last stage's output and the first
+    stage's forwards, which let the E passes go on; the neighbour for a stage's output or input gradient)."""
+    last = len(rank_of) - 1
+    if action.op._value_ in VOCABULARY or (action.op is Op.F and action.stage in (0, last)) or (
+            action.op in (Op.B, Op.I) and action.stage in (0, last)):
+        return range(num_ranks)
+    if action.op is Op.F:
+        return rank, rank_of[action.stage + 1]
+    if action.op in (Op.B, Op.I):
+        return rank, rank_of[action.stage - 1]
+    return (rank,)
+
+
 def _place(schedule: Schedule, costs: Costs, delay: int) -> Schedule:
     """List scheduling on the model clock: at each turn, of every rank's candidates (its next E, S, T and G, its
     next action in the schedule's order, and with `delay` a later forward while one of its backwards waits), the
@@ -79,7 +94,11 @@ def _place(schedule: Schedule, costs: Costs, delay: int) -> Schedule:
         for value in consumes(action, num_stages, num_ranks):
             if value not in done:
                 return math.inf
-            start = max(start, done[value] + (costs.comm if rank_of_value(value, rank_of) != rank else 0.0))
+            if rank_of_value(value, rank_of) != rank:
+                transfer = costs.collective_time if by_collective(value, action) else costs.comm
+                start = max(start, done[value] + transfer)
+            else:
+                start = max(start, done[value])
         return start
 
     def candidates(rank: int):
@@ -107,11 +126,16 @@ def _place(schedule: Schedule, costs: Costs, delay: int) -> Schedule:
                 yield ready(a, rank), 4, a, j
             return
 
+    # each rank's candidates, kept until something they depend on changes: the rank's own placements, or a value
+    # that another rank's action produced (`_touched`)
+    cached: list[list | None] = [None] * num_ranks
     remaining = sum(map(len, queues)) + num_ranks * m_count * (4 if backward else 2)
     while remaining:
-        best = min(((start, priority, rank, action, index) for rank in range(num_ranks)
-                    for start, priority, action, index in candidates(rank)),
-                   key=lambda c: c[:3], default=None)
+        for rank in range(num_ranks):
+            if cached[rank] is None:
+                cached[rank] = [(start, priority, rank, action, index)
+                                for start, priority, action, index in candidates(rank)]
+        best = min((c for rank_candidates in cached for c in rank_candidates), key=lambda c: c[:3], default=None)
         if best is None or best[0] == math.inf:
             raise ScheduleError(f"cannot place vocabulary passes into {schedule.name}: every rank waits "
                                 f"(placed so far: {[[str(a) for a in acts] for acts in out]})")
@@ -120,6 +144,8 @@ def _place(schedule: Schedule, costs: Costs, delay: int) -> Schedule:
         clock[rank] = start + costs.of(action) + costs.exchange(action)
         done[produces(action)] = clock[rank]
         remaining -= 1
+        for other in _touched(action, rank, rank_of, num_ranks):
+            cached[other] = None
         if action.op._value_ in VOCABULARY:
             next_pass[action.op][rank] += 1
             continue
