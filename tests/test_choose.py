@@ -295,3 +295,40 @@ def test_plan_pipeline_in_one_process_plans_for_the_ranks_asked():
         pt.plan_pipeline(layers, num_microbatches=4, sample=torch.randn(2, 8))
     with pytest.raises(ValueError, match="needs num_microbatches="):
         pt.plan_pipeline(layers, num_microbatches=0, sample=torch.randn(2, 8), num_ranks=2)
+
+
+def test_a_heavy_projection_is_weighed_split_by_vocabulary_and_wins():
+    # 6 blocks of cost 1 and a head of 8 whose projection is 90% of it: split over the ranks (S, T placed), the
+    # step is shorter than with the head on the last stage; a light head stays whole
+    heavy = [(1.0, 1.0, 1.0)] * 6 + [(8.0, 8.0, 8.0)]
+    ranked = rank_schedules(num_ranks=2, num_microbatches=8, layer_costs=heavy, projection=0.9)
+    best, whole = ranked[0], next(c for c in ranked if not c.vocab_parallel)
+    assert best.vocab_parallel and best.step_time < 0.95 * whole.step_time
+    assert best.schedule.vocabulary_shards == 2 and "vocabulary parallel" in best.describe()
+    assert {c.vocab_parallel for c in ranked} == {True, False}
+    assert all(c.vocab_parallel for c in rank_schedules(num_ranks=2, num_microbatches=8, layer_costs=heavy,
+                                                        projection=0.9, whole=False))
+    light = [(1.0, 1.0, 1.0)] * 8 + [(0.1, 0.1, 0.1)]
+    assert not rank_schedules(num_ranks=2, num_microbatches=8, layer_costs=light, projection=0.9)[0].vocab_parallel
+
+
+def test_plan_pipeline_weighs_vocabulary_parallelism_where_the_layers_can_split():
+    import torch
+    from torch import nn
+
+    import pipetrain as pt
+    from pipetrain.models.gpt import GPTConfig, build_gpt, gpt_loss
+
+    layers = build_gpt(GPTConfig(vocab_size=4096, seq_len=8, d_model=16, n_layers=4, n_heads=2))
+    sample = torch.randint(0, 4096, (2, 8))
+    weighed = pt.plan_pipeline(layers, num_microbatches=4, sample=sample, num_ranks=2, loss_fn=gpt_loss,
+                               vocab_parallel=None)
+    assert {c.vocab_parallel for c in weighed.candidates} == {True, False}
+    assert weighed.vocab_parallel == weighed.candidates[0].vocab_parallel
+    off = pt.plan_pipeline(layers, num_microbatches=4, sample=sample, num_ranks=2, loss_fn=gpt_loss)
+    assert not any(c.vocab_parallel for c in off.candidates)  # (the default of a plan asked for directly)
+    plain = [nn.Linear(8, 8) for _ in range(4)]  # nothing to split: weighed as without
+    assert not pt.plan_pipeline(plain, num_microbatches=4, sample=torch.randn(2, 8), num_ranks=2,
+                                vocab_parallel=None).vocab_parallel
+    with pytest.raises(ValueError, match="no vocabulary_parallel_plan"):
+        pt.plan_pipeline(plain, num_microbatches=4, sample=torch.randn(2, 8), num_ranks=2, vocab_parallel=True)

@@ -100,8 +100,10 @@ def check_equal(results: dict) -> None:
 
 def test_two_ranks_equal_one_process():
     cases = [("gpt", "1f1b", 4), ("llama", "zbv", 4), ("hf-llama", "dualpipev", 4), ("hf-qwen2-tied", "zb-h1", 4),
-             ("gpt-tied", "interleaved-1f1b", 4)]
-    check_equal(run_processes(2, vocabulary_scenario, cases, timeout=200))
+             ("gpt-tied", "interleaved-1f1b", 4), ("gpt", "auto", 4)]  # (auto: planned with the passes placed)
+    results = run_processes(2, vocabulary_scenario, cases, timeout=200)
+    check_equal(results)
+    assert "0S0" in results[0][("gpt", "auto")]["schedule"]
 
 
 def test_four_ranks_equal_one_process_on_every_schedule():

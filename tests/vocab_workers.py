@@ -60,8 +60,9 @@ def vocabulary_scenario(rank: int, world: int, cases: list[tuple[str, str, int]]
         torch.manual_seed(1)
         x, y = torch.randint(0, VOCAB, (2 * m, 8)), torch.randint(0, VOCAB, (2 * m, 8))
         y[::3, 2] = -100  # ignored tokens: the token mean counts the rest
+        sample = x[: len(x) // m] if schedule == "auto" else None  # (auto: one microbatch to time the layers on)
         pipe = pt.Pipeline(layers, schedule=schedule, num_microbatches=m, loss_fn=loss_fn, vocab_parallel=True,
-                           mesh=mesh)
+                           mesh=mesh, sample=sample)
         inputs = (lambda ids: {"input_ids": ids}) if model.startswith("hf-") else (lambda ids: ids)
         x = inputs(x)
         loss = pipe.step(x, y)

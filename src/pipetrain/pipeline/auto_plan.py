@@ -18,7 +18,7 @@ from ..runtime.comm import Transport, wait_or_raise
 from ..runtime.dist_transport import DistTransport
 from ..schedule import Schedule, build, names
 from ..schedule.choose import Candidate, rank_schedules
-from .balance import Balance
+from .balance import Balance, without_projection
 from .checks import groups_of
 from .materialize import refuse_meta
 from .profile import boundary_bytes, phase_costs, transfer_time
@@ -39,6 +39,7 @@ class PipelinePlan:
     balance: tuple[int, ...]  # layers per stage
     transfer_seconds: float  # charged to each transfer between ranks (measured, or as given)
     candidates: tuple[Candidate, ...]
+    vocab_parallel: bool = False  # the head's projection (and the embedding) split by vocabulary over the ranks
 
     def describe(self) -> str:
         return self.candidates[0].describe()
@@ -47,7 +48,8 @@ class PipelinePlan:
 def plan_pipeline(layers: list[nn.Module], *, num_microbatches: int, sample: Any,
                   loss_fn: Any = None, sample_target: Any = None, memory_limit: float | None = None,
                   num_ranks: int | None = None, mesh: DeviceMesh | None = None, transport: Transport | None = None,
-                  transfer_seconds: float | None = None, timeout: float = 60.0) -> PipelinePlan:
+                  transfer_seconds: float | None = None, timeout: float = 60.0, vocab_parallel: bool | None = False,
+                  shard: str = "none") -> PipelinePlan:
     """The fastest registered schedule for `layers` and its split, for `num_microbatches` microbatches.
 
     Rank 0 times every layer's F, I and W on `sample` (one microbatch of model input; with `loss_fn` and
@@ -60,6 +62,12 @@ def plan_pipeline(layers: list[nn.Module], *, num_microbatches: int, sample: Any
     `transport`, or, with neither, the default process group; or, with `num_ranks=` and no process group,
     in one process, for a pipeline of that many ranks (then `transfer_seconds`, default 0, is the transfer
     time charged). The plan's candidates are logged on rank 0 (logger "pipetrain").
+
+    `vocab_parallel`: None weighs vocabulary parallelism too, where the layers, the loss and the layout can run
+    it (with `shard`): every schedule is also simulated with the last layer's projection split over the ranks
+    (its share of that layer's time by its share of the parameters) and the passes placed; True plans with it
+    only, False without (the default of a plan asked for directly; `Pipeline(schedule="auto")` weighs it unless
+    `vocab_parallel=` says).
     """
     if not isinstance(num_microbatches, int) or num_microbatches < 1:
         raise ValueError(f"plan_pipeline needs num_microbatches= (an int >= 1: the schedule is built for them), "
@@ -82,16 +90,41 @@ def plan_pipeline(layers: list[nn.Module], *, num_microbatches: int, sample: Any
             raise ValueError("plan_pipeline needs num_ranks= when it runs in one process (no mesh, transport or "
                              "initialized process group)")
         costs, comm, world, rank = measure_layers(), transfer_seconds or 0.0, num_ranks, 0
+    projection = _projection_share(layers, loss_fn, vocab_parallel, world, mesh, transport, shard)
     ranked = rank_schedules(num_ranks=world, num_microbatches=num_microbatches,
                             layer_costs=[tuple(costs[k:k + 3]) for k in range(0, len(costs), 3)],
-                            comm=comm, memory_limit=memory_limit)
+                            comm=comm, memory_limit=memory_limit, projection=projection,
+                            whole=vocab_parallel is not True)
     best = ranked[0]
     if rank == 0:
         logger.info("plan_pipeline on %d ranks, %d microbatches, transfer %.2f ms: %s", world, num_microbatches,
                     comm * 1e3, best.describe())
         for other in ranked[1:]:
             logger.info("  also simulated: %s", other.describe())
-    return PipelinePlan(best.schedule, best.balance, comm, tuple(ranked))
+    return PipelinePlan(best.schedule, best.balance, comm, tuple(ranked), best.vocab_parallel)
+
+
+def _projection_share(layers, loss_fn, vocab_parallel: bool | None, world: int, mesh, transport,
+                      shard: str) -> float | None:
+    """The share of the last layer's cost its output projection takes (by parameters, as `balance` counts it),
+    where vocabulary parallelism is to be weighed (or asked for: then ValueError if it cannot run); None where
+    not."""
+    from .vocabulary import check_vocabulary_parallel
+
+    if vocab_parallel is False or world < 2:
+        if vocab_parallel:
+            raise ValueError("vocab_parallel=True splits the vocabulary over the pipeline ranks; this pipeline has "
+                             "one rank")
+        return None
+    groups = groups_of(mesh, transport)
+    try:
+        plan = check_vocabulary_parallel(layers, loss_fn, transport=transport, tp=groups.tp_size, ep=groups.ep_size,
+                                         shard=shard)
+    except ValueError:
+        if vocab_parallel:
+            raise
+        return None
+    return 1.0 - without_projection([1.0], layers[-1:], plan.projection)[0]
 
 
 def _measured_together(layers, sample, measure_layers, mesh, transport, num_ranks, transfer_seconds,

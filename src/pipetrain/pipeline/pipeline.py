@@ -62,7 +62,8 @@ class Pipeline(RankParameters):
             "1f1b" (built for this pipeline's ranks and `num_microbatches=`, at the schedule's own stages per
             rank); a `PipelinePlan` from `pipetrain.plan_pipeline(...)` (its schedule and split); or "auto",
             which is `plan_pipeline` called here on `sample` for `num_microbatches=` (to pass it
-            `sample_target=` or `memory_limit=`, call it yourself).
+            `sample_target=` or `memory_limit=`, call it yourself); it weighs vocabulary parallelism too
+            unless `vocab_parallel=` says.
         loss_fn: `(output, targets) -> loss`: a scalar mean over the microbatch, or a pair
             `(loss_sum, count)` for an exact token mean over the whole batch (see `step`).
         balance: layers per stage, or how to compute it: "uniform", "params", or "time" (profiles each
@@ -105,6 +106,9 @@ class Pipeline(RankParameters):
             where the simulation says the step gets faster) and run each pair as two lanes taking turns at
             their all-to-alls, so one lane's all-to-all is in flight while the other computes
             (runtime/overlap.py). A schedule given with pairs (`+1B0`) runs them either way.
+        vocab_parallel: split the first layer's token embedding and the last layer's projection with its
+            cross-entropy by vocabulary over every rank (docs/vocabulary.md). None (the default): as the plan says
+            with schedule="auto" or a PipelinePlan, else off.
         seed: layers built on the meta device (`with torch.device("meta"): ...`) get storage on this rank
             only for its own stages, initialized by their `init_weights()` (or each submodule's
             `reset_parameters()`) under a seed made of `seed` and the layer's index: the same weights
@@ -118,19 +122,34 @@ class Pipeline(RankParameters):
                  sample: Any = None, split_directions: bool | None = None, checkpoint: bool | Sequence[int] = False,
                  prefetch: int = PREFETCH, precision: str = "fp32", seed: int = 0,
                  num_microbatches: int | None = None, shard: str = "none", sequence_parallel: bool = False,
-                 expert_capacity: float | None = None, overlap: bool = False, vocab_parallel: bool = False) -> None:
+                 expert_capacity: float | None = None, overlap: bool = False,
+                 vocab_parallel: bool | None = None) -> None:
         layers = list(layers)
         groups = groups_of(mesh, transport)
-        vocabulary = check_vocabulary_parallel(
-            layers, loss_fn, transport=transport, tp=groups.tp_size, ep=groups.ep_size, shard=shard,
-            sequence_parallel=sequence_parallel) if vocab_parallel else None
+
+        def check_vocabulary():
+            return check_vocabulary_parallel(layers, loss_fn, transport=transport, tp=groups.tp_size,
+                                             ep=groups.ep_size, shard=shard, sequence_parallel=sequence_parallel)
+
+        if vocab_parallel:
+            check_vocabulary()  # (before any communication)
         check_expert_parallel(groups.ep_size, shard=shard, tp=groups.tp_size, overlap=overlap)
         dp_group = groups.dp
         check_shard(shard, dp_group)
         # what to run: a Schedule, a name, a PipelinePlan (schedule and split) or "auto" (planned here)
         if isinstance(schedule, str) and schedule == "auto":
+            weigh = False if vocab_parallel is None and sequence_parallel else vocab_parallel
             schedule = plan_pipeline(layers, num_microbatches=num_microbatches, sample=sample, loss_fn=loss_fn,
-                                     mesh=mesh, transport=transport, timeout=timeout)
+                                     mesh=mesh, transport=transport, timeout=timeout, vocab_parallel=weigh,
+                                     shard=shard)
+        if isinstance(schedule, PipelinePlan):
+            if vocab_parallel is not None and bool(vocab_parallel) != schedule.vocab_parallel:
+                raise ValueError(f"vocab_parallel={vocab_parallel}, but the PipelinePlan was made "
+                                 f"{'with' if schedule.vocab_parallel else 'without'} vocabulary parallelism: plan "
+                                 f"with plan_pipeline(..., vocab_parallel={vocab_parallel}), or leave it out here")
+            vocab_parallel = schedule.vocab_parallel
+        vocab_parallel = bool(vocab_parallel)
+        vocabulary = check_vocabulary() if vocab_parallel else None
         schedule, balance = schedule_to_run(schedule, balance, num_microbatches=num_microbatches,
                                             num_ranks=lambda: transport.world_size if transport is not None
                                             else _group_size(groups.pp))

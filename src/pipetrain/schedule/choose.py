@@ -13,6 +13,11 @@ stage-to-stage transfer. `zb-auto` is built for those very costs, within `memory
 at 1F1B's memory P and at 2P). Memory:
 `peak_microbatches` is the most activations a rank holds at once, in microbatches of all its layers (a V
 schedule's stage holds half a rank's layers); `memory_limit` drops the candidates above it.
+
+With `projection` (the share of the last layer's F, I and W that is its output projection, which vocabulary
+parallelism splits over every rank), each schedule is also simulated that way: the last layer without the
+projection, each rank's S (1/P of the projection's F) and T (1/P of its I + W) placed by `with_vocabulary`
+(the candidate's schedule holds them, and `vocab_parallel` says so); the E and G lookups cost nothing here.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .base import Schedule
 from .partition import candidate_splits, stage_costs
 from .registry import build, names, options, refusal
 from .simulate import Costs, simulate
+from .vocabulary import with_vocabulary
 
 
 @dataclass(frozen=True)
@@ -35,20 +41,44 @@ class Candidate:
     bubble_fraction: float
     peak_microbatches: float  # the most a rank holds at once, in microbatches of all its layers
     schedule: Schedule = field(repr=False, compare=False)  # the schedule itself, ready to run
+    vocab_parallel: bool = False  # the projection split over every rank (the schedule holds the passes)
 
     def describe(self) -> str:
-        return (f"{self.name} (stages per rank {self.stages_per_rank}, balance {list(self.balance)}): step "
+        vocabulary = ", vocabulary parallel" if self.vocab_parallel else ""
+        return (f"{self.name}{vocabulary} (stages per rank {self.stages_per_rank}, balance {list(self.balance)}): step "
                 f"{self.step_time * 1e3:.1f} ms, bubble {self.bubble_fraction:.1%}, peak {self.peak_microbatches:g} "
                 "microbatches")
 
 
 def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequence[tuple[float, float, float]],
                    comm: float = 0.0, memory_limit: float | None = None, schedules: Sequence[str] | None = None,
-                   max_stages_per_rank: int = 4) -> list[Candidate]:
+                   max_stages_per_rank: int = 4, projection: float | None = None,
+                   whole: bool = True) -> list[Candidate]:
     """Every schedule that can run these sizes, simulated with the measured costs, fastest first (ties: the
-    one holding less, then the registry's order). Raises ValueError if none fits."""
+    one holding less, then the registry's order); with `projection`, each also with vocabulary parallelism (and
+    only so with `whole=False`). Raises ValueError if none fits."""
     if not layer_costs:
         raise ValueError("layer_costs is empty: measure at least one layer")
+    found = []
+    if projection is not None:
+        *rest, (f, i, w) = layer_costs
+        share = min(max(projection, 0.0), 1.0)
+        split = [*rest, (f * (1 - share), i * (1 - share), w * (1 - share))]
+        passes = dict(s=f * share / num_ranks, t=(i + w) * share / num_ranks, e=0.0, g=0.0)
+        found += _ranked(num_ranks, num_microbatches, split, comm, memory_limit, schedules, max_stages_per_rank,
+                         passes)
+    if whole or projection is None:
+        found += _ranked(num_ranks, num_microbatches, layer_costs, comm, memory_limit, schedules, max_stages_per_rank)
+    if not found:
+        raise ValueError(f"no registered schedule runs {num_ranks} ranks x {num_microbatches} microbatches on "
+                         f"{len(layer_costs)} layers within memory_limit={memory_limit} microbatches")
+    return [c for *_, c in sorted(found, key=lambda t: t[:3])]
+
+
+def _ranked(num_ranks, num_microbatches, layer_costs, comm, memory_limit, schedules, max_stages_per_rank,
+            passes: dict | None = None) -> list[tuple]:
+    """(step, peak, order, Candidate) of each schedule's best split; with `passes` (the vocabulary passes' costs)
+    the passes placed into each."""
     found = []
     totals = [f + i + w for f, i, w in layer_costs]
     splits: dict[tuple[int, ...], list[list[int]]] = {}  # placement -> balances (many schedules share them)
@@ -67,20 +97,19 @@ def rank_schedules(*, num_ranks: int, num_microbatches: int, layer_costs: Sequen
             best = None
             for balance in splits[placement]:
                 f, i, w = (stage_costs([c[k] for c in layer_costs], balance) for k in range(3))
-                costs = Costs(f=f, b=i, w=w, comm=comm)  # (a B costs I + W)
+                costs = Costs(f=f, b=i, w=w, comm=comm, **(passes or {}))  # (a B costs I + W)
                 for candidate in _built_for(sched, costs, num_microbatches, per_rank, memory_limit):
+                    if passes is not None:
+                        candidate = with_vocabulary(candidate, costs)
                     result = simulate(candidate, costs)
                     peak = max(r.peak_activations for r in result.per_rank) / per_rank
                     key = (result.step_time, peak, order)
                     if (memory_limit is None or peak <= memory_limit) and (best is None or key < best[:3]):
                         best = (*key, Candidate(name, per_rank, tuple(balance), result.step_time,
-                                                result.bubble_fraction, peak, candidate))
+                                                result.bubble_fraction, peak, candidate, passes is not None))
             if best is not None:
                 found.append(best)
-    if not found:
-        raise ValueError(f"no registered schedule runs {num_ranks} ranks x {num_microbatches} microbatches on "
-                         f"{len(layer_costs)} layers within memory_limit={memory_limit} microbatches")
-    return [c for *_, c in sorted(found, key=lambda t: t[:3])]
+    return found
 
 
 def _built_for(sched: Schedule, costs: Costs, num_microbatches: int, per_rank: int,
