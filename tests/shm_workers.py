@@ -93,3 +93,29 @@ def turned_off(rank: int, world: int) -> list:
     else:
         transport.irecv(received, 0).wait(30)
     return [transport.shared_memory is None, received.tolist()]
+
+
+def no_room_on_rank_1(rank: int, world: int) -> list:
+    """/dev/shm full on rank 1 (its reservations fail): every rank sends over gloo, and says so; then a pipeline
+    whose rings exist but whose large message finds no room fails with the fix named."""
+    import errno
+    from unittest import mock
+
+    full = mock.patch("os.posix_fallocate", side_effect=OSError(errno.ENOSPC, "No space left on device"))
+    with full if rank == 1 else mock.patch("os.getpid", os.getpid):
+        transport = DistTransport()
+    received = torch.zeros(3)
+    if rank == 0:
+        transport.isend(torch.arange(3.0), 1).wait(30)
+    else:
+        transport.irecv(received, 0).wait(30)
+    rings = DistTransport()
+    error = None
+    if rank == 0:
+        with full:
+            try:
+                rings.isend(torch.zeros(INLINE_MAX + 8, dtype=torch.uint8), 1)
+            except Exception as err:  # noqa: BLE001 - what the test checks
+                error = str(err)
+    dist.barrier()
+    return [transport.shared_memory is None, received.tolist(), rings.shared_memory is not None, error]

@@ -7,7 +7,8 @@ import pytest
 
 from pipetrain.cli import main
 from pipetrain.planner import CLUSTERS, MODELS, ModelSpec, SpecError, cluster_from, model_from, plan
-from pipetrain.planner.plan import _Candidate, _evaluate, _simulate
+from pipetrain.planner.plan import _Candidate, _evaluate
+from pipetrain.planner.simulation import _simulate
 from pipetrain.schedule import Costs, build, names, simulate, with_vocabulary
 from pipetrain.schedule.registry import options
 

@@ -30,3 +30,9 @@ def test_a_peer_that_stops_ends_a_wait_on_it_within_a_second(how):
 def test_turned_off_the_transfers_go_over_gloo():
     results = run_processes(2, shm_workers.turned_off)
     assert results[1] == [True, [0.0, 1.0, 2.0]]
+
+
+def test_with_no_room_in_dev_shm_the_ranks_fall_back_to_gloo_together_or_fail_naming_the_fix(caplog):
+    results = run_processes(2, shm_workers.no_room_on_rank_1)
+    assert [results[rank][:3] for rank in (0, 1)] == [[True, [0.0, 0.0, 0.0], True], [True, [0.0, 1.0, 2.0], True]]
+    assert "no room in /dev/shm" in results[0][3] and "PIPETRAIN_SHARED_MEMORY=0" in results[0][3]

@@ -4,6 +4,7 @@ down; between ranks of one host, over shared-memory rings (`shared_memory`)."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import secrets
 import weakref
@@ -27,7 +28,9 @@ from .comm import (
     refuse_if_stopped,
     wait_or_raise,
 )
-from .shared_memory import SharedMemoryLinks, host_key
+from .shared_memory import SharedMemoryLinks, Unavailable, host_key
+
+logger = logging.getLogger("pipetrain")
 
 
 class DistTransport:
@@ -89,9 +92,13 @@ class DistTransport:
                              f"over gloo (here: backend {self.backend}, device {self.device}, "
                              f"{len(set(hosts))} host(s)); leave it None to use it where it can")
         if usable and shared_memory is not False:
-            self.shared_memory = SharedMemoryLinks(
-                self.rank, self.world_size, f"/dev/shm/pipetrain-{token}",
-                barrier=lambda: dist.barrier(group=self._resolve(self._group)), first_failure=self.first_failure)
+            try:
+                self.shared_memory = SharedMemoryLinks(self.rank, self.world_size, f"/dev/shm/pipetrain-{token}",
+                                                       agree=self._agree, first_failure=self.first_failure)
+            except Unavailable as err:
+                if shared_memory:
+                    raise ValueError(f"shared_memory=True, but the rings could not be made: {err}") from err
+                logger.warning("pipetrain: transfers over gloo, not shared memory: %s", err)
 
     def _create_groups(self, pairs: list[tuple[int, int]], vocabulary: bool) -> tuple[list, str]:
         """This pipeline's own group (and with `vocabulary` five more over its ranks), and one per direction of
@@ -116,6 +123,12 @@ class DistTransport:
                 self._direction_groups[(to_local[src], to_local[dst])] = group.group_name
                 self._owned.append(group.group_name)
         return [everyone[g][3] for g in self.global_ranks], everyone[self.global_ranks[0]][4]
+
+    def _agree(self, ok: bool) -> bool:
+        """Whether every rank of the pipeline says `ok` (a MIN all-reduce over its group: a barrier too)."""
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._resolve(self._group))
+        return bool(flag.item())
 
     def _resolve(self, name: str | None) -> dist.ProcessGroup | None:
         if name is None:

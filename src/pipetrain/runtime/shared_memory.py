@@ -82,18 +82,27 @@ def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
         return tensor.detach().reshape(-1).view(torch.uint8).numpy()
 
 
+def _mapped(path: str, size: int | None) -> mmap.mmap:
+    """A shared mapping of the file at `path`: made with `size` bytes, its space reserved now (a full /dev/shm
+    fails here, with OSError, not later with SIGBUS when a page is first touched), or (None) opened as it is."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if size is not None else 0), 0o600)
+    try:
+        if size is not None:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.unlink(path)
+                raise
+        return mmap.mmap(fd, size if size is not None else os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 class _Ring:
-    """One direction's mapping: the two counters, then `RING_BYTES` of data (a torch view of them)."""
+    """One direction's mapping: the two counters, then `RING_BYTES` of data (a numpy view of them)."""
 
     def __init__(self, path: str, *, create: bool) -> None:
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, CONTROL + RING_BYTES)
-            self.map = mmap.mmap(fd, CONTROL + RING_BYTES)
-        finally:
-            os.close(fd)
+        self.map = _mapped(path, CONTROL + RING_BYTES if create else None)
         self.counters = memoryview(self.map).cast("q")
         self.bytes = np.frombuffer(self.map, dtype=np.uint8, offset=CONTROL, count=RING_BYTES)
 
@@ -118,19 +127,15 @@ class _Segment:
     """A file of its own for messages too large for the ring, reused: `busy` (int64 at byte 0) is set by the
     sender while it holds a message and cleared by the receiver once it copied it out; data from byte 64."""
 
-    def __init__(self, path: str, capacity: int, *, create: bool) -> None:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    def __init__(self, path: str, capacity: int | None) -> None:
         try:
-            if create:
-                os.ftruncate(fd, 64 + capacity)
-            else:
-                capacity = os.fstat(fd).st_size - 64
-            self.map = mmap.mmap(fd, 64 + capacity)
-        finally:
-            os.close(fd)
-        self.capacity = capacity
+            self.map = _mapped(path, 64 + capacity if capacity is not None else None)
+        except OSError as err:
+            raise RuntimeError(f"no room in /dev/shm for a {capacity} byte message ({err}): give it more (e.g. docker "
+                               "--shm-size) or set PIPETRAIN_SHARED_MEMORY=0 to send over gloo") from err
+        self.capacity = len(self.map) - 64
         self.busy = memoryview(self.map).cast("q")
-        self.bytes = np.frombuffer(self.map, dtype=np.uint8, offset=64, count=capacity)
+        self.bytes = np.frombuffer(self.map, dtype=np.uint8, offset=64, count=self.capacity)
 
 
 class ShmWork:
@@ -208,7 +213,7 @@ class _Out:
         if free:
             return min(free)[1]
         capacity = -(-n // INLINE_MAX) * INLINE_MAX
-        self.segments.append(_Segment(f"{self.base}.{len(self.segments)}", capacity, create=True))
+        self.segments.append(_Segment(f"{self.base}.{len(self.segments)}", capacity))
         return len(self.segments) - 1
 
 
@@ -241,7 +246,7 @@ class _In:
                 segment = self.segments.get(number)
                 if segment is None:  # (its first message: map it, and drop its name)
                     path = f"{self.base}.{number}"
-                    segment = self.segments[number] = _Segment(path, 0, create=False)
+                    segment = self.segments[number] = _Segment(path, None)
                     os.unlink(path)
                 dst[:] = segment.bytes[:n]
                 segment.busy[0] = 0
@@ -272,11 +277,17 @@ class _In:
             return True
 
 
-class SharedMemoryLinks:
-    """One rank's rings to and from every other rank of its pipeline (see the module's docstring). Built by
-    `connect`, collectively; `first_failure` says what another rank recorded (polled while waiting)."""
+class Unavailable(RuntimeError):
+    """Some rank could not make its rings (no room in /dev/shm, ...): the pipeline sends over gloo instead."""
 
-    def __init__(self, rank: int, world_size: int, prefix: str, barrier: Callable[[], None],
+
+class SharedMemoryLinks:
+    """One rank's rings to and from every other rank of its pipeline (see the module's docstring), made
+    collectively: `agree(ok)` is True when every rank's `ok` is (a barrier too); `first_failure` says what
+    another rank recorded (polled while waiting). Unavailable (on every rank alike) if a rank could not make
+    its rings."""
+
+    def __init__(self, rank: int, world_size: int, prefix: str, agree: Callable[[bool], bool],
                  first_failure: Callable[[], str | None]) -> None:
         self.rank = rank
         self.prefix = prefix
@@ -284,13 +295,27 @@ class SharedMemoryLinks:
         self.first_failure = first_failure
         self.closed: str | None = None
         peers = [p for p in range(world_size) if p != rank]
-        self.incoming = {p: _In(f"{prefix}-{p}-{rank}") for p in peers}
-        barrier()  # every ring and pipe exists and its reader has the pipe open
+        self.incoming, self.outgoing, why = {}, {}, ""
+        try:
+            for p in peers:
+                self.incoming[p] = _In(f"{prefix}-{p}-{rank}")
+        except OSError as err:
+            why = str(err)
+        if not agree(not why):  # every ring and pipe exists and its reader has the pipe open
+            self._remove_names()
+            self.close("shared memory unavailable")
+            raise Unavailable(why or "another rank could not make its rings")
         self.outgoing = {p: _Out(f"{prefix}-{rank}-{p}") for p in peers}
-        barrier()  # every end is open: the names can go
+        agree(True)  # every end is open: the names can go
+        self._remove_names()
+
+    def _remove_names(self) -> None:
         for link in self.incoming.values():
-            os.unlink(link.base)
-            os.unlink(link.base + ".fifo")
+            for path in (link.base, link.base + ".fifo"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     # --- posting -----------------------------------------------------------------------------------------
     def isend(self, tensor: torch.Tensor, peer: int) -> ShmWork:
