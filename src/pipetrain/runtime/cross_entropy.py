@@ -57,10 +57,29 @@ def split_statistics(logits: torch.Tensor, targets: torch.Tensor, start: int,
                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One vocabulary part's share of each row: (its max, the target's logit where the target falls in this
     part else 0, whether it does). logits (n, part) float for tokens start .. start + part, targets (n,)."""
+    return (logits.max(dim=-1).values, *target_logits(logits, targets, start, ignore_index))
+
+
+def target_logits(logits: torch.Tensor, targets: torch.Tensor, start: int,
+                  ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's target logit where the target falls in this part of the vocabulary, else 0; whether it does)
+    for logits (n, part) of tokens start .. start + part: what the tensor-parallel head's and vocabulary
+    parallelism's split cross-entropies both take from each part."""
+    part = logits.shape[-1]
     index = targets - start
-    inside = (index >= 0) & (index < logits.shape[-1]) & (targets != ignore_index)
-    target_logit = logits.gather(1, index.clamp(0, logits.shape[-1] - 1)[:, None])[:, 0] * inside
-    return logits.max(dim=-1).values, target_logit, inside
+    inside = (index >= 0) & (index < part) & (targets != ignore_index)
+    if not part:  # (a part with no rows: more shards than tokens)
+        return logits.new_zeros(logits.shape[0]), inside
+    return logits.gather(1, index.clamp(0, part - 1)[:, None])[:, 0] * inside, inside
+
+
+def subtract_one_hot_(grad_logits: torch.Tensor, targets: torch.Tensor, start: int, inside: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor:
+    """softmax x scale - one-hot x scale, in place: take each counted row's `scale` off its target's logit where
+    the target falls in this part (`inside`). The gradient of both split cross-entropies."""
+    rows = inside.nonzero()[:, 0]
+    grad_logits[rows, (targets - start)[rows]] -= scale[rows]
+    return grad_logits
 
 
 class _SplitCrossEntropy(torch.autograd.Function):
@@ -75,17 +94,16 @@ class _SplitCrossEntropy(torch.autograd.Function):
         sums = torch.stack([exp.sum(dim=-1), target_logit - most * inside])
         _all_reduce(sums, dist.ReduceOp.SUM, group, timeout)
         counted = targets != ignore_index
-        ctx.save_for_backward(exp.div_(sums[0][:, None]), targets - start, inside, counted)
+        ctx.save_for_backward(exp.div_(sums[0][:, None]), targets, inside, counted)
+        ctx.start = start
         return (sums[0].log() - sums[1]) * counted
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, index, inside, counted = ctx.saved_tensors
+        softmax, targets, inside, counted = ctx.saved_tensors
         scale = grad * counted
         grad_logits = softmax * scale[:, None]  # (a new tensor: a graph kept for a second backward still works)
-        rows = inside.nonzero()[:, 0]
-        grad_logits[rows, index[rows]] -= scale[rows]
-        return grad_logits, None, None, None, None, None
+        return subtract_one_hot_(grad_logits, targets, ctx.start, inside, scale), None, None, None, None, None
 
 
 def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -13,7 +13,9 @@ state before the projection) is broadcast to every rank, and
 The statistics combine the online-softmax way (`lse = log sum_r exp(lse_r)`, taken from the largest), in rank
 order on every rank, so every rank computes the same loss; no rank holds or sends whole logits. With tensor
 parallel each pipeline rank's rows split again over its tp ranks: its statistics, its part of the output
-gradient and of the embedding are then combined over them too (`sum_over_tp`, `gather_over_tp`). The input
+gradient and of the embedding are then combined over them too (`sum_over_tp`, `gather_over_tp`). The pieces
+of the split cross-entropy (each part's target logits, softmax minus one-hot) are the tensor-parallel head's
+(cross_entropy.py): one vocabulary-split cross-entropy, in two passes here, in one there. The input
 embedding is split the same way (vocabulary_embedding.py). Each kind of collective (`VocabularyCollectives`)
 runs in a group of its own, so each kind matches by microbatch order (`schedule.check`).
 """
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .comm import Work, wait_or_raise, wait_replicas
-from .cross_entropy import CrossEntropy, check_targets
+from .cross_entropy import CrossEntropy, check_targets, subtract_one_hot_, target_logits
 from .stage import LossWeights
 from .tensor_parallel import local
 
@@ -73,6 +75,7 @@ class _Microbatch:
     hidden: torch.Tensor  # the last stage's output, a leaf collecting this shard's part of its gradient
     logits: torch.Tensor  # (n, rows) float, in the graph of `hidden` and the shard's weights
     targets: torch.Tensor  # (n,)
+    inside: torch.Tensor  # (n,) whether each counted target falls in this shard
     gathered: torch.Tensor  # (ranks x 2, n): every shard's statistics, once `gathering` is done
     gathering: Work
     sending: Work | None = None  # the root's broadcast of the hidden state
@@ -224,14 +227,11 @@ class VocabularyShard:
             bias = bias.to_local() if bias is not None else None
             logits = F.linear(x, weight.to_local(), bias).float()  # (n, rows)
         z = logits.detach()
-        index = y - self.projection.start
-        inside = (index >= 0) & (index < z.shape[-1]) & (y != self.loss.ignore_index)
-        target_logit = z.gather(1, index.clamp(0, max(z.shape[-1] - 1, 0))[:, None])[:, 0] * inside if z.shape[-1] \
-            else z.new_zeros(z.shape[0])
+        target_logit, inside = target_logits(z, y, self.projection.start, self.loss.ignore_index)
         statistics = torch.stack([torch.logsumexp(z, dim=-1), target_logit])  # (2, n); one pass over the logits
         gathered = torch.empty(self.ranks * 2, statistics.shape[1], dtype=statistics.dtype, device=self.device)
         gathering = self.collectives.all_gather(VocabularyCollectives.STATISTICS, gathered, statistics)
-        self._pending[mb] = _Microbatch(hidden, logits if grad else z, y, gathered, gathering, sending)
+        self._pending[mb] = _Microbatch(hidden, logits if grad else z, y, inside, gathered, gathering, sending)
 
     def backward(self, mb: int, weights: LossWeights) -> None:
         """T: this shard's gradients of microbatch `mb` (its weights', and its part of the hidden state's, whose
@@ -243,9 +243,7 @@ class VocabularyShard:
         scale = scale * counted
         # softmax x scale, in the logits' own memory (the linear's backward does not read its output)
         grad_logits = p.logits.detach().sub_(lse[:, None]).exp_().mul_(scale[:, None])
-        index = p.targets - self.projection.start
-        rows = ((index >= 0) & (index < grad_logits.shape[-1]) & counted).nonzero()[:, 0]
-        grad_logits[rows, index[rows]] -= scale[rows]
+        subtract_one_hot_(grad_logits, p.targets, self.projection.start, p.inside, scale)
         torch.autograd.backward(p.logits, grad_logits)
         grad = p.hidden.grad if p.hidden.grad is not None else torch.zeros_like(p.hidden)
         work = self.collectives.reduce(VocabularyCollectives.OUTPUT_GRADIENT, grad, self.root)
