@@ -4,7 +4,8 @@ The first layer names its token embedding (an `nn.Embedding` (vocab, d)) and the
 `nn.Linear` (vocab, d) applied last: `forward(x) == projection(rest(x))`) in `vocabulary_parallel_plan()`. Every
 rank builds those two layers (from the meta device, with the layers' own seeds: the weights of one process, a
 tied table initialized by its first use), keeps its rows of each as a DTensor sharded over the pipeline ranks
-(one DTensor for a tied table) and runs their passes (runtime/vocabulary.py, runtime/vocabulary_embedding.py):
+(with tensor parallel: the pipeline and tp ranks together; one DTensor for a tied table) and runs their passes
+(runtime/vocabulary.py, runtime/vocabulary_embedding.py):
 the first stage's embedding returns the sum of the ranks' rows, the last stage's head runs without its
 projection (the identity there), giving the hidden state. The schedule gets the passes from
 `schedule.with_vocabulary`.
