@@ -87,28 +87,30 @@ def peer_closes(rank: int, world: int, how: str) -> dict:
 def turned_off(rank: int, world: int) -> list:
     os.environ["PIPETRAIN_SHARED_MEMORY"] = "0"
     transport = DistTransport()
+    return [transport.shared_memory is None, _zero_one_two(transport, rank)]
+
+
+def _zero_one_two(transport: DistTransport, rank: int) -> list[float]:
+    """Rank 0 sends [0, 1, 2] to rank 1: what each holds after (rank 0: zeros)."""
     received = torch.zeros(3)
     if rank == 0:
         transport.isend(torch.arange(3.0), 1).wait(30)
     else:
         transport.irecv(received, 0).wait(30)
-    return [transport.shared_memory is None, received.tolist()]
+    return received.tolist()
 
 
 def no_room_on_rank_1(rank: int, world: int) -> list:
     """/dev/shm full on rank 1 (its reservations fail): every rank sends over gloo, and says so; then a pipeline
     whose rings exist but whose large message finds no room fails with the fix named."""
+    import contextlib
     import errno
     from unittest import mock
 
     full = mock.patch("os.posix_fallocate", side_effect=OSError(errno.ENOSPC, "No space left on device"))
-    with full if rank == 1 else mock.patch("os.getpid", os.getpid):
+    with full if rank == 1 else contextlib.nullcontext():
         transport = DistTransport()
-    received = torch.zeros(3)
-    if rank == 0:
-        transport.isend(torch.arange(3.0), 1).wait(30)
-    else:
-        transport.irecv(received, 0).wait(30)
+    received = _zero_one_two(transport, rank)
     rings = DistTransport()
     error = None
     if rank == 0:
@@ -118,4 +120,4 @@ def no_room_on_rank_1(rank: int, world: int) -> list:
             except Exception as err:  # noqa: BLE001 - what the test checks
                 error = str(err)
     dist.barrier()
-    return [transport.shared_memory is None, received.tolist(), rings.shared_memory is not None, error]
+    return [transport.shared_memory is None, received, rings.shared_memory is not None, error]

@@ -18,7 +18,7 @@ from ..runtime.comm import Transport, wait_or_raise
 from ..runtime.dist_transport import DistTransport
 from ..schedule import Schedule, build, names
 from ..schedule.choose import Candidate, rank_schedules
-from .balance import Balance, without_projection
+from .balance import Balance, projection_share
 from .checks import groups_of
 from .materialize import refuse_meta
 from .profile import boundary_bytes, phase_costs, transfer_time
@@ -124,7 +124,7 @@ def _projection_share(layers, loss_fn, vocab_parallel: bool | None, world: int, 
         if vocab_parallel:
             raise
         return None
-    return 1.0 - without_projection([1.0], layers[-1:], plan.projection)[0]
+    return projection_share(layers[-1], plan.projection)
 
 
 def _measured_together(layers, sample, measure_layers, mesh, transport, num_ranks, transfer_seconds,

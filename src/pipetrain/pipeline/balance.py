@@ -41,9 +41,13 @@ def resolve_balance(balance: Balance, layers: Sequence[nn.Module], schedule: Sch
 def without_projection(costs: Sequence[float], layers: Sequence[nn.Module], projection: str) -> list[float]:
     """Per-layer `costs` without the last layer's `projection` (vocabulary parallelism runs it on every rank):
     that layer's cost less the projection's share of its parameters."""
-    head = sum(p.numel() for p in layers[-1].parameters())
-    split = sum(p.numel() for p in getattr(layers[-1], projection).parameters())
-    return [*costs[:-1], costs[-1] * (1 - split / max(head, 1))]
+    return [*costs[:-1], costs[-1] * (1 - projection_share(layers[-1], projection))]
+
+
+def projection_share(head: nn.Module, projection: str) -> float:
+    """The share of the last layer's cost its output `projection` takes, counted by parameters."""
+    split = sum(p.numel() for p in getattr(head, projection).parameters())
+    return split / max(sum(p.numel() for p in head.parameters()), 1)
 
 
 def named_split(costs: Sequence[float], schedule: Schedule) -> list[int]:

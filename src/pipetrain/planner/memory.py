@@ -78,8 +78,8 @@ def first_rank_memory(model: ModelSpec, cluster: ClusterSpec, *, tp: int, dp: in
     fp32 logits of its rows for the two microbatches between an S and its T."""
     experts = model.layer_expert_params()
     block = (model.layer_params() - experts) / tp + experts / ep
-    tables = model.embedding_params() * (1 if model.tied_embeddings else 2)
-    stage = blocks_per_stage * block + (tables / vocab_shards if vocab_shards else model.embedding_params() / tp)
+    stage = blocks_per_stage * block + (model.table_params() / vocab_shards if vocab_shards
+                                        else model.embedding_params() / tp)
     params = stage + (stages_per_rank - 1) * blocks_per_stage * block
     width = 2.0 if cluster.dtype == "fp32" else 1.0  # (the activation model counts bf16's bytes)
     tokens = microbatch_size * model.seq

@@ -324,18 +324,13 @@ def _dp_time(model, cluster, c) -> float:
     experts = blocks * model.layer_expert_params() if c.ep > 1 else 0.0
     first_stage = (blocks * model.layer_params() - experts + model.embedding_params()) / c.tp
     if c.vocab:  # (the rank's rows of both tables, reduced after the step, instead of the whole embedding)
-        first_stage += (_vocabulary_params(model) / c.pp - model.embedding_params()) / c.tp
+        first_stage += (model.table_params() / c.pp - model.embedding_params()) / c.tp
     bandwidth = cluster.nic_bandwidth if c.tp * c.pp * c.dp > cluster.domain else cluster.domain_bandwidth
 
     def ring(volume: float, n: int) -> float:
         return 2 * (n - 1) / n * volume / bandwidth + 2 * (n - 1) * cluster.nic_latency if n > 1 else 0.0
 
     return ring(first_stage * 2, c.dp) + ring(experts / c.ep * 2, c.dp // c.ep)
-
-
-def _vocabulary_params(model: ModelSpec) -> float:
-    """The embedding's and the head's weights (one table if tied)."""
-    return model.embedding_params() * (1 if model.tied_embeddings else 2)
 
 
 def predicted_memory(model: ModelSpec, *, pp: int, dp: int, microbatch_size: int, microbatches: int, schedule: str,

@@ -78,9 +78,12 @@ class ModelSpec:
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 
+    def table_params(self) -> int:
+        """The embedding's and the head's weights (one table if they are tied)."""
+        return self.embedding_params() * (1 if self.tied_embeddings else 2)
+
     def params(self) -> int:
-        head = 0 if self.tied_embeddings else self.vocab * self.hidden
-        return self.layers * self.layer_params() + self.embedding_params() + head + self.hidden
+        return self.layers * self.layer_params() + self.table_params() + self.hidden
 
     def layer_forward_flops(self, tokens: int) -> float:
         """Forward FLOPs of one block for `tokens` tokens of sequences of length `seq` (pipetrain.flops)."""
